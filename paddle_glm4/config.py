@@ -1,0 +1,269 @@
+"""GLM4Config: the geometry of a GLM-4 model.
+
+Three spellings of the same model exist in the wild:
+- the published checkpoint's `config.json` (model_type "chatglm", THUDM's own code),
+- Hugging Face transformers' port (model_type "glm"),
+- this project's canonical form (model_type "glm4"), which is what `save_pretrained` writes.
+`GLM4Config.from_dict` reads all three; `to_dict` writes the canonical one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+CONFIG_NAME = "config.json"
+MODEL_TYPE = "glm4"
+# GLM-4 scales a fixed RoPE base by `rope_ratio` (500 for the 128K chat model).
+ROPE_BASE = 10000.0
+STORAGE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A config file or value that does not describe a GLM-4 model this project can run."""
+
+
+@dataclass
+class GLM4Config:
+    vocab_size: int = 151552
+    hidden_size: int = 4096
+    intermediate_size: int = 13696
+    num_hidden_layers: int = 40
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 2
+    head_dim: int = 128
+    # RoPE rotates the first `partial_rotary_factor * head_dim` dims of each head, on interleaved pairs.
+    partial_rotary_factor: float = 0.5
+    rope_ratio: float = 1.0
+    seq_length: int = 8192
+    rms_norm_eps: float = 1.5625e-07
+    attention_bias: bool = True
+    tie_word_embeddings: bool = False
+    pad_token_id: int = 151329
+    eos_token_id: list[int] = field(default_factory=lambda: [151329, 151336, 151338])
+    # dtype the weights are stored in; computation dtype is chosen at load time (see device.py).
+    dtype: str = "bfloat16"
+
+    def __post_init__(self):
+        if isinstance(self.eos_token_id, int):
+            self.eos_token_id = [self.eos_token_id]
+        self.eos_token_id = list(self.eos_token_id)
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "seq_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"config field {name!r} must be a positive integer, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})")
+        rotary = self.head_dim * self.partial_rotary_factor
+        if not (0 < rotary <= self.head_dim) or rotary != int(rotary) or int(rotary) % 2:
+            raise ConfigError(
+                f"partial_rotary_factor {self.partial_rotary_factor} with head_dim {self.head_dim} gives "
+                f"{rotary} rotary dims; it must be an even integer in (0, head_dim]")
+        if not (isinstance(self.rope_ratio, (int, float)) and math.isfinite(self.rope_ratio)
+                and self.rope_ratio > 0):
+            raise ConfigError(f"config field 'rope_ratio' must be a positive number, got {self.rope_ratio!r}")
+        if not (isinstance(self.rms_norm_eps, (int, float)) and self.rms_norm_eps > 0):
+            raise ConfigError(f"config field 'rms_norm_eps' must be a positive number, got {self.rms_norm_eps!r}")
+        if self.dtype not in STORAGE_DTYPES:
+            raise ConfigError(f"config field 'dtype' must be one of {STORAGE_DTYPES}, got {self.dtype!r}")
+        for token in [self.pad_token_id, *self.eos_token_id]:
+            if not (isinstance(token, int) and 0 <= token < self.vocab_size):
+                raise ConfigError(f"special token id {token!r} is outside the vocabulary [0, {self.vocab_size})")
+
+    # Derived geometry: properties, so that nothing can disagree with the fields above.
+    @property
+    def rope_theta(self) -> float:
+        return ROPE_BASE * self.rope_ratio
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def qkv_size(self) -> int:
+        return (self.num_attention_heads + 2 * self.num_key_value_heads) * self.head_dim
+
+    # ---- reading ----------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config") -> "GLM4Config":
+        """Build from any of the three spellings; `source` names the file in error messages."""
+        model_type = data.get("model_type")
+        if model_type == MODEL_TYPE:
+            fields = {f.name for f in dataclasses.fields(cls)}
+            kwargs = {k: v for k, v in data.items() if k in fields}
+        elif model_type == "chatglm":
+            kwargs = _from_published(data, source)
+        elif model_type == "glm":
+            kwargs = _from_hf_glm(data)
+        else:
+            raise ConfigError(
+                f"{source}: model_type {model_type!r} is not GLM-4 (expected 'chatglm', 'glm' or '{MODEL_TYPE}')")
+        try:
+            return cls(**kwargs)
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
+        except TypeError as err:  # a field of the wrong kind, e.g. a string where a number belongs
+            raise ConfigError(f"{source}: {err}") from None
+
+    @classmethod
+    def from_file(cls, path: str) -> "GLM4Config":
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path}: not valid JSON ({err})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a JSON object")
+        return cls.from_dict(data, source=path)
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> "GLM4Config":
+        """`path` is a checkpoint directory or a config file."""
+        if os.path.isdir(path):
+            path = os.path.join(path, CONFIG_NAME)
+        return cls.from_file(path)
+
+    # ---- writing ----------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"model_type": MODEL_TYPE, "architectures": ["GLM4ForCausalLM"], **dataclasses.asdict(self)}
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    def save_pretrained(self, directory: str) -> str:
+        from .checkpoint import write_text_atomic
+
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, CONFIG_NAME)
+        write_text_atomic(path, self.to_json_string())
+        return path
+
+    def to_published_dict(self) -> dict:
+        """The published checkpoint's `config.json` (model_type "chatglm"), for writing torch checkpoints back."""
+        return {
+            "model_type": "chatglm",
+            "architectures": ["ChatGLMModel"],
+            "add_bias_linear": False,
+            "add_qkv_bias": self.attention_bias,
+            "apply_query_key_layer_scaling": True,
+            "apply_residual_connection_post_layernorm": False,
+            "attention_dropout": 0.0,
+            "attention_softmax_in_fp32": True,
+            "ffn_hidden_size": self.intermediate_size,
+            "fp32_residual_connection": False,
+            "hidden_dropout": 0.0,
+            "hidden_size": self.hidden_size,
+            "kv_channels": self.head_dim,
+            "layernorm_epsilon": self.rms_norm_eps,
+            "multi_query_attention": self.num_key_value_heads != self.num_attention_heads,
+            "multi_query_group_num": self.num_key_value_heads,
+            "num_attention_heads": self.num_attention_heads,
+            "num_layers": self.num_hidden_layers,
+            "original_rope": True,
+            "padded_vocab_size": self.vocab_size,
+            "post_layer_norm": True,
+            "rmsnorm": True,
+            "rope_ratio": self.rope_ratio,
+            "seq_length": self.seq_length,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "torch_dtype": self.dtype,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+        }
+
+    def to_hf_glm_dict(self) -> dict:
+        """transformers' `GlmConfig` keyword arguments for the same model (used to build the reference)."""
+        return {
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "max_position_embeddings": self.seq_length,
+            "rms_norm_eps": self.rms_norm_eps,
+            "attention_bias": self.attention_bias,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "pad_token_id": self.pad_token_id,
+            "eos_token_id": self.eos_token_id,
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta,
+                                "partial_rotary_factor": self.partial_rotary_factor},
+        }
+
+
+def _require(data: dict, key: str, source: str):
+    if key not in data:
+        raise ConfigError(f"{source}: missing field {key!r}")
+    return data[key]
+
+
+def _from_published(data: dict, source: str) -> dict:
+    """THUDM's ChatGLM config. Only the GLM-4 variant of that architecture is accepted."""
+    # Switches that ChatGLM's code supports but GLM-4 never sets; refuse rather than compute something else.
+    fixed = {"add_bias_linear": False, "rmsnorm": True, "post_layer_norm": True,
+             "apply_residual_connection_post_layernorm": False, "original_rope": True}
+    for key, expected in fixed.items():
+        if key in data and data[key] != expected:
+            raise ConfigError(f"{source}: {key}={data[key]!r} is not supported (GLM-4 uses {expected!r})")
+    heads = _require(data, "num_attention_heads", source)
+    kwargs = {
+        "vocab_size": _require(data, "padded_vocab_size", source),
+        "hidden_size": _require(data, "hidden_size", source),
+        "intermediate_size": _require(data, "ffn_hidden_size", source),
+        "num_hidden_layers": data.get("num_layers", data.get("num_hidden_layers")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": data.get("multi_query_group_num", heads) if data.get("multi_query_attention") else heads,
+        "head_dim": data.get("kv_channels", _require(data, "hidden_size", source) // heads),
+        "rope_ratio": data.get("rope_ratio", 1.0),
+        "seq_length": _require(data, "seq_length", source),
+        "rms_norm_eps": data.get("layernorm_epsilon", 1e-5),
+        "attention_bias": data.get("add_qkv_bias", False),
+        "tie_word_embeddings": data.get("tie_word_embeddings", False),
+        "dtype": data.get("torch_dtype", "bfloat16"),
+    }
+    if kwargs["num_hidden_layers"] is None:
+        raise ConfigError(f"{source}: missing field 'num_layers'")
+    return _with_special_tokens(kwargs, data)
+
+
+def _from_hf_glm(data: dict) -> dict:
+    """transformers' GlmConfig, old (top-level rope_theta) or new (rope_parameters) style."""
+    rope = data.get("rope_parameters") or {}
+    rope_theta = rope.get("rope_theta", data.get("rope_theta", ROPE_BASE))
+    heads = data.get("num_attention_heads", 32)
+    kwargs = {
+        "vocab_size": data.get("vocab_size", 151552),
+        "hidden_size": data.get("hidden_size", 4096),
+        "intermediate_size": data.get("intermediate_size", 13696),
+        "num_hidden_layers": data.get("num_hidden_layers", 40),
+        "num_attention_heads": heads,
+        "num_key_value_heads": data.get("num_key_value_heads") or heads,
+        "head_dim": data.get("head_dim") or data.get("hidden_size", 4096) // heads,
+        "partial_rotary_factor": rope.get("partial_rotary_factor", data.get("partial_rotary_factor", 0.5)),
+        "rope_ratio": rope_theta / ROPE_BASE,
+        "seq_length": data.get("max_position_embeddings", 131072),
+        "rms_norm_eps": data.get("rms_norm_eps", 1.5625e-07),
+        "attention_bias": data.get("attention_bias", True),
+        "tie_word_embeddings": data.get("tie_word_embeddings", False),
+        "dtype": data.get("dtype", data.get("torch_dtype")) or "bfloat16",
+    }
+    if rope.get("rope_type", "default") != "default":
+        raise ConfigError(f"rope_type {rope['rope_type']!r} is not supported (GLM-4 uses 'default')")
+    return _with_special_tokens(kwargs, data)
+
+
+def _with_special_tokens(kwargs: dict, data: dict) -> dict:
+    if data.get("eos_token_id") is not None:
+        kwargs["eos_token_id"] = data["eos_token_id"]
+    if data.get("pad_token_id") is not None:
+        kwargs["pad_token_id"] = data["pad_token_id"]
+    return kwargs

@@ -1,0 +1,37 @@
+"""Where the model runs and in which dtype: the one place that looks at the hardware.
+
+Paddle 3.3's CPU build has no bf16/fp16 compute kernels (matmul, softmax, silu), so on CPU the model
+computes in float32 whatever the checkpoint stores; on GPU it computes in the checkpoint's half dtype.
+"""
+
+from __future__ import annotations
+
+import os
+
+import paddle
+
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def on_gpu() -> bool:
+    return paddle.is_compiled_with_cuda() and paddle.device.get_device().startswith("gpu")
+
+
+def compute_dtype(requested: str | None, stored: str) -> str:
+    """The dtype to hold weights and activations in, given what the caller asked for and the checkpoint stores."""
+    if requested is not None and requested not in COMPUTE_DTYPES:
+        raise ValueError(f"dtype must be one of {COMPUTE_DTYPES}, got {requested!r}")
+    if on_gpu():
+        return requested or stored
+    if requested in ("bfloat16", "float16"):
+        raise ValueError(
+            f"dtype={requested!r} cannot compute on CPU: Paddle {paddle.__version__} has no {requested} CPU kernels. "
+            "Use float32 (the CPU default), or the Paddle Inference predictor with precision='bfloat16'.")
+    return "float32"
+
+
+def use_all_cores(threads: int | None = None) -> int:
+    """Paddle runs one CPU thread unless told otherwise; GEMM and GEMV scale with cores, so use them all."""
+    threads = threads or len(os.sched_getaffinity(0))
+    paddle.base.core.set_num_threads(threads)
+    return threads

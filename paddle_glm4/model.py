@@ -1,0 +1,217 @@
+"""The GLM-4 transformer in Paddle: GLM4Block, GLM4Model, GLM4ForCausalLM.
+
+Shapes: b = batch, s = new tokens in this call, L = tokens attended over (cache + new), h = query heads,
+g = key/value heads (groups), d = head_dim, H = hidden size. Linear weights are Paddle's [in, out].
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import paddle
+from paddle import nn
+
+from . import checkpoint, ops
+from .config import CONFIG_NAME, GLM4Config
+from .device import compute_dtype, on_gpu, use_all_cores
+from .kv_cache import GROWTH_STEP, KVCache, token_positions
+from .safetensors_file import cast
+
+
+@dataclass
+class BaseModelOutput:
+    last_hidden_state: paddle.Tensor            # [b, s, H]
+    past_key_values: KVCache | None = None
+
+
+@dataclass
+class CausalLMOutput:
+    logits: paddle.Tensor                       # [b, s, vocab] float32
+    past_key_values: KVCache | None = None
+
+
+class RMSNorm(nn.Layer):
+    def __init__(self, dim: int, eps: float, kernels: ops.Kernels):
+        super().__init__()
+        self.weight = self.create_parameter([dim], default_initializer=nn.initializer.Constant(1.0))
+        self.eps, self.kernels = eps, kernels
+
+    def forward(self, x):
+        return self.kernels.rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Layer):
+    def __init__(self, config: GLM4Config, layer_idx: int, kernels: ops.Kernels):
+        super().__init__()
+        self.layer_idx, self.kernels = layer_idx, kernels
+        self.heads, self.groups, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        # one fused projection: [H] -> [h*d queries | g*d keys | g*d values]
+        self.qkv_proj = nn.Linear(config.hidden_size, config.qkv_size, bias_attr=None if config.attention_bias else False)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias_attr=False)
+
+    def forward(self, x, rope, mask, is_causal: bool, cache: KVCache | None, start: int):
+        d = self.head_dim
+        q, k, v = paddle.split(self.qkv_proj(x), [self.heads * d, self.groups * d, self.groups * d], axis=-1)
+        q = self.kernels.apply_rotary(q.reshape([0, 0, self.heads, d]), rope)     # [b, s, h, d]
+        k = self.kernels.apply_rotary(k.reshape([0, 0, self.groups, d]), rope)    # [b, s, g, d]
+        v = v.reshape([0, 0, self.groups, d])
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, start, k, v)                       # [b, L, g, d]
+        out = ops.attention(q, k, v, mask, is_causal)                              # [b, s, h, d]
+        return self.o_proj(out.reshape([0, 0, self.heads * d]))
+
+
+class MLP(nn.Layer):
+    def __init__(self, config: GLM4Config, kernels: ops.Kernels):
+        super().__init__()
+        self.kernels = kernels
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias_attr=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias_attr=False)
+
+    def forward(self, x):
+        return self.down_proj(self.kernels.swiglu(self.gate_up_proj(x)))
+
+
+class GLM4Block(nn.Layer):
+    """Pre-norm transformer block: x + attention(norm(x)), then + mlp(norm(.))."""
+
+    def __init__(self, config: GLM4Config, layer_idx: int, kernels: ops.Kernels):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels)
+        self.self_attn = Attention(config, layer_idx, kernels)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels)
+        self.mlp = MLP(config, kernels)
+
+    def forward(self, x, rope, mask, is_causal, cache, start):
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, is_causal, cache, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class GLM4Model(nn.Layer):
+    def __init__(self, config: GLM4Config, fused: bool | None = None):
+        super().__init__()
+        self.config = config
+        # fused GPU kernels on GPU, portable ones elsewhere; chosen once, here
+        self.kernels = ops.kernels(on_gpu() if fused is None else fused)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.LayerList([GLM4Block(config, i, self.kernels) for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, self.kernels)
+        self.register_buffer("inv_freq", ops.inverse_frequencies(config.rotary_dim, config.rope_theta),
+                             persistable=False)
+
+    def new_cache(self, batch_size: int, capacity: int) -> KVCache:
+        return KVCache(self.config, batch_size, capacity, dtype=self.embed_tokens.weight.dtype)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False):
+        """input_ids [b, s]; attention_mask [b, s] or [b, past + s] (1 = real token, 0 = padding);
+        position_ids [b, s] (default: counted from the mask); past_key_values: a KVCache to extend."""
+        batch, seq_len = input_ids.shape
+        new_valid = attention_mask[:, -seq_len:] if attention_mask is not None else None
+        cache = past_key_values
+        if cache is None and use_cache:
+            cache = self.new_cache(batch, max(seq_len, GROWTH_STEP))
+        if cache is not None:
+            cache.reserve(seq_len)
+            start = cache.length
+            positions = cache.add_tokens(new_valid, seq_len)
+            key_valid = cache.valid[:, :start + seq_len] if cache.has_padding else None
+        else:
+            start = 0
+            positions = token_positions(new_valid, seq_len)
+            padded = new_valid is not None and not bool(new_valid.astype("bool").all())
+            key_valid = new_valid.astype("bool") if padded else None
+        if position_ids is not None:
+            positions = position_ids
+        x = self.embed_tokens(input_ids)                                              # [b, s, H]
+        mask, is_causal = ops.attention_mask(key_valid, start, seq_len, x.dtype)
+        rope = self.kernels.rotary_tables(positions, self.inv_freq, x.dtype, start + seq_len)
+        for layer in self.layers:
+            x = layer(x, rope, mask, is_causal, cache, start)
+        if cache is not None:
+            cache.commit(seq_len)
+        return BaseModelOutput(self.norm(x), cache)
+
+
+class GLM4ForCausalLM(nn.Layer):
+    def __init__(self, config: GLM4Config, fused: bool | None = None):
+        super().__init__()
+        self.config = config
+        self.model = GLM4Model(config, fused)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias_attr=False)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
+                logits_to_keep: int = 0) -> CausalLMOutput:
+        """Logits [b, s, vocab] in float32 (only the last `logits_to_keep` positions when it is > 0)."""
+        out = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache)
+        hidden = out.last_hidden_state
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        if self.config.tie_word_embeddings:
+            logits = paddle.matmul(hidden, self.model.embed_tokens.weight, transpose_y=True)
+        else:
+            logits = self.lm_head(hidden)
+        return CausalLMOutput(logits.astype("float32"), out.past_key_values)
+
+    @property
+    def dtype(self) -> str:
+        return str(self.model.embed_tokens.weight.dtype).replace("paddle.", "")
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: str | None = None, fused: bool | None = None) -> "GLM4ForCausalLM":
+        """Load a converted checkpoint directory (safetensors only). `dtype` None: float32 on CPU,
+        the stored dtype on GPU. Parameters are created empty and filled one tensor at a time."""
+        if not os.path.isdir(path):
+            raise checkpoint.CheckpointError(f"{path}: not a directory")
+        if not os.path.exists(os.path.join(path, CONFIG_NAME)):
+            raise checkpoint.CheckpointError(
+                f"{path}: no {CONFIG_NAME}; is this a checkpoint converted with glm4-convert?")
+        config = GLM4Config.from_pretrained(path)
+        dtype = compute_dtype(dtype, config.dtype)
+        use_all_cores()
+        with paddle.LazyGuard(), _default_dtype(dtype):
+            model = cls(config, fused)
+        params = model.state_dict()
+        locations = checkpoint.inspect(path, {name: tuple(p.shape) for name, p in params.items()})
+        for name, array in checkpoint.read_tensors(locations, dtype, progress=f"loading {os.path.basename(path)}"):
+            params[name].set_value(_to_tensor(array, dtype))
+        model.eval()
+        return model
+
+    def save_pretrained(self, directory: str, max_shard_size: int | str = "5GB", dtype: str | None = None,
+                        overwrite: bool = False) -> list[str]:
+        """Write config.json and safetensors weights (sharded above `max_shard_size`) in `dtype`
+        (default: the model's). Refuses a directory that already holds a checkpoint unless `overwrite`."""
+        existing = checkpoint.existing_weight_files(directory)
+        if os.path.exists(os.path.join(directory, CONFIG_NAME)):
+            existing.append(CONFIG_NAME)
+        if existing and not overwrite:
+            raise FileExistsError(f"{directory} already holds a checkpoint ({existing[0]}); pass overwrite=True")
+        current = self.dtype
+        store = dtype or current
+        state = self.state_dict()
+        entries = [(name, store, tuple(t.shape)) for name, t in state.items()]
+        tensors = ((name, cast(t.numpy(), current, store)) for name, t in state.items())
+        files = checkpoint.write_checkpoint(directory, entries, tensors, max_shard_size, metadata={"format": "pd"})
+        dataclasses.replace(self.config, dtype=store).save_pretrained(directory)
+        return files + [CONFIG_NAME]
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: str):
+    previous = paddle.get_default_dtype()
+    paddle.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        paddle.set_default_dtype(previous)
+
+
+def _to_tensor(array: np.ndarray, dtype: str) -> paddle.Tensor:
+    # bf16 arrays hold raw bits as uint16; Paddle reads them as bf16 when told the dtype
+    return paddle.to_tensor(array, dtype=dtype) if dtype == "bfloat16" else paddle.to_tensor(array)

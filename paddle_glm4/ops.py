@@ -1,0 +1,131 @@
+"""The model's numerical building blocks, each in a portable form and, where Paddle has one, a fused GPU form.
+
+`kernels(fused)` is the one switch between them; the model picks once, at construction. Paddle 3.3's
+`fused_rotary_position_embedding` has no CPU kernel, so the fused set can only run in full on a GPU;
+`fused_rms_norm` and `swiglu` do have CPU kernels, which lets the CPU tests check those two pieces.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import paddle
+import paddle.nn.functional as F
+import paddle.incubate.nn.functional as IF
+
+
+# ---- RMSNorm -------------------------------------------------------------------------------------------
+def rms_norm(x: paddle.Tensor, weight: paddle.Tensor, eps: float) -> paddle.Tensor:
+    # statistics in fp32 whatever the activation dtype, as the reference does
+    x32 = x.astype("float32")
+    x32 = x32 * paddle.rsqrt(x32.pow(2).mean(axis=-1, keepdim=True) + eps)
+    return weight * x32.astype(x.dtype)
+
+
+def fused_rms_norm(x: paddle.Tensor, weight: paddle.Tensor, eps: float) -> paddle.Tensor:
+    return IF.fused_rms_norm(x, weight, None, eps, begin_norm_axis=x.ndim - 1)[0]
+
+
+# ---- SwiGLU --------------------------------------------------------------------------------------------
+def swiglu(gate_up: paddle.Tensor) -> paddle.Tensor:
+    """silu(first half) * second half of the last axis."""
+    gate, up = paddle.chunk(gate_up, 2, axis=-1)
+    return F.silu(gate) * up
+
+
+def fused_swiglu(gate_up: paddle.Tensor) -> paddle.Tensor:
+    return IF.swiglu(gate_up)
+
+
+# ---- Rotary position embedding -------------------------------------------------------------------------
+# GLM-4 rotates the first `rotary_dim` dims of each head, on interleaved pairs (x[2i], x[2i+1]) by the angle
+# position * theta_i, theta_i = base^(-2i / rotary_dim); the rest of the head passes through unchanged.
+# The tables are built once per forward and shared by every layer.
+def inverse_frequencies(rotary_dim: int, base: float) -> paddle.Tensor:
+    # computed in fp32 exactly as the reference does, so that angles agree to the last bit
+    exponents = paddle.arange(0, rotary_dim, 2, dtype="float32") / rotary_dim
+    return 1.0 / (paddle.full([], base, dtype="float32") ** exponents)
+
+
+def rotary_tables(position_ids: paddle.Tensor, inv_freq: paddle.Tensor, dtype, table_len: int) -> tuple:
+    """position_ids [b, s] -> (cos, sin), each [b, s, 1, rotary_dim/2]; the 1 broadcasts over heads."""
+    angles = (position_ids.astype("float32").unsqueeze(-1) * inv_freq).unsqueeze(2)
+    return paddle.cos(angles).astype(dtype), paddle.sin(angles).astype(dtype)
+
+
+def apply_rotary(x: paddle.Tensor, tables: tuple) -> paddle.Tensor:
+    """x [b, s, h, d] -> x with its first rotary_dim dims rotated pairwise."""
+    cos, sin = tables
+    rotary_dim = cos.shape[-1] * 2
+    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+    pairs = x_rot.reshape([0, 0, 0, rotary_dim // 2, 2])  # 0 keeps a dim as it is (dynamic b, s)
+    even, odd = pairs[..., 0], pairs[..., 1]
+    rotated = paddle.stack([even * cos - odd * sin, odd * cos + even * sin], axis=-1)
+    return paddle.concat([rotated.reshape([0, 0, 0, rotary_dim]), x_pass], axis=-1)
+
+
+def fused_rotary_tables(position_ids: paddle.Tensor, inv_freq: paddle.Tensor, dtype, table_len: int) -> tuple:
+    # Paddle's kernel looks angles up by position in a [1, table_len, 1, rotary_dim] table holding each
+    # pair's angle twice; `table_len` covers every position in the batch (at most the cache length).
+    angles = paddle.arange(table_len, dtype="float32").unsqueeze(-1) * inv_freq
+    per_dim = paddle.repeat_interleave(angles, 2, axis=-1).unsqueeze(0).unsqueeze(2)
+    return paddle.cos(per_dim).astype(dtype), paddle.sin(per_dim).astype(dtype), position_ids
+
+
+def fused_apply_rotary(x: paddle.Tensor, tables: tuple) -> paddle.Tensor:
+    # `use_neox_rotary_style=True` is Paddle's name for the adjacent-pairs scheme (fused_rope_utils.h)
+    cos, sin, position_ids = tables
+    rotary_dim = cos.shape[-1]
+    rotated, _, _ = IF.fused_rotary_position_embedding(
+        x[..., :rotary_dim].contiguous(), sin=sin, cos=cos, position_ids=position_ids,
+        use_neox_rotary_style=True)
+    return paddle.concat([rotated, x[..., rotary_dim:]], axis=-1)
+
+
+# ---- Attention -----------------------------------------------------------------------------------------
+def attention(q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor, mask: paddle.Tensor | None,
+              is_causal: bool) -> paddle.Tensor:
+    """q [b, s, h, d]; k, v [b, L, kv_h, d] with h a multiple of kv_h (GQA, K/V are not repeated here).
+
+    `mask` is additive, [b, 1, s, L], or None. Paddle's causal mode aligns the triangle top-left, which is
+    only right when s == L, so callers pass is_causal=True only then and an explicit mask otherwise.
+    One call site for every device: on GPU this selects the flash kernel, on CPU the math kernel.
+    """
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, training=False)
+
+
+class Kernels(NamedTuple):
+    rms_norm: Callable
+    swiglu: Callable
+    rotary_tables: Callable
+    apply_rotary: Callable
+
+
+PORTABLE = Kernels(rms_norm, swiglu, rotary_tables, apply_rotary)
+FUSED = Kernels(fused_rms_norm, fused_swiglu, fused_rotary_tables, fused_apply_rotary)
+
+
+def kernels(fused: bool) -> Kernels:
+    return FUSED if fused else PORTABLE
+
+
+def attention_mask(key_valid: paddle.Tensor | None, start: int, seq_len: int, dtype) -> tuple:
+    """The additive mask for queries at slots start..start+seq_len over keys at slots 0..start+seq_len.
+
+    key_valid [b, L] marks real tokens (None: all are). A key is visible when it is not later than the
+    query and is real; a query always sees its own slot, so that padding rows stay finite (and unused).
+    Returns (mask [b or 1, 1, s, L] or None, is_causal) for `attention`.
+    """
+    if key_valid is None:
+        if start == 0:
+            return None, True       # plain causal attention, square
+        if seq_len == 1:
+            return None, False      # one new token sees every earlier slot
+    total = start + seq_len
+    query_slots = paddle.arange(start, total, dtype="int64").unsqueeze(1)
+    key_slots = paddle.arange(total, dtype="int64").unsqueeze(0)
+    allowed = (key_slots <= query_slots).unsqueeze(0)                             # [1, s, L]
+    if key_valid is not None:
+        allowed = allowed & (key_valid.unsqueeze(1) | (key_slots == query_slots))  # [b, s, L]
+    zero = paddle.zeros([], dtype=dtype)
+    return paddle.where(allowed, zero, paddle.full([], float("-inf"), dtype=dtype)).unsqueeze(1), False

@@ -1,0 +1,200 @@
+"""One .safetensors file, read and written a tensor at a time, as numpy arrays.
+
+Our own reader and writer of the format (8-byte little-endian header length, a JSON header, then the raw
+bytes) rather than `safetensors.safe_open`, because (1) numpy has no bfloat16, and here bf16 is simply
+carried as its raw uint16 bits, so conversions are bit-exact; (2) a writer that knows the header up
+front streams tensors to disk one by one, so memory stays at one tensor whatever the file size; and
+(3) every malformed input gets an error naming the file and the tensor. Nothing here unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import numpy as np
+
+# safetensors dtype code -> (our dtype name, numpy dtype that holds its bits)
+DTYPES = {
+    "F32": ("float32", np.dtype("<f4")),
+    "F16": ("float16", np.dtype("<f2")),
+    "BF16": ("bfloat16", np.dtype("<u2")),
+    "F64": ("float64", np.dtype("<f8")),
+    "I64": ("int64", np.dtype("<i8")),
+    "I32": ("int32", np.dtype("<i4")),
+    "I8": ("int8", np.dtype("i1")),
+    "U8": ("uint8", np.dtype("u1")),
+    "BOOL": ("bool", np.dtype("?")),
+}
+CODE_OF = {name: code for code, (name, _) in DTYPES.items()}
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+class SafetensorsError(ValueError):
+    """A .safetensors file that is missing, truncated or malformed."""
+
+
+def numpy_dtype(dtype: str) -> np.dtype:
+    return DTYPES[CODE_OF[dtype]][1]
+
+
+class SafetensorsReader:
+    """Reads the header at once and each tensor on demand. Use as a context manager."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            self._file = open(path, "rb")
+        except FileNotFoundError:
+            raise SafetensorsError(f"{path}: file not found") from None
+        except OSError as err:
+            raise SafetensorsError(f"{path}: cannot open ({err.strerror})") from None
+        try:
+            self._parse_header()
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _fail(self, message: str):
+        raise SafetensorsError(f"{self.path}: {message}")
+
+    def _parse_header(self):
+        size = os.fstat(self._file.fileno()).st_size
+        prefix = self._file.read(8)
+        if len(prefix) < 8:
+            self._fail(f"not a safetensors file (only {size} bytes)")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > min(MAX_HEADER_BYTES, size - 8):
+            self._fail(f"corrupted or truncated header (declares {header_len} header bytes, file has {size})")
+        try:
+            header = json.loads(self._file.read(header_len).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            self._fail(f"corrupted header, not valid JSON ({err})")
+        if not isinstance(header, dict):
+            self._fail("corrupted header, not a JSON object")
+        self.metadata = header.pop("__metadata__", None) or {}
+        self._data_start = 8 + header_len
+        data_len = size - self._data_start
+        self._entries = {}
+        for name, entry in header.items():
+            try:
+                code, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+                shape = tuple(int(d) for d in shape)
+            except (KeyError, TypeError, ValueError):
+                self._fail(f"tensor {name!r}: malformed header entry {entry!r}")
+            if code not in DTYPES:
+                self._fail(f"tensor {name!r}: unsupported dtype {code!r} (supported: {', '.join(DTYPES)})")
+            dtype = DTYPES[code][1]
+            expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            if min(shape, default=0) < 0 or not (0 <= begin <= end) or end - begin != expected:
+                self._fail(f"tensor {name!r}: header offsets {begin}..{end} do not fit shape {list(shape)} {code}")
+            if end > data_len:
+                self._fail(f"truncated: tensor {name!r} ends at byte {end} of the data, "
+                           f"but the file holds only {data_len} data bytes")
+            self._entries[name] = (code, shape, begin, end)
+
+    # ---- queries --------------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def dtype(self, name: str) -> str:
+        return DTYPES[self._entry(name)[0]][0]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entry(name)[1]
+
+    def nbytes(self, name: str) -> int:
+        _, _, begin, end = self._entry(name)
+        return end - begin
+
+    def _entry(self, name: str):
+        try:
+            return self._entries[name]
+        except KeyError:
+            self._fail(f"has no tensor {name!r}")
+
+    def read(self, name: str) -> np.ndarray:
+        """The tensor as a new numpy array (bf16 as uint16 bits)."""
+        code, shape, begin, end = self._entry(name)
+        array = np.empty(shape, dtype=DTYPES[code][1])
+        self._file.seek(self._data_start + begin)
+        got = self._file.readinto(memoryview(array.reshape(-1)).cast("B")) if end > begin else 0
+        if got != end - begin:
+            self._fail(f"truncated: tensor {name!r} has {got} of its {end - begin} bytes")
+        return array
+
+    def close(self):
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class SafetensorsWriter:
+    """Writes a .safetensors file whose tensors (name, dtype, shape) are declared up front.
+
+    The header goes out first; then `write` streams each tensor's bytes in the declared order.
+    `close` checks that every declared tensor was written and flushes the file to disk.
+    """
+
+    def __init__(self, path: str, entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict | None = None):
+        self.path = path
+        header, offset, self._order = {}, 0, []
+        if metadata:
+            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        for name, dtype, shape in entries:
+            nbytes = int(np.prod(shape, dtype=np.int64)) * numpy_dtype(dtype).itemsize
+            header[name] = {"dtype": CODE_OF[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            self._order.append((name, dtype, tuple(shape)))
+            offset += nbytes
+        encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        encoded += b" " * (-len(encoded) % 8)  # the format aligns the data start to 8 bytes
+        self._file = open(path, "wb")
+        self._file.write(struct.pack("<Q", len(encoded)) + encoded)
+        self._next = 0
+
+    def write(self, name: str, array: np.ndarray):
+        expected_name, dtype, shape = self._order[self._next]
+        if name != expected_name:
+            raise ValueError(f"{self.path}: expected tensor {expected_name!r} next, got {name!r}")
+        if array.dtype != numpy_dtype(dtype) or tuple(array.shape) != shape:
+            raise ValueError(f"{self.path}: tensor {name!r} declared {dtype} {list(shape)}, "
+                             f"got numpy {array.dtype} {list(array.shape)}")
+        self._file.write(memoryview(np.ascontiguousarray(array).reshape(-1)).cast("B"))
+        self._next += 1
+
+    def close(self):
+        try:
+            if self._next != len(self._order):
+                missing = [name for name, _, _ in self._order[self._next:]]
+                raise ValueError(f"{self.path}: closed before writing {len(missing)} tensors (first: {missing[0]!r})")
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        finally:
+            self._file.close()
+
+
+# ---- dtype casts on raw arrays ------------------------------------------------------------------------
+def to_float32(array: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":
+        return (array.astype(np.uint32) << 16).view(np.float32)
+    return array.astype(np.float32)
+
+
+def cast(array: np.ndarray, src: str, dst: str) -> np.ndarray:
+    """Cast between float32/bfloat16/float16 arrays; bf16 rounds to nearest even, as Paddle and torch do."""
+    if src == dst:
+        return array
+    if dst == "bfloat16":
+        bits = to_float32(array, src).view(np.uint32)
+        nan = np.isnan(bits.view(np.float32))
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+        return np.where(nan, np.uint16(0x7FC0), rounded)
+    return to_float32(array, src).astype(numpy_dtype(dst))
