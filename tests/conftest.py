@@ -1,0 +1,97 @@
+"""Shared test fixtures: small GLM-4 configs, the reference model, and its weights in each layout.
+
+The reference is transformers' GlmForCausalLM (torch, CPU, fp32). Its random weights are mapped onto
+our model through converters.mapping, the same table the converter uses.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from converters import mapping
+from paddle_glm4 import GLM4Config
+
+REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "glm4_reference"
+CHAT_REFERENCE = REFERENCE_DIR / "glm-4-9b-chat"
+
+
+def requires_reference(*files: str):
+    """Skip (saying why) when the published GLM-4 data files in ../shared are not on this machine."""
+    missing = [f for f in files if not (CHAT_REFERENCE / f).exists()]
+    return pytest.mark.skipif(bool(missing), reason=f"published GLM-4 reference files not found: "
+                              f"{', '.join(str(CHAT_REFERENCE / f) for f in missing)}")
+
+
+def small_config(**overrides) -> GLM4Config:
+    """A tiny GLM-4 (2 layers, hidden 64) that keeps every structural feature of the real one."""
+    fields = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_ratio=1.0,
+                  seq_length=256, pad_token_id=0, eos_token_id=[1, 2], dtype="float32")
+    fields.update(overrides)
+    return GLM4Config(**fields)
+
+
+def full_width_config(layers: int = 1, **overrides) -> GLM4Config:
+    """GLM-4-9B geometry (hidden 4096, 32 heads, 2 KV groups, ffn 13696, vocab 151552) with few layers."""
+    return GLM4Config(num_hidden_layers=layers, dtype="float32", **overrides)
+
+
+def reference_model(config: GLM4Config, seed: int = 0, std: float = 0.08):
+    """transformers' GlmForCausalLM with random weights, large enough that logits are far from zero."""
+    import torch
+    from transformers import GlmConfig, GlmForCausalLM
+
+    torch.manual_seed(seed)
+    model = GlmForCausalLM(GlmConfig(**config.to_hf_glm_dict())).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=generator))
+            else:
+                param.copy_(std * torch.randn(param.shape, generator=generator))
+    return model
+
+
+def hf_state(model) -> dict[str, np.ndarray]:
+    """The reference model's tensors, in transformers' `glm` layout, as fp32 numpy arrays."""
+    return {name: t.detach().float().numpy() for name, t in model.state_dict().items()}
+
+
+def paddle_state(config: GLM4Config, hf: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Map transformers-layout tensors to this project's Paddle layout."""
+    return {spec.paddle: mapping.to_paddle(spec, [hf[name] for name in spec.hf])
+            for spec in mapping.tensor_specs(config)}
+
+
+def paddle_model(config: GLM4Config, state: dict[str, np.ndarray], fused: bool | None = None):
+    """Our GLM4ForCausalLM holding exactly `state`."""
+    import paddle
+
+    from paddle_glm4 import GLM4ForCausalLM
+
+    with paddle.LazyGuard():
+        model = GLM4ForCausalLM(config, fused=fused)
+    params = model.state_dict()
+    assert set(params) == set(state), set(params) ^ set(state)
+    for name, array in state.items():
+        params[name].set_value(paddle.to_tensor(array))
+    return model.eval()
+
+
+def reference_logits(model, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        kwargs = {} if attention_mask is None else {"attention_mask": torch.from_numpy(attention_mask)}
+        return model(torch.from_numpy(input_ids), **kwargs).logits.float().numpy()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _quiet_and_deterministic():
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    yield
