@@ -1,8 +1,9 @@
 """The model's numerical building blocks, each in a portable form and, where Paddle has one, a fused GPU form.
 
 `kernels(fused)` is the one switch between them; the model picks once, at construction. Paddle 3.3's
-`fused_rotary_position_embedding` has no CPU kernel, so the fused set can only run in full on a GPU;
-`fused_rms_norm` and `swiglu` do have CPU kernels, which lets the CPU tests check those two pieces.
+`fused_rotary_position_embedding` has no CPU kernel and its `fused_rms_norm` CPU kernel dies with SIGILL
+on CPUs without AVX-512 (this project's machines), so the fused set is for GPUs; `swiglu` has a portable
+CPU kernel, which lets the CPU tests check that piece.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def swiglu(gate_up: paddle.Tensor) -> paddle.Tensor:
 
 
 def fused_swiglu(gate_up: paddle.Tensor) -> paddle.Tensor:
-    return IF.swiglu(gate_up)
+    return F.swiglu(gate_up)
 
 
 # ---- Rotary position embedding -------------------------------------------------------------------------

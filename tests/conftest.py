@@ -95,3 +95,14 @@ def reference_logits(model, input_ids: np.ndarray, attention_mask: np.ndarray | 
 def _quiet_and_deterministic():
     os.environ.setdefault("GLOG_minloglevel", "2")
     yield
+
+
+def pytest_collection_modifyitems(config, items):
+    import paddle
+
+    if paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
+        return
+    skip = pytest.mark.skip(reason="needs a GPU and a CUDA build of Paddle; this machine has neither")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
