@@ -8,11 +8,11 @@ escapes HTML characters and sorts keys) and a `raise_exception` global.
 Safety: in the published tokenizer, a message whose content contains "<|assistant|>" becomes a real assistant
 turn. Here only the special tokens written by the template itself count. When some user-supplied string (any
 string or key anywhere in the messages) contains special-token text, the template is rendered a second time with
-each such occurrence replaced by a private-use sentinel character; the special tokens left in that rendering are
-the template's own. The sentinels are then turned back into their text, which must give the first rendering
-exactly (otherwise the template inspected the sentinels, and we refuse rather than guess). A template that glues
-a fragment of user text to a fragment of its own literal text into a special token would escape this check;
-GLM-4's template only puts user text between complete tokens and newlines.
+each such occurrence replaced by a sentinel of private-use characters; the special tokens left in that rendering
+are the template's own. The sentinels are then turned back into their text, which must give the first rendering
+exactly (otherwise the template looked inside the user's special-token text, and we refuse rather than guess).
+A template that glued a fragment of user text to a fragment of its own literal text into a special token would
+escape this check; GLM-4's template only puts user text between complete tokens and newlines.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from typing import Any
 ROLES = ("system", "user", "assistant", "observation")
 
 # What a model gets when its tokenizer_config.json has no chat template: GLM-4's turn structure, and for tool
-# definitions only their names and JSON schemas under a system turn (no instructions in any language).
+# definitions only their names and JSON schemas under a system turn (no instructions in any language). As in
+# GLM-4's template, trim_blocks drops the first newline after each block tag, so "\n\n## " prints "\n## ".
 STRUCTURAL_TEMPLATE = (
     "[gMASK]<sop>"
     "{% for item in messages %}"
@@ -173,8 +174,11 @@ def _replace_strings(value: Any, replace) -> Any:
 
 
 def _sentinels(messages: list[dict[str, Any]], finder: re.Pattern, text: str) -> dict[str, str]:
-    """One private-use character for each special token the messages contain, found in neither them nor `text`."""
+    """A stand-in for each special token the messages contain: a private-use character found in neither them nor
+    `text`, padded with another such character to the token's length (so that a template measuring a message
+    still sees the same length)."""
     tokens = sorted({match.group() for s in _strings(messages) for match in finder.finditer(s)})
     used = set(text).union(*_strings(messages))
     free = (chr(code) for code in range(0xF0000, 0xFFFFE) if chr(code) not in used)
-    return {token: next(free) for token in tokens}
+    filler = next(free)
+    return {token: next(free) + filler * (len(token) - 1) for token in tokens}

@@ -80,8 +80,8 @@ def write_small_vocabulary(directory: str | os.PathLike, *, num_merges: int | No
                            chat_template: bool = True) -> Path:
     """Write a small GLM-4-style `tokenizer.model` and `tokenizer_config.json` into `directory`; return it.
 
-    The base vocabulary is the 256 bytes plus every merge the built-in sample supports (418 tokens in all), or
-    at most `num_merges` merges; GLM-4's 14 special tokens follow it. `chat_template=False` leaves the template out of the config, so the
+    The base vocabulary is the 256 bytes plus every merge the built-in sample supports (a few hundred tokens),
+    or at most `num_merges` merges; GLM-4's 14 special tokens follow it. `chat_template=False` leaves the template out of the config, so the
     tokenizer falls back to GLM-4's bare structure.
     """
     ranks = train_bpe(SAMPLE_TEXT, num_merges)
