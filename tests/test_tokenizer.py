@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 
 import numpy as np
 import pytest
@@ -217,7 +218,7 @@ def test_special_text_is_plain_unless_allowed(small):
     assert small.encode("a<|endoftext|>", False, allowed_special={"<|endoftext|>"})[-1] == eos
     assert small.encode("<|user|><|endoftext|>", False, allowed_special="all") == [small.special_token_id("<|user|>"), eos]
     assert small.encode_batch(["<|user|>"], False, allowed_special="all") == [[small.special_token_id("<|user|>")]]
-    with pytest.raises(TokenizerError, match="<|nope|>"):
+    with pytest.raises(TokenizerError, match=re.escape("not special tokens: <|nope|>")):
         small.encode("x", allowed_special={"<|nope|>"})
 
 
@@ -399,3 +400,122 @@ def test_template_errors_and_templates_that_inspect_special_text(small_dir, tmp_
     for broken in ("{% for %}", "{{ messages.__class__.__mro__ }}"):
         with pytest.raises(ChatTemplateError, match="the chat template failed"):
             with_template(broken).apply_chat_template([{"role": "user", "content": "a"}])
+
+
+# ---- streaming decode ----
+
+@PROPERTY
+@given(text=ANY_TEXT)
+def test_streaming_never_splits_a_character(small, text):
+    ids = small.encode(text)
+    pieces = stream(small, ids)
+    assert "".join(pieces) == small.decode(ids)
+    assert "\ufffd" not in "".join(pieces[:-1]) or "\ufffd" in text
+    # Nothing waits longer than an unfinished character: at most 3 bytes of one are ever held back.
+    detok, emitted = small.detokenizer(), ""
+    for n, token_id in enumerate(ids, 1):
+        emitted += detok.push(token_id)
+        received = b"".join(small.token_bytes(i) for i in ids[:n])
+        assert 0 <= len(received) - len(emitted.encode("utf-8")) <= 3
+
+
+@PROPERTY
+@given(ids=st.lists(st.integers(0, 431), max_size=60), skip=st.booleans())
+def test_streaming_any_ids_equals_decode(small, ids, skip):
+    # Random ids make invalid UTF-8 too; the replacement characters must come out exactly as decode() puts them.
+    assert "".join(stream(small, ids, skip)) == small.decode(ids, skip_special_tokens=skip)
+
+
+def test_streaming_skips_specials_and_starts_over_after_flush(small):
+    ids = small.encode("你好") + [small.eos_token_id]
+    detok = IncrementalDetokenizer(small, skip_special_tokens=True)
+    assert "".join(detok.push(i) for i in ids) + detok.flush() == "你好"
+    assert detok.push(small.special_token_id("<|user|>")) == ""
+    first_byte_of_ni = small.encode("你", add_special_tokens=False)
+    assert "".join(detok.push(i) for i in first_byte_of_ni) == "你"
+    assert "".join(stream(small, ids)) == "[gMASK]<sop>你好<|endoftext|>"
+
+
+def test_streaming_flushes_an_unfinished_character_as_a_replacement(small):
+    half_a_character = [small.encode("€", add_special_tokens=False)[0]]  # 0xE2, one byte of three
+    assert small.token_bytes(half_a_character[0]) == b"\xe2"
+    assert stream(small, half_a_character) == ["", "\ufffd"] == [small.decode([]), small.decode(half_a_character)]
+
+
+# ---- broken files ----
+
+def write_model(directory, lines: list[str], config: dict | None = None):
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "tokenizer.model").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    if config is not None:
+        (directory / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return directory
+
+
+def byte_lines(extra: list[str] = ()) -> list[str]:
+    return [f"{base64.b64encode(bytes([b])).decode()} {b}" for b in range(256)] + list(extra)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["aGVsbG8="], r"line 257: expected '<base64 token> <rank>'"),
+    (["aGVsbG8= 256 7"], r"line 257: expected"),
+    (["not*base64! 256"], r"line 257: expected"),
+    (["aGVsbG8= x"], r"line 257: expected"),
+    (["aGVsbG8= 255"], r"line 257: rank 255 is already used on line 256"),
+    (["AA== 256"], r"line 257: token b'\\x00' already has rank 0"),
+    (["aGVsbG8= 257"], r"ranks must run from 0 to 256 without gaps, but rank 256 is missing"),
+    (["aGVsbG8= -1"], r"line 257: empty token or negative rank"),
+    ([""], r"line 257: expected"),
+])
+def test_corrupted_tokenizer_model(tmp_path, extra, message):
+    write_model(tmp_path, byte_lines(extra))
+    with pytest.raises(TokenizerError, match=message) as err:
+        GLM4Tokenizer.from_pretrained(tmp_path)
+    assert str(tmp_path / "tokenizer.model") in str(err.value)
+
+
+def test_vocabulary_must_cover_every_byte(tmp_path):
+    write_model(tmp_path, [f"{base64.b64encode(bytes([b])).decode()} {b}" for b in range(255)])
+    with pytest.raises(TokenizerError, match="1 single bytes have no token .first: 0xff."):
+        GLM4Tokenizer.from_pretrained(tmp_path)
+
+
+def test_missing_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tokenizer directory not found"):
+        GLM4Tokenizer.from_pretrained(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="tokenizer.model"):
+        GLM4Tokenizer.from_pretrained(tmp_path)
+
+
+def specials_config(ids: list[int], tokens=GLM4_SPECIAL_TOKENS, **fields) -> dict:
+    return {"added_tokens_decoder": {str(i): {"content": t} for i, t in zip(ids, tokens)}, **fields}
+
+
+@pytest.mark.parametrize("config, message", [
+    ({}, "'added_tokens_decoder' with the special tokens is missing"),
+    (specials_config(list(range(257, 271))), r"special token ids must be 256\.\.269, right after the 256 base tokens; "
+                                               r"id 256 breaks that"),
+    (specials_config([256, 258, 259]), "id 257 breaks that"),
+    (specials_config(list(range(256, 258)), ["<|endoftext|>", "<|endoftext|>"]), "is empty, not text or repeated"),
+    ({"added_tokens_decoder": {"x": {"content": "a"}}}, "entry 'x' needs an integer id"),
+    (specials_config(list(range(256, 263))), r"special tokens <\|observation\|>, <\|user\|> are missing"),
+    (specials_config(list(range(256, 270)), eos_token="</s>"), "special tokens </s> are missing"),
+    (specials_config(list(range(256, 270)), chat_template=[{"name": "default"}]), "one Jinja template string"),
+])
+def test_bad_tokenizer_config(tmp_path, config, message):
+    write_model(tmp_path, byte_lines(), config)
+    with pytest.raises(TokenizerError, match=message) as err:
+        GLM4Tokenizer.from_pretrained(tmp_path)
+    assert "tokenizer_config.json" in str(err.value)
+
+
+def test_config_that_is_not_json(tmp_path):
+    write_model(tmp_path, byte_lines())
+    (tmp_path / "tokenizer_config.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(TokenizerError, match="tokenizer_config.json: not valid JSON"):
+        GLM4Tokenizer.from_pretrained(tmp_path)
+
+
+def test_unknown_special_token_name(small):
+    with pytest.raises(TokenizerError, match=re.escape("'<|nope|>' is not a special token")):
+        small.special_token_id("<|nope|>")
