@@ -81,8 +81,8 @@ def write_small_vocabulary(directory: str | os.PathLike, *, num_merges: int | No
     """Write a small GLM-4-style `tokenizer.model` and `tokenizer_config.json` into `directory`; return it.
 
     The base vocabulary is the 256 bytes plus every merge the built-in sample supports (a few hundred tokens),
-    or at most `num_merges` merges; GLM-4's 14 special tokens follow it. `chat_template=False` leaves the template out of the config, so the
-    tokenizer falls back to GLM-4's bare structure.
+    or at most `num_merges` merges; GLM-4's 14 special tokens follow it. `chat_template=False` leaves the
+    template out of the config, so the tokenizer falls back to GLM-4's bare structure.
     """
     ranks = train_bpe(SAMPLE_TEXT, num_merges)
     config = glm4_tokenizer_config(len(ranks), STRUCTURAL_TEMPLATE if chat_template else None)

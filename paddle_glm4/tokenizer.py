@@ -154,7 +154,9 @@ class GLM4Tokenizer:
         (GLM-4's special tokens after the base vocabulary when None); `source` names them in error messages."""
         _check_ranks(mergeable_ranks, source)
         self.base_vocab_size = len(mergeable_ranks)
-        self.config = copy.deepcopy(dict(config if config is not None else glm4_tokenizer_config(len(mergeable_ranks))))
+        if config is None:
+            config = glm4_tokenizer_config(len(mergeable_ranks))
+        self.config = copy.deepcopy(dict(config))
         self.special_tokens = _special_tokens(self.config, self.base_vocab_size, source)
         self.vocab_size = self.base_vocab_size + len(self.special_tokens)
 
@@ -248,8 +250,8 @@ class GLM4Tokenizer:
         """
         single = isinstance(text, str)
         texts = [text] if single else list(text)
-        if not all(isinstance(t, str) for t in texts):
-            raise TokenizerError("the tokenizer takes a string or a list of strings")
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise TokenizerError("the tokenizer takes a string or a non-empty list of strings")
         if padding not in (False, True, "longest", "max_length", "do_not_pad"):
             raise TokenizerError(f"padding must be False, True, 'longest' or 'max_length', not {padding!r}")
         if return_tensors not in (None, "np", "pd"):
@@ -257,8 +259,10 @@ class GLM4Tokenizer:
         if (truncation or padding == "max_length") and (max_length is None or max_length < 1):
             raise TokenizerError("truncation and padding='max_length' need a positive max_length")
 
-        batch = self.encode_batch(texts, add_special_tokens) if len(texts) > 1 else \
-            [self.encode(t, add_special_tokens) for t in texts]
+        if len(texts) == 1:  # a thread pool costs more than it saves on one text
+            batch = [self.encode(texts[0], add_special_tokens)]
+        else:
+            batch = self.encode_batch(texts, add_special_tokens)
         if truncation:
             keep = slice(-max_length, None) if self.truncation_side == "left" else slice(0, max_length)
             batch = [ids[keep] for ids in batch]

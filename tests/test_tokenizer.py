@@ -214,10 +214,10 @@ def test_special_text_is_plain_unless_allowed(small):
     for text in GLM4_SPECIAL_TOKENS:
         ids = small.encode(text, add_special_tokens=False)
         assert not any(small.is_special(i) for i in ids) and small.decode(ids) == text
-    eos = small.eos_token_id
+    eos, user = small.eos_token_id, small.special_token_id("<|user|>")
     assert small.encode("a<|endoftext|>", False, allowed_special={"<|endoftext|>"})[-1] == eos
-    assert small.encode("<|user|><|endoftext|>", False, allowed_special="all") == [small.special_token_id("<|user|>"), eos]
-    assert small.encode_batch(["<|user|>"], False, allowed_special="all") == [[small.special_token_id("<|user|>")]]
+    assert small.encode("<|user|><|endoftext|>", False, allowed_special="all") == [user, eos]
+    assert small.encode_batch(["<|user|>"], False, allowed_special="all") == [[user]]
     with pytest.raises(TokenizerError, match=re.escape("not special tokens: <|nope|>")):
         small.encode("x", allowed_special={"<|nope|>"})
 
@@ -293,8 +293,9 @@ def test_call_rejects_bad_arguments(small):
         small("a", truncation=True)
     with pytest.raises(TokenizerError, match="return_tensors"):
         small("a", return_tensors="pt")
-    with pytest.raises(TokenizerError, match="string or a list of strings"):
-        small([1, 2])
+    for not_texts in ([1, 2], []):
+        with pytest.raises(TokenizerError, match="string or a non-empty list of strings"):
+            small(not_texts)
 
 
 def test_save_and_load_round_trip(small, small_dir, tmp_path):
