@@ -14,7 +14,7 @@ import re
 import numpy as np
 import pytest
 import tiktoken
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import CHAT_REFERENCE, requires_reference
@@ -24,7 +24,7 @@ from paddle_glm4.tokenizer import (GLM4_SPECIAL_TOKENS, SPLIT_PATTERN, GLM4Token
                                    TokenizerError, read_tokenizer_model)
 
 needs_reference = requires_reference("tokenizer.model", "tokenizer_config.json")
-PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+PROPERTY = settings(max_examples=200, deadline=None)
 
 SAMPLES = [
     "", " ", "Hello world", "The quick brown fox jumps over the lazy dog.",
@@ -60,6 +60,16 @@ def raw_tiktoken(tokenizer_dir) -> tiktoken.Encoding:
     return tiktoken.Encoding("reference", pat_str=SPLIT_PATTERN,
                              mergeable_ranks=read_tokenizer_model(tokenizer_dir / "tokenizer.model"),
                              special_tokens={})
+
+
+@pytest.fixture(scope="session")
+def glm4_raw() -> tiktoken.Encoding:
+    return raw_tiktoken(CHAT_REFERENCE)
+
+
+@pytest.fixture(scope="session")
+def small_raw(small_dir) -> tiktoken.Encoding:
+    return raw_tiktoken(small_dir)
 
 
 def render_like_transformers(template: str, messages, add_generation_prompt=False) -> str:
@@ -117,10 +127,10 @@ def test_special_tokens_of_the_published_files(glm4):
 
 @needs_reference
 @pytest.mark.parametrize("text", SAMPLES)
-def test_round_trip_and_raw_tiktoken_ids(glm4, text):
+def test_round_trip_and_raw_tiktoken_ids(glm4, glm4_raw, text):
     ids = glm4.encode(text, add_special_tokens=False)
     assert glm4.decode(ids) == text
-    assert ids == raw_tiktoken(CHAT_REFERENCE).encode_ordinary(text)
+    assert ids == glm4_raw.encode_ordinary(text)
 
 
 @needs_reference
@@ -196,10 +206,10 @@ def test_small_vocabulary_is_deterministic_and_complete(small_dir, small, tmp_pa
 
 
 @pytest.mark.parametrize("text", SAMPLES)
-def test_small_round_trip_and_raw_tiktoken_ids(small, small_dir, text):
+def test_small_round_trip_and_raw_tiktoken_ids(small, small_raw, text):
     ids = small.encode(text, add_special_tokens=False)
     assert small.decode(ids) == text
-    assert ids == raw_tiktoken(small_dir).encode_ordinary(text)
+    assert ids == small_raw.encode_ordinary(text)
 
 
 @PROPERTY
