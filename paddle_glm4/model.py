@@ -212,6 +212,7 @@ def _default_dtype(dtype: str):
         paddle.set_default_dtype(previous)
 
 
-def _to_tensor(array: np.ndarray, dtype: str) -> paddle.Tensor:
-    # bf16 arrays hold raw bits as uint16; Paddle reads them as bf16 when told the dtype
-    return paddle.to_tensor(array, dtype=dtype) if dtype == "bfloat16" else paddle.to_tensor(array)
+def _to_tensor(array: np.ndarray, dtype: str):
+    # bf16 arrays hold raw bits as uint16, which Paddle reads as bf16 when told the dtype; other arrays go
+    # to set_value as they are (one copy fewer than a Tensor)
+    return paddle.to_tensor(array, dtype=dtype) if dtype == "bfloat16" else array

@@ -44,16 +44,17 @@ def reference_model(config: GLM4Config, seed: int = 0, std: float = 0.08):
     """transformers' GlmForCausalLM with random weights, large enough that logits are far from zero."""
     import torch
     from transformers import GlmConfig, GlmForCausalLM
+    from transformers.initialization import no_init_weights
 
-    torch.manual_seed(seed)
-    model = GlmForCausalLM(GlmConfig(**config.to_hf_glm_dict())).eval()
+    with no_init_weights():  # every weight is drawn below; transformers' own init would be wasted time
+        model = GlmForCausalLM(GlmConfig(**config.to_hf_glm_dict())).eval()
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
-                param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=generator))
+                param.normal_(1.0, 0.1, generator=generator)
             else:
-                param.copy_(std * torch.randn(param.shape, generator=generator))
+                param.normal_(0.0, std, generator=generator)
     return model
 
 
@@ -79,7 +80,7 @@ def paddle_model(config: GLM4Config, state: dict[str, np.ndarray], fused: bool |
     params = model.state_dict()
     assert set(params) == set(state), set(params) ^ set(state)
     for name, array in state.items():
-        params[name].set_value(paddle.to_tensor(array))
+        params[name].set_value(array)
     return model.eval()
 
 
