@@ -52,8 +52,8 @@ class ChatTemplateError(ValueError):
 class RenderedChat:
     """A rendered conversation: its text, and that text cut at the special tokens the template wrote.
 
-    `pieces` alternates plain text and template specials: each item is (text, is_template_special), and
-    joining the texts gives `text`. Special-token text that came from the user sits inside a plain piece.
+    `pieces` is a sequence of (text, is_template_special); joining the texts gives `text`. Special-token text
+    that came from the user sits inside a plain piece.
     """
 
     text: str
