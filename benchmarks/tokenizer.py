@@ -53,11 +53,12 @@ def mixed_documents(total_bytes: int, seed: int = 0) -> list[str]:
 
 
 def _median_seconds(contenders: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median wall time of each contender. Runs alternate between contenders, so that load from other processes
-    falls on all of them alike; one warm-up run each is not counted."""
+    """Median wall time of each contender. Runs alternate between contenders, in reversed order every other
+    round, so that load from other processes falls on all of them alike; one warm-up run each is not counted."""
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for round_ in range(repeats + 1):
-        for name, work in contenders.items():
+        order = list(contenders.items())
+        for name, work in order[::-1] if round_ % 2 else order:
             start = time.perf_counter()
             work()
             if round_:
@@ -76,7 +77,7 @@ def run(quick: bool = False) -> list[dict]:
 
     documents = mixed_documents(300_000 if quick else 3_000_000)
     megabytes = sum(len(d.encode()) for d in documents) / 1e6
-    repeats = 7 if quick else 5
+    repeats = 7
     assert tokenizer.encode_batch(documents, add_special_tokens=False) == raw.encode_ordinary_batch(documents)
 
     def one_by_one(encode: Callable[[str], list[int]]) -> Callable[[], object]:
