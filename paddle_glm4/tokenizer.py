@@ -244,8 +244,8 @@ class GLM4Tokenizer:
 
         padding: False (none), True or "longest" (to the longest text), "max_length" (to `max_length`).
         Padding goes on the LEFT with the pad id, attention 0 and position 0, as in the published tokenizer.
-        truncation: cut sequences to `max_length` on `truncation_side` ("right", transformers' default, unless
-        tokenizer_config.json says otherwise). return_tensors: None (lists), "np" or "pd" (int64, shape
+        truncation: cut each text so that with the `[gMASK]<sop>` prefix it fits `max_length`, on
+        `truncation_side` ("right", transformers' default, unless tokenizer_config.json says "left"). return_tensors: None (lists), "np" or "pd" (int64, shape
         [batch, length]; a single text then gets a batch of one).
         """
         single = isinstance(text, str)
@@ -260,16 +260,19 @@ class GLM4Tokenizer:
             raise TokenizerError("truncation and padding='max_length' need a positive max_length")
 
         if len(texts) == 1:  # a thread pool costs more than it saves on one text
-            batch = [self.encode(texts[0], add_special_tokens)]
+            encoded = [self.encode(texts[0], add_special_tokens=False)]
         else:
-            batch = self.encode_batch(texts, add_special_tokens)
-        if truncation:
-            keep = slice(-max_length, None) if self.truncation_side == "left" else slice(0, max_length)
-            batch = [ids[keep] for ids in batch]
+            encoded = self.encode_batch(texts, add_special_tokens=False)
+        prefix = self._prefix if add_special_tokens else []
+        if truncation:  # as in transformers, the text is cut and the prefix kept
+            room = max(max_length - len(prefix), 0)
+            left = self.truncation_side == "left"
+            encoded = [ids[max(len(ids) - room, 0):] if left else ids[:room] for ids in encoded]
+        batch = [prefix + ids for ids in encoded]
         if padding == "max_length":
             width = max_length
         elif padding in (True, "longest"):
-            width = max((len(ids) for ids in batch), default=0)
+            width = max(map(len, batch))
         else:
             width = 0
 

@@ -79,6 +79,14 @@ def render_like_transformers(template: str, messages, add_generation_prompt=Fals
     return rendered[0]
 
 
+def small_variant(small_dir, directory, **config_changes) -> GLM4Tokenizer:
+    """The small vocabulary with some tokenizer_config.json fields changed."""
+    config = json.loads((small_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    (directory / "tokenizer.model").write_bytes((small_dir / "tokenizer.model").read_bytes())
+    (directory / "tokenizer_config.json").write_text(json.dumps({**config, **config_changes}), encoding="utf-8")
+    return GLM4Tokenizer.from_pretrained(directory)
+
+
 def stream(tokenizer: GLM4Tokenizer, ids, skip_special_tokens=False) -> list[str]:
     detok = tokenizer.detokenizer(skip_special_tokens=skip_special_tokens)
     return [detok.push(i) for i in ids] + [detok.flush()]
@@ -287,11 +295,17 @@ def test_call_returns_paddle_tensors(small):
     assert out["input_ids"].shape == out["attention_mask"].shape == out["position_ids"].shape == [2, 5]
 
 
-def test_call_truncates_the_end_by_default(small):
-    ids = small.encode("one two three four five six")
-    assert small("one two three four five six", truncation=True, max_length=4)["input_ids"] == ids[:4]
-    assert small(["a", "one two three four five six"], truncation=True, max_length=4, padding=True,
+def test_call_truncates_the_text_and_keeps_the_prefix(small, small_dir, tmp_path):
+    text = "one two three four five six"
+    ids = small.encode(text)
+    assert small(text, truncation=True, max_length=4)["input_ids"] == ids[:4]
+    assert small(["a", text], truncation=True, max_length=4, padding=True,
                  return_tensors="np")["input_ids"].shape == (2, 4)
+
+    left = small_variant(small_dir, tmp_path, truncation_side="left")
+    assert left(text, truncation=True, max_length=4)["input_ids"] == ids[:2] + ids[-2:]
+    assert left(text, truncation=True, max_length=1)["input_ids"] == ids[:2]
+    assert left(text, truncation=True, max_length=3, add_special_tokens=False)["input_ids"] == ids[-3:]
 
 
 def test_call_rejects_bad_arguments(small):
@@ -394,11 +408,7 @@ def test_chat_messages_are_checked(small):
 
 def test_template_errors_and_templates_that_inspect_special_text(small_dir, tmp_path):
     def with_template(template: str) -> GLM4Tokenizer:
-        config = json.loads((small_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
-        config["chat_template"] = template
-        (tmp_path / "tokenizer.model").write_bytes((small_dir / "tokenizer.model").read_bytes())
-        (tmp_path / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
-        return GLM4Tokenizer.from_pretrained(tmp_path)
+        return small_variant(small_dir, tmp_path, chat_template=template)
 
     strict = with_template("{% if messages[0]['role'] != 'system' %}{{ raise_exception('system first') }}{% endif %}")
     with pytest.raises(ChatTemplateError, match="system first"):
