@@ -73,11 +73,10 @@ def run(quick: bool = False) -> list[dict]:
         vocabulary = "GLM-4 vocabulary" if directory == REFERENCE else "small vocabulary"
         tokenizer = GLM4Tokenizer.from_pretrained(directory)
         raw = tiktoken.Encoding("raw", pat_str=SPLIT_PATTERN, special_tokens={},
-                                mergeable_ranks=read_tokenizer_model(Path(directory) / TOKENIZER_FILE))
+                                mergeable_ranks=read_tokenizer_model(directory / TOKENIZER_FILE))
 
     documents = mixed_documents(300_000 if quick else 3_000_000)
     megabytes = sum(len(d.encode()) for d in documents) / 1e6
-    repeats = 7
     assert tokenizer.encode_batch(documents, add_special_tokens=False) == raw.encode_ordinary_batch(documents)
 
     def one_by_one(encode: Callable[[str], list[int]]) -> Callable[[], object]:
@@ -88,7 +87,7 @@ def run(quick: bool = False) -> list[dict]:
         "raw": one_by_one(raw.encode_ordinary),
         "ours batch": lambda: tokenizer.encode_batch(documents),
         "raw batch": lambda: raw.encode_ordinary_batch(documents),
-    }, repeats)
+    }, repeats=7)
     speed = {name: megabytes / seconds for name, seconds in timings.items()}
     label = f"{megabytes:.1f} MB mixed text, {vocabulary}"
     figures = [
