@@ -15,9 +15,10 @@ import numpy as np
 import paddle
 from paddle import nn
 
-from . import checkpoint, ops
+from . import checkpoint, generation, ops
 from .config import CONFIG_NAME, GLM4Config
 from .device import compute_dtype, on_gpu, use_all_cores
+from .generation import GenerationConfig
 from .kv_cache import GROWTH_STEP, KVCache, token_positions
 from .safetensors_file import cast
 
@@ -143,6 +144,7 @@ class GLM4ForCausalLM(nn.Layer):
         self.model = GLM4Model(config, fused)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias_attr=False)
+        self.generation_config = GenerationConfig.from_model(config)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
                 logits_to_keep: int = 0) -> CausalLMOutput:
@@ -156,6 +158,25 @@ class GLM4ForCausalLM(nn.Layer):
         else:
             logits = self.lm_head(hidden)
         return CausalLMOutput(logits.astype("float32"), out.past_key_values)
+
+    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 128, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+                 eos_token_id=None, pad_token_id: int | None = None, seed: int | None = None, streamer=None,
+                 position_ids=None, truncate: bool = False):
+        """Generate after each prompt of a (left-padded) batch; returns (ids, scores) as PaddleNLP does.
+
+        ids [b, new] int64 holds only the new tokens, rows that stopped early padded with the pad id;
+        scores [b, 1] is the sum of the log-probabilities of the chosen tokens. Stops at any id of
+        `eos_token_id` (default: generation_config.json, else the config). `seed` makes sampling
+        reproducible; greedy decoding (do_sample=False) is deterministic. A prompt longer than the
+        context allows is refused, unless `truncate` (then its beginning is dropped).
+        """
+        return generation.generate(
+            generation.ModelSession(self), input_ids, seq_length=self.config.seq_length,
+            vocab_size=self.config.vocab_size, defaults=self.generation_config, attention_mask=attention_mask,
+            position_ids=position_ids, max_new_tokens=max_new_tokens, do_sample=do_sample,
+            temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+            eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed, streamer=streamer, truncate=truncate)
 
     @property
     def dtype(self) -> str:
@@ -180,6 +201,7 @@ class GLM4ForCausalLM(nn.Layer):
         locations = checkpoint.inspect(path, {name: tuple(p.shape) for name, p in params.items()})
         for name, array in checkpoint.read_tensors(locations, dtype, progress=f"loading {os.path.basename(path)}"):
             params[name].set_value(_to_tensor(array, dtype))
+        model.generation_config = GenerationConfig.from_model(config, path)
         model.eval()
         return model
 

@@ -1,0 +1,168 @@
+"""Text generation: prefill the prompt once, then one token per step through the KV cache.
+
+The loop is written against a small "session" interface so that the dynamic-graph model and the Paddle
+Inference predictor share it: `prefill(input_ids, attention_mask, position_ids, capacity)` and
+`step(tokens)` each return the next-token logits [b, vocab] (float32). Per step, the only data that
+leaves the device is the new token of each row (and nothing grows but the cache).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import paddle
+
+from .config import GLM4Config
+from .sampling import SamplingParams, choose_tokens
+
+GENERATION_CONFIG_NAME = "generation_config.json"
+
+
+class Session(Protocol):
+    def prefill(self, input_ids: paddle.Tensor, attention_mask: paddle.Tensor | None,
+                position_ids: paddle.Tensor | None, capacity: int) -> paddle.Tensor: ...
+
+    def step(self, tokens: paddle.Tensor) -> paddle.Tensor: ...
+
+
+@dataclass
+class GenerationConfig:
+    """Defaults for generation that ship with a checkpoint (`generation_config.json`)."""
+    eos_token_id: list[int] = field(default_factory=list)
+    pad_token_id: int = 0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+
+    @classmethod
+    def from_model(cls, config: GLM4Config, directory: str | None = None) -> "GenerationConfig":
+        values = {"eos_token_id": list(config.eos_token_id), "pad_token_id": config.pad_token_id}
+        path = os.path.join(directory, GENERATION_CONFIG_NAME) if directory else None
+        if path and os.path.exists(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    data = json.load(f)
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise ValueError(f"{path}: not valid JSON ({err})") from None
+            for key in cls.__dataclass_fields__:
+                if data.get(key) is not None:
+                    values[key] = data[key]
+            if isinstance(values["eos_token_id"], int):
+                values["eos_token_id"] = [values["eos_token_id"]]
+        return cls(**values)
+
+
+class ModelSession:
+    """A Session over the dynamic-graph GLM4ForCausalLM and its KVCache."""
+
+    def __init__(self, model):
+        self.model = model
+        self.cache = None
+
+    def prefill(self, input_ids, attention_mask, position_ids, capacity):
+        self.cache = self.model.model.new_cache(input_ids.shape[0], capacity)
+        out = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1]
+
+    def step(self, tokens):
+        return self.model(tokens.unsqueeze(-1), past_key_values=self.cache, use_cache=True).logits[:, -1]
+
+
+def _as_ids(value, name: str) -> paddle.Tensor:
+    tensor = value if isinstance(value, paddle.Tensor) else paddle.to_tensor(np.asarray(value, dtype="int64"))
+    if tensor.ndim == 1:
+        tensor = tensor.unsqueeze(0)
+    if tensor.ndim != 2:
+        raise ValueError(f"{name} must be [batch, length], got shape {list(tensor.shape)}")
+    return tensor.astype("int64")
+
+
+@paddle.no_grad()
+def generate(session: Session, input_ids, *, seq_length: int, vocab_size: int, defaults: GenerationConfig,
+             attention_mask=None, position_ids=None, max_new_tokens: int = 128, do_sample: bool = False,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+             eos_token_id=None, pad_token_id: int | None = None, seed: int | None = None, streamer=None,
+             truncate: bool = False):
+    """Generate up to `max_new_tokens` after each (left-padded) prompt; see GLM4ForCausalLM.generate."""
+    params = SamplingParams(do_sample, temperature, top_k, top_p, repetition_penalty)
+    input_ids = _as_ids(input_ids, "input_ids")
+    attention_mask = _as_ids(attention_mask, "attention_mask") if attention_mask is not None else None
+    position_ids = _as_ids(position_ids, "position_ids") if position_ids is not None else None
+    batch, prompt_len = input_ids.shape
+    if attention_mask is not None and list(attention_mask.shape) != [batch, prompt_len]:
+        raise ValueError(f"attention_mask has shape {list(attention_mask.shape)}, input_ids {[batch, prompt_len]}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if prompt_len == 0:
+        raise ValueError("the prompt is empty")
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"token id {low if low < 0 else high} is outside the model's vocabulary [0, {vocab_size})")
+    if prompt_len + max_new_tokens > seq_length:
+        keep = seq_length - max_new_tokens
+        if not truncate or keep < 1:
+            raise ValueError(
+                f"the prompt ({prompt_len} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the model's "
+                f"context of {seq_length} tokens; shorten the prompt, lower max_new_tokens, or ask for truncation "
+                "(truncate=True keeps the end of the prompt)")
+        input_ids = input_ids[:, -keep:]
+        attention_mask = attention_mask[:, -keep:] if attention_mask is not None else None
+        position_ids = None  # positions are recounted from the kept tokens
+        prompt_len = keep
+    eos = defaults.eos_token_id if eos_token_id is None else eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos)
+    pad = defaults.pad_token_id if pad_token_id is None else pad_token_id
+
+    rng_state = paddle.get_rng_state() if do_sample else None
+    if do_sample and seed is not None:
+        paddle.seed(seed)
+    try:
+        return _decode_loop(session, input_ids, attention_mask, position_ids, prompt_len + max_new_tokens,
+                            max_new_tokens, params, eos, pad, vocab_size, streamer)
+    finally:
+        if rng_state is not None:
+            paddle.set_rng_state(rng_state)  # leave the caller's random stream as it was
+
+
+def _decode_loop(session, input_ids, attention_mask, position_ids, capacity, max_new_tokens, params, eos, pad,
+                 vocab_size, streamer):
+    batch = input_ids.shape[0]
+    seen = None
+    if params.repetition_penalty != 1.0:
+        # how often each row already holds each token (padding excluded): [b, vocab]
+        real = paddle.ones_like(input_ids, dtype="float32") if attention_mask is None else attention_mask.astype("float32")
+        seen = paddle.put_along_axis(paddle.zeros([batch, vocab_size], dtype="float32"), input_ids, real, axis=1,
+                                     reduce="add")
+    eos_ids = paddle.to_tensor(eos, dtype="int64") if eos else None
+    finished = paddle.zeros([batch], dtype="bool")
+    finished_host = np.zeros([batch], dtype=bool)
+    scores = paddle.zeros([batch], dtype="float32")
+    chosen = []
+
+    logits = session.prefill(input_ids, attention_mask, position_ids, capacity)
+    for step in range(max_new_tokens):
+        tokens, log_probs = choose_tokens(logits, params, seen)
+        tokens = paddle.where(finished, paddle.full_like(tokens, pad), tokens)
+        scores = scores + paddle.where(finished, paddle.zeros_like(log_probs), log_probs)
+        if eos_ids is not None:
+            finished = finished | (tokens.unsqueeze(-1) == eos_ids).any(axis=-1)
+        tokens_host = tokens.numpy()  # the one copy per step
+        chosen.append(tokens_host)
+        finished_host |= np.isin(tokens_host, eos)
+        if streamer is not None:
+            streamer.put(tokens_host)
+        if finished_host.all() or step == max_new_tokens - 1 or (streamer is not None and streamer.cancelled):
+            break
+        if seen is not None:
+            seen = paddle.put_along_axis(seen, tokens.unsqueeze(-1), paddle.ones([batch, 1]), axis=1)
+        logits = session.step(tokens)
+    if streamer is not None:
+        streamer.end()
+    return paddle.to_tensor(np.stack(chosen, axis=1)), scores.unsqueeze(-1)
