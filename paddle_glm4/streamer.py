@@ -10,23 +10,39 @@ from __future__ import annotations
 
 import queue
 import sys
+import time
 from typing import Iterator, TextIO
 
 
 class Streamer:
-    """Base class: collects nothing, can be cancelled from another thread."""
+    """Base class: times the tokens as they come and can be cancelled from another thread.
+
+    Subclasses handle the tokens in `on_tokens` and the end in `on_end`."""
 
     def __init__(self):
         self.cancelled = False
+        self.tokens = 0
+        self.first_token_time: float | None = None   # time.perf_counter() of the first and the latest token
+        self.last_token_time: float | None = None
 
     def put(self, token_ids) -> None:
-        pass
+        now = time.perf_counter()
+        self.first_token_time = self.first_token_time or now
+        self.last_token_time = now
+        self.tokens += 1
+        self.on_tokens(token_ids)
 
     def end(self) -> None:
-        pass
+        self.on_end()
 
     def cancel(self) -> None:
         self.cancelled = True
+
+    def on_tokens(self, token_ids) -> None:
+        pass
+
+    def on_end(self) -> None:
+        pass
 
 
 class _TextStreamer(Streamer):
@@ -34,7 +50,7 @@ class _TextStreamer(Streamer):
         super().__init__()
         self._detokenizer = tokenizer.detokenizer(skip_special_tokens=skip_special_tokens)
 
-    def put(self, token_ids) -> None:
+    def on_tokens(self, token_ids) -> None:
         if len(token_ids) != 1:
             raise ValueError(f"text streaming follows one sequence; got a batch of {len(token_ids)}")
         text = self._detokenizer.push(int(token_ids[0]))
@@ -50,18 +66,21 @@ class _TextStreamer(Streamer):
     def on_text(self, text: str) -> None:
         raise NotImplementedError
 
-    def on_end(self) -> None:
-        pass
-
 
 class TextStreamer(_TextStreamer):
-    """Writes text to a stream (stdout by default) as it is generated."""
+    """Writes text to a stream (stdout by default) as it is generated. `lstrip` drops the whitespace a chat
+    answer starts with (GLM-4 begins each answer with a newline)."""
 
-    def __init__(self, tokenizer, stream: TextIO | None = None, skip_special_tokens: bool = True):
+    def __init__(self, tokenizer, stream: TextIO | None = None, skip_special_tokens: bool = True,
+                 lstrip: bool = False):
         super().__init__(tokenizer, skip_special_tokens)
         self.stream = stream or sys.stdout
+        self._lstrip = lstrip
 
     def on_text(self, text: str) -> None:
+        if self._lstrip:
+            text = text.lstrip()
+            self._lstrip = not text
         self.stream.write(text)
         self.stream.flush()
 
