@@ -1,0 +1,217 @@
+"""The `glm4` command line: generate, chat, convert, demo.
+
+Generated text goes to stdout; everything else (progress, timing, notices) goes to stderr, so that the
+output can be piped. Failures print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from .cli_errors import run_cli
+from .engine import ENGINES
+
+
+# ---- helpers ------------------------------------------------------------------------------------------
+def load(args):
+    from .engine import load_engine
+
+    return load_engine(args.model, args.engine, args.dtype, args.tokenizer)
+
+
+def sampling_kwargs(args, defaults) -> dict:
+    """Sampling settings: the flags, else the checkpoint's generation_config.json, else greedy."""
+    flags = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
+    do_sample = not args.greedy and (defaults.do_sample or any(v is not None for v in flags.values()))
+    temperature = defaults.temperature if args.temperature is None else args.temperature
+    if temperature == 0:
+        do_sample = False
+    return {
+        "do_sample": do_sample,
+        "temperature": temperature if do_sample else 1.0,
+        "top_p": (defaults.top_p if args.top_p is None else args.top_p) if do_sample else 1.0,
+        "top_k": (defaults.top_k if args.top_k is None else args.top_k) if do_sample else 0,
+        "repetition_penalty": defaults.repetition_penalty if args.repetition_penalty is None else args.repetition_penalty,
+        "seed": args.seed,
+        "max_new_tokens": args.max_new_tokens,
+    }
+
+
+def report_speed(prompt_tokens: int, started: float, streamer) -> None:
+    if streamer.first_token_time is None:
+        return
+    prefill = streamer.first_token_time - started
+    decode_tokens = streamer.tokens - 1
+    decode = streamer.last_token_time - streamer.first_token_time
+    line = f"prefill: {prompt_tokens} tokens in {prefill:.2f} s ({prompt_tokens / prefill:.1f} tokens/s)"
+    if decode_tokens > 0 and decode > 0:
+        line += f"; decode: {decode_tokens} tokens in {decode:.2f} s ({decode_tokens / decode:.2f} tokens/s)"
+    print(line, file=sys.stderr)
+
+
+# ---- commands -------------------------------------------------------------------------------------------
+def cmd_generate(args) -> int:
+    from .streamer import TextStreamer
+
+    model, tokenizer = load(args)
+    ids = tokenizer.encode(args.prompt)
+    streamer = TextStreamer(tokenizer, sys.stdout)
+    started = time.perf_counter()
+    model.generate([ids], streamer=streamer, **sampling_kwargs(args, model.generation_config))
+    sys.stdout.write("\n")
+    report_speed(len(ids), started, streamer)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from .streamer import TextStreamer
+
+    model, tokenizer = load(args)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(system)
+    interactive = sys.stdin.isatty()
+    kwargs = sampling_kwargs(args, model.generation_config)
+    if interactive:
+        print("chat: /reset clears the history, /exit or Ctrl-D quits, Ctrl-C stops an answer", file=sys.stderr)
+    while True:
+        if interactive:
+            print("you> ", end="", file=sys.stderr, flush=True)
+        try:
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            return 0
+        if not line:  # Ctrl-D / end of piped input
+            return 0
+        text = line.rstrip("\n")
+        if text.strip() == "/exit":
+            return 0
+        if text.strip() == "/reset":
+            messages = list(system)
+            print("(history cleared)", file=sys.stderr)
+            continue
+        if not text.strip():
+            continue
+        messages.append({"role": "user", "content": text})
+        ids = _fit_history(tokenizer, messages, len(system), model.config.seq_length - args.max_new_tokens)
+        streamer = TextStreamer(tokenizer, sys.stdout, lstrip=True)
+        started = time.perf_counter()
+        try:
+            out, _ = model.generate([ids], eos_token_id=tokenizer.stop_token_ids, streamer=streamer, **kwargs)
+        except KeyboardInterrupt:
+            print("\n(answer interrupted; that turn is forgotten)", file=sys.stderr)
+            messages.pop()
+            continue
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            messages.pop()
+            continue
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        answer = [t for t in out.numpy()[0].tolist() if t not in tokenizer.stop_token_ids]
+        messages.append({"role": "assistant", "content": tokenizer.decode(answer, skip_special_tokens=True).strip()})
+        if args.verbose:
+            report_speed(len(ids), started, streamer)
+
+
+def _fit_history(tokenizer, messages: list, keep: int, budget: int) -> list[int]:
+    """The prompt ids of the conversation; the oldest turns after the first `keep` messages are dropped
+    (in place) until it fits in `budget` tokens."""
+    while True:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        if len(ids) <= budget or len(messages) <= keep + 1:
+            return ids
+        del messages[keep]
+        print("(oldest turn dropped to fit the context)", file=sys.stderr)
+
+
+def cmd_convert(args) -> int:
+    from converters import torch_to_paddle
+
+    return torch_to_paddle.run(args)
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+# ---- argument parsing -----------------------------------------------------------------------------------
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, metavar="DIR",
+                        help="a converted checkpoint directory (made by `glm4 convert`), or a Paddle Inference "
+                             "export directory with --engine inference")
+    parser.add_argument("--tokenizer", metavar="DIR",
+                        help="directory with tokenizer.model and tokenizer_config.json (default: --model)")
+    parser.add_argument("--engine", choices=ENGINES, default="dynamic",
+                        help="dynamic: the Paddle dynamic-graph model (default); inference: a Paddle Inference "
+                             "predictor over an export directory")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                        help="compute dtype (default: float32 on CPU, the checkpoint's dtype on GPU; with "
+                             "--engine inference, the predictor's precision)")
+    parser.add_argument("--max-new-tokens", type=int, default=256, metavar="N",
+                        help="most tokens to generate per answer (default: 256)")
+    parser.add_argument("--temperature", type=float, metavar="T",
+                        help="sampling temperature; setting it (or --top-p/--top-k) turns sampling on, 0 means "
+                             "greedy (default: generation_config.json's, else greedy decoding)")
+    parser.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling: keep the most likely tokens "
+                        "that add up to probability P")
+    parser.add_argument("--top-k", type=int, metavar="K", help="sample among the K most likely tokens (0: all)")
+    parser.add_argument("--repetition-penalty", type=float, metavar="R",
+                        help="divide the logits of tokens already present by R (>1 discourages repeats)")
+    parser.add_argument("--seed", type=int, metavar="S", help="random seed, for reproducible sampling")
+    parser.add_argument("--greedy", action="store_true",
+                        help="always pick the most likely token, whatever generation_config.json says")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="glm4", description="GLM-4-9B in PaddlePaddle.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    generate = commands.add_parser("generate", help="continue a prompt, streaming the text to stdout",
+                                   description="Continue a prompt (after GLM-4's [gMASK]<sop> prefix) and stream "
+                                               "the text to stdout; prefill and decode speed go to stderr.")
+    add_model_arguments(generate)
+    generate.add_argument("--prompt", required=True, metavar="TEXT", help="the text to continue")
+    generate.set_defaults(handler=cmd_generate)
+
+    chat = commands.add_parser("chat", help="multi-turn chat with the chat template",
+                               description="Chat with the model: one user turn per line on stdin (a terminal or a "
+                                           "pipe); answers stream to stdout. /reset clears the history, /exit or "
+                                           "Ctrl-D quits, Ctrl-C interrupts an answer.")
+    add_model_arguments(chat)
+    chat.add_argument("--system", metavar="TEXT", help="a system message that starts (and survives /reset in) "
+                      "the conversation")
+    chat.add_argument("--verbose", action="store_true", help="print the speed of each answer to stderr")
+    chat.set_defaults(handler=cmd_chat)
+
+    convert = commands.add_parser("convert", help="convert a published torch checkpoint to Paddle",
+                                  description="Convert GLM-4 torch safetensors (published or transformers layout) "
+                                              "to a Paddle checkpoint; same as glm4-convert.")
+    from converters import torch_to_paddle
+
+    torch_to_paddle.add_arguments(convert)
+    convert.set_defaults(handler=cmd_convert)
+
+    from .demo import add_arguments as add_demo_arguments
+
+    demo = commands.add_parser("demo", help="build a small random GLM-4, convert, load and generate",
+                               description="The built-in demo: writes a small GLM-4 checkpoint with deterministic "
+                                           "RANDOM weights in the published torch layout, converts it with the real "
+                                           "converter, loads it, and generates. Needs nothing downloaded.")
+    add_demo_arguments(demo)
+    demo.set_defaults(handler=cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_cli(lambda: args.handler(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
