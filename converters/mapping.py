@@ -7,6 +7,8 @@ Three formats:
 A Paddle tensor is made from one published tensor, or from one or more HF tensors concatenated along
 the output axis (q, k and v), then transposed if it is a Linear weight. Arrays are numpy and the
 transforms never look at values, so bf16 (held as raw uint16 bits) passes through bit-exactly.
+The transforms also work a block of rows at a time (`paddle_rows`, `torch_rows`), which is how the
+converter streams a checkpoint without ever holding a whole converted tensor.
 Everything else (converter, loader checks, tests) asks this module; nobody else spells tensor names.
 """
 
@@ -17,6 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from paddle_glm4.config import GLM4Config
+from paddle_glm4.safetensors_file import cast, to_float32
+
+from .transpose import transpose_into
 
 LAYOUTS = ("published", "hf")
 PUBLISHED_INV_FREQ = "transformer.rotary_pos_emb.inv_freq"  # derived from the config: checked, then dropped
@@ -115,19 +120,61 @@ def paddle_shapes(config: GLM4Config) -> dict[str, tuple[int, ...]]:
     return {spec.paddle: spec.shape for spec in tensor_specs(config)}
 
 
+def module_order(specs: list[TensorSpec]) -> list[TensorSpec]:
+    """`specs` layer by layer: the order in which the models register their parameters (their state_dict
+    order), which is the order checkpoints are written and sharded in."""
+    def layer(spec: TensorSpec) -> float:
+        if spec.paddle.startswith("model.layers."):
+            return int(spec.paddle.split(".")[2])
+        return -1 if spec.paddle == RULES[0].paddle else float("inf")  # embedding first, norm and head last
+    return sorted(specs, key=layer)  # stable: keeps the table's order within a layer
+
+
+def published_order(config: GLM4Config) -> list[str]:
+    """The published checkpoint's tensor names in THUDM's module order: embedding, inv_freq, the layers,
+    the final norm, the output layer. `transformers` shards the published checkpoint in this order."""
+    names = [spec.published for spec in module_order(tensor_specs(config))]
+    return [names[0], PUBLISHED_INV_FREQ, *names[1:]]
+
+
+def paddle_rows(spec: TensorSpec, parts: list[np.ndarray], start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of the Paddle-layout tensor made from the torch-layout `parts`, as a new array."""
+    if not spec.linear:
+        pieces, offset = [], 0
+        for part in parts:  # rows of the concatenation of the parts
+            if start < offset + len(part) and offset < stop:
+                pieces.append(part[max(start - offset, 0):stop - offset])
+            offset += len(part)
+        return np.concatenate(pieces)
+    out = np.empty((stop - start, sum(len(part) for part in parts)), parts[0].dtype)
+    column = 0
+    for part in parts:  # a row of the Paddle weight is a column of the torch weight(s)
+        transpose_into(out[:, column:column + len(part)], part[:, start:stop])
+        column += len(part)
+    return out
+
+
+def torch_rows(spec: TensorSpec, array: np.ndarray, layout: str, part: int, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of torch-layout tensor `spec.source_names(layout)[part]`, from the Paddle tensor."""
+    offset = sum(spec.hf_sizes[:part]) if layout == "hf" else 0
+    if not spec.linear:
+        return array[offset + start:offset + stop].copy()
+    out = np.empty((stop - start, array.shape[0]), array.dtype)
+    transpose_into(out, array[:, offset + start:offset + stop])
+    return out
+
+
 def to_paddle(spec: TensorSpec, parts: list[np.ndarray]) -> np.ndarray:
     """Torch-layout source tensor(s) -> the Paddle-layout tensor (a new contiguous array)."""
-    array = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
-    return np.ascontiguousarray(array.T if spec.linear else array)
+    rows = parts[0].shape[1] if spec.linear else sum(len(part) for part in parts)
+    return paddle_rows(spec, parts, 0, rows)
 
 
 def from_paddle(spec: TensorSpec, array: np.ndarray, layout: str) -> list[np.ndarray]:
     """The Paddle-layout tensor -> the torch-layout tensor(s) of `layout`, in `source_names` order."""
-    torch_array = np.ascontiguousarray(array.T) if spec.linear else array
-    if layout == "published":
-        return [torch_array]
-    bounds = np.cumsum(spec.hf_sizes)[:-1]
-    return [np.ascontiguousarray(part) for part in np.split(torch_array, bounds, axis=0)]
+    total = array.shape[1] if spec.linear else array.shape[0]
+    sizes = spec.hf_sizes if layout == "hf" else (total,)
+    return [torch_rows(spec, array, layout, part, 0, size) for part, size in enumerate(sizes)]
 
 
 def detect_layout(names) -> str:
@@ -152,3 +199,18 @@ def expected_inv_freq(config: GLM4Config) -> np.ndarray:
     """
     exponents = np.arange(0, config.rotary_dim, 2, dtype=np.float32) / np.float32(config.rotary_dim)
     return (1.0 / np.power(np.float32(10000.0), exponents)).astype(np.float32)
+
+
+def published_inv_freq(config: GLM4Config, dtype: str) -> np.ndarray:
+    """`rotary_pos_emb.inv_freq` exactly as THUDM's code computes it in `dtype` (numpy; bf16 as uint16 bits).
+
+    Each step, `1.0 / (10000 ** (arange(0, dim, 2).to(dtype) / dim))`, runs in `dtype`: torch computes in
+    float32 and rounds to `dtype` after every operation, and rounds the base 10000 itself to `dtype` first
+    (to 9984 in bf16). Matches torch bit for bit in bf16 and fp16; in fp32 torch's pow may differ by 1 ulp.
+    """
+    def rounded(values) -> np.ndarray:
+        return to_float32(cast(np.asarray(values, np.float32), "float32", dtype), dtype)
+
+    exponents = rounded(rounded(np.arange(0, config.rotary_dim, 2)) / np.float32(config.rotary_dim))
+    powers = rounded(np.power(rounded(10000.0), exponents))
+    return cast(rounded(np.float32(1.0) / powers), "float32", dtype)

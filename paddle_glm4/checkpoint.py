@@ -151,10 +151,19 @@ def read_tensors(locations: dict[str, TensorLocation], dtype: str, progress: str
 
 
 # ---- writing ------------------------------------------------------------------------------------------
-def plan_shards(sizes: list[tuple[str, int]], max_shard_size: int) -> list[tuple[str, list[str]]]:
-    """Group tensors, in order, into files of at most `max_shard_size` bytes (a bigger tensor gets its own)."""
+def plan_shards(sizes: list[tuple[str, int]], max_shard_size: int,
+                transformers_rule: bool = False) -> list[tuple[str, list[str]]]:
+    """Group tensors, in order, into files of at most `max_shard_size` bytes (a bigger tensor gets its own).
+
+    With `transformers_rule`, group exactly as huggingface_hub (and so transformers' save_pretrained) does:
+    a tensor bigger than the limit gets its own file where it comes, but the group being filled goes on,
+    so a file's tensors need not be contiguous in `sizes` order.
+    """
     groups, current, current_size = [], [], 0
     for name, nbytes in sizes:
+        if transformers_rule and nbytes > max_shard_size:
+            groups.append([name])
+            continue
         if current and current_size + nbytes > max_shard_size:
             groups.append(current)
             current, current_size = [], 0
@@ -165,6 +174,14 @@ def plan_shards(sizes: list[tuple[str, int]], max_shard_size: int) -> list[tuple
     if len(groups) == 1:
         return [(SINGLE_FILE, groups[0])]
     return [(f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors", g) for i, g in enumerate(groups)]
+
+
+def index_json(shards: list[tuple[str, list[str]]], total_size: int) -> str:
+    """`model.safetensors.index.json` for `shards` ([(filename, tensor names)]), formatted as transformers
+    writes it (sorted keys, indent 2, final newline), which is how the published GLM-4 index looks."""
+    index = {"metadata": {"total_size": total_size},
+             "weight_map": {name: filename for filename, names in shards for name in names}}
+    return json.dumps(index, indent=2, sort_keys=True) + "\n"
 
 
 def existing_weight_files(directory: str) -> list[str]:
@@ -210,9 +227,7 @@ def write_checkpoint(directory: str, entries: list[tuple[str, str, tuple[int, ..
                 raise
             written.append(filename)
     if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(n for _, n in sizes)},
-                 "weight_map": {name: filename for filename, names in shards for name in names}}
-        write_text_atomic(os.path.join(directory, INDEX_FILE), json.dumps(index, indent=2) + "\n")
+        write_text_atomic(os.path.join(directory, INDEX_FILE), index_json(shards, sum(n for _, n in sizes)))
         written.append(INDEX_FILE)
     for stale in set(existing_weight_files(directory)) - set(written):
         os.unlink(os.path.join(directory, stale))

@@ -3,13 +3,16 @@
 Our own reader and writer of the format (8-byte little-endian header length, a JSON header, then the raw
 bytes) rather than `safetensors.safe_open`, because (1) numpy has no bfloat16, and here bf16 is simply
 carried as its raw uint16 bits, so conversions are bit-exact; (2) a writer that knows the header up
-front streams tensors to disk one by one, so memory stays at one tensor whatever the file size; and
-(3) every malformed input gets an error naming the file and the tensor. Nothing here unpickles.
+front streams tensors to disk one by one (or block of rows by block of rows), so memory stays at one
+tensor whatever the file size; and (3) every malformed input gets an error naming the file and the
+tensor. Nothing here unpickles.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import mmap
 import os
 import struct
 
@@ -68,7 +71,8 @@ class SafetensorsReader:
         if header_len > min(MAX_HEADER_BYTES, size - 8):
             self._fail(f"corrupted or truncated header (declares {header_len} header bytes, file has {size})")
         try:
-            header = json.loads(self._file.read(header_len).decode("utf-8"))
+            self.header_text = self._file.read(header_len).decode("utf-8")  # exactly as stored, padding included
+            header = json.loads(self.header_text)
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             self._fail(f"corrupted header, not valid JSON ({err})")
         if not isinstance(header, dict):
@@ -127,6 +131,26 @@ class SafetensorsReader:
             self._fail(f"truncated: tensor {name!r} has {got} of its {end - begin} bytes")
         return array
 
+    def view(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows [start, stop) of the tensor (all by default), memory-mapped read-only instead of copied.
+
+        The pages are the page cache's own, faulted in as they are touched, and unmapped when the array
+        (and every view of it) is dropped; so mapping one tensor at a time bounds memory to one tensor.
+        The header was checked against the file's size, but the file must not shrink while mapped.
+        """
+        code, shape, begin, end = self._entry(name)
+        dtype = DTYPES[code][1]
+        rows = shape[0] if shape else 1
+        stop = rows if stop is None else min(stop, rows)
+        row_bytes = (end - begin) // rows if rows else 0
+        first, length = self._data_start + begin + start * row_bytes, (stop - start) * row_bytes
+        out_shape = (stop - start, *shape[1:]) if shape else ()
+        if length <= 0:
+            return np.empty(out_shape, dtype)
+        skip = first % mmap.ALLOCATIONGRANULARITY  # mappings start at a page boundary
+        mapped = mmap.mmap(self._file.fileno(), skip + length, offset=first - skip, access=mmap.ACCESS_READ)
+        return np.frombuffer(mapped, dtype, count=length // dtype.itemsize, offset=skip).reshape(out_shape)
+
     def close(self):
         self._file.close()
 
@@ -137,48 +161,100 @@ class SafetensorsReader:
         self.close()
 
 
+def encode_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict | None = None) -> bytes:
+    """The header `SafetensorsWriter` writes: tensors laid out back to back in the order given, in the
+    compact JSON and 8-byte padding of the `safetensors` library (so given that library's tensor order,
+    the bytes are the same)."""
+    header = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}} if metadata else {}
+    offset = 0
+    for name, dtype, shape in entries:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * numpy_dtype(dtype).itemsize
+        header[name] = {"dtype": CODE_OF[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    return encoded + b" " * (-len(encoded) % 8)  # the format aligns the data start to 8 bytes
+
+
 class SafetensorsWriter:
     """Writes a .safetensors file whose tensors (name, dtype, shape) are declared up front.
 
-    The header goes out first; then `write` streams each tensor's bytes in the declared order.
-    `close` checks that every declared tensor was written and flushes the file to disk.
+    The header goes out first; then `write` streams each tensor's bytes in the declared order, whole or
+    in successive blocks of rows. `close` checks that every declared tensor was written and flushes the
+    file to disk (unless `sync=False`: then the caller syncs later). `sha256` hashes every byte written.
+    `header` reproduces an existing file's header byte for byte; it must describe exactly `entries`.
+    Used as a context manager, an exception abandons the file (closed, unchecked) and `close` otherwise.
     """
 
-    def __init__(self, path: str, entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict | None = None):
-        self.path = path
-        header, offset, self._order = {}, 0, []
-        if metadata:
-            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-        for name, dtype, shape in entries:
-            nbytes = int(np.prod(shape, dtype=np.int64)) * numpy_dtype(dtype).itemsize
-            header[name] = {"dtype": CODE_OF[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            self._order.append((name, dtype, tuple(shape)))
-            offset += nbytes
-        encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
-        encoded += b" " * (-len(encoded) % 8)  # the format aligns the data start to 8 bytes
+    def __init__(self, path: str, entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict | None = None,
+                 header: bytes | None = None, sync: bool = True):
+        self.path, self._sync = path, sync
+        self._order = [(name, dtype, tuple(shape)) for name, dtype, shape in entries]
+        if header is None:
+            header = encode_header(self._order, metadata)
+        elif _tensor_entries(header) != _tensor_entries(encode_header(self._order)):
+            raise ValueError(f"{path}: the given header does not describe the declared tensors")
+        self.sha256 = hashlib.sha256()
         self._file = open(path, "wb")
-        self._file.write(struct.pack("<Q", len(encoded)) + encoded)
-        self._next = 0
+        self._next, self._rows = 0, 0
+        try:
+            self._put(struct.pack("<Q", len(header)) + header)
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _put(self, data):
+        try:
+            self._file.write(data)
+        except OSError as err:  # e.g. a full disk: say which file
+            raise OSError(err.errno, err.strerror, self.path) from None
+        self.sha256.update(data)
 
     def write(self, name: str, array: np.ndarray):
+        """Write tensor `name` (the next declared one): the whole tensor, or its next block of rows."""
+        if self._next == len(self._order):
+            raise ValueError(f"{self.path}: all declared tensors are written, got {name!r}")
         expected_name, dtype, shape = self._order[self._next]
         if name != expected_name:
             raise ValueError(f"{self.path}: expected tensor {expected_name!r} next, got {name!r}")
-        if array.dtype != numpy_dtype(dtype) or tuple(array.shape) != shape:
-            raise ValueError(f"{self.path}: tensor {name!r} declared {dtype} {list(shape)}, "
-                             f"got numpy {array.dtype} {list(array.shape)}")
-        self._file.write(memoryview(np.ascontiguousarray(array).reshape(-1)).cast("B"))
-        self._next += 1
+        total = shape[0] if shape else 1
+        rows = array.shape[0] if shape and array.ndim else 1
+        if array.dtype != numpy_dtype(dtype) or tuple(array.shape[1:]) != shape[1:] or array.ndim != len(shape) \
+                or self._rows + rows > total:
+            raise ValueError(f"{self.path}: tensor {name!r} declared {dtype} {list(shape)}, got numpy "
+                             f"{array.dtype} {list(array.shape)} after {self._rows} of its rows")
+        self._put(memoryview(np.ascontiguousarray(array).reshape(-1)).cast("B"))
+        self._rows += rows
+        if self._rows == total:
+            self._next, self._rows = self._next + 1, 0
 
     def close(self):
         try:
             if self._next != len(self._order):
                 missing = [name for name, _, _ in self._order[self._next:]]
                 raise ValueError(f"{self.path}: closed before writing {len(missing)} tensors (first: {missing[0]!r})")
-            self._file.flush()
-            os.fsync(self._file.fileno())
+            try:
+                self._file.flush()
+                if self._sync:
+                    os.fsync(self._file.fileno())
+            except OSError as err:
+                raise OSError(err.errno, err.strerror, self.path) from None
         finally:
             self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None:
+            self.close()
+        else:
+            self._file.close()
+
+
+def _tensor_entries(header: bytes) -> dict:
+    entries = json.loads(header)
+    entries.pop("__metadata__", None)
+    return entries
 
 
 # ---- dtype casts on raw arrays ------------------------------------------------------------------------

@@ -1,0 +1,259 @@
+"""Convert a Paddle checkpoint back into the published GLM-4 torch layout (what THUDM's code and
+transformers with `trust_remote_code` load).
+
+    python -m converters.paddle_to_torch --src glm-4-9b-chat-paddle --dst glm-4-9b-chat-torch
+
+The output has the published names (`transformer.*`), torch [out, in] weights, `inv_freq` in the output
+dtype, config.json with model_type "chatglm", and metadata {"format": "pt"}. Its file layout is either
+- reproduced: when the Paddle checkpoint was made by `torch_to_paddle` from a published checkpoint, its
+  manifest records that checkpoint's layout (each shard's exact header, the index, config.json and the
+  inv_freq bytes). If it still fits (same tensors, shapes and dtype), it is written again as it was, so a
+  torch -> Paddle -> torch round trip gives back every file byte for byte;
+- or canonical: what `transformers`' save_pretrained writes, as for the published checkpoint: tensors in
+  module order cut into shards of at most 2GB (`model-0000N-of-0000M.safetensors`), each file in the
+  `safetensors` library's order, and the index formatted as transformers formats it.
+`write_published_checkpoint` writes the canonical layout from numpy arrays, without torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Iterable, Mapping
+
+import numpy as np
+
+from paddle_glm4 import __version__
+from paddle_glm4.checkpoint import INDEX_FILE, index_json, inspect, parse_size, plan_shards
+from paddle_glm4.cli_errors import run_cli
+from paddle_glm4.config import CONFIG_NAME, STORAGE_DTYPES, GLM4Config
+from paddle_glm4.safetensors_file import CODE_OF, SafetensorsReader, numpy_dtype
+
+from . import mapping
+from .pipeline import (MANIFEST, ConversionError, OutputFile, OutputTensor, Plan, SourceTensor, Summary, build,
+                       check_destination, copies_from, sigterm_as_interrupt,
+                       source_dtype)
+
+PUBLISHED_SHARD_SIZE = "2GB"  # what the published GLM-4 checkpoint was cut with
+NUMPY_DTYPES = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16", np.dtype(np.uint16): "bfloat16"}
+
+
+def published_tensors(config: GLM4Config, sources: Mapping[str, SourceTensor], dtype: str,
+                      inv_freq: np.ndarray | None = None) -> list[OutputTensor]:
+    """The published checkpoint's tensors in module order, made from Paddle-layout `sources` (by Paddle
+    name). `inv_freq` (bits in `dtype`) defaults to THUDM's own computation."""
+    if inv_freq is None:
+        inv_freq = mapping.published_inv_freq(config, dtype)
+    tensors = {spec.published: _published_tensor(spec, sources[spec.paddle], dtype)
+               for spec in mapping.tensor_specs(config)}
+    tensors[mapping.PUBLISHED_INV_FREQ] = OutputTensor(
+        mapping.PUBLISHED_INV_FREQ, dtype, inv_freq.shape,
+        (SourceTensor.in_memory(mapping.PUBLISHED_INV_FREQ, inv_freq, dtype),),
+        forth=lambda parts, start, stop: parts[0][start:stop].copy(),
+        back=lambda written, part, start, stop: written[start:stop])
+    return [tensors[name] for name in mapping.published_order(config)]
+
+
+def _published_tensor(spec: mapping.TensorSpec, source: SourceTensor, dtype: str) -> OutputTensor:
+    return OutputTensor(
+        spec.published, dtype, spec.source_shapes("published")[0], (source,),
+        forth=lambda parts, start, stop: mapping.torch_rows(spec, parts[0], "published", 0, start, stop),
+        back=lambda written, part, start, stop: mapping.paddle_rows(spec, [written], start, stop))
+
+
+def canonical_plan(config: GLM4Config, tensors: list[OutputTensor], max_shard_size: int) -> tuple[list[OutputFile], dict]:
+    """Files and texts as transformers' save_pretrained writes them (see the module docstring)."""
+    shards = plan_shards([(t.name, t.nbytes) for t in tensors], max_shard_size, transformers_rule=True)
+    by_name = {t.name: t for t in tensors}
+    files = []
+    for filename, names in shards:
+        # the safetensors library orders a file's tensors by dtype size (largest first), then by name
+        ordered = sorted(names, key=lambda n: (-numpy_dtype(by_name[n].dtype).itemsize, n))
+        files.append(OutputFile(filename, [by_name[n] for n in ordered], {"format": "pt"}))
+    texts = {CONFIG_NAME: json.dumps(config.to_published_dict(), indent=2, sort_keys=True) + "\n"}
+    if len(shards) > 1:
+        texts[INDEX_FILE] = index_json(shards, sum(t.nbytes for t in tensors))
+    return files, texts
+
+
+def recorded_plan(record: dict, config: GLM4Config, tensors: list[OutputTensor]) -> tuple[list[OutputFile], dict]:
+    """Files and texts exactly as recorded, when the record fits `tensors`; raises ValueError otherwise."""
+    by_name = {t.name: t for t in tensors}
+    if GLM4Config.from_dict(json.loads(record["config"])) != config:
+        raise ValueError("its config.json describes a different model or dtype")
+    files, seen = [], set()
+    for entry in record["files"]:
+        header = entry["header"].encode("utf-8")
+        layout = {k: v for k, v in json.loads(header).items() if k != "__metadata__"}
+        names = sorted(layout, key=lambda n: layout[n]["data_offsets"][0])
+        offset = 0
+        for name in names:
+            tensor = by_name.get(name)
+            if tensor is None or name in seen or layout[name] != {
+                    "dtype": CODE_OF[tensor.dtype], "shape": list(tensor.shape),
+                    "data_offsets": [offset, offset + tensor.nbytes]}:
+                raise ValueError(f"tensor {name!r} of {entry['name']} does not fit")
+            seen.add(name)
+            offset += tensor.nbytes
+        if entry["size"] != 8 + len(header) + offset:
+            raise ValueError(f"{entry['name']} had bytes beyond its tensors")
+        files.append(OutputFile(entry["name"], [by_name[n] for n in names], header=header))
+    if seen != set(by_name):
+        raise ValueError("it does not hold every tensor")
+    texts = {CONFIG_NAME: record["config"]}
+    if record["index"] is not None:
+        texts[INDEX_FILE] = record["index"]
+    return files, texts
+
+
+def _recorded_layout(src: str) -> tuple[dict | None, str]:
+    """The published layout recorded in `src`'s manifest, if any (and why not, for the summary)."""
+    path = os.path.join(src, MANIFEST)
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f).get("published_layout")
+    except FileNotFoundError:
+        return None, f"no {MANIFEST} in the source"
+    except (OSError, ValueError, AttributeError) as err:
+        return None, f"{path} is unreadable ({err})"
+    return record, "" if record else f"{path} records no published layout"
+
+
+def _plan(config: GLM4Config, sources: Mapping[str, SourceTensor], dtype: str, shard_size: int | None,
+          record: dict | None, why_not: str) -> tuple[list[OutputTensor], list[OutputFile], dict, str]:
+    """The recorded layout if asked for (no shard size) and it fits, else the canonical one; and a note
+    saying which, for the summary."""
+    if shard_size is None and record is not None:
+        try:
+            recorded = record["inv_freq"]
+            inv_freq = None if recorded is None else np.frombuffer(bytes.fromhex(recorded), numpy_dtype(dtype))
+            tensors = published_tensors(config, sources, dtype, inv_freq)
+            return tensors, *recorded_plan(record, config, tensors), "reproduced the source's recorded file layout"
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            why_not = f"the recorded layout does not fit: {err}"
+    tensors = published_tensors(config, sources, dtype)
+    reason = "--max-shard-size given" if shard_size else why_not
+    size = shard_size or parse_size(PUBLISHED_SHARD_SIZE)
+    return tensors, *canonical_plan(config, tensors, size), f"canonical transformers layout ({reason})"
+
+
+def export(src: str, dst: str, dtype: str | None = None, max_shard_size: int | str | None = None,
+           overwrite: bool = False, verify: bool = True, progress: bool = True) -> Summary:
+    """Write the Paddle checkpoint in `src` as a published-layout torch checkpoint in the new directory `dst`.
+
+    `dtype` None keeps the source's. `max_shard_size` None reproduces the recorded source layout when there
+    is one (else 2GB shards); a size always writes the canonical layout. Errors as for `convert`.
+    """
+    started = time.perf_counter()
+    if dtype is not None and dtype not in STORAGE_DTYPES:
+        raise ConversionError(f"--dtype {dtype}: choose one of {', '.join(STORAGE_DTYPES)}")
+    shard_size = None if max_shard_size is None else parse_size(max_shard_size)
+    check_destination(dst, overwrite, src)
+    if not os.path.isdir(src):
+        raise ConversionError(f"--src {src}: {'not a directory' if os.path.exists(src) else 'no such directory'}")
+    config = GLM4Config.from_file(os.path.join(src, CONFIG_NAME))
+    locations = inspect(src, mapping.paddle_shapes(config))  # names, shapes and dtypes, naming the file
+    with contextlib.ExitStack() as stack:
+        readers = {path: stack.enter_context(SafetensorsReader(path))
+                   for path in dict.fromkeys(loc.path for loc in locations.values())}
+        sources = {name: SourceTensor.in_file(readers[loc.path], name) for name, loc in locations.items()}
+        src_dtype = source_dtype(loc.dtype for loc in locations.values())
+        dtype = dtype or src_dtype
+        config = dataclasses.replace(config, dtype=dtype)
+        tensors, files, texts, layout_note = _plan(config, sources, dtype, shard_size, *_recorded_layout(src))
+        manifest = {"tool": f"paddle_glm4 {__version__} converters.paddle_to_torch",
+                    "source": {"layout": "paddle", "dtype": src_dtype, "tensors": len(sources)},
+                    "output": {"layout": "published", "dtype": dtype, "tensors": len(tensors),
+                               "bytes": sum(t.nbytes for t in tensors), "file_layout": layout_note}}
+        if progress:
+            print(f"{src}: Paddle checkpoint, {len(sources)} tensors, {src_dtype}; writing the published layout "
+                  f"in {dtype} to {dst} ({layout_note})", file=sys.stderr)
+        written = build(dst, Plan(files, config, texts, copies_from(src), manifest), overwrite, verify, progress)
+    return Summary("paddle -> torch", src, dst, "paddle", src_dtype, dtype, len(tensors),
+                   manifest["output"]["bytes"], time.perf_counter() - started, written, verify, [layout_note])
+
+
+def write_published_checkpoint(dst: str, config: GLM4Config,
+                               tensors: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]],
+                               dtype: str | None = None, max_shard_size: int | str = PUBLISHED_SHARD_SIZE,
+                               overwrite: bool = False, extra_files: Mapping[str, str] | None = None,
+                               verify: bool = True, progress: bool = False) -> Summary:
+    """Write a published-layout (torch) GLM-4 checkpoint from Paddle-layout numpy arrays, without torch.
+
+    `tensors` gives every tensor of `mapping.tensor_specs(config)` (Paddle names and shapes), as a dict or
+    as (name, array) pairs: float32, float16, or bf16 as uint16 bits. They are held in memory (this is for
+    small models: demos, tests) and written in `dtype` (default: `config.dtype`), in the canonical layout,
+    atomically like a conversion. `extra_files` ({name: path}) are copied in too, e.g. the tokenizer.
+    """
+    started = time.perf_counter()
+    dtype = dtype or config.dtype
+    config = dataclasses.replace(config, dtype=dtype)
+    check_destination(dst, overwrite)
+    tensors = dict(tensors)
+    sources = {}
+    for spec in mapping.tensor_specs(config):
+        if spec.paddle not in tensors:
+            raise ConversionError(f"no array given for tensor {spec.paddle!r}")
+        array = np.asarray(tensors[spec.paddle])
+        if array.dtype not in NUMPY_DTYPES or array.shape != spec.shape:
+            raise ConversionError(f"tensor {spec.paddle!r}: expected shape {list(spec.shape)} in float32, float16 "
+                                  f"or bf16 bits (uint16), got {array.dtype} {list(array.shape)}")
+        sources[spec.paddle] = SourceTensor.in_memory(spec.paddle, array, NUMPY_DTYPES[array.dtype])
+    outputs = published_tensors(config, sources, dtype)
+    files, texts = canonical_plan(config, outputs, parse_size(max_shard_size))
+    total = sum(t.nbytes for t in outputs)
+    manifest = {"tool": f"paddle_glm4 {__version__} converters.paddle_to_torch.write_published_checkpoint",
+                "output": {"layout": "published", "dtype": dtype, "tensors": len(outputs), "bytes": total}}
+    written = build(dst, Plan(files, config, texts, dict(extra_files or {}), manifest), overwrite, verify, progress)
+    return Summary("numpy -> torch", "memory", dst, "paddle", source_dtype(s.dtype for s in sources.values()),
+                   dtype, len(outputs), total, time.perf_counter() - started, written, verify)
+
+
+# ---- command line -------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser):
+    parser.add_argument("--src", required=True, metavar="SRC_DIR",
+                        help="the Paddle checkpoint directory (config.json and safetensors, as written by "
+                             "glm4-convert or save_pretrained). Only read, never written to.")
+    parser.add_argument("--dst", required=True, metavar="DST_DIR",
+                        help="the torch checkpoint directory to create (outside SRC_DIR), in the published "
+                             "GLM-4 layout. It is built beside it and appears only once complete and verified.")
+    parser.add_argument("--dtype", choices=STORAGE_DTYPES, default=None,
+                        help="dtype of the written weights (default: the source's). Widening is exact; "
+                             "narrowing rounds to nearest even, like torch and Paddle.")
+    parser.add_argument("--max-shard-size", default=None, metavar="SIZE",
+                        help="largest weight file to write, e.g. 2GB, 500MB. Default: if SRC_DIR was converted "
+                             "from a published checkpoint, reproduce that checkpoint's files byte for byte; "
+                             "otherwise 2GB, as the published checkpoint. Giving a size always writes the "
+                             "canonical layout.")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace DST_DIR if it already holds a checkpoint; the old one is swapped out only "
+                             "after the new one is complete and verified")
+    parser.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="skip the check that re-reads every written tensor and compares it with its source "
+                             "(faster; the sha256 manifest is written either way)")
+
+
+def run(args: argparse.Namespace) -> int:
+    summary = export(args.src, args.dst, args.dtype, args.max_shard_size, args.overwrite, args.verify)
+    print(summary.report())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m converters.paddle_to_torch", description="Convert a paddle_glm4 checkpoint back into "
+        "the published GLM-4 torch layout (safetensors). Streams tensor by tensor, verifies the result, and "
+        "writes it atomically: on any error DST_DIR is left as it was (exit code 2).")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    sigterm_as_interrupt()
+    return run_cli(lambda: run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

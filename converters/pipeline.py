@@ -1,0 +1,342 @@
+"""The engine both conversion directions share: stream a planned checkpoint to disk, verify it, and put it
+in place atomically.
+
+A direction (`torch_to_paddle`, `paddle_to_torch`) describes its output as `OutputFile`s of `OutputTensor`s:
+each output tensor is made from one or more source tensors by a `forth` block transform (from
+`mapping`), and checked with the inverse `back` transform. The engine owns the rest:
+- memory: a source tensor is memory-mapped, and its output is produced and written a block of rows
+  at a time; verification reads the source back by blocks too. Peak: about one tensor plus a few blocks.
+- speed: a helper thread writes and hashes one block while the next is being computed.
+- safety: everything is built in a temporary directory beside the destination, verified, flushed to
+  disk, and only then renamed into place; on any error or interrupt the temporary directory is removed,
+  so the destination is either untouched or complete. Sources are only ever opened for reading.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from paddle_glm4.checkpoint import INDEX_FILE, CheckpointError, existing_weight_files, weight_map
+from paddle_glm4.config import CONFIG_NAME, GLM4Config
+from paddle_glm4.safetensors_file import SafetensorsReader, SafetensorsWriter, cast, numpy_dtype
+
+MANIFEST = "conversion_manifest.json"
+# Copied unchanged when the source has them.
+SIDE_FILES = ("tokenizer.model", "tokenizer_config.json", "generation_config.json")
+BLOCK_BYTES = 16 << 20  # rows are produced, written and verified in blocks of about this size
+
+
+class ConversionError(ValueError):
+    """A source that cannot be converted, or an output that does not verify; the message names the file."""
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    """One tensor to convert from: where it is (for messages) and how to read rows of it."""
+    where: str                                  # its file, or "memory"
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    rows: Callable[[int, int], np.ndarray]      # rows [start, stop), memory-mapped where possible
+
+    @classmethod
+    def in_file(cls, reader: SafetensorsReader, name: str) -> "SourceTensor":
+        return cls(reader.path, name, reader.dtype(name), reader.shape(name),
+                   lambda start, stop: reader.view(name, start, stop))
+
+    @classmethod
+    def in_memory(cls, name: str, array: np.ndarray, dtype: str) -> "SourceTensor":
+        return cls("memory", name, dtype, tuple(array.shape), lambda start, stop: array[start:stop])
+
+    @property
+    def label(self) -> str:
+        return f"{self.where}: tensor {self.name!r}"
+
+    def whole(self) -> np.ndarray:
+        return self.rows(0, _row_count(self.shape))
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    """One tensor to write, made from `parts` (which share a dtype) by `forth`, checked with `back`."""
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    parts: tuple[SourceTensor, ...]
+    forth: Callable[[list[np.ndarray], int, int], np.ndarray]  # (whole parts, start, stop) -> our rows
+    back: Callable[[np.ndarray, int, int, int], np.ndarray]    # (whole output, part, start, stop) -> its rows
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * numpy_dtype(self.dtype).itemsize
+
+
+@dataclass
+class OutputFile:
+    name: str
+    tensors: list[OutputTensor]
+    metadata: dict | None = None
+    header: bytes | None = None  # reproduce this exact header (it must describe `tensors`, in order)
+
+
+@dataclass
+class Plan:
+    """Everything a conversion writes into the destination directory."""
+    files: list[OutputFile]
+    config: GLM4Config           # what config.json must read back as
+    texts: dict[str, str]        # config.json, the index, ...: file name -> content
+    copies: dict[str, str]       # file name -> path of a source file copied unchanged
+    manifest: dict               # what the direction records about the conversion
+
+
+@dataclass
+class Summary:
+    """What a conversion did; `report()` is the end-of-run screen."""
+    direction: str
+    src: str
+    dst: str
+    layout: str                  # the source layout detected
+    source_dtype: str
+    dtype: str
+    tensors: int
+    bytes: int
+    seconds: float
+    files: list[str]
+    verified: bool
+    notes: list[str] = field(default_factory=list)
+
+    def report(self) -> str:
+        rate = self.bytes / self.seconds / 1e6 if self.seconds else 0.0
+        check = "every tensor re-read and compared with its source" if self.verified else "not verified (--no-verify)"
+        lines = [f"{self.direction}: done",
+                 f"  source       {self.src}",
+                 f"               {self.layout} layout, {self.source_dtype}",
+                 f"  destination  {self.dst}",
+                 f"               {self.tensors} tensors in {self.dtype}, {len(self.files)} files "
+                 f"({', '.join(self.files[:4])}{', ...' if len(self.files) > 4 else ''})",
+                 f"  written      {_human(self.bytes)} of weights in {self.seconds:.1f} s ({rate:.0f} MB/s)",
+                 f"  verified     {check}; sha256 of every file in {MANIFEST}"]
+        return "\n".join(lines + [f"  note         {note}" for note in self.notes])
+
+
+def _human(nbytes: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if nbytes < 1000 or unit == "GB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.2f} {unit}"
+        nbytes /= 1000
+
+
+def _row_count(shape: tuple[int, ...]) -> int:
+    return shape[0] if shape else 1
+
+
+def row_blocks(shape: tuple[int, ...], itemsize: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges of rows of about BLOCK_BYTES each; a multiple of 8 rows, which keeps the
+    transposes on their fast path."""
+    rows = _row_count(shape)
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * itemsize
+    step = max(8, BLOCK_BYTES // max(row_bytes, 1) // 8 * 8)
+    return [(start, min(start + step, rows)) for start in range(0, rows, step)] or [(0, 0)]
+
+
+# ---- where the output goes --------------------------------------------------------------------------------
+def check_destination(dst: str, overwrite: bool, src: str | None = None):
+    """Refuse destinations that would lose data; run before anything is read or written."""
+    if src is not None:
+        src_real, dst_real = os.path.realpath(src), os.path.realpath(dst)
+        if dst_real == src_real or dst_real.startswith(src_real + os.sep):
+            raise ConversionError(f"--dst {dst} is inside --src {src}; the source is never written to, "
+                                  "choose a directory outside it")
+        if src_real.startswith(dst_real + os.sep):
+            raise ConversionError(f"--src {src} is inside --dst {dst}; choose a destination outside the source")
+    if not os.path.lexists(dst):
+        return
+    if not overwrite:
+        raise ConversionError(f"--dst {dst} already exists; pass --overwrite to replace it")
+    if not os.path.isdir(dst) or os.path.islink(dst):
+        raise ConversionError(f"--dst {dst} exists and is not a directory; not replacing it")
+    entries = os.listdir(dst)
+    if entries and not ({CONFIG_NAME, MANIFEST} & set(entries) or existing_weight_files(dst)):
+        raise ConversionError(f"--dst {dst} exists and does not look like a checkpoint (no {CONFIG_NAME}); "
+                              "not replacing it, even with --overwrite")
+
+
+def build(dst: str, plan: Plan, overwrite: bool, verify: bool, progress: bool) -> list[str]:
+    """Write `plan` into a temporary directory beside `dst`, verify it, then move it into place.
+
+    Returns the names of the files written. Nothing is left behind on failure or interrupt.
+    """
+    dst = os.path.abspath(dst)
+    parent = os.path.dirname(dst)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.", suffix=".partial", dir=parent)
+    try:
+        digests = _write_weights(staging, plan.files, progress)
+        for name, text in plan.texts.items():
+            with open(os.path.join(staging, name), "w", encoding="utf-8") as f:
+                f.write(text)
+        for name, path in plan.copies.items():
+            shutil.copyfile(path, os.path.join(staging, name))
+        if verify:
+            _verify(staging, plan, progress)
+        for name in [*plan.texts, *plan.copies]:
+            digests[name] = _sha256(os.path.join(staging, name))
+        manifest = {**plan.manifest, "verified": verify, "sha256": dict(sorted(digests.items()))}
+        with open(os.path.join(staging, MANIFEST), "w", encoding="utf-8") as f:
+            f.write(json.dumps(manifest, indent=2) + "\n")
+        _sync_directory(staging)
+        _publish(staging, dst, overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return sorted([*digests, MANIFEST])
+
+
+def _write_weights(directory: str, files: list[OutputFile], progress: bool) -> dict[str, str]:
+    total = sum(t.nbytes for f in files for t in f.tensors)
+    digests = {}
+    with tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=not progress or None) as bar:
+        for file in files:
+            entries = [(t.name, t.dtype, t.shape) for t in file.tensors]
+            # The helper thread writes and hashes a block while the next one is computed; leaving the
+            # `with` waits for its last write before the file is closed, also on errors.
+            with SafetensorsWriter(os.path.join(directory, file.name), entries, file.metadata, file.header,
+                                   sync=False) as writer, ThreadPoolExecutor(max_workers=1) as io:
+                pending = None
+                for tensor in file.tensors:
+                    parts = [part.whole() for part in tensor.parts]
+                    for start, stop in row_blocks(tensor.shape, numpy_dtype(tensor.dtype).itemsize):
+                        block = cast(tensor.forth(parts, start, stop), tensor.parts[0].dtype, tensor.dtype)
+                        if pending is not None:
+                            pending.result()
+                        pending = io.submit(writer.write, tensor.name, block)
+                        bar.update(block.nbytes)
+                    del parts  # unmaps the source tensor
+                if pending is not None:
+                    pending.result()
+            digests[file.name] = writer.sha256.hexdigest()
+    return digests
+
+
+# ---- verification -----------------------------------------------------------------------------------------
+def _verify(directory: str, plan: Plan, progress: bool):
+    """Re-read everything written and compare it with the plan and, tensor by tensor, with the sources."""
+    total = sum(t.nbytes for f in plan.files for t in f.tensors)
+    where = {}
+    with tqdm(total=total, unit="B", unit_scale=True, desc="verifying", disable=not progress or None) as bar:
+        for file in plan.files:
+            path = os.path.join(directory, file.name)
+            with SafetensorsReader(path) as reader:
+                found = [(name, reader.dtype(name), reader.shape(name)) for name in reader.names()]
+                planned = [(t.name, t.dtype, t.shape) for t in file.tensors]
+                if sorted(found) != sorted(planned):
+                    raise ConversionError(f"{path}: the written header does not list the planned tensors")
+                for tensor in file.tensors:
+                    _check_tensor(tensor, reader.view(tensor.name), path)
+                    where[tensor.name] = path
+                    bar.update(tensor.nbytes)
+    try:
+        index = weight_map(directory)
+    except CheckpointError as err:
+        raise ConversionError(f"the written index does not load: {err}") from None
+    if index != where:
+        raise ConversionError(f"{os.path.join(directory, INDEX_FILE)}: does not map the tensors to the files "
+                              "that hold them")
+    written = GLM4Config.from_file(os.path.join(directory, CONFIG_NAME))
+    if written != plan.config:
+        raise ConversionError(f"{os.path.join(directory, CONFIG_NAME)}: reads back as {written}, "
+                              f"expected {plan.config}")
+
+
+def _check_tensor(tensor: OutputTensor, written: np.ndarray, path: str):
+    """Map the written tensor back to each source's layout, block by block, and compare the bits with the
+    source cast to the output dtype (the source is re-read from its file)."""
+    for index, part in enumerate(tensor.parts):
+        for start, stop in row_blocks(part.shape, numpy_dtype(part.dtype).itemsize):
+            expected = cast(part.rows(start, stop), part.dtype, tensor.dtype)
+            actual = tensor.back(written, index, start, stop)
+            if actual.shape != expected.shape or not np.array_equal(_bits(actual), _bits(expected)):
+                raise ConversionError(f"{path}: tensor {tensor.name!r} does not match its source {part.label} "
+                                      f"(rows {start}..{stop})")
+
+
+def _bits(array: np.ndarray) -> np.ndarray:
+    """The raw bits, so that NaN == NaN and -0.0 != 0.0."""
+    return array.view(f"u{array.itemsize}")
+
+
+# ---- putting it in place ----------------------------------------------------------------------------------
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _sync_directory(directory: str):
+    """fsync every file, then the directory, so the rename publishes data that is on disk."""
+    for name in os.listdir(directory):
+        fd = os.open(os.path.join(directory, name), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: str):
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish(staging: str, dst: str, overwrite: bool):
+    """Rename the finished directory to `dst`. An existing `dst` is moved aside first and removed after,
+    so `dst` is never partial (and is put back if the second rename fails)."""
+    if overwrite and os.path.lexists(dst):
+        old = staging + ".old"
+        os.rename(dst, old)
+        try:
+            os.rename(staging, dst)
+        except BaseException:
+            os.rename(old, dst)
+            raise
+        shutil.rmtree(old)
+    else:
+        os.rename(staging, dst)
+    _fsync_dir(os.path.dirname(dst))
+
+
+def source_dtype(dtypes) -> str:
+    """The dtype a checkpoint is "in": the widest of its tensors' dtypes, so that a default conversion
+    never rounds anything."""
+    dtypes = set(dtypes)
+    if len(dtypes) == 1:
+        return dtypes.pop()
+    return "float32"
+
+
+def copies_from(src: str) -> dict[str, str]:
+    """The side files (tokenizer, generation config) present in `src`."""
+    return {name: os.path.join(src, name) for name in SIDE_FILES if os.path.isfile(os.path.join(src, name))}
+
+
+def sigterm_as_interrupt():
+    """For the command line: let `kill` (SIGTERM) clean up like Ctrl-C does, leaving no partial output."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, interrupt)

@@ -1,0 +1,242 @@
+"""Convert a GLM-4 torch checkpoint (safetensors) into a Paddle checkpoint that `GLM4ForCausalLM.from_pretrained`
+loads.
+
+    glm4-convert --src glm-4-9b-chat --dst glm-4-9b-chat-paddle
+    python -m converters.torch_to_paddle --src SRC --dst DST [--dtype bfloat16] [--max-shard-size 5GB]
+
+The source is the published THUDM layout or transformers' `glm` layout (told apart by the tensor names),
+in one file or sharded with an index. Everything about it is checked before a byte is written: the
+config, the index against the shards' headers, every name, shape (against config.json) and dtype, and
+the derived `inv_freq` (checked, then dropped). `pipeline.build` then streams, verifies and publishes.
+
+For a published source, the manifest also records the source's file layout (each shard's header, the
+index, config.json and inv_freq, a few kB), which is what lets `paddle_to_torch` give the checkpoint back
+byte for byte.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import os
+import sys
+import time
+
+import numpy as np
+
+from paddle_glm4 import __version__
+from paddle_glm4.checkpoint import INDEX_FILE, SINGLE_FILE, index_json, parse_size, plan_shards, weight_map
+from paddle_glm4.cli_errors import run_cli
+from paddle_glm4.config import CONFIG_NAME, STORAGE_DTYPES, GLM4Config
+from paddle_glm4.safetensors_file import SafetensorsReader, to_float32
+
+from . import mapping
+from .pipeline import (ConversionError, OutputFile, OutputTensor, Plan, SourceTensor, Summary, build,
+                       check_destination, copies_from, sigterm_as_interrupt, source_dtype)
+
+LAYOUT_NAMES = {"published": "published (THUDM 'chatglm')", "hf": "transformers 'glm'"}
+
+
+@dataclasses.dataclass
+class TorchCheckpoint:
+    """A validated torch checkpoint directory, its files open for reading."""
+    directory: str
+    config: GLM4Config
+    layout: str
+    tensors: dict[str, SourceTensor]   # every tensor but inv_freq, by name
+    files: list[SafetensorsReader]
+    inv_freq: SourceTensor | None      # published layout only
+    index_text: str | None
+
+    @property
+    def dtype(self) -> str:
+        return source_dtype(t.dtype for t in self.tensors.values())
+
+    def layout_record(self) -> dict:
+        """What `paddle_to_torch` needs to write these files again byte for byte."""
+        with open(os.path.join(self.directory, CONFIG_NAME), encoding="utf-8") as f:
+            config_text = f.read()
+        return {
+            "config": config_text,
+            "index": self.index_text,
+            "files": [{"name": os.path.basename(r.path), "size": os.path.getsize(r.path), "header": r.header_text}
+                      for r in self.files],
+            "inv_freq": None if self.inv_freq is None else self.inv_freq.whole().tobytes().hex(),
+        }
+
+
+def open_torch_checkpoint(src: str, stack: contextlib.ExitStack) -> TorchCheckpoint:
+    """Open and check the checkpoint in `src`: every problem raises an error naming the file and tensor."""
+    if not os.path.isdir(src):
+        raise ConversionError(f"--src {src}: {'not a directory' if os.path.exists(src) else 'no such directory'}")
+    config_path = os.path.join(src, CONFIG_NAME)
+    if not os.path.isfile(config_path):
+        raise ConversionError(f"{config_path}: missing; a checkpoint directory needs the config.json that "
+                              "came with the weights")
+    config = GLM4Config.from_file(config_path)
+    located = weight_map(src)  # refuses pickle files, names missing shards
+    readers = {path: stack.enter_context(SafetensorsReader(path)) for path in dict.fromkeys(located.values())}
+    index_path = os.path.join(src, INDEX_FILE)
+    sharded = os.path.exists(index_path)
+    for name, path in located.items():
+        if name not in readers[path]:
+            raise ConversionError(f"{index_path}: lists tensor {name!r} in {os.path.basename(path)}, "
+                                  "which has no such tensor")
+    for path, reader in readers.items():
+        for name in reader.names():
+            if located.get(name) != path:
+                raise ConversionError(f"{path}: tensor {name!r} is not listed for this file in {index_path}")
+
+    try:
+        layout = mapping.detect_layout(located)
+    except ValueError as err:
+        raise ConversionError(f"{src}: {err}") from None
+    tensors = {name: SourceTensor.in_file(readers[path], name) for name, path in located.items()}
+    inv_freq = tensors.pop(mapping.PUBLISHED_INV_FREQ, None) if layout == "published" else None
+    _check_tensors(tensors, config, layout, config_path, index_path if sharded else os.path.join(src, SINGLE_FILE))
+    if inv_freq is not None:
+        _check_inv_freq(inv_freq, config, config_path)
+    index_text = None
+    if sharded:
+        with open(index_path, encoding="utf-8") as f:
+            index_text = f.read()
+    return TorchCheckpoint(src, config, layout, tensors, list(readers.values()), inv_freq, index_text)
+
+
+def _check_tensors(tensors: dict[str, SourceTensor], config: GLM4Config, layout: str, config_path: str, where: str):
+    expected = {}
+    for spec in mapping.tensor_specs(config):
+        expected.update(zip(spec.source_names(layout), spec.source_shapes(layout)))
+    model = (f"GLM-4 in the {LAYOUT_NAMES[layout]} layout with the geometry of {config_path} "
+             f"({config.num_hidden_layers} layers, hidden size {config.hidden_size})")
+    for name, tensor in tensors.items():
+        path = tensor.where
+        if name not in expected:
+            raise ConversionError(f"{path}: unexpected tensor {name!r}: not part of {model}")
+        if tensor.dtype not in STORAGE_DTYPES:
+            raise ConversionError(f"{path}: tensor {name!r} has dtype {tensor.dtype}; only "
+                                  f"{', '.join(STORAGE_DTYPES)} weights can be converted")
+        if tensor.shape != expected[name]:
+            raise ConversionError(f"{path}: tensor {name!r} has shape {list(tensor.shape)}, but {config_path} "
+                                  f"implies {list(expected[name])}")
+    missing = [name for name in expected if name not in tensors]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ConversionError(f"{where}: missing tensor {missing[0]!r}{more}, which {model} has")
+    for spec in mapping.tensor_specs(config):
+        parts = [tensors[name] for name in spec.source_names(layout)]
+        if len({part.dtype for part in parts}) > 1:
+            raise ConversionError(f"{parts[0].label}: is {parts[0].dtype} but the tensors it is concatenated "
+                                  f"with are {', '.join(p.dtype for p in parts[1:])}; they must share a dtype")
+
+
+def _check_inv_freq(tensor: SourceTensor, config: GLM4Config, config_path: str):
+    """inv_freq is derived from the config; a mismatch means the config is not this checkpoint's."""
+    shape = (config.rotary_dim // 2,)
+    if tensor.dtype not in STORAGE_DTYPES or tensor.shape != shape:
+        raise ConversionError(f"{tensor.label}: is {tensor.dtype} {list(tensor.shape)}, but {config_path} implies "
+                              f"a float vector of shape {list(shape)}")
+    actual = to_float32(tensor.whole(), tensor.dtype)
+    expected = to_float32(mapping.published_inv_freq(config, tensor.dtype), tensor.dtype)
+    if not np.allclose(actual, expected, rtol=2 ** -7, atol=0):
+        raise ConversionError(f"{tensor.label}: does not match the rotary embedding of {config_path} "
+                              f"(got {actual[:3].tolist()}..., expected {expected[:3].tolist()}...)")
+
+
+def plan_paddle_checkpoint(source: TorchCheckpoint, dtype: str, max_shard_size: int) -> Plan:
+    config = dataclasses.replace(source.config, dtype=dtype)
+    tensors = [_paddle_tensor(spec, source, dtype) for spec in mapping.module_order(mapping.tensor_specs(config))]
+    shards = plan_shards([(t.name, t.nbytes) for t in tensors], max_shard_size)
+    by_name = {t.name: t for t in tensors}
+    files = [OutputFile(name, [by_name[n] for n in names], {"format": "pd"}) for name, names in shards]
+    manifest = {
+        "tool": f"paddle_glm4 {__version__} converters.torch_to_paddle",
+        "source": {"layout": source.layout, "dtype": source.dtype, "tensors": len(source.tensors),
+                   "files": [os.path.basename(r.path) for r in source.files]},
+        "output": {"layout": "paddle", "dtype": dtype, "tensors": len(tensors),
+                   "bytes": sum(t.nbytes for t in tensors)},
+    }
+    if source.layout == "published":
+        manifest["published_layout"] = source.layout_record()
+    texts = {CONFIG_NAME: config.to_json_string(),
+             INDEX_FILE: index_json(shards, sum(t.nbytes for t in tensors))}  # always indexed, even one file
+    return Plan(files, config, texts, copies_from(source.directory), manifest)
+
+
+def _paddle_tensor(spec: mapping.TensorSpec, source: TorchCheckpoint, dtype: str) -> OutputTensor:
+    layout = source.layout
+    return OutputTensor(
+        spec.paddle, dtype, spec.shape, tuple(source.tensors[name] for name in spec.source_names(layout)),
+        forth=lambda parts, start, stop: mapping.paddle_rows(spec, parts, start, stop),
+        back=lambda written, part, start, stop: mapping.torch_rows(spec, written, layout, part, start, stop))
+
+
+def convert(src: str, dst: str, dtype: str | None = None, max_shard_size: int | str = "5GB",
+            overwrite: bool = False, verify: bool = True, progress: bool = True) -> Summary:
+    """Convert the torch checkpoint in `src` into a new Paddle checkpoint directory `dst`.
+
+    `dtype` None keeps the source's. Raises ValueError (ConversionError, ConfigError, ...) for bad input
+    and OSError for I/O failures; either way `dst` is untouched (or, with `overwrite`, the old one kept).
+    """
+    started = time.perf_counter()
+    if dtype is not None and dtype not in STORAGE_DTYPES:
+        raise ConversionError(f"--dtype {dtype}: choose one of {', '.join(STORAGE_DTYPES)}")
+    shard_bytes = parse_size(max_shard_size)
+    check_destination(dst, overwrite, src)
+    with contextlib.ExitStack() as stack:
+        source = open_torch_checkpoint(src, stack)
+        dtype = dtype or source.dtype
+        if progress:
+            print(f"{src}: {LAYOUT_NAMES[source.layout]} layout, {len(source.tensors)} tensors in "
+                  f"{len(source.files)} files, {source.dtype}; writing {dtype} to {dst}", file=sys.stderr)
+        plan = plan_paddle_checkpoint(source, dtype, shard_bytes)
+        files = build(dst, plan, overwrite, verify, progress)
+    return Summary("torch -> paddle", src, dst, LAYOUT_NAMES[source.layout], source.dtype, dtype,
+                   tensors=plan.manifest["output"]["tensors"], bytes=plan.manifest["output"]["bytes"],
+                   seconds=time.perf_counter() - started,
+                   files=files, verified=verify)
+
+
+# ---- command line -------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser):
+    parser.add_argument("--src", required=True, metavar="SRC_DIR",
+                        help="the torch checkpoint directory: config.json plus model.safetensors, or shards with "
+                             "model.safetensors.index.json. The published THUDM layout and transformers' 'glm' "
+                             "layout are both detected automatically. Only read, never written to.")
+    parser.add_argument("--dst", required=True, metavar="DST_DIR",
+                        help="the Paddle checkpoint directory to create (outside SRC_DIR). It is built in a "
+                             "temporary directory beside it and appears only once complete and verified.")
+    parser.add_argument("--dtype", choices=STORAGE_DTYPES, default=None,
+                        help="dtype of the written weights (default: the source's). Widening is exact; "
+                             "narrowing rounds to nearest even, like torch and Paddle.")
+    parser.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                        help="largest weight file to write, e.g. 5GB, 500MB, 2GiB (default: 5GB); a tensor "
+                             "bigger than that gets a file of its own")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace DST_DIR if it already holds a checkpoint; the old one is swapped out only "
+                             "after the new one is complete and verified")
+    parser.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="skip the check that re-reads every written tensor and compares it with its source "
+                             "(faster; the sha256 manifest is written either way)")
+
+
+def run(args: argparse.Namespace) -> int:
+    summary = convert(args.src, args.dst, args.dtype, args.max_shard_size, args.overwrite, args.verify)
+    print(summary.report())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="glm4-convert", description="Convert a GLM-4 torch checkpoint (safetensors, published or "
+        "transformers layout) into a Paddle checkpoint for paddle_glm4. Streams tensor by tensor, verifies "
+        "the result, and writes it atomically: on any error DST_DIR is left as it was (exit code 2).")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    sigterm_as_interrupt()
+    return run_cli(lambda: run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
