@@ -14,6 +14,7 @@ each output tensor is made from one or more source tensors by a `forth` block tr
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -179,7 +180,7 @@ def build(dst: str, plan: Plan, overwrite: bool, verify: bool, progress: bool) -
     """
     dst = os.path.abspath(dst)
     parent = os.path.dirname(dst)
-    os.makedirs(parent, exist_ok=True)
+    created = _make_directories(parent)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.", suffix=".partial", dir=parent)
     try:
         digests = _write_weights(staging, plan.files, progress)
@@ -189,7 +190,7 @@ def build(dst: str, plan: Plan, overwrite: bool, verify: bool, progress: bool) -
         for name, path in plan.copies.items():
             shutil.copyfile(path, os.path.join(staging, name))
         if verify:
-            _verify(staging, plan, progress)
+            _verify(staging, plan, progress, dst)
         for name in [*plan.texts, *plan.copies]:
             digests[name] = _sha256(os.path.join(staging, name))
         manifest = {**plan.manifest, "verified": verify, "sha256": dict(sorted(digests.items()))}
@@ -199,8 +200,22 @@ def build(dst: str, plan: Plan, overwrite: bool, verify: bool, progress: bool) -
         _publish(staging, dst, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        for directory in reversed(created):
+            with contextlib.suppress(OSError):  # someone else put something there meanwhile: keep it
+                os.rmdir(directory)
         raise
     return sorted([*digests, MANIFEST])
+
+
+def _make_directories(path: str) -> list[str]:
+    """mkdir -p, returning the directories it created (outermost first), to remove them on failure."""
+    missing = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    for directory in reversed(missing):
+        os.mkdir(directory)
+    return missing[::-1]
 
 
 def _write_weights(directory: str, files: list[OutputFile], progress: bool) -> dict[str, str]:
@@ -230,20 +245,21 @@ def _write_weights(directory: str, files: list[OutputFile], progress: bool) -> d
 
 
 # ---- verification -----------------------------------------------------------------------------------------
-def _verify(directory: str, plan: Plan, progress: bool):
-    """Re-read everything written and compare it with the plan and, tensor by tensor, with the sources."""
+def _verify(directory: str, plan: Plan, progress: bool, dst: str):
+    """Re-read everything written and compare it with the plan and, tensor by tensor, with the sources.
+    Messages name the files as they would have been called in `dst`."""
     total = sum(t.nbytes for f in plan.files for t in f.tensors)
     where = {}
     with tqdm(total=total, unit="B", unit_scale=True, desc="verifying", disable=not progress or None) as bar:
         for file in plan.files:
-            path = os.path.join(directory, file.name)
+            path, shown = os.path.join(directory, file.name), os.path.join(dst, file.name)
             with SafetensorsReader(path) as reader:
                 found = [(name, reader.dtype(name), reader.shape(name)) for name in reader.names()]
                 planned = [(t.name, t.dtype, t.shape) for t in file.tensors]
                 if sorted(found) != sorted(planned):
-                    raise ConversionError(f"{path}: the written header does not list the planned tensors")
+                    raise ConversionError(f"{shown}: the written header does not list the planned tensors")
                 for tensor in file.tensors:
-                    _check_tensor(tensor, reader.view(tensor.name), path)
+                    _check_tensor(tensor, reader.view(tensor.name), shown)
                     where[tensor.name] = path
                     bar.update(tensor.nbytes)
     try:
@@ -251,12 +267,11 @@ def _verify(directory: str, plan: Plan, progress: bool):
     except CheckpointError as err:
         raise ConversionError(f"the written index does not load: {err}") from None
     if index != where:
-        raise ConversionError(f"{os.path.join(directory, INDEX_FILE)}: does not map the tensors to the files "
+        raise ConversionError(f"{os.path.join(dst, INDEX_FILE)}: does not map the tensors to the files "
                               "that hold them")
     written = GLM4Config.from_file(os.path.join(directory, CONFIG_NAME))
     if written != plan.config:
-        raise ConversionError(f"{os.path.join(directory, CONFIG_NAME)}: reads back as {written}, "
-                              f"expected {plan.config}")
+        raise ConversionError(f"{os.path.join(dst, CONFIG_NAME)}: reads back as {written}, expected {plan.config}")
 
 
 def _check_tensor(tensor: OutputTensor, written: np.ndarray, path: str):
