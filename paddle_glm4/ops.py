@@ -123,10 +123,17 @@ def attention_mask(key_valid: paddle.Tensor | None, start: int, seq_len: int, dt
         if seq_len == 1:
             return None, False      # one new token sees every earlier slot
     total = start + seq_len
-    query_slots = paddle.arange(start, total, dtype="int64").unsqueeze(1)
-    key_slots = paddle.arange(total, dtype="int64").unsqueeze(0)
+    return slot_mask(paddle.arange(start, total, dtype="int64"), paddle.arange(total, dtype="int64"), key_valid,
+                     dtype), False
+
+
+def slot_mask(query_slots: paddle.Tensor, key_slots: paddle.Tensor, key_valid: paddle.Tensor | None,
+              dtype) -> paddle.Tensor:
+    """The rule of `attention_mask` for slots given as tensors, as a static program needs (its start and
+    lengths are tensors): queries at `query_slots` [s] over keys at `key_slots` [L] -> [b or 1, 1, s, L]."""
+    query_slots, key_slots = query_slots.unsqueeze(1), key_slots.unsqueeze(0)
     allowed = (key_slots <= query_slots).unsqueeze(0)                             # [1, s, L]
     if key_valid is not None:
         allowed = allowed & (key_valid.unsqueeze(1) | (key_slots == query_slots))  # [b, s, L]
     zero = paddle.zeros([], dtype=dtype)
-    return paddle.where(allowed, zero, paddle.full([], float("-inf"), dtype=dtype)).unsqueeze(1), False
+    return paddle.where(allowed, zero, paddle.full([], float("-inf"), dtype=dtype)).unsqueeze(1)
