@@ -184,16 +184,19 @@ class GLM4ForCausalLM(nn.Layer):
 
     # ---- checkpoints ------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str, dtype: str | None = None, fused: bool | None = None) -> "GLM4ForCausalLM":
+    def from_pretrained(cls, path: str, dtype: str | None = None, fused: bool | None = None,
+                        storage_only: bool = False) -> "GLM4ForCausalLM":
         """Load a converted checkpoint directory (safetensors only). `dtype` None: float32 on CPU,
-        the stored dtype on GPU. Parameters are created empty and filled one tensor at a time."""
+        the stored dtype on GPU. Parameters are created empty and filled one tensor at a time.
+        `storage_only`: hold the weights in `dtype` (None: as stored) even where this device cannot compute
+        in it; such a model is for exporting (paddle_glm4.inference), not for calling."""
         if not os.path.isdir(path):
             raise checkpoint.CheckpointError(f"{path}: not a directory")
         if not os.path.exists(os.path.join(path, CONFIG_NAME)):
             raise checkpoint.CheckpointError(
                 f"{path}: no {CONFIG_NAME}; is this a checkpoint converted with glm4-convert?")
         config = GLM4Config.from_pretrained(path)
-        dtype = compute_dtype(dtype, config.dtype)
+        dtype = (dtype or config.dtype) if storage_only else compute_dtype(dtype, config.dtype)
         use_all_cores()
         with paddle.LazyGuard(), _default_dtype(dtype):
             model = cls(config, fused)
