@@ -1,0 +1,88 @@
+"""An OpenAI-compatible HTTP server for GLM-4 (FastAPI + uvicorn): `glm4 serve` / `python -m paddle_glm4.server`.
+
+This module only parses the command line and starts the server; importing it needs neither FastAPI nor uvicorn,
+so the rest of the command line works without them. The API itself is in app.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+
+from ..cli_errors import EXIT_ERROR, UsageError
+from ..engine import ENGINES
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, metavar="DIR",
+                        help="a converted checkpoint directory (made by `glm4 convert`), or a Paddle Inference "
+                             "export directory with --engine inference")
+    parser.add_argument("--tokenizer", metavar="DIR",
+                        help="directory with tokenizer.model and tokenizer_config.json (default: --model)")
+    parser.add_argument("--engine", choices=ENGINES, default="dynamic",
+                        help="dynamic: the Paddle dynamic-graph model (default); inference: a Paddle Inference "
+                             "predictor over an export directory")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                        help="compute dtype (default: float32 on CPU, the checkpoint's dtype on GPU)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 opens the "
+                             "server to the network, so set --api-key)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000; 0: any free "
+                        "port, printed at start)")
+    parser.add_argument("--api-key", metavar="KEY", default=os.environ.get("GLM4_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on every request (default: $GLM4_API_KEY; "
+                             "unset: no key needed)")
+    parser.add_argument("--max-concurrency", type=int, default=8, metavar="N",
+                        help="requests admitted at once, the one generating and those waiting for their turn; "
+                             "more get HTTP 429 (default: 8)")
+    parser.add_argument("--served-model-name", metavar="NAME",
+                        help="the model id in /v1/models and in responses (default: the --model directory's name)")
+    parser.add_argument("--default-max-tokens", type=int, default=1024, metavar="N",
+                        help="answer length for requests without max_tokens, capped by the room left in the "
+                             "context (default: 1024)")
+
+
+def run(args) -> int:
+    """Load the model and serve until interrupted. A busy port or a bad flag fails before the (slow) load."""
+    if args.max_concurrency < 1 or args.default_max_tokens < 1:
+        raise UsageError("--max-concurrency and --default-max-tokens must be at least 1")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be 0..65535, got {args.port}")
+    try:
+        from .app import create_app
+    except ImportError as err:
+        raise UsageError(f"the server needs FastAPI and uvicorn ({err}); install them with "
+                         "`pip install fastapi uvicorn`") from None
+    from ..engine import load_engine
+
+    sock = bind(args.host, args.port)
+    model, tokenizer = load_engine(args.model, args.engine, args.dtype, args.tokenizer)
+    name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
+    app = create_app(model, tokenizer, name, args.api_key, args.max_concurrency, args.default_max_tokens)
+    if not args.api_key and args.host not in LOOPBACK:
+        print(f"warning: listening on {args.host} without --api-key: anyone who can reach it can use the model",
+              file=sys.stderr)
+    return serve(app, sock, name)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (port 0: any free port)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family)
+
+
+def serve(app, sock: socket.socket, name: str) -> int:
+    """Serve `app` on `sock` until Ctrl-C or SIGTERM."""
+    import uvicorn
+
+    host, port = sock.getsockname()[:2]
+    url_host = f"[{host}]" if ":" in host else host
+    print(f"serving {name} at http://{url_host}:{port}/v1 (OpenAI-compatible API)", file=sys.stderr, flush=True)
+    # On shutdown, open streams get a few seconds to finish before they are cut (which cancels their generation).
+    server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5))
+    server.run(sockets=[sock])
+    return 0 if server.started else EXIT_ERROR

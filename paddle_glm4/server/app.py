@@ -1,0 +1,245 @@
+"""The OpenAI-compatible HTTP API: GET /v1/models, POST /v1/chat/completions, POST /v1/completions.
+
+Each generating request goes: check (schemas.py; context length; admission by the Worker, or 429) -> generate on
+the worker thread -> tokens into a Reply (stop strings, tool calls) -> a JSON answer, or server-sent events in
+OpenAI's chunk format ending with `data: [DONE]`. Everything that can be refused is refused before the first
+byte of a stream, so that it gets a proper status code; a failure after that arrives as an error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import uuid
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException
+
+from ..chat_template import ChatTemplateError
+from . import schemas as s
+from .errors import APIError
+from .reply import Reply
+from .tool_calls import active_tools, to_glm_messages
+from .worker import Busy, Job, Worker
+
+
+def create_app(model, tokenizer, model_name: str = "glm-4-9b-chat", api_key: str | None = None,
+               max_concurrency: int = 8, default_max_tokens: int = 1024) -> FastAPI:
+    """The API over `model` (anything with the engine interface: generate, config, generation_config) and its
+    tokenizer. `api_key`: when set, every request must send `Authorization: Bearer <api_key>`.
+    `max_concurrency`: requests admitted at once (one generates, the others wait), beyond which 429.
+    `default_max_tokens`: the answer length for requests that give none (capped by the room left in the context).
+    """
+    worker = Worker(model, max_concurrency)
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        yield
+        worker.close()
+
+    async def authorize(request: Request):
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise APIError(401, "Missing API key: send it as 'Authorization: Bearer KEY'", code="invalid_api_key")
+        if not hmac.compare_digest(key.strip().encode(), api_key.encode()):
+            raise APIError(401, "Incorrect API key provided", code="invalid_api_key")
+
+    app = FastAPI(title="paddle_glm4", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  dependencies=[Depends(authorize)] if api_key else [])
+    _add_error_handlers(app)
+
+    def start(prompt: list[int], requested: int | None, body: s.SamplingRequest, eos: list[int]) -> Job:
+        """Admit the generation of `prompt`, or refuse it (400 too long, 429 busy)."""
+        context = model.config.seq_length
+        room = context - len(prompt)
+        max_tokens = requested or min(default_max_tokens, room)
+        if max_tokens < 1 or max_tokens > room:
+            raise APIError(400, f"This model's maximum context length is {context} tokens. However, you requested "
+                                f"{len(prompt) + max(max_tokens, 1)} tokens ({len(prompt)} in the prompt, "
+                                f"{max(max_tokens, 1)} for the answer). Shorten the prompt or lower max_tokens.",
+                           code="context_length_exceeded", param="messages")
+        try:
+            return worker.submit(prompt, max_new_tokens=max_tokens, eos_token_id=eos,
+                                 **_sampling(body, model.generation_config))
+        except Busy:
+            raise APIError(429, f"The server is busy: {max_concurrency} requests are being served or are waiting. "
+                                "Retry shortly.", code="server_busy", headers={"Retry-After": "1"}) from None
+
+    @app.get("/v1/models")
+    async def list_models() -> s.ModelList:
+        return s.ModelList(data=[s.ModelCard(id=model_name)])
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: s.ChatCompletionRequest, request: Request):
+        tools = active_tools(body.tools, body.tool_choice)
+        try:
+            prompt = tokenizer.apply_chat_template(to_glm_messages(body.messages, tools), add_generation_prompt=True)
+        except ChatTemplateError as err:
+            raise APIError(400, str(err), param="messages") from None
+        eos = tokenizer.stop_token_ids
+        reply = Reply(tokenizer, eos, stop=body.stop_strings(), tool_names=[t.function.name for t in tools],
+                      strip_leading=True)
+        job = start(prompt, body.max_completion_tokens or body.max_tokens, body, eos)
+        answer_id = f"chatcmpl-{uuid.uuid4().hex}"
+        if body.stream:
+            events = _chat_events(answer_id, model_name, job, reply, len(prompt), body.include_usage())
+            return StreamingResponse(events, media_type="text/event-stream")
+        content = await _collect(job, reply, request)
+        message = s.AssistantMessage(content=content or (None if reply.tool_calls else ""),
+                                     tool_calls=reply.tool_calls or None)
+        return s.ChatCompletion(id=answer_id, model=model_name, usage=_usage(len(prompt), reply),
+                                choices=[s.ChatChoice(message=message, finish_reason=reply.finish_reason)])
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(body: s.CompletionRequest, request: Request):
+        prompt = tokenizer.encode(body.prompt_text())
+        eos = model.generation_config.eos_token_id or [tokenizer.eos_token_id]
+        reply = Reply(tokenizer, eos, stop=body.stop_strings())
+        job = start(prompt, body.max_tokens, body, eos)
+        answer_id = f"cmpl-{uuid.uuid4().hex}"
+        if body.stream:
+            events = _completion_events(answer_id, model_name, job, reply, len(prompt), body.include_usage())
+            return StreamingResponse(events, media_type="text/event-stream")
+        text = await _collect(job, reply, request)
+        return s.Completion(id=answer_id, model=model_name, usage=_usage(len(prompt), reply),
+                            choices=[s.CompletionChoice(text=text, finish_reason=reply.finish_reason)])
+
+    return app
+
+
+def _sampling(body: s.SamplingRequest, defaults) -> dict:
+    """generate()'s sampling arguments: the request's, else the checkpoint's generation_config. Giving a
+    temperature or top_p asks for sampling; temperature 0 means greedy."""
+    do_sample = defaults.do_sample or body.temperature is not None or body.top_p is not None
+    temperature = defaults.temperature if body.temperature is None else body.temperature
+    if not do_sample or temperature == 0:
+        return {"do_sample": False, "repetition_penalty": defaults.repetition_penalty}
+    return {"do_sample": True, "temperature": temperature, "top_p": defaults.top_p if body.top_p is None else body.top_p,
+            "top_k": defaults.top_k, "repetition_penalty": defaults.repetition_penalty, "seed": body.seed}
+
+
+def _usage(prompt_tokens: int, reply: Reply) -> s.Usage:
+    return s.Usage(prompt_tokens=prompt_tokens, completion_tokens=reply.tokens,
+                   total_tokens=prompt_tokens + reply.tokens)
+
+
+# ---- reading a generation -------------------------------------------------------------------------------
+async def _contents(job: Job, reply: Reply) -> AsyncIterator[str]:
+    """The answer's content as it becomes sendable; cancels the generation once a stop string is seen."""
+    async for token in job.receive():
+        text = reply.add(token)
+        if reply.stopped:
+            job.cancel()
+        if text:
+            yield text
+    text = reply.finish()
+    if text:
+        yield text
+
+
+async def _collect(job: Job, reply: Reply, request: Request) -> str:
+    """The whole content, for an answer that is not streamed; stops the generation if the client goes away
+    (a streamed answer needs no such watch: Starlette cancels its stream when the client disconnects)."""
+    async def cancel_on_disconnect():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        job.cancel()
+
+    watch = asyncio.create_task(cancel_on_disconnect())
+    try:
+        return "".join([text async for text in _contents(job, reply)])
+    finally:
+        watch.cancel()
+
+
+def _event(data: BaseModel | dict) -> str:
+    text = data.model_dump_json(exclude_none=True) if isinstance(data, BaseModel) else json.dumps(data)
+    return f"data: {text}\n\n"
+
+
+async def _stream(job: Job, events: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
+    """Server-sent events of `events`, then [DONE]; a failure mid-stream becomes an error event. Whatever ends
+    the stream (the end, a failure, the client leaving) also ends the generation."""
+    try:
+        async for event in events:
+            yield _event(event)
+    except Exception as err:  # the status line is long gone: tell the client in the stream, as OpenAI does
+        yield _event(APIError(500, f"generation failed: {err}").body())
+    finally:
+        job.cancel()
+    yield "data: [DONE]\n\n"
+
+
+def _chat_events(answer_id: str, model_name: str, job: Job, reply: Reply, prompt_tokens: int,
+                 include_usage: bool) -> AsyncIterator[str]:
+    def chunk(delta: s.Delta, finish_reason: str | None = None, usage: s.Usage | None = None):
+        return s.ChatCompletionChunk(id=answer_id, model=model_name, usage=usage,
+                                     choices=[s.ChunkChoice(delta=delta, finish_reason=finish_reason)])
+
+    async def events():
+        yield chunk(s.Delta(role="assistant", content=""))
+        async for text in _contents(job, reply):
+            yield chunk(s.Delta(content=text))
+        if reply.tool_calls:
+            calls = [s.DeltaToolCall(index=i, **call.model_dump()) for i, call in enumerate(reply.tool_calls)]
+            yield chunk(s.Delta(tool_calls=calls))
+        usage = _usage(prompt_tokens, reply)
+        # Usage comes with the last chunk; asked for with stream_options.include_usage, in a chunk of its own
+        # with no choices, as OpenAI sends it.
+        yield chunk(s.Delta(), reply.finish_reason, None if include_usage else usage)
+        if include_usage:
+            yield s.ChatCompletionChunk(id=answer_id, model=model_name, choices=[], usage=usage)
+
+    return _stream(job, events())
+
+
+def _completion_events(answer_id: str, model_name: str, job: Job, reply: Reply, prompt_tokens: int,
+                       include_usage: bool) -> AsyncIterator[str]:
+    def chunk(text: str, finish_reason: str | None = None, usage: s.Usage | None = None):
+        return s.Completion(id=answer_id, model=model_name, usage=usage,
+                            choices=[s.CompletionChoice(text=text, finish_reason=finish_reason)])
+
+    async def events():
+        async for text in _contents(job, reply):
+            yield chunk(text)
+        usage = _usage(prompt_tokens, reply)
+        yield chunk("", reply.finish_reason, None if include_usage else usage)
+        if include_usage:
+            yield s.Completion(id=answer_id, model=model_name, choices=[], usage=usage)
+
+    return _stream(job, events())
+
+
+# ---- errors ---------------------------------------------------------------------------------------------
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error in OpenAI's shape; pydantic's validation errors as 400, as OpenAI answers a bad request."""
+
+    @app.exception_handler(APIError)
+    async def api_error(_request, err: APIError):
+        return err.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request, err: RequestValidationError):
+        problems = err.errors()
+        first = problems[0] if problems else {"loc": (), "msg": "invalid request"}
+        if first.get("type") == "json_invalid":
+            return APIError(400, f"the request body is not valid JSON ({first.get('ctx', {}).get('error', '')})",
+                            code="invalid_json").response()
+        where = ".".join(str(part) for part in first["loc"] if part != "body")
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        message = f"{where}: {first['msg']}{more}" if where else f"{first['msg']}{more}"
+        return APIError(400, message, param=where or None, code="invalid_request").response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_request, err: HTTPException):
+        return APIError(err.status_code, str(err.detail)).response()
+
+    @app.exception_handler(Exception)
+    async def server_error(_request, err: Exception):
+        return APIError(500, f"internal server error: {type(err).__name__}: {err}").response()

@@ -1,0 +1,96 @@
+"""Running `generate` for the server: one request at a time, on one thread, with a bounded number admitted.
+
+Paddle's dynamic-graph model must not run from several threads at once, and the event loop must never wait
+for it. So every generation runs on a single worker thread, in the order the requests came; each token goes
+from there to the request's asyncio queue (`loop.call_soon_threadsafe`), which the request's handler reads
+without blocking the loop.
+
+At most `max_concurrency` requests are admitted at a time, the running one and the waiting ones together; one
+more is refused with Busy (the server answers 429) rather than queued without bound. A request whose client
+went away is cancelled: it stops after its current step, or never starts if it was still waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import AsyncIterator
+
+from ..streamer import Streamer
+
+log = logging.getLogger("paddle_glm4.server")
+
+_END = object()
+
+
+class Busy(Exception):
+    """All slots are taken."""
+
+
+class Job(Streamer):
+    """One admitted generation; `generate` feeds it tokens, the request's handler iterates `receive()`."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, prompt: list[int], settings: dict):
+        super().__init__()
+        self.prompt, self.settings = prompt, settings
+        self._loop = loop
+        self._queue: asyncio.Queue = asyncio.Queue()
+
+    def on_tokens(self, token_ids) -> None:
+        self.post(int(token_ids[0]))
+
+    def post(self, item) -> None:
+        """Hand a token, the end, or an exception to the handler (from the worker thread)."""
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: the server is shutting down, nobody is listening
+            pass
+
+    async def receive(self) -> AsyncIterator[int]:
+        """The generated token ids as they come; re-raises what `generate` raised."""
+        while (item := await self._queue.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+
+class Worker:
+    def __init__(self, model, max_concurrency: int):
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
+        self.model = model
+        self._slots = threading.BoundedSemaphore(max_concurrency)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+        self._jobs: set[Job] = set()
+
+    def submit(self, prompt: list[int], **settings) -> Job:
+        """Admit a generation of `prompt` with `settings` (generate's keyword arguments), or raise Busy."""
+        if not self._slots.acquire(blocking=False):
+            raise Busy()
+        job = Job(asyncio.get_running_loop(), prompt, settings)
+        self._jobs.add(job)
+        self._executor.submit(self._run, job)
+        return job
+
+    def _run(self, job: Job) -> None:
+        outcome = _END
+        try:
+            if not job.cancelled:
+                self.model.generate([job.prompt], streamer=job, **job.settings)
+        except Exception as err:  # the request fails, the server goes on
+            log.exception("generation failed")
+            outcome = err
+        finally:
+            self._jobs.discard(job)
+            # Free the slot before the handler hears of the end, so that a client which sends its next request
+            # as soon as it has this answer finds the slot free.
+            self._slots.release()
+        job.post(outcome)
+
+    def close(self) -> None:
+        """Stop the running generation, drop the waiting ones, and wait for the worker thread."""
+        for job in list(self._jobs):
+            job.cancel()
+        self._executor.shutdown(wait=True, cancel_futures=True)
