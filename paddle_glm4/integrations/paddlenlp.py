@@ -1,0 +1,356 @@
+"""PaddleNLP integration: its Auto classes load converted GLM-4 checkpoints as this project's classes.
+
+    import paddle_glm4                                  # or: paddle_glm4.register_paddlenlp()
+    from paddlenlp.transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained("THUDM/glm-4-9b-chat")
+    model = AutoModelForCausalLM.from_pretrained("THUDM/glm-4-9b-chat")
+    ids, scores = model.generate(**tokenizer("Hello", return_tensors="pd"), max_new_tokens=32,
+                                 decode_strategy="sampling", top_p=0.8, temperature=0.8)
+
+How it hooks in. PaddleNLP 2.8 has no way to register a model that lives outside its own package: its Auto
+classes find classes by module paths inside `paddlenlp.transformers` and download anything else. So
+`register_paddlenlp()` wraps the `from_pretrained` classmethod of AutoConfig, AutoModel, AutoModelForCausalLM
+and AutoTokenizer (in memory; no file of PaddleNLP changes). The wrapper answers for GLM-4 and hands every other
+call, unchanged, to PaddleNLP's own method. GLM-4 means: one of `GLM4_NAMES`, or a name or directory whose files
+are GLM-4's (a config.json with model_type "glm4", or THUDM's tokenizer_config.json). AutoModel gives the causal
+LM too, as THUDM's published checkpoint maps it.
+
+Where files come from, as PaddleNLP 2.8.1 resolves a name (paddlenlp/utils/env.py, utils/download/):
+an existing local directory is read as it is; any other name is read from `MODEL_HOME/<name>/`, where MODEL_HOME
+is `$PPNLP_HOME/models` (PPNLP_HOME defaults to ~/.paddlenlp and is read once, when paddlenlp is imported), or
+from `<cache_dir>/<name>/` when from_pretrained is given `cache_dir=`. `cache_dir(name)` computes that directory
+without importing PaddleNLP, for `glm4-convert` to write into. GLM-4 is never downloaded: nothing PaddleNLP could
+fetch is a Paddle checkpoint of it, so a GLM-4 name with nothing converted in the cache is an error that says
+how to convert, raised before anything touches the network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.abc
+import importlib.util
+import json
+import os
+import sys
+import warnings
+
+import paddle
+
+from ..config import CONFIG_NAME, MODEL_TYPE, GLM4Config
+from ..model import GLM4ForCausalLM
+from ..tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
+from ..tokenizer import GLM4Tokenizer
+
+# The names THUDM publishes GLM-4-9B under. Any name works once its converted checkpoint is in the cache;
+# these are the ones for which a missing checkpoint gets the how-to-convert error instead of a download.
+GLM4_NAMES = ("THUDM/glm-4-9b", "THUDM/glm-4-9b-chat")
+# The tokenizer class THUDM's tokenizer_config.json names; the converter copies that file unchanged.
+PUBLISHED_TOKENIZER_CLASS = "ChatGLM4Tokenizer"
+# from_pretrained arguments with which PaddleNLP users say where files are. The download switches are accepted
+# and have nothing to do: GLM-4 is only ever read from local files.
+LOCATION_ARGS = ("cache_dir", "subfolder", "from_hf_hub", "from_aistudio")
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+    """No GLM-4 checkpoint that Paddle can load where one was asked for; the message says how to make one."""
+
+
+# ---- where checkpoints are -------------------------------------------------------------------------------------
+
+def model_home() -> str:
+    """PaddleNLP's model cache: its MODEL_HOME once paddlenlp is imported (the value is fixed then), else the same
+    rule computed here: `$PPNLP_HOME/models`, PPNLP_HOME defaulting to ~/.paddlenlp."""
+    env = sys.modules.get("paddlenlp.utils.env")
+    if env is not None:
+        return env.MODEL_HOME
+    home = os.environ["PPNLP_HOME"] if "PPNLP_HOME" in os.environ else os.path.join(os.path.expanduser("~"),
+                                                                                      ".paddlenlp")
+    return os.path.join(home, "models")
+
+
+def cache_dir(name: str) -> str:
+    """The directory PaddleNLP's `from_pretrained(name)` reads, e.g. ~/.paddlenlp/models/THUDM/glm-4-9b: where
+    `glm4-convert --dst` puts the converted checkpoint for that name."""
+    if (not isinstance(name, str) or os.path.isabs(name)
+            or any(part in ("", ".", "..") for part in name.replace("\\", "/").split("/"))):
+        raise ValueError(f"{name!r} is not a model name such as 'THUDM/glm-4-9b'")
+    return os.path.join(model_home(), name)
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):  # absent or unreadable: not recognisably GLM-4, so not ours to judge
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _glm4_files(directory: str) -> str | None:
+    """"converted" (this project's checkpoint), "published" (THUDM's PyTorch one) or None (not GLM-4)."""
+    if _read_json(os.path.join(directory, CONFIG_NAME)).get("model_type") == MODEL_TYPE:
+        return "converted"
+    if _read_json(os.path.join(directory, TOKENIZER_CONFIG_FILE)).get("tokenizer_class") == PUBLISHED_TOKENIZER_CLASS:
+        return "published"
+    return None
+
+
+def _locate(name_or_path: str, kwargs: dict) -> tuple[str, str | None]:
+    """The directory PaddleNLP would read `name_or_path` from, and which GLM-4 files it holds."""
+    if os.path.isdir(name_or_path):  # PaddleNLP too prefers a local directory to a name
+        directory = name_or_path
+    else:
+        directory = os.path.join(kwargs.get("cache_dir") or model_home(), name_or_path)
+    if kwargs.get("subfolder"):
+        directory = os.path.join(directory, kwargs["subfolder"])
+    return directory, _glm4_files(directory)
+
+
+def is_glm4(name_or_path, **kwargs) -> bool:
+    """Whether `from_pretrained(name_or_path, **kwargs)` is GLM-4's to answer (then PaddleNLP is not asked)."""
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        return False
+    name_or_path = os.fspath(name_or_path)
+    return name_or_path in GLM4_NAMES or _locate(name_or_path, kwargs)[1] is not None
+
+
+def checkpoint_dir(name_or_path, *, converted: bool = True, **kwargs) -> str:
+    """The local directory to load GLM-4 from (`converted=False`: THUDM's published files will do too, as they
+    do for the tokenizer and config), or CheckpointNotFoundError saying how to make it."""
+    name_or_path = os.fspath(name_or_path)
+    directory, files = _locate(name_or_path, kwargs)
+    if files == "converted" or (files == "published" and not converted):
+        return directory
+    if files == "published":
+        raise CheckpointNotFoundError(
+            f"{directory} holds GLM-4 as THUDM publishes it (PyTorch weights); Paddle loads it once converted:\n"
+            f"  glm4-convert --src {directory} --dst <a new directory>\nthen load that directory.")
+    if os.path.isdir(name_or_path):
+        raise CheckpointNotFoundError(
+            f"{directory} holds no converted GLM-4 checkpoint (a config.json with model_type {MODEL_TYPE!r}); "
+            f"convert THUDM's PyTorch checkpoint into it:\n  glm4-convert --src <dir> --dst {directory}")
+    message = (f"no converted GLM-4 checkpoint for {name_or_path!r} in {directory}. There is no GLM-4 for "
+               f"PaddleNLP to download: convert THUDM's PyTorch checkpoint (e.g. from `huggingface-cli download "
+               f"{name_or_path} --local-dir <dir>`) into that directory:\n  glm4-convert --src <dir> --dst {directory}")
+    if not kwargs.get("cache_dir"):
+        message += f"\nor, the same: glm4-convert --src <dir> --paddlenlp-name {name_or_path}"
+    raise CheckpointNotFoundError(message)
+
+
+def _refuse_unknown(kwargs: dict, what: str, *accepted: str):
+    unknown = sorted(set(kwargs) - set(LOCATION_ARGS) - set(accepted))
+    if unknown:
+        raise TypeError(f"{what} got unsupported argument(s) {', '.join(unknown)}")
+
+
+# ---- what the Auto classes return for GLM-4 --------------------------------------------------------------------
+
+def load_config(name_or_path, **kwargs) -> GLM4Config:
+    """AutoConfig for GLM-4: the checkpoint's GLM4Config; keyword arguments that name its fields override them."""
+    directory = checkpoint_dir(name_or_path, converted=False, **kwargs)
+    overrides = {key: value for key, value in kwargs.items() if key not in LOCATION_ARGS}
+    _refuse_unknown(overrides, "GLM4Config", *(field.name for field in dataclasses.fields(GLM4Config)))
+    return dataclasses.replace(GLM4Config.from_pretrained(directory), **overrides)
+
+
+class PaddleNLPGLM4Tokenizer(GLM4Tokenizer):
+    """GLM4Tokenizer as AutoTokenizer returns it: it also loads by PaddleNLP name and decodes generate()'s ids."""
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, **kwargs) -> "PaddleNLPGLM4Tokenizer":
+        # use_fast: PaddleNLP's switch to a compiled tokenizer; tiktoken already is one
+        _refuse_unknown(kwargs, "AutoTokenizer.from_pretrained for GLM-4", "use_fast")
+        return super().from_pretrained(checkpoint_dir(name_or_path, converted=False, **kwargs))
+
+    def batch_decode(self, sequences, skip_special_tokens: bool = False) -> list[str]:
+        if hasattr(sequences, "tolist"):  # numpy arrays and paddle tensors
+            sequences = sequences.tolist()
+        return [self.decode(ids, skip_special_tokens=skip_special_tokens) for ids in sequences]
+
+
+class PaddleNLPGLM4ForCausalLM(GLM4ForCausalLM):
+    """GLM4ForCausalLM as AutoModelForCausalLM returns it: it also loads by PaddleNLP name, and `generate` takes
+    PaddleNLP's arguments besides this project's (see `generate_arguments`)."""
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, dtype: str | None = None, fused: bool | None = None,
+                        **kwargs) -> "PaddleNLPGLM4ForCausalLM":
+        _refuse_unknown(kwargs, "AutoModelForCausalLM.from_pretrained for GLM-4")
+        return super().from_pretrained(checkpoint_dir(name_or_path, **kwargs), dtype=dtype, fused=fused)
+
+    def generate(self, input_ids, attention_mask=None, generation_config=None, **options):
+        """PaddleNLP's generate(): `ids, scores = model.generate(**tokenizer(texts, return_tensors="pd"), ...)`.
+
+        `generation_config` is a paddlenlp GenerationConfig; the options its user set apply, and keyword options
+        override them. ids [b * num_return_sequences, new] holds only the new tokens, as in PaddleNLP.
+        """
+        if generation_config is not None:
+            options = {**generation_config.to_diff_dict(), **options}
+        options.pop("paddlenlp_version", None)  # metadata of a GenerationConfig read from a file
+        arguments, copies = generate_arguments(options, self.generation_config)
+        if copies > 1:  # PaddleNLP's order: the copies of each prompt are adjacent rows
+            position_ids = arguments.pop("position_ids", None)
+            input_ids, attention_mask, position_ids = (
+                None if t is None else paddle.repeat_interleave(_as_batch(t), copies, axis=0)
+                for t in (input_ids, attention_mask, position_ids))
+            arguments["position_ids"] = position_ids
+        return super().generate(input_ids, attention_mask, **arguments)
+
+
+# PaddleNLP generate() options for what generation here does not do, with the value that leaves each off. Another
+# value is refused rather than ignored.
+UNSUPPORTED_OPTIONS = {"num_beams": 1, "num_beam_groups": 1, "length_penalty": 1.0, "diversity_rate": 0.0,
+                       "early_stopping": False, "min_length": 0, "min_new_tokens": 0, "no_repeat_ngram_size": 0,
+                       "forced_bos_token_id": None, "forced_eos_token_id": None}
+# Options passed on to GLM4ForCausalLM.generate as they are.
+PASSED_OPTIONS = ("eos_token_id", "pad_token_id", "seed", "streamer", "position_ids", "truncate")
+SAMPLING_OPTIONS = ("temperature", "top_k", "top_p", "repetition_penalty")
+
+
+def generate_arguments(options: dict, defaults) -> tuple[dict, int]:
+    """PaddleNLP generate() options -> (keyword arguments of GLM4ForCausalLM.generate, copies of each prompt).
+
+    - decode_strategy "greedy_search" | "sampling" (or do_sample); "beam_search" is refused. Unset: sampling if
+      the checkpoint's generation_config.json says do_sample, else greedy.
+    - max_new_tokens, or PaddleNLP's older max_length (also a count of NEW tokens); unset: this project's default.
+    - temperature, top_k, top_p, repetition_penalty; unset: generation_config.json's values, else off (top_k 0,
+      where PaddleNLP's own default is 50).
+    - eos_token_id (an id or a list), pad_token_id, seed, streamer, position_ids, truncate: as given.
+    - num_return_sequences: that many samples per prompt (sampling only).
+    - use_cache: the KV cache is always used; it changes speed, not tokens.
+    """
+    options = dict(options)
+    strategy = options.pop("decode_strategy", None)
+    do_sample = options.pop("do_sample", None)
+    if strategy == "beam_search":
+        raise ValueError("decode_strategy='beam_search' is not supported for GLM-4; use 'greedy_search' or 'sampling'")
+    if strategy not in (None, "greedy_search", "sampling"):
+        raise ValueError(f"decode_strategy must be 'greedy_search' or 'sampling', got {strategy!r}")
+    if strategy is not None:
+        do_sample = strategy == "sampling"
+    elif do_sample is None:
+        do_sample = defaults.do_sample
+    arguments = {"do_sample": bool(do_sample)}
+
+    max_new_tokens, max_length = options.pop("max_new_tokens", None), options.pop("max_length", None)
+    if max_new_tokens is None and max_length:  # PaddleNLP's GenerationConfig uses max_length=0 for "unset"
+        max_new_tokens = max_length
+    if max_new_tokens is not None:
+        arguments["max_new_tokens"] = max_new_tokens
+    for name in SAMPLING_OPTIONS:
+        value = options.pop(name, None)
+        arguments[name] = getattr(defaults, name) if value is None else value
+    for name in PASSED_OPTIONS:
+        value = options.pop(name, None)
+        if value is not None:
+            arguments[name] = value
+
+    copies = options.pop("num_return_sequences", None) or 1
+    if copies > 1 and not arguments["do_sample"]:
+        raise ValueError(f"num_return_sequences={copies} needs decode_strategy='sampling' (greedy copies are identical)")
+    options.pop("use_cache", None)
+    for name, off in UNSUPPORTED_OPTIONS.items():
+        value = options.pop(name, None)
+        if value is not None and value != off:
+            raise ValueError(f"{name}={value!r} is not supported by GLM-4 generation here")
+    if options:
+        raise TypeError(f"generate() got unsupported argument(s) {', '.join(sorted(options))}")
+    return arguments, copies
+
+
+def _as_batch(values) -> paddle.Tensor:
+    tensor = values if isinstance(values, paddle.Tensor) else paddle.to_tensor(values)
+    return tensor.unsqueeze(0) if tensor.ndim == 1 else tensor
+
+
+# ---- registration ----------------------------------------------------------------------------------------------
+
+AUTO_LOADERS = {
+    "AutoConfig": load_config,
+    "AutoModel": PaddleNLPGLM4ForCausalLM.from_pretrained,
+    "AutoModelForCausalLM": PaddleNLPGLM4ForCausalLM.from_pretrained,
+    "AutoTokenizer": PaddleNLPGLM4Tokenizer.from_pretrained,
+}
+
+
+def register_paddlenlp() -> None:
+    """Make PaddleNLP's AutoConfig, AutoModel, AutoModelForCausalLM and AutoTokenizer load GLM-4 (see the module
+    docstring). Imports PaddleNLP; calling it again does nothing. `import paddle_glm4` does this by itself as soon
+    as PaddleNLP is imported, so an explicit call is only needed where that hook is unwanted or was undone."""
+    import paddlenlp.transformers as transformers
+
+    for class_name, load in AUTO_LOADERS.items():
+        _answer_for_glm4(getattr(transformers, class_name), load)
+
+
+def _answer_for_glm4(auto_class, load):
+    if getattr(auto_class.from_pretrained, "answers_for_glm4", False):
+        return
+    original = auto_class.from_pretrained.__func__
+
+    @functools.wraps(original)
+    def from_pretrained(cls, name_or_path, *args, **kwargs):
+        if not is_glm4(name_or_path, **kwargs):
+            return original(cls, name_or_path, *args, **kwargs)
+        if args:  # they would land on PaddleNLP-specific parameters (AutoModel's `task`, model __init__ args)
+            raise TypeError(f"{auto_class.__name__}.from_pretrained for GLM-4 takes keyword arguments only")
+        return load(name_or_path, **kwargs)
+
+    from_pretrained.answers_for_glm4 = True
+    auto_class.from_pretrained = classmethod(from_pretrained)
+
+
+def register_paddlenlp_when_imported() -> None:
+    """What `import paddle_glm4` runs: register now if PaddleNLP is imported already, else right after
+    `paddlenlp.transformers` is; when PaddleNLP is not installed, nothing (and PaddleNLP is never imported here)."""
+    if "paddlenlp.transformers" in sys.modules:
+        _register_or_warn()
+    elif (importlib.util.find_spec("paddlenlp") is not None
+          and not any(isinstance(finder, _RegisterOnImport) for finder in sys.meta_path)):
+        sys.meta_path.insert(0, _RegisterOnImport())
+
+
+def _register_or_warn():
+    # a failure here must not break `import paddlenlp` or `import paddle_glm4`; register_paddlenlp() shows it
+    try:
+        register_paddlenlp()
+    except Exception as err:  # noqa: BLE001
+        warnings.warn(f"paddle_glm4 could not register GLM-4 with PaddleNLP: {err!r}", RuntimeWarning, stacklevel=2)
+
+
+class _RegisterOnImport(importlib.abc.MetaPathFinder):
+    """An import hook that registers once `paddlenlp.transformers` has been executed (its Auto classes exist only
+    then), however its import comes about. It finds the module the normal way and wraps only the loader."""
+
+    def __init__(self):
+        self._finding = False
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != "paddlenlp.transformers" or self._finding:
+            return None
+        self._finding = True  # the lookup below walks sys.meta_path again, past this finder
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            self._finding = False
+        if spec is None or spec.loader is None:
+            return None
+        spec.loader = _RegisterAfterLoading(spec.loader, self)
+        return spec
+
+
+class _RegisterAfterLoading(importlib.abc.Loader):
+    def __init__(self, loader, finder):
+        self._loader, self._finder = loader, finder
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        module.__loader__ = module.__spec__.loader = self._loader  # the module keeps no trace of the hook
+        self._loader.exec_module(module)
+        if self._finder in sys.meta_path:
+            sys.meta_path.remove(self._finder)
+        _register_or_warn()
