@@ -20,7 +20,9 @@ import json
 import os
 import shutil
 import signal
+import struct
 import tempfile
+from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
@@ -183,14 +185,19 @@ def build(dst: str, plan: Plan, overwrite: bool, verify: bool, progress: bool) -
     created = _make_directories(parent)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.", suffix=".partial", dir=parent)
     try:
-        digests = _write_weights(staging, plan.files, progress)
+        digests, heads = {}, {}
+        total = sum(t.nbytes for f in plan.files for t in f.tensors)
+        with tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=not progress or None) as bar, \
+                ThreadPoolExecutor(max_workers=3) as helpers:
+            for file in plan.files:
+                digests[file.name], heads[file.name] = _write_file(staging, dst, file, verify, helpers, bar)
         for name, text in plan.texts.items():
             with open(os.path.join(staging, name), "w", encoding="utf-8") as f:
                 f.write(text)
         for name, path in plan.copies.items():
             shutil.copyfile(path, os.path.join(staging, name))
         if verify:
-            _verify(staging, plan, progress, dst)
+            _verify_files(staging, dst, plan, heads)
         for name in [*plan.texts, *plan.copies]:
             digests[name] = _sha256(os.path.join(staging, name))
         manifest = {**plan.manifest, "verified": verify, "sha256": dict(sorted(digests.items()))}
@@ -218,50 +225,79 @@ def _make_directories(path: str) -> list[str]:
     return missing[::-1]
 
 
-def _write_weights(directory: str, files: list[OutputFile], progress: bool) -> dict[str, str]:
-    total = sum(t.nbytes for f in files for t in f.tensors)
-    digests = {}
-    with tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=not progress or None) as bar:
-        for file in files:
-            entries = [(t.name, t.dtype, t.shape) for t in file.tensors]
-            # The helper thread writes and hashes a block while the next one is computed; leaving the
-            # `with` waits for its last write before the file is closed, also on errors.
-            with SafetensorsWriter(os.path.join(directory, file.name), entries, file.metadata, file.header,
-                                   sync=False) as writer, ThreadPoolExecutor(max_workers=1) as io:
-                pending = None
-                for tensor in file.tensors:
-                    parts = [part.whole() for part in tensor.parts]
-                    for start, stop in row_blocks(tensor.shape, numpy_dtype(tensor.dtype).itemsize):
-                        block = cast(tensor.forth(parts, start, stop), tensor.parts[0].dtype, tensor.dtype)
-                        if pending is not None:
-                            pending.result()
-                        pending = io.submit(writer.write, tensor.name, block)
-                        bar.update(block.nbytes)
-                    del parts  # unmaps the source tensor
-                if pending is not None:
-                    pending.result()
-            digests[file.name] = writer.sha256.hexdigest()
-    return digests
+def _write_file(directory: str, dst: str, file: OutputFile, verify: bool, helpers: ThreadPoolExecutor,
+                bar: tqdm) -> tuple[str, bytes]:
+    """Stream one weight file; returns its sha256 and the header written.
+
+    Four things overlap, on as many cores as there are: this thread computes a block, one helper
+    writes the previous block, one hashes it, and one verifies the previous tensor, re-reading it from
+    the file. Each waits for its predecessor, so at most one block per stage and one tensor are in flight.
+    """
+    path, shown = os.path.join(directory, file.name), os.path.join(dst, file.name)
+    digest = hashlib.sha256()
+    writing = hashing = checking = None
+    with SafetensorsWriter(path, [(t.name, t.dtype, t.shape) for t in file.tensors], file.metadata, file.header,
+                           sync=False) as writer:
+        try:
+            digest.update(writer.head)
+            offset = len(writer.head)
+            for tensor in file.tensors:
+                parts = [part.whole() for part in tensor.parts]
+                for start, stop in row_blocks(tensor.shape, numpy_dtype(tensor.dtype).itemsize):
+                    block = cast(tensor.forth(parts, start, stop), tensor.parts[0].dtype, tensor.dtype)
+                    _wait(writing, hashing)
+                    writing = helpers.submit(writer.write, tensor.name, block)
+                    hashing = helpers.submit(digest.update, block)
+                    bar.update(block.nbytes)
+                del parts  # unmaps the source tensor
+                if verify:
+                    _wait(writing, checking)
+                    writer.flush()
+                    checking = helpers.submit(_check_written, tensor, path, offset, shown)
+                offset += tensor.nbytes
+            _wait(writing, hashing, checking)
+        finally:  # on errors too: no helper may still be using the file when it is closed
+            futures.wait([f for f in (writing, hashing, checking) if f is not None])
+    return digest.hexdigest(), writer.head
+
+
+def _wait(*pending):
+    for future in pending:
+        if future is not None:
+            future.result()  # raises what the helper raised
 
 
 # ---- verification -----------------------------------------------------------------------------------------
-def _verify(directory: str, plan: Plan, progress: bool, dst: str):
-    """Re-read everything written and compare it with the plan and, tensor by tensor, with the sources.
-    Messages name the files as they would have been called in `dst`."""
-    total = sum(t.nbytes for f in plan.files for t in f.tensors)
+def _check_written(tensor: OutputTensor, path: str, offset: int, shown: str):
+    """Re-read `tensor` from its file, map it back to each source's layout block by block, and compare the
+    bits with the source cast to the output dtype (the source re-read from its file as well)."""
+    written = np.memmap(path, numpy_dtype(tensor.dtype), mode="r", offset=offset, shape=tensor.shape or (1,))
+    written = written.reshape(tensor.shape)
+    for index, part in enumerate(tensor.parts):
+        for start, stop in row_blocks(part.shape, numpy_dtype(part.dtype).itemsize):
+            expected = cast(part.rows(start, stop), part.dtype, tensor.dtype)
+            actual = tensor.back(written, index, start, stop)
+            if actual.shape != expected.shape or not np.array_equal(_bits(actual), _bits(expected)):
+                raise ConversionError(f"{shown}: tensor {tensor.name!r} does not match its source {part.label} "
+                                      f"(rows {start}..{stop})")
+
+
+def _bits(array: np.ndarray) -> np.ndarray:
+    """The raw bits, so that NaN == NaN and -0.0 != 0.0."""
+    return array.view(f"u{array.itemsize}")
+
+
+def _verify_files(directory: str, dst: str, plan: Plan, heads: dict[str, bytes]):
+    """What the per-tensor checks do not cover: each file's header and size as read back, the index
+    and config.json. Messages name the files as they would have been called in `dst`."""
     where = {}
-    with tqdm(total=total, unit="B", unit_scale=True, desc="verifying", disable=not progress or None) as bar:
-        for file in plan.files:
-            path, shown = os.path.join(directory, file.name), os.path.join(dst, file.name)
-            with SafetensorsReader(path) as reader:
-                found = [(name, reader.dtype(name), reader.shape(name)) for name in reader.names()]
-                planned = [(t.name, t.dtype, t.shape) for t in file.tensors]
-                if sorted(found) != sorted(planned):
-                    raise ConversionError(f"{shown}: the written header does not list the planned tensors")
-                for tensor in file.tensors:
-                    _check_tensor(tensor, reader.view(tensor.name), shown)
-                    where[tensor.name] = path
-                    bar.update(tensor.nbytes)
+    for file in plan.files:
+        path, shown = os.path.join(directory, file.name), os.path.join(dst, file.name)
+        with SafetensorsReader(path) as reader:
+            if (struct.pack("<Q", len(reader.header_text.encode())) + reader.header_text.encode() != heads[file.name]
+                    or os.path.getsize(path) != len(heads[file.name]) + sum(t.nbytes for t in file.tensors)):
+                raise ConversionError(f"{shown}: the header or size read back is not what was written")
+        where.update({t.name: path for t in file.tensors})
     try:
         index = weight_map(directory)
     except CheckpointError as err:
@@ -272,23 +308,6 @@ def _verify(directory: str, plan: Plan, progress: bool, dst: str):
     written = GLM4Config.from_file(os.path.join(directory, CONFIG_NAME))
     if written != plan.config:
         raise ConversionError(f"{os.path.join(dst, CONFIG_NAME)}: reads back as {written}, expected {plan.config}")
-
-
-def _check_tensor(tensor: OutputTensor, written: np.ndarray, path: str):
-    """Map the written tensor back to each source's layout, block by block, and compare the bits with the
-    source cast to the output dtype (the source is re-read from its file)."""
-    for index, part in enumerate(tensor.parts):
-        for start, stop in row_blocks(part.shape, numpy_dtype(part.dtype).itemsize):
-            expected = cast(part.rows(start, stop), part.dtype, tensor.dtype)
-            actual = tensor.back(written, index, start, stop)
-            if actual.shape != expected.shape or not np.array_equal(_bits(actual), _bits(expected)):
-                raise ConversionError(f"{path}: tensor {tensor.name!r} does not match its source {part.label} "
-                                      f"(rows {start}..{stop})")
-
-
-def _bits(array: np.ndarray) -> np.ndarray:
-    """The raw bits, so that NaN == NaN and -0.0 != 0.0."""
-    return array.view(f"u{array.itemsize}")
 
 
 # ---- putting it in place ----------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ tensor. Nothing here unpickles.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import mmap
 import os
@@ -178,11 +177,12 @@ def encode_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dic
 class SafetensorsWriter:
     """Writes a .safetensors file whose tensors (name, dtype, shape) are declared up front.
 
-    The header goes out first; then `write` streams each tensor's bytes in the declared order, whole or
-    in successive blocks of rows. `close` checks that every declared tensor was written and flushes the
-    file to disk (unless `sync=False`: then the caller syncs later). `sha256` hashes every byte written.
-    `header` reproduces an existing file's header byte for byte; it must describe exactly `entries`.
-    Used as a context manager, an exception abandons the file (closed, unchecked) and `close` otherwise.
+    The header goes out first (`head` holds those bytes: length prefix and JSON header); then `write`
+    streams each tensor's bytes in the declared order, whole or in successive blocks of rows. `close`
+    checks that every declared tensor was written and flushes the file to disk (unless `sync=False`:
+    then the caller syncs later). `header` reproduces an existing file's header byte for byte; it must
+    describe exactly `entries`. Used as a context manager, an exception abandons the file (closed,
+    unchecked) and `close` otherwise.
     """
 
     def __init__(self, path: str, entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict | None = None,
@@ -193,11 +193,11 @@ class SafetensorsWriter:
             header = encode_header(self._order, metadata)
         elif _tensor_entries(header) != _tensor_entries(encode_header(self._order)):
             raise ValueError(f"{path}: the given header does not describe the declared tensors")
-        self.sha256 = hashlib.sha256()
+        self.head = struct.pack("<Q", len(header)) + header
         self._file = open(path, "wb")
         self._next, self._rows = 0, 0
         try:
-            self._put(struct.pack("<Q", len(header)) + header)
+            self._put(self.head)
         except BaseException:
             self._file.close()
             raise
@@ -207,7 +207,13 @@ class SafetensorsWriter:
             self._file.write(data)
         except OSError as err:  # e.g. a full disk: say which file
             raise OSError(err.errno, err.strerror, self.path) from None
-        self.sha256.update(data)
+
+    def flush(self):
+        """Hand everything written so far to the OS, so that it can be read back from the file."""
+        try:
+            self._file.flush()
+        except OSError as err:
+            raise OSError(err.errno, err.strerror, self.path) from None
 
     def write(self, name: str, array: np.ndarray):
         """Write tensor `name` (the next declared one): the whole tensor, or its next block of rows."""
@@ -232,12 +238,12 @@ class SafetensorsWriter:
             if self._next != len(self._order):
                 missing = [name for name, _, _ in self._order[self._next:]]
                 raise ValueError(f"{self.path}: closed before writing {len(missing)} tensors (first: {missing[0]!r})")
-            try:
-                self._file.flush()
-                if self._sync:
+            self.flush()
+            if self._sync:
+                try:
                     os.fsync(self._file.fileno())
-            except OSError as err:
-                raise OSError(err.errno, err.strerror, self.path) from None
+                except OSError as err:
+                    raise OSError(err.errno, err.strerror, self.path) from None
         finally:
             self._file.close()
 

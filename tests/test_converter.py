@@ -151,21 +151,25 @@ def test_tied_embeddings_have_no_lm_head(tmp_path):
     assert np.abs(logits_of(tmp_path / "dst") - reference_logits(model, IDS)).max() <= 1e-4
 
 
-def test_conversion_streams_in_blocks(tmp_path):
-    """Numpy never holds a whole converted tensor: the largest (64 MB here) goes out in blocks."""
+def test_conversion_streams_in_blocks(tmp_path, monkeypatch):
+    """Numpy never holds a whole converted tensor: the largest (64 MB here) goes out in blocks of rows.
+    (Source tensors are memory-mapped, which tracemalloc does not count, nor does it need to: that is
+    the page cache, holding at most one tensor in the process's address space.)"""
     config = small_config(vocab_size=65536, hidden_size=256, intermediate_size=256, num_hidden_layers=1)
     rng = np.random.default_rng(0)
     state = {spec.paddle: rng.standard_normal(spec.shape, dtype=np.float32) for spec in mapping.tensor_specs(config)}
     src = write_published(tmp_path / "src", config, state, side_files=False)
     largest = 65536 * 256 * 4
     del state
+    monkeypatch.setattr(pipeline, "BLOCK_BYTES", 4 << 20)
     tracemalloc.start()
     try:
         torch_to_paddle.convert(str(src), str(tmp_path / "dst"), progress=False)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert peak < 3 * pipeline.BLOCK_BYTES < largest, f"numpy peak {peak / 1e6:.0f} MB, largest tensor {largest / 1e6:.0f} MB"
+    # in flight: a block being computed, one being written and hashed, one being verified (and its source)
+    assert peak < 5 * pipeline.BLOCK_BYTES < largest / 3, f"numpy peak {peak / 1e6:.0f} MB"
 
 
 # ---- back to torch ----------------------------------------------------------------------------------------
