@@ -1,5 +1,6 @@
 """paddle_glm4: GLM-4-9B (base and chat) in PaddlePaddle."""
 
+from . import device  # first: it tunes MKL before Paddle's first GEMM (see device.prefer_mkl_avx2_on_amd)
 from .config import GLM4Config
 from .generation import GenerationConfig
 from .kv_cache import KVCache

@@ -30,6 +30,31 @@ def compute_dtype(requested: str | None, stored: str) -> str:
     return "float32"
 
 
+def prefer_mkl_avx2_on_amd() -> bool:
+    """Let MKL use its AVX2 kernels on AMD CPUs; returns whether it was switched on.
+
+    Paddle's CPU build does its fp32 GEMMs in MKL, which on AMD CPUs takes a generic code path that is
+    3-6x slower (measured here: an AMD EPYC with AVX2). MKL_DEBUG_CPU_TYPE=5 selects the AVX2 path; MKL
+    reads it at its first call, so this runs when paddle_glm4 is imported. Only on AMD CPUs that do have
+    AVX2 and FMA, and never over a value the user set.
+    """
+    if "MKL_DEBUG_CPU_TYPE" in os.environ:
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            info = f.read(1 << 16)
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    if "AuthenticAMD" not in info or "avx2" not in flags or "fma" not in flags:
+        return False
+    os.environ["MKL_DEBUG_CPU_TYPE"] = "5"
+    return True
+
+
+prefer_mkl_avx2_on_amd()
+
+
 def use_all_cores(threads: int | None = None) -> int:
     """Paddle runs one CPU thread unless told otherwise; GEMM and GEMV scale with cores, so use them all."""
     threads = threads or len(os.sched_getaffinity(0))

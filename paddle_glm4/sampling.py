@@ -63,7 +63,8 @@ def choose_tokens(logits: paddle.Tensor, params: SamplingParams, seen: paddle.Te
     temperature/top-k/top-p, as PaddleNLP reports them."""
     if params.repetition_penalty != 1.0 and seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-    log_probs = F.log_softmax(logits, axis=-1)
+    # not F.log_softmax: Paddle 3.3's CPU kernel takes seconds on a 151552-wide row (quadratic, it seems)
+    log_probs = logits - paddle.logsumexp(logits, axis=-1, keepdim=True)
     if params.do_sample:
         shaped = keep_top_p(keep_top_k(logits / params.temperature, params.top_k), params.top_p)
         tokens = paddle.multinomial(F.softmax(shaped, axis=-1), num_samples=1).squeeze(-1)
