@@ -24,6 +24,22 @@ demo: $(VENV)/.core
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q
+	$(MAKE) test-paddlenlp
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+	rm -rf $(PADDLENLP_VENV)
+
+# The PaddleNLP integration's tests, in a venv of their own: PaddleNLP's pins (numpy<2, ...) clash with .venv's.
+.PHONY: test-paddlenlp
+PADDLENLP_VENV ?= .venv-paddlenlp
+PADDLENLP_PY := $(PADDLENLP_VENV)/bin/python
+
+$(PADDLENLP_VENV)/.installed: requirements.txt requirements-paddlenlp.txt pyproject.toml
+	$(PYTHON) -m venv $(PADDLENLP_VENV)
+	$(PADDLENLP_PY) -m pip install -q --upgrade pip
+	$(PADDLENLP_PY) -m pip install -q -r requirements-paddlenlp.txt
+	touch $@
+
+test-paddlenlp: $(PADDLENLP_VENV)/.installed
+	$(PADDLENLP_PY) -m pytest -q tests/test_paddlenlp.py

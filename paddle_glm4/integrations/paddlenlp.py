@@ -186,9 +186,9 @@ class PaddleNLPGLM4ForCausalLM(GLM4ForCausalLM):
         `generation_config` is a paddlenlp GenerationConfig; the options its user set apply, and keyword options
         override them. ids [b * num_return_sequences, new] holds only the new tokens, as in PaddleNLP.
         """
-        if generation_config is not None:
-            options = {**generation_config.to_diff_dict(), **options}
-        options.pop("paddlenlp_version", None)  # metadata of a GenerationConfig read from a file
+        if generation_config is not None:  # what its user set, less the version stamps of one read from a file
+            chosen = generation_config.to_diff_dict()
+            options = {**{k: v for k, v in chosen.items() if not k.endswith("_version")}, **options}
         arguments, copies = generate_arguments(options, self.generation_config)
         if copies > 1:  # PaddleNLP's order: the copies of each prompt are adjacent rows
             position_ids = arguments.pop("position_ids", None)
