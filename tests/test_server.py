@@ -278,6 +278,7 @@ def test_a_missing_or_wrong_api_key_gets_401(server):
     for key in (None, "wrong-key"):
         assert_openai_error(raw_post(server, {"model": "m", "messages": USER}, key=key), 401, "invalid_api_key")
     assert_openai_error(httpx.get(server + "/models"), 401)
+    assert_openai_error(raw_post(server, "{not json", key=None), 401)  # the key is checked before anything else
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server, api_key="wrong-key", max_retries=0).models.list()
 

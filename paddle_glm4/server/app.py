@@ -15,10 +15,11 @@ import uuid
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
 from ..chat_template import ChatTemplateError
@@ -43,16 +44,10 @@ def create_app(model, tokenizer, model_name: str = "glm-4-9b-chat", api_key: str
         yield
         worker.close()
 
-    async def authorize(request: Request):
-        scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
-            raise APIError(401, "Missing API key: send it as 'Authorization: Bearer KEY'", code="invalid_api_key")
-        if not hmac.compare_digest(key.strip().encode(), api_key.encode()):
-            raise APIError(401, "Incorrect API key provided", code="invalid_api_key")
-
-    app = FastAPI(title="paddle_glm4", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
-                  dependencies=[Depends(authorize)] if api_key else [])
+    app = FastAPI(title="paddle_glm4", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     _add_error_handlers(app)
+    if api_key:
+        app.add_middleware(RequireKey, key=api_key)
 
     def start(prompt: list[int], requested: int | None, body: s.SamplingRequest, eos: list[int]) -> Job:
         """Admit the generation of `prompt`, or refuse it (400 too long, 429 busy)."""
@@ -169,8 +164,8 @@ async def _stream(job: Job, events: AsyncIterator[BaseModel]) -> AsyncIterator[s
     try:
         async for event in events:
             yield _event(event)
-    except Exception as err:  # the status line is long gone: tell the client in the stream, as OpenAI does
-        yield _event(APIError(500, f"generation failed: {err}").body())
+    except APIError as err:  # the status line is long gone: tell the client in the stream, as OpenAI does
+        yield _event(err.body())
     finally:
         job.cancel()
     yield "data: [DONE]\n\n"
@@ -216,7 +211,28 @@ def _completion_events(answer_id: str, model_name: str, job: Job, reply: Reply, 
     return _stream(job, events())
 
 
-# ---- errors ---------------------------------------------------------------------------------------------
+# ---- access and errors ----------------------------------------------------------------------------------
+class RequireKey:
+    """Refuses (401) every request without `Authorization: Bearer <key>`, before anything else looks at it."""
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope, receive, send):
+        problem = self._problem(Headers(scope=scope)) if scope["type"] == "http" else None
+        if problem:
+            return await APIError(401, problem, code="invalid_api_key").response()(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    def _problem(self, headers: Headers) -> str | None:
+        scheme, _, given = headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            return "Missing API key: send it as 'Authorization: Bearer KEY'"
+        if not hmac.compare_digest(given.strip().encode(), self.key):
+            return "Incorrect API key provided"
+        return None
+
+
 def _add_error_handlers(app: FastAPI) -> None:
     """Every error in OpenAI's shape; pydantic's validation errors as 400, as OpenAI answers a bad request."""
 

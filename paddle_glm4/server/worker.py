@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
 
 from ..streamer import Streamer
+from .errors import APIError
 
 log = logging.getLogger("paddle_glm4.server")
 
@@ -49,7 +50,7 @@ class Job(Streamer):
             pass
 
     async def receive(self) -> AsyncIterator[int]:
-        """The generated token ids as they come; re-raises what `generate` raised."""
+        """The generated token ids as they come; raises APIError (500) if `generate` failed."""
         while (item := await self._queue.get()) is not _END:
             if isinstance(item, BaseException):
                 raise item
@@ -81,7 +82,7 @@ class Worker:
                 self.model.generate([job.prompt], streamer=job, **job.settings)
         except Exception as err:  # the request fails, the server goes on
             log.exception("generation failed")
-            outcome = err
+            outcome = APIError(500, f"generation failed: {type(err).__name__}: {err}", code="generation_failed")
         finally:
             self._jobs.discard(job)
             # Free the slot before the handler hears of the end, so that a client which sends its next request
