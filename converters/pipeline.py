@@ -6,7 +6,10 @@ each output tensor is made from one or more source tensors by a `forth` block tr
 `mapping`), and checked with the inverse `back` transform. The engine owns the rest:
 - memory: a source tensor is memory-mapped, and its output is produced and written a block of rows
   at a time; verification reads the source back by blocks too. Peak: about one tensor plus a few blocks.
-- speed: a helper thread writes and hashes one block while the next is being computed.
+- speed: computing, writing, hashing (sha256, for the manifest) and verifying overlap in threads.
+- verification: every tensor is re-read from the written file, mapped back to the source layout by the
+  inverse transform (an independent code path), and compared bit for bit with the source (cast to the
+  output dtype); then each file's header and size, the index and config.json are read back.
 - safety: everything is built in a temporary directory beside the destination, verified, flushed to
   disk, and only then renamed into place; on any error or interrupt the temporary directory is removed,
   so the destination is either untouched or complete. Sources are only ever opened for reading.
@@ -20,7 +23,6 @@ import json
 import os
 import shutil
 import signal
-import struct
 import tempfile
 from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
@@ -120,24 +122,24 @@ class Summary:
     notes: list[str] = field(default_factory=list)
 
     def report(self) -> str:
+        weights = sum(name.endswith(".safetensors") for name in self.files)
         rate = self.bytes / self.seconds / 1e6 if self.seconds else 0.0
-        check = "every tensor re-read and compared with its source" if self.verified else "not verified (--no-verify)"
-        lines = [f"{self.direction}: done",
-                 f"  source       {self.src}",
-                 f"               {self.layout} layout, {self.source_dtype}",
+        check = "every tensor re-read and compared with its source" if self.verified else "no (--no-verify)"
+        lines = [f"{self.direction}: done in {self.seconds:.1f} s",
+                 f"  source       {self.src} ({self.layout} layout, {self.source_dtype})",
                  f"  destination  {self.dst}",
-                 f"               {self.tensors} tensors in {self.dtype}, {len(self.files)} files "
-                 f"({', '.join(self.files[:4])}{', ...' if len(self.files) > 4 else ''})",
-                 f"  written      {_human(self.bytes)} of weights in {self.seconds:.1f} s ({rate:.0f} MB/s)",
-                 f"  verified     {check}; sha256 of every file in {MANIFEST}"]
+                 f"  written      {self.tensors} tensors in {self.dtype}: {_size(self.bytes)} in {weights} weight "
+                 f"file{'s' * (weights != 1)} ({rate:.0f} MB/s), and {len(self.files) - weights} other files",
+                 f"  verified     {check}",
+                 f"  manifest     {os.path.join(self.dst, MANIFEST)} (sha256 of every file)"]
         return "\n".join(lines + [f"  note         {note}" for note in self.notes])
 
 
-def _human(nbytes: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if nbytes < 1000 or unit == "GB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.2f} {unit}"
-        nbytes /= 1000
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes} B"
 
 
 def _row_count(shape: tuple[int, ...]) -> int:
@@ -244,7 +246,8 @@ def _write_file(directory: str, dst: str, file: OutputFile, verify: bool, helper
             for tensor in file.tensors:
                 parts = [part.whole() for part in tensor.parts]
                 for start, stop in row_blocks(tensor.shape, numpy_dtype(tensor.dtype).itemsize):
-                    block = cast(tensor.forth(parts, start, stop), tensor.parts[0].dtype, tensor.dtype)
+                    block = np.ascontiguousarray(cast(tensor.forth(parts, start, stop), tensor.parts[0].dtype,
+                                                      tensor.dtype))
                     _wait(writing, hashing)
                     writing = helpers.submit(writer.write, tensor.name, block)
                     hashing = helpers.submit(digest.update, block)
@@ -294,9 +297,10 @@ def _verify_files(directory: str, dst: str, plan: Plan, heads: dict[str, bytes])
     for file in plan.files:
         path, shown = os.path.join(directory, file.name), os.path.join(dst, file.name)
         with SafetensorsReader(path) as reader:
-            if (struct.pack("<Q", len(reader.header_text.encode())) + reader.header_text.encode() != heads[file.name]
-                    or os.path.getsize(path) != len(heads[file.name]) + sum(t.nbytes for t in file.tensors)):
-                raise ConversionError(f"{shown}: the header or size read back is not what was written")
+            header = reader.header_text.encode("utf-8")
+        if header != heads[file.name][8:] or os.path.getsize(path) != len(heads[file.name]) + sum(
+                t.nbytes for t in file.tensors):
+            raise ConversionError(f"{shown}: the header or size read back is not what was written")
         where.update({t.name: path for t in file.tensors})
     try:
         index = weight_map(directory)
@@ -310,7 +314,7 @@ def _verify_files(directory: str, dst: str, plan: Plan, heads: dict[str, bytes])
         raise ConversionError(f"{os.path.join(dst, CONFIG_NAME)}: reads back as {written}, expected {plan.config}")
 
 
-# ---- putting it in place ----------------------------------------------------------------------------------
+# ---- finishing ----------------------------------------------------------------------------------------------
 def _sha256(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -355,6 +359,7 @@ def _publish(staging: str, dst: str, overwrite: bool):
     _fsync_dir(os.path.dirname(dst))
 
 
+# ---- shared by the directions --------------------------------------------------------------------------------
 def source_dtype(dtypes) -> str:
     """The dtype a checkpoint is "in": the widest of its tensors' dtypes, so that a default conversion
     never rounds anything."""

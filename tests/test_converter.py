@@ -260,7 +260,7 @@ def test_cli_converts_and_prints_a_summary(tmp_path, reference, capsys):
                                  "--max-shard-size", "200KB", "--no-verify"])
     out = capsys.readouterr().out
     assert code == 0
-    for expected in ("published", "17 tensors in bfloat16", str(tmp_path / "dst"), "MB/s", "not verified"):
+    for expected in ("published", "17 tensors in bfloat16", str(tmp_path / "dst"), "MB/s", "--no-verify"):
         assert expected in out
     assert len(out.splitlines()) <= 12
     assert json.loads((tmp_path / "dst" / "model.safetensors.index.json").read_text())["weight_map"]
