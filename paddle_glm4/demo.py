@@ -35,11 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: a temporary directory, removed at the end)")
 
 
-def demo_config(vocab_size: int) -> GLM4Config:
+def demo_config(tokenizer) -> GLM4Config:
     """Small, but every structural feature of GLM-4-9B: GQA, partial interleaved RoPE, QKV bias, SwiGLU."""
-    return GLM4Config(vocab_size=-(-vocab_size // 64) * 64, hidden_size=256, intermediate_size=688,
+    return GLM4Config(vocab_size=-(-tokenizer.vocab_size // 64) * 64, hidden_size=256, intermediate_size=688,
                       num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
-                      rope_ratio=1.0, seq_length=2048, dtype="bfloat16")
+                      rope_ratio=1.0, seq_length=2048, dtype="bfloat16", eos_token_id=tokenizer.stop_token_ids,
+                      pad_token_id=tokenizer.pad_token_id)
 
 
 def random_weights(config: GLM4Config, seed: int):
@@ -76,8 +77,7 @@ def run_demo(args) -> int:
             vocab_dir = os.path.join(workdir, "small_vocab")
             tokenizer = GLM4Tokenizer.from_pretrained(write_small_vocabulary(vocab_dir))
             source = "a small vocabulary built by the demo (pass --tokenizer DIR for GLM-4's real one)"
-        config = demo_config(tokenizer.vocab_size)
-        config.eos_token_id, config.pad_token_id = tokenizer.stop_token_ids, tokenizer.pad_token_id
+        config = demo_config(tokenizer)
 
         say(f"[1/3] writing a GLM-4 checkpoint with RANDOM weights (seed {args.seed}) in the published torch "
             f"layout: {config.num_hidden_layers} layers, hidden {config.hidden_size}, vocab {config.vocab_size}")
