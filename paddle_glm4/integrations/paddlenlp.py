@@ -9,7 +9,8 @@
                                  decode_strategy="sampling", top_p=0.8, temperature=0.8)
 
 How it hooks in. PaddleNLP 2.8 has no way to register a model that lives outside its own package: its Auto
-classes find classes by module paths inside `paddlenlp.transformers` and download anything else. So
+classes find classes by module paths inside `paddlenlp.transformers` (left alone, they take "GLM4ForCausalLM"
+for their GLM-10B family, whose name it contains) and download anything they do not hold locally. So
 `register_paddlenlp()` wraps the `from_pretrained` classmethod of AutoConfig, AutoModel, AutoModelForCausalLM
 and AutoTokenizer (in memory; no file of PaddleNLP changes). The wrapper answers for GLM-4 and hands every other
 call, unchanged, to PaddleNLP's own method. GLM-4 means: one of `GLM4_NAMES`, or a name or directory whose files
@@ -277,8 +278,8 @@ AUTO_LOADERS = {
 
 def register_paddlenlp() -> None:
     """Make PaddleNLP's AutoConfig, AutoModel, AutoModelForCausalLM and AutoTokenizer load GLM-4 (see the module
-    docstring). Imports PaddleNLP; calling it again does nothing. `import paddle_glm4` does this by itself as soon
-    as PaddleNLP is imported, so an explicit call is only needed where that hook is unwanted or was undone."""
+    docstring). Imports PaddleNLP; calling it again does nothing. `import paddle_glm4` already does this when
+    PaddleNLP gets imported, warning if it fails; this call raises instead, so it also shows why."""
     import paddlenlp.transformers as transformers
 
     for class_name, load in AUTO_LOADERS.items():
