@@ -392,15 +392,27 @@ def test_a_failing_generation_fails_that_request_only(scripted_client):
 
 
 # ---- the command line -----------------------------------------------------------------------------------
-def test_command_line_errors_are_one_line(checkpoint, tmp_path):
-    def serve(*flags):
-        return subprocess.run([sys.executable, "-m", "paddle_glm4.server", *flags], cwd=REPO, capture_output=True,
-                              text=True, timeout=120)
-
-    missing = serve("--model", str(tmp_path / "nowhere"))
-    last = missing.stderr.strip().splitlines()[-1]  # (Paddle may warn before it, on import)
-    assert missing.returncode == 2 and last.startswith("error: ") and last.endswith("nowhere: no such model directory")
+def test_a_busy_port_fails_in_one_line_before_the_model_loads(checkpoint):
     with socket.create_server(("127.0.0.1", 0)) as taken:
-        busy = serve("--model", str(checkpoint), "--port", str(taken.getsockname()[1]))
-    last = busy.stderr.strip().splitlines()[-1]
+        busy = subprocess.run([sys.executable, "-m", "paddle_glm4.server", "--model", str(checkpoint), "--port",
+                               str(taken.getsockname()[1])], cwd=REPO, capture_output=True, text=True, timeout=120)
+    last = busy.stderr.strip().splitlines()[-1]  # (Paddle may warn before it, on import)
     assert busy.returncode == 2 and last.startswith("error: ") and "in use" in last
+    assert "loading" not in busy.stderr
+
+
+# ---- the Paddle Inference engine ------------------------------------------------------------------------
+def test_the_inference_engine_serves_the_same_greedy_answer(checkpoint, engine, tmp_path):
+    inference = pytest.importorskip("paddle_glm4.inference")
+    export = tmp_path / "export"
+    inference.export_model(str(checkpoint), str(export), progress=False)
+    process, url = start_server(["-m", "paddle_glm4.server", "--engine", "inference", "--model", str(export),
+                                 "--tokenizer", str(checkpoint)], tmp_path / "inference.log")
+    try:
+        answer = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60).chat.completions.create(
+            model="m", messages=CONVERSATION, max_tokens=24, temperature=0)
+    finally:
+        stop_server(process)
+    prompt_len, ids, text, finish = expected_chat(engine, CONVERSATION, 24)
+    assert answer.choices[0].message.content == text and answer.choices[0].finish_reason == finish
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (prompt_len, len(ids))

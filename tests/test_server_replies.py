@@ -143,7 +143,8 @@ def test_openai_messages_become_glm4_turns():
         {"role": "developer", "content": "Be brief."},
         {"role": "user", "content": [{"type": "text", "text": "Weather in "}, {"type": "text", "text": "Paris?"}]},
         {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": '{"sky": "clear"}'},
     ], tools=[WEATHER_TOOL])
     assert to_glm_messages(body.messages, active_tools(body.tools, body.tool_choice)) == [
@@ -181,8 +182,10 @@ def test_a_round_trip_renders_in_glm4s_published_format(real):
     text = real.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     tool_block = json.dumps(WEATHER_TOOL["function"], ensure_ascii=False, indent=4)
     assert text.startswith("[gMASK]<sop><|system|>\n你是一个名为 ChatGLM 的人工智能助手。")
-    assert f"# 可用工具\n## get_weather\n\n{tool_block}\n在调用上述函数时，请使用 Json 格式表示调用的参数。<|system|>" in text
+    assert f"# 可用工具\n## get_weather\n\n{tool_block}\n在调用上述函数时，请使用 Json 格式表示调用的参数。" \
+           "<|system|>\nBe brief." in text
     assert text.endswith('<|system|>\nBe brief.<|user|>\nWeather in Beijing?<|assistant|>get_weather\n'
                          '{"city": "Beijing"}<|observation|>\n{"temperature": 20}<|assistant|>')
     ids = real.apply_chat_template(messages, add_generation_prompt=True)
-    assert ids.count(real.special_token_id("<|observation|>")) == 1 and ids[-1] == real.special_token_id("<|assistant|>")
+    assert ids.count(real.special_token_id("<|observation|>")) == 1
+    assert ids[-1] == real.special_token_id("<|assistant|>")

@@ -38,6 +38,8 @@ def create_app(model, tokenizer, model_name: str = "glm-4-9b-chat", api_key: str
     `default_max_tokens`: the answer length for requests that give none (capped by the room left in the context).
     """
     worker = Worker(model, max_concurrency)
+    # A Paddle Inference export takes at most its max_seq_len tokens, which may be less than the model's context.
+    context = getattr(model, "max_seq_len", None) or model.config.seq_length
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -51,7 +53,6 @@ def create_app(model, tokenizer, model_name: str = "glm-4-9b-chat", api_key: str
 
     def start(prompt: list[int], requested: int | None, body: s.SamplingRequest, eos: list[int]) -> Job:
         """Admit the generation of `prompt`, or refuse it (400 too long, 429 busy)."""
-        context = model.config.seq_length
         room = context - len(prompt)
         max_tokens = requested or min(default_max_tokens, room)
         if max_tokens < 1 or max_tokens > room:
@@ -115,8 +116,9 @@ def _sampling(body: s.SamplingRequest, defaults) -> dict:
     temperature = defaults.temperature if body.temperature is None else body.temperature
     if not do_sample or temperature == 0:
         return {"do_sample": False, "repetition_penalty": defaults.repetition_penalty}
-    return {"do_sample": True, "temperature": temperature, "top_p": defaults.top_p if body.top_p is None else body.top_p,
-            "top_k": defaults.top_k, "repetition_penalty": defaults.repetition_penalty, "seed": body.seed}
+    top_p = defaults.top_p if body.top_p is None else body.top_p
+    return {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": defaults.top_k,
+            "repetition_penalty": defaults.repetition_penalty, "seed": body.seed}
 
 
 def _usage(prompt_tokens: int, reply: Reply) -> s.Usage:
@@ -159,8 +161,8 @@ def _event(data: BaseModel | dict) -> str:
 
 
 async def _stream(job: Job, events: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
-    """Server-sent events of `events`, then [DONE]; a failure mid-stream becomes an error event. Whatever ends
-    the stream (the end, a failure, the client leaving) also ends the generation."""
+    """Server-sent events of `events`, then [DONE]; a generation that fails mid-stream becomes an error event.
+    Whatever ends the stream (the end, a failure, the client leaving) also ends the generation."""
     try:
         async for event in events:
             yield _event(event)
