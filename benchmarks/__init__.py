@@ -1,0 +1,1 @@
+"""Benchmarks against the reference and the machine's bounds: `python -m benchmarks run [--quick]`."""

@@ -1,0 +1,102 @@
+"""`python -m benchmarks run [--quick] [--only SECTION ...] [--readme]`
+
+Runs every benchmark section, writes benchmarks/results.json and prints one markdown table; with
+--readme it also replaces the table in README.md's "Performance" section. Each figure is measured side
+by side with its peer in the same run and reported with the ratio ours / peer. Not a test: nothing here
+asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import re
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results.json")
+README = os.path.join(ROOT, "README.md")
+SECTIONS = ("model", "converter", "tokenizer")
+TABLE_BEGIN, TABLE_END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
+
+
+def run_sections(sections, quick: bool) -> dict:
+    from benchmarks import machine
+
+    measured = machine.measure(quick)
+    report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "quick": quick,
+              "machine": measured, "sections": {}}
+    for name in sections:
+        started = time.perf_counter()
+        print(f"benchmark {name}{' (quick)' if quick else ''} ...", file=sys.stderr, flush=True)
+        module = __import__(f"benchmarks.{name}", fromlist=["run"])
+        rows = module.run(quick=quick, machine=measured) if name == "model" else module.run(quick=quick)
+        report["sections"][name] = rows
+        print(f"benchmark {name}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+    return report
+
+
+def check(report: dict):
+    """Every figure is there and finite (what CI checks of a quick run)."""
+    for name, rows in report["sections"].items():
+        if not rows:
+            raise ValueError(f"section {name} produced no figures")
+        for row in rows:
+            for key in ("ours", "peer", "ratio"):
+                if not (isinstance(row.get(key), (int, float)) and math.isfinite(row[key])):
+                    raise ValueError(f"{name}: figure {row.get('figure')!r} has {key}={row.get(key)!r}")
+
+
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = [f"Measured {report['date'][:10]} on {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB RAM "
+             f"(read bandwidth {m['read_bandwidth_gbps']:.1f} GB/s, fp32 matmul {m['fp32_matmul_gflops']:.0f} "
+             f"GFLOP/s, both measured with torch){' — QUICK run, tiny sizes' if report['quick'] else ''}.", "",
+             "| section | figure | ours | peer | ours / peer |", "|---|---|---:|---:|---:|"]
+    for name, rows in report["sections"].items():
+        for row in rows:
+            lines.append(f"| {name} | {row['figure']} | {row['ours']:.3g} {row['unit']} | "
+                         f"{row['peer']:.3g} ({row['peer_name']}) | {row['ratio']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(table: str):
+    with open(README, encoding="utf-8") as f:
+        text = f.read()
+    pattern = re.compile(re.escape(TABLE_BEGIN) + ".*?" + re.escape(TABLE_END), re.DOTALL)
+    if not pattern.search(text):
+        raise ValueError(f"README.md has no {TABLE_BEGIN} ... {TABLE_END} block to replace")
+    from paddle_glm4.checkpoint import write_text_atomic
+
+    write_text_atomic(README, pattern.sub(lambda _: f"{TABLE_BEGIN}\n{table}{TABLE_END}", text))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[1])
+    parser.add_argument("command", choices=["run"], help="run the benchmarks")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for CI: checks that every figure is "
+                        "produced and finite (a few minutes); the real figures need the full run")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, metavar="SECTION",
+                        help=f"run only these sections (of {', '.join(SECTIONS)})")
+    parser.add_argument("--readme", action="store_true", help="also put the table into README.md's Performance "
+                        "section")
+    parser.add_argument("--output", default=RESULTS, help="where to write the JSON results (default: %(default)s)")
+    args = parser.parse_args(argv)
+    report = run_sections(args.only or SECTIONS, args.quick)
+    check(report)
+    from paddle_glm4.checkpoint import write_text_atomic
+
+    write_text_atomic(args.output, json.dumps(report, indent=2) + "\n")
+    table = markdown(report)
+    print(table)
+    if args.readme:
+        update_readme(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
