@@ -1,4 +1,4 @@
-"""The `glm4` command line: generate, chat, convert, demo.
+"""The `glm4` command line: generate, chat, convert, demo, serve.
 
 Generated text goes to stdout; everything else (progress, timing, notices) goes to stderr, so that the
 output can be piped. Failures print one line and exit with code 2.
@@ -205,6 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
                                            "converter, loads it, and generates. Needs nothing downloaded.")
     add_demo_arguments(demo)
     demo.set_defaults(handler=cmd_demo)
+
+    from .server import add_arguments as add_server_arguments, run as run_server
+
+    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP API (FastAPI + uvicorn)",
+                                description="Serve GLM-4 over an OpenAI-compatible HTTP API: /v1/models, "
+                                            "/v1/chat/completions (streaming, tools), /v1/completions.")
+    add_server_arguments(serve)
+    serve.set_defaults(handler=run_server)
     return parser
 
 

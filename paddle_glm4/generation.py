@@ -8,6 +8,7 @@ leaves the device is the new token of each row (and nothing grows but the cache)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -56,6 +57,13 @@ class GenerationConfig:
             if isinstance(values["eos_token_id"], int):
                 values["eos_token_id"] = [values["eos_token_id"]]
         return cls(**values)
+
+    def save_pretrained(self, directory: str) -> str:
+        from .checkpoint import write_text_atomic
+
+        path = os.path.join(directory, GENERATION_CONFIG_NAME)
+        write_text_atomic(path, json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+        return path
 
 
 class ModelSession:
@@ -158,7 +166,7 @@ def _decode_loop(session, input_ids, attention_mask, position_ids, capacity, max
         finished_host |= np.isin(tokens_host, eos)
         if streamer is not None:
             streamer.put(tokens_host)
-        if finished_host.all() or step == max_new_tokens - 1 or (streamer is not None and streamer.cancelled):
+        if finished_host.all() or step == max_new_tokens - 1 or getattr(streamer, "cancelled", False):
             break
         if seen is not None:
             seen = paddle.put_along_axis(seen, tokens.unsqueeze(-1), paddle.ones([batch, 1]), axis=1)

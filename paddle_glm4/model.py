@@ -224,7 +224,8 @@ class GLM4ForCausalLM(nn.Layer):
         tensors = ((name, cast(t.numpy(), current, store)) for name, t in state.items())
         files = checkpoint.write_checkpoint(directory, entries, tensors, max_shard_size, metadata={"format": "pd"})
         dataclasses.replace(self.config, dtype=store).save_pretrained(directory)
-        return files + [CONFIG_NAME]
+        self.generation_config.save_pretrained(directory)
+        return files + [CONFIG_NAME, generation.GENERATION_CONFIG_NAME]
 
 
 @contextlib.contextmanager

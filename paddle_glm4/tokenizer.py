@@ -62,6 +62,7 @@ def glm4_tokenizer_config(base_vocab_size: int, chat_template: str | None = None
         "eos_token": "<|endoftext|>",
         "pad_token": "<|endoftext|>",
         "padding_side": "left",
+        "tokenizer_class": "ChatGLM4Tokenizer",  # THUDM's name for it, which tools (PaddleNLP) recognise
     }
     if chat_template is not None:
         config["chat_template"] = chat_template

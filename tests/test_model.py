@@ -183,7 +183,7 @@ def saved(tmp_path_factory):
 
 def test_save_then_load_is_bit_exact(saved):
     model, single, sharded = saved
-    assert sorted(os.listdir(single)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(single)) == ["config.json", "generation_config.json", "model.safetensors"]
     index = json.loads((sharded / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 2
     original = {k: v.numpy() for k, v in model.state_dict().items()}
