@@ -1,6 +1,11 @@
 """paddle_glm4: GLM-4-9B (base and chat) in PaddlePaddle."""
 
-from . import device  # first: it tunes MKL before Paddle's first GEMM (see device.prefer_mkl_avx2_on_amd)
+import warnings
+
+# Paddle warns on import that ccache (for compiling C++ extensions) is missing; this package compiles nothing
+warnings.filterwarnings("ignore", message="No ccache found", category=UserWarning)
+
+from . import device  # noqa: E402 - first: it tunes MKL before Paddle's first GEMM (see device.prefer_mkl_avx2_on_amd)
 from .config import GLM4Config
 from .generation import GenerationConfig
 from .integrations.paddlenlp import register_paddlenlp, register_paddlenlp_when_imported

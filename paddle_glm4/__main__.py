@@ -111,7 +111,8 @@ def cmd_chat(args) -> int:
             continue
         sys.stdout.write("\n")
         sys.stdout.flush()
-        answer = [t for t in out.numpy()[0].tolist() if t not in tokenizer.stop_token_ids]
+        answer = [t for t in out.numpy()[0].tolist()
+                  if t not in tokenizer.stop_token_ids and not tokenizer.is_padding_id(t)]
         messages.append({"role": "assistant", "content": tokenizer.decode(answer, skip_special_tokens=True).strip()})
         if args.verbose:
             report_speed(len(ids), started, streamer)

@@ -104,7 +104,8 @@ def run_demo(args) -> int:
         print(f"prompt:    {args.prompt!r}")
         print(f"prompt ids ({len(ids)}): {ids}")
         print(f"new ids ({len(new)}):    {new}")
-        print(f"new text:  {tokenizer.decode(new, skip_special_tokens=True)!r}")
+        text = tokenizer.decode([t for t in new if not tokenizer.is_padding_id(t)], skip_special_tokens=True)
+        print(f"new text:  {text!r}")
         prefill = streamer.first_token_time - started
         decode = finished - streamer.first_token_time
         print(f"speed:     prefill {len(ids) / prefill:.1f} tokens/s, decode "

@@ -48,12 +48,14 @@ class Streamer:
 class _TextStreamer(Streamer):
     def __init__(self, tokenizer, skip_special_tokens: bool = True):
         super().__init__()
+        self._tokenizer = tokenizer
         self._detokenizer = tokenizer.detokenizer(skip_special_tokens=skip_special_tokens)
 
     def on_tokens(self, token_ids) -> None:
         if len(token_ids) != 1:
             raise ValueError(f"text streaming follows one sequence; got a batch of {len(token_ids)}")
-        text = self._detokenizer.push(int(token_ids[0]))
+        token_id = int(token_ids[0])
+        text = "" if self._tokenizer.is_padding_id(token_id) else self._detokenizer.push(token_id)
         if text:
             self.on_text(text)
 

@@ -332,6 +332,11 @@ class GLM4Tokenizer:
         (token_id,) = self._check_ids([token_id])
         return self._encoding.decode_single_token_bytes(token_id)
 
+    def is_padding_id(self, token_id: int) -> bool:
+        """Whether a model's output id lies past this vocabulary: GLM-4's embedding has padding rows after the
+        last token (151552 rows for 151343 tokens), which stand for no text. Only untrained weights pick them."""
+        return token_id >= self.vocab_size
+
     def is_special(self, token_id: int) -> bool:
         return token_id >= self.base_vocab_size
 

@@ -20,7 +20,7 @@ class Reply:
     def __init__(self, tokenizer, eos_ids, *, stop=(), tool_names=(), strip_leading: bool = False):
         self._detokenizer = tokenizer.detokenizer(skip_special_tokens=True)
         self._segment_token = tokenizer.special_token_id("<|assistant|>")
-        self._vocab_size = tokenizer.vocab_size
+        self._tokenizer = tokenizer
         self._eos = set(eos_ids)
         self._stops = [s for s in stop if s]
         self._hold = max(map(len, self._stops), default=1) - 1
@@ -45,9 +45,7 @@ class Reply:
         self._last_token = token_id
         if token_id == self._segment_token:
             self._breaks.append(len(self.text))
-        # The model's vocabulary has padding rows past the tokenizer's last id (151552 vs 151343 in GLM-4-9B);
-        # they stand for no text.
-        self._append(self._detokenizer.push(token_id) if token_id < self._vocab_size else "")
+        self._append("" if self._tokenizer.is_padding_id(token_id) else self._detokenizer.push(token_id))
         return self._release(len(self.text) if self.stopped else len(self.text) - self._hold)
 
     def finish(self) -> str:
