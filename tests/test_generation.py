@@ -138,3 +138,43 @@ def test_bad_arguments_are_refused(models, kwargs, message):
     kwargs = {"input_ids": [[5, 6, 7]], **kwargs}
     with pytest.raises(ValueError, match=message):
         model.generate(**kwargs)
+
+
+def test_streamers_text_joined_equals_the_final_decode(models, tmp_path):
+    import io
+    import threading
+
+    from paddle_glm4 import GLM4Tokenizer, TextIteratorStreamer, TextStreamer
+    from paddle_glm4.small_vocab import write_small_vocabulary
+
+    config, _, model = models
+    tokenizer = GLM4Tokenizer.from_pretrained(write_small_vocabulary(tmp_path))
+    prompt = tokenizer.encode("你好 🙂 streaming")
+    for seed in range(3):  # sampled, so that multi-byte characters split over tokens show up
+        kwargs = dict(max_new_tokens=40, do_sample=True, temperature=1.5, seed=seed, eos_token_id=[])
+        out = io.StringIO()
+        ids, _ = model.generate(prompt, streamer=TextStreamer(tokenizer, out), **kwargs)
+        expected = tokenizer.decode([t for t in ids.numpy()[0] if not tokenizer.is_padding_id(t)],
+                                    skip_special_tokens=True)
+        assert out.getvalue() == expected
+        streamer = TextIteratorStreamer(tokenizer, timeout=60)
+        thread = threading.Thread(target=model.generate, args=(prompt,), kwargs={"streamer": streamer, **kwargs})
+        thread.start()
+        pieces = list(streamer)
+        thread.join()
+        assert "".join(pieces) == expected and len(pieces) > 1
+        assert all("\ufffd" not in piece or "\ufffd" in expected for piece in pieces)
+
+
+def test_a_cancelled_streamer_stops_generation(models):
+    from paddle_glm4.streamer import Streamer
+
+    config, _, model = models
+
+    class StopAfterThree(Streamer):
+        def on_tokens(self, token_ids):
+            if self.tokens == 3:
+                self.cancel()
+
+    ids, _ = model.generate(prompts(config)[0], max_new_tokens=NEW, eos_token_id=[], streamer=StopAfterThree())
+    assert ids.shape[1] == 3
