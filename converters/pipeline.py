@@ -40,6 +40,9 @@ MANIFEST = "conversion_manifest.json"
 # Copied unchanged when the source has them.
 SIDE_FILES = ("tokenizer.model", "tokenizer_config.json", "generation_config.json")
 BLOCK_BYTES = 16 << 20  # rows are produced, written and verified in blocks of about this size
+# Ask the disk to start writing after this many bytes, rather than when the kernel's dirty-page limit is
+# hit: the writing then overlaps the computing, and the final fsync has little left to wait for.
+SYNC_BYTES = 256 << 20
 
 
 class ConversionError(ValueError):
@@ -190,7 +193,7 @@ def build(dst: str, plan: Plan, overwrite: bool, verify: bool, progress: bool) -
         digests, heads = {}, {}
         total = sum(t.nbytes for f in plan.files for t in f.tensors)
         with tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=not progress or None) as bar, \
-                ThreadPoolExecutor(max_workers=3) as helpers:
+                ThreadPoolExecutor(max_workers=4) as helpers:
             for file in plan.files:
                 digests[file.name], heads[file.name] = _write_file(staging, dst, file, verify, helpers, bar)
         for name, text in plan.texts.items():
@@ -231,13 +234,15 @@ def _write_file(directory: str, dst: str, file: OutputFile, verify: bool, helper
                 bar: tqdm) -> tuple[str, bytes]:
     """Stream one weight file; returns its sha256 and the header written.
 
-    Four things overlap, on as many cores as there are: this thread computes a block, one helper
-    writes the previous block, one hashes it, and one verifies the previous tensor, re-reading it from
-    the file. Each waits for its predecessor, so at most one block per stage and one tensor are in flight.
+    Five things overlap, on as many cores as there are: this thread computes a block; helpers write the
+    previous block, hash it, verify the previous tensor (re-reading it from the file), and have the disk
+    write out what is written. Each waits for its predecessor, so at most one block per stage and one
+    tensor are in flight.
     """
     path, shown = os.path.join(directory, file.name), os.path.join(dst, file.name)
     digest = hashlib.sha256()
-    writing = hashing = checking = None
+    writing = hashing = checking = syncing = None
+    unsynced = 0
     with SafetensorsWriter(path, [(t.name, t.dtype, t.shape) for t in file.tensors], file.metadata, file.header,
                            sync=False) as writer:
         try:
@@ -252,15 +257,18 @@ def _write_file(directory: str, dst: str, file: OutputFile, verify: bool, helper
                     writing = helpers.submit(writer.write, tensor.name, block)
                     hashing = helpers.submit(digest.update, block)
                     bar.update(block.nbytes)
+                    unsynced += block.nbytes
+                    if unsynced >= SYNC_BYTES and (syncing is None or syncing.done()):
+                        syncing, unsynced = helpers.submit(os.fdatasync, writer.fileno()), 0
                 del parts  # unmaps the source tensor
                 if verify:
                     _wait(writing, checking)
                     writer.flush()
                     checking = helpers.submit(_check_written, tensor, path, offset, shown)
                 offset += tensor.nbytes
-            _wait(writing, hashing, checking)
+            _wait(writing, hashing, checking, syncing)
         finally:  # on errors too: no helper may still be using the file when it is closed
-            futures.wait([f for f in (writing, hashing, checking) if f is not None])
+            futures.wait([f for f in (writing, hashing, checking, syncing) if f is not None])
     return digest.hexdigest(), writer.head
 
 

@@ -208,6 +208,9 @@ class SafetensorsWriter:
         except OSError as err:  # e.g. a full disk: say which file
             raise OSError(err.errno, err.strerror, self.path) from None
 
+    def fileno(self) -> int:
+        return self._file.fileno()
+
     def flush(self):
         """Hand everything written so far to the OS, so that it can be read back from the file."""
         try:
