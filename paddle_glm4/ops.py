@@ -135,5 +135,6 @@ def slot_mask(query_slots: paddle.Tensor, key_slots: paddle.Tensor, key_valid: p
     allowed = (key_slots <= query_slots).unsqueeze(0)                             # [1, s, L]
     if key_valid is not None:
         allowed = allowed & (key_valid.unsqueeze(1) | (key_slots == query_slots))  # [b, s, L]
-    zero = paddle.zeros([], dtype=dtype)
-    return paddle.where(allowed, zero, paddle.full([], float("-inf"), dtype=dtype)).unsqueeze(1)
+    # shape [1], not 0-d: in a Paddle Inference program `where` broadcasts through oneDNN's add, which fails on 0-d
+    zero = paddle.zeros([1], dtype=dtype)
+    return paddle.where(allowed, zero, paddle.full([1], float("-inf"), dtype=dtype)).unsqueeze(1)

@@ -1,0 +1,47 @@
+"""`python -m paddle_glm4.inference export --model DIR --out DIR [--dtype D] [--max-seq-len N]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..cli_errors import run_cli
+from ..config import STORAGE_DTYPES
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m paddle_glm4.inference",
+                                     description="Deploy GLM-4 with Paddle Inference.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    export = commands.add_parser(
+        "export", help="export a converted checkpoint as a Paddle Inference program",
+        description="Trace the model and save it as a static program (PIR .json + .pdiparams) with its "
+                    "manifest and tokenizer files; generate from it with `python -m paddle_glm4 generate "
+                    "--model OUT --engine inference`.")
+    export.add_argument("--model", required=True, metavar="DIR", help="a checkpoint converted with glm4 convert")
+    export.add_argument("--out", required=True, metavar="DIR", help="the export directory to write")
+    export.add_argument("--dtype", choices=STORAGE_DTYPES,
+                        help="how the weights are stored (default: as in the checkpoint); a CPU program computes "
+                             "in float32 whatever this is, a program exported on a GPU computes in it")
+    export.add_argument("--max-seq-len", type=int, metavar="N",
+                        help="the longest prompt + generation the export accepts (default: the config's "
+                             "seq_length, at most 8192); the KV cache and each decode step scale with it")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def export() -> int:
+        from .export import export_model
+
+        manifest = export_model(args.model, args.out, args.dtype, args.max_seq_len)
+        print(f"exported to {args.out}: weights {manifest.dtype}, computes in {manifest.compute_dtype} on "
+              f"{manifest.device}, max_seq_len {manifest.max_seq_len}", file=sys.stderr)
+        return 0
+
+    return run_cli(export)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

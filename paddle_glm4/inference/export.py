@@ -1,0 +1,182 @@
+"""Export a converted checkpoint as a static program for Paddle Inference: `export_model` and what it traces.
+
+One program serves both phases of generation, because its sequence and cache lengths are dynamic: the prefill
+runs it on the whole prompt over a cache just as long, each decode step on one token over the full cache.
+Two programs would each carry a copy of the weights in memory, since Paddle Inference does not share
+parameters between predictors of different programs.
+
+The cache goes in and out explicitly: per layer, keys and values [b, L, g, d] are inputs that the program
+writes in place at the new tokens' slots (Paddle Inference shares input tensors passed to
+`predictor.run([...])` with the caller, and the write is an in-place `set_value`), then attends over all L
+slots under a mask. A decode step therefore has the same shapes, and the same cost, at every step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import warnings
+
+import paddle
+import paddle.nn.functional as F
+from paddle import nn
+from paddle.static import InputSpec
+
+from .. import ops
+from ..checkpoint import write_text_atomic
+from ..config import CONFIG_NAME, MODEL_TYPE, STORAGE_DTYPES, GLM4Config
+from ..device import on_gpu
+from ..model import GLM4ForCausalLM, RMSNorm
+from .manifest import MANIFEST_NAME, PROGRAM, TOKENIZER_FILES, ExportError, Manifest, input_names
+
+# A cache as long as GLM-4's whole context costs memory and per-step time in proportion, so the default
+# is shorter; --max-seq-len raises it up to the config's seq_length.
+DEFAULT_MAX_SEQ_LEN = 8192
+
+
+class CacheSlots:
+    """The cache the blocks see inside the program (the dynamic model's KVCache has the same `update`)."""
+
+    def __init__(self, keys: list, values: list):
+        self.keys, self.values = keys, values
+
+    def update(self, layer: int, start, k, v):
+        """Write k, v [b, s, g, d] at slots start..start+s of the layer's buffers, in place; return the buffers."""
+        end = start + paddle.shape(k)[1]
+        self.keys[layer][:, start:end] = k
+        self.values[layer][:, start:end] = v
+        return self.keys[layer], self.values[layer]
+
+
+class StepProgram(nn.Layer):
+    """GLM-4's forward over new tokens and an explicit KV cache: the function that is traced and saved.
+
+    input_ids, position_ids [b, s]; start [] the cache slot of the first new token; key_valid [b, L] bool,
+    which slots hold real tokens (the new ones included); keys, values: per layer [b, L, g, d], written in
+    place at slots start..start+s. Returns the float32 logits of the last new token [b, vocab].
+    """
+
+    def __init__(self, model: GLM4ForCausalLM, max_seq_len: int, compute_dtype: str):
+        super().__init__()
+        self.model, self.max_seq_len, self.compute_dtype = model, max_seq_len, compute_dtype
+
+    def forward(self, input_ids, position_ids, start, key_valid, keys, values):
+        base = self.model.model
+        dtype = self.compute_dtype
+        x = base.embed_tokens(input_ids).astype(dtype)                                   # [b, s, H]
+        new_slots = paddle.arange(start, start + paddle.shape(input_ids)[1], dtype="int64")
+        mask = ops.slot_mask(new_slots, paddle.arange(paddle.shape(key_valid)[1], dtype="int64"), key_valid, dtype)
+        rope = base.kernels.rotary_tables(position_ids, base.inv_freq, dtype, self.max_seq_len)
+        cache = CacheSlots(keys, values)
+        for layer in base.layers:
+            x = layer(x, rope, mask, False, cache, start)
+        hidden = base.norm(x)[:, -1]                                                     # [b, H]
+        if self.model.config.tie_word_embeddings:
+            logits = paddle.matmul(hidden, base.embed_tokens.weight.astype(dtype), transpose_y=True)
+        else:
+            logits = self.model.lm_head(hidden)
+        return logits.astype("float32")
+
+    def input_spec(self) -> list:
+        config = self.model.config
+        cache = lambda name: InputSpec([None, None, config.num_key_value_heads, config.head_dim],  # noqa: E731
+                                       self.compute_dtype, name)
+        names = input_names(config.num_hidden_layers)
+        layers = config.num_hidden_layers
+        return [InputSpec([None, None], "int64", names[0]), InputSpec([None, None], "int64", names[1]),
+                InputSpec([], "int64", names[2]), InputSpec([None, None], "bool", names[3]),
+                [cache(name) for name in names[4:4 + layers]], [cache(name) for name in names[4 + layers:]]]
+
+
+class WidenedLinear(nn.Layer):
+    """A Linear whose weights stay stored narrow (bf16, fp16) and are widened to the activations' dtype
+    where they are used: Paddle's CPU kernels compute in float32 only, while narrow storage is what lets
+    GLM-4-9B fit in memory."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x):
+        bias = self.linear.bias
+        return F.linear(x, self.linear.weight.astype(x.dtype), None if bias is None else bias.astype(x.dtype))
+
+
+def compute_in_float32(model: GLM4ForCausalLM):
+    """Make a model whose weights are stored narrow compute in float32 (in place): Linears widen their
+    weights at use, norm weights (one vector per norm) become float32; the embedding is widened by
+    StepProgram after the lookup."""
+    for parent in model.sublayers(include_self=True):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, WidenedLinear(child))
+            elif isinstance(child, RMSNorm):
+                child.to(dtype="float32")
+
+
+def check_checkpoint(model_dir: str) -> GLM4Config:
+    """The config of a converted checkpoint directory; a clear error for anything else."""
+    if not os.path.isdir(model_dir):
+        raise ExportError(f"{model_dir}: no such directory")
+    if os.path.exists(os.path.join(model_dir, MANIFEST_NAME)):
+        raise ExportError(f"{model_dir} is already an export directory; export takes a converted checkpoint")
+    path = os.path.join(model_dir, CONFIG_NAME)
+    if not os.path.exists(path):
+        raise ExportError(f"{model_dir}: no {CONFIG_NAME}; export takes a checkpoint converted with glm4 convert")
+    with open(path, encoding="utf-8") as f:
+        model_type = json.load(f).get("model_type")
+    if model_type != MODEL_TYPE:
+        raise ExportError(f"{model_dir} is not a converted checkpoint ({CONFIG_NAME} has model_type "
+                          f"{model_type!r}); convert it first with glm4 convert")
+    return GLM4Config.from_pretrained(model_dir)
+
+
+def export_model(model_dir: str, out_dir: str, dtype: str | None = None, max_seq_len: int | None = None,
+                 progress: bool = True) -> Manifest:
+    """Export the converted checkpoint in `model_dir` to `out_dir` (see the module docstring).
+
+    `dtype`: how the weights are stored (default: as in the checkpoint). On CPU the program computes in
+    float32 whatever the storage; on a GPU it computes in `dtype` with the fused kernels and flash attention.
+    `max_seq_len`: the longest prompt + generation the export accepts (default: the config's seq_length,
+    at most 8192).
+    """
+    config = check_checkpoint(model_dir)
+    dtype = dtype or config.dtype
+    if dtype not in STORAGE_DTYPES:
+        raise ExportError(f"dtype must be one of {STORAGE_DTYPES}, got {dtype!r}")
+    max_seq_len = max_seq_len or min(config.seq_length, DEFAULT_MAX_SEQ_LEN)
+    if not isinstance(max_seq_len, int) or max_seq_len < 1:
+        raise ExportError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
+    if max_seq_len > config.seq_length:
+        raise ExportError(f"max_seq_len {max_seq_len} exceeds the model's context (seq_length "
+                          f"{config.seq_length} in {CONFIG_NAME})")
+    if os.path.exists(out_dir) and os.path.samefile(out_dir, model_dir):
+        raise ExportError("--out must be a directory other than the checkpoint's")
+    os.makedirs(out_dir, exist_ok=True)
+    stale = os.path.join(out_dir, MANIFEST_NAME)
+    if os.path.exists(stale):
+        os.unlink(stale)  # until the new manifest is written, the directory reads as incomplete
+
+    device = "gpu" if on_gpu() else "cpu"
+    compute_dtype = dtype if device == "gpu" else "float32"
+    model = GLM4ForCausalLM.from_pretrained(model_dir, dtype=dtype, storage_only=True)
+    if compute_dtype != dtype:
+        compute_in_float32(model)
+    program = StepProgram(model, max_seq_len, compute_dtype)
+    program.eval()
+    if progress:
+        print(f"tracing the model and saving the program to {out_dir}", file=sys.stderr, flush=True)
+    with warnings.catch_warnings():
+        # the math attention asks for `contiguous`, which static graphs do not need; nothing to act on
+        warnings.filterwarnings("ignore", message=".*contiguous.*")
+        static = paddle.jit.to_static(program, input_spec=program.input_spec(), full_graph=True)
+        paddle.jit.save(static, os.path.join(out_dir, PROGRAM))
+    for name in TOKENIZER_FILES:
+        if os.path.exists(os.path.join(model_dir, name)):
+            shutil.copyfile(os.path.join(model_dir, name), os.path.join(out_dir, name))
+    manifest = Manifest(config=config, dtype=dtype, compute_dtype=compute_dtype, device=device,
+                        max_seq_len=max_seq_len, inputs=input_names(config.num_hidden_layers))
+    write_text_atomic(os.path.join(out_dir, MANIFEST_NAME), manifest.to_json())
+    return manifest

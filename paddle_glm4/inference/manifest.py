@@ -1,0 +1,97 @@
+"""The export directory's contract: which files it holds, and `export.json`, the manifest that describes them.
+
+`export` writes the manifest last, so a directory without one is an export that did not finish. `Predictor`
+reads it before anything else and refuses what it cannot run, with a message that says why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+import paddle
+
+from ..config import GLM4Config
+
+FORMAT = "paddle_glm4.inference"
+# Bump when the program's inputs, outputs or meaning change: a predictor only runs its own version.
+FORMAT_VERSION = 1
+MANIFEST_NAME = "export.json"
+# `paddle.jit.save` prefix: PROGRAM.json holds the PIR program, PROGRAM.pdiparams the weights.
+PROGRAM = "glm4"
+PROGRAM_FILES = (f"{PROGRAM}.json", f"{PROGRAM}.pdiparams")
+# Copied from the checkpoint when present, so that an export directory is all that generation needs.
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "generation_config.json")
+
+
+class ExportError(ValueError):
+    """An export request, or an export directory, that cannot be used."""
+
+
+def input_names(num_layers: int) -> list[str]:
+    """The program's inputs, in the order the predictor feeds them (see export.StepProgram)."""
+    return (["input_ids", "position_ids", "start", "key_valid"]
+            + [f"key_{i}" for i in range(num_layers)] + [f"value_{i}" for i in range(num_layers)])
+
+
+@dataclass
+class Manifest:
+    config: GLM4Config
+    dtype: str             # how the weights are stored in PROGRAM.pdiparams
+    compute_dtype: str     # activations and KV cache
+    device: str            # where the program was traced: "gpu" programs hold the fused GPU kernels
+    max_seq_len: int       # the longest prompt + generation the export accepts
+    paddle_version: str = paddle.__version__
+    format_version: int = FORMAT_VERSION
+    inputs: list[str] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        data = {"format": FORMAT, **asdict(self), "config": self.config.to_dict()}
+        return json.dumps(data, indent=2) + "\n"
+
+    @classmethod
+    def read(cls, directory: str) -> "Manifest":
+        """The manifest of an export directory, after checking that the directory is complete and that this
+        version of the project and of Paddle can run it."""
+        if not os.path.isdir(directory):
+            raise ExportError(f"{directory}: no such export directory")
+        path = os.path.join(directory, MANIFEST_NAME)
+        if not os.path.exists(path):
+            hint = ("it holds a checkpoint; export it first with `python -m paddle_glm4.inference export`"
+                    if os.path.exists(os.path.join(directory, "config.json")) else
+                    "the export is incomplete (interrupted?) or this is not an export directory")
+            raise ExportError(f"{directory}: no {MANIFEST_NAME}; {hint}")
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ExportError(f"{path}: not valid JSON ({err})") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ExportError(f"{path}: not a {FORMAT} manifest")
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ExportError(f"{path}: export format version {version}, but this paddle_glm4 reads version "
+                              f"{FORMAT_VERSION}; export the checkpoint again with this version")
+        written_by = data.get("paddle_version", "")
+        if _major_minor(written_by) > _major_minor(paddle.__version__):
+            raise ExportError(f"{path}: exported with Paddle {written_by}, newer than this Paddle "
+                              f"{paddle.__version__}, which may not know its operators; upgrade Paddle or "
+                              "export again with this one")
+        missing = [name for name in PROGRAM_FILES if not os.path.exists(os.path.join(directory, name))]
+        if missing:
+            raise ExportError(f"{directory}: {missing[0]} is missing; the export is incomplete")
+        try:
+            config = GLM4Config.from_dict(data["config"], source=path)
+            manifest = cls(config=config, **{k: data[k] for k in ("dtype", "compute_dtype", "device",
+                                                                  "max_seq_len", "paddle_version", "inputs")})
+        except (KeyError, TypeError) as err:
+            raise ExportError(f"{path}: incomplete manifest ({err})") from None
+        if manifest.inputs != input_names(config.num_hidden_layers):
+            raise ExportError(f"{path}: the program's inputs are not the ones this version feeds")
+        return manifest
+
+
+def _major_minor(version: str) -> tuple[int, ...]:
+    parts = version.split(".")[:2]
+    return tuple(int(p) for p in parts if p.isdigit())

@@ -1,0 +1,162 @@
+"""Generation with Paddle Inference: `Predictor` runs an export directory's program in the shared decode loop.
+
+The predictor is a `generation.Session`: the loop, sampling, stopping and streaming are those of the dynamic
+model (`generation.generate`), so both give the same results for the same arguments.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import sys
+
+import paddle
+import paddle.inference as paddle_infer
+
+from .. import generation
+from ..device import use_all_cores
+from ..generation import GenerationConfig
+from ..kv_cache import KVCache
+from .manifest import PROGRAM, ExportError, Manifest
+
+DEVICES = ("cpu", "gpu")
+PRECISIONS = ("float32", "bfloat16", "float16")
+# Paddle Inference grows its GPU memory pool on demand; this is only the first chunk.
+GPU_POOL_MB = 1024
+
+
+class Predictor:
+    """A Paddle Inference predictor over an export directory, with GLM4ForCausalLM's `generate`.
+
+    device: "cpu" or "gpu". threads: CPU threads (default: all cores). precision, on GPU: what Paddle
+    Inference computes in (float32, bfloat16, float16). On CPU, "float32" or "bfloat16": an export that
+    stores its weights in bf16 (`export --dtype bfloat16`) keeps them so and widens each to float32 where
+    it is used, on any CPU, whichever of the two is asked for; a float32 export runs in oneDNN's bf16 mode
+    with "bfloat16", which Paddle offers only on CPUs with AVX-512.
+    """
+
+    def __init__(self, export_dir: str, device: str = "cpu", precision: str = "float32", threads: int | None = None):
+        if device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self.manifest = Manifest.read(export_dir)
+        self.config = self.manifest.config
+        self.generation_config = GenerationConfig.from_model(self.config, export_dir)
+        self.device, self.precision = device, precision
+        config = paddle_infer.Config(*(os.path.join(export_dir, f"{PROGRAM}.{ext}") for ext in ("json", "pdiparams")))
+        if device == "gpu":
+            self._use_gpu(config)
+        else:
+            self._use_cpu(config, threads)
+        config.disable_glog_info()
+        with _stdout_to_stderr():
+            self._predictor = paddle_infer.create_predictor(config)
+            if self._predictor.get_input_names() != self.manifest.inputs:
+                raise ExportError(f"{export_dir}: the program's inputs are not those its manifest lists")
+            self.session().prefill(paddle.zeros([1, 1], dtype="int64"), None, None, 1)  # see _stdout_to_stderr
+
+    def _use_cpu(self, config, threads: int | None):
+        # Paddle's own CPU kernels (MKL's GEMM) unless oneDNN's bf16 mode is asked for: on this project's CPUs
+        # they are faster than oneDNN's (see the README), and oneDNN's cast kernel, which widens narrow
+        # weights, returns stale data when a program runs twice with the same shapes (Paddle 3.3).
+        if self.precision == "float16":
+            raise ValueError("precision='float16' needs a GPU; on CPU use float32 or bfloat16")
+        config.disable_gpu()
+        config.set_cpu_math_library_num_threads(use_all_cores(threads))
+        narrow = self.manifest.dtype != self.manifest.compute_dtype
+        if self.precision == "bfloat16" and not narrow:
+            if not paddle.base.core.supports_bfloat16():
+                raise ValueError(
+                    "precision='bfloat16' on this CPU: Paddle's oneDNN bf16 mode needs AVX-512, which this CPU "
+                    "lacks. Export with --dtype bfloat16 (weights stored in bf16, computed in float32), or use "
+                    "precision='float32'.")
+            config.enable_mkldnn()
+            config.enable_mkldnn_bfloat16()
+        else:
+            config.disable_mkldnn()
+        if narrow:
+            # the pass would fold each weight's widening cast into a float32 copy of the weight
+            config.delete_pass("constant_folding_pass")
+
+    def _use_gpu(self, config):
+        # Unverified: this project's machines have no GPU (see the README).
+        if not paddle.is_compiled_with_cuda():
+            raise ValueError(f"device='gpu' needs a CUDA build of Paddle; this one ({paddle.__version__}) is CPU-only")
+        precision = {"float32": paddle_infer.PrecisionType.Float32, "bfloat16": paddle_infer.PrecisionType.Bfloat16,
+                     "float16": paddle_infer.PrecisionType.Half}[self.precision]
+        config.enable_use_gpu(GPU_POOL_MB, 0, precision)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.manifest.max_seq_len
+
+    def session(self) -> "PredictorSession":
+        return PredictorSession(self)
+
+    def run(self, input_ids, position_ids, start: int, key_valid, keys: list, values: list) -> paddle.Tensor:
+        """One call of the exported program (see export.StepProgram); writes `keys`/`values` in place."""
+        inputs = [input_ids, position_ids, paddle.to_tensor(start, dtype="int64"), key_valid, *keys, *values]
+        return self._predictor.run(inputs)[0]
+
+    def generate(self, input_ids, **kwargs):
+        """Same arguments and results as GLM4ForCausalLM.generate; the context is the export's max_seq_len."""
+        return generation.generate(self.session(), input_ids, seq_length=self.max_seq_len,
+                                   vocab_size=self.config.vocab_size, defaults=self.generation_config, **kwargs)
+
+
+class PredictorSession:
+    """A generation.Session over the predictor, holding one generation's KV cache (the dynamic model's
+    KVCache: it keeps the slot bookkeeping, and its buffers are what the program writes into)."""
+
+    def __init__(self, predictor: Predictor):
+        self.predictor = predictor
+        self.cache: KVCache | None = None
+
+    def prefill(self, input_ids, attention_mask, position_ids, capacity):
+        if capacity > self.predictor.max_seq_len:
+            raise ValueError(f"{capacity} tokens (prompt + new) exceed this export's max_seq_len "
+                             f"{self.predictor.max_seq_len}; export again with a larger --max-seq-len")
+        config, dtype = self.predictor.config, self.predictor.manifest.compute_dtype
+        batch, length = input_ids.shape
+        self.cache = KVCache(config, batch, capacity, dtype=dtype)
+        positions = self.cache.add_tokens(attention_mask, length)
+        # The prompt's keys and values go to buffers of its own length (attention then covers just the
+        # prompt), and into the cache after: a slice of the cache would not be one contiguous tensor.
+        shape = [batch, length, config.num_key_value_heads, config.head_dim]
+        keys = [paddle.zeros(shape, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        values = [paddle.zeros(shape, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        logits = self.predictor.run(input_ids, positions if position_ids is None else position_ids, 0,
+                                    self.cache.valid[:, :length], keys, values)
+        for layer in range(config.num_hidden_layers):
+            self.cache.update(layer, 0, keys[layer], values[layer])
+        self.cache.commit(length)
+        return logits
+
+    def step(self, tokens):
+        slot = self.cache.length
+        positions = self.cache.add_tokens(None, 1)
+        logits = self.predictor.run(tokens.unsqueeze(-1), positions, slot, self.cache.valid, self.cache.keys,
+                                    self.cache.values)
+        self.cache.commit(1)
+        return logits
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """Send what is written to file descriptor 1 to stderr meanwhile.
+
+    Paddle's C++ side prints to stdout while it prepares a program, past Python's sys.stdout (oneDNN's
+    kernel checks print 'ReduceMeanCheckIfOneDNNSupport' at the first run), and stdout must carry only the
+    generated text. C's stdio buffer is flushed before fd 1 is restored, so nothing buffered leaks back.
+    """
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        ctypes.CDLL(None).fflush(None)
+        os.dup2(saved, 1)
+        os.close(saved)
