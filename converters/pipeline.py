@@ -2,14 +2,15 @@
 in place atomically.
 
 A direction (`torch_to_paddle`, `paddle_to_torch`) describes its output as `OutputFile`s of `OutputTensor`s:
-each output tensor is made from one or more source tensors by a `forth` block transform (from
-`mapping`), and checked with the inverse `back` transform. The engine owns the rest:
-- memory: a source tensor is memory-mapped, and its output is produced and written a block of rows
-  at a time; verification reads the source back by blocks too. Peak: about one tensor plus a few blocks.
-- speed: computing, writing, hashing (sha256, for the manifest) and verifying overlap in threads.
-- verification: every tensor is re-read from the written file, mapped back to the source layout by the
-  inverse transform (an independent code path), and compared bit for bit with the source (cast to the
-  output dtype); then each file's header and size, the index and config.json are read back.
+each output tensor is made from one or more source tensors by a `forth` transform (from `mapping`) that
+computes any block of its rows. The engine owns the rest:
+- memory: a source tensor is memory-mapped, and its output is computed, written and verified a block
+  of rows at a time. Peak: about one tensor (the page cache's, mapped) plus a few blocks.
+- speed: computing, writing, hashing (sha256, for the manifest), verifying and flushing to disk overlap.
+- verification: every block of every tensor is re-read from the written file and compared bit for bit
+  with the source, transformed (and cast to the output dtype); then each file's header and size, the
+  index and config.json are read back and checked. That the transforms themselves are right is what
+  the tests check, against transformers' model.
 - safety: everything is built in a temporary directory beside the destination, verified, flushed to
   disk, and only then renamed into place; on any error or interrupt the temporary directory is removed,
   so the destination is either untouched or complete. Sources are only ever opened for reading.
@@ -51,39 +52,34 @@ class ConversionError(ValueError):
 
 @dataclass(frozen=True)
 class SourceTensor:
-    """One tensor to convert from: where it is (for messages) and how to read rows of it."""
-    where: str                                  # its file, or "memory"
+    """One tensor to convert from: where it is (for messages), and how to get it."""
+    where: str                           # its file, or "memory"
     name: str
     dtype: str
     shape: tuple[int, ...]
-    rows: Callable[[int, int], np.ndarray]      # rows [start, stop), memory-mapped where possible
+    load: Callable[[], np.ndarray]       # the whole tensor, memory-mapped when it is in a file
 
     @classmethod
     def in_file(cls, reader: SafetensorsReader, name: str) -> "SourceTensor":
-        return cls(reader.path, name, reader.dtype(name), reader.shape(name),
-                   lambda start, stop: reader.view(name, start, stop))
+        return cls(reader.path, name, reader.dtype(name), reader.shape(name), lambda: reader.view(name))
 
     @classmethod
     def in_memory(cls, name: str, array: np.ndarray, dtype: str) -> "SourceTensor":
-        return cls("memory", name, dtype, tuple(array.shape), lambda start, stop: array[start:stop])
+        return cls("memory", name, dtype, tuple(array.shape), lambda: array)
 
     @property
     def label(self) -> str:
         return f"{self.where}: tensor {self.name!r}"
 
-    def whole(self) -> np.ndarray:
-        return self.rows(0, _row_count(self.shape))
-
 
 @dataclass(frozen=True)
 class OutputTensor:
-    """One tensor to write, made from `parts` (which share a dtype) by `forth`, checked with `back`."""
+    """One tensor to write, made from `parts` (which share a dtype) by `forth`."""
     name: str
     dtype: str
     shape: tuple[int, ...]
     parts: tuple[SourceTensor, ...]
-    forth: Callable[[list[np.ndarray], int, int], np.ndarray]  # (whole parts, start, stop) -> our rows
-    back: Callable[[np.ndarray, int, int, int], np.ndarray]    # (whole output, part, start, stop) -> its rows
+    forth: Callable[[list[np.ndarray], int, int], np.ndarray]  # (whole parts, start, stop) -> rows start:stop
 
     @property
     def nbytes(self) -> int:
@@ -145,14 +141,10 @@ def _size(nbytes: int) -> str:
     return f"{nbytes} B"
 
 
-def _row_count(shape: tuple[int, ...]) -> int:
-    return shape[0] if shape else 1
-
-
 def row_blocks(shape: tuple[int, ...], itemsize: int) -> list[tuple[int, int]]:
     """[start, stop) ranges of rows of about BLOCK_BYTES each; a multiple of 8 rows, which keeps the
     transposes on their fast path."""
-    rows = _row_count(shape)
+    rows = shape[0] if shape else 1
     row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * itemsize
     step = max(8, BLOCK_BYTES // max(row_bytes, 1) // 8 * 8)
     return [(start, min(start + step, rows)) for start in range(0, rows, step)] or [(0, 0)]
@@ -234,42 +226,54 @@ def _write_file(directory: str, dst: str, file: OutputFile, verify: bool, helper
                 bar: tqdm) -> tuple[str, bytes]:
     """Stream one weight file; returns its sha256 and the header written.
 
-    Five things overlap, on as many cores as there are: this thread computes a block; helpers write the
-    previous block, hash it, verify the previous tensor (re-reading it from the file), and have the disk
-    write out what is written. Each waits for its predecessor, so at most one block per stage and one
-    tensor are in flight.
+    Five things overlap, on as many cores as there are: this thread computes block k; helpers write
+    block k-1, hash it, verify block k-2 (re-reading it from the file), and have the disk write out
+    what has been written so far. Each stage waits for its previous job, so few blocks are in flight.
     """
     path, shown = os.path.join(directory, file.name), os.path.join(dst, file.name)
     digest = hashlib.sha256()
     writing = hashing = checking = syncing = None
+    written = None  # (offset, block, tensor name, first row) of the block handed to `writing`
     unsynced = 0
     with SafetensorsWriter(path, [(t.name, t.dtype, t.shape) for t in file.tensors], file.metadata, file.header,
                            sync=False) as writer:
         try:
             digest.update(writer.head)
             offset = len(writer.head)
-            for tensor in file.tensors:
-                parts = [part.whole() for part in tensor.parts]
-                for start, stop in row_blocks(tensor.shape, numpy_dtype(tensor.dtype).itemsize):
-                    block = np.ascontiguousarray(cast(tensor.forth(parts, start, stop), tensor.parts[0].dtype,
-                                                      tensor.dtype))
-                    _wait(writing, hashing)
-                    writing = helpers.submit(writer.write, tensor.name, block)
-                    hashing = helpers.submit(digest.update, block)
-                    bar.update(block.nbytes)
-                    unsynced += block.nbytes
-                    if unsynced >= SYNC_BYTES and (syncing is None or syncing.done()):
-                        syncing, unsynced = helpers.submit(os.fdatasync, writer.fileno()), 0
-                del parts  # unmaps the source tensor
-                if verify:
-                    _wait(writing, checking)
-                    writer.flush()
-                    checking = helpers.submit(_check_written, tensor, path, offset, shown)
-                offset += tensor.nbytes
+            for tensor, start, block in _blocks(file):
+                _wait(writing, hashing)
+                if verify and written is not None:
+                    _wait(checking)
+                    checking = helpers.submit(_check_block, path, shown, *written)
+                writing = helpers.submit(_write_block, writer, tensor.name, block)
+                hashing = helpers.submit(digest.update, block)
+                written = (offset, block, tensor.name, start)
+                offset += block.nbytes
+                bar.update(block.nbytes)
+                unsynced += block.nbytes
+                if unsynced >= SYNC_BYTES and (syncing is None or syncing.done()):
+                    syncing, unsynced = helpers.submit(os.fdatasync, writer.fileno()), 0
             _wait(writing, hashing, checking, syncing)
+            if verify and written is not None:
+                _check_block(path, shown, *written)
         finally:  # on errors too: no helper may still be using the file when it is closed
             futures.wait([f for f in (writing, hashing, checking, syncing) if f is not None])
     return digest.hexdigest(), writer.head
+
+
+def _blocks(file: OutputFile):
+    """(tensor, first row, block of rows) for every tensor of `file`, computed as they are asked for.
+    A tensor's sources are mapped while its blocks are computed, and unmapped after."""
+    for tensor in file.tensors:
+        parts = [part.load() for part in tensor.parts]
+        for start, stop in row_blocks(tensor.shape, numpy_dtype(tensor.dtype).itemsize):
+            rows = cast(tensor.forth(parts, start, stop), tensor.parts[0].dtype, tensor.dtype)
+            yield tensor, start, np.ascontiguousarray(rows)
+
+
+def _write_block(writer: SafetensorsWriter, name: str, block: np.ndarray):
+    writer.write(name, block)
+    writer.flush()  # hand it to the OS, so that it can be read back from the file
 
 
 def _wait(*pending):
@@ -279,23 +283,12 @@ def _wait(*pending):
 
 
 # ---- verification -----------------------------------------------------------------------------------------
-def _check_written(tensor: OutputTensor, path: str, offset: int, shown: str):
-    """Re-read `tensor` from its file, map it back to each source's layout block by block, and compare the
-    bits with the source cast to the output dtype (the source re-read from its file as well)."""
-    written = np.memmap(path, numpy_dtype(tensor.dtype), mode="r", offset=offset, shape=tensor.shape or (1,))
-    written = written.reshape(tensor.shape)
-    for index, part in enumerate(tensor.parts):
-        for start, stop in row_blocks(part.shape, numpy_dtype(part.dtype).itemsize):
-            expected = cast(part.rows(start, stop), part.dtype, tensor.dtype)
-            actual = tensor.back(written, index, start, stop)
-            if actual.shape != expected.shape or not np.array_equal(_bits(actual), _bits(expected)):
-                raise ConversionError(f"{shown}: tensor {tensor.name!r} does not match its source {part.label} "
-                                      f"(rows {start}..{stop})")
-
-
-def _bits(array: np.ndarray) -> np.ndarray:
-    """The raw bits, so that NaN == NaN and -0.0 != 0.0."""
-    return array.view(f"u{array.itemsize}")
+def _check_block(path: str, shown: str, offset: int, block: np.ndarray, name: str, start: int):
+    """Re-read a block from the file and compare its bytes with the block computed from the source."""
+    on_disk = np.memmap(path, np.uint8, mode="r", offset=offset, shape=(block.nbytes,))
+    if not np.array_equal(on_disk, block.reshape(-1).view(np.uint8)):
+        raise ConversionError(f"{shown}: tensor {name!r} reads back different from its source "
+                              f"(the block of rows from {start})")
 
 
 def _verify_files(directory: str, dst: str, plan: Plan, heads: dict[str, bytes]):

@@ -62,7 +62,7 @@ class TorchCheckpoint:
             "index": self.index_text,
             "files": [{"name": os.path.basename(r.path), "size": os.path.getsize(r.path), "header": r.header_text}
                       for r in self.files],
-            "inv_freq": None if self.inv_freq is None else self.inv_freq.whole().tobytes().hex(),
+            "inv_freq": None if self.inv_freq is None else self.inv_freq.load().tobytes().hex(),
         }
 
 
@@ -137,7 +137,7 @@ def _check_inv_freq(tensor: SourceTensor, config: GLM4Config, config_path: str):
     if tensor.dtype not in STORAGE_DTYPES or tensor.shape != shape:
         raise ConversionError(f"{tensor.label}: is {tensor.dtype} {list(tensor.shape)}, but {config_path} implies "
                               f"a float vector of shape {list(shape)}")
-    actual = to_float32(tensor.whole(), tensor.dtype)
+    actual = to_float32(tensor.load(), tensor.dtype)
     expected = to_float32(mapping.published_inv_freq(config, tensor.dtype), tensor.dtype)
     if not np.allclose(actual, expected, rtol=2 ** -7, atol=0):
         raise ConversionError(f"{tensor.label}: does not match the rotary embedding of {config_path} "
@@ -165,11 +165,9 @@ def plan_paddle_checkpoint(source: TorchCheckpoint, dtype: str, max_shard_size: 
 
 
 def _paddle_tensor(spec: mapping.TensorSpec, source: TorchCheckpoint, dtype: str) -> OutputTensor:
-    layout = source.layout
     return OutputTensor(
-        spec.paddle, dtype, spec.shape, tuple(source.tensors[name] for name in spec.source_names(layout)),
-        forth=lambda parts, start, stop: mapping.paddle_rows(spec, parts, start, stop),
-        back=lambda written, part, start, stop: mapping.torch_rows(spec, written, layout, part, start, stop))
+        spec.paddle, dtype, spec.shape, tuple(source.tensors[name] for name in spec.source_names(source.layout)),
+        forth=lambda parts, start, stop: mapping.paddle_rows(spec, parts, start, stop))
 
 
 def convert(src: str, dst: str, dtype: str | None = None, max_shard_size: int | str = "5GB",

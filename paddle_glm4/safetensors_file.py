@@ -130,8 +130,8 @@ class SafetensorsReader:
             self._fail(f"truncated: tensor {name!r} has {got} of its {end - begin} bytes")
         return array
 
-    def view(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Rows [start, stop) of the tensor (all by default), memory-mapped read-only instead of copied.
+    def view(self, name: str) -> np.ndarray:
+        """The tensor memory-mapped read-only instead of copied.
 
         The pages are the page cache's own, faulted in as they are touched, and unmapped when the array
         (and every view of it) is dropped; so mapping one tensor at a time bounds memory to one tensor.
@@ -139,16 +139,12 @@ class SafetensorsReader:
         """
         code, shape, begin, end = self._entry(name)
         dtype = DTYPES[code][1]
-        rows = shape[0] if shape else 1
-        stop = rows if stop is None else min(stop, rows)
-        row_bytes = (end - begin) // rows if rows else 0
-        first, length = self._data_start + begin + start * row_bytes, (stop - start) * row_bytes
-        out_shape = (stop - start, *shape[1:]) if shape else ()
-        if length <= 0:
-            return np.empty(out_shape, dtype)
+        if end == begin:
+            return np.empty(shape, dtype)
+        first = self._data_start + begin
         skip = first % mmap.ALLOCATIONGRANULARITY  # mappings start at a page boundary
-        mapped = mmap.mmap(self._file.fileno(), skip + length, offset=first - skip, access=mmap.ACCESS_READ)
-        return np.frombuffer(mapped, dtype, count=length // dtype.itemsize, offset=skip).reshape(out_shape)
+        mapped = mmap.mmap(self._file.fileno(), skip + end - begin, offset=first - skip, access=mmap.ACCESS_READ)
+        return np.frombuffer(mapped, dtype, count=(end - begin) // dtype.itemsize, offset=skip).reshape(shape)
 
     def close(self):
         self._file.close()
