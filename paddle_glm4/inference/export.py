@@ -169,8 +169,9 @@ def export_model(model_dir: str, out_dir: str, dtype: str | None = None, max_seq
     if progress:
         print(f"tracing the model and saving the program to {out_dir}", file=sys.stderr, flush=True)
     with warnings.catch_warnings():
-        # the math attention asks for `contiguous`, which static graphs do not need; nothing to act on
-        warnings.filterwarnings("ignore", message=".*contiguous.*")
+        # Paddle remarks on its own calls while tracing (`contiguous`, `place` have no meaning in a static
+        # graph); nothing here to act on
+        warnings.filterwarnings("ignore", category=UserWarning, module="paddle")
         static = paddle.jit.to_static(program, input_spec=program.input_spec(), full_graph=True)
         paddle.jit.save(static, os.path.join(out_dir, PROGRAM))
     for name in TOKENIZER_FILES:

@@ -1,0 +1,254 @@
+"""Paddle Inference deployment: the exported program and its Predictor against the dynamic-graph model.
+
+One small GLM-4 (random weights, the small vocabulary's special ids) is saved as a checkpoint and exported
+twice: float32 weights, and bf16 weights (computed in float32 on CPU).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import paddle
+import pytest
+
+from conftest import paddle_model, small_config
+from paddle_glm4.demo import random_weights
+from paddle_glm4.generation import ModelSession
+from paddle_glm4.inference import ExportError, Predictor, export_model
+from paddle_glm4.inference.manifest import MANIFEST_NAME
+from paddle_glm4.small_vocab import write_small_vocabulary
+from paddle_glm4.tokenizer import GLM4Tokenizer
+from test_model import left_padded
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAX_SEQ_LEN = 96
+NEW = 16
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """(config, dynamic model, checkpoint dir, float32 export dir, bf16 export dir)."""
+    root = tmp_path_factory.mktemp("inference")
+    checkpoint = str(root / "checkpoint")
+    tokenizer = GLM4Tokenizer.from_pretrained(write_small_vocabulary(checkpoint))
+    config = small_config(vocab_size=tokenizer.vocab_size, rope_ratio=500.0, seq_length=128,
+                          eos_token_id=tokenizer.stop_token_ids, pad_token_id=tokenizer.pad_token_id)
+    model = paddle_model(config, dict(random_weights(config, seed=3)))
+    model.save_pretrained(checkpoint)
+    exports = {dtype: str(root / f"export_{dtype}") for dtype in ("float32", "bfloat16")}
+    for dtype, out in exports.items():
+        export_model(checkpoint, out, dtype=dtype, max_seq_len=MAX_SEQ_LEN, progress=False)
+    return config, model, checkpoint, exports["float32"], exports["bfloat16"]
+
+
+@pytest.fixture(scope="module")
+def predictor(built):
+    return Predictor(built[3])
+
+
+def prompts(lengths=(5, 11, 1, 8), seed=0):
+    # ids below 256 are plain bytes of the small vocabulary: no special token, no stop id
+    return [np.random.RandomState(seed + n).randint(3, 256, n).astype("int64") for n in lengths]
+
+
+def session_logits(session, ids, mask, steps):
+    """Logits [b, vocab] after the prompt, then after each of `steps` greedy tokens of the session itself."""
+    out = [session.prefill(paddle.to_tensor(ids), None if mask is None else paddle.to_tensor(mask), None,
+                           ids.shape[1] + steps).numpy()]
+    for _ in range(steps):
+        out.append(session.step(paddle.to_tensor(out[-1].argmax(-1))).numpy())
+    return np.stack(out, axis=1)
+
+
+def test_float32_predictor_equals_the_dynamic_model_alone_and_batched(built, predictor):
+    _, model, *_ = built
+    ps = prompts()
+    for p in ps:
+        ids, scores = predictor.generate(p, max_new_tokens=NEW, eos_token_id=[])
+        ref_ids, ref_scores = model.generate(p, max_new_tokens=NEW, eos_token_id=[])
+        assert ids.numpy().tolist() == ref_ids.numpy().tolist()
+        assert abs(float(scores[0, 0]) - float(ref_scores[0, 0])) < 1e-3
+        ours, ref = (session_logits(s, p[None], None, 6) for s in (predictor.session(), ModelSession(model)))
+        np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+    batch, mask = left_padded(ps, 0)
+    ids, _ = predictor.generate(batch, attention_mask=mask, max_new_tokens=NEW, eos_token_id=[])
+    ref_ids, _ = model.generate(batch, attention_mask=mask, max_new_tokens=NEW, eos_token_id=[])
+    assert ids.numpy().tolist() == ref_ids.numpy().tolist()
+    ours, ref = (session_logits(s, batch, mask, 6) for s in (predictor.session(), ModelSession(model)))
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+
+
+def test_bfloat16_export_stays_close_to_the_float32_model(built):
+    _, model, _, _, bf16_dir = built
+    predictor = Predictor(bf16_dir, precision="bfloat16")
+    assert predictor.manifest.dtype == "bfloat16" and predictor.manifest.compute_dtype == "float32"
+    params = os.path.join(bf16_dir, "glm4.pdiparams")
+    assert os.path.getsize(params) < 0.6 * os.path.getsize(params.replace("bfloat16", "float32"))
+    for p in prompts((7, 12)):
+        ids, _ = predictor.generate(p, max_new_tokens=8, eos_token_id=[])
+        ref_ids, _ = model.generate(p, max_new_tokens=8, eos_token_id=[])
+        assert ids.numpy().tolist() == ref_ids.numpy().tolist()
+        ours, ref = (session_logits(s, p[None], None, 8) for s in (predictor.session(), ModelSession(model)))
+        assert np.abs(ours - ref).max() / np.abs(ref).max() <= 2e-2
+
+
+def test_prompts_of_any_length_run_through_one_export(built, predictor):
+    _, model, *_ = built
+    for p in prompts((1, 2, 17, 40, MAX_SEQ_LEN - 1)):
+        logits = predictor.session().prefill(paddle.to_tensor(p[None]), None, None, len(p) + 1).numpy()
+        full = model(paddle.to_tensor(p[None])).logits.numpy()[:, -1]
+        np.testing.assert_allclose(logits, full, atol=1e-4, rtol=0)
+
+
+def test_decode_step_k_equals_the_full_forward_at_position_k(built, predictor, monkeypatch):
+    _, model, *_ = built
+    sequence = prompts((30,))[0]
+    prompt, capacity = 4, len(sequence)
+    shapes = []
+    run = predictor.run
+    monkeypatch.setattr(predictor, "run", lambda *args: shapes.append(args[4][0].shape) or run(*args))
+    session = predictor.session()
+    full = model(paddle.to_tensor(sequence[None])).logits.numpy()[0]
+    logits = session.prefill(paddle.to_tensor(sequence[None, :prompt]), None, None, capacity)
+    np.testing.assert_allclose(logits.numpy()[0], full[prompt - 1], atol=1e-4, rtol=0)
+    for k in range(prompt, capacity):
+        logits = session.step(paddle.to_tensor(sequence[k:k + 1]))
+        np.testing.assert_allclose(logits.numpy()[0], full[k], atol=1e-4, rtol=0)
+    # every decode step sees the whole preallocated cache: the same shapes, so the same cost, at each step
+    assert shapes[0][1] == prompt and {tuple(s) for s in shapes[1:]} == {(1, capacity, 2, 16)}
+    # the program wrote each step's keys into the caller's buffers, in place
+    assert float(session.cache.keys[0][0, capacity - 1].abs().sum()) > 0
+
+
+def test_sampling_and_stopping_follow_the_shared_decode_loop(built, predictor):
+    config, model, *_ = built
+    p = prompts((6,))[0]
+    kwargs = dict(max_new_tokens=NEW, do_sample=True, temperature=0.9, top_k=50, top_p=0.95, seed=11)
+    assert predictor.generate(p, **kwargs)[0].numpy().tolist() == model.generate(p, **kwargs)[0].numpy().tolist()
+    free, _ = model.generate(p, max_new_tokens=NEW, eos_token_id=[])
+    stop = [int(free[0, 5]), int(free[0, 9])]
+    ids, _ = predictor.generate(p, max_new_tokens=NEW, eos_token_id=stop)
+    assert ids.numpy().tolist() == model.generate(p, max_new_tokens=NEW, eos_token_id=stop)[0].numpy().tolist()
+    assert int(ids[0, -1]) in stop
+
+    class Collect:
+        cancelled, tokens = False, []
+
+        def put(self, tokens):
+            self.tokens.append(int(tokens[0]))
+
+        def end(self):
+            pass
+
+    streamer = Collect()
+    ids, _ = predictor.generate(p, max_new_tokens=NEW, eos_token_id=[], streamer=streamer)
+    assert streamer.tokens == ids.numpy()[0].tolist()
+    with pytest.raises(ValueError, match="context"):
+        predictor.generate(prompts((MAX_SEQ_LEN - 4,))[0], max_new_tokens=8)
+
+
+def test_export_refuses_bad_input_with_a_clear_message(built, tmp_path):
+    config, _, checkpoint, f32_dir, _ = built
+    out = str(tmp_path / "out")
+    with pytest.raises(ExportError, match="no such directory"):
+        export_model(str(tmp_path / "missing"), out)
+    with pytest.raises(ExportError, match="no config.json"):
+        export_model(str(tmp_path), out)
+    published = tmp_path / "published"
+    published.mkdir()
+    (published / "config.json").write_text(json.dumps({**config.to_published_dict()}))
+    with pytest.raises(ExportError, match="not a converted checkpoint.*chatglm"):
+        export_model(str(published), out)
+    with pytest.raises(ExportError, match="already an export directory"):
+        export_model(f32_dir, out)
+    with pytest.raises(ExportError, match="dtype must be one of"):
+        export_model(checkpoint, out, dtype="int8")
+    with pytest.raises(ExportError, match="exceeds the model's context"):
+        export_model(checkpoint, out, max_seq_len=config.seq_length + 1)
+    assert not os.path.exists(out)
+
+
+def test_predictor_refuses_incomplete_or_foreign_exports(built, tmp_path):
+    _, _, checkpoint, f32_dir, _ = built
+    with pytest.raises(ExportError, match="holds a checkpoint; export it first"):
+        Predictor(checkpoint)
+    broken = str(tmp_path / "broken")
+    shutil.copytree(f32_dir, broken)
+    os.unlink(os.path.join(broken, "glm4.pdiparams"))
+    with pytest.raises(ExportError, match="glm4.pdiparams is missing"):
+        Predictor(broken)
+    shutil.copytree(f32_dir, broken, dirs_exist_ok=True)
+    manifest = os.path.join(broken, MANIFEST_NAME)
+    data = json.load(open(manifest))
+    with open(manifest, "w") as f:
+        json.dump({**data, "format_version": 99}, f)
+    with pytest.raises(ExportError, match="format version 99"):
+        Predictor(broken)
+    os.unlink(manifest)
+    with pytest.raises(ExportError, match="incomplete"):
+        Predictor(broken)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        Predictor(f32_dir, precision="int8")
+    with pytest.raises(ValueError, match="needs a GPU"):
+        Predictor(f32_dir, precision="float16")
+    if not paddle.base.core.supports_bfloat16():
+        with pytest.raises(ValueError, match="needs AVX-512"):
+            Predictor(f32_dir, precision="bfloat16")
+
+
+def run_python(*args):
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+
+
+def test_cli_export_then_generate_with_a_clean_stdout(built, tmp_path):
+    _, model, checkpoint, *_ = built
+    out = str(tmp_path / "cli_export")
+    export = ("-m", "paddle_glm4.inference", "export", "--model", checkpoint, "--out", out, "--max-seq-len")
+    done = run_python(*export, "64")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "" and "exported to" in done.stderr
+    prompt = "The weather today"
+    done = run_python("-m", "paddle_glm4", "generate", "--model", out, "--engine", "inference", "--prompt", prompt,
+                      "--max-new-tokens", "12", "--greedy")
+    assert done.returncode == 0, done.stderr
+    tokenizer = GLM4Tokenizer.from_pretrained(checkpoint)
+    ids, _ = model.generate([tokenizer.encode(prompt)], max_new_tokens=12)
+    expected = tokenizer.decode([t for t in ids.numpy()[0] if t not in tokenizer.stop_token_ids],
+                                skip_special_tokens=True)
+    assert done.stdout == expected + "\n"  # the generated text, and nothing Paddle printed
+    bad = run_python(*export, "999")
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: max_seq_len 999 exceeds")
+
+
+@pytest.mark.gpu
+def test_gpu_predictor_generates_what_the_cpu_one_does(built):
+    _, _, _, f32_dir, _ = built
+    p = prompts((9,))[0]
+    gpu, cpu = Predictor(f32_dir, device="gpu"), Predictor(f32_dir)
+    ids = [predictor.generate(p, max_new_tokens=8)[0].numpy().tolist() for predictor in (gpu, cpu)]
+    assert ids[0] == ids[1]
+
+
+def test_what_paddle_prints_while_preparing_a_program_goes_to_stderr(built):
+    # oneDNN (used for its bf16 mode) prints kernel checks to C's stdout at a program's first run
+    code = f"""
+import paddle, paddle.inference as pi
+from paddle_glm4.inference.predictor import _stdout_to_stderr
+config = pi.Config({os.path.join(built[3], "glm4.json")!r}, {os.path.join(built[3], "glm4.pdiparams")!r})
+config.enable_mkldnn()
+config.disable_glog_info()
+empty = [paddle.zeros([1, 1, 2, 16]) for _ in range(4)]
+with _stdout_to_stderr():
+    predictor = pi.create_predictor(config)
+    predictor.run([paddle.zeros([1, 1], dtype="int64"), paddle.zeros([1, 1], dtype="int64"),
+                   paddle.to_tensor(0, dtype="int64"), paddle.ones([1, 1], dtype="bool"), *empty])
+print("generated text")
+"""
+    done = run_python("-c", code)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "generated text\n"
+    assert "OneDNN" in done.stderr  # it was printed, to stderr
