@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import paddle
+import paddle.nn.functional as F
 from paddle import nn
 
 from . import checkpoint, generation, ops
@@ -55,26 +56,26 @@ class Attention(nn.Layer):
         self.o_proj = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias_attr=False)
 
     def forward(self, x, rope, mask, is_causal: bool, cache: KVCache | None, start: int):
-        d = self.head_dim
-        q, k, v = paddle.split(self.qkv_proj(x), [self.heads * d, self.groups * d, self.groups * d], axis=-1)
-        q = self.kernels.apply_rotary(q.reshape([0, 0, self.heads, d]), rope)     # [b, s, h, d]
-        k = self.kernels.apply_rotary(k.reshape([0, 0, self.groups, d]), rope)    # [b, s, g, d]
-        v = v.reshape([0, 0, self.groups, d])
+        d, h, g = self.head_dim, self.heads, self.groups
+        qk, v = paddle.split(self.qkv_proj(x), [(h + g) * d, g * d], axis=-1)
+        # queries and keys rotate together, in one call
+        q, k = paddle.split(self.kernels.apply_rotary(qk.reshape([0, 0, h + g, d]), rope), [h, g], axis=2)
+        v = v.reshape([0, 0, g, d])                                                # q [b, s, h, d]; k, v [b, s, g, d]
         if cache is not None:
             k, v = cache.update(self.layer_idx, start, k, v)                       # [b, L, g, d]
         out = ops.attention(q, k, v, mask, is_causal)                              # [b, s, h, d]
-        return self.o_proj(out.reshape([0, 0, self.heads * d]))
+        return self.o_proj(out.reshape([0, 0, h * d]))
 
 
 class MLP(nn.Layer):
-    def __init__(self, config: GLM4Config, kernels: ops.Kernels):
+    def __init__(self, config: GLM4Config):
         super().__init__()
-        self.kernels = kernels
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias_attr=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias_attr=False)
 
     def forward(self, x):
-        return self.down_proj(self.kernels.swiglu(self.gate_up_proj(x)))
+        # [H] -> [gate | up], silu(gate) * up -> [H]
+        return self.down_proj(F.swiglu(self.gate_up_proj(x)))
 
 
 class GLM4Block(nn.Layer):
@@ -85,7 +86,7 @@ class GLM4Block(nn.Layer):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels)
         self.self_attn = Attention(config, layer_idx, kernels)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels)
-        self.mlp = MLP(config, kernels)
+        self.mlp = MLP(config)
 
     def forward(self, x, rope, mask, is_causal, cache, start):
         x = x + self.self_attn(self.input_layernorm(x), rope, mask, is_causal, cache, start)
@@ -157,7 +158,8 @@ class GLM4ForCausalLM(nn.Layer):
             logits = paddle.matmul(hidden, self.model.embed_tokens.weight, transpose_y=True)
         else:
             logits = self.lm_head(hidden)
-        return CausalLMOutput(logits.astype("float32"), out.past_key_values)
+        return CausalLMOutput(logits if logits.dtype == paddle.float32 else logits.astype("float32"),
+                              out.past_key_values)
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 128, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,

@@ -2,8 +2,8 @@
 
 `kernels(fused)` is the one switch between them; the model picks once, at construction. Paddle 3.3's
 `fused_rotary_position_embedding` has no CPU kernel and its `fused_rms_norm` CPU kernel dies with SIGILL
-on CPUs without AVX-512 (this project's machines), so the fused set is for GPUs; `swiglu` has a portable
-CPU kernel, which lets the CPU tests check that piece.
+on CPUs without AVX-512 (this project's machines), so the fused set is for GPUs. SwiGLU needs no switch:
+`F.swiglu` has kernels everywhere.
 """
 
 from __future__ import annotations
@@ -18,24 +18,13 @@ import paddle.incubate.nn.functional as IF
 # ---- RMSNorm -------------------------------------------------------------------------------------------
 def rms_norm(x: paddle.Tensor, weight: paddle.Tensor, eps: float) -> paddle.Tensor:
     # statistics in fp32 whatever the activation dtype, as the reference does
-    x32 = x.astype("float32")
-    x32 = x32 * paddle.rsqrt(x32.pow(2).mean(axis=-1, keepdim=True) + eps)
-    return weight * x32.astype(x.dtype)
+    x32 = x if x.dtype == paddle.float32 else x.astype("float32")
+    x32 = x32 * paddle.rsqrt((x32 * x32).mean(axis=-1, keepdim=True) + eps)
+    return weight * (x32 if x.dtype == paddle.float32 else x32.astype(x.dtype))
 
 
 def fused_rms_norm(x: paddle.Tensor, weight: paddle.Tensor, eps: float) -> paddle.Tensor:
     return IF.fused_rms_norm(x, weight, None, eps, begin_norm_axis=x.ndim - 1)[0]
-
-
-# ---- SwiGLU --------------------------------------------------------------------------------------------
-def swiglu(gate_up: paddle.Tensor) -> paddle.Tensor:
-    """silu(first half) * second half of the last axis."""
-    gate, up = paddle.chunk(gate_up, 2, axis=-1)
-    return F.silu(gate) * up
-
-
-def fused_swiglu(gate_up: paddle.Tensor) -> paddle.Tensor:
-    return F.swiglu(gate_up)
 
 
 # ---- Rotary position embedding -------------------------------------------------------------------------
@@ -49,20 +38,24 @@ def inverse_frequencies(rotary_dim: int, base: float) -> paddle.Tensor:
 
 
 def rotary_tables(position_ids: paddle.Tensor, inv_freq: paddle.Tensor, dtype, table_len: int) -> tuple:
-    """position_ids [b, s] -> (cos, sin), each [b, s, 1, rotary_dim/2]; the 1 broadcasts over heads."""
-    angles = (position_ids.astype("float32").unsqueeze(-1) * inv_freq).unsqueeze(2)
-    return paddle.cos(angles).astype(dtype), paddle.sin(angles).astype(dtype)
+    """position_ids [b, s] -> (cos, signed sin), each [b, s, 1, rotary_dim] (the 1 broadcasts over heads).
+
+    Per dim, each pair's angle twice; the sine is negated on even dims, so that a pair (x0, x1) rotates to
+    x * cos + (x1, x0) * sin = (x0 cos - x1 sin, x1 cos + x0 sin): the reference's formula, bit for bit.
+    """
+    angles = paddle.repeat_interleave(position_ids.astype("float32").unsqueeze(-1) * inv_freq, 2, axis=-1)
+    signs = paddle.to_tensor([-1.0, 1.0], dtype="float32").tile([inv_freq.shape[0]])
+    return paddle.cos(angles).unsqueeze(2).astype(dtype), (paddle.sin(angles) * signs).unsqueeze(2).astype(dtype)
 
 
 def apply_rotary(x: paddle.Tensor, tables: tuple) -> paddle.Tensor:
     """x [b, s, h, d] -> x with its first rotary_dim dims rotated pairwise."""
-    cos, sin = tables
-    rotary_dim = cos.shape[-1] * 2
+    cos, signed_sin = tables
+    rotary_dim = cos.shape[-1]
     x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
-    pairs = x_rot.reshape([0, 0, 0, rotary_dim // 2, 2])  # 0 keeps a dim as it is (dynamic b, s)
-    even, odd = pairs[..., 0], pairs[..., 1]
-    rotated = paddle.stack([even * cos - odd * sin, odd * cos + even * sin], axis=-1)
-    return paddle.concat([rotated.reshape([0, 0, 0, rotary_dim]), x_pass], axis=-1)
+    # each pair swapped: (x0, x1) -> (x1, x0); 0 in a shape keeps that dim as it is (dynamic b, s)
+    swapped = x_rot.reshape([0, 0, 0, rotary_dim // 2, 2]).flip(-1).reshape([0, 0, 0, rotary_dim])
+    return paddle.concat([x_rot * cos + swapped * signed_sin, x_pass], axis=-1)
 
 
 def fused_rotary_tables(position_ids: paddle.Tensor, inv_freq: paddle.Tensor, dtype, table_len: int) -> tuple:
@@ -97,13 +90,12 @@ def attention(q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor, mask: paddle
 
 class Kernels(NamedTuple):
     rms_norm: Callable
-    swiglu: Callable
     rotary_tables: Callable
     apply_rotary: Callable
 
 
-PORTABLE = Kernels(rms_norm, swiglu, rotary_tables, apply_rotary)
-FUSED = Kernels(fused_rms_norm, fused_swiglu, fused_rotary_tables, fused_apply_rotary)
+PORTABLE = Kernels(rms_norm, rotary_tables, apply_rotary)
+FUSED = Kernels(fused_rms_norm, fused_rotary_tables, fused_apply_rotary)
 
 
 def kernels(fused: bool) -> Kernels:
