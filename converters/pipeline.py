@@ -40,7 +40,7 @@ from paddle_glm4.safetensors_file import SafetensorsReader, SafetensorsWriter, c
 MANIFEST = "conversion_manifest.json"
 # Copied unchanged when the source has them.
 SIDE_FILES = ("tokenizer.model", "tokenizer_config.json", "generation_config.json")
-BLOCK_BYTES = 16 << 20  # rows are produced, written and verified in blocks of about this size
+BLOCK_BYTES = 32 << 20  # rows are computed, written and verified in blocks of about this size
 # Ask the disk to start writing after this many bytes, rather than when the kernel's dirty-page limit is
 # hit: the writing then overlaps the computing, and the final fsync has little left to wait for.
 SYNC_BYTES = 256 << 20
