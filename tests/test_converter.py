@@ -20,7 +20,7 @@ import pytest
 from converters import mapping, paddle_to_torch, pipeline, torch_to_paddle
 from paddle_glm4 import GLM4Config, GLM4ForCausalLM
 from paddle_glm4.checkpoint import index_json, plan_shards
-from paddle_glm4.safetensors_file import SafetensorsReader, SafetensorsWriter, cast
+from paddle_glm4.safetensors_file import SafetensorsReader, SafetensorsWriter
 
 from checkpoint_builders import (published_state, thudm_inv_freq, torch_dtype, tree_digest, write_hf,
                                   write_published)
@@ -182,15 +182,14 @@ def test_round_trip_is_byte_identical(tmp_path, reference, dtype, sharded, monke
     torch_to_paddle.convert(str(src), str(tmp_path / "paddle"), progress=False)
     summary = paddle_to_torch.export(str(tmp_path / "paddle"), str(tmp_path / "back"), progress=False)
     assert summary.notes == ["reproduced the source's recorded file layout"]
-    assert _same_files(src, tmp_path / "back")
+    assert_same_files(src, tmp_path / "back")
 
 
-def _same_files(original: Path, copy: Path) -> bool:
+def assert_same_files(original: Path, copy: Path):
     """Every file of `original` is in `copy`, byte for byte; `copy` has only its manifest besides."""
     expected, actual = tree_digest(original), tree_digest(copy)
     assert actual.pop(pipeline.MANIFEST)
     assert actual == expected
-    return True
 
 
 def test_round_trip_through_float32_is_byte_identical(tmp_path, reference):
@@ -198,7 +197,24 @@ def test_round_trip_through_float32_is_byte_identical(tmp_path, reference):
     src = write_published(tmp_path / "src", config, state, dtype="bfloat16", max_shard_size=SHARD)
     torch_to_paddle.convert(str(src), str(tmp_path / "paddle"), dtype="float32", progress=False)
     paddle_to_torch.export(str(tmp_path / "paddle"), str(tmp_path / "back"), dtype="bfloat16", progress=False)
-    assert _same_files(src, tmp_path / "back")
+    assert_same_files(src, tmp_path / "back")
+
+
+def test_round_trip_reproduces_an_unusual_file_layout(tmp_path, reference):
+    """Byte identity does not rely on the source being written the usual way: its layout is recorded."""
+    config, _, state, _ = reference
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(config.to_published_dict(), indent=4))
+    torch_state = {name: tensor.numpy() for name, tensor in published_state(config, state, "float32").items()}
+    names = sorted(torch_state, reverse=True)  # neither module nor alphabetical order
+    with SafetensorsWriter(str(src / "model.safetensors"), [(n, "float32", torch_state[n].shape) for n in names],
+                           metadata={"creator": "someone else"}) as writer:
+        for name in names:
+            writer.write(name, torch_state[name])
+    torch_to_paddle.convert(str(src), str(tmp_path / "paddle"), progress=False)
+    paddle_to_torch.export(str(tmp_path / "paddle"), str(tmp_path / "back"), progress=False)
+    assert_same_files(src, tmp_path / "back")
 
 
 def test_canonical_layout_is_what_transformers_writes(tmp_path, reference):
