@@ -14,6 +14,10 @@ computes any block of its rows. The engine owns the rest:
 - safety: everything is built in a temporary directory beside the destination, verified, flushed to
   disk, and only then renamed into place; on any error or interrupt the temporary directory is removed,
   so the destination is either untouched or complete. Sources are only ever opened for reading.
+
+Every output directory gets `conversion_manifest.json`: what the direction records ("tool", "source",
+"output", and for a published source "published_layout", see torch_to_paddle), "verified", and "sha256":
+{file name: sha256} of every other file in the directory.
 """
 
 from __future__ import annotations
