@@ -191,16 +191,6 @@ def detect_layout(names) -> str:
                      f"layout (first names: {sample})")
 
 
-def expected_inv_freq(config: GLM4Config) -> np.ndarray:
-    """What the published checkpoint stores as `rotary_pos_emb.inv_freq`: 1 / 10000^(2i / rotary_dim).
-
-    THUDM's code registers this buffer with the base 10000 (rope_ratio is applied only when it builds the
-    angle cache, which it recomputes in fp32), and in the checkpoint's dtype, so compare with bf16 slack.
-    """
-    exponents = np.arange(0, config.rotary_dim, 2, dtype=np.float32) / np.float32(config.rotary_dim)
-    return (1.0 / np.power(np.float32(10000.0), exponents)).astype(np.float32)
-
-
 def published_inv_freq(config: GLM4Config, dtype: str) -> np.ndarray:
     """`rotary_pos_emb.inv_freq` exactly as THUDM's code computes it in `dtype` (numpy; bf16 as uint16 bits).
 
