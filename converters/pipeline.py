@@ -183,9 +183,9 @@ def build(dst: str, plan: Plan, overwrite: bool, verify: bool, progress: bool) -
     """
     dst = os.path.abspath(dst)
     parent = os.path.dirname(dst)
-    created = _make_directories(parent)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.", suffix=".partial", dir=parent)
+    created, staging = _make_directories(parent), None
     try:
+        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.", suffix=".partial", dir=parent)
         digests, heads = {}, {}
         total = sum(t.nbytes for f in plan.files for t in f.tensors)
         with tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=not progress or None) as bar, \
@@ -207,7 +207,8 @@ def build(dst: str, plan: Plan, overwrite: bool, verify: bool, progress: bool) -
         _sync_directory(staging)
         _publish(staging, dst, overwrite)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
         for directory in reversed(created):
             with contextlib.suppress(OSError):  # someone else put something there meanwhile: keep it
                 os.rmdir(directory)
