@@ -12,7 +12,7 @@ import sys
 import time
 
 from .cli_errors import run_cli
-from .engine import ENGINES
+from .engine import add_engine_arguments
 
 
 # ---- helpers ------------------------------------------------------------------------------------------
@@ -142,18 +142,8 @@ def cmd_demo(args) -> int:
 
 
 # ---- argument parsing -----------------------------------------------------------------------------------
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, metavar="DIR",
-                        help="a converted checkpoint directory (made by `glm4 convert`), or a Paddle Inference "
-                             "export directory with --engine inference")
-    parser.add_argument("--tokenizer", metavar="DIR",
-                        help="directory with tokenizer.model and tokenizer_config.json (default: --model)")
-    parser.add_argument("--engine", choices=ENGINES, default="dynamic",
-                        help="dynamic: the Paddle dynamic-graph model (default); inference: a Paddle Inference "
-                             "predictor over an export directory")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                        help="compute dtype (default: float32 on CPU, the checkpoint's dtype on GPU; with "
-                             "--engine inference, the predictor's precision)")
+def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+    add_engine_arguments(parser)
     parser.add_argument("--max-new-tokens", type=int, default=256, metavar="N",
                         help="most tokens to generate per answer (default: 256)")
     parser.add_argument("--temperature", type=float, metavar="T",
@@ -176,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="continue a prompt, streaming the text to stdout",
                                    description="Continue a prompt (after GLM-4's [gMASK]<sop> prefix) and stream "
                                                "the text to stdout; prefill and decode speed go to stderr.")
-    add_model_arguments(generate)
+    add_generation_arguments(generate)
     generate.add_argument("--prompt", required=True, metavar="TEXT", help="the text to continue")
     generate.set_defaults(handler=cmd_generate)
 
@@ -184,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                                description="Chat with the model: one user turn per line on stdin (a terminal or a "
                                            "pipe); answers stream to stdout. /reset clears the history, /exit or "
                                            "Ctrl-D quits, Ctrl-C interrupts an answer.")
-    add_model_arguments(chat)
+    add_generation_arguments(chat)
     chat.add_argument("--system", metavar="TEXT", help="a system message that starts (and survives /reset in) "
                       "the conversation")
     chat.add_argument("--verbose", action="store_true", help="print the speed of each answer to stderr")

@@ -6,11 +6,27 @@ Both engines offer the same `generate(...)` (see GLM4ForCausalLM.generate), `con
 
 from __future__ import annotations
 
+import argparse
 import os
 
 from .cli_errors import UsageError
 
 ENGINES = ("dynamic", "inference")
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that choose what `load_engine` loads (shared by `glm4 generate`, `chat` and `serve`)."""
+    parser.add_argument("--model", required=True, metavar="DIR",
+                        help="a converted checkpoint directory (made by `glm4 convert`), or a Paddle Inference "
+                             "export directory with --engine inference")
+    parser.add_argument("--tokenizer", metavar="DIR",
+                        help="directory with tokenizer.model and tokenizer_config.json (default: --model)")
+    parser.add_argument("--engine", choices=ENGINES, default="dynamic",
+                        help="dynamic: the Paddle dynamic-graph model (default); inference: a Paddle Inference "
+                             "predictor over an export directory")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                        help="compute dtype (default: float32 on CPU, the checkpoint's dtype on GPU; with "
+                             "--engine inference, the predictor's precision)")
 
 
 def load_engine(model_dir: str, engine: str = "dynamic", dtype: str | None = None, tokenizer_dir: str | None = None):

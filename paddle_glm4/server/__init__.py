@@ -12,22 +12,13 @@ import socket
 import sys
 
 from ..cli_errors import EXIT_ERROR, UsageError
-from ..engine import ENGINES
+from ..engine import add_engine_arguments
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, metavar="DIR",
-                        help="a converted checkpoint directory (made by `glm4 convert`), or a Paddle Inference "
-                             "export directory with --engine inference")
-    parser.add_argument("--tokenizer", metavar="DIR",
-                        help="directory with tokenizer.model and tokenizer_config.json (default: --model)")
-    parser.add_argument("--engine", choices=ENGINES, default="dynamic",
-                        help="dynamic: the Paddle dynamic-graph model (default); inference: a Paddle Inference "
-                             "predictor over an export directory")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                        help="compute dtype (default: float32 on CPU, the checkpoint's dtype on GPU)")
+    add_engine_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 opens the "
                              "server to the network, so set --api-key)")
