@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "in float32 whatever this is, a program exported on a GPU computes in it")
     export.add_argument("--max-seq-len", type=int, metavar="N",
                         help="the longest prompt + generation the export accepts (default: the config's "
-                             "seq_length, at most 8192); the KV cache and each decode step scale with it")
+                             "seq_length)")
     return parser
 
 

@@ -8,7 +8,9 @@ parameters between predictors of different programs.
 The cache goes in and out explicitly: per layer, keys and values [b, L, g, d] are inputs that the program
 writes in place at the new tokens' slots (Paddle Inference shares input tensors passed to
 `predictor.run([...])` with the caller, and the write is an in-place `set_value`), then attends over all L
-slots under a mask. A decode step therefore has the same shapes, and the same cost, at every step.
+slots under a mask. The predictor allocates the cache once per generation, for the prompt and every new
+token (at most the export's max_seq_len), so a decode step has the same shapes, and the same cost, at every
+step of it: step 1000 costs what step 1 does.
 """
 
 from __future__ import annotations
@@ -30,11 +32,6 @@ from ..config import CONFIG_NAME, MODEL_TYPE, STORAGE_DTYPES, GLM4Config
 from ..device import on_gpu
 from ..model import GLM4ForCausalLM, RMSNorm
 from .manifest import MANIFEST_NAME, PROGRAM, TOKENIZER_FILES, ExportError, Manifest, input_names
-
-# A cache as long as GLM-4's whole context costs memory and per-step time in proportion, so the default
-# is shorter; --max-seq-len raises it up to the config's seq_length.
-DEFAULT_MAX_SEQ_LEN = 8192
-
 
 class CacheSlots:
     """The cache the blocks see inside the program (the dynamic model's KVCache has the same `update`)."""
@@ -81,13 +78,12 @@ class StepProgram(nn.Layer):
 
     def input_spec(self) -> list:
         config = self.model.config
-        cache = lambda name: InputSpec([None, None, config.num_key_value_heads, config.head_dim],  # noqa: E731
-                                       self.compute_dtype, name)
-        names = input_names(config.num_hidden_layers)
-        layers = config.num_hidden_layers
+        layers, names = config.num_hidden_layers, input_names(config.num_hidden_layers)
+        cache = [InputSpec([None, None, config.num_key_value_heads, config.head_dim], self.compute_dtype, name)
+                 for name in names[4:]]
         return [InputSpec([None, None], "int64", names[0]), InputSpec([None, None], "int64", names[1]),
                 InputSpec([], "int64", names[2]), InputSpec([None, None], "bool", names[3]),
-                [cache(name) for name in names[4:4 + layers]], [cache(name) for name in names[4 + layers:]]]
+                cache[:layers], cache[layers:]]
 
 
 class WidenedLinear(nn.Layer):
@@ -139,14 +135,13 @@ def export_model(model_dir: str, out_dir: str, dtype: str | None = None, max_seq
 
     `dtype`: how the weights are stored (default: as in the checkpoint). On CPU the program computes in
     float32 whatever the storage; on a GPU it computes in `dtype` with the fused kernels and flash attention.
-    `max_seq_len`: the longest prompt + generation the export accepts (default: the config's seq_length,
-    at most 8192).
+    `max_seq_len`: the longest prompt + generation the export accepts (default: the config's seq_length).
     """
     config = check_checkpoint(model_dir)
     dtype = dtype or config.dtype
     if dtype not in STORAGE_DTYPES:
         raise ExportError(f"dtype must be one of {STORAGE_DTYPES}, got {dtype!r}")
-    max_seq_len = max_seq_len or min(config.seq_length, DEFAULT_MAX_SEQ_LEN)
+    max_seq_len = max_seq_len or config.seq_length
     if not isinstance(max_seq_len, int) or max_seq_len < 1:
         raise ExportError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
     if max_seq_len > config.seq_length:

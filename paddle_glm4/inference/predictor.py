@@ -55,7 +55,8 @@ class Predictor:
             self._predictor = paddle_infer.create_predictor(config)
             if self._predictor.get_input_names() != self.manifest.inputs:
                 raise ExportError(f"{export_dir}: the program's inputs are not those its manifest lists")
-            self.session().prefill(paddle.zeros([1, 1], dtype="int64"), None, None, 1)  # see _stdout_to_stderr
+            if config.mkldnn_enabled():  # oneDNN prints at a program's first run: make it happen here
+                self.session().prefill(paddle.zeros([1, 1], dtype="int64"), None, None, 1)
 
     def _use_cpu(self, config, threads: int | None):
         # Paddle's own CPU kernels (MKL's GEMM) unless oneDNN's bf16 mode is asked for: on this project's CPUs
