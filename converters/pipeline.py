@@ -22,6 +22,7 @@ Every output directory gets `conversion_manifest.json`: what the direction recor
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
@@ -48,6 +49,7 @@ BLOCK_BYTES = 32 << 20  # rows are computed, written and verified in blocks of a
 # Ask the disk to start writing after this many bytes, rather than when the kernel's dirty-page limit is
 # hit: the writing then overlaps the computing, and the final fsync has little left to wait for.
 SYNC_BYTES = 256 << 20
+IN_FLIGHT = 3  # blocks between being computed and being written, hashed and verified
 
 
 class ConversionError(ValueError):
@@ -189,9 +191,12 @@ def build(dst: str, plan: Plan, overwrite: bool, verify: bool, progress: bool) -
         digests, heads = {}, {}
         total = sum(t.nbytes for f in plan.files for t in f.tensors)
         with tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=not progress or None) as bar, \
-                ThreadPoolExecutor(max_workers=4) as helpers:
+                contextlib.ExitStack() as threads:
+            # one thread per stage, so that each stage handles the blocks in order
+            stages = {name: threads.enter_context(ThreadPoolExecutor(1, thread_name_prefix=name))
+                      for name in ("write", "hash", "check", "sync")}
             for file in plan.files:
-                digests[file.name], heads[file.name] = _write_file(staging, dst, file, verify, helpers, bar)
+                digests[file.name], heads[file.name] = _write_file(staging, dst, file, verify, stages, bar)
         for name, text in plan.texts.items():
             with open(os.path.join(staging, name), "w", encoding="utf-8") as f:
                 f.write(text)
@@ -227,42 +232,46 @@ def _make_directories(path: str) -> list[str]:
     return missing[::-1]
 
 
-def _write_file(directory: str, dst: str, file: OutputFile, verify: bool, helpers: ThreadPoolExecutor,
+def _write_file(directory: str, dst: str, file: OutputFile, verify: bool, stages: dict[str, ThreadPoolExecutor],
                 bar: tqdm) -> tuple[str, bytes]:
     """Stream one weight file; returns its sha256 and the header written.
 
-    Five things overlap, on as many cores as there are: this thread computes block k; helpers write
-    block k-1, hash it, verify block k-2 (re-reading it from the file), and have the disk write out
-    what has been written so far. Each stage waits for its previous job, so few blocks are in flight.
+    This thread computes the blocks; each block then goes through the stages, each a thread of its own:
+    write it, hash it, and verify it (re-read it from the file once written). Now and then the "sync"
+    stage has the disk write out what is written so far. Up to IN_FLIGHT blocks are in the stages at once,
+    so that they all keep busy, on as many cores as there are.
     """
     path, shown = os.path.join(directory, file.name), os.path.join(dst, file.name)
     digest = hashlib.sha256()
-    writing = hashing = checking = syncing = None
-    written = None  # (offset, block, tensor name, first row) of the block handed to `writing`
-    unsynced = 0
+    in_flight = collections.deque()  # for each block handed to the stages: its jobs
+    syncing, unsynced = None, 0
     with SafetensorsWriter(path, [(t.name, t.dtype, t.shape) for t in file.tensors], file.metadata, file.header,
                            sync=False) as writer:
         try:
             digest.update(writer.head)
             offset = len(writer.head)
             for tensor, start, block in _blocks(file):
-                _wait(writing, hashing)
-                if verify and written is not None:
-                    _wait(checking)
-                    checking = helpers.submit(_check_block, path, shown, *written)
-                writing = helpers.submit(_write_block, writer, tensor.name, block)
-                hashing = helpers.submit(digest.update, block)
-                written = (offset, block, tensor.name, start)
+                writing = stages["write"].submit(_write_block, writer, tensor.name, block)
+                jobs = [writing, stages["hash"].submit(digest.update, block)]
+                if verify:
+                    jobs.append(stages["check"].submit(_check_block, writing, path, shown, offset, block,
+                                                       tensor.name, start))
+                in_flight.append(jobs)
                 offset += block.nbytes
                 bar.update(block.nbytes)
                 unsynced += block.nbytes
                 if unsynced >= SYNC_BYTES and (syncing is None or syncing.done()):
-                    syncing, unsynced = helpers.submit(os.fdatasync, writer.fileno()), 0
-            _wait(writing, hashing, checking, syncing)
-            if verify and written is not None:
-                _check_block(path, shown, *written)
-        finally:  # on errors too: no helper may still be using the file when it is closed
-            futures.wait([f for f in (writing, hashing, checking, syncing) if f is not None])
+                    syncing, unsynced = stages["sync"].submit(os.fdatasync, writer.fileno()), 0
+                while len(in_flight) > IN_FLIGHT:
+                    _wait(*in_flight.popleft())
+            while in_flight:
+                _wait(*in_flight.popleft())
+            _wait(syncing)
+        finally:  # on errors too: drop the jobs not started, and let no stage use the file once it is closed
+            pending = [job for jobs in in_flight for job in jobs] + ([syncing] if syncing else [])
+            for job in pending:
+                job.cancel()
+            futures.wait(pending)
     return digest.hexdigest(), writer.head
 
 
@@ -288,8 +297,11 @@ def _wait(*pending):
 
 
 # ---- verification -----------------------------------------------------------------------------------------
-def _check_block(path: str, shown: str, offset: int, block: np.ndarray, name: str, start: int):
-    """Re-read a block from the file and compare its bytes with the block computed from the source."""
+def _check_block(writing: futures.Future, path: str, shown: str, offset: int, block: np.ndarray, name: str,
+                 start: int):
+    """Once it is written, re-read a block from the file and compare its bytes with the block computed from
+    the source."""
+    writing.result()
     on_disk = np.memmap(path, np.uint8, mode="r", offset=offset, shape=(block.nbytes,))
     if not _same_bytes(on_disk, block.reshape(-1).view(np.uint8)):
         raise ConversionError(f"{shown}: tensor {name!r} reads back different from its source "

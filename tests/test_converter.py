@@ -160,15 +160,15 @@ def test_conversion_streams_in_blocks(tmp_path, monkeypatch):
     state = {spec.paddle: rng.standard_normal(spec.shape, dtype=np.float32) for spec in mapping.tensor_specs(config)}
     src = write_published(tmp_path / "src", config, state, side_files=False)
     largest = 65536 * 256 * 4
-    monkeypatch.setattr(pipeline, "BLOCK_BYTES", 4 << 20)
+    monkeypatch.setattr(pipeline, "BLOCK_BYTES", 2 << 20)
     tracemalloc.start()
     try:
         torch_to_paddle.convert(str(src), str(tmp_path / "dst"), progress=False)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    # in flight: a block being computed, one being written and hashed, one being verified (and its source)
-    assert peak < 5 * pipeline.BLOCK_BYTES < largest / 3, f"numpy peak {peak / 1e6:.0f} MB"
+    # the blocks in the stages, the one being computed, and a block's worth of temporaries
+    assert peak < (pipeline.IN_FLIGHT + 4) * pipeline.BLOCK_BYTES < largest / 4, f"numpy peak {peak / 1e6:.0f} MB"
     written = tensors_of(tmp_path / "dst")  # and the blocks add up to the right tensors
     assert all(np.array_equal(written[name][1], array) for name, array in state.items())
 
