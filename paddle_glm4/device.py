@@ -55,8 +55,17 @@ def prefer_mkl_avx2_on_amd() -> bool:
 prefer_mkl_avx2_on_amd()
 
 
+_cpu_threads = 1
+
+
 def use_all_cores(threads: int | None = None) -> int:
     """Paddle runs one CPU thread unless told otherwise; GEMM and GEMV scale with cores, so use them all."""
-    threads = threads or len(os.sched_getaffinity(0))
-    paddle.base.core.set_num_threads(threads)
-    return threads
+    global _cpu_threads
+    _cpu_threads = threads or len(os.sched_getaffinity(0))
+    paddle.base.core.set_num_threads(_cpu_threads)
+    return _cpu_threads
+
+
+def cpu_threads() -> int:
+    """The CPU threads Paddle's kernels run on (set by use_all_cores)."""
+    return _cpu_threads

@@ -36,6 +36,17 @@ class CausalLMOutput:
     past_key_values: KVCache | None = None
 
 
+class Linear(nn.Linear):
+    """Paddle's Linear (weight [in, out], same parameters), computed by the chosen kernels (see ops.linear)."""
+
+    def __init__(self, in_features: int, out_features: int, kernels: ops.Kernels, bias: bool = False):
+        super().__init__(in_features, out_features, bias_attr=None if bias else False)
+        self.kernels = kernels
+
+    def forward(self, x):
+        return self.kernels.linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Layer):
     def __init__(self, dim: int, eps: float, kernels: ops.Kernels):
         super().__init__()
@@ -52,8 +63,8 @@ class Attention(nn.Layer):
         self.layer_idx, self.kernels = layer_idx, kernels
         self.heads, self.groups, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         # one fused projection: [H] -> [h*d queries | g*d keys | g*d values]
-        self.qkv_proj = nn.Linear(config.hidden_size, config.qkv_size, bias_attr=None if config.attention_bias else False)
-        self.o_proj = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias_attr=False)
+        self.qkv_proj = Linear(config.hidden_size, config.qkv_size, kernels, bias=config.attention_bias)
+        self.o_proj = Linear(self.heads * self.head_dim, config.hidden_size, kernels)
 
     def forward(self, x, rope, mask, is_causal: bool, cache: KVCache | None, start: int):
         d, h, g = self.head_dim, self.heads, self.groups
@@ -68,10 +79,10 @@ class Attention(nn.Layer):
 
 
 class MLP(nn.Layer):
-    def __init__(self, config: GLM4Config):
+    def __init__(self, config: GLM4Config, kernels: ops.Kernels):
         super().__init__()
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias_attr=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias_attr=False)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, kernels)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, kernels)
 
     def forward(self, x):
         # [H] -> [gate | up], silu(gate) * up -> [H]
@@ -86,7 +97,7 @@ class GLM4Block(nn.Layer):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels)
         self.self_attn = Attention(config, layer_idx, kernels)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, kernels)
 
     def forward(self, x, rope, mask, is_causal, cache, start):
         x = x + self.self_attn(self.input_layernorm(x), rope, mask, is_causal, cache, start)
@@ -144,7 +155,7 @@ class GLM4ForCausalLM(nn.Layer):
         self.config = config
         self.model = GLM4Model(config, fused)
         if not config.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias_attr=False)
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, self.model.kernels)
         self.generation_config = GenerationConfig.from_model(config)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,

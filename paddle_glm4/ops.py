@@ -14,6 +14,32 @@ import paddle
 import paddle.nn.functional as F
 import paddle.incubate.nn.functional as IF
 
+from .device import cpu_threads
+
+
+# ---- Linear --------------------------------------------------------------------------------------------
+# A matmul of a few rows (decoding) only streams the weight through memory, and MKL's GEMV does that on one
+# core at ~18 GB/s here, while two cores read ~25 GB/s. Cutting the weight [K, N] along K into one block per
+# thread (a free view: the rows are contiguous) makes it a batched matmul, which Paddle runs one block per
+# thread; the partial products are then summed. Measured on GLM-4's shapes: +15-50% GB/s at 1-8 rows, but
+# 5-10% fewer GFLOP/s than one GEMM at 512 rows, hence the row limit.
+SPLIT_MAX_ROWS = 16
+
+
+def linear(x: paddle.Tensor, weight: paddle.Tensor, bias: paddle.Tensor | None) -> paddle.Tensor:
+    """x [..., K] @ weight [K, N] (+ bias), with the weight read by every CPU thread for few rows."""
+    k, n = weight.shape
+    threads = cpu_threads()
+    rows = 1
+    for dim in x.shape[:-1]:
+        rows *= dim
+    if threads == 1 or rows > SPLIT_MAX_ROWS or k % threads or not paddle.in_dynamic_mode():
+        return F.linear(x, weight, bias)
+    blocks = x.reshape([rows, threads, k // threads]).transpose([1, 0, 2])             # [T, rows, K/T]
+    out = paddle.matmul(blocks, weight.reshape([threads, k // threads, n])).sum(axis=0)  # [rows, N]
+    out = out.reshape([*x.shape[:-1], n])
+    return out if bias is None else out + bias
+
 
 # ---- RMSNorm -------------------------------------------------------------------------------------------
 def rms_norm(x: paddle.Tensor, weight: paddle.Tensor, eps: float) -> paddle.Tensor:
@@ -89,13 +115,14 @@ def attention(q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor, mask: paddle
 
 
 class Kernels(NamedTuple):
+    linear: Callable
     rms_norm: Callable
     rotary_tables: Callable
     apply_rotary: Callable
 
 
-PORTABLE = Kernels(rms_norm, rotary_tables, apply_rotary)
-FUSED = Kernels(fused_rms_norm, fused_rotary_tables, fused_apply_rotary)
+PORTABLE = Kernels(linear, rms_norm, rotary_tables, apply_rotary)
+FUSED = Kernels(F.linear, fused_rms_norm, fused_rotary_tables, fused_apply_rotary)
 
 
 def kernels(fused: bool) -> Kernels:

@@ -93,8 +93,12 @@ def reference_logits(model, input_ids: np.ndarray, attention_mask: np.ndarray | 
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _quiet_and_deterministic():
+def _like_production():
+    """Every core, as from_pretrained sets it: the model's kernels split small matmuls across threads."""
+    from paddle_glm4.device import use_all_cores
+
     os.environ.setdefault("GLOG_minloglevel", "2")
+    use_all_cores(max(2, len(os.sched_getaffinity(0))))
     yield
 
 

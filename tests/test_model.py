@@ -149,6 +149,20 @@ def test_logits_to_keep_returns_the_last_positions_only():
     assert np.abs(last[:, 0] - logits(model, ids)[:, -1]).max() <= 1e-5
 
 
+def test_linear_split_across_threads_equals_one_matmul():
+    from paddle_glm4.device import cpu_threads
+
+    assert cpu_threads() >= 2  # (conftest) so that the split path runs
+    weight, bias = paddle.randn([96, 40]), paddle.randn([40])
+    for shape in ([1, 1, 96], [2, 3, 96], [4, 4, 96], [1, 40, 96]):  # few rows (split) and many (one GEMM)
+        x = paddle.randn(shape)
+        expected = paddle.nn.functional.linear(x, weight, bias).numpy()
+        np.testing.assert_allclose(ops.linear(x, weight, bias).numpy(), expected, rtol=1e-5, atol=1e-5)
+    odd = paddle.randn([95, 40])  # K not divisible by the threads: one GEMM
+    x = paddle.randn([1, 1, 95])
+    np.testing.assert_allclose(ops.linear(x, odd, None).numpy(), (x @ odd).numpy(), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.gpu
 def test_fused_gpu_kernels_agree_with_portable_ones():
     x = paddle.randn([2, 5, 64])
