@@ -6,10 +6,12 @@ every engine computes with the same numbers. Each engine runs in a fresh process
 its own), one after the other:
 - torch:            transformers' GlmForCausalLM.generate, fp32, all cores;
 - paddle:           our dynamic-graph GLM4ForCausalLM.generate, fp32;
-- inference-fp32 /
-  inference-bf16:   our Paddle Inference predictor (static export), oneDNN fp32 / bf16.
+- inference-fp32:   our Paddle Inference predictor (static export) with float32 weights, Paddle's CPU kernels;
+- inference-bf16:   the same with bf16-stored weights, widened to float32 where used (this CPU has no
+                    AVX-512, so oneDNN's bf16 mode is not available; see the README).
 Figures, each the median of several runs after a warm-up: decode tokens/s at batch 1 and 8 after a
-128-token prompt (greedy, no early stop), prefill tokens/s of a 512-token prompt, peak RSS.
+128-token prompt (greedy, no early stop), prefill tokens/s of a 512-token prompt, peak RSS; each of ours
+against torch, the predictor also against our dynamic graph, and against the machine's bounds.
 
     python -m benchmarks.model worker ENGINE MODEL_DIR [--quick]   (one engine; prints JSON)
 """
@@ -18,12 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENGINES = ("torch", "paddle", "inference-fp32", "inference-bf16")
@@ -166,9 +170,12 @@ def run(quick: bool = False, machine: dict | None = None) -> list[dict]:
     machine = machine or measure(quick)
     config = benchmark_config(quick)
     with tempfile.TemporaryDirectory(prefix="glm4-bench-") as workdir:
-        dirs = _make_weights(workdir, quick)
+        # in a process of its own, which returns the memory of the models it builds (at full width ~10 GB)
+        # before the engines run
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            dirs = pool.submit(_make_weights, workdir, quick).result()
         results = {engine: _run_worker(engine, dirs[engine], quick) for engine in ENGINES if engine in dirs}
-    torch = results["torch"]
+    torch, dynamic = results["torch"], results["paddle"]
     # bytes read per decoded token: every weight except the embedding table (a lookup reads one row)
     weights = sum(n for n in _parameter_counts(config).values())
     bound = {dtype: machine["read_bandwidth_gbps"] * 1e9 / (weights * size) for dtype, size in (("fp32", 4), ("bf16", 2))}
@@ -190,6 +197,15 @@ def run(quick: bool = False, machine: dict | None = None) -> list[dict]:
             _row(f"prefill vs this machine's fp32 matmul rate ({label})", r["prefill"] * flops_per_token / 1e9,
                  machine["fp32_matmul_gflops"], "torch matmul", "GFLOP/s"),
         ]
+    for engine in ("inference-fp32", "inference-bf16"):
+        if engine in results:
+            r, label = results[engine], f"Paddle Inference {engine[-4:]} vs our dynamic graph"
+            rows += [_row(f"{figure} ({label})", r[key] * scale, dynamic[key] * scale, "ours, dynamic graph", unit)
+                     for key, figure, unit, scale in (
+                         ("decode_b1", "decode tokens/s, batch 1", "tokens/s", 1),
+                         ("decode_b8", "decode tokens/s, batch 8", "tokens/s", 1),
+                         ("prefill", f"prefill tokens/s, {settings(quick)['prefill']}-token prompt", "tokens/s", 1),
+                         ("peak_rss", "peak RSS, lower is better", "GB", 1e-9))]
     rows += [_row("decode batch 1 vs the bandwidth bound (torch fp32)", torch["decode_b1"], bound["fp32"],
                   "read bandwidth / weight bytes", "tokens/s"),
              _row("prefill vs this machine's fp32 matmul rate (torch fp32)",
