@@ -11,7 +11,7 @@ import os
 import sys
 import time
 
-from .cli_errors import run_cli
+from .cli_errors import ctrl_c_cancels, run_cli
 from .engine import add_engine_arguments
 
 
@@ -60,8 +60,11 @@ def cmd_generate(args) -> int:
     ids = tokenizer.encode(args.prompt)
     streamer = TextStreamer(tokenizer, sys.stdout)
     started = time.perf_counter()
-    model.generate([ids], streamer=streamer, **sampling_kwargs(args, model.generation_config))
+    with ctrl_c_cancels(streamer):
+        model.generate([ids], streamer=streamer, **sampling_kwargs(args, model.generation_config))
     sys.stdout.write("\n")
+    if streamer.cancelled:
+        raise KeyboardInterrupt
     report_speed(len(ids), started, streamer)
     return 0
 
@@ -77,11 +80,11 @@ def cmd_chat(args) -> int:
     if interactive:
         print("chat: /reset clears the history, /exit or Ctrl-D quits, Ctrl-C stops an answer", file=sys.stderr)
     while True:
-        if interactive:
-            print("you> ", end="", file=sys.stderr, flush=True)
         try:
+            if interactive:
+                print("you> ", end="", file=sys.stderr, flush=True)
             line = sys.stdin.readline()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # Ctrl-C at the prompt leaves
             print(file=sys.stderr)
             return 0
         if not line:  # Ctrl-D / end of piped input
@@ -100,13 +103,14 @@ def cmd_chat(args) -> int:
         streamer = TextStreamer(tokenizer, sys.stdout, lstrip=True)
         started = time.perf_counter()
         try:
-            out, _ = model.generate([ids], eos_token_id=tokenizer.stop_token_ids, streamer=streamer, **kwargs)
-        except KeyboardInterrupt:
-            print("\n(answer interrupted; that turn is forgotten)", file=sys.stderr)
-            messages.pop()
-            continue
+            with ctrl_c_cancels(streamer):
+                out, _ = model.generate([ids], eos_token_id=tokenizer.stop_token_ids, streamer=streamer, **kwargs)
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
+            messages.pop()
+            continue
+        if streamer.cancelled:
+            print("\n(answer interrupted; that turn is forgotten)", file=sys.stderr)
             messages.pop()
             continue
         sys.stdout.write("\n")

@@ -144,7 +144,11 @@ def inspect(directory: str, expected_shapes: dict[str, tuple[int, ...]]) -> dict
 
 
 def read_tensors(locations: dict[str, TensorLocation], dtype: str, progress: str | None = None):
-    """Yield (name, numpy array in `dtype`) one tensor at a time, file by file (bf16 as uint16 bits)."""
+    """Yield (name, numpy array in `dtype`) one tensor at a time, file by file (bf16 as uint16 bits).
+
+    A tensor already stored in `dtype` comes memory-mapped (copy-on-write), not read: its pages are the
+    page cache's, loaded when first touched (an embedding table's unused rows never are) and shared by
+    every process that maps the file. A cast needs the data, so those tensors are read."""
     by_file = {}
     for name, loc in locations.items():
         by_file.setdefault(loc.path, []).append(name)
@@ -153,7 +157,8 @@ def read_tensors(locations: dict[str, TensorLocation], dtype: str, progress: str
         for path, names in by_file.items():
             with SafetensorsReader(path) as reader:
                 for name in names:
-                    yield name, cast(reader.read(name), locations[name].dtype, dtype)
+                    stored = locations[name].dtype
+                    yield name, reader.view(name, private=True) if stored == dtype else cast(reader.read(name), stored, dtype)
                     bar.update(locations[name].nbytes)
 
 

@@ -130,8 +130,9 @@ class SafetensorsReader:
             self._fail(f"truncated: tensor {name!r} has {got} of its {end - begin} bytes")
         return array
 
-    def view(self, name: str) -> np.ndarray:
-        """The tensor memory-mapped read-only instead of copied.
+    def view(self, name: str, private: bool = False) -> np.ndarray:
+        """The tensor memory-mapped instead of copied: read-only, or with `private` writable copy-on-write
+        (writes stay in this process, never reach the file; what a zero-copy hand-over to Paddle needs).
 
         The pages are the page cache's own, faulted in as they are touched, and unmapped when the array
         (and every view of it) is dropped; so mapping one tensor at a time bounds memory to one tensor.
@@ -143,7 +144,8 @@ class SafetensorsReader:
             return np.empty(shape, dtype)
         first = self._data_start + begin
         skip = first % mmap.ALLOCATIONGRANULARITY  # mappings start at a page boundary
-        mapped = mmap.mmap(self._file.fileno(), skip + end - begin, offset=first - skip, access=mmap.ACCESS_READ)
+        access = mmap.ACCESS_COPY if private else mmap.ACCESS_READ
+        mapped = mmap.mmap(self._file.fileno(), skip + end - begin, offset=first - skip, access=access)
         return np.frombuffer(mapped, dtype, count=(end - begin) // dtype.itemsize, offset=skip).reshape(shape)
 
     def close(self):
