@@ -179,7 +179,11 @@ def run(quick: bool = False, machine: dict | None = None) -> list[dict]:
     # bytes read per decoded token: every weight except the embedding table (a lookup reads one row)
     weights = sum(n for n in _parameter_counts(config).values())
     bound = {dtype: machine["read_bandwidth_gbps"] * 1e9 / (weights * size) for dtype, size in (("fp32", 4), ("bf16", 2))}
-    flops_per_token = 2 * weights
+    # prefill FLOPs: every layer weight multiplies every prompt token, the lm_head only the last one (the
+    # prompt's other logits are never computed); attention's own products (~2% at 512 tokens) are left out
+    head = _parameter_counts(config)["lm_head.weight"]
+    prompt = settings(quick)["prefill"]
+    flops_per_token = 2 * ((weights - head) * prompt + head) / prompt
     rows = []
     for engine, r in results.items():
         if engine == "torch":
