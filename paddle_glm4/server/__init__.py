@@ -47,7 +47,7 @@ def run(args) -> int:
         from .app import create_app
     except ImportError as err:
         raise UsageError(f"the server needs FastAPI and uvicorn ({err}); install them with "
-                         "`pip install fastapi uvicorn`") from None
+                         "`pip install 'paddle-glm4[serve]'` (or `pip install fastapi uvicorn`)") from None
     from ..engine import load_engine
 
     sock = bind(args.host, args.port)
