@@ -30,14 +30,12 @@ import numpy as np
 
 from paddle_glm4 import __version__
 from paddle_glm4.checkpoint import INDEX_FILE, index_json, inspect, parse_size, plan_shards
-from paddle_glm4.cli_errors import run_cli
 from paddle_glm4.config import CONFIG_NAME, STORAGE_DTYPES, GLM4Config
 from paddle_glm4.safetensors_file import CODE_OF, SafetensorsReader, numpy_dtype
 
-from . import mapping
+from . import cli, mapping
 from .pipeline import (MANIFEST, ConversionError, OutputFile, OutputTensor, Plan, SourceTensor, Summary, build,
-                       check_destination, copies_from, sigterm_as_interrupt,
-                       source_dtype)
+                       check_destination, copies_from, source_dtype)
 
 PUBLISHED_SHARD_SIZE = "2GB"  # what the published GLM-4 checkpoint was cut with
 NUMPY_DTYPES = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16", np.dtype(np.uint16): "bfloat16"}
@@ -214,26 +212,13 @@ def write_published_checkpoint(dst: str, config: GLM4Config,
 
 # ---- command line -------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser):
-    parser.add_argument("--src", required=True, metavar="SRC_DIR",
-                        help="the Paddle checkpoint directory (config.json and safetensors, as written by "
-                             "glm4-convert or save_pretrained). Only read, never written to.")
-    parser.add_argument("--dst", required=True, metavar="DST_DIR",
-                        help="the torch checkpoint directory to create (outside SRC_DIR), in the published "
-                             "GLM-4 layout. It is built beside it and appears only once complete and verified.")
-    parser.add_argument("--dtype", choices=STORAGE_DTYPES, default=None,
-                        help="dtype of the written weights (default: the source's). Widening is exact; "
-                             "narrowing rounds to nearest even, like torch and Paddle.")
-    parser.add_argument("--max-shard-size", default=None, metavar="SIZE",
-                        help="largest weight file to write, e.g. 2GB, 500MB. Default: if SRC_DIR was converted "
-                             "from a published checkpoint, reproduce that checkpoint's files byte for byte; "
-                             "otherwise 2GB, as the published checkpoint. Giving a size always writes the "
-                             "canonical layout.")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace DST_DIR if it already holds a checkpoint; the old one is swapped out only "
-                             "after the new one is complete and verified")
-    parser.add_argument("--no-verify", dest="verify", action="store_false",
-                        help="skip the check that re-reads every written tensor and compares it with its source "
-                             "(faster; the sha256 manifest is written either way)")
+    cli.add_source_and_destination(
+        parser, source="the Paddle checkpoint directory (config.json and safetensors, as written by glm4-convert "
+                       "or save_pretrained)",
+        destination="the torch checkpoint directory to create (outside SRC_DIR), in the published GLM-4 layout")
+    cli.add_output_options(parser, max_shard_size=None, shard_default=(
+        "if SRC_DIR was converted from a published checkpoint, reproduce that checkpoint's files byte for byte; "
+        "otherwise 2GB, as the published checkpoint. Giving a size always writes the canonical layout"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -243,14 +228,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m converters.paddle_to_torch", description="Convert a paddle_glm4 checkpoint back into "
-        "the published GLM-4 torch layout (safetensors). Streams tensor by tensor, verifies the result, and "
-        "writes it atomically: on any error DST_DIR is left as it was (exit code 2).")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    sigterm_as_interrupt()
-    return run_cli(lambda: run(args))
+    return cli.main(argv, "python -m converters.paddle_to_torch", "Convert a paddle_glm4 checkpoint back into the "
+                    "published GLM-4 torch layout (safetensors).", add_arguments, run)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import tempfile
 from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
@@ -396,10 +395,3 @@ def source_dtype(dtypes) -> str:
 def copies_from(src: str) -> dict[str, str]:
     """The side files (tokenizer, generation config) present in `src`."""
     return {name: os.path.join(src, name) for name in SIDE_FILES if os.path.isfile(os.path.join(src, name))}
-
-
-def sigterm_as_interrupt():
-    """For the command line: let `kill` (SIGTERM) clean up like Ctrl-C does, leaving no partial output."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, interrupt)

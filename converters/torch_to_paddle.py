@@ -2,6 +2,7 @@
 loads.
 
     glm4-convert --src glm-4-9b-chat --dst glm-4-9b-chat-paddle
+    glm4-convert --src glm-4-9b-chat --paddlenlp-name THUDM/glm-4-9b-chat   # for PaddleNLP's from_pretrained
     python -m converters.torch_to_paddle --src SRC --dst DST [--dtype bfloat16] [--max-shard-size 5GB]
 
 The source is the published THUDM layout or transformers' `glm` layout (told apart by the tensor names),
@@ -27,13 +28,14 @@ import numpy as np
 
 from paddle_glm4 import __version__
 from paddle_glm4.checkpoint import INDEX_FILE, SINGLE_FILE, index_json, parse_size, plan_shards, weight_map
-from paddle_glm4.cli_errors import run_cli
+from paddle_glm4.cli_errors import UsageError
 from paddle_glm4.config import CONFIG_NAME, STORAGE_DTYPES, GLM4Config
+from paddle_glm4.integrations import paddlenlp
 from paddle_glm4.safetensors_file import SafetensorsReader, to_float32
 
-from . import mapping
+from . import cli, mapping
 from .pipeline import (ConversionError, OutputFile, OutputTensor, Plan, SourceTensor, Summary, build,
-                       check_destination, copies_from, sigterm_as_interrupt, source_dtype)
+                       check_destination, copies_from, source_dtype)
 
 LAYOUT_NAMES = {"published": "published (THUDM 'chatglm')", "hf": "transformers 'glm'"}
 
@@ -198,42 +200,44 @@ def convert(src: str, dst: str, dtype: str | None = None, max_shard_size: int | 
 
 # ---- command line -------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser):
-    parser.add_argument("--src", required=True, metavar="SRC_DIR",
-                        help="the torch checkpoint directory: config.json plus model.safetensors, or shards with "
-                             "model.safetensors.index.json. The published THUDM layout and transformers' 'glm' "
-                             "layout are both detected automatically. Only read, never written to.")
-    parser.add_argument("--dst", required=True, metavar="DST_DIR",
-                        help="the Paddle checkpoint directory to create (outside SRC_DIR). It is built in a "
-                             "temporary directory beside it and appears only once complete and verified.")
-    parser.add_argument("--dtype", choices=STORAGE_DTYPES, default=None,
-                        help="dtype of the written weights (default: the source's). Widening is exact; "
-                             "narrowing rounds to nearest even, like torch and Paddle.")
-    parser.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
-                        help="largest weight file to write, e.g. 5GB, 500MB, 2GiB (default: 5GB); a tensor "
-                             "bigger than that gets a file of its own")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace DST_DIR if it already holds a checkpoint; the old one is swapped out only "
-                             "after the new one is complete and verified")
-    parser.add_argument("--no-verify", dest="verify", action="store_false",
-                        help="skip the check that re-reads every written tensor and compares it with its source "
-                             "(faster; the sha256 manifest is written either way)")
+    # --dst or --paddlenlp-name: destination() checks that exactly one is given, rather than argparse, so that a
+    # mistake there is one `error:` line like any other bad input
+    cli.add_source_and_destination(
+        parser, source="the torch checkpoint directory: config.json plus model.safetensors, or shards with "
+                       "model.safetensors.index.json. The published THUDM layout and transformers' 'glm' layout "
+                       "are both detected automatically",
+        destination="the Paddle checkpoint directory to create (outside SRC_DIR); give this or --paddlenlp-name",
+        dst_required=False)
+    parser.add_argument("--paddlenlp-name", metavar="NAME",
+                        help="instead of --dst: write the checkpoint where PaddleNLP looks for the model NAME "
+                             "(e.g. THUDM/glm-4-9b-chat), $PPNLP_HOME/models/NAME (PPNLP_HOME defaults to "
+                             "~/.paddlenlp), so that after `import paddle_glm4` PaddleNLP's "
+                             "AutoModelForCausalLM.from_pretrained(NAME) and AutoTokenizer.from_pretrained(NAME) "
+                             "load it. PaddleNLP need not be installed to convert.")
+    cli.add_output_options(parser, max_shard_size="5GB", shard_default="5GB")
+
+
+def destination(args: argparse.Namespace) -> str:
+    """The directory to create: --dst, or where PaddleNLP looks for --paddlenlp-name."""
+    if args.dst is None and args.paddlenlp_name is None:
+        raise UsageError("say where to write the checkpoint: --dst DST_DIR or --paddlenlp-name NAME")
+    if args.dst is not None and args.paddlenlp_name is not None:
+        raise UsageError("--dst and --paddlenlp-name both say where to write the checkpoint; give only one")
+    return args.dst if args.dst is not None else paddlenlp.cache_dir(args.paddlenlp_name)
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = convert(args.src, args.dst, args.dtype, args.max_shard_size, args.overwrite, args.verify)
+    summary = convert(args.src, destination(args), args.dtype, args.max_shard_size, args.overwrite, args.verify)
+    if args.paddlenlp_name is not None:
+        summary.notes.append(f"PaddleNLP: AutoModelForCausalLM.from_pretrained({args.paddlenlp_name!r}) loads it "
+                             "once paddle_glm4 is imported")
     print(summary.report())
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="glm4-convert", description="Convert a GLM-4 torch checkpoint (safetensors, published or "
-        "transformers layout) into a Paddle checkpoint for paddle_glm4. Streams tensor by tensor, verifies "
-        "the result, and writes it atomically: on any error DST_DIR is left as it was (exit code 2).")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    sigterm_as_interrupt()
-    return run_cli(lambda: run(args))
+    return cli.main(argv, "glm4-convert", "Convert a GLM-4 torch checkpoint (safetensors, published or transformers "
+                    "layout) into a Paddle checkpoint for paddle_glm4.", add_arguments, run)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import pytest
 from converters import mapping, paddle_to_torch, pipeline, torch_to_paddle
 from paddle_glm4 import GLM4Config, GLM4ForCausalLM
 from paddle_glm4.checkpoint import index_json, plan_shards
+from paddle_glm4.integrations.paddlenlp import checkpoint_dir
 from paddle_glm4.safetensors_file import SafetensorsReader, SafetensorsWriter
 
 from checkpoint_builders import (published_state, thudm_inv_freq, torch_dtype, tree_digest, write_hf,
@@ -260,6 +261,8 @@ def test_help_explains_every_flag(module, capsys):
     for flag in FLAGS:
         assert flag in text
     assert all(dtype in text for dtype in ("bfloat16", "float16", "float32")) and "default" in text
+    if module is torch_to_paddle:
+        assert "--paddlenlp-name NAME" in text and "PPNLP_HOME" in text and "AutoModelForCausalLM" in text
 
 
 def test_console_script_and_module_entry_points():
@@ -300,6 +303,40 @@ def test_overwrite_replaces_a_checkpoint_and_nothing_else(tmp_path, reference, c
     assert torch_to_paddle.main(["--src", str(src), "--dst", str(other), "--overwrite"]) == 2
     assert "does not look like a checkpoint" in capsys.readouterr().err
     assert (other / "todo.txt").read_text() == "mine"
+
+
+def test_paddlenlp_name_writes_where_paddlenlp_looks(tmp_path, reference, capsys, monkeypatch):
+    config, _, state, expected = reference
+    src = write_published(tmp_path / "src", config, state)
+    monkeypatch.setenv("PPNLP_HOME", str(tmp_path / "ppnlp"))  # PaddleNLP's cache root, read by cache_dir
+    monkeypatch.chdir(tmp_path)  # a name is also a relative path: keep any directory it names inside tmp_path
+    name = "THUDM/glm-4-9b-chat"
+    args = ["--src", str(src), "--paddlenlp-name", name]
+    assert torch_to_paddle.main(args) == 0
+    dst = tmp_path / "ppnlp" / "models" / "THUDM" / "glm-4-9b-chat"
+    assert f"from_pretrained('{name}')" in capsys.readouterr().out
+    assert checkpoint_dir(name) == str(dst)  # what the PaddleNLP integration loads for that name
+    assert np.abs(logits_of(dst) - expected).max() <= 1e-4
+    assert json.loads((dst / pipeline.MANIFEST).read_text())["verified"] is True
+    # the same refusal and --overwrite as with --dst
+    before = tree_digest(dst)
+    assert torch_to_paddle.main(args) == 2
+    assert "already exists" in capsys.readouterr().err and tree_digest(dst) == before
+    assert torch_to_paddle.main(args + ["--overwrite", "--dtype", "bfloat16"]) == 0
+    assert GLM4Config.from_pretrained(str(dst)).dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("destinations, message", [
+    ((), "--dst DST_DIR or --paddlenlp-name NAME"),
+    (("--dst", "dst", "--paddlenlp-name", "THUDM/glm-4-9b"), "give only one"),
+])
+def test_paddlenlp_name_or_dst_exactly_one(tmp_path, template, capsys, monkeypatch, destinations, message):
+    monkeypatch.setenv("PPNLP_HOME", str(tmp_path / "ppnlp"))
+    monkeypatch.chdir(tmp_path)
+    code = torch_to_paddle.main(["--src", str(template), *destinations])
+    stderr = capsys.readouterr().err
+    assert code == 2 and stderr.startswith("error: ") and stderr.count("\n") == 1 and message in stderr, stderr
+    assert os.listdir(tmp_path) == []  # neither destination created
 
 
 # ---- bad input: a clear one-line error, exit code 2, and neither --src nor --dst changed --------------------
