@@ -1,7 +1,8 @@
 """`python -m benchmarks run [--quick] [--only SECTION ...] [--readme]`
 
-Runs every benchmark section, writes benchmarks/results.json and prints one markdown table; with
---readme it also replaces the table in README.md's "Performance" section. Each figure is measured side
+Runs the benchmark sections (model, converter, tokenizer; full-depth only when named with --only), writes
+benchmarks/results.json and prints one markdown table; with --readme it also replaces the table in README.md's
+"Performance" section. Each figure is measured side
 by side with its peer in the same run and reported with the ratio ours / peer. Not a test: nothing here
 asserts a speed.
 """
@@ -20,7 +21,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results.json")
 README = os.path.join(ROOT, "README.md")
-SECTIONS = ("model", "converter", "tokenizer")
+SECTIONS = ("model", "converter", "tokenizer")  # the default run
+# run only when asked (--only full-depth): GLM-4-9B's 40 layers in bf16 need ~40 GB of disk and most of
+# the RAM of a 24 GB machine, and take a while
+ALL_SECTIONS = SECTIONS + ("full-depth",)
 TABLE_BEGIN, TABLE_END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
 
 
@@ -29,15 +33,31 @@ def run_sections(sections, quick: bool) -> dict:
 
     measured = machine.measure(quick)
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "quick": quick,
-              "machine": measured, "sections": {}}
+              "machine": measured, "sections": {}, "section_dates": {}}
     for name in sections:
+        report["section_dates"][name] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         started = time.perf_counter()
         print(f"benchmark {name}{' (quick)' if quick else ''} ...", file=sys.stderr, flush=True)
-        module = __import__(f"benchmarks.{name}", fromlist=["run"])
+        module = __import__(f"benchmarks.{name.replace('-', '_')}", fromlist=["run"])
         rows = module.run(quick=quick, machine=measured) if name == "model" else module.run(quick=quick)
         report["sections"][name] = rows
         print(f"benchmark {name}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     return report
+
+
+def merge_previous(report: dict, path: str) -> dict:
+    """A run of some sections keeps the other sections of the previous results (of the same kind, full or
+    quick), so the table stays whole; each section keeps the date it was measured."""
+    if not os.path.exists(path):
+        return report
+    with open(path, encoding="utf-8") as f:
+        previous = json.load(f)
+    if previous.get("quick") != report["quick"]:
+        return report
+    sections = {**previous.get("sections", {}), **report["sections"]}
+    dates = {**previous.get("section_dates", {}), **report["section_dates"]}
+    return {**report, "sections": {name: sections[name] for name in ALL_SECTIONS if name in sections},
+            "section_dates": {name: dates[name] for name in ALL_SECTIONS if name in dates}}
 
 
 def check(report: dict):
@@ -55,7 +75,12 @@ def markdown(report: dict) -> str:
     m = report["machine"]
     lines = [f"Measured {report['date'][:10]} on {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB RAM "
              f"(read bandwidth {m['read_bandwidth_gbps']:.1f} GB/s, fp32 matmul {m['fp32_matmul_gflops']:.0f} "
-             f"GFLOP/s, both measured with torch){' — QUICK run, tiny sizes' if report['quick'] else ''}.", "",
+             f"GFLOP/s, both measured with torch){' — QUICK run, tiny sizes' if report['quick'] else ''}."]
+    dates = {date[:10] for date in report.get("section_dates", {}).values()}
+    if len(dates) > 1:
+        lines[0] += " Sections measured on: " + ", ".join(
+            f"{name} {date[:10]}" for name, date in report["section_dates"].items()) + "."
+    lines += ["",
              "| section | figure | ours | peer | ours / peer |", "|---|---|---:|---:|---:|"]
     for name, rows in report["sections"].items():
         for row in rows:
@@ -80,14 +105,17 @@ def main(argv=None) -> int:
     parser.add_argument("command", choices=["run"], help="run the benchmarks")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for CI: checks that every figure is "
                         "produced and finite (a few minutes); the real figures need the full run")
-    parser.add_argument("--only", nargs="+", choices=SECTIONS, metavar="SECTION",
-                        help=f"run only these sections (of {', '.join(SECTIONS)})")
+    parser.add_argument("--only", nargs="+", choices=ALL_SECTIONS, metavar="SECTION",
+                        help=f"run only these sections (of {', '.join(ALL_SECTIONS)}; full-depth runs only when "
+                        "named here); the other sections' figures are kept from the previous results")
     parser.add_argument("--readme", action="store_true", help="also put the table into README.md's Performance "
                         "section")
     parser.add_argument("--output", default=RESULTS, help="where to write the JSON results (default: %(default)s)")
     args = parser.parse_args(argv)
     report = run_sections(args.only or SECTIONS, args.quick)
     check(report)
+    if args.only:
+        report = merge_previous(report, args.output)
     from paddle_glm4.checkpoint import write_text_atomic
 
     write_text_atomic(args.output, json.dumps(report, indent=2) + "\n")
