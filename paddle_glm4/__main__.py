@@ -11,7 +11,8 @@ import os
 import sys
 import time
 
-from .cli_errors import ctrl_c_cancels, run_cli
+from .cli_errors import run_cli
+from .console import LineReader, ctrl_c_cancels
 from .engine import add_engine_arguments
 
 
@@ -70,27 +71,28 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
+    model, tokenizer = load(args)
+    if sys.stdin.isatty():
+        print("chat: /reset clears the history, /exit or Ctrl-D quits, Ctrl-C stops an answer", file=sys.stderr)
+    with LineReader(sys.stdin.fileno(), sys.stdin.encoding or "utf-8") as reader:
+        return _chat(args, model, tokenizer, reader)
+
+
+def _chat(args, model, tokenizer, reader) -> int:
     from .streamer import TextStreamer
 
-    model, tokenizer = load(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
-    interactive = sys.stdin.isatty()
     kwargs = sampling_kwargs(args, model.generation_config)
-    if interactive:
-        print("chat: /reset clears the history, /exit or Ctrl-D quits, Ctrl-C stops an answer", file=sys.stderr)
     while True:
         try:
-            if interactive:
+            if sys.stdin.isatty():
                 print("you> ", end="", file=sys.stderr, flush=True)
-            line = sys.stdin.readline()
+            text = reader.readline()
         except KeyboardInterrupt:  # Ctrl-C at the prompt leaves
             print(file=sys.stderr)
             return 0
-        if not line:  # Ctrl-D / end of piped input
-            return 0
-        text = line.rstrip("\n")
-        if text.strip() == "/exit":
+        if text is None or text.strip() == "/exit":  # Ctrl-D / end of piped input
             return 0
         if text.strip() == "/reset":
             messages = list(system)

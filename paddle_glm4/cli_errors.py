@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-import signal
 import sys
-import threading
-from typing import Callable, Iterator
+from typing import Callable
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -34,23 +31,3 @@ def run_cli(command: Callable[[], int | None]) -> int:
         print(f"error: {message}", file=sys.stderr)
         return EXIT_ERROR
 
-
-@contextlib.contextmanager
-def ctrl_c_cancels(streamer) -> Iterator[None]:
-    """While generating, Ctrl-C cancels `streamer` (generation stops after the current token) instead of
-    raising KeyboardInterrupt somewhere inside Paddle's kernels; a second Ctrl-C interrupts as usual.
-    Whether it was pressed is `streamer.cancelled` afterwards."""
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-        yield
-        return
-
-    def on_ctrl_c(signum, frame):
-        if streamer.cancelled:
-            raise KeyboardInterrupt
-        streamer.cancel()
-
-    previous = signal.signal(signal.SIGINT, on_ctrl_c)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)

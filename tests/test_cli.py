@@ -6,6 +6,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 
 from conftest import small_config
 from paddle_glm4 import GLM4ForCausalLM, GLM4Tokenizer
+from paddle_glm4.console import LineReader
 from paddle_glm4.small_vocab import write_small_vocabulary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,6 +114,38 @@ def read_until(fd, marker: bytes, timeout: float = 60) -> bytes:
             raise TimeoutError(f"no {marker!r} in {seen[-300:]!r}")
         seen += os.read(fd, 4096)
     return seen
+
+
+def test_line_reader_splits_lines_across_reads_and_keeps_a_last_line_without_newline():
+    read_end, write_end = os.pipe()
+    os.write(write_end, "one\r\ntw".encode())
+    with LineReader(read_end) as reader:
+        assert reader.readline() == "one"
+        os.write(write_end, "o 你好\nthree".encode())
+        os.close(write_end)
+        assert [reader.readline(), reader.readline(), reader.readline()] == ["two 你好", "three", None]
+    os.close(read_end)
+
+
+def test_line_reader_wakes_for_ctrl_c_delivered_to_another_thread():
+    """With threads alive, the kernel may hand SIGINT to any of them; a plain blocking read on the main thread
+    would then never see it (Ctrl-C at the chat prompt did nothing, now and then)."""
+    read_end, write_end = os.pipe()
+    to_another_thread = threading.Thread(target=lambda: (time.sleep(0.3), signal.pthread_kill(threading.get_ident(),
+                                                                                             signal.SIGINT)))
+    unblock = threading.Timer(20, os.write, (write_end, b"timed out\n"))  # so a failure is not a hang
+    unblock.start()
+    started = time.monotonic()
+    try:
+        with LineReader(read_end) as reader, pytest.raises(KeyboardInterrupt):
+            to_another_thread.start()
+            reader.readline()
+        assert time.monotonic() - started < 10  # woken by the signal, not by the unblocking write
+    finally:
+        unblock.cancel()
+        to_another_thread.join()
+        os.close(read_end)
+        os.close(write_end)
 
 
 def test_chat_on_a_terminal_handles_ctrl_c_during_an_answer_and_at_the_prompt(tmp_path):
