@@ -125,10 +125,11 @@ def scripted_client(scripted):
 
 
 # ---- what generate() says -------------------------------------------------------------------------------
-def greedy(engine, prompt: list[int], max_tokens: int, eos: list[int]):
+def greedy(engine, prompt: list[int], max_tokens: int, eos: list[int], repetition_penalty: float = 1.0):
     """(new ids, text) of greedy generate; one row, so no padding: every id was generated."""
     model, tokenizer = engine
-    out, _ = model.generate([prompt], max_new_tokens=max_tokens, do_sample=False, eos_token_id=eos)
+    out, _ = model.generate([prompt], max_new_tokens=max_tokens, do_sample=False, eos_token_id=eos,
+                            repetition_penalty=repetition_penalty)
     ids = out.numpy()[0].tolist()
     return ids, tokenizer.decode(ids, skip_special_tokens=True)
 
@@ -213,6 +214,20 @@ def test_sampling_with_a_seed_is_reproducible(client):
     assert ask() == ask()
 
 
+def test_top_k_and_repetition_penalty_can_be_asked_per_request(client, engine):
+    tokenizer = engine[1]
+    prompt = tokenizer.apply_chat_template(CONVERSATION, add_generation_prompt=True)
+    plain = greedy(engine, prompt, 24, tokenizer.stop_token_ids)[1].lstrip()
+    penalized = greedy(engine, prompt, 24, tokenizer.stop_token_ids, repetition_penalty=3.0)[1].lstrip()
+    assert penalized != plain  # else the test could not tell whether the penalty reached generate
+
+    def ask(**extra):
+        return client.chat.completions.create(model="m", messages=CONVERSATION, max_tokens=24,
+                                              extra_body=extra).choices[0].message.content
+    assert ask(temperature=0, repetition_penalty=3.0) == penalized
+    assert ask(temperature=1.0, top_k=1, seed=3) == plain  # top-k 1 samples the greedy token
+
+
 def test_eight_concurrent_streams_are_all_served_correctly(client, engine):
     conversations = [[{"role": "user", "content": f"Question number {i}: what is {i} + {i}?"}] for i in range(8)]
 
@@ -250,13 +265,16 @@ USER = [{"role": "user", "content": "hi"}]
     ({"model": "m", "messages": USER, "max_tokens": 0}, "max_tokens", None),
     ({"model": "m", "messages": USER, "max_tokens": -5}, "max_tokens", None),
     ({"model": "m", "messages": USER, "temperature": 3}, "temperature", None),
+    ({"model": "m", "messages": USER, "top_k": -1}, "top_k", None),
+    ({"model": "m", "messages": USER, "repetition_penalty": 0}, "repetition_penalty", None),
     ({"model": "m", "messages": []}, "messages", None),
     ({"model": "m", "messages": [{"role": "user", "content": "hello " * CONTEXT}]}, "messages",
      "context_length_exceeded"),
     ({"model": "m", "messages": USER, "max_tokens": CONTEXT}, "messages", "context_length_exceeded"),
     ({"model": "m", "messages": USER, "tools": [WEATHER_TOOL],
       "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice", None),
-], ids=["unknown-role", "zero-max-tokens", "negative-max-tokens", "temperature", "no-messages", "prompt-too-long",
+], ids=["unknown-role", "zero-max-tokens", "negative-max-tokens", "temperature", "top-k", "repetition-penalty",
+        "no-messages", "prompt-too-long",
         "no-room-to-answer", "unknown-tool-choice"])
 def test_invalid_requests_get_400_with_an_openai_error(server, body, param, code):
     error = assert_openai_error(raw_post(server, body), 400, code)

@@ -111,14 +111,16 @@ def create_app(model, tokenizer, model_name: str = "glm-4-9b-chat", api_key: str
 
 def _sampling(body: s.SamplingRequest, defaults) -> dict:
     """generate()'s sampling arguments: the request's, else the checkpoint's generation_config. Giving a
-    temperature or top_p asks for sampling; temperature 0 means greedy."""
-    do_sample = defaults.do_sample or body.temperature is not None or body.top_p is not None
-    temperature = defaults.temperature if body.temperature is None else body.temperature
-    if not do_sample or temperature == 0:
-        return {"do_sample": False, "repetition_penalty": defaults.repetition_penalty}
-    top_p = defaults.top_p if body.top_p is None else body.top_p
-    return {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": defaults.top_k,
-            "repetition_penalty": defaults.repetition_penalty, "seed": body.seed}
+    temperature, top_p or top_k asks for sampling; temperature 0 means greedy."""
+    def pick(name):
+        asked = getattr(body, name)
+        return getattr(defaults, name) if asked is None else asked
+
+    do_sample = defaults.do_sample or any(getattr(body, name) is not None for name in ("temperature", "top_p", "top_k"))
+    if not do_sample or pick("temperature") == 0:
+        return {"do_sample": False, "repetition_penalty": pick("repetition_penalty")}
+    return {"do_sample": True, "seed": body.seed,
+            **{name: pick(name) for name in ("temperature", "top_p", "top_k", "repetition_penalty")}}
 
 
 def _usage(prompt_tokens: int, reply: Reply) -> s.Usage:

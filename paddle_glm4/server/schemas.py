@@ -72,6 +72,9 @@ class SamplingRequest(BaseModel):
     max_tokens: int | None = Field(None, gt=0)
     temperature: float | None = Field(None, ge=0, le=2)  # 0: greedy
     top_p: float | None = Field(None, gt=0, le=1)
+    # not OpenAI's; the names vLLM and transformers use (the openai client sends them through extra_body)
+    top_k: int | None = Field(None, ge=0)  # 0: no top-k cut
+    repetition_penalty: float | None = Field(None, gt=0)
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
