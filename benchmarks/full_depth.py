@@ -15,6 +15,7 @@ free disk under $TMPDIR (the checkpoint and its export). --quick: a tiny model, 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -22,19 +23,14 @@ import subprocess
 import sys
 import tempfile
 
-from benchmarks.model import ROOT, _paddle_engine, _parameter_counts, _peak_rss, _row, _Timing
+from benchmarks.model import ROOT, _paddle_engine, _parameter_counts, _peak_rss, _row, _Timing, benchmark_config
 
 PROMPT, NEW_TOKENS, LAYERS = 16, 4, 40
 
 
 def full_depth_config(quick: bool):
-    from paddle_glm4 import GLM4Config
-
-    if quick:
-        return GLM4Config(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=LAYERS,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, seq_length=1024,
-                          pad_token_id=0, eos_token_id=[1], dtype="bfloat16")
-    return GLM4Config(num_hidden_layers=LAYERS, seq_length=8192, dtype="bfloat16")
+    """The model benchmark's geometry (GLM-4-9B's width; quick: tiny) at GLM-4-9B's depth, stored in bf16."""
+    return dataclasses.replace(benchmark_config(quick), num_hidden_layers=LAYERS, dtype="bfloat16")
 
 
 # ---- the steps, each in its own process -----------------------------------------------------------------

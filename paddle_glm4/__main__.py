@@ -7,7 +7,6 @@ output can be piped. Failures print one line and exit with code 2.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
@@ -84,9 +83,10 @@ def _chat(args, model, tokenizer, reader) -> int:
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
     kwargs = sampling_kwargs(args, model.generation_config)
+    interactive = sys.stdin.isatty()
     while True:
         try:
-            if sys.stdin.isatty():
+            if interactive:
                 print("you> ", end="", file=sys.stderr, flush=True)
             text = reader.readline()
         except KeyboardInterrupt:  # Ctrl-C at the prompt leaves

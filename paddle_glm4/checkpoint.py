@@ -158,7 +158,10 @@ def read_tensors(locations: dict[str, TensorLocation], dtype: str, progress: str
             with SafetensorsReader(path) as reader:
                 for name in names:
                     stored = locations[name].dtype
-                    yield name, reader.view(name, private=True) if stored == dtype else cast(reader.read(name), stored, dtype)
+                    if stored == dtype:
+                        yield name, reader.view(name, private=True)
+                    else:
+                        yield name, cast(reader.read(name), stored, dtype)
                     bar.update(locations[name].nbytes)
 
 

@@ -30,4 +30,3 @@ def run_cli(command: Callable[[], int | None]) -> int:
             message = f"{err.filename}: {err.strerror}"
         print(f"error: {message}", file=sys.stderr)
         return EXIT_ERROR
-

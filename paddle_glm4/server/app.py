@@ -116,7 +116,8 @@ def _sampling(body: s.SamplingRequest, defaults) -> dict:
         asked = getattr(body, name)
         return getattr(defaults, name) if asked is None else asked
 
-    do_sample = defaults.do_sample or any(getattr(body, name) is not None for name in ("temperature", "top_p", "top_k"))
+    do_sample = defaults.do_sample or any(getattr(body, name) is not None
+                                          for name in ("temperature", "top_p", "top_k"))
     if not do_sample or pick("temperature") == 0:
         return {"do_sample": False, "repetition_penalty": pick("repetition_penalty")}
     return {"do_sample": True, "seed": body.seed,
