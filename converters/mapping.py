@@ -137,16 +137,21 @@ def published_order(config: GLM4Config) -> list[str]:
     return [names[0], PUBLISHED_INV_FREQ, *names[1:]]
 
 
-def paddle_rows(spec: TensorSpec, parts: list[np.ndarray], start: int, stop: int) -> np.ndarray:
-    """Rows [start, stop) of the Paddle-layout tensor made from the torch-layout `parts`, as a new array."""
+def paddle_rows(spec: TensorSpec, parts: list[np.ndarray], start: int, stop: int,
+                out: np.ndarray | None = None) -> np.ndarray:
+    """Rows [start, stop) of the Paddle-layout tensor made from the torch-layout `parts`, written into
+    `out` (a new array when None) and returned."""
+    if out is None:
+        width = (sum(len(part) for part in parts),) if spec.linear else parts[0].shape[1:]
+        out = np.empty((stop - start, *width), parts[0].dtype)
     if not spec.linear:
-        pieces, offset = [], 0
+        offset = 0
         for part in parts:  # rows of the concatenation of the parts
-            if start < offset + len(part) and offset < stop:
-                pieces.append(part[max(start - offset, 0):stop - offset])
+            lo, hi = max(start - offset, 0), min(stop - offset, len(part))
+            if lo < hi:
+                out[offset + lo - start:offset + hi - start] = part[lo:hi]
             offset += len(part)
-        return np.concatenate(pieces)
-    out = np.empty((stop - start, sum(len(part) for part in parts)), parts[0].dtype)
+        return out
     column = 0
     for part in parts:  # a row of the Paddle weight is a column of the torch weight(s)
         transpose_into(out[:, column:column + len(part)], part[:, start:stop])
@@ -154,12 +159,19 @@ def paddle_rows(spec: TensorSpec, parts: list[np.ndarray], start: int, stop: int
     return out
 
 
-def torch_rows(spec: TensorSpec, array: np.ndarray, layout: str, part: int, start: int, stop: int) -> np.ndarray:
-    """Rows [start, stop) of torch-layout tensor `spec.source_names(layout)[part]`, from the Paddle tensor."""
+def torch_rows(spec: TensorSpec, array: np.ndarray, layout: str, part: int, start: int, stop: int,
+               out: np.ndarray | None = None) -> np.ndarray:
+    """Rows [start, stop) of torch-layout tensor `spec.source_names(layout)[part]`, from the Paddle tensor,
+    written into `out` (a new array when None) and returned."""
     offset = sum(spec.hf_sizes[:part]) if layout == "hf" else 0
     if not spec.linear:
-        return array[offset + start:offset + stop].copy()
-    out = np.empty((stop - start, array.shape[0]), array.dtype)
+        rows = array[offset + start:offset + stop]
+        if out is None:
+            return rows.copy()
+        out[...] = rows
+        return out
+    if out is None:
+        out = np.empty((stop - start, array.shape[0]), array.dtype)
     transpose_into(out, array[:, offset + start:offset + stop])
     return out
 

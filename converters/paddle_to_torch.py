@@ -52,14 +52,14 @@ def published_tensors(config: GLM4Config, sources: Mapping[str, SourceTensor], d
     tensors[mapping.PUBLISHED_INV_FREQ] = OutputTensor(
         mapping.PUBLISHED_INV_FREQ, dtype, inv_freq.shape,
         (SourceTensor.in_memory(mapping.PUBLISHED_INV_FREQ, inv_freq, dtype),),
-        forth=lambda parts, start, stop: parts[0][start:stop].copy())
+        forth=lambda parts, start, stop, out: np.copyto(out, parts[0][start:stop]))
     return [tensors[name] for name in mapping.published_order(config)]
 
 
 def _published_tensor(spec: mapping.TensorSpec, source: SourceTensor, dtype: str) -> OutputTensor:
     return OutputTensor(
         spec.published, dtype, spec.source_shapes("published")[0], (source,),
-        forth=lambda parts, start, stop: mapping.torch_rows(spec, parts[0], "published", 0, start, stop))
+        forth=lambda parts, start, stop, out: mapping.torch_rows(spec, parts[0], "published", 0, start, stop, out))
 
 
 def canonical_plan(config: GLM4Config, tensors: list[OutputTensor], max_shard_size: int) -> tuple[list[OutputFile], dict]:

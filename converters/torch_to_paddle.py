@@ -169,7 +169,7 @@ def plan_paddle_checkpoint(source: TorchCheckpoint, dtype: str, max_shard_size: 
 def _paddle_tensor(spec: mapping.TensorSpec, source: TorchCheckpoint, dtype: str) -> OutputTensor:
     return OutputTensor(
         spec.paddle, dtype, spec.shape, tuple(source.tensors[name] for name in spec.source_names(source.layout)),
-        forth=lambda parts, start, stop: mapping.paddle_rows(spec, parts, start, stop))
+        forth=lambda parts, start, stop, out: mapping.paddle_rows(spec, parts, start, stop, out))
 
 
 def convert(src: str, dst: str, dtype: str | None = None, max_shard_size: int | str = "5GB",

@@ -14,6 +14,7 @@ import numpy as np
 
 _UNIT = np.dtype("V16")   # moved as one opaque item; no alignment required
 _TILE_BYTES = 256 * 1024  # one tile of the source, in units: fits the L2 cache
+_TILE_UNITS = 16          # units per row of a tile: tall tiles write longer runs of each output row
 
 
 def transpose_into(out: np.ndarray, matrix: np.ndarray) -> None:
@@ -26,7 +27,7 @@ def transpose_into(out: np.ndarray, matrix: np.ndarray) -> None:
     if wide:
         units = matrix[:, :wide].view(_UNIT)  # [rows, wide / k]
         n_units = units.shape[1]
-        tile_units = min(n_units, 64)
+        tile_units = min(n_units, _TILE_UNITS)
         tile_rows = max(256, _TILE_BYTES // (tile_units * _UNIT.itemsize))
         for r in range(0, rows, tile_rows):
             for g in range(0, n_units, tile_units):
@@ -34,7 +35,6 @@ def transpose_into(out: np.ndarray, matrix: np.ndarray) -> None:
                 count, height = tile.shape
                 values = tile.view(matrix.dtype).reshape(count, height, k)
                 # values[u, i, j] = matrix[r + i, (g + u) * k + j], which goes to out[(g + u) * k + j, r + i]
-                for j in range(k):
-                    out[g * k + j:(g + count) * k:k, r:r + height] = values[:, :, j]
+                out[g * k:(g + count) * k, r:r + height].reshape(count, k, height)[...] = values.transpose(0, 2, 1)
     if wide < cols:
         out[wide:] = matrix[:, wide:].T

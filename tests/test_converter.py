@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from converters import mapping, paddle_to_torch, pipeline, torch_to_paddle
+from converters.transpose import transpose_into
 from paddle_glm4 import GLM4Config, GLM4ForCausalLM
 from paddle_glm4.checkpoint import index_json, plan_shards
 from paddle_glm4.integrations.paddlenlp import checkpoint_dir
@@ -69,6 +70,20 @@ def test_mapping_names_and_shards_match_the_real_index():
     order = [(name, sizes[name]) for name in mapping.published_order(config)]
     shards = plan_shards(order, 2 * 10**9, transformers_rule=True)
     assert index_json(shards, sum(sizes.values())) == real
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32, np.float16, np.float64])
+@pytest.mark.parametrize("shape, columns", [((1, 1), slice(None)), ((300, 37), slice(None)),
+                                            ((5000, 72), slice(8, 64)), ((17, 2000), slice(3, 1999)),
+                                            ((4608, 40), slice(None))])
+def test_transpose_into_equals_numpys_transpose(dtype, shape, columns):
+    """The converter's fast transpose, on whole matrices and on column slices (the converter's blocks),
+    with widths that are and are not a whole number of 16-byte units, into a column slice of the output."""
+    matrix = np.random.default_rng(0).integers(0, 1 << 15, size=shape).astype(dtype)[:, columns]
+    out = np.zeros((matrix.shape[1], matrix.shape[0] + 5), dtype)
+    transpose_into(out[:, 2:-3], matrix)
+    assert np.array_equal(out[:, 2:-3], matrix.T)
+    assert not out[:, :2].any() and not out[:, -3:].any()  # nothing written beside it
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
