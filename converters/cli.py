@@ -25,15 +25,15 @@ def add_source_and_destination(parser: argparse.ArgumentParser, source: str, des
                              "once complete and verified.")
 
 
-def add_output_options(parser: argparse.ArgumentParser, max_shard_size: str | None, shard_default: str):
-    """--dtype, --max-shard-size (default `max_shard_size`, which the `shard_default` phrase explains),
-    --overwrite and --no-verify."""
+def add_output_options(parser: argparse.ArgumentParser, max_shard_size: str | None, shard_default: str | None = None):
+    """--dtype, --max-shard-size (default `max_shard_size`; `shard_default` is a phrase that explains a default
+    other than a plain size), --overwrite and --no-verify."""
     parser.add_argument("--dtype", choices=STORAGE_DTYPES, default=None,
                         help="dtype of the written weights (default: the source's). Widening is exact; "
                              "narrowing rounds to nearest even, like torch and Paddle.")
     parser.add_argument("--max-shard-size", default=max_shard_size, metavar="SIZE",
                         help="largest weight file to write, e.g. 5GB, 500MB, 2GiB; a tensor bigger than that gets "
-                             f"a file of its own. Default: {shard_default}.")
+                             f"a file of its own. Default: {shard_default or max_shard_size}.")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace DST_DIR if it already holds a checkpoint; the old one is swapped out only "
                              "after the new one is complete and verified")

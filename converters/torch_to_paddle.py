@@ -214,7 +214,7 @@ def add_arguments(parser: argparse.ArgumentParser):
                              "~/.paddlenlp), so that after `import paddle_glm4` PaddleNLP's "
                              "AutoModelForCausalLM.from_pretrained(NAME) and AutoTokenizer.from_pretrained(NAME) "
                              "load it. PaddleNLP need not be installed to convert.")
-    cli.add_output_options(parser, max_shard_size="5GB", shard_default="5GB")
+    cli.add_output_options(parser, max_shard_size="5GB")
 
 
 def destination(args: argparse.Namespace) -> str:

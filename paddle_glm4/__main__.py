@@ -71,19 +71,19 @@ def cmd_generate(args) -> int:
 
 def cmd_chat(args) -> int:
     model, tokenizer = load(args)
-    if sys.stdin.isatty():
+    interactive = sys.stdin.isatty()
+    if interactive:
         print("chat: /reset clears the history, /exit or Ctrl-D quits, Ctrl-C stops an answer", file=sys.stderr)
     with LineReader(sys.stdin.fileno(), sys.stdin.encoding or "utf-8") as reader:
-        return _chat(args, model, tokenizer, reader)
+        return _chat(args, model, tokenizer, reader, interactive)
 
 
-def _chat(args, model, tokenizer, reader) -> int:
+def _chat(args, model, tokenizer, reader, interactive: bool) -> int:
     from .streamer import TextStreamer
 
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
     kwargs = sampling_kwargs(args, model.generation_config)
-    interactive = sys.stdin.isatty()
     while True:
         try:
             if interactive:
