@@ -7,15 +7,13 @@ so the rest of the command line works without them. The API itself is in app.py.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import socket
 import sys
 
 from ..cli_errors import EXIT_ERROR, UsageError
 from ..engine import add_engine_arguments
-
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser)
@@ -26,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "port, printed at start)")
     parser.add_argument("--api-key", metavar="KEY", default=os.environ.get("GLM4_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on every request (default: $GLM4_API_KEY; "
-                             "unset: no key needed)")
+                             "unset: no key needed; an empty KEY is an error, not 'no key')")
     parser.add_argument("--max-concurrency", type=int, default=8, metavar="N",
                         help="requests admitted at once, the one generating and those waiting for their turn; "
                              "more get HTTP 429 (default: 8)")
@@ -43,21 +41,43 @@ def run(args) -> int:
         raise UsageError("--max-concurrency and --default-max-tokens must be at least 1")
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be 0..65535, got {args.port}")
+    check_api_key(args.api_key)
     try:
         from .app import create_app
     except ImportError as err:
         raise UsageError(f"the server needs FastAPI and uvicorn ({err}); install them with "
-                         "`pip install 'paddle-glm4[serve]'` (or `pip install fastapi uvicorn`)") from None
+                         "`pip install -e '.[serve]'` in the project's directory") from None
     from ..engine import load_engine
 
     sock = bind(args.host, args.port)
-    model, tokenizer = load_engine(args.model, args.engine, args.dtype, args.tokenizer)
+    if args.api_key is None and not is_loopback(sock):
+        print(f"WARNING: listening on {args.host} without --api-key: anyone who can reach this address can use "
+              "the model. Set --api-key (or $GLM4_API_KEY), or listen on 127.0.0.1.", file=sys.stderr, flush=True)
+    try:
+        model, tokenizer = load_engine(args.model, args.engine, args.dtype, args.tokenizer)
+    except BaseException:
+        sock.close()
+        raise
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     app = create_app(model, tokenizer, name, args.api_key, args.max_concurrency, args.default_max_tokens)
-    if not args.api_key and args.host not in LOOPBACK:
-        print(f"warning: listening on {args.host} without --api-key: anyone who can reach it can use the model",
-              file=sys.stderr)
     return serve(app, sock, name)
+
+
+def check_api_key(key: str | None) -> None:
+    """None means no authentication; anything else must be a usable key. An empty key (`--api-key "$UNSET"`)
+    must not silently turn authentication off, and a key with surrounding whitespace could never match, since
+    HTTP strips it from header values."""
+    if key is None:
+        return
+    if not key.strip():
+        raise UsageError("--api-key (or $GLM4_API_KEY) is empty; give a key, or leave both unset to serve without one")
+    if key != key.strip() or not key.isprintable() or not key.isascii():
+        raise UsageError("--api-key must be printable ASCII without leading or trailing whitespace")
+
+
+def is_loopback(sock: socket.socket) -> bool:
+    """Whether the socket only accepts connections from this machine."""
+    return ipaddress.ip_address(sock.getsockname()[0].split("%")[0]).is_loopback
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException
 
 from ..chat_template import ChatTemplateError
 from . import schemas as s
-from .errors import APIError
+from .errors import INTERNAL_ERROR, APIError
 from .reply import Reply
 from .tool_calls import active_tools, to_glm_messages
 from .worker import Busy, Job, Worker
@@ -33,10 +33,13 @@ from .worker import Busy, Job, Worker
 def create_app(model, tokenizer, model_name: str = "glm-4-9b-chat", api_key: str | None = None,
                max_concurrency: int = 8, default_max_tokens: int = 1024) -> FastAPI:
     """The API over `model` (anything with the engine interface: generate, config, generation_config) and its
-    tokenizer. `api_key`: when set, every request must send `Authorization: Bearer <api_key>`.
+    tokenizer. `api_key`: when not None, every request must send `Authorization: Bearer <api_key>` (an empty key
+    is refused, so that an unset variable cannot turn authentication off).
     `max_concurrency`: requests admitted at once (one generates, the others wait), beyond which 429.
     `default_max_tokens`: the answer length for requests that give none (capped by the room left in the context).
     """
+    if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
+        raise ValueError("api_key must be a non-empty string, or None for no authentication")
     worker = Worker(model, max_concurrency)
     # A Paddle Inference export takes at most its max_seq_len tokens, which may be less than the model's context.
     context = getattr(model, "max_seq_len", None) or model.config.seq_length
@@ -48,7 +51,7 @@ def create_app(model, tokenizer, model_name: str = "glm-4-9b-chat", api_key: str
 
     app = FastAPI(title="paddle_glm4", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     _add_error_handlers(app)
-    if api_key:
+    if api_key is not None:
         app.add_middleware(RequireKey, key=api_key)
 
     def start(prompt: list[int], requested: int | None, body: s.SamplingRequest, eos: list[int]) -> Job:
@@ -263,4 +266,6 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def server_error(_request, err: Exception):
-        return APIError(500, f"internal server error: {type(err).__name__}: {err}").response()
+        # A client learns nothing of the server's insides. The details are for the operator: Starlette raises
+        # the exception again after this response, and uvicorn logs its traceback.
+        return APIError(500, INTERNAL_ERROR, code="internal_error").response()

@@ -12,6 +12,9 @@ from fastapi.responses import JSONResponse
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                405: "invalid_request_error", 429: "rate_limit_error", 500: "server_error"}
 
+# What a client is told about a failure inside the server (the details go to the server's log).
+INTERNAL_ERROR = "The server had an error while processing your request; its log has the details."
+
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None,

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
 
 from ..streamer import Streamer
-from .errors import APIError
+from .errors import INTERNAL_ERROR, APIError
 
 log = logging.getLogger("paddle_glm4.server")
 
@@ -80,9 +80,9 @@ class Worker:
         try:
             if not job.cancelled:
                 self.model.generate([job.prompt], streamer=job, **job.settings)
-        except Exception as err:  # the request fails, the server goes on
+        except Exception:  # the request fails, the server goes on
             log.exception("generation failed")
-            outcome = APIError(500, f"generation failed: {type(err).__name__}: {err}", code="generation_failed")
+            outcome = APIError(500, INTERNAL_ERROR, code="generation_failed")
         finally:
             self._jobs.discard(job)
             # Free the slot before the handler hears of the end, so that a client which sends its next request
