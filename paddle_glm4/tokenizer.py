@@ -174,6 +174,8 @@ class GLM4Tokenizer:
         self.chat_template: str | None = self.config.get("chat_template")
         if self.chat_template is not None and not isinstance(self.chat_template, str):
             raise TokenizerError(f"{source}: 'chat_template' must be one Jinja template string")
+        self._template_name = (f"the chat template of {source}" if self.chat_template
+                               else "GLM-4's structural chat template")
         # The published tokenizer keeps transformers' default: cut the end off sequences that are too long.
         self.truncation_side: str = self.config.get("truncation_side", "right")
         if self.truncation_side not in ("left", "right"):
@@ -303,7 +305,7 @@ class GLM4Tokenizer:
         assistant, observation), `content`, and optionally `metadata` and `tools`. Only the template's own
         structure becomes special ids; special-token text inside messages stays text."""
         rendered = render_chat(self.chat_template or STRUCTURAL_TEMPLATE, messages, tuple(self.special_tokens),
-                               add_generation_prompt=add_generation_prompt)
+                               add_generation_prompt=add_generation_prompt, name=self._template_name)
         if not tokenize:
             return rendered.text
         ids: list[int] = []

@@ -419,7 +419,7 @@ def test_template_errors_and_templates_that_inspect_special_text(small_dir, tmp_
     with pytest.raises(ChatTemplateError, match="cannot be told apart"):
         nosy.apply_chat_template([{"role": "user", "content": "<|user|>"}])
     for broken in ("{% for %}", "{{ messages.__class__.__mro__ }}"):
-        with pytest.raises(ChatTemplateError, match="the chat template failed"):
+        with pytest.raises(ChatTemplateError, match=r"the chat template of \S*tokenizer_config.json"):
             with_template(broken).apply_chat_template([{"role": "user", "content": "a"}])
 
 
