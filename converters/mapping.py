@@ -15,6 +15,7 @@ Everything else (converter, loader checks, tests) asks this module; nobody else 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -34,6 +35,16 @@ class Rule:
     hf: tuple[tuple[str, str], ...]   # (name, size of its slice of the output axis), concatenated in order
     shape: tuple[str, ...]            # Paddle-layout shape, in named sizes (see `_sizes`)
     linear: bool = False              # torch [out, in] <-> Paddle [in, out]
+    per_layer: bool = False           # one tensor per layer ("{i}" in the names), else one in the model
+    present: Callable[[GLM4Config], bool] = lambda config: True   # whether a model of this config has it
+
+
+def _has_bias(config: GLM4Config) -> bool:
+    return config.attention_bias
+
+
+def _untied_head(config: GLM4Config) -> bool:
+    return not config.tie_word_embeddings
 
 
 _L = "model.layers.{i}"
@@ -42,25 +53,25 @@ RULES: tuple[Rule, ...] = (
     Rule("model.embed_tokens.weight", "transformer.embedding.word_embeddings.weight",
          (("model.embed_tokens.weight", "vocab"),), ("vocab", "hidden")),
     Rule(f"{_L}.input_layernorm.weight", f"{_P}.input_layernorm.weight",
-         ((f"{_L}.input_layernorm.weight", "hidden"),), ("hidden",)),
+         ((f"{_L}.input_layernorm.weight", "hidden"),), ("hidden",), per_layer=True),
     Rule(f"{_L}.self_attn.qkv_proj.weight", f"{_P}.self_attention.query_key_value.weight",
          ((f"{_L}.self_attn.q_proj.weight", "q"), (f"{_L}.self_attn.k_proj.weight", "kv"),
-          (f"{_L}.self_attn.v_proj.weight", "kv")), ("hidden", "qkv"), linear=True),
+          (f"{_L}.self_attn.v_proj.weight", "kv")), ("hidden", "qkv"), linear=True, per_layer=True),
     Rule(f"{_L}.self_attn.qkv_proj.bias", f"{_P}.self_attention.query_key_value.bias",
          ((f"{_L}.self_attn.q_proj.bias", "q"), (f"{_L}.self_attn.k_proj.bias", "kv"),
-          (f"{_L}.self_attn.v_proj.bias", "kv")), ("qkv",)),
+          (f"{_L}.self_attn.v_proj.bias", "kv")), ("qkv",), per_layer=True, present=_has_bias),
     Rule(f"{_L}.self_attn.o_proj.weight", f"{_P}.self_attention.dense.weight",
-         ((f"{_L}.self_attn.o_proj.weight", "hidden"),), ("q", "hidden"), linear=True),
+         ((f"{_L}.self_attn.o_proj.weight", "hidden"),), ("q", "hidden"), linear=True, per_layer=True),
     Rule(f"{_L}.post_attention_layernorm.weight", f"{_P}.post_attention_layernorm.weight",
-         ((f"{_L}.post_attention_layernorm.weight", "hidden"),), ("hidden",)),
+         ((f"{_L}.post_attention_layernorm.weight", "hidden"),), ("hidden",), per_layer=True),
     Rule(f"{_L}.mlp.gate_up_proj.weight", f"{_P}.mlp.dense_h_to_4h.weight",
-         ((f"{_L}.mlp.gate_up_proj.weight", "ffn2"),), ("hidden", "ffn2"), linear=True),
+         ((f"{_L}.mlp.gate_up_proj.weight", "ffn2"),), ("hidden", "ffn2"), linear=True, per_layer=True),
     Rule(f"{_L}.mlp.down_proj.weight", f"{_P}.mlp.dense_4h_to_h.weight",
-         ((f"{_L}.mlp.down_proj.weight", "hidden"),), ("ffn", "hidden"), linear=True),
+         ((f"{_L}.mlp.down_proj.weight", "hidden"),), ("ffn", "hidden"), linear=True, per_layer=True),
     Rule("model.norm.weight", "transformer.encoder.final_layernorm.weight",
          (("model.norm.weight", "hidden"),), ("hidden",)),
     Rule("lm_head.weight", "transformer.output_layer.weight",
-         (("lm_head.weight", "vocab"),), ("hidden", "vocab"), linear=True),
+         (("lm_head.weight", "vocab"),), ("hidden", "vocab"), linear=True, present=_untied_head),
 )
 
 
@@ -85,6 +96,7 @@ class TensorSpec:
     hf_sizes: tuple[int, ...]
     shape: tuple[int, ...]   # Paddle layout
     linear: bool
+    layer: int | None        # None: not a per-layer tensor
 
     def source_names(self, layout: str) -> tuple[str, ...]:
         return (self.published,) if layout == "published" else self.hf
@@ -102,17 +114,14 @@ def tensor_specs(config: GLM4Config) -> list[TensorSpec]:
     sizes = _sizes(config)
     specs = []
     for rule in RULES:
-        layers = range(config.num_hidden_layers) if "{i}" in rule.paddle else [None]
-        for i in layers:
-            fmt = (lambda s: s.format(i=i)) if i is not None else (lambda s: s)
-            if rule.paddle.endswith(".bias") and not config.attention_bias:
-                continue
-            if rule.paddle == "lm_head.weight" and config.tie_word_embeddings:
-                continue
+        if not rule.present(config):
+            continue
+        layers: list[int | None] = list(range(config.num_hidden_layers)) if rule.per_layer else [None]
+        for i in layers:  # (a name without "{i}" formats to itself)
             specs.append(TensorSpec(
-                paddle=fmt(rule.paddle), published=fmt(rule.published),
-                hf=tuple(fmt(name) for name, _ in rule.hf), hf_sizes=tuple(sizes[s] for _, s in rule.hf),
-                shape=tuple(sizes[s] for s in rule.shape), linear=rule.linear))
+                paddle=rule.paddle.format(i=i), published=rule.published.format(i=i),
+                hf=tuple(name.format(i=i) for name, _ in rule.hf), hf_sizes=tuple(sizes[s] for _, s in rule.hf),
+                shape=tuple(sizes[s] for s in rule.shape), linear=rule.linear, layer=i))
     return specs
 
 
@@ -124,8 +133,8 @@ def module_order(specs: list[TensorSpec]) -> list[TensorSpec]:
     """`specs` layer by layer: the order in which the models register their parameters (their state_dict
     order), which is the order checkpoints are written and sharded in."""
     def layer(spec: TensorSpec) -> float:
-        if spec.paddle.startswith("model.layers."):
-            return int(spec.paddle.split(".")[2])
+        if spec.layer is not None:
+            return spec.layer
         return -1 if spec.paddle == RULES[0].paddle else float("inf")  # embedding first, norm and head last
     return sorted(specs, key=layer)  # stable: keeps the table's order within a layer
 

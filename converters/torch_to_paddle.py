@@ -30,7 +30,7 @@ from paddle_glm4 import __version__
 from paddle_glm4.checkpoint import INDEX_FILE, SINGLE_FILE, index_json, parse_size, plan_shards, weight_map
 from paddle_glm4.cli_errors import UsageError
 from paddle_glm4.config import CONFIG_NAME, STORAGE_DTYPES, GLM4Config
-from paddle_glm4.integrations import paddlenlp
+from paddle_glm4.integrations.paddlenlp_home import cache_dir
 from paddle_glm4.safetensors_file import SafetensorsReader, to_float32
 
 from . import cli, mapping
@@ -223,7 +223,7 @@ def destination(args: argparse.Namespace) -> str:
         raise UsageError("say where to write the checkpoint: --dst DST_DIR or --paddlenlp-name NAME")
     if args.dst is not None and args.paddlenlp_name is not None:
         raise UsageError("--dst and --paddlenlp-name both say where to write the checkpoint; give only one")
-    return args.dst if args.dst is not None else paddlenlp.cache_dir(args.paddlenlp_name)
+    return args.dst if args.dst is not None else cache_dir(args.paddlenlp_name)
 
 
 def run(args: argparse.Namespace) -> int:

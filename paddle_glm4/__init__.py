@@ -1,22 +1,57 @@
-"""paddle_glm4: GLM-4-9B (base and chat) in PaddlePaddle."""
+"""paddle_glm4: GLM-4-9B (base and chat) in PaddlePaddle.
 
+The public names below are imported on first use (PEP 562), so that what needs no Paddle (the converter, the
+config, the checkpoint files) imports without it: `import paddle_glm4` costs milliseconds, not Paddle's import.
+"""
+
+from __future__ import annotations
+
+import importlib
 import warnings
+from typing import TYPE_CHECKING, Any
 
 # Paddle warns on import that ccache (for compiling C++ extensions) is missing; this package compiles nothing
 warnings.filterwarnings("ignore", message="No ccache found", category=UserWarning)
 
-from . import device  # noqa: E402 - first: it tunes MKL before Paddle's first GEMM (see device.prefer_mkl_avx2_on_amd)
-from .config import GLM4Config
-from .generation import GenerationConfig
-from .integrations.paddlenlp import register_paddlenlp, register_paddlenlp_when_imported
-from .kv_cache import KVCache
-from .model import GLM4ForCausalLM, GLM4Model
-from .streamer import TextIteratorStreamer, TextStreamer
-from .tokenizer import GLM4Tokenizer
+from . import device  # noqa: E402 - tunes MKL before Paddle's first GEMM (see device.prefer_mkl_avx2_on_amd)
+from .integrations.paddlenlp_hook import register_paddlenlp_when_imported  # noqa: E402
 
-__all__ = ["GLM4Config", "GLM4ForCausalLM", "GLM4Model", "GLM4Tokenizer", "GenerationConfig", "KVCache",
-           "TextIteratorStreamer", "TextStreamer", "register_paddlenlp"]
+if TYPE_CHECKING:
+    from .config import GLM4Config
+    from .generation import GenerationConfig
+    from .integrations.paddlenlp import register_paddlenlp
+    from .kv_cache import KVCache
+    from .model import GLM4ForCausalLM, GLM4Model
+    from .streamer import TextIteratorStreamer, TextStreamer
+    from .tokenizer import GLM4Tokenizer
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "GLM4Config": "config",
+    "GLM4ForCausalLM": "model",
+    "GLM4Model": "model",
+    "GLM4Tokenizer": "tokenizer",
+    "GenerationConfig": "generation",
+    "KVCache": "kv_cache",
+    "TextIteratorStreamer": "streamer",
+    "TextStreamer": "streamer",
+    "register_paddlenlp": "integrations.paddlenlp",
+}
+__all__ = list(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # the next lookup is an ordinary one
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
 
 # PaddleNLP's Auto classes learn GLM-4 as soon as paddlenlp is imported (now, if it already is); free without it
 register_paddlenlp_when_imported()

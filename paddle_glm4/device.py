@@ -2,23 +2,28 @@
 
 Paddle 3.3's CPU build has no bf16/fp16 compute kernels (matmul, softmax, silu), so on CPU the model
 computes in float32 whatever the checkpoint stores; on GPU it computes in the checkpoint's half dtype.
+
+`import paddle_glm4` imports this module (to tune MKL before Paddle's first GEMM) and must not import Paddle,
+so the functions that ask Paddle import it themselves.
 """
 
 from __future__ import annotations
 
 import os
 
-import paddle
-
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def on_gpu() -> bool:
+    import paddle
+
     return paddle.is_compiled_with_cuda() and paddle.device.get_device().startswith("gpu")
 
 
 def compute_dtype(requested: str | None, stored: str) -> str:
     """The dtype to hold weights and activations in, given what the caller asked for and the checkpoint stores."""
+    import paddle
+
     if requested is not None and requested not in COMPUTE_DTYPES:
         raise ValueError(f"dtype must be one of {COMPUTE_DTYPES}, got {requested!r}")
     if on_gpu():
@@ -60,6 +65,8 @@ _cpu_threads = 1
 
 def use_all_cores(threads: int | None = None) -> int:
     """Paddle runs one CPU thread unless told otherwise; GEMM and GEMV scale with cores, so use them all."""
+    import paddle
+
     global _cpu_threads
     _cpu_threads = threads or len(os.sched_getaffinity(0))
     paddle.base.core.set_num_threads(_cpu_threads)

@@ -6,22 +6,17 @@ g = key/value heads (groups), d = head_dim, H = hidden size. Linear weights are 
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import os
 from dataclasses import dataclass
 
-import numpy as np
 import paddle
 import paddle.nn.functional as F
 from paddle import nn
 
-from . import checkpoint, generation, ops
-from .config import CONFIG_NAME, GLM4Config
-from .device import compute_dtype, on_gpu, use_all_cores
+from . import generation, loading, ops
+from .config import GLM4Config
+from .device import on_gpu
 from .generation import GenerationConfig
 from .kv_cache import GROWTH_STEP, KVCache, token_positions
-from .safetensors_file import cast
 
 
 @dataclass
@@ -195,72 +190,18 @@ class GLM4ForCausalLM(nn.Layer):
     def dtype(self) -> str:
         return str(self.model.embed_tokens.weight.dtype).replace("paddle.", "")
 
-    # ---- checkpoints ------------------------------------------------------------------------------
+    # ---- checkpoints (paddle_glm4.loading) ---------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str, dtype: str | None = None, fused: bool | None = None,
-                        storage_only: bool = False) -> "GLM4ForCausalLM":
+                        storage_only: bool = False) -> GLM4ForCausalLM:
         """Load a converted checkpoint directory (safetensors only). `dtype` None: float32 on CPU,
         the stored dtype on GPU. Parameters are created empty and filled one tensor at a time.
         `storage_only`: hold the weights in `dtype` (None: as stored) even where this device cannot compute
         in it; such a model is for exporting (paddle_glm4.inference), not for calling."""
-        if not os.path.isdir(path):
-            raise checkpoint.CheckpointError(f"{path}: not a directory")
-        if not os.path.exists(os.path.join(path, CONFIG_NAME)):
-            raise checkpoint.CheckpointError(
-                f"{path}: no {CONFIG_NAME}; is this a checkpoint converted with glm4-convert?")
-        config = GLM4Config.from_pretrained(path)
-        dtype = (dtype or config.dtype) if storage_only else compute_dtype(dtype, config.dtype)
-        use_all_cores()
-        with paddle.LazyGuard(), _default_dtype(dtype):
-            model = cls(config, fused)
-        params = model.state_dict()
-        locations = checkpoint.inspect(path, {name: tuple(p.shape) for name, p in params.items()})
-        for name, array in checkpoint.read_tensors(locations, dtype, progress=f"loading {os.path.basename(path)}"):
-            _fill(params[name], array, dtype)
-        model.generation_config = GenerationConfig.from_model(config, path)
-        model.eval()
-        return model
+        return loading.from_pretrained(cls, path, dtype, fused, storage_only)
 
     def save_pretrained(self, directory: str, max_shard_size: int | str = "5GB", dtype: str | None = None,
                         overwrite: bool = False) -> list[str]:
         """Write config.json and safetensors weights (sharded above `max_shard_size`) in `dtype`
         (default: the model's). Refuses a directory that already holds a checkpoint unless `overwrite`."""
-        existing = checkpoint.existing_weight_files(directory)
-        if os.path.exists(os.path.join(directory, CONFIG_NAME)):
-            existing.append(CONFIG_NAME)
-        if existing and not overwrite:
-            raise FileExistsError(f"{directory} already holds a checkpoint ({existing[0]}); pass overwrite=True")
-        current = self.dtype
-        store = dtype or current
-        state = self.state_dict()
-        entries = [(name, store, tuple(t.shape)) for name, t in state.items()]
-        tensors = ((name, cast(t.numpy(), current, store)) for name, t in state.items())
-        files = checkpoint.write_checkpoint(directory, entries, tensors, max_shard_size, metadata={"format": "pd"})
-        dataclasses.replace(self.config, dtype=store).save_pretrained(directory)
-        self.generation_config.save_pretrained(directory)
-        return files + [CONFIG_NAME, generation.GENERATION_CONFIG_NAME]
-
-
-@contextlib.contextmanager
-def _default_dtype(dtype: str):
-    previous = paddle.get_default_dtype()
-    paddle.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        paddle.set_default_dtype(previous)
-
-
-def _fill(param: paddle.Tensor, array: np.ndarray, dtype: str):
-    """Give the parameter the loaded array's data. On CPU the parameter takes over the array's memory
-    (DLPack, then sharing the buffer): no copy, so loading peaks at the model plus one tensor and leaves
-    nothing behind in Paddle's allocator (set_value's copy left ~2x the largest tensor cached there)."""
-    if dtype == "bfloat16":  # bf16 travels as its raw bits, uint16; Paddle reinterprets int16, not uint16
-        array = array.view(np.int16)
-    tensor = paddle.utils.dlpack.from_dlpack(array)  # zero-copy; the DLPack capsule keeps `array` alive
-    if dtype == "bfloat16":
-        tensor = tensor.view(paddle.bfloat16)
-    if on_gpu():
-        param.set_value(tensor)  # host to device: a copy anyway
-    else:  # (not param.place: asking a lazy parameter for it initializes it, random values and all)
-        tensor._share_buffer_to(param)
+        return loading.save_pretrained(self, directory, max_shard_size, dtype, overwrite)

@@ -289,6 +289,21 @@ def test_console_script_and_module_entry_points():
         assert result.returncode == 0 and "--max-shard-size" in result.stdout
 
 
+def test_the_converter_imports_no_paddle():
+    # the converter stands on numpy and safetensors: a broken or absent Paddle must not stop a conversion
+    script = ("import sys, converters.torch_to_paddle, converters.paddle_to_torch\n"
+              "print(sorted(m for m in sys.modules if m == 'paddle' or m.startswith('paddle.')))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "converters.torch_to_paddle", "--help"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0 and "--src" in result.stdout
+    imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")]
+    assert "converters.mapping" in imported  # -X importtime did report the converter's imports
+    assert [name for name in imported if name.split(".")[0] == "paddle"] == []
+
+
 def test_cli_converts_and_prints_a_summary(tmp_path, reference, capsys):
     config, _, state, _ = reference
     src = write_published(tmp_path / "src", config, state, max_shard_size=SHARD)

@@ -27,7 +27,8 @@ from paddlenlp.transformers import (AutoConfig, AutoModel, AutoModelForCausalLM,
 from conftest import small_config  # noqa: E402
 from paddle_glm4 import GLM4Config, GLM4ForCausalLM, GLM4Tokenizer  # noqa: E402
 from paddle_glm4.integrations.paddlenlp import (PUBLISHED_TOKENIZER_CLASS, CheckpointNotFoundError,  # noqa: E402
-                                                cache_dir, register_paddlenlp)
+                                                register_paddlenlp)
+from paddle_glm4.integrations.paddlenlp_home import cache_dir  # noqa: E402
 from paddle_glm4.small_vocab import write_small_vocabulary  # noqa: E402
 
 NAME = "THUDM/glm-4-9b"
@@ -291,7 +292,8 @@ else:
     import paddlenlp.transformers as transformers
     import paddle_glm4
 from paddlenlp.utils.download.bos_download import bos_try_to_load_from_cache
-from paddle_glm4.integrations.paddlenlp import CheckpointNotFoundError, cache_dir
+from paddle_glm4.integrations.paddlenlp import CheckpointNotFoundError
+from paddle_glm4.integrations.paddlenlp_home import cache_dir
 
 name = sys.argv[2]
 report["paddlenlp looks at"] = bos_try_to_load_from_cache(name, "config.json")

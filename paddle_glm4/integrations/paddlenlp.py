@@ -20,8 +20,8 @@ LM too, as THUDM's published checkpoint maps it.
 Where files come from, as PaddleNLP 2.8.1 resolves a name (paddlenlp/utils/env.py, utils/download/):
 an existing local directory is read as it is; any other name is read from `MODEL_HOME/<name>/`, where MODEL_HOME
 is `$PPNLP_HOME/models` (PPNLP_HOME defaults to ~/.paddlenlp and is read once, when paddlenlp is imported), or
-from `<cache_dir>/<name>/` when from_pretrained is given `cache_dir=`. `cache_dir(name)` computes that directory
-without importing PaddleNLP, for `glm4-convert` to write into. GLM-4 is never downloaded: nothing PaddleNLP could
+from `<cache_dir>/<name>/` when from_pretrained is given `cache_dir=` (paddlenlp_home.py computes that directory
+without importing PaddleNLP, for `glm4-convert` to write into). GLM-4 is never downloaded: nothing PaddleNLP could
 fetch is a Paddle checkpoint of it, so a GLM-4 name with nothing converted in the cache is an error that says
 how to convert, raised before anything touches the network.
 """
@@ -30,12 +30,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.abc
-import importlib.util
 import json
 import os
-import sys
-import warnings
 
 import paddle
 
@@ -43,6 +39,7 @@ from ..config import CONFIG_NAME, MODEL_TYPE, GLM4Config
 from ..model import GLM4ForCausalLM
 from ..tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
 from ..tokenizer import GLM4Tokenizer
+from .paddlenlp_home import model_home
 
 # The names THUDM publishes GLM-4-9B under. Any name works once its converted checkpoint is in the cache;
 # these are the ones for which a missing checkpoint gets the how-to-convert error instead of a download.
@@ -59,26 +56,6 @@ class CheckpointNotFoundError(FileNotFoundError):
 
 
 # ---- where checkpoints are -------------------------------------------------------------------------------------
-
-def model_home() -> str:
-    """PaddleNLP's model cache: its MODEL_HOME once paddlenlp is imported (the value is fixed then), else the same
-    rule computed here: `$PPNLP_HOME/models`, PPNLP_HOME defaulting to ~/.paddlenlp."""
-    env = sys.modules.get("paddlenlp.utils.env")
-    if env is not None:
-        return env.MODEL_HOME
-    home = os.environ["PPNLP_HOME"] if "PPNLP_HOME" in os.environ else os.path.join(os.path.expanduser("~"),
-                                                                                      ".paddlenlp")
-    return os.path.join(home, "models")
-
-
-def cache_dir(name: str) -> str:
-    """The directory PaddleNLP's `from_pretrained(name)` reads, e.g. ~/.paddlenlp/models/THUDM/glm-4-9b: where
-    `glm4-convert --dst` puts the converted checkpoint for that name."""
-    if (not isinstance(name, str) or os.path.isabs(name)
-            or any(part in ("", ".", "..") for part in name.replace("\\", "/").split("/"))):
-        raise ValueError(f"{name!r} is not a model name such as 'THUDM/glm-4-9b'")
-    return os.path.join(model_home(), name)
-
 
 def _read_json(path: str) -> dict:
     try:
@@ -301,57 +278,3 @@ def _answer_for_glm4(auto_class, load):
 
     from_pretrained.answers_for_glm4 = True
     auto_class.from_pretrained = classmethod(from_pretrained)
-
-
-def register_paddlenlp_when_imported() -> None:
-    """What `import paddle_glm4` runs: register now if PaddleNLP is imported already, else right after
-    `paddlenlp.transformers` is; when PaddleNLP is not installed, nothing (and PaddleNLP is never imported here)."""
-    if "paddlenlp.transformers" in sys.modules:
-        _register_or_warn()
-    elif (importlib.util.find_spec("paddlenlp") is not None
-          and not any(isinstance(finder, _RegisterOnImport) for finder in sys.meta_path)):
-        sys.meta_path.insert(0, _RegisterOnImport())
-
-
-def _register_or_warn():
-    # a failure here must not break `import paddlenlp` or `import paddle_glm4`; register_paddlenlp() shows it
-    try:
-        register_paddlenlp()
-    except Exception as err:  # noqa: BLE001
-        warnings.warn(f"paddle_glm4 could not register GLM-4 with PaddleNLP: {err!r}", RuntimeWarning, stacklevel=2)
-
-
-class _RegisterOnImport(importlib.abc.MetaPathFinder):
-    """An import hook that registers once `paddlenlp.transformers` has been executed (its Auto classes exist only
-    then), however its import comes about. It finds the module the normal way and wraps only the loader."""
-
-    def __init__(self):
-        self._finding = False
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname != "paddlenlp.transformers" or self._finding:
-            return None
-        self._finding = True  # the lookup below walks sys.meta_path again, past this finder
-        try:
-            spec = importlib.util.find_spec(fullname)
-        finally:
-            self._finding = False
-        if spec is None or spec.loader is None:
-            return None
-        spec.loader = _RegisterAfterLoading(spec.loader, self)
-        return spec
-
-
-class _RegisterAfterLoading(importlib.abc.Loader):
-    def __init__(self, loader, finder):
-        self._loader, self._finder = loader, finder
-
-    def create_module(self, spec):
-        return self._loader.create_module(spec)
-
-    def exec_module(self, module):
-        module.__loader__ = module.__spec__.loader = self._loader  # the module keeps no trace of the hook
-        self._loader.exec_module(module)
-        if self._finder in sys.meta_path:
-            sys.meta_path.remove(self._finder)
-        _register_or_warn()
