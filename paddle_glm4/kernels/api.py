@@ -1,0 +1,64 @@
+"""The kernels' Python API (see the package docstring): build or load the operators, call them."""
+
+from __future__ import annotations
+
+import paddle
+
+from . import build, portable
+from . import ACTIVATION_DTYPES, FORMATS, PATHS
+
+
+def load():
+    """The compiled operators (built on first use), or None where they cannot be built. Call it before
+    creating a Paddle Inference predictor that runs them: the predictor finds operators already loaded."""
+    return build.load()
+
+
+def available() -> bool:
+    return load() is not None
+
+
+def isa(cap: str = "auto") -> str:
+    """The path the kernels run on this CPU (under a cap, as linear's `isa`); "portable" without them."""
+    ops = load()
+    if ops is None:
+        return "portable"
+    return PATHS[int(ops.glm4_kernel_path(paddle.zeros([1]), cap).numpy()[0])]
+
+
+@paddle.jit.not_to_static  # the operator is what a traced program records, not this Python
+def linear(x, weight, scales=None, bias=None, *, fmt: str = "bf16", group_size: int = 128,
+           activation_dtype: str = "auto", isa: str = "auto", threads: int = 0):
+    """x float32 [..., K] @ W^T (+ bias) -> float32 [..., N], W stored as `fmt` says (see the package
+    docstring).
+
+    `scales` is int8's scale [N] or int4's scales [N, groups] (None for bf16). `isa` caps the path ("auto":
+    the best the CPU has, or GLM4_KERNELS_ISA); `threads` 0 means every core (or GLM4_KERNELS_THREADS).
+    Works in the dynamic graph and under paddle.jit.to_static (the operator is recorded in the program).
+    """
+    _check(fmt, activation_dtype, isa, scales, group_size)
+    ops = load()
+    if ops is None:
+        return portable.linear(x, weight, scales, bias, fmt, group_size, activation_dtype)
+    if paddle.in_dynamic_mode() and not x.is_contiguous():
+        x = x.contiguous()
+    if fmt == "bf16":
+        return ops.glm4_linear_bf16(x, weight, bias, activation_dtype, isa, threads)
+    if fmt == "int8":
+        return ops.glm4_linear_int8(x, weight, scales, bias, activation_dtype, isa, threads)
+    return ops.glm4_linear_int4(x, weight, scales, bias, activation_dtype, isa, threads, group_size)
+
+
+def _check(fmt, activation_dtype, isa, scales, group_size) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+    if activation_dtype not in ACTIVATION_DTYPES:
+        raise ValueError(f"activation_dtype must be one of {ACTIVATION_DTYPES}, got {activation_dtype!r}")
+    if activation_dtype == "int8" and fmt == "bf16":
+        raise ValueError("activation_dtype='int8' needs int8 or int4 weights, not bf16")
+    if isa != "auto" and isa not in PATHS:
+        raise ValueError(f"isa must be 'auto' or one of {PATHS}, got {isa!r}")
+    if (scales is None) != (fmt == "bf16"):
+        raise ValueError(f"fmt={fmt!r} {'takes no' if fmt == 'bf16' else 'needs'} scales")
+    if fmt == "int4" and (group_size < 2 or group_size % 2):
+        raise ValueError(f"int4 group_size must be an even number >= 2, got {group_size}")

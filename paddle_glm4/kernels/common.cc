@@ -1,0 +1,152 @@
+// The GEMM driver and its micro-kernels, and one linear from activations to outputs (no Paddle here: the
+// operators are in ops.cc).
+#include "common.h"
+
+namespace glm4 {
+
+// ---- Micro-kernels ---------------------------------------------------------------------------------------
+void micro_f32_scalar(const float* a, int64_t lda, int mr, const float* tile, int64_t kb, const float* colscale,
+                      float* c, int64_t ldc) {
+  for (int i = 0; i < mr; ++i) {
+    float acc[kPanel] = {};
+    for (int64_t k = 0; k < kb; ++k)
+      for (int64_t j = 0; j < kPanel; ++j) acc[j] += a[i * lda + k] * tile[k * kPanel + j];
+    for (int64_t j = 0; j < kPanel; ++j) c[i * ldc + j] += acc[j] * colscale[j];
+  }
+}
+
+#if GLM4_X86
+// 6 rows x 16 columns per pass (12 accumulators of 8 floats), two passes per 32-column panel.
+template <int MR>
+GLM4_AVX2 static void micro_f32_avx2_rows(const float* a, int64_t lda, const float* tile, int64_t kb,
+                                          const float* colscale, float* c, int64_t ldc) {
+  for (int half = 0; half < 2; ++half) {
+    const float* b = tile + half * 16;
+    __m256 acc[MR][2];
+    for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < kb; ++k) {
+      const __m256 b0 = _mm256_loadu_ps(b + k * kPanel), b1 = _mm256_loadu_ps(b + k * kPanel + 8);
+      for (int i = 0; i < MR; ++i) {
+        const __m256 av = _mm256_broadcast_ss(a + i * lda + k);
+        acc[i][0] = _mm256_fmadd_ps(av, b0, acc[i][0]);
+        acc[i][1] = _mm256_fmadd_ps(av, b1, acc[i][1]);
+      }
+    }
+    const __m256 s0 = _mm256_loadu_ps(colscale + half * 16), s1 = _mm256_loadu_ps(colscale + half * 16 + 8);
+    for (int i = 0; i < MR; ++i) {
+      float* ci = c + i * ldc + half * 16;
+      _mm256_storeu_ps(ci, _mm256_fmadd_ps(acc[i][0], s0, _mm256_loadu_ps(ci)));
+      _mm256_storeu_ps(ci + 8, _mm256_fmadd_ps(acc[i][1], s1, _mm256_loadu_ps(ci + 8)));
+    }
+  }
+}
+
+void micro_f32_avx2(const float* a, int64_t lda, int mr, const float* tile, int64_t kb, const float* colscale,
+                    float* c, int64_t ldc) {
+  static void (*const rows[])(const float*, int64_t, const float*, int64_t, const float*, float*, int64_t) = {
+      micro_f32_avx2_rows<1>, micro_f32_avx2_rows<2>, micro_f32_avx2_rows<3>,
+      micro_f32_avx2_rows<4>, micro_f32_avx2_rows<5>, micro_f32_avx2_rows<6>};
+  for (int i = 0; i < mr; i += 6) {
+    const int r = std::min(6, mr - i);
+    rows[r - 1](a + i * lda, lda, tile, kb, colscale, c + i * ldc, ldc);
+  }
+}
+
+// 8 rows x 32 columns (16 accumulators of 16 floats); each step takes a pair of k (vdpbf16ps).
+template <int MR>
+GLM4_BF16 static void micro_bf16_rows(const uint16_t* a, int64_t lda, const uint16_t* tile, int64_t kb,
+                                      const float* colscale, float* c, int64_t ldc) {
+  __m512 acc[MR][2];
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  const int64_t pairs = (kb + 1) / 2;
+  for (int64_t p = 0; p < pairs; ++p) {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(tile + p * kPanel * 2);
+    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(tile + p * kPanel * 2 + 32);
+    for (int i = 0; i < MR; ++i) {
+      uint32_t pair;
+      std::memcpy(&pair, a + i * lda + 2 * p, 4);
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+      acc[i][0] = _mm512_dpbf16_ps(acc[i][0], av, b0);
+      acc[i][1] = _mm512_dpbf16_ps(acc[i][1], av, b1);
+    }
+  }
+  const __m512 s0 = _mm512_loadu_ps(colscale), s1 = _mm512_loadu_ps(colscale + 16);
+  for (int i = 0; i < MR; ++i) {
+    float* ci = c + i * ldc;
+    _mm512_storeu_ps(ci, _mm512_fmadd_ps(acc[i][0], s0, _mm512_loadu_ps(ci)));
+    _mm512_storeu_ps(ci + 16, _mm512_fmadd_ps(acc[i][1], s1, _mm512_loadu_ps(ci + 16)));
+  }
+}
+
+void micro_bf16_avx512(const uint16_t* a, int64_t lda, int mr, const uint16_t* tile, int64_t kb,
+                       const float* colscale, float* c, int64_t ldc) {
+  static void (*const rows[])(const uint16_t*, int64_t, const uint16_t*, int64_t, const float*, float*,
+                              int64_t) = {micro_bf16_rows<1>, micro_bf16_rows<2>, micro_bf16_rows<3>,
+                                          micro_bf16_rows<4>, micro_bf16_rows<5>, micro_bf16_rows<6>,
+                                          micro_bf16_rows<7>, micro_bf16_rows<8>};
+  for (int i = 0; i < mr; i += 8) {
+    const int r = std::min(8, mr - i);
+    rows[r - 1](a + i * lda, lda, tile, kb, colscale, c + i * ldc, ldc);
+  }
+}
+#endif
+
+// ---- GEMM driver -----------------------------------------------------------------------------------------
+constexpr int kGemmRows = 48;  // rows per micro-kernel call: a multiple of both kernels' register blocks
+
+void gemm(const Weights& w, const Acts& a, const GemmPlan& plan, const float* bias, float* y, int threads) {
+  const int64_t tasks = (w.N + kPanel - 1) / kPanel;
+  ThreadPool::instance().run(threads, tasks, [&](int64_t t) {
+    const int64_t n0 = t * kPanel, nr = std::min(kPanel, w.N - n0);
+    const int64_t block = std::min(plan.block, w.K);
+    std::vector<float> tile_f32(plan.bf16_tile ? 0 : block * kPanel);
+    std::vector<uint16_t> tile_bf16(plan.bf16_tile ? (block + 1) / 2 * 2 * kPanel : 0);
+    float colscale[kPanel];
+    // a whole panel when it fits in y; the last, narrower one goes through a full-width scratch
+    std::vector<float> scratch(nr < kPanel ? a.M * kPanel : 0, 0.f);
+    float* c = nr < kPanel ? scratch.data() : y + n0;
+    const int64_t ldc = nr < kPanel ? kPanel : w.N;
+    for (int64_t m = 0; m < a.M; ++m)
+      for (int64_t j = 0; j < nr; ++j) c[m * ldc + j] = bias ? bias[n0 + j] : 0.f;
+    for (int64_t k0 = 0; k0 < w.K; k0 += block) {
+      const int64_t kb = std::min(block, w.K - k0);
+      if (plan.bf16_tile)
+        plan.decode_bf16(w, n0, nr, k0, kb, tile_bf16.data(), colscale);
+      else
+        plan.decode_f32(w, n0, nr, k0, kb, tile_f32.data(), colscale);
+      for (int64_t m0 = 0; m0 < a.M; m0 += kGemmRows) {
+        const int mr = static_cast<int>(std::min<int64_t>(kGemmRows, a.M - m0));
+        float* cm = c + m0 * ldc;
+#if GLM4_X86
+        if (plan.bf16_tile) {
+          micro_bf16_avx512(a.b.data() + m0 * a.Kp + k0, a.Kp, mr, tile_bf16.data(), kb, colscale, cm, ldc);
+          continue;
+        }
+        if (plan.isa >= kAvx2) {
+          micro_f32_avx2(a.f.data() + m0 * a.Kp + k0, a.Kp, mr, tile_f32.data(), kb, colscale, cm, ldc);
+          continue;
+        }
+#endif
+        micro_f32_scalar(a.f.data() + m0 * a.Kp + k0, a.Kp, mr, tile_f32.data(), kb, colscale, cm, ldc);
+      }
+    }
+    if (nr < kPanel)
+      for (int64_t m = 0; m < a.M; ++m)
+        for (int64_t j = 0; j < nr; ++j) y[m * w.N + n0 + j] = c[m * ldc + j];
+  });
+}
+
+// ---- One linear ------------------------------------------------------------------------------------------
+const char* linear(const float* x, int64_t M, const Weights& w, const float* bias, float* y, int isa, int act,
+                   bool use_gemm, bool int_weights, int threads, Planner planner) {
+  const Plan plan = planner(isa, act, use_gemm, w.group);
+  const Acts acts = prepare_acts(x, M, w.K, act, use_gemm ? plan.gemm.bf16_tile : plan.bf16_bits,
+                                 use_gemm ? 0 : plan.perm, int_weights ? w.group : 0);
+  if (use_gemm)
+    gemm(w, acts, plan.gemm, bias, y, threads);
+  else
+    gemv(w, acts, plan.dots, bias, y, threads);
+  return plan.name;
+}
+
+}  // namespace glm4

@@ -1,0 +1,169 @@
+// The Paddle operators: glm4_linear_bf16, glm4_linear_int8, glm4_linear_int4 and glm4_kernel_path. Inputs
+// are checked here, then glm4::linear does the work. The only file that includes Paddle's headers (they
+// take ~40 s to compile; the kernels, a few).
+#include "paddle/extension.h"
+
+#include "common.h"
+
+namespace {
+
+std::vector<std::vector<int64_t>> linear_shape(const std::vector<int64_t>& x_shape, int64_t n) {
+  std::vector<int64_t> out(x_shape);
+  PD_CHECK(!out.empty(), "glm4 linear: x must have at least one dimension");
+  out.back() = n;
+  return {out};
+}
+
+int checked_isa(const std::string& attr) {
+  const std::string cap = glm4::requested_isa(attr);
+  PD_CHECK(cap == "auto" || glm4::isa_from_name(cap) >= 0, "glm4 linear: unknown kernel path '", cap,
+           "' (op attribute or GLM4_KERNELS_ISA): expected auto, scalar, avx2, avx512vnni or avx512bf16");
+  return glm4::resolve_isa(cap);
+}
+
+std::vector<paddle::Tensor> forward(const paddle::Tensor& x, const glm4::Weights& w,
+                                    const paddle::optional<paddle::Tensor>& bias, bool int_weights,
+                                    const std::string& act_name, const std::string& isa_name, int threads,
+                                    glm4::Planner planner) {
+  PD_CHECK(x.is_cpu(), "glm4 linear kernels run on CPU only");
+  PD_CHECK(x.dtype() == paddle::DataType::FLOAT32, "glm4 linear: x must be float32");
+  const auto& shape = x.shape();
+  PD_CHECK(!shape.empty() && shape.back() == w.K, "glm4 linear: x's last dimension (",
+           shape.empty() ? 0 : shape.back(), ") must equal the weight's input features (", w.K, ")");
+  const float* bias_data = nullptr;
+  if (bias) {
+    PD_CHECK(bias->dtype() == paddle::DataType::FLOAT32 && bias->numel() == w.N,
+             "glm4 linear: bias must be float32 [", w.N, "]");
+    bias_data = bias->data<float>();
+  }
+  const int isa = checked_isa(isa_name);
+  int act = glm4::kF32;
+  if (act_name != "auto") {
+    act = glm4::act_from_name(act_name);
+    PD_CHECK(act >= 0, "glm4 linear: unknown activation_dtype '", act_name,
+             "': expected auto, float32, bfloat16 or int8");
+    PD_CHECK(act != glm4::kI8 || int_weights, "glm4 linear: activation_dtype 'int8' needs int8 or int4 weights");
+  }
+  auto y = paddle::empty(linear_shape(shape, w.N)[0], paddle::DataType::FLOAT32, x.place());
+  const int64_t M = w.K ? x.numel() / w.K : 0;
+  if (M == 0 || w.N == 0) return {y};
+  bool use_gemm = M > glm4::kGemvMaxRows;
+  if (act_name == "auto") act = glm4::auto_act(isa, int_weights, use_gemm);
+  if (act == glm4::kI8) use_gemm = false;  // integer activations have GEMV dots only
+  glm4::linear(x.data<float>(), M, w, bias_data, y.data<float>(), isa, act, use_gemm, int_weights,
+               threads > 0 ? threads : glm4::ThreadPool::default_threads(), planner);
+  return {y};
+}
+
+}  // namespace
+
+// ---- bf16 ------------------------------------------------------------------------------------------------
+std::vector<paddle::Tensor> LinearBf16(const paddle::Tensor& x, const paddle::Tensor& weight,
+                                       const paddle::optional<paddle::Tensor>& bias, const std::string& act,
+                                       const std::string& isa, int threads) {
+  PD_CHECK(weight.dtype() == paddle::DataType::BFLOAT16 && weight.shape().size() == 2,
+           "glm4_linear_bf16: weight must be bfloat16 [N, K]");
+  const int64_t n = weight.shape()[0], k = weight.shape()[1];
+  const glm4::Weights w{reinterpret_cast<const uint8_t*>(weight.data<paddle::bfloat16>()), nullptr, n, k, 2 * k,
+                        std::max<int64_t>(k, 1), 1};
+  return forward(x, w, bias, false, act, isa, threads, glm4::plan_bf16);
+}
+
+std::vector<std::vector<int64_t>> Bf16Shape(const std::vector<int64_t>& x, const std::vector<int64_t>& w,
+                                            const paddle::optional<std::vector<int64_t>>&) {
+  return linear_shape(x, w[0]);
+}
+
+std::vector<paddle::DataType> Bf16Dtype(const paddle::DataType&, const paddle::DataType&,
+                                        const paddle::optional<paddle::DataType>&) {
+  return {paddle::DataType::FLOAT32};
+}
+
+PD_BUILD_OP(glm4_linear_bf16)
+    .Inputs({"X", "Weight", paddle::Optional("Bias")})
+    .Outputs({"Out"})
+    .Attrs({"act: std::string", "isa: std::string", "threads: int"})
+    .SetKernelFn(PD_KERNEL(LinearBf16))
+    .SetInferShapeFn(PD_INFER_SHAPE(Bf16Shape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(Bf16Dtype));
+
+// ---- int8 and int4: weights and scales ------------------------------------------------------------------
+std::vector<paddle::Tensor> LinearInt8(const paddle::Tensor& x, const paddle::Tensor& qweight,
+                                       const paddle::Tensor& scale, const paddle::optional<paddle::Tensor>& bias,
+                                       const std::string& act, const std::string& isa, int threads) {
+  PD_CHECK(qweight.dtype() == paddle::DataType::INT8 && qweight.shape().size() == 2,
+           "glm4_linear_int8: qweight must be int8 [N, K]");
+  const int64_t n = qweight.shape()[0], k = qweight.shape()[1];
+  PD_CHECK(scale.dtype() == paddle::DataType::FLOAT32 && scale.numel() == n,
+           "glm4_linear_int8: scale must be float32 [", n, "]");
+  const glm4::Weights w{reinterpret_cast<const uint8_t*>(qweight.data<int8_t>()), scale.data<float>(), n, k, k,
+                        std::max<int64_t>(k, 1), 1};
+  return forward(x, w, bias, true, act, isa, threads, glm4::plan_int8);
+}
+
+std::vector<paddle::Tensor> LinearInt4(const paddle::Tensor& x, const paddle::Tensor& qweight,
+                                       const paddle::Tensor& scales, const paddle::optional<paddle::Tensor>& bias,
+                                       const std::string& act, const std::string& isa, int threads,
+                                       int group_size) {
+  PD_CHECK(qweight.dtype() == paddle::DataType::UINT8 && qweight.shape().size() == 2,
+           "glm4_linear_int4: qweight must be uint8 [N, ceil(K/2)]");
+  PD_CHECK(group_size >= 2 && group_size % 2 == 0, "glm4_linear_int4: group_size must be even and >= 2, got ",
+           group_size);
+  const int64_t n = qweight.shape()[0], k = x.shape().empty() ? 0 : x.shape().back();
+  PD_CHECK(qweight.shape()[1] == (k + 1) / 2, "glm4_linear_int4: qweight has ", qweight.shape()[1],
+           " bytes per row; x's ", k, " input features need ", (k + 1) / 2);
+  const int64_t groups = (k + group_size - 1) / group_size;
+  PD_CHECK(scales.dtype() == paddle::DataType::FLOAT32 && scales.shape().size() == 2 &&
+               scales.shape()[0] == n && scales.shape()[1] == groups,
+           "glm4_linear_int4: scales must be float32 [", n, ", ", groups, "] for K=", k, ", group ", group_size);
+  const glm4::Weights w{qweight.data<uint8_t>(), scales.data<float>(), n, k, (k + 1) / 2, group_size, groups};
+  return forward(x, w, bias, true, act, isa, threads, glm4::plan_int4);
+}
+
+std::vector<std::vector<int64_t>> QuantShape(const std::vector<int64_t>& x, const std::vector<int64_t>& w,
+                                             const std::vector<int64_t>&,
+                                             const paddle::optional<std::vector<int64_t>>&) {
+  return linear_shape(x, w[0]);
+}
+
+std::vector<paddle::DataType> QuantDtype(const paddle::DataType&, const paddle::DataType&, const paddle::DataType&,
+                                         const paddle::optional<paddle::DataType>&) {
+  return {paddle::DataType::FLOAT32};
+}
+
+PD_BUILD_OP(glm4_linear_int8)
+    .Inputs({"X", "QWeight", "Scale", paddle::Optional("Bias")})
+    .Outputs({"Out"})
+    .Attrs({"act: std::string", "isa: std::string", "threads: int"})
+    .SetKernelFn(PD_KERNEL(LinearInt8))
+    .SetInferShapeFn(PD_INFER_SHAPE(QuantShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(QuantDtype));
+
+PD_BUILD_OP(glm4_linear_int4)
+    .Inputs({"X", "QWeight", "Scales", paddle::Optional("Bias")})
+    .Outputs({"Out"})
+    .Attrs({"act: std::string", "isa: std::string", "threads: int", "group_size: int"})
+    .SetKernelFn(PD_KERNEL(LinearInt4))
+    .SetInferShapeFn(PD_INFER_SHAPE(QuantShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(QuantDtype));
+
+// ---- Which path runs -------------------------------------------------------------------------------------
+// The path this CPU runs under the given cap (as the linear ops resolve it), as int32 [1]: 0 scalar,
+// 1 avx2, 2 avx512vnni, 3 avx512bf16.
+std::vector<paddle::Tensor> KernelPath(const paddle::Tensor& x, const std::string& isa) {
+  auto out = paddle::empty({1}, paddle::DataType::INT32, x.place());
+  out.data<int32_t>()[0] = checked_isa(isa);
+  return {out};
+}
+
+std::vector<std::vector<int64_t>> PathShape(const std::vector<int64_t>&) { return {{1}}; }
+
+std::vector<paddle::DataType> PathDtype(const paddle::DataType&) { return {paddle::DataType::INT32}; }
+
+PD_BUILD_OP(glm4_kernel_path)
+    .Inputs({"X"})
+    .Outputs({"Out"})
+    .Attrs({"isa: std::string"})
+    .SetKernelFn(PD_KERNEL(KernelPath))
+    .SetInferShapeFn(PD_INFER_SHAPE(PathShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(PathDtype));
