@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from dataclasses import dataclass, field
+
+from .validation import AnyOf, Bool, Int, List, Number, Object, Optional, SchemaError, Str, read_json, validate
 
 CONFIG_NAME = "config.json"
 MODEL_TYPE = "glm4"
@@ -22,8 +23,44 @@ ROPE_BASE = 10000.0
 STORAGE_DTYPES = ("float32", "bfloat16", "float16")
 
 
-class ConfigError(ValueError):
+class ConfigError(SchemaError):
     """A config file or value that does not describe a GLM-4 model this project can run."""
+
+
+# What each field may be, in each spelling. The bounds are far beyond any GLM-4 (the 1M-context variant has
+# seq_length 2^20) yet keep a downloaded config from asking for absurd sizes; that the sizes agree with the
+# checkpoint's tensors is checked when loading and converting.
+VOCAB, HIDDEN, FFN = Int(1, 1 << 22), Int(1, 1 << 16), Int(1, 1 << 18)
+LAYERS, HEADS, HEAD_DIM, SEQ = Int(1, 1024), Int(1, 1024), Int(1, 1024), Int(1, 1 << 24)
+TOKEN_ID = Int(0)  # below vocab_size: checked with it
+EOS = AnyOf(TOKEN_ID, List(TOKEN_ID, 0, 64))
+ROPE_RATIO, ROPE_FACTOR = Number(above=0, max=1e9), Number(above=0, max=1)
+EPS = Number(above=0, below=1)
+DTYPE = Str(STORAGE_DTYPES)
+# Weights stored quantized (int8/int4 per group of `group_size` input features); absent: stored as `dtype`.
+QUANTIZATION = Object({"scheme": Str(("int8", "int4")), "group_size": Int(1, 1 << 16)}, required=("scheme",),
+                      closed=True)
+CANONICAL_SCHEMA = Object({
+    "vocab_size": VOCAB, "hidden_size": HIDDEN, "intermediate_size": FFN, "num_hidden_layers": LAYERS,
+    "num_attention_heads": HEADS, "num_key_value_heads": HEADS, "head_dim": HEAD_DIM,
+    "partial_rotary_factor": ROPE_FACTOR, "rope_ratio": ROPE_RATIO, "seq_length": SEQ, "rms_norm_eps": EPS,
+    "attention_bias": Bool(), "tie_word_embeddings": Bool(), "pad_token_id": TOKEN_ID, "eos_token_id": EOS,
+    "dtype": DTYPE, "quantization": Optional(QUANTIZATION)})
+PUBLISHED_SCHEMA = Object({
+    "padded_vocab_size": VOCAB, "hidden_size": HIDDEN, "ffn_hidden_size": FFN, "num_layers": LAYERS,
+    "num_hidden_layers": LAYERS, "num_attention_heads": HEADS, "multi_query_attention": Bool(),
+    "multi_query_group_num": HEADS, "kv_channels": HEAD_DIM, "rope_ratio": ROPE_RATIO, "seq_length": SEQ,
+    "layernorm_epsilon": EPS, "add_qkv_bias": Bool(), "tie_word_embeddings": Bool(), "torch_dtype": DTYPE,
+    "eos_token_id": Optional(EOS), "pad_token_id": Optional(TOKEN_ID)})
+HF_SCHEMA = Object({
+    "vocab_size": VOCAB, "hidden_size": HIDDEN, "intermediate_size": FFN, "num_hidden_layers": LAYERS,
+    "num_attention_heads": HEADS, "num_key_value_heads": Optional(HEADS), "head_dim": Optional(HEAD_DIM),
+    "partial_rotary_factor": ROPE_FACTOR, "rope_theta": Number(above=0, max=1e13),
+    "rope_parameters": Optional(Object({"rope_type": Str(), "rope_theta": Number(above=0, max=1e13),
+                                        "partial_rotary_factor": ROPE_FACTOR})),
+    "max_position_embeddings": SEQ, "rms_norm_eps": EPS, "attention_bias": Bool(), "tie_word_embeddings": Bool(),
+    "dtype": Optional(DTYPE), "torch_dtype": Optional(DTYPE), "eos_token_id": Optional(EOS),
+    "pad_token_id": Optional(TOKEN_ID)})
 
 
 @dataclass
@@ -48,32 +85,22 @@ class GLM4Config:
     dtype: str = "bfloat16"
 
     def __post_init__(self):
-        if isinstance(self.eos_token_id, int):
+        if isinstance(self.eos_token_id, int) and not isinstance(self.eos_token_id, bool):
             self.eos_token_id = [self.eos_token_id]
+        validate(dataclasses.asdict(self), CANONICAL_SCHEMA, "", ConfigError)
         self.eos_token_id = list(self.eos_token_id)
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim", "seq_length"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"config field {name!r} must be a positive integer, got {value!r}")
+        # what relates the fields
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})")
         rotary = self.head_dim * self.partial_rotary_factor
-        if not (0 < rotary <= self.head_dim) or rotary != int(rotary) or int(rotary) % 2:
+        if rotary != int(rotary) or int(rotary) % 2:
             raise ConfigError(
                 f"partial_rotary_factor {self.partial_rotary_factor} with head_dim {self.head_dim} gives "
                 f"{rotary} rotary dims; it must be an even integer in (0, head_dim]")
-        if not (isinstance(self.rope_ratio, (int, float)) and math.isfinite(self.rope_ratio)
-                and self.rope_ratio > 0):
-            raise ConfigError(f"config field 'rope_ratio' must be a positive number, got {self.rope_ratio!r}")
-        if not (isinstance(self.rms_norm_eps, (int, float)) and self.rms_norm_eps > 0):
-            raise ConfigError(f"config field 'rms_norm_eps' must be a positive number, got {self.rms_norm_eps!r}")
-        if self.dtype not in STORAGE_DTYPES:
-            raise ConfigError(f"config field 'dtype' must be one of {STORAGE_DTYPES}, got {self.dtype!r}")
         for token in [self.pad_token_id, *self.eos_token_id]:
-            if not (isinstance(token, int) and 0 <= token < self.vocab_size):
+            if not token < self.vocab_size:
                 raise ConfigError(f"special token id {token!r} is outside the vocabulary [0, {self.vocab_size})")
 
     # Derived geometry: properties, so that nothing can disagree with the fields above.
@@ -93,13 +120,18 @@ class GLM4Config:
     @classmethod
     def from_dict(cls, data: dict, source: str = "config") -> "GLM4Config":
         """Build from any of the three spellings; `source` names the file in error messages."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a JSON object")
         model_type = data.get("model_type")
         if model_type == MODEL_TYPE:
+            validate(data, CANONICAL_SCHEMA, source, ConfigError)
             fields = {f.name for f in dataclasses.fields(cls)}
             kwargs = {k: v for k, v in data.items() if k in fields}
         elif model_type == "chatglm":
+            validate(data, PUBLISHED_SCHEMA, source, ConfigError)
             kwargs = _from_published(data, source)
         elif model_type == "glm":
+            validate(data, HF_SCHEMA, source, ConfigError)
             kwargs = _from_hf_glm(data)
         else:
             raise ConfigError(
@@ -108,20 +140,13 @@ class GLM4Config:
             return cls(**kwargs)
         except ConfigError as err:
             raise ConfigError(f"{source}: {err}") from None
-        except TypeError as err:  # a field of the wrong kind, e.g. a string where a number belongs
-            raise ConfigError(f"{source}: {err}") from None
 
     @classmethod
     def from_file(cls, path: str) -> "GLM4Config":
         try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
+            data = read_json(path, error=ConfigError)
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such config file") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ConfigError(f"{path}: not valid JSON ({err})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a JSON object")
         return cls.from_dict(data, source=path)
 
     @classmethod

@@ -17,10 +17,16 @@ from typing import Protocol
 import numpy as np
 import paddle
 
-from .config import GLM4Config
+from .config import EOS, TOKEN_ID, GLM4Config
 from .sampling import SamplingParams, choose_tokens
+from .validation import Bool, Int, Number, Object, Optional, check_seed, read_json
 
 GENERATION_CONFIG_NAME = "generation_config.json"
+# The fields read (transformers writes others too: max_length, transformers_version, ...); null means unset.
+GENERATION_SCHEMA = Object({
+    "eos_token_id": Optional(EOS), "pad_token_id": Optional(TOKEN_ID), "do_sample": Optional(Bool()),
+    "temperature": Optional(Number(min=0, max=100)), "top_p": Optional(Number(above=0, max=1)),
+    "top_k": Optional(Int(0)), "repetition_penalty": Optional(Number(above=0, max=100))})
 
 
 class Session(Protocol):
@@ -46,11 +52,7 @@ class GenerationConfig:
         values = {"eos_token_id": list(config.eos_token_id), "pad_token_id": config.pad_token_id}
         path = os.path.join(directory, GENERATION_CONFIG_NAME) if directory else None
         if path and os.path.exists(path):
-            try:
-                with open(path, encoding="utf-8") as f:
-                    data = json.load(f)
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise ValueError(f"{path}: not valid JSON ({err})") from None
+            data = read_json(path, GENERATION_SCHEMA)
             for key in cls.__dataclass_fields__:
                 if data.get(key) is not None:
                     values[key] = data[key]
@@ -128,6 +130,7 @@ def generate(session: Session, input_ids, *, seq_length: int, vocab_size: int, d
     eos = [eos] if isinstance(eos, int) else list(eos)
     pad = defaults.pad_token_id if pad_token_id is None else pad_token_id
 
+    check_seed(seed)
     rng_state = paddle.get_rng_state() if do_sample else None
     if do_sample and seed is not None:
         paddle.seed(seed)

@@ -11,11 +11,14 @@ tensor. Nothing here unpickles.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
 
 import numpy as np
+
+from .validation import Int, List, Map, Object, SchemaError, Str, parse_json, validate
 
 # safetensors dtype code -> (our dtype name, numpy dtype that holds its bits)
 DTYPES = {
@@ -30,15 +33,61 @@ DTYPES = {
     "BOOL": ("bool", np.dtype("?")),
 }
 CODE_OF = {name: code for code, (name, _) in DTYPES.items()}
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's limit
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(SchemaError):
     """A .safetensors file that is missing, truncated or malformed."""
 
 
 def numpy_dtype(dtype: str) -> np.dtype:
     return DTYPES[CODE_OF[dtype]][1]
+
+
+HEADER_SCHEMA = Map(Object({"dtype": Str(), "shape": List(Int(0)), "data_offsets": List(Int(0), 2, 2)},
+                           required=("dtype", "shape", "data_offsets"), closed=True))
+METADATA_SCHEMA = Map(Str())  # the format's metadata: text keys to text values
+
+
+def parse_header(raw: bytes, data_len: int, source: str) -> tuple[dict[str, str], dict[str, tuple]]:
+    """Check a safetensors header (the JSON after the 8-byte length) by the format's rules, as the
+    `safetensors` library checks it, for a file with `data_len` bytes after the header:
+    a JSON object of tensors {dtype, shape, data_offsets} (and text `__metadata__`), no name twice, a known
+    dtype, offsets that tile the data exactly (the first from 0, each from where the previous ended, the
+    last at the end of the file: no gap, no overlap, nothing after) and span shape x dtype size bytes.
+    Returns (metadata, {name: (dtype code, shape, begin, end)}), or raises SafetensorsError naming `source`."""
+    header = parse_json(raw, f"{source}: header", error=SafetensorsError)
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{source}: corrupted header, not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    validate(metadata, METADATA_SCHEMA, f"{source}: header __metadata__", SafetensorsError)
+    validate(header, HEADER_SCHEMA, f"{source}: header", SafetensorsError)
+    entries = {}
+    for name, entry in header.items():
+        code, (begin, end) = entry["dtype"], entry["data_offsets"]
+        shape = tuple(entry["shape"])
+        if code not in DTYPES:
+            raise SafetensorsError(f"{source}: tensor {name!r}: unsupported dtype {code!r} "
+                                   f"(supported: {', '.join(DTYPES)})")
+        expected = math.prod(shape) * DTYPES[code][1].itemsize  # exact: no int64 wrap-around on huge shapes
+        if not begin <= end or end - begin != expected:
+            raise SafetensorsError(f"{source}: tensor {name!r}: header offsets {begin}..{end} do not fit shape "
+                                   f"{list(shape)} {code} ({expected} bytes)")
+        entries[name] = (code, shape, begin, end)
+    position = 0
+    for name, (_, _, begin, end) in sorted(entries.items(), key=lambda item: item[1][2:]):
+        if begin != position:
+            problem = "overlaps the tensor before it" if begin < position else "leaves a gap before it"
+            raise SafetensorsError(f"{source}: tensor {name!r}: data offsets {begin}..{end} {problem} (the "
+                                   f"previous tensor ends at {position}); tensors must be stored back to back")
+        position = end
+    if position != data_len:
+        if position > data_len:
+            raise SafetensorsError(f"{source}: truncated: the tensors end at byte {position} of the data, but "
+                                   f"the file holds only {data_len} data bytes")
+        raise SafetensorsError(f"{source}: {data_len - position} bytes after the last tensor's data; the "
+                               "header does not describe the whole file")
+    return metadata, entries
 
 
 class SafetensorsReader:
@@ -69,33 +118,10 @@ class SafetensorsReader:
         (header_len,) = struct.unpack("<Q", prefix)
         if header_len > min(MAX_HEADER_BYTES, size - 8):
             self._fail(f"corrupted or truncated header (declares {header_len} header bytes, file has {size})")
-        try:
-            self.header_text = self._file.read(header_len).decode("utf-8")  # exactly as stored, padding included
-            header = json.loads(self.header_text)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            self._fail(f"corrupted header, not valid JSON ({err})")
-        if not isinstance(header, dict):
-            self._fail("corrupted header, not a JSON object")
-        self.metadata = header.pop("__metadata__", None) or {}
+        raw = self._file.read(header_len)
+        self.metadata, self._entries = parse_header(raw, size - 8 - header_len, self.path)
+        self.header_text = raw.decode("utf-8")  # exactly as stored, padding included
         self._data_start = 8 + header_len
-        data_len = size - self._data_start
-        self._entries = {}
-        for name, entry in header.items():
-            try:
-                code, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-                shape = tuple(int(d) for d in shape)
-            except (KeyError, TypeError, ValueError):
-                self._fail(f"tensor {name!r}: malformed header entry {entry!r}")
-            if code not in DTYPES:
-                self._fail(f"tensor {name!r}: unsupported dtype {code!r} (supported: {', '.join(DTYPES)})")
-            dtype = DTYPES[code][1]
-            expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            if min(shape, default=0) < 0 or not (0 <= begin <= end) or end - begin != expected:
-                self._fail(f"tensor {name!r}: header offsets {begin}..{end} do not fit shape {list(shape)} {code}")
-            if end > data_len:
-                self._fail(f"truncated: tensor {name!r} ends at byte {end} of the data, "
-                           f"but the file holds only {data_len} data bytes")
-            self._entries[name] = (code, shape, begin, end)
 
     # ---- queries --------------------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -259,9 +285,10 @@ class SafetensorsWriter:
 
 
 def _tensor_entries(header: bytes) -> dict:
-    entries = json.loads(header)
-    entries.pop("__metadata__", None)
-    return entries
+    header = parse_json(header, "header", error=SafetensorsError)
+    if isinstance(header, dict):
+        header.pop("__metadata__", None)
+    return header
 
 
 # ---- dtype casts on raw arrays ------------------------------------------------------------------------

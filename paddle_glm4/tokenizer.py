@@ -31,6 +31,7 @@ import tiktoken
 
 from .chat_template import STRUCTURAL_TEMPLATE, render_chat
 from .checkpoint import write_text_atomic
+from .validation import AnyOf, Map, Object, Optional, SchemaError, Str, read_json, validate
 
 TOKENIZER_FILE = "tokenizer.model"
 CONFIG_FILE = "tokenizer_config.json"
@@ -50,8 +51,17 @@ STOP_TOKENS = ("<|user|>", "<|observation|>")
 Padding = bool | Literal["longest", "max_length", "do_not_pad"]
 
 
-class TokenizerError(ValueError):
+class TokenizerError(SchemaError):
     """A tokenizer file, token id or argument this tokenizer cannot work with."""
+
+
+TOKEN_TEXT = AnyOf(Str(), Object({"content": Str()}, required=("content",)))  # transformers writes either
+# The fields of tokenizer_config.json that are read (transformers writes many more).
+CONFIG_SCHEMA = Object({
+    "added_tokens_decoder": Map(Object({"content": Str(max_len=256)}, required=("content",)),
+                                key=Str(pattern=r"[0-9]{1,9}", what="a token id (decimal digits)"), max_len=1 << 16),
+    "eos_token": TOKEN_TEXT, "pad_token": TOKEN_TEXT, "chat_template": Optional(Str(max_len=1 << 20)),
+    "truncation_side": Str(("left", "right"))})
 
 
 def glm4_tokenizer_config(base_vocab_size: int, chat_template: str | None = None) -> dict[str, Any]:
@@ -124,12 +134,8 @@ def _special_tokens(config: Mapping[str, Any], base_vocab_size: int, source: str
         raise TokenizerError(f"{source}: 'added_tokens_decoder' with the special tokens is missing")
     specials: dict[str, int] = {}
     for key, entry in decoder.items():
-        try:
-            token_id, text = int(key), entry["content"]
-        except (ValueError, TypeError, KeyError):
-            raise TokenizerError(f"{source}: added_tokens_decoder entry {key!r} needs an integer id and a "
-                                 f"'content' string") from None
-        if not isinstance(text, str) or not text or text in specials:
+        token_id, text = int(key), entry["content"]  # CONFIG_SCHEMA made sure of their types
+        if not text or text in specials:
             raise TokenizerError(f"{source}: special token {text!r} (id {key}) is empty, not text or repeated")
         specials[text] = token_id
     expected = range(base_vocab_size, base_vocab_size + len(specials))
@@ -157,7 +163,7 @@ class GLM4Tokenizer:
         self.base_vocab_size = len(mergeable_ranks)
         if config is None:
             config = glm4_tokenizer_config(len(mergeable_ranks))
-        self.config = copy.deepcopy(dict(config))
+        self.config = copy.deepcopy(dict(validate(config, CONFIG_SCHEMA, source, TokenizerError)))
         self.special_tokens = _special_tokens(self.config, self.base_vocab_size, source)
         self.vocab_size = self.base_vocab_size + len(self.special_tokens)
 
@@ -172,14 +178,10 @@ class GLM4Tokenizer:
         self._prefix = [self.special_tokens[t] for t in PREFIX_TOKENS]
 
         self.chat_template: str | None = self.config.get("chat_template")
-        if self.chat_template is not None and not isinstance(self.chat_template, str):
-            raise TokenizerError(f"{source}: 'chat_template' must be one Jinja template string")
         self._template_name = (f"the chat template of {source}" if self.chat_template
                                else "GLM-4's structural chat template")
         # The published tokenizer keeps transformers' default: cut the end off sequences that are too long.
         self.truncation_side: str = self.config.get("truncation_side", "right")
-        if self.truncation_side not in ("left", "right"):
-            raise TokenizerError(f"{source}: truncation_side must be 'left' or 'right', not {self.truncation_side!r}")
 
         self._encoding = tiktoken.Encoding("glm4", pat_str=SPLIT_PATTERN, mergeable_ranks=dict(mergeable_ranks),
                                            special_tokens=self.special_tokens)
@@ -195,14 +197,7 @@ class GLM4Tokenizer:
             raise FileNotFoundError(errno.ENOENT, "tokenizer directory not found", str(directory))
         ranks = read_tokenizer_model(directory / TOKENIZER_FILE)
         config_path = directory / CONFIG_FILE
-        config = None
-        if config_path.exists():
-            try:
-                config = json.loads(config_path.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise TokenizerError(f"{config_path}: not valid JSON ({err})") from None
-            if not isinstance(config, dict):
-                raise TokenizerError(f"{config_path}: expected a JSON object")
+        config = read_json(str(config_path), error=TokenizerError) if config_path.exists() else None
         return cls(ranks, config, source=str(config_path if config is not None else directory / TOKENIZER_FILE))
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:

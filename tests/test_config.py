@@ -60,7 +60,7 @@ def test_canonical_round_trip(tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     ({"num_attention_heads": 3}, "multiple of"),
-    ({"hidden_size": 0}, "'hidden_size' must be a positive integer"),
+    ({"hidden_size": 0}, "hidden_size: must be an integer in"),
     ({"rope_ratio": -1}, "rope_ratio"),
     ({"dtype": "int8"}, "dtype"),
     ({"pad_token_id": 10**9}, "outside the vocabulary"),
