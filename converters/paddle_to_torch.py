@@ -31,13 +31,22 @@ import numpy as np
 from paddle_glm4 import __version__
 from paddle_glm4.checkpoint import INDEX_FILE, index_json, inspect, parse_size, plan_shards
 from paddle_glm4.config import CONFIG_NAME, STORAGE_DTYPES, GLM4Config
-from paddle_glm4.safetensors_file import CODE_OF, SafetensorsReader, numpy_dtype
+from paddle_glm4.safetensors_file import CODE_OF, MAX_HEADER_BYTES, SafetensorsReader, numpy_dtype
+from paddle_glm4.validation import MAX_JSON_BYTES, Int, List, Object, Optional, Str, parse_json, read_json
 
 from . import cli, mapping
 from .pipeline import (MANIFEST, ConversionError, OutputFile, OutputTensor, Plan, SourceTensor, Summary, build,
                        check_destination, copies_from, source_dtype)
 
 PUBLISHED_SHARD_SIZE = "2GB"  # what the published GLM-4 checkpoint was cut with
+# What torch_to_paddle records of a published source (TorchCheckpoint.layout_record), as read back here.
+LAYOUT_RECORD = Object({
+    "config": Str(max_len=MAX_JSON_BYTES), "index": Optional(Str(max_len=MAX_JSON_BYTES)),
+    "files": List(Object({"name": Str(max_len=255), "size": Int(0), "header": Str(max_len=MAX_HEADER_BYTES)},
+                         required=("name", "size", "header")), 1, 1 << 16),
+    "inv_freq": Optional(Str(pattern="(?:[0-9a-f]{2})*", max_len=1 << 16, what="bytes in hexadecimal"))},
+    required=("config", "index", "files", "inv_freq"))
+MANIFEST_SCHEMA = Object({"published_layout": Optional(LAYOUT_RECORD)})
 NUMPY_DTYPES = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16", np.dtype(np.uint16): "bfloat16"}
 
 
@@ -80,12 +89,13 @@ def canonical_plan(config: GLM4Config, tensors: list[OutputTensor], max_shard_si
 def recorded_plan(record: dict, config: GLM4Config, tensors: list[OutputTensor]) -> tuple[list[OutputFile], dict]:
     """Files and texts exactly as recorded, when the record fits `tensors`; raises ValueError otherwise."""
     by_name = {t.name: t for t in tensors}
-    if GLM4Config.from_dict(json.loads(record["config"])) != config:
+    if GLM4Config.from_dict(parse_json(record["config"], "the recorded config.json")) != config:
         raise ValueError("its config.json describes a different model or dtype")
     files, seen = [], set()
     for entry in record["files"]:
         header = entry["header"].encode("utf-8")
-        layout = {k: v for k, v in json.loads(header).items() if k != "__metadata__"}
+        layout = {k: v for k, v in parse_json(header, f"the recorded header of {entry['name']}").items()
+                  if k != "__metadata__"}
         names = sorted(layout, key=lambda n: layout[n]["data_offsets"][0])
         offset = 0
         for name in names:
@@ -111,12 +121,11 @@ def _recorded_layout(src: str) -> tuple[dict | None, str]:
     """The published layout recorded in `src`'s manifest, if any (and why not, for the summary)."""
     path = os.path.join(src, MANIFEST)
     try:
-        with open(path, encoding="utf-8") as f:
-            record = json.load(f).get("published_layout")
+        record = read_json(path, MANIFEST_SCHEMA, ConversionError).get("published_layout")
     except FileNotFoundError:
         return None, f"no {MANIFEST} in the source"
-    except (OSError, ValueError, AttributeError) as err:
-        return None, f"{path} is unreadable ({err})"
+    except PermissionError as err:
+        return None, f"{path} is unreadable ({err.strerror})"
     return record, "" if record else f"{path} records no published layout"
 
 

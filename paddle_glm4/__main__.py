@@ -18,7 +18,9 @@ from .engine import add_engine_arguments
 # ---- helpers ------------------------------------------------------------------------------------------
 def load(args):
     from .engine import load_engine
+    from .validation import check_seed
 
+    check_seed(args.seed, "--seed")  # before the model takes its time to load
     return load_engine(args.model, args.engine, args.dtype, args.tokenizer)
 
 

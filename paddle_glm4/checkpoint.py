@@ -17,6 +17,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .safetensors_file import SafetensorsError, SafetensorsReader, SafetensorsWriter, cast, numpy_dtype
+from .validation import Int, Map, Object, Optional, SchemaError, Str, read_json
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -25,8 +26,12 @@ SHARD_PATTERN = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 PICKLE_SUFFIXES = (".pdparams", ".pdopt", ".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SchemaError):
     """A checkpoint directory whose files do not hold the model they claim to."""
+
+
+INDEX_SCHEMA = Object({"metadata": Optional(Object({"total_size": Optional(Int(0))})),
+                       "weight_map": Map(Str(max_len=255), max_len=1 << 20)}, required=("weight_map",))
 
 
 # ---- small file helpers ---------------------------------------------------------------------------------
@@ -75,13 +80,7 @@ def weight_map(directory: str) -> dict[str, str]:
     index_path = os.path.join(directory, INDEX_FILE)
     single_path = os.path.join(directory, SINGLE_FILE)
     if os.path.exists(index_path):
-        try:
-            with open(index_path, encoding="utf-8") as f:
-                mapping = json.load(f)["weight_map"]
-            if not isinstance(mapping, dict):
-                raise TypeError
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-            raise CheckpointError(f"{index_path}: not a safetensors index (needs a 'weight_map' object)") from None
+        mapping = read_json(index_path, INDEX_SCHEMA, CheckpointError)["weight_map"]
         result = {}
         for name, filename in mapping.items():
             if not isinstance(filename, str) or not filename.endswith(".safetensors") or os.sep in filename:

@@ -37,12 +37,14 @@ def from_pretrained(cls: type[Model], path: str, dtype: str | None = None, fused
         raise checkpoint.CheckpointError(
             f"{path}: no {CONFIG_NAME}; is this a checkpoint converted with glm4-convert?")
     config = GLM4Config.from_pretrained(path)
+    # the headers against the config before anything is built for it: a config whose sizes are not the
+    # checkpoint's is refused here
+    locations = checkpoint.inspect(path, mapping.paddle_shapes(config))
     dtype = (dtype or config.dtype) if storage_only else compute_dtype(dtype, config.dtype)
     use_all_cores()
     with paddle.LazyGuard(), _default_dtype(dtype):
         model = cls(config, fused)
     params = model.state_dict()
-    locations = checkpoint.inspect(path, mapping.paddle_shapes(config))
     for name, array in checkpoint.read_tensors(locations, dtype, progress=f"loading {os.path.basename(path)}"):
         _fill(params[name], array, dtype)
     model.generation_config = GenerationConfig.from_model(config, path)

@@ -15,7 +15,6 @@ step of it: step 1000 costs what step 1 does.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -28,9 +27,10 @@ from paddle.static import InputSpec
 
 from .. import ops
 from ..checkpoint import write_text_atomic
-from ..config import CONFIG_NAME, MODEL_TYPE, STORAGE_DTYPES, GLM4Config
+from ..config import CONFIG_NAME, MODEL_TYPE, STORAGE_DTYPES, ConfigError, GLM4Config
 from ..device import on_gpu
 from ..model import GLM4ForCausalLM, RMSNorm
+from ..validation import read_json
 from .manifest import MANIFEST_NAME, PROGRAM, TOKENIZER_FILES, ExportError, Manifest, input_names
 
 class CacheSlots:
@@ -121,12 +121,12 @@ def check_checkpoint(model_dir: str) -> GLM4Config:
     path = os.path.join(model_dir, CONFIG_NAME)
     if not os.path.exists(path):
         raise ExportError(f"{model_dir}: no {CONFIG_NAME}; export takes a checkpoint converted with glm4 convert")
-    with open(path, encoding="utf-8") as f:
-        model_type = json.load(f).get("model_type")
+    data = read_json(path, error=ConfigError)
+    model_type = data.get("model_type") if isinstance(data, dict) else None
     if model_type != MODEL_TYPE:
         raise ExportError(f"{model_dir} is not a converted checkpoint ({CONFIG_NAME} has model_type "
                           f"{model_type!r}); convert it first with glm4 convert")
-    return GLM4Config.from_pretrained(model_dir)
+    return GLM4Config.from_dict(data, source=path)
 
 
 def export_model(model_dir: str, out_dir: str, dtype: str | None = None, max_seq_len: int | None = None,
@@ -141,8 +141,8 @@ def export_model(model_dir: str, out_dir: str, dtype: str | None = None, max_seq
     dtype = dtype or config.dtype
     if dtype not in STORAGE_DTYPES:
         raise ExportError(f"dtype must be one of {STORAGE_DTYPES}, got {dtype!r}")
-    max_seq_len = max_seq_len or config.seq_length
-    if not isinstance(max_seq_len, int) or max_seq_len < 1:
+    max_seq_len = config.seq_length if max_seq_len is None else max_seq_len
+    if type(max_seq_len) is not int or max_seq_len < 1:
         raise ExportError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
     if max_seq_len > config.seq_length:
         raise ExportError(f"max_seq_len {max_seq_len} exceeds the model's context (seq_length "

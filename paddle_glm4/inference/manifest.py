@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass, field
 
 import paddle
 
-from ..config import GLM4Config
+from ..config import DTYPE, SEQ, STORAGE_DTYPES, GLM4Config
+from ..validation import Int, List, Object, SchemaError, Str, read_json, validate
 
 FORMAT = "paddle_glm4.inference"
 # Bump when the program's inputs, outputs or meaning change: a predictor only runs its own version.
@@ -25,8 +26,16 @@ PROGRAM_FILES = (f"{PROGRAM}.json", f"{PROGRAM}.pdiparams")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "generation_config.json")
 
 
-class ExportError(ValueError):
+class ExportError(SchemaError):
     """An export request, or an export directory, that cannot be used."""
+
+
+MANIFEST_SCHEMA = Object({
+    "format": Str((FORMAT,)), "format_version": Int(), "dtype": DTYPE, "compute_dtype": Str(STORAGE_DTYPES),
+    "device": Str(("cpu", "gpu")), "max_seq_len": SEQ, "paddle_version": Str(max_len=64),
+    "inputs": List(Str(max_len=64), max_len=4 + 2 * 1024), "config": Object({})},
+    required=("format", "format_version", "dtype", "compute_dtype", "device", "max_seq_len", "paddle_version",
+              "inputs", "config"))
 
 
 def input_names(num_layers: int) -> list[str]:
@@ -62,18 +71,15 @@ class Manifest:
                     if os.path.exists(os.path.join(directory, "config.json")) else
                     "the export is incomplete (interrupted?) or this is not an export directory")
             raise ExportError(f"{directory}: no {MANIFEST_NAME}; {hint}")
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ExportError(f"{path}: not valid JSON ({err})") from None
+        data = read_json(path, error=ExportError)
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ExportError(f"{path}: not a {FORMAT} manifest")
         version = data.get("format_version")
         if version != FORMAT_VERSION:
             raise ExportError(f"{path}: export format version {version}, but this paddle_glm4 reads version "
                               f"{FORMAT_VERSION}; export the checkpoint again with this version")
-        written_by = data.get("paddle_version", "")
+        validate(data, MANIFEST_SCHEMA, path, ExportError)
+        written_by = data["paddle_version"]
         if _major_minor(written_by) > _major_minor(paddle.__version__):
             raise ExportError(f"{path}: exported with Paddle {written_by}, newer than this Paddle "
                               f"{paddle.__version__}, which may not know its operators; upgrade Paddle or "
@@ -81,12 +87,12 @@ class Manifest:
         missing = [name for name in PROGRAM_FILES if not os.path.exists(os.path.join(directory, name))]
         if missing:
             raise ExportError(f"{directory}: {missing[0]} is missing; the export is incomplete")
-        try:
-            config = GLM4Config.from_dict(data["config"], source=path)
-            manifest = cls(config=config, **{k: data[k] for k in ("dtype", "compute_dtype", "device",
-                                                                  "max_seq_len", "paddle_version", "inputs")})
-        except (KeyError, TypeError) as err:
-            raise ExportError(f"{path}: incomplete manifest ({err})") from None
+        config = GLM4Config.from_dict(data["config"], source=f"{path}: config")
+        manifest = cls(config=config, **{k: data[k] for k in ("dtype", "compute_dtype", "device",
+                                                              "max_seq_len", "paddle_version", "inputs")})
+        if manifest.max_seq_len > config.seq_length:
+            raise ExportError(f"{path}: max_seq_len {manifest.max_seq_len} exceeds the model's context "
+                              f"(seq_length {config.seq_length})")
         if manifest.inputs != input_names(config.num_hidden_layers):
             raise ExportError(f"{path}: the program's inputs are not the ones this version feeds")
         return manifest

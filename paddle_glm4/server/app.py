@@ -23,6 +23,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
 from ..chat_template import ChatTemplateError
+from ..validation import SchemaError
 from . import schemas as s
 from .errors import INTERNAL_ERROR, APIError
 from .reply import Reply
@@ -259,6 +260,10 @@ def _add_error_handlers(app: FastAPI) -> None:
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
         message = f"{where}: {first['msg']}{more}" if where else f"{first['msg']}{more}"
         return APIError(400, message, param=where or None, code="invalid_request").response()
+
+    @app.exception_handler(SchemaError)
+    async def invalid_value(_request, err: SchemaError):  # a value the project's own checks refused
+        return APIError(400, str(err), code="invalid_request").response()
 
     @app.exception_handler(HTTPException)
     async def http_error(_request, err: HTTPException):

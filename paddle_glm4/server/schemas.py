@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
+from ..validation import SEED_LIMIT
+
 
 # ---- requests -------------------------------------------------------------------------------------------
 class TextPart(BaseModel):
@@ -76,7 +78,7 @@ class SamplingRequest(BaseModel):
     top_k: int | None = Field(None, ge=0)  # 0: no top-k cut
     repetition_penalty: float | None = Field(None, gt=0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1)  # one answer per request
