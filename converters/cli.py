@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import argparse
 import signal
-from typing import Callable
+from collections.abc import Callable
 
 from paddle_glm4.cli_errors import run_cli
 from paddle_glm4.config import STORAGE_DTYPES
 
 
 def add_source_and_destination(parser: argparse.ArgumentParser, source: str, destination: str,
-                               dst_required: bool = True):
+                               dst_required: bool = True) -> None:
     """--src and --dst; `source` and `destination` describe the two directories (a phrase, no final period).
     `dst_required` False is for a direction that offers another way to name the destination."""
     parser.add_argument("--src", required=True, metavar="SRC_DIR",
@@ -25,7 +25,8 @@ def add_source_and_destination(parser: argparse.ArgumentParser, source: str, des
                              "once complete and verified.")
 
 
-def add_output_options(parser: argparse.ArgumentParser, max_shard_size: str | None, shard_default: str | None = None):
+def add_output_options(parser: argparse.ArgumentParser, max_shard_size: str | None,
+                       shard_default: str | None = None) -> None:
     """--dtype, --max-shard-size (default `max_shard_size`; `shard_default` is a phrase that explains a default
     other than a plain size), --overwrite and --no-verify."""
     parser.add_argument("--dtype", choices=STORAGE_DTYPES, default=None,
@@ -55,7 +56,7 @@ def main(argv: list[str] | None, prog: str, purpose: str, add_arguments: Callabl
     return run_cli(lambda: run(args))
 
 
-def sigterm_as_interrupt():
+def sigterm_as_interrupt() -> None:
     """Let `kill` (SIGTERM) clean up like Ctrl-C does, leaving no partial output."""
     def interrupt(signum, frame):
         raise KeyboardInterrupt

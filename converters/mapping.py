@@ -14,8 +14,8 @@ Everything else (converter, loader checks, tests) asks this module; nobody else 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -198,7 +198,7 @@ def from_paddle(spec: TensorSpec, array: np.ndarray, layout: str) -> list[np.nda
     return [torch_rows(spec, array, layout, part, 0, size) for part, size in enumerate(sizes)]
 
 
-def detect_layout(names) -> str:
+def detect_layout(names: Iterable[str]) -> str:
     """Which format a set of tensor names is in; raises ValueError when it is neither."""
     names = set(names)
     if any(n.startswith("transformer.") for n in names):

@@ -24,7 +24,8 @@ import json
 import os
 import sys
 import time
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -35,8 +36,19 @@ from paddle_glm4.safetensors_file import CODE_OF, MAX_HEADER_BYTES, SafetensorsR
 from paddle_glm4.validation import MAX_JSON_BYTES, Int, List, Object, Optional, Str, parse_json, read_json
 
 from . import cli, mapping
-from .pipeline import (MANIFEST, ConversionError, OutputFile, OutputTensor, Plan, SourceTensor, Summary, build,
-                       check_destination, copies_from, source_dtype)
+from .pipeline import (
+    MANIFEST,
+    ConversionError,
+    OutputFile,
+    OutputTensor,
+    Plan,
+    SourceTensor,
+    Summary,
+    build,
+    check_destination,
+    copies_from,
+    source_dtype,
+)
 
 PUBLISHED_SHARD_SIZE = "2GB"  # what the published GLM-4 checkpoint was cut with
 # What torch_to_paddle records of a published source (TorchCheckpoint.layout_record), as read back here.
@@ -71,7 +83,8 @@ def _published_tensor(spec: mapping.TensorSpec, source: SourceTensor, dtype: str
         forth=lambda parts, start, stop, out: mapping.torch_rows(spec, parts[0], "published", 0, start, stop, out))
 
 
-def canonical_plan(config: GLM4Config, tensors: list[OutputTensor], max_shard_size: int) -> tuple[list[OutputFile], dict]:
+def canonical_plan(config: GLM4Config, tensors: list[OutputTensor],
+                   max_shard_size: int) -> tuple[list[OutputFile], dict]:
     """Files and texts as transformers' save_pretrained writes them (see the module docstring)."""
     shards = plan_shards([(t.name, t.nbytes) for t in tensors], max_shard_size, transformers_rule=True)
     by_name = {t.name: t for t in tensors}
@@ -171,7 +184,7 @@ def export(src: str, dst: str, dtype: str | None = None, max_shard_size: int | s
         dtype = dtype or src_dtype
         config = dataclasses.replace(config, dtype=dtype)
         tensors, files, texts, layout_note = _plan(config, sources, dtype, shard_size, *_recorded_layout(src))
-        manifest = {"tool": f"paddle_glm4 {__version__} converters.paddle_to_torch",
+        manifest: dict[str, Any] = {"tool": f"paddle_glm4 {__version__} converters.paddle_to_torch",
                     "source": {"layout": "paddle", "dtype": src_dtype, "tensors": len(sources)},
                     "output": {"layout": "published", "dtype": dtype, "tensors": len(tensors),
                                "bytes": sum(t.nbytes for t in tensors), "file_layout": layout_note}}
@@ -220,7 +233,7 @@ def write_published_checkpoint(dst: str, config: GLM4Config,
 
 
 # ---- command line -------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser):
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     cli.add_source_and_destination(
         parser, source="the Paddle checkpoint directory (config.json and safetensors, as written by glm4-convert "
                        "or save_pretrained)",

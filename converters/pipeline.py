@@ -30,10 +30,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable
 from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -66,11 +66,11 @@ class SourceTensor:
     load: Callable[[], np.ndarray]       # the whole tensor, memory-mapped when it is in a file
 
     @classmethod
-    def in_file(cls, reader: SafetensorsReader, name: str) -> "SourceTensor":
+    def in_file(cls, reader: SafetensorsReader, name: str) -> SourceTensor:
         return cls(reader.path, name, reader.dtype(name), reader.shape(name), lambda: reader.view(name))
 
     @classmethod
-    def in_memory(cls, name: str, array: np.ndarray, dtype: str) -> "SourceTensor":
+    def in_memory(cls, name: str, array: np.ndarray, dtype: str) -> SourceTensor:
         return cls("memory", name, dtype, tuple(array.shape), lambda: array)
 
     @property
@@ -159,7 +159,7 @@ def row_blocks(shape: tuple[int, ...], itemsize: int) -> list[tuple[int, int]]:
 
 
 # ---- where the output goes --------------------------------------------------------------------------------
-def check_destination(dst: str, overwrite: bool, src: str | None = None):
+def check_destination(dst: str, overwrite: bool, src: str | None = None) -> None:
     """Refuse destinations that would lose data; run before anything is read or written."""
     if src is not None:
         src_real, dst_real = os.path.realpath(src), os.path.realpath(dst)
@@ -246,7 +246,7 @@ def _write_file(directory: str, dst: str, file: OutputFile, verify: bool, stages
     """
     path, shown = os.path.join(directory, file.name), os.path.join(dst, file.name)
     digest = hashlib.sha256()
-    in_flight = collections.deque()  # for each block handed to the stages: its jobs
+    in_flight: collections.deque[list[futures.Future]] = collections.deque()  # for each block handed on: its jobs
     syncing, unsynced = None, 0
     with SafetensorsWriter(path, [(t.name, t.dtype, t.shape) for t in file.tensors], file.metadata, file.header,
                            sync=False) as writer:
@@ -302,8 +302,8 @@ class _Buffers:
     def next(self, shape: tuple[int, ...], dtype: str) -> np.ndarray:
         array = self._arrays[self._turn % len(self._arrays)]
         self._turn += 1
-        dtype = numpy_dtype(dtype)
-        return array[:int(np.prod(shape, dtype=np.int64)) * dtype.itemsize].view(dtype).reshape(shape)
+        as_numpy = numpy_dtype(dtype)
+        return array[:int(np.prod(shape, dtype=np.int64)) * as_numpy.itemsize].view(as_numpy).reshape(shape)
 
 
 def _block_bytes(tensor: OutputTensor) -> int:
@@ -411,7 +411,7 @@ def _publish(staging: str, dst: str, overwrite: bool):
 
 
 # ---- shared by the directions --------------------------------------------------------------------------------
-def source_dtype(dtypes) -> str:
+def source_dtype(dtypes: Iterable[str]) -> str:
     """The dtype a checkpoint is "in": the widest of its tensors' dtypes, so that a default conversion
     never rounds anything."""
     dtypes = set(dtypes)

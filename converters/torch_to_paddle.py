@@ -34,8 +34,18 @@ from paddle_glm4.integrations.paddlenlp_home import cache_dir
 from paddle_glm4.safetensors_file import SafetensorsReader, to_float32
 
 from . import cli, mapping
-from .pipeline import (ConversionError, OutputFile, OutputTensor, Plan, SourceTensor, Summary, build,
-                       check_destination, copies_from, source_dtype)
+from .pipeline import (
+    ConversionError,
+    OutputFile,
+    OutputTensor,
+    Plan,
+    SourceTensor,
+    Summary,
+    build,
+    check_destination,
+    copies_from,
+    source_dtype,
+)
 
 LAYOUT_NAMES = {"published": "published (THUDM 'chatglm')", "hf": "transformers 'glm'"}
 
@@ -107,9 +117,9 @@ def open_torch_checkpoint(src: str, stack: contextlib.ExitStack) -> TorchCheckpo
 
 
 def _check_tensors(tensors: dict[str, SourceTensor], config: GLM4Config, layout: str, config_path: str, where: str):
-    expected = {}
+    expected: dict[str, tuple[int, ...]] = {}
     for spec in mapping.tensor_specs(config):
-        expected.update(zip(spec.source_names(layout), spec.source_shapes(layout)))
+        expected.update(zip(spec.source_names(layout), spec.source_shapes(layout), strict=True))
     model = (f"GLM-4 in the {LAYOUT_NAMES[layout]} layout with the geometry of {config_path} "
              f"({config.num_hidden_layers} layers, hidden size {config.hidden_size})")
     for name, tensor in tensors.items():
@@ -199,7 +209,7 @@ def convert(src: str, dst: str, dtype: str | None = None, max_shard_size: int | 
 
 
 # ---- command line -------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser):
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     # --dst or --paddlenlp-name: destination() checks that exactly one is given, rather than argparse, so that a
     # mistake there is one `error:` line like any other bad input
     cli.add_source_and_destination(

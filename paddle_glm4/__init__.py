@@ -13,17 +13,19 @@ from typing import TYPE_CHECKING, Any
 # Paddle warns on import that ccache (for compiling C++ extensions) is missing; this package compiles nothing
 warnings.filterwarnings("ignore", message="No ccache found", category=UserWarning)
 
-from . import device  # noqa: E402 - tunes MKL before Paddle's first GEMM (see device.prefer_mkl_avx2_on_amd)
+from . import device  # noqa: E402, F401 - tunes MKL before Paddle's first GEMM (device.prefer_mkl_avx2_on_amd)
 from .integrations.paddlenlp_hook import register_paddlenlp_when_imported  # noqa: E402
 
-if TYPE_CHECKING:
-    from .config import GLM4Config
-    from .generation import GenerationConfig
-    from .integrations.paddlenlp import register_paddlenlp
-    from .kv_cache import KVCache
-    from .model import GLM4ForCausalLM, GLM4Model
-    from .streamer import TextIteratorStreamer, TextStreamer
-    from .tokenizer import GLM4Tokenizer
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time, __getattr__ below
+    from .config import GLM4Config as GLM4Config
+    from .generation import GenerationConfig as GenerationConfig
+    from .integrations.paddlenlp import register_paddlenlp as register_paddlenlp
+    from .kv_cache import KVCache as KVCache
+    from .model import GLM4ForCausalLM as GLM4ForCausalLM
+    from .model import GLM4Model as GLM4Model
+    from .streamer import TextIteratorStreamer as TextIteratorStreamer
+    from .streamer import TextStreamer as TextStreamer
+    from .tokenizer import GLM4Tokenizer as GLM4Tokenizer
 
 # public name -> the module that defines it
 _EXPORTS = {

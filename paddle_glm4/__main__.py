@@ -36,7 +36,8 @@ def sampling_kwargs(args, defaults) -> dict:
         "temperature": temperature if do_sample else 1.0,
         "top_p": (defaults.top_p if args.top_p is None else args.top_p) if do_sample else 1.0,
         "top_k": (defaults.top_k if args.top_k is None else args.top_k) if do_sample else 0,
-        "repetition_penalty": defaults.repetition_penalty if args.repetition_penalty is None else args.repetition_penalty,
+        "repetition_penalty": (defaults.repetition_penalty if args.repetition_penalty is None
+                               else args.repetition_penalty),
         "seed": args.seed,
         "max_new_tokens": args.max_new_tokens,
     }
@@ -205,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_arguments(demo)
     demo.set_defaults(handler=cmd_demo)
 
-    from .server import add_arguments as add_server_arguments, run as run_server
+    from .server import add_arguments as add_server_arguments
+    from .server import run as run_server
 
     serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP API (FastAPI + uvicorn)",
                                 description="Serve GLM-4 over an OpenAI-compatible HTTP API: /v1/models, "
@@ -215,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return run_cli(lambda: args.handler(args))
 

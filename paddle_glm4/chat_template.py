@@ -26,7 +26,10 @@ import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import jinja2
 
 ROLES = ("system", "user", "assistant", "observation")
 
@@ -265,7 +268,7 @@ def _environment():
                 _check_arguments("%", [left], {})
             return _sized(super().call_binop(context, operator, left, right), "a result")
 
-        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - Jinja's own signature
+        def call(__self, __context, __obj, *args, **kwargs):
             method = getattr(__obj, "__wrapped__", __obj)  # the sandbox wraps str.format
             name = getattr(method, "__name__", "a call")
             _check_arguments(name, args, kwargs)
@@ -288,7 +291,7 @@ def _environment():
 
 
 @functools.lru_cache(maxsize=8)
-def compile_template(template: str, name: str = "the chat template"):
+def compile_template(template: str, name: str = "the chat template") -> jinja2.Template:
     """The compiled template, or a ChatTemplateError naming it: bad syntax, or a tag that reaches for other
     templates (import, include, extends)."""
     from jinja2 import TemplateError, nodes

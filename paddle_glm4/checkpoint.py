@@ -11,6 +11,7 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,7 +36,7 @@ INDEX_SCHEMA = Object({"metadata": Optional(Object({"total_size": Optional(Int(0
 
 
 # ---- small file helpers ---------------------------------------------------------------------------------
-def write_text_atomic(path: str, text: str):
+def write_text_atomic(path: str, text: str) -> None:
     """Write a text file so that readers see either the old file or the whole new one."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
@@ -93,8 +94,9 @@ def weight_map(directory: str) -> dict[str, str]:
         return result
     if os.path.exists(single_path):
         with SafetensorsReader(single_path) as reader:
-            return {name: single_path for name in reader.names()}
-    pickles = sorted(f for f in os.listdir(directory) if f.endswith(PICKLE_SUFFIXES)) if os.path.isdir(directory) else []
+            return dict.fromkeys(reader.names(), single_path)
+    listing = os.listdir(directory) if os.path.isdir(directory) else []
+    pickles = sorted(f for f in listing if f.endswith(PICKLE_SUFFIXES))
     if pickles:
         raise CheckpointError(
             f"{os.path.join(directory, pickles[0])} is a pickle file; paddle_glm4 loads only safetensors, because "
@@ -112,7 +114,8 @@ class TensorLocation:
 
 def inspect(directory: str, expected_shapes: dict[str, tuple[int, ...]]) -> dict[str, TensorLocation]:
     """Check every header of the checkpoint against the expected names and shapes; read no tensor data."""
-    locations, by_file = {}, {}
+    locations: dict[str, TensorLocation] = {}
+    by_file: dict[str, list[str]] = {}
     for name, path in weight_map(directory).items():
         by_file.setdefault(path, []).append(name)
     for path, names in sorted(by_file.items()):
@@ -142,13 +145,14 @@ def inspect(directory: str, expected_shapes: dict[str, tuple[int, ...]]) -> dict
     return locations
 
 
-def read_tensors(locations: dict[str, TensorLocation], dtype: str, progress: str | None = None):
+def read_tensors(locations: dict[str, TensorLocation], dtype: str,
+                 progress: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (name, numpy array in `dtype`) one tensor at a time, file by file (bf16 as uint16 bits).
 
     A tensor already stored in `dtype` comes memory-mapped (copy-on-write), not read: its pages are the
     page cache's, loaded when first touched (an embedding table's unused rows never are) and shared by
     every process that maps the file. A cast needs the data, so those tensors are read."""
-    by_file = {}
+    by_file: dict[str, list[str]] = {}
     for name, loc in locations.items():
         by_file.setdefault(loc.path, []).append(name)
     total = sum(loc.nbytes for loc in locations.values())
@@ -173,7 +177,9 @@ def plan_shards(sizes: list[tuple[str, int]], max_shard_size: int,
     a tensor bigger than the limit gets its own file where it comes, but the group being filled goes on,
     so a file's tensors need not be contiguous in `sizes` order.
     """
-    groups, current, current_size = [], [], 0
+    groups: list[list[str]] = []
+    current: list[str] = []
+    current_size = 0
     for name, nbytes in sizes:
         if transformers_rule and nbytes > max_shard_size:
             groups.append([name])
@@ -205,7 +211,8 @@ def existing_weight_files(directory: str) -> list[str]:
                   if f in (SINGLE_FILE, INDEX_FILE) or SHARD_PATTERN.match(f))
 
 
-def write_checkpoint(directory: str, entries: list[tuple[str, str, tuple[int, ...]]], tensors,
+def write_checkpoint(directory: str, entries: list[tuple[str, str, tuple[int, ...]]],
+                     tensors: Iterator[tuple[str, np.ndarray]],
                      max_shard_size: int | str = "5GB", metadata: dict | None = None,
                      progress: str | None = None) -> list[str]:
     """Write safetensors weights into `directory`, streaming.
@@ -229,7 +236,7 @@ def write_checkpoint(directory: str, entries: list[tuple[str, str, tuple[int, ..
             tmp = os.path.join(directory, f".{filename}.tmp")
             try:
                 writer = SafetensorsWriter(tmp, [(n, *declared[n]) for n in names], metadata)
-                for expected in names:
+                for _ in names:
                     name, array = next(tensors)
                     writer.write(name, array)
                     bar.update(array.nbytes)

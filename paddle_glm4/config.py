@@ -118,7 +118,7 @@ class GLM4Config:
 
     # ---- reading ----------------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, data: dict, source: str = "config") -> "GLM4Config":
+    def from_dict(cls, data: dict, source: str = "config") -> GLM4Config:
         """Build from any of the three spellings; `source` names the file in error messages."""
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a JSON object")
@@ -142,7 +142,7 @@ class GLM4Config:
             raise ConfigError(f"{source}: {err}") from None
 
     @classmethod
-    def from_file(cls, path: str) -> "GLM4Config":
+    def from_file(cls, path: str) -> GLM4Config:
         try:
             data = read_json(path, error=ConfigError)
         except FileNotFoundError:
@@ -150,7 +150,7 @@ class GLM4Config:
         return cls.from_dict(data, source=path)
 
     @classmethod
-    def from_pretrained(cls, path: str) -> "GLM4Config":
+    def from_pretrained(cls, path: str) -> GLM4Config:
         """`path` is a checkpoint directory or a config file."""
         if os.path.isdir(path):
             path = os.path.join(path, CONFIG_NAME)

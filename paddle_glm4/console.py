@@ -14,7 +14,9 @@ import os
 import select
 import signal
 import threading
-from typing import Iterator
+from collections.abc import Iterator
+
+from .streamer import Streamer
 
 
 class LineReader:
@@ -25,7 +27,7 @@ class LineReader:
         self._fd, self._encoding = fd, encoding
         self._buffer, self._eof = b"", False
 
-    def __enter__(self) -> "LineReader":
+    def __enter__(self) -> LineReader:
         self._wakeup, write_end = os.pipe()
         for end in (self._wakeup, write_end):
             os.set_blocking(end, False)  # Python writes it from a signal handler; we drain it without waiting
@@ -54,7 +56,7 @@ class LineReader:
 
 
 @contextlib.contextmanager
-def ctrl_c_cancels(streamer) -> Iterator[None]:
+def ctrl_c_cancels(streamer: Streamer) -> Iterator[None]:
     """While generating, Ctrl-C cancels `streamer` (generation stops after the current token) instead of
     raising KeyboardInterrupt somewhere inside Paddle's kernels; a second Ctrl-C interrupts as usual.
     Whether it was pressed is `streamer.cancelled` afterwards."""

@@ -15,10 +15,15 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .config import GLM4Config
+
+if TYPE_CHECKING:
+    from .tokenizer import GLM4Tokenizer
 
 DEFAULT_PROMPT = "GLM-4 runs on PaddlePaddle. 你好，"
 
@@ -35,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: a temporary directory, removed at the end)")
 
 
-def demo_config(tokenizer) -> GLM4Config:
+def demo_config(tokenizer: GLM4Tokenizer) -> GLM4Config:
     """Small, but every structural feature of GLM-4-9B: GQA, partial interleaved RoPE, QKV bias, SwiGLU."""
     return GLM4Config(vocab_size=-(-tokenizer.vocab_size // 64) * 64, hidden_size=256, intermediate_size=688,
                       num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
@@ -43,7 +48,7 @@ def demo_config(tokenizer) -> GLM4Config:
                       pad_token_id=tokenizer.pad_token_id)
 
 
-def random_weights(config: GLM4Config, seed: int):
+def random_weights(config: GLM4Config, seed: int) -> Iterator[tuple[str, np.ndarray]]:
     """(Paddle name, float32 array) for every tensor, drawn from a seeded generator, one at a time."""
     from converters import mapping
 
@@ -55,7 +60,7 @@ def random_weights(config: GLM4Config, seed: int):
             yield spec.paddle, (0.05 * rng.standard_normal(spec.shape)).astype(np.float32)
 
 
-def run_demo(args) -> int:
+def run_demo(args: argparse.Namespace) -> int:
     from converters import paddle_to_torch, torch_to_paddle
 
     from .model import GLM4ForCausalLM
@@ -106,8 +111,9 @@ def run_demo(args) -> int:
         print(f"new ids ({len(new)}):    {new}")
         text = tokenizer.decode([t for t in new if not tokenizer.is_padding_id(t)], skip_special_tokens=True)
         print(f"new text:  {text!r}")
-        prefill = streamer.first_token_time - started
-        decode = finished - streamer.first_token_time
+        first_token = streamer.first_token_time or finished  # (None: no token came)
+        prefill = first_token - started
+        decode = finished - first_token
         print(f"speed:     prefill {len(ids) / prefill:.1f} tokens/s, decode "
               f"{(len(new) - 1) / decode if decode > 0 else float('nan'):.1f} tokens/s "
               f"(float32 on CPU, {os.cpu_count()} threads)")

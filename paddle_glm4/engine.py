@@ -8,8 +8,18 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import TYPE_CHECKING
 
 from .cli_errors import UsageError
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    from .inference import Predictor
+    from .model import GLM4ForCausalLM
+    from .tokenizer import GLM4Tokenizer
+
+    Engine: TypeAlias = GLM4ForCausalLM | Predictor  # they generate alike (see above)
 
 ENGINES = ("dynamic", "inference")
 
@@ -29,7 +39,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                              "--engine inference, the predictor's precision)")
 
 
-def load_engine(model_dir: str, engine: str = "dynamic", dtype: str | None = None, tokenizer_dir: str | None = None):
+def load_engine(model_dir: str, engine: str = "dynamic", dtype: str | None = None,
+                tokenizer_dir: str | None = None) -> tuple[Engine, GLM4Tokenizer]:
     """(model, tokenizer) for a converted checkpoint (engine "dynamic") or an export directory ("inference")."""
     from .tokenizer import GLM4Tokenizer
 
@@ -45,7 +56,7 @@ def load_engine(model_dir: str, engine: str = "dynamic", dtype: str | None = Non
     if engine == "inference":
         from .inference import Predictor
 
-        model = Predictor(model_dir, precision=dtype or "float32")
+        model: Engine = Predictor(model_dir, precision=dtype or "float32")
     else:
         from .model import GLM4ForCausalLM
 

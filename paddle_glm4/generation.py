@@ -12,7 +12,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import paddle
@@ -48,8 +48,8 @@ class GenerationConfig:
     repetition_penalty: float = 1.0
 
     @classmethod
-    def from_model(cls, config: GLM4Config, directory: str | None = None) -> "GenerationConfig":
-        values = {"eos_token_id": list(config.eos_token_id), "pad_token_id": config.pad_token_id}
+    def from_model(cls, config: GLM4Config, directory: str | None = None) -> GenerationConfig:
+        values: dict[str, Any] = {"eos_token_id": list(config.eos_token_id), "pad_token_id": config.pad_token_id}
         path = os.path.join(directory, GENERATION_CONFIG_NAME) if directory else None
         if path and os.path.exists(path):
             data = read_json(path, GENERATION_SCHEMA)
@@ -148,7 +148,8 @@ def _decode_loop(session, input_ids, attention_mask, position_ids, capacity, max
     seen = None
     if params.repetition_penalty != 1.0:
         # how often each row already holds each token (padding excluded): [b, vocab]
-        real = paddle.ones_like(input_ids, dtype="float32") if attention_mask is None else attention_mask.astype("float32")
+        real = (paddle.ones_like(input_ids, dtype="float32") if attention_mask is None
+                else attention_mask.astype("float32"))
         seen = paddle.put_along_axis(paddle.zeros([batch, vocab_size], dtype="float32"), input_ids, real, axis=1,
                                      reduce="add")
     eos_ids = paddle.to_tensor(eos, dtype="int64") if eos else None

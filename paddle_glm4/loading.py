@@ -8,7 +8,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from typing import TYPE_CHECKING, Iterator, TypeVar
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import paddle
@@ -69,7 +70,7 @@ def save_pretrained(model: GLM4ForCausalLM, directory: str, max_shard_size: int 
     files = checkpoint.write_checkpoint(directory, entries, tensors, max_shard_size, metadata={"format": "pd"})
     dataclasses.replace(model.config, dtype=store).save_pretrained(directory)
     model.generation_config.save_pretrained(directory)
-    return files + [CONFIG_NAME, GENERATION_CONFIG_NAME]
+    return [*files, CONFIG_NAME, GENERATION_CONFIG_NAME]
 
 
 @contextlib.contextmanager

@@ -130,8 +130,9 @@ class GLM4Model(nn.Layer):
         else:
             start = 0
             positions = token_positions(new_valid, seq_len)
-            padded = new_valid is not None and not bool(new_valid.astype("bool").all())
-            key_valid = new_valid.astype("bool") if padded else None
+            key_valid = new_valid.astype("bool") if new_valid is not None else None
+            if key_valid is not None and bool(key_valid.all()):
+                key_valid = None  # no padding: plain causal attention
         if position_ids is not None:
             positions = position_ids
         x = self.embed_tokens(input_ids)                                              # [b, s, H]

@@ -8,14 +8,14 @@ on CPUs without AVX-512 (this project's machines), so the fused set is for GPUs.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import paddle
-import paddle.nn.functional as F
 import paddle.incubate.nn.functional as IF
+import paddle.nn.functional as F
 
 from .device import cpu_threads
-
 
 # ---- Linear --------------------------------------------------------------------------------------------
 # A matmul of a few rows (decoding) only streams the weight through memory, and MKL's GEMV does that on one
@@ -63,7 +63,8 @@ def inverse_frequencies(rotary_dim: int, base: float) -> paddle.Tensor:
     return 1.0 / (paddle.full([], base, dtype="float32") ** exponents)
 
 
-def rotary_tables(position_ids: paddle.Tensor, inv_freq: paddle.Tensor, dtype, table_len: int) -> tuple:
+def rotary_tables(position_ids: paddle.Tensor, inv_freq: paddle.Tensor, dtype: str | paddle.dtype,
+                  table_len: int) -> tuple:
     """position_ids [b, s] -> (cos, signed sin), each [b, s, 1, rotary_dim] (the 1 broadcasts over heads).
 
     Per dim, each pair's angle twice; the sine is negated on even dims, so that a pair (x0, x1) rotates to
@@ -84,7 +85,8 @@ def apply_rotary(x: paddle.Tensor, tables: tuple) -> paddle.Tensor:
     return paddle.concat([x_rot * cos + swapped * signed_sin, x_pass], axis=-1)
 
 
-def fused_rotary_tables(position_ids: paddle.Tensor, inv_freq: paddle.Tensor, dtype, table_len: int) -> tuple:
+def fused_rotary_tables(position_ids: paddle.Tensor, inv_freq: paddle.Tensor, dtype: str | paddle.dtype,
+                        table_len: int) -> tuple:
     # Paddle's kernel looks angles up by position in a [1, table_len, 1, rotary_dim] table holding each
     # pair's angle twice; `table_len` covers every position in the batch (at most the cache length).
     angles = paddle.arange(table_len, dtype="float32").unsqueeze(-1) * inv_freq
@@ -129,7 +131,7 @@ def kernels(fused: bool) -> Kernels:
     return FUSED if fused else PORTABLE
 
 
-def attention_mask(key_valid: paddle.Tensor | None, start: int, seq_len: int, dtype) -> tuple:
+def attention_mask(key_valid: paddle.Tensor | None, start: int, seq_len: int, dtype: str | paddle.dtype) -> tuple:
     """The additive mask for queries at slots start..start+seq_len over keys at slots 0..start+seq_len.
 
     key_valid [b, L] marks real tokens (None: all are). A key is visible when it is not later than the
@@ -147,7 +149,7 @@ def attention_mask(key_valid: paddle.Tensor | None, start: int, seq_len: int, dt
 
 
 def slot_mask(query_slots: paddle.Tensor, key_slots: paddle.Tensor, key_valid: paddle.Tensor | None,
-              dtype) -> paddle.Tensor:
+              dtype: str | paddle.dtype) -> paddle.Tensor:
     """The rule of `attention_mask` for slots given as tensors, as a static program needs (its start and
     lengths are tensors): queries at `query_slots` [s] over keys at `key_slots` [L] -> [b or 1, 1, s, L]."""
     query_slots, key_slots = query_slots.unsqueeze(1), key_slots.unsqueeze(0)

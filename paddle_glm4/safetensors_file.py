@@ -15,13 +15,14 @@ import math
 import mmap
 import os
 import struct
+from typing import Any
 
 import numpy as np
 
 from .validation import Int, List, Map, Object, SchemaError, Str, parse_json, validate
 
 # safetensors dtype code -> (our dtype name, numpy dtype that holds its bits)
-DTYPES = {
+DTYPES: dict[str, tuple[str, np.dtype]] = {
     "F32": ("float32", np.dtype("<f4")),
     "F16": ("float16", np.dtype("<f2")),
     "BF16": ("bfloat16", np.dtype("<u2")),
@@ -96,7 +97,7 @@ class SafetensorsReader:
     def __init__(self, path: str):
         self.path = path
         try:
-            self._file = open(path, "rb")
+            self._file = open(path, "rb")  # noqa: SIM115 - held until close(), like the writer's
         except FileNotFoundError:
             raise SafetensorsError(f"{path}: file not found") from None
         except OSError as err:
@@ -151,7 +152,7 @@ class SafetensorsReader:
         code, shape, begin, end = self._entry(name)
         array = np.empty(shape, dtype=DTYPES[code][1])
         self._file.seek(self._data_start + begin)
-        got = self._file.readinto(memoryview(array.reshape(-1)).cast("B")) if end > begin else 0
+        got = self._file.readinto(array.reshape(-1).data.cast("B")) if end > begin else 0
         if got != end - begin:
             self._fail(f"truncated: tensor {name!r} has {got} of its {end - begin} bytes")
         return array
@@ -174,7 +175,7 @@ class SafetensorsReader:
         mapped = mmap.mmap(self._file.fileno(), skip + end - begin, offset=first - skip, access=access)
         return np.frombuffer(mapped, dtype, count=(end - begin) // dtype.itemsize, offset=skip).reshape(shape)
 
-    def close(self):
+    def close(self) -> None:
         self._file.close()
 
     def __enter__(self):
@@ -188,7 +189,7 @@ def encode_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dic
     """The header `SafetensorsWriter` writes: tensors laid out back to back in the order given, in the
     compact JSON and 8-byte padding of the `safetensors` library (so given that library's tensor order,
     the bytes are the same)."""
-    header = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}} if metadata else {}
+    header: dict[str, Any] = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}} if metadata else {}
     offset = 0
     for name, dtype, shape in entries:
         nbytes = int(np.prod(shape, dtype=np.int64)) * numpy_dtype(dtype).itemsize
@@ -218,7 +219,7 @@ class SafetensorsWriter:
         elif _tensor_entries(header) != _tensor_entries(encode_header(self._order)):
             raise ValueError(f"{path}: the given header does not describe the declared tensors")
         self.head = struct.pack("<Q", len(header)) + header
-        self._file = open(path, "wb")
+        self._file = open(path, "wb")  # noqa: SIM115 - held until close(): tensors are written one at a time
         self._next, self._rows = 0, 0
         try:
             self._put(self.head)
@@ -235,14 +236,14 @@ class SafetensorsWriter:
     def fileno(self) -> int:
         return self._file.fileno()
 
-    def flush(self):
+    def flush(self) -> None:
         """Hand everything written so far to the OS, so that it can be read back from the file."""
         try:
             self._file.flush()
         except OSError as err:
             raise OSError(err.errno, err.strerror, self.path) from None
 
-    def write(self, name: str, array: np.ndarray):
+    def write(self, name: str, array: np.ndarray) -> None:
         """Write tensor `name` (the next declared one): the whole tensor, or its next block of rows."""
         if self._next == len(self._order):
             raise ValueError(f"{self.path}: all declared tensors are written, got {name!r}")
@@ -255,12 +256,12 @@ class SafetensorsWriter:
                 or self._rows + rows > total:
             raise ValueError(f"{self.path}: tensor {name!r} declared {dtype} {list(shape)}, got numpy "
                              f"{array.dtype} {list(array.shape)} after {self._rows} of its rows")
-        self._put(memoryview(np.ascontiguousarray(array).reshape(-1)).cast("B"))
+        self._put(np.ascontiguousarray(array).reshape(-1).data.cast("B"))
         self._rows += rows
         if self._rows == total:
             self._next, self._rows = self._next + 1, 0
 
-    def close(self):
+    def close(self) -> None:
         try:
             if self._next != len(self._order):
                 missing = [name for name, _, _ in self._order[self._next:]]

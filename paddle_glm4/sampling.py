@@ -56,7 +56,8 @@ def keep_top_p(logits: paddle.Tensor, p: float) -> paddle.Tensor:
     return paddle.where(logits < threshold, paddle.full_like(logits, float("-inf")), logits)
 
 
-def choose_tokens(logits: paddle.Tensor, params: SamplingParams, seen: paddle.Tensor | None):
+def choose_tokens(logits: paddle.Tensor, params: SamplingParams,
+                  seen: paddle.Tensor | None) -> tuple[paddle.Tensor, paddle.Tensor]:
     """logits [b, vocab] fp32 -> (token ids [b] int64, their log-probabilities [b]).
 
     The log-probabilities are those of the model's distribution after the repetition penalty and before

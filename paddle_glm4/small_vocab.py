@@ -48,7 +48,7 @@ def train_bpe(text: str, num_merges: int | None = None) -> dict[bytes, int]:
     for _ in itertools.repeat(None) if num_merges is None else range(num_merges):
         pairs: Counter[tuple[bytes, bytes]] = Counter()
         for word, count in words.items():
-            for pair in zip(word, word[1:]):
+            for pair in itertools.pairwise(word):
                 pairs[pair] += count
         if not pairs:
             break

@@ -11,7 +11,13 @@ from __future__ import annotations
 import queue
 import sys
 import time
-from typing import Iterator, TextIO
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, TextIO
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .tokenizer import GLM4Tokenizer
 
 
 class Streamer:
@@ -25,7 +31,7 @@ class Streamer:
         self.first_token_time: float | None = None   # time.perf_counter() of the first and the latest token
         self.last_token_time: float | None = None
 
-    def put(self, token_ids) -> None:
+    def put(self, token_ids: np.ndarray) -> None:
         now = time.perf_counter()
         self.first_token_time = self.first_token_time or now
         self.last_token_time = now
@@ -38,7 +44,7 @@ class Streamer:
     def cancel(self) -> None:
         self.cancelled = True
 
-    def on_tokens(self, token_ids) -> None:
+    def on_tokens(self, token_ids: np.ndarray) -> None:
         pass
 
     def on_end(self) -> None:
@@ -73,7 +79,7 @@ class TextStreamer(_TextStreamer):
     """Writes text to a stream (stdout by default) as it is generated. `lstrip` drops the whitespace a chat
     answer starts with (GLM-4 begins each answer with a newline)."""
 
-    def __init__(self, tokenizer, stream: TextIO | None = None, skip_special_tokens: bool = True,
+    def __init__(self, tokenizer: GLM4Tokenizer, stream: TextIO | None = None, skip_special_tokens: bool = True,
                  lstrip: bool = False):
         super().__init__(tokenizer, skip_special_tokens)
         self.stream = stream or sys.stdout
@@ -97,7 +103,7 @@ class TextIteratorStreamer(_TextStreamer):
 
     _END = object()
 
-    def __init__(self, tokenizer, skip_special_tokens: bool = True, timeout: float | None = None):
+    def __init__(self, tokenizer: GLM4Tokenizer, skip_special_tokens: bool = True, timeout: float | None = None):
         super().__init__(tokenizer, skip_special_tokens)
         self._queue: queue.Queue = queue.Queue()
         self.timeout = timeout

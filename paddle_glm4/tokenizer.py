@@ -24,7 +24,7 @@ import operator
 import os
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import tiktoken
@@ -152,6 +152,9 @@ def _token_text(config: Mapping[str, Any], key: str) -> str:
     return value["content"] if isinstance(value, Mapping) else value
 
 
+Tokenizer = TypeVar("Tokenizer", bound="GLM4Tokenizer")
+
+
 class GLM4Tokenizer:
     """GLM-4's tokenizer on tiktoken: encode, decode, batch calls with left padding, chat template, streaming."""
 
@@ -189,7 +192,7 @@ class GLM4Tokenizer:
     # ---- files ----
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> GLM4Tokenizer:
+    def from_pretrained(cls: type[Tokenizer], directory: str | os.PathLike) -> Tokenizer:
         """Load `tokenizer.model` and `tokenizer_config.json` from a directory (without a config file, GLM-4's
         special tokens follow the base vocabulary and the chat format is the structural fallback)."""
         directory = Path(directory)
@@ -243,11 +246,12 @@ class GLM4Tokenizer:
         padding: False (none), True or "longest" (to the longest text), "max_length" (to `max_length`).
         Padding goes on the LEFT with the pad id, attention 0 and position 0, as in the published tokenizer.
         truncation: cut each text so that with the `[gMASK]<sop>` prefix it fits `max_length`, on
-        `truncation_side` ("right", transformers' default, unless tokenizer_config.json says "left"). return_tensors: None (lists), "np" or "pd" (int64, shape
-        [batch, length]; a single text then gets a batch of one).
+        `truncation_side` ("right", transformers' default, unless tokenizer_config.json says "left").
+        return_tensors: None (lists), "np" or "pd" (int64, shape [batch, length]; a single text then gets a batch
+        of one).
         """
         single = isinstance(text, str)
-        texts = [text] if single else list(text)
+        texts = [text] if isinstance(text, str) else list(text)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise TokenizerError("the tokenizer takes a string or a non-empty list of strings")
         if padding not in (False, True, "longest", "max_length", "do_not_pad"):
@@ -256,6 +260,7 @@ class GLM4Tokenizer:
             raise TokenizerError(f"return_tensors must be None, 'np' or 'pd', not {return_tensors!r}")
         if (truncation or padding == "max_length") and (max_length is None or max_length < 1):
             raise TokenizerError("truncation and padding='max_length' need a positive max_length")
+        limit = max_length or 0  # (positive where it is used: checked above)
 
         if len(texts) == 1:  # a thread pool costs more than it saves on one text
             encoded = [self.encode(texts[0], add_special_tokens=False)]
@@ -263,12 +268,12 @@ class GLM4Tokenizer:
             encoded = self.encode_batch(texts, add_special_tokens=False)
         prefix = self._prefix if add_special_tokens else []
         if truncation:  # as in transformers, the text is cut and the prefix kept
-            room = max(max_length - len(prefix), 0)
+            room = max(limit - len(prefix), 0)
             left = self.truncation_side == "left"
             encoded = [ids[max(len(ids) - room, 0):] if left else ids[:room] for ids in encoded]
         batch = [prefix + ids for ids in encoded]
         if padding == "max_length":
-            width = max_length
+            width = limit
         elif padding in (True, "longest"):
             width = max(map(len, batch))
         else:

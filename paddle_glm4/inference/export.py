@@ -33,6 +33,7 @@ from ..model import GLM4ForCausalLM, RMSNorm
 from ..validation import read_json
 from .manifest import MANIFEST_NAME, PROGRAM, TOKENIZER_FILES, ExportError, Manifest, input_names
 
+
 class CacheSlots:
     """The cache the blocks see inside the program (the dynamic model's KVCache has the same `update`)."""
 

@@ -60,7 +60,7 @@ class Manifest:
         return json.dumps(data, indent=2) + "\n"
 
     @classmethod
-    def read(cls, directory: str) -> "Manifest":
+    def read(cls, directory: str) -> Manifest:
         """The manifest of an export directory, after checking that the directory is complete and that this
         version of the project and of Paddle can run it."""
         if not os.path.isdir(directory):

@@ -93,7 +93,7 @@ class Predictor:
     def max_seq_len(self) -> int:
         return self.manifest.max_seq_len
 
-    def session(self) -> "PredictorSession":
+    def session(self) -> PredictorSession:
         return PredictorSession(self)
 
     def run(self, input_ids, position_ids, start: int, key_valid, keys: list, values: list) -> paddle.Tensor:
@@ -136,11 +136,12 @@ class PredictorSession:
         return logits
 
     def step(self, tokens):
-        slot = self.cache.length
-        positions = self.cache.add_tokens(None, 1)
-        logits = self.predictor.run(tokens.unsqueeze(-1), positions, slot, self.cache.valid, self.cache.keys,
-                                    self.cache.values)
-        self.cache.commit(1)
+        cache = self.cache
+        assert cache is not None, "prefill() comes first"
+        slot = cache.length
+        positions = cache.add_tokens(None, 1)
+        logits = self.predictor.run(tokens.unsqueeze(-1), positions, slot, cache.valid, cache.keys, cache.values)
+        cache.commit(1)
         return logits
 
 

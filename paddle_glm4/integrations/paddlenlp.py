@@ -32,6 +32,7 @@ import dataclasses
 import functools
 import json
 import os
+from typing import Any
 
 import paddle
 
@@ -86,7 +87,7 @@ def _locate(name_or_path: str, kwargs: dict) -> tuple[str, str | None]:
     return directory, _glm4_files(directory)
 
 
-def is_glm4(name_or_path, **kwargs) -> bool:
+def is_glm4(name_or_path: object, **kwargs: Any) -> bool:
     """Whether `from_pretrained(name_or_path, **kwargs)` is GLM-4's to answer (then PaddleNLP is not asked)."""
     if not isinstance(name_or_path, (str, os.PathLike)):
         return False
@@ -94,7 +95,7 @@ def is_glm4(name_or_path, **kwargs) -> bool:
     return name_or_path in GLM4_NAMES or _locate(name_or_path, kwargs)[1] is not None
 
 
-def checkpoint_dir(name_or_path, *, converted: bool = True, **kwargs) -> str:
+def checkpoint_dir(name_or_path: str | os.PathLike, *, converted: bool = True, **kwargs: Any) -> str:
     """The local directory to load GLM-4 from (`converted=False`: THUDM's published files will do too, as they
     do for the tokenizer and config), or CheckpointNotFoundError saying how to make it."""
     name_or_path = os.fspath(name_or_path)
@@ -125,7 +126,7 @@ def _refuse_unknown(kwargs: dict, what: str, *accepted: str):
 
 # ---- what the Auto classes return for GLM-4 --------------------------------------------------------------------
 
-def load_config(name_or_path, **kwargs) -> GLM4Config:
+def load_config(name_or_path: str | os.PathLike, **kwargs: Any) -> GLM4Config:
     """AutoConfig for GLM-4: the checkpoint's GLM4Config; keyword arguments that name its fields override them."""
     directory = checkpoint_dir(name_or_path, converted=False, **kwargs)
     overrides = {key: value for key, value in kwargs.items() if key not in LOCATION_ARGS}
@@ -136,13 +137,14 @@ def load_config(name_or_path, **kwargs) -> GLM4Config:
 class PaddleNLPGLM4Tokenizer(GLM4Tokenizer):
     """GLM4Tokenizer as AutoTokenizer returns it: it also loads by PaddleNLP name and decodes generate()'s ids."""
 
-    @classmethod
-    def from_pretrained(cls, name_or_path, **kwargs) -> "PaddleNLPGLM4Tokenizer":
+    @classmethod  # PaddleNLP's signature, not GLM4Tokenizer's: hence the override
+    def from_pretrained(cls, name_or_path: str | os.PathLike,  # type: ignore[override]
+                        **kwargs: Any) -> PaddleNLPGLM4Tokenizer:
         # use_fast: PaddleNLP's switch to a compiled tokenizer; tiktoken already is one
         _refuse_unknown(kwargs, "AutoTokenizer.from_pretrained for GLM-4", "use_fast")
         return super().from_pretrained(checkpoint_dir(name_or_path, converted=False, **kwargs))
 
-    def batch_decode(self, sequences, skip_special_tokens: bool = False) -> list[str]:
+    def batch_decode(self, sequences: Any, skip_special_tokens: bool = False) -> list[str]:
         if hasattr(sequences, "tolist"):  # numpy arrays and paddle tensors
             sequences = sequences.tolist()
         return [self.decode(ids, skip_special_tokens=skip_special_tokens) for ids in sequences]
@@ -152,13 +154,13 @@ class PaddleNLPGLM4ForCausalLM(GLM4ForCausalLM):
     """GLM4ForCausalLM as AutoModelForCausalLM returns it: it also loads by PaddleNLP name, and `generate` takes
     PaddleNLP's arguments besides this project's (see `generate_arguments`)."""
 
-    @classmethod
-    def from_pretrained(cls, name_or_path, dtype: str | None = None, fused: bool | None = None,
-                        **kwargs) -> "PaddleNLPGLM4ForCausalLM":
+    @classmethod  # PaddleNLP's signature, not GLM4ForCausalLM's: hence the override
+    def from_pretrained(cls, name_or_path: str | os.PathLike, dtype: str | None = None,  # type: ignore[override]
+                        fused: bool | None = None, **kwargs: Any) -> PaddleNLPGLM4ForCausalLM:
         _refuse_unknown(kwargs, "AutoModelForCausalLM.from_pretrained for GLM-4")
         return super().from_pretrained(checkpoint_dir(name_or_path, **kwargs), dtype=dtype, fused=fused)
 
-    def generate(self, input_ids, attention_mask=None, generation_config=None, **options):
+    def generate(self, input_ids, attention_mask=None, generation_config=None, **options):  # type: ignore[override]
         """PaddleNLP's generate(): `ids, scores = model.generate(**tokenizer(texts, return_tensors="pd"), ...)`.
 
         `generation_config` is a paddlenlp GenerationConfig; the options its user set apply, and keyword options
@@ -227,7 +229,8 @@ def generate_arguments(options: dict, defaults) -> tuple[dict, int]:
 
     copies = options.pop("num_return_sequences", None) or 1
     if copies > 1 and not arguments["do_sample"]:
-        raise ValueError(f"num_return_sequences={copies} needs decode_strategy='sampling' (greedy copies are identical)")
+        raise ValueError(f"num_return_sequences={copies} needs decode_strategy='sampling' "
+                         "(greedy copies are identical)")
     options.pop("use_cache", None)
     for name, off in UNSUPPORTED_OPTIONS.items():
         value = options.pop(name, None)
@@ -276,5 +279,5 @@ def _answer_for_glm4(auto_class, load):
             raise TypeError(f"{auto_class.__name__}.from_pretrained for GLM-4 takes keyword arguments only")
         return load(name_or_path, **kwargs)
 
-    from_pretrained.answers_for_glm4 = True
+    from_pretrained.answers_for_glm4 = True  # type: ignore[attr-defined]
     auto_class.from_pretrained = classmethod(from_pretrained)

@@ -11,9 +11,14 @@ import ipaddress
 import os
 import socket
 import sys
+from typing import TYPE_CHECKING
 
 from ..cli_errors import EXIT_ERROR, UsageError
 from ..engine import add_engine_arguments
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser)
@@ -35,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "context (default: 1024)")
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     """Load the model and serve until interrupted. A busy port or a bad flag fails before the (slow) load."""
     if args.max_concurrency < 1 or args.default_max_tokens < 1:
         raise UsageError("--max-concurrency and --default-max-tokens must be at least 1")
@@ -86,7 +91,7 @@ def bind(host: str, port: int) -> socket.socket:
     return socket.create_server((host, port), family=family)
 
 
-def serve(app, sock: socket.socket, name: str) -> int:
+def serve(app: FastAPI, sock: socket.socket, name: str) -> int:
     """Serve `app` on `sock` until Ctrl-C or SIGTERM."""
     import uvicorn
 

@@ -9,7 +9,7 @@ from ..cli_errors import run_cli
 from . import add_arguments, run
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m paddle_glm4.server",
                                      description="Serve GLM-4 over an OpenAI-compatible HTTP API.")
     add_arguments(parser)

@@ -12,8 +12,9 @@ import asyncio
 import hmac
 import json
 import uuid
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from typing import TYPE_CHECKING, Any, cast
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -21,6 +22,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..chat_template import ChatTemplateError
 from ..validation import SchemaError
@@ -30,8 +32,12 @@ from .reply import Reply
 from .tool_calls import active_tools, to_glm_messages
 from .worker import Busy, Job, Worker
 
+if TYPE_CHECKING:
+    from ..engine import Engine
+    from ..tokenizer import GLM4Tokenizer
 
-def create_app(model, tokenizer, model_name: str = "glm-4-9b-chat", api_key: str | None = None,
+
+def create_app(model: Engine, tokenizer: GLM4Tokenizer, model_name: str = "glm-4-9b-chat", api_key: str | None = None,
                max_concurrency: int = 8, default_max_tokens: int = 1024) -> FastAPI:
     """The API over `model` (anything with the engine interface: generate, config, generation_config) and its
     tokenizer. `api_key`: when not None, every request must send `Authorization: Bearer <api_key>` (an empty key
@@ -79,7 +85,8 @@ def create_app(model, tokenizer, model_name: str = "glm-4-9b-chat", api_key: str
     async def chat_completions(body: s.ChatCompletionRequest, request: Request):
         tools = active_tools(body.tools, body.tool_choice)
         try:
-            prompt = tokenizer.apply_chat_template(to_glm_messages(body.messages, tools), add_generation_prompt=True)
+            prompt = cast(list[int], tokenizer.apply_chat_template(to_glm_messages(body.messages, tools),
+                                                                   add_generation_prompt=True))  # tokenized
         except ChatTemplateError as err:
             raise APIError(400, str(err), param="messages") from None
         eos = tokenizer.stop_token_ids
@@ -94,7 +101,7 @@ def create_app(model, tokenizer, model_name: str = "glm-4-9b-chat", api_key: str
         message = s.AssistantMessage(content=content or (None if reply.tool_calls else ""),
                                      tool_calls=reply.tool_calls or None)
         return s.ChatCompletion(id=answer_id, model=model_name, usage=_usage(len(prompt), reply),
-                                choices=[s.ChatChoice(message=message, finish_reason=reply.finish_reason)])
+                                choices=[s.ChatChoice(message=message, finish_reason=cast(str, reply.finish_reason))])
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: s.CompletionRequest, request: Request):
@@ -224,10 +231,10 @@ def _completion_events(answer_id: str, model_name: str, job: Job, reply: Reply, 
 class RequireKey:
     """Refuses (401) every request without `Authorization: Bearer <key>`, before anything else looks at it."""
 
-    def __init__(self, app, key: str):
+    def __init__(self, app: ASGIApp, key: str):
         self.app, self.key = app, key.encode()
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         problem = self._problem(Headers(scope=scope)) if scope["type"] == "http" else None
         if problem:
             return await APIError(401, problem, code="invalid_api_key").response()(scope, receive, send)
@@ -252,7 +259,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_request, err: RequestValidationError):
         problems = err.errors()
-        first = problems[0] if problems else {"loc": (), "msg": "invalid request"}
+        first: dict[str, Any] = problems[0] if problems else {"loc": (), "msg": "invalid request"}
         if first.get("type") == "json_invalid":
             return APIError(400, f"the request body is not valid JSON ({first.get('ctx', {}).get('error', '')})",
                             code="invalid_json").response()

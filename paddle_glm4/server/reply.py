@@ -11,13 +11,22 @@ two always agree. It applies, in order:
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from .schemas import ToolCall
 from .tool_calls import parse_reply
+
+if TYPE_CHECKING:
+    from ..tokenizer import GLM4Tokenizer
 
 PLAIN, UNDECIDED, HELD = "plain", "undecided", "held"
 
 
 class Reply:
-    def __init__(self, tokenizer, eos_ids, *, stop=(), tool_names=(), strip_leading: bool = False):
+    def __init__(self, tokenizer: GLM4Tokenizer, eos_ids: Iterable[int], *, stop: Iterable[str] = (),
+                 tool_names: Iterable[str] = (), strip_leading: bool = False):
         self._detokenizer = tokenizer.detokenizer(skip_special_tokens=True)
         self._segment_token = tokenizer.special_token_id("<|assistant|>")
         self._tokenizer = tokenizer
@@ -33,7 +42,7 @@ class Reply:
         self.text = ""                # the answer so far, without special tokens, cut at a stop string
         self.tokens = 0               # tokens taken, for the usage counts
         self.stopped = False          # a stop string ended the answer
-        self.tool_calls = []
+        self.tool_calls: list[ToolCall] = []
         self.finish_reason: str | None = None
         self._last_token: int | None = None
 
@@ -92,4 +101,4 @@ class Reply:
 
     def _segments(self) -> list[str]:
         bounds = [0, *(b for b in self._breaks if b <= len(self.text)), len(self.text)]
-        return [self.text[a:b] for a, b in zip(bounds, bounds[1:])]
+        return [self.text[a:b] for a, b in itertools.pairwise(bounds)]

@@ -22,7 +22,7 @@ from .errors import APIError
 from .schemas import ChatMessage, FunctionCall, NamedToolChoice, Tool, ToolCall
 
 
-def active_tools(tools: list[Tool] | None, tool_choice) -> list[Tool]:
+def active_tools(tools: list[Tool] | None, tool_choice: str | NamedToolChoice | None) -> list[Tool]:
     """The tools the model is shown. "none" hides them; a named function is the only one shown, which is as
     close to forcing it as GLM-4's format allows. "auto" and "required" show them all."""
     tools = tools or []

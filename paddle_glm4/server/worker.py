@@ -13,13 +13,20 @@ went away is cancelled: it stops after its current step, or never starts if it w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 from ..streamer import Streamer
 from .errors import INTERNAL_ERROR, APIError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from ..engine import Engine
 
 log = logging.getLogger("paddle_glm4.server")
 
@@ -39,15 +46,13 @@ class Job(Streamer):
         self._loop = loop
         self._queue: asyncio.Queue = asyncio.Queue()
 
-    def on_tokens(self, token_ids) -> None:
+    def on_tokens(self, token_ids: np.ndarray) -> None:
         self.post(int(token_ids[0]))
 
-    def post(self, item) -> None:
-        """Hand a token, the end, or an exception to the handler (from the worker thread)."""
-        try:
+    def post(self, item: object) -> None:
+        """Hand a token (int), the end or an exception to the handler (from the worker thread)."""
+        with contextlib.suppress(RuntimeError):  # a closed event loop: the server is shutting down, nobody listens
             self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-        except RuntimeError:  # the event loop is closed: the server is shutting down, nobody is listening
-            pass
 
     async def receive(self) -> AsyncIterator[int]:
         """The generated token ids as they come; raises APIError (500) if `generate` failed."""
@@ -58,7 +63,7 @@ class Job(Streamer):
 
 
 class Worker:
-    def __init__(self, model, max_concurrency: int):
+    def __init__(self, model: Engine, max_concurrency: int):
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
         self.model = model
@@ -66,7 +71,7 @@ class Worker:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
         self._jobs: set[Job] = set()
 
-    def submit(self, prompt: list[int], **settings) -> Job:
+    def submit(self, prompt: list[int], **settings: Any) -> Job:
         """Admit a generation of `prompt` with `settings` (generate's keyword arguments), or raise Busy."""
         if not self._slots.acquire(blocking=False):
             raise Busy()
