@@ -1,20 +1,24 @@
-# `make demo` and `make test` each work on a fresh machine: they create .venv and install what they need.
+# `make demo` and `make test` each work on a fresh machine: they create .venv and install what they need, all of
+# it declared in pyproject.toml (the runtime, and the extras test, lint, paddlenlp).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: demo test install clean
+.PHONY: demo test test-fast lint install clean
 
-$(VENV)/.core: requirements.txt pyproject.toml
+$(VENV)/.core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -r requirements.txt
-	$(PIP) install -q --no-deps -e .
+	$(PIP) install -q -e .
 	touch $@
 
-$(VENV)/.test: $(VENV)/.core requirements-test.txt
-	$(PIP) install -q -r requirements-test.txt
+$(VENV)/.test: $(VENV)/.core
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+$(VENV)/.lint: $(VENV)/.test
+	$(PIP) install -q -e '.[lint]'
 	touch $@
 
 install: $(VENV)/.core
@@ -26,6 +30,15 @@ test: $(VENV)/.test
 	$(PY) -m pytest -q
 	$(MAKE) test-paddlenlp
 
+# everything but the tests marked slow (full GLM-4 width, CLIs and servers in subprocesses, the quick benchmark)
+test-fast: $(VENV)/.test
+	$(PY) -m pytest -q -m "not slow"
+
+# ruff's lint rules and mypy, as configured in pyproject.toml (mypy: paddle_glm4/ and converters/)
+lint: $(VENV)/.lint
+	$(VENV)/bin/ruff check paddle_glm4 converters
+	$(VENV)/bin/mypy
+
 clean:
 	rm -rf $(VENV) .pytest_cache
 	rm -rf $(PADDLENLP_VENV)
@@ -35,10 +48,10 @@ clean:
 PADDLENLP_VENV ?= .venv-paddlenlp
 PADDLENLP_PY := $(PADDLENLP_VENV)/bin/python
 
-$(PADDLENLP_VENV)/.installed: requirements.txt requirements-paddlenlp.txt pyproject.toml
+$(PADDLENLP_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(PADDLENLP_VENV)
 	$(PADDLENLP_PY) -m pip install -q --upgrade pip
-	$(PADDLENLP_PY) -m pip install -q -r requirements-paddlenlp.txt
+	$(PADDLENLP_PY) -m pip install -q -e '.[paddlenlp,test-runner]'
 	touch $@
 
 test-paddlenlp: $(PADDLENLP_VENV)/.installed

@@ -92,6 +92,17 @@ def reference_logits(model, input_ids: np.ndarray, attention_mask: np.ndarray | 
         return model(torch.from_numpy(input_ids), **kwargs).logits.float().numpy()
 
 
+def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """A batch of prompts of different lengths, padded on the left: (input_ids, attention_mask), int64."""
+    width = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), width), pad_id, dtype="int64")
+    mask = np.zeros((len(prompts), width), dtype="int64")
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = prompt
+        mask[row, width - len(prompt):] = 1
+    return ids, mask
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _like_production():
     """Every core, as from_pretrained sets it: the model's kernels split small matmuls across threads."""

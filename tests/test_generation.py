@@ -5,8 +5,7 @@ import paddle
 import pytest
 import torch
 
-from conftest import hf_state, paddle_model, paddle_state, reference_model, small_config
-from test_model import left_padded
+from conftest import hf_state, left_padded, paddle_model, paddle_state, reference_model, small_config
 
 NEW = 32
 

@@ -14,14 +14,13 @@ import numpy as np
 import paddle
 import pytest
 
-from conftest import paddle_model, small_config
+from conftest import left_padded, paddle_model, small_config
 from paddle_glm4.demo import random_weights
 from paddle_glm4.generation import ModelSession
 from paddle_glm4.inference import ExportError, Predictor, export_model
 from paddle_glm4.inference.manifest import MANIFEST_NAME
 from paddle_glm4.small_vocab import write_small_vocabulary
 from paddle_glm4.tokenizer import GLM4Tokenizer
-from test_model import left_padded
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_SEQ_LEN = 96

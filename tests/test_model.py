@@ -8,8 +8,8 @@ import numpy as np
 import paddle
 import pytest
 
-from conftest import (full_width_config, hf_state, paddle_model, paddle_state, reference_logits, reference_model,
-                      small_config)
+from conftest import (full_width_config, hf_state, left_padded, paddle_model, paddle_state, reference_logits,
+                      reference_model, small_config)
 from converters import mapping
 from paddle_glm4 import GLM4ForCausalLM, ops
 from paddle_glm4.checkpoint import CheckpointError
@@ -98,16 +98,6 @@ def test_cache_grows_when_a_plain_forward_runs_past_its_capacity():
     out = model(paddle.to_tensor(ids[:, 250:]), past_key_values=cache, use_cache=True)
     assert cache.capacity > capacity >= 250
     assert np.abs(out.logits.numpy() - logits(model, ids)[:, 250:]).max() <= 1e-4
-
-
-def left_padded(prompts, pad_id):
-    width = max(len(p) for p in prompts)
-    ids = np.full((len(prompts), width), pad_id, dtype="int64")
-    mask = np.zeros((len(prompts), width), dtype="int64")
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = prompt
-        mask[row, width - len(prompt):] = 1
-    return ids, mask
 
 
 def test_left_padded_batch_equals_each_prompt_alone():
