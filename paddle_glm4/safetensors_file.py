@@ -286,10 +286,10 @@ class SafetensorsWriter:
 
 
 def _tensor_entries(header: bytes) -> dict:
-    header = parse_json(header, "header", error=SafetensorsError)
-    if isinstance(header, dict):
-        header.pop("__metadata__", None)
-    return header
+    entries = parse_json(header, "header", error=SafetensorsError)
+    if isinstance(entries, dict):
+        entries.pop("__metadata__", None)
+    return entries
 
 
 # ---- dtype casts on raw arrays ------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 Every JSON document the project reads (config.json, generation_config.json, tokenizer_config.json, the
 safetensors index and headers, export.json, conversion_manifest.json) comes from a file someone else may have
 written. `read_json` reads one with limits (size, nesting depth, no NaN/Infinity, no repeated keys), and a
-schema states what each field must be; a violation raises `SchemaError` (or the caller's subclass of it) with
+schema states what each field must be; a violation raises `SchemaError` (or the caller's ValueError) with
 one line naming the file, the field and the value: `config.json: 'hidden_size' must be an integer in
 [1, 65536], got 256.5`. The CLI prints it and exits 2 (cli_errors.run_cli); the server answers 400.
 
@@ -81,12 +81,12 @@ class Int(Schema):
     def __init__(self, min: int | None = None, max: int | None = None):
         self.min, self.max = min, max
 
-    def check(self, value, path):
+    def check(self, value: Any, path: str) -> None:
         if type(value) is not int or (self.min is not None and value < self.min) or (
                 self.max is not None and value > self.max):
             self._fail(value, path)
 
-    def describe(self):
+    def describe(self) -> str:
         if self.min is not None and self.max is not None:
             return f"an integer in [{self.min}, {self.max}]"
         if self.min is not None:
@@ -101,13 +101,13 @@ class Number(Schema):
                  below: float | None = None):
         self.min, self.max, self.above, self.below = min, max, above, below
 
-    def check(self, value, path):
+    def check(self, value: Any, path: str) -> None:
         if type(value) not in (int, float) or not math.isfinite(value) or (
                 self.min is not None and value < self.min) or (self.max is not None and value > self.max) or (
                 self.above is not None and value <= self.above) or (self.below is not None and value >= self.below):
             self._fail(value, path)
 
-    def describe(self):
+    def describe(self) -> str:
         parts = [f">= {self.min}" if self.min is not None else None, f"> {self.above}" if self.above is not None
                  else None, f"<= {self.max}" if self.max is not None else None,
                  f"< {self.below}" if self.below is not None else None]
@@ -116,11 +116,11 @@ class Number(Schema):
 
 
 class Bool(Schema):
-    def check(self, value, path):
+    def check(self, value: Any, path: str) -> None:
         if type(value) is not bool:
             self._fail(value, path)
 
-    def describe(self):
+    def describe(self) -> str:
         return "true or false"
 
 
@@ -132,13 +132,13 @@ class Str(Schema):
         self.choices, self.max_len, self.what = choices, max_len, what
         self.pattern = re.compile(pattern) if pattern else None
 
-    def check(self, value, path):
+    def check(self, value: Any, path: str) -> None:
         if not isinstance(value, str) or (self.choices is not None and value not in self.choices) or (
                 self.pattern is not None and not self.pattern.fullmatch(value)) or (
                 self.max_len is not None and len(value) > self.max_len):
             self._fail(value, path)
 
-    def describe(self):
+    def describe(self) -> str:
         if self.choices is not None:
             return "one of " + ", ".join(json.dumps(c) for c in self.choices)
         if self.what:
@@ -147,11 +147,11 @@ class Str(Schema):
 
 
 class Null(Schema):
-    def check(self, value, path):
+    def check(self, value: Any, path: str) -> None:
         if value is not None:
             self._fail(value, path)
 
-    def describe(self):
+    def describe(self) -> str:
         return "null"
 
 
@@ -159,14 +159,14 @@ class List(Schema):
     def __init__(self, item: Schema, min_len: int = 0, max_len: int | None = None):
         self.item, self.min_len, self.max_len = item, min_len, max_len
 
-    def check(self, value, path):
+    def check(self, value: Any, path: str) -> None:
         if not isinstance(value, list) or len(value) < self.min_len or (
                 self.max_len is not None and len(value) > self.max_len):
             self._fail(value, path)
         for i, item in enumerate(value):
             self.item.check(item, f"{path}[{i}]")
 
-    def describe(self):
+    def describe(self) -> str:
         if self.min_len == self.max_len:
             size = f"{self.min_len} "
         elif self.max_len is not None:
@@ -183,7 +183,7 @@ class Object(Schema):
     def __init__(self, fields: dict[str, Schema], required: tuple[str, ...] = (), closed: bool = False):
         self.fields, self.required, self.closed = fields, required, closed
 
-    def check(self, value, path):
+    def check(self, value: Any, path: str) -> None:
         if not isinstance(value, dict):
             self._fail(value, path)
         for key in self.required:
@@ -196,7 +196,7 @@ class Object(Schema):
             elif self.closed:
                 raise Invalid(_join(path, key), f"is not a known field (known: {', '.join(self.fields)})")
 
-    def describe(self):
+    def describe(self) -> str:
         return "an object"
 
 
@@ -206,7 +206,7 @@ class Map(Schema):
     def __init__(self, value: Schema, key: Str | None = None, max_len: int | None = None):
         self.value, self.key, self.max_len = value, key, max_len
 
-    def check(self, value, path):
+    def check(self, value: Any, path: str) -> None:
         if not isinstance(value, dict) or (self.max_len is not None and len(value) > self.max_len):
             self._fail(value, path)
         for key, item in value.items():
@@ -217,7 +217,7 @@ class Map(Schema):
                     raise Invalid(_join(path, key), f"is not a valid key: keys must be {self.key.describe()}") from None
             self.value.check(item, _join(path, key))
 
-    def describe(self):
+    def describe(self) -> str:
         return "an object" if self.max_len is None else f"an object of at most {self.max_len} entries"
 
 
@@ -227,7 +227,7 @@ class AnyOf(Schema):
     def __init__(self, *options: Schema):
         self.options = options
 
-    def check(self, value, path):
+    def check(self, value: Any, path: str) -> None:
         for option in self.options:
             try:
                 option.check(value, path)
@@ -241,7 +241,7 @@ class AnyOf(Schema):
             self._fail(value, path)
         raise deepest
 
-    def describe(self):
+    def describe(self) -> str:
         return " or ".join(option.describe() for option in self.options)
 
 
@@ -250,7 +250,7 @@ def _same_kind(schema: Schema, value: Any) -> bool:
         isinstance(schema, List) and isinstance(value, list))
 
 
-def Optional(schema: Schema) -> Schema:  # noqa: N802 (reads as a schema type)
+def Optional(schema: Schema) -> Schema:
     return AnyOf(Null(), schema)
 
 
@@ -261,7 +261,7 @@ def _join(path: str, key: str) -> str:
     return f"{path}[{key!r}]"
 
 
-def validate(data: Any, schema: Schema, source: str, error: type[SchemaError] = SchemaError) -> Any:
+def validate(data: Any, schema: Schema, source: str, error: type[ValueError] = SchemaError) -> Any:
     """`data` if it has `schema`, else `error` naming `source` (a file, or an argument) and the field."""
     try:
         schema.check(data, "")
@@ -308,7 +308,7 @@ def _no_repeats(pairs: list[tuple[str, Any]]) -> dict:
 
 
 def parse_json(text: str | bytes, source: str, schema: Schema | None = None,
-               error: type[SchemaError] = SchemaError) -> Any:
+               error: type[ValueError] = SchemaError) -> Any:
     """Parse untrusted JSON text: UTF-8, nested at most MAX_DEPTH levels, finite numbers (no NaN, Infinity or
     1e999), no key twice in one object; then check `schema`. Every failure is `error` naming `source`."""
     if isinstance(text, bytes):
@@ -330,7 +330,7 @@ def parse_json(text: str | bytes, source: str, schema: Schema | None = None,
     return data
 
 
-def read_bounded(path: str, max_bytes: int, error: type[SchemaError] = SchemaError) -> bytes:
+def read_bounded(path: str, max_bytes: int, error: type[ValueError] = SchemaError) -> bytes:
     """The bytes of the regular file `path`, refused if larger than `max_bytes`; a FIFO or device is refused
     without blocking on it. A missing file raises FileNotFoundError (the callers say what it means)."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
@@ -350,7 +350,7 @@ def read_bounded(path: str, max_bytes: int, error: type[SchemaError] = SchemaErr
     return data
 
 
-def read_json(path: str, schema: Schema | None = None, error: type[SchemaError] = SchemaError,
+def read_json(path: str, schema: Schema | None = None, error: type[ValueError] = SchemaError,
               max_bytes: int = MAX_JSON_BYTES) -> Any:
     """Read and check the JSON file `path` (see parse_json); FileNotFoundError if it is missing."""
     return parse_json(read_bounded(path, max_bytes, error), path, schema, error)

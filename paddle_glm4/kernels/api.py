@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import paddle
 
-from . import build, portable
-from . import ACTIVATION_DTYPES, FORMATS, PATHS
+from . import ACTIVATION_DTYPES, FORMATS, PATHS, build, portable
 
 
-def load():
+def load() -> ModuleType | None:
     """The compiled operators (built on first use), or None where they cannot be built. Call it before
     creating a Paddle Inference predictor that runs them: the predictor finds operators already loaded."""
     return build.load()
@@ -27,8 +28,9 @@ def isa(cap: str = "auto") -> str:
 
 
 @paddle.jit.not_to_static  # the operator is what a traced program records, not this Python
-def linear(x, weight, scales=None, bias=None, *, fmt: str = "bf16", group_size: int = 128,
-           activation_dtype: str = "auto", isa: str = "auto", threads: int = 0):
+def linear(x: paddle.Tensor, weight: paddle.Tensor, scales: paddle.Tensor | None = None,
+           bias: paddle.Tensor | None = None, *, fmt: str = "bf16", group_size: int = 128,
+           activation_dtype: str = "auto", isa: str = "auto", threads: int = 0) -> paddle.Tensor:
     """x float32 [..., K] @ W^T (+ bias) -> float32 [..., N], W stored as `fmt` says (see the package
     docstring).
 

@@ -17,6 +17,7 @@ import shutil
 import sys
 import warnings
 from pathlib import Path
+from types import ModuleType
 
 NAME = "glm4_kernels"
 SOURCES = ("ops.cc", "common.cc", "linear_bf16.cc", "linear_int8.cc", "linear_int4.cc")
@@ -45,7 +46,7 @@ def cache_key() -> str:
     return digest.hexdigest()[:16]
 
 
-def load():
+def load() -> ModuleType | None:
     """The compiled operators' module (building it if needed), or None with one warning if it cannot be built."""
     global _module, _failed
     if _module is not None or _failed is not None:

@@ -12,6 +12,8 @@ def dequantize(weight: paddle.Tensor, scales: paddle.Tensor | None, fmt: str, gr
     """The stored weight (see the package docstring) -> float32 [N, K]."""
     if fmt == "bf16":
         return weight.astype("float32")
+    if scales is None:
+        raise ValueError(f"{fmt} weights need their scales")
     if fmt == "int8":
         return weight.astype("float32") * scales.unsqueeze(1)
     packed = weight.astype("int32")                                                # [N, ceil(K/2)]
