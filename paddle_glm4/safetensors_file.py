@@ -46,7 +46,7 @@ def numpy_dtype(dtype: str) -> np.dtype:
 
 
 HEADER_SCHEMA = Map(Object({"dtype": Str(), "shape": List(Int(0)), "data_offsets": List(Int(0), 2, 2)},
-                           required=("dtype", "shape", "data_offsets"), closed=True))
+                           required=("dtype", "shape", "data_offsets")))  # other fields: ignored, as the library does
 METADATA_SCHEMA = Map(Str())  # the format's metadata: text keys to text values
 
 

@@ -78,7 +78,7 @@ class SamplingRequest(BaseModel):
     top_k: int | None = Field(None, ge=0)  # 0: no top-k cut
     repetition_penalty: float | None = Field(None, gt=0)
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)
+    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT, strict=True)  # not true, not "7": as generate() checks
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1)  # one answer per request

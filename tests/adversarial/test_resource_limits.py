@@ -1,0 +1,114 @@
+"""Resource limits: nothing a file says makes the project allocate, read or wait without bound.
+
+- A config whose sizes contradict its checkpoint (num_hidden_layers: 1000, or 10^9) is refused by comparing it
+  with the checkpoint's index and headers before the model is built: the model class is never instantiated
+  (it used to allocate layer after layer until the machine ran out of memory).
+- JSON files are read with a size bound and only if regular: a FIFO in place of config.json is refused at once
+  instead of blocking, and neither a nesting bomb nor a 5000-digit number reaches a recursive or quadratic step.
+- Sizes in a config are bounded far beyond GLM-4's, so that no single field asks for the impossible.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+from corpus import build_paddle, build_published, copy_tree
+from sandbox import refused
+
+from converters import torch_to_paddle
+from paddle_glm4 import __main__ as glm4_cli
+from paddle_glm4.config import CANONICAL_SCHEMA, GLM4Config
+from paddle_glm4.model import GLM4ForCausalLM
+from paddle_glm4.validation import MAX_DEPTH, SchemaError, parse_json
+
+pytestmark = pytest.mark.torch_free
+
+
+@pytest.fixture(scope="module")
+def templates(tmp_path_factory):
+    root = tmp_path_factory.mktemp("templates")
+    published = build_published(root / "published")
+    return published, build_paddle(published, root / "paddle")
+
+
+@pytest.fixture(autouse=True)
+def no_hang():
+    """A test that would block (reading a FIFO) fails after a minute instead of hanging the suite."""
+    def hung(signum, frame):
+        raise TimeoutError("blocked for 60 s")
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def set_fields(path, **fields):
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+
+
+@pytest.mark.parametrize("layers, message", [
+    (3, "missing tensor 'model.layers.2."),  # within the bounds: the headers say no
+    (1000, "missing tensor 'model.layers.2."),
+    (10 ** 9, "num_hidden_layers: must be an integer in [1, 1024], got 1000000000"),
+])
+def test_a_config_bigger_than_its_checkpoint_is_refused_before_the_model_is_built(capsys, tmp_path, templates,
+                                                                                   monkeypatch, layers, message):
+    model = copy_tree(templates[1], tmp_path / "model")
+    set_fields(model / "config.json", num_hidden_layers=layers)
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was built before the config was checked against the checkpoint")
+    monkeypatch.setattr(GLM4ForCausalLM, "__init__", never)
+    refused(capsys, glm4_cli.main, ["generate", "--model", str(model), "--prompt", "hi"], tmp_path,
+            str(model), message)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"num_layers": 1000}, "missing tensor 'transformer.encoder.layers.2."),
+    ({"num_layers": 10 ** 9}, "num_layers: must be an integer in [1, 1024]"),
+    ({"padded_vocab_size": 1 << 40}, "padded_vocab_size: must be an integer in [1, 4194304]"),
+    ({"seq_length": 1 << 40}, "seq_length: must be an integer in [1, 16777216]"),
+    ({"hidden_size": 1 << 20}, "hidden_size: must be an integer in [1, 65536]"),
+])
+def test_a_published_config_bigger_than_its_checkpoint_is_refused(capsys, tmp_path, templates, fields, message):
+    src = copy_tree(templates[0], tmp_path / "src")
+    set_fields(src / "config.json", **fields)
+    refused(capsys, torch_to_paddle.main, ["--src", str(src), "--dst", str(tmp_path / "dst")], tmp_path,
+            str(src / "config.json" if "must be" in message else src), message)
+
+
+@pytest.mark.parametrize("name", ["config.json", "generation_config.json", "tokenizer_config.json",
+                                  "model.safetensors.index.json"])
+def test_a_fifo_in_place_of_a_json_file_is_refused_at_once(capsys, tmp_path, templates, name):
+    model = copy_tree(templates[1], tmp_path / "model")
+    os.unlink(model / name)
+    os.mkfifo(model / name)  # nobody ever writes to it: opening it to read would block
+    refused(capsys, glm4_cli.main, ["generate", "--model", str(model), "--prompt", "hi"], tmp_path,
+            str(model / name), "not a regular file")
+
+
+def test_the_canonical_bounds_hold_glm4_and_its_long_context_variant():
+    """The bounds refuse absurd sizes, not real ones: GLM-4-9B, and the 1M-context chat model's geometry."""
+    GLM4Config(seq_length=1 << 20, rope_ratio=10000)
+    for field, limit in [("vocab_size", 1 << 22), ("hidden_size", 1 << 16), ("num_hidden_layers", 1024),
+                         ("seq_length", 1 << 24)]:
+        assert CANONICAL_SCHEMA.fields[field].max == limit
+
+
+@pytest.mark.parametrize("text", [
+    "[" * 1_000_000,                     # recursion: RecursionError in json.loads, or a crash with a raised limit
+    '{"a":' * 1_000_000,
+    "[" * (MAX_DEPTH + 1) + "]" * (MAX_DEPTH + 1),
+    "1" * 100_000,                       # Python refuses to convert more than 4300 digits
+    '["' + '\\"' * 1_000_000,            # an unterminated string of escapes
+])
+def test_hostile_json_is_refused_quickly(text):
+    started = time.process_time()
+    with pytest.raises(SchemaError, match=r"^x\.json: not valid JSON"):
+        parse_json(text, "x.json")
+    assert time.process_time() - started < 5, "linear work, even for a megabyte of hostile text"
