@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from typing import Any
 
@@ -40,6 +39,7 @@ from ..config import CONFIG_NAME, MODEL_TYPE, GLM4Config
 from ..model import GLM4ForCausalLM
 from ..tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
 from ..tokenizer import GLM4Tokenizer
+from ..validation import read_json
 from .paddlenlp_home import model_home
 
 # The names THUDM publishes GLM-4-9B under. Any name works once its converted checkpoint is in the cache;
@@ -60,9 +60,8 @@ class CheckpointNotFoundError(FileNotFoundError):
 
 def _read_json(path: str) -> dict:
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError):  # absent or unreadable: not recognisably GLM-4, so not ours to judge
+        data = read_json(path)
+    except (OSError, ValueError):  # absent, unreadable or not sane JSON: not recognisably GLM-4, not ours to judge
         return {}
     return data if isinstance(data, dict) else {}
 

@@ -15,9 +15,9 @@ are separate `<|assistant|>` segments.
 
 from __future__ import annotations
 
-import json
 import uuid
 
+from ..validation import SchemaError, parse_json
 from .errors import APIError
 from .schemas import ChatMessage, FunctionCall, NamedToolChoice, Tool, ToolCall
 
@@ -68,8 +68,8 @@ def parse_reply(segments: list[str], tool_names: set[str]) -> tuple[str, list[To
             content.append(arguments)
             continue
         try:
-            parsed = json.loads(arguments)
-        except json.JSONDecodeError:
+            parsed = parse_json(arguments, "the tool call's arguments")  # the model's text: no bombs, no NaN
+        except SchemaError:
             return None
         if name not in tool_names or not isinstance(parsed, dict):
             return None

@@ -22,7 +22,9 @@ from sandbox import refused
 from converters import torch_to_paddle
 from paddle_glm4 import __main__ as glm4_cli
 from paddle_glm4.config import CANONICAL_SCHEMA, GLM4Config
+from paddle_glm4.integrations.paddlenlp import is_glm4
 from paddle_glm4.model import GLM4ForCausalLM
+from paddle_glm4.server.tool_calls import parse_reply
 from paddle_glm4.validation import MAX_DEPTH, SchemaError, parse_json
 
 pytestmark = pytest.mark.torch_free
@@ -112,3 +114,20 @@ def test_hostile_json_is_refused_quickly(text):
     with pytest.raises(SchemaError, match=r"^x\.json: not valid JSON"):
         parse_json(text, "x.json")
     assert time.process_time() - started < 5, "linear work, even for a megabyte of hostile text"
+
+
+BOMB = "[" * 100_000 + "]" * 100_000
+
+
+def test_a_nesting_bomb_from_the_model_is_not_a_tool_call():
+    """A tool call's arguments are the model's text, which a prompt can steer: parsed with the same limits."""
+    assert parse_reply(["get_weather\n" + BOMB], {"get_weather"}) is None
+    assert parse_reply(['get_weather\n{"city": NaN}'], {"get_weather"}) is None  # not JSON to an OpenAI client
+    assert parse_reply(['get_weather\n{"city": "Paris"}'], {"get_weather"}) is not None
+
+
+def test_recognising_a_checkpoint_survives_hostile_files(tmp_path):
+    """PaddleNLP's Auto classes ask paddle_glm4 whether a directory is GLM-4: a bomb or a FIFO means no."""
+    (tmp_path / "config.json").write_text('{"model_type": "glm4", "x": ' + BOMB + "}")
+    os.mkfifo(tmp_path / "tokenizer_config.json")
+    assert not is_glm4(str(tmp_path))
