@@ -4,7 +4,7 @@ Every JSON document the project reads (config.json, generation_config.json, toke
 safetensors index and headers, export.json, conversion_manifest.json) comes from a file someone else may have
 written. `read_json` reads one with limits (size, nesting depth, no NaN/Infinity, no repeated keys), and a
 schema states what each field must be; a violation raises `SchemaError` (or the caller's ValueError) with
-one line naming the file, the field and the value: `config.json: 'hidden_size' must be an integer in
+one line naming the file, the field and the value: `config.json: hidden_size: must be an integer in
 [1, 65536], got 256.5`. The CLI prints it and exits 2 (cli_errors.run_cli); the server answers 400.
 
 Integers are strict: a bool is not an integer and 256.5 or 256.0 is not 256. Numbers are finite. Schemas
@@ -58,10 +58,6 @@ def _show(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _got(value: Any) -> str:
-    return f"got {_show(value)}"
-
-
 class Schema:
     """What a value must be. `check(value, path)` raises Invalid; `describe()` says what is expected."""
 
@@ -72,7 +68,7 @@ class Schema:
         raise NotImplementedError
 
     def _fail(self, value: Any, path: str):
-        raise Invalid(path, f"must be {self.describe()}, {_got(value)}")
+        raise Invalid(path, f"must be {self.describe()}, got {_show(value)}")
 
 
 class Int(Schema):
@@ -232,14 +228,10 @@ class AnyOf(Schema):
             try:
                 option.check(value, path)
                 return
-            except Invalid as err:
-                # a value of the right outer kind (an object, a list) reports its own inner problem
-                if _same_kind(option, value):
-                    deepest = err
-                    break
-        else:
-            self._fail(value, path)
-        raise deepest
+            except Invalid:
+                if _same_kind(option, value):  # an object or list of the option's kind: its own inner problem
+                    raise
+        self._fail(value, path)
 
     def describe(self) -> str:
         return " or ".join(option.describe() for option in self.options)

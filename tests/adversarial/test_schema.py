@@ -20,7 +20,9 @@ import pytest
 from corpus import build_paddle, build_published, copy_tree
 from sandbox import refused
 
+from conftest import small_config
 from converters import paddle_to_torch, torch_to_paddle
+from paddle_glm4 import GLM4ForCausalLM
 from paddle_glm4 import __main__ as glm4_cli
 from paddle_glm4.inference import __main__ as inference_cli
 from paddle_glm4.server.app import create_app
@@ -272,3 +274,11 @@ def test_the_server_answers_400_to_what_the_projects_checks_refuse(tokenizer, mo
                     {"messages": [{"role": "user", "content": "hi"}]})
     assert response.status_code == 400, response.text
     assert response.json()["error"]["message"] == "tokenizer_config.json: eos_token: must be a string, got 5"
+
+
+@pytest.mark.parametrize("seed", [-1, SEED_LIMIT, True])
+def test_generate_checks_the_seed_itself(seed):
+    """The Python API (and PaddleNLP's adapter, and the predictor, which call it) get the CLI's rule."""
+    model = GLM4ForCausalLM(small_config(num_hidden_layers=1))
+    with pytest.raises(SchemaError, match=r"^seed: must be an integer in \[0, 9223372036854775807\]"):
+        model.generate([[1, 2]], max_new_tokens=1, do_sample=True, seed=seed)
