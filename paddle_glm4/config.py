@@ -37,9 +37,10 @@ EOS = AnyOf(TOKEN_ID, List(TOKEN_ID, 0, 64))
 ROPE_RATIO, ROPE_FACTOR = Number(above=0, max=1e9), Number(above=0, max=1)
 EPS = Number(above=0, below=1)
 DTYPE = Str(STORAGE_DTYPES)
-# Weights stored quantized (int8/int4 per group of `group_size` input features); absent: stored as `dtype`.
-QUANTIZATION = Object({"scheme": Str(("int8", "int4")), "group_size": Int(1, 1 << 16)}, required=("scheme",),
-                      closed=True)
+# Weights stored quantized: int8 (group_size null, one scale per output channel) or int4 (one scale per
+# `group_size` input rows); absent: stored as `dtype`. Which scheme takes which group size is the quantizer's rule.
+QUANTIZATION = Object({"scheme": Str(("int8", "int4")), "group_size": Optional(Int(1, 1 << 16))},
+                      required=("scheme",), closed=True)
 CANONICAL_SCHEMA = Object({
     "vocab_size": VOCAB, "hidden_size": HIDDEN, "intermediate_size": FFN, "num_hidden_layers": LAYERS,
     "num_attention_heads": HEADS, "num_key_value_heads": HEADS, "head_dim": HEAD_DIM,
