@@ -18,16 +18,21 @@ from pathlib import Path
 import httpx
 import pytest
 from corpus import build_paddle, build_published, copy_tree
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sandbox import refused
 
 from conftest import small_config
 from converters import paddle_to_torch, torch_to_paddle
 from paddle_glm4 import GLM4ForCausalLM
 from paddle_glm4 import __main__ as glm4_cli
+from paddle_glm4.config import ConfigError, GLM4Config
+from paddle_glm4.generation import GENERATION_SCHEMA, GenerationConfig
 from paddle_glm4.inference import __main__ as inference_cli
+from paddle_glm4.sampling import SamplingParams
 from paddle_glm4.server.app import create_app
 from paddle_glm4.small_vocab import write_small_vocabulary
-from paddle_glm4.tokenizer import GLM4Tokenizer, TokenizerError
+from paddle_glm4.tokenizer import GLM4Tokenizer, TokenizerError, read_tokenizer_model
 from paddle_glm4.validation import MAX_DEPTH, MAX_JSON_BYTES, SEED_LIMIT, SchemaError, check_seed, parse_json
 from scripted_server import ScriptedModel
 
@@ -252,8 +257,13 @@ def post(app, path: str, body: dict) -> httpx.Response:
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return GLM4Tokenizer.from_pretrained(write_small_vocabulary(tmp_path_factory.mktemp("vocab")))
+def vocabulary(tmp_path_factory) -> Path:
+    return write_small_vocabulary(tmp_path_factory.mktemp("vocab"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(vocabulary):
+    return GLM4Tokenizer.from_pretrained(vocabulary)
 
 
 @pytest.mark.parametrize("path, body", [("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
@@ -282,3 +292,57 @@ def test_generate_checks_the_seed_itself(seed):
     model = GLM4ForCausalLM(small_config(num_hidden_layers=1))
     with pytest.raises(SchemaError, match=r"^seed: must be an integer in \[0, 9223372036854775807\]"):
         model.generate([[1, 2]], max_new_tokens=1, do_sample=True, seed=seed)
+
+
+# ---- properties: any JSON in any field -------------------------------------------------------------------------------
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+                    | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+                    max_leaves=8)
+PROPERTY = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                            HealthCheck.function_scoped_fixture])
+SMALL = small_config(num_hidden_layers=1)
+SPELLINGS = {"glm4": SMALL.to_dict(), "chatglm": SMALL.to_published_dict(),
+             "glm": {"model_type": "glm", **SMALL.to_hf_glm_dict()}}
+
+
+def replaced(data: dict, key: str, value) -> dict:
+    return {**data, key: value}
+
+
+@PROPERTY
+@given(spelling=st.sampled_from(sorted(SPELLINGS)), data=st.data(), value=JSON)
+def test_any_value_in_any_config_field_is_a_config_or_a_config_error(spelling, data, value):
+    """Whatever a field holds, reading the config gives a GLM4Config or a ConfigError naming the field, never
+    TypeError, OverflowError, ZeroDivisionError or RecursionError."""
+    config = SPELLINGS[spelling]
+    key = data.draw(st.sampled_from(sorted(config)))
+    try:
+        GLM4Config.from_dict(replaced(config, key, value), source="config.json")
+    except ConfigError as err:
+        assert str(err).startswith("config.json: "), err
+
+
+@PROPERTY
+@given(key=st.sampled_from(sorted(GENERATION_SCHEMA.fields)), value=JSON)
+def test_any_value_in_generation_config_is_defaults_or_a_schema_error(tmp_path, key, value):
+    path = tmp_path / "generation_config.json"
+    path.write_text(json.dumps({"do_sample": True, key: value}))
+    try:
+        defaults = GenerationConfig.from_model(SMALL, str(tmp_path))
+    except SchemaError as err:
+        assert str(err).startswith(str(path)), err
+        return
+    SamplingParams(defaults.do_sample, defaults.temperature or 1.0, defaults.top_k, defaults.top_p,
+                   defaults.repetition_penalty)  # what generate() makes of them: valid
+
+
+@PROPERTY
+@given(key=st.sampled_from(["added_tokens_decoder", "eos_token", "pad_token", "chat_template", "truncation_side"]),
+       value=JSON)
+def test_any_value_in_tokenizer_config_is_a_tokenizer_or_a_tokenizer_error(vocabulary, tokenizer, key, value):
+    ranks = read_tokenizer_model(vocabulary / "tokenizer.model")
+    try:
+        GLM4Tokenizer(ranks, replaced(tokenizer.config, key, value), source="tokenizer_config.json")
+    except TokenizerError as err:
+        assert str(err).startswith("tokenizer_config.json: "), err
