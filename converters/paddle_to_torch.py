@@ -134,7 +134,7 @@ def _recorded_layout(src: str) -> tuple[dict | None, str]:
     """The published layout recorded in `src`'s manifest, if any (and why not, for the summary)."""
     path = os.path.join(src, MANIFEST)
     try:
-        record = read_json(path, MANIFEST_SCHEMA, ConversionError).get("published_layout")
+        record = read_json(path, MANIFEST_SCHEMA).get("published_layout")
     except FileNotFoundError:
         return None, f"no {MANIFEST} in the source"
     except PermissionError as err:
