@@ -66,7 +66,7 @@ def generate(model: Path, *extra: str) -> list[str]:
     return ["generate", "--model", str(model), "--prompt", "hi", "--max-new-tokens", "2", *extra]
 
 
-# (file, field, raw JSON value, what the message must name besides the file)
+# (file, field, raw JSON value, what the message must say besides the file's path); read by `glm4 generate`
 PADDLE_CASES = [
     ("config.json", "hidden_size", "256.5", "hidden_size: must be an integer"),
     ("config.json", "hidden_size", "64.0", "hidden_size: must be an integer"),
@@ -110,13 +110,7 @@ PADDLE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("name, field, raw, message", PADDLE_CASES, ids=lambda v: str(v)[:40])
-def test_bad_fields_of_a_paddle_checkpoint(capsys, tmp_path, templates, name, field, raw, message):
-    model = copy_tree(templates[1], tmp_path / "model")
-    edit(model / name, field, raw)
-    refused(capsys, glm4_cli.main, generate(model), tmp_path, str(model / name), message)
-
-
+# (field, raw, message) of a published config.json, read by glm4-convert
 PUBLISHED_CASES = [
     ("num_layers", "256.5", "num_layers: must be an integer"),
     ("padded_vocab_size", '"512"', "padded_vocab_size: must be an integer"),
@@ -132,14 +126,7 @@ PUBLISHED_CASES = [
 ]
 
 
-@pytest.mark.parametrize("field, raw, message", PUBLISHED_CASES, ids=lambda v: str(v)[:40])
-def test_bad_fields_of_a_published_config(capsys, tmp_path, templates, field, raw, message):
-    src = copy_tree(templates[0], tmp_path / "src")
-    edit(src / "config.json", field, raw)
-    refused(capsys, torch_to_paddle.main, ["--src", str(src), "--dst", str(tmp_path / "dst")], tmp_path,
-            str(src / "config.json"), message)
-
-
+# ... of a conversion_manifest.json, read by paddle_to_torch
 MANIFEST_CASES = [
     ("published_layout/files/0/size", '"big"', "published_layout.files[0].size: must be an integer"),
     ("published_layout/files/0/header", "7", "published_layout.files[0].header: must be a string"),
@@ -147,14 +134,6 @@ MANIFEST_CASES = [
     ("published_layout/files", "[]", "published_layout.files: must be a list of 1 to 65536 items"),
     ("published_layout", BOMB, "nested more than"),
 ]
-
-
-@pytest.mark.parametrize("field, raw, message", MANIFEST_CASES, ids=lambda v: str(v)[:40])
-def test_bad_fields_of_a_conversion_manifest(capsys, tmp_path, templates, field, raw, message):
-    paddle = copy_tree(templates[1], tmp_path / "paddle")
-    edit(paddle / "conversion_manifest.json", field, raw)
-    refused(capsys, paddle_to_torch.main, ["--src", str(paddle), "--dst", str(tmp_path / "torch")], tmp_path,
-            str(paddle / "conversion_manifest.json"), message)
 
 
 def test_a_recorded_header_that_is_a_bomb_is_not_reproduced(capsys, tmp_path, templates):
@@ -166,6 +145,7 @@ def test_a_recorded_header_that_is_a_bomb_is_not_reproduced(capsys, tmp_path, te
     assert "nested more than" in capsys.readouterr().out
 
 
+# ... of an export.json, read by the inference engine
 EXPORT_CASES = [
     ("dtype", '"int4"', 'dtype: must be one of "float32", "bfloat16", "float16"'),
     ("compute_dtype", '"int8"', "compute_dtype: must be one of"),
@@ -179,12 +159,26 @@ EXPORT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("field, raw, message", EXPORT_CASES, ids=lambda v: str(v)[:40])
-def test_bad_fields_of_an_export_manifest(capsys, tmp_path, templates, field, raw, message):
-    export = copy_tree(templates[2], tmp_path / "export")
-    edit(export / "export.json", field, raw)
-    refused(capsys, glm4_cli.main, generate(export, "--engine", "inference"), tmp_path,
-            str(export / "export.json"), message)
+# The command that reads each kind of file: (which template, argv for the copy `source` and the sandbox `root`).
+COMMANDS = {
+    "generate": (1, lambda source, root: (glm4_cli.main, generate(source))),
+    "convert": (0, lambda source, root: (torch_to_paddle.main, ["--src", str(source), "--dst", str(root / "dst")])),
+    "to-torch": (1, lambda source, root: (paddle_to_torch.main, ["--src", str(source), "--dst", str(root / "dst")])),
+    "generate --engine inference": (2, lambda source, root: (glm4_cli.main, generate(source, "--engine", "inference"))),
+}
+CASES = ([("generate", *case) for case in PADDLE_CASES]
+         + [("convert", "config.json", *case) for case in PUBLISHED_CASES]
+         + [("to-torch", "conversion_manifest.json", *case) for case in MANIFEST_CASES]
+         + [("generate --engine inference", "export.json", *case) for case in EXPORT_CASES])
+
+
+@pytest.mark.parametrize("command, name, field, raw, message", CASES, ids=lambda v: str(v)[:40])
+def test_a_bad_field_is_one_line_naming_file_and_field(capsys, tmp_path, templates, command, name, field, raw,
+                                                       message):
+    template, argv = COMMANDS[command]
+    source = copy_tree(templates[template], tmp_path / "source")
+    edit(source / name, field, raw)
+    refused(capsys, *argv(source, tmp_path), tmp_path, str(source / name), message)
 
 
 # ---- whole files ----------------------------------------------------------------------------------------------
