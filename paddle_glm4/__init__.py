@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time, __getattr__ b
     from .kv_cache import KVCache as KVCache
     from .model import GLM4ForCausalLM as GLM4ForCausalLM
     from .model import GLM4Model as GLM4Model
+    from .sequences import Sequences as Sequences
     from .streamer import TextIteratorStreamer as TextIteratorStreamer
     from .streamer import TextStreamer as TextStreamer
     from .tokenizer import GLM4Tokenizer as GLM4Tokenizer
@@ -35,6 +36,7 @@ _EXPORTS = {
     "GLM4Tokenizer": "tokenizer",
     "GenerationConfig": "generation",
     "KVCache": "kv_cache",
+    "Sequences": "sequences",
     "TextIteratorStreamer": "streamer",
     "TextStreamer": "streamer",
     "register_paddlenlp": "integrations.paddlenlp",

@@ -19,6 +19,7 @@ import paddle
 
 from .config import EOS, TOKEN_ID, GLM4Config
 from .sampling import SamplingParams, choose_tokens
+from .sequences import Sequences
 from .validation import Bool, Int, Number, Object, Optional, check_seed, read_json
 
 GENERATION_CONFIG_NAME = "generation_config.json"
@@ -69,20 +70,26 @@ class GenerationConfig:
 
 
 class ModelSession:
-    """A Session over the dynamic-graph GLM4ForCausalLM and its KVCache."""
+    """A Session over the dynamic-graph GLM4ForCausalLM and the Sequences of one generation (which decide slots
+    and positions, see sequences.py)."""
 
     def __init__(self, model):
         self.model = model
-        self.cache = None
+        self.sequences: Sequences | None = None
 
-    def prefill(self, input_ids, attention_mask, position_ids, capacity):
-        self.cache = self.model.model.new_cache(input_ids.shape[0], capacity)
-        out = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1]
+    def prefill(self, input_ids: paddle.Tensor, attention_mask: paddle.Tensor | None,
+                position_ids: paddle.Tensor | None, capacity: int) -> paddle.Tensor:
+        batch = input_ids.shape[0]
+        self.sequences = Sequences(batch, capacity, self.model.model.new_cache(batch, capacity))
+        return self._run(input_ids, attention_mask, position_ids)
 
-    def step(self, tokens):
-        return self.model(tokens.unsqueeze(-1), past_key_values=self.cache, use_cache=True).logits[:, -1]
+    def step(self, tokens: paddle.Tensor) -> paddle.Tensor:
+        return self._run(tokens.unsqueeze(-1), None, None)
+
+    def _run(self, input_ids: paddle.Tensor, attention_mask: paddle.Tensor | None,
+             position_ids: paddle.Tensor | None) -> paddle.Tensor:
+        return self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          past_key_values=self.sequences, logits_to_keep=1).logits[:, -1]        # [b, vocab]
 
 
 def _as_ids(value, name: str) -> paddle.Tensor:

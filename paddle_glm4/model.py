@@ -7,6 +7,7 @@ g = key/value heads (groups), d = head_dim, H = hidden size. Linear weights are 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import paddle
 import paddle.nn.functional as F
@@ -16,19 +17,21 @@ from . import generation, loading, ops
 from .config import GLM4Config
 from .device import on_gpu
 from .generation import GenerationConfig
-from .kv_cache import GROWTH_STEP, KVCache, token_positions
-
-
-@dataclass
-class BaseModelOutput:
-    last_hidden_state: paddle.Tensor            # [b, s, H]
-    past_key_values: KVCache | None = None
+from .kv_cache import KVCache
+from .sequences import GROWTH_STEP, Sequences
 
 
 @dataclass
 class CausalLMOutput:
     logits: paddle.Tensor                       # [b, s, vocab] float32
-    past_key_values: KVCache | None = None
+    past_key_values: Sequences | None = None
+
+
+class Cache(Protocol):
+    """Where the forward writes the new keys and values: the dynamic model's KVCache, or the exported program's
+    cache inputs. Returns the keys and values attention reads, [b, L, g, d]."""
+
+    def update(self, layer: int, start, k: paddle.Tensor, v: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]: ...
 
 
 class Linear(nn.Linear):
@@ -38,7 +41,7 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias_attr=None if bias else False)
         self.kernels = kernels
 
-    def forward(self, x):
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         return self.kernels.linear(x, self.weight, self.bias)
 
 
@@ -48,7 +51,7 @@ class RMSNorm(nn.Layer):
         self.weight = self.create_parameter([dim], default_initializer=nn.initializer.Constant(1.0))
         self.eps, self.kernels = eps, kernels
 
-    def forward(self, x):
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         return self.kernels.rms_norm(x, self.weight, self.eps)
 
 
@@ -61,7 +64,8 @@ class Attention(nn.Layer):
         self.qkv_proj = Linear(config.hidden_size, config.qkv_size, kernels, bias=config.attention_bias)
         self.o_proj = Linear(self.heads * self.head_dim, config.hidden_size, kernels)
 
-    def forward(self, x, rope, mask, is_causal: bool, cache: KVCache | None, start: int):
+    def forward(self, x: paddle.Tensor, rope: tuple, mask: paddle.Tensor | None, is_causal: bool,
+                cache: Cache | None, start) -> paddle.Tensor:
         d, h, g = self.head_dim, self.heads, self.groups
         qk, v = paddle.split(self.qkv_proj(x), [(h + g) * d, g * d], axis=-1)
         # queries and keys rotate together, in one call
@@ -79,7 +83,7 @@ class MLP(nn.Layer):
         self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, kernels)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, kernels)
 
-    def forward(self, x):
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         # [H] -> [gate | up], silu(gate) * up -> [H]
         return self.down_proj(F.swiglu(self.gate_up_proj(x)))
 
@@ -94,7 +98,8 @@ class GLM4Block(nn.Layer):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels)
         self.mlp = MLP(config, kernels)
 
-    def forward(self, x, rope, mask, is_causal, cache, start):
+    def forward(self, x: paddle.Tensor, rope: tuple, mask: paddle.Tensor | None, is_causal: bool,
+                cache: Cache | None, start) -> paddle.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rope, mask, is_causal, cache, start)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -114,35 +119,24 @@ class GLM4Model(nn.Layer):
     def new_cache(self, batch_size: int, capacity: int) -> KVCache:
         return KVCache(self.config, batch_size, capacity, dtype=self.embed_tokens.weight.dtype)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False):
-        """input_ids [b, s]; attention_mask [b, s] or [b, past + s] (1 = real token, 0 = padding);
-        position_ids [b, s] (default: counted from the mask); past_key_values: a KVCache to extend."""
-        batch, seq_len = input_ids.shape
-        new_valid = attention_mask[:, -seq_len:] if attention_mask is not None else None
-        cache = past_key_values
-        if cache is None and use_cache:
-            cache = self.new_cache(batch, max(seq_len, GROWTH_STEP))
-        if cache is not None:
-            cache.reserve(seq_len)
-            start = cache.length
-            positions = cache.add_tokens(new_valid, seq_len)
-            key_valid = cache.valid[:, :start + seq_len] if cache.has_padding else None
-        else:
-            start = 0
-            positions = token_positions(new_valid, seq_len)
-            key_valid = new_valid.astype("bool") if new_valid is not None else None
-            if key_valid is not None and bool(key_valid.all()):
-                key_valid = None  # no padding: plain causal attention
-        if position_ids is not None:
-            positions = position_ids
+    def forward(self, input_ids: paddle.Tensor, positions: paddle.Tensor, start=0,
+                key_valid: paddle.Tensor | None = None, cache: Cache | None = None) -> paddle.Tensor:
+        """The network over new tokens: hidden states [b, s, H] after the final norm.
+
+        input_ids, positions [b, s]: the tokens and their positions in their rows. start: the cache slot of the
+        first new token (an int; a 0-d int64 tensor in a static program). key_valid [b, L] bool: which slots
+        attention reads hold real tokens (None: all do, L = start + s). cache: where each layer writes its new
+        keys and values at slots start..start+s (None: attend over the new tokens only; start must be 0).
+        Nothing is decided here: `sequences.Sequences.claim` gives start, positions and key_valid.
+        """
+        seq_len = ops.size(input_ids, 1)
         x = self.embed_tokens(input_ids)                                              # [b, s, H]
         mask, is_causal = ops.attention_mask(key_valid, start, seq_len, x.dtype)
-        rope = self.kernels.rotary_tables(positions, self.inv_freq, x.dtype, start + seq_len)
+        key_len = start + seq_len if key_valid is None else ops.size(key_valid, 1)
+        rope = self.kernels.rotary_tables(positions, self.inv_freq, x.dtype, key_len)
         for layer in self.layers:
             x = layer(x, rope, mask, is_causal, cache, start)
-        if cache is not None:
-            cache.commit(seq_len)
-        return BaseModelOutput(self.norm(x), cache)
+        return self.norm(x)
 
 
 class GLM4ForCausalLM(nn.Layer):
@@ -154,19 +148,41 @@ class GLM4ForCausalLM(nn.Layer):
             self.lm_head = Linear(config.hidden_size, config.vocab_size, self.model.kernels)
         self.generation_config = GenerationConfig.from_model(config)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
-                logits_to_keep: int = 0) -> CausalLMOutput:
-        """Logits [b, s, vocab] in float32 (only the last `logits_to_keep` positions when it is > 0)."""
-        out = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache)
-        hidden = out.last_hidden_state
+    def forward(self, input_ids: paddle.Tensor, attention_mask: paddle.Tensor | None = None,
+                position_ids: paddle.Tensor | None = None, past_key_values: Sequences | None = None,
+                use_cache: bool = False, logits_to_keep: int = 0) -> CausalLMOutput:
+        """The transformers/PaddleNLP call: logits [b, s, vocab] float32 (only the last `logits_to_keep`
+        positions when it is > 0) and, with use_cache or past_key_values, the Sequences to pass back.
+
+        attention_mask [b, s] or [b, past + s] (1 = real token, 0 = padding); position_ids [b, s] (default:
+        counted over the real tokens); past_key_values: the Sequences of an earlier call, extended in place.
+        """
+        batch, seq_len = input_ids.shape
+        sequences = past_key_values
+        if sequences is None:
+            capacity = max(seq_len, GROWTH_STEP) if use_cache else seq_len
+            sequences = Sequences(batch, capacity, self.model.new_cache(batch, capacity) if use_cache else None)
+        step = sequences.claim(seq_len, attention_mask[:, -seq_len:] if attention_mask is not None else None)
+        positions = step.positions if position_ids is None else position_ids
+        logits = self.logits(input_ids, positions, step.start, step.key_valid, sequences.cache, logits_to_keep)
+        return CausalLMOutput(logits, sequences if sequences.cache is not None else None)
+
+    def logits(self, input_ids: paddle.Tensor, positions: paddle.Tensor, start=0,
+               key_valid: paddle.Tensor | None = None, cache: Cache | None = None,
+               logits_to_keep: int = 0) -> paddle.Tensor:
+        """The one forward (GLM4Model.forward's arguments), through the head: logits [b, s, vocab] float32, only
+        the last `logits_to_keep` positions when it is > 0. The exported program traces this very function."""
+        hidden = self.model(input_ids, positions, start, key_valid, cache)             # [b, s, H]
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         if self.config.tie_word_embeddings:
-            logits = paddle.matmul(hidden, self.model.embed_tokens.weight, transpose_y=True)
+            weight = self.model.embed_tokens.weight                                      # [vocab, H]
+            if weight.dtype != hidden.dtype:  # stored narrow, computed wider (see inference.export)
+                weight = weight.astype(hidden.dtype)
+            logits = paddle.matmul(hidden, weight, transpose_y=True)
         else:
             logits = self.lm_head(hidden)
-        return CausalLMOutput(logits if logits.dtype == paddle.float32 else logits.astype("float32"),
-                              out.past_key_values)
+        return logits if logits.dtype == paddle.float32 else logits.astype("float32")
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 128, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,

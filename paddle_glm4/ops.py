@@ -131,27 +131,39 @@ def kernels(fused: bool) -> Kernels:
     return FUSED if fused else PORTABLE
 
 
-def attention_mask(key_valid: paddle.Tensor | None, start: int, seq_len: int, dtype: str | paddle.dtype) -> tuple:
-    """The additive mask for queries at slots start..start+seq_len over keys at slots 0..start+seq_len.
+# The two below decide with Python conditions on what is known while tracing; converting them to graph
+# conditionals (what tracing does to a function's `if`s) would fail on their differing returns.
+@paddle.jit.not_to_static
+def size(x: paddle.Tensor, axis: int) -> int | paddle.Tensor:
+    """x's size along `axis`: an int, or a tensor in a static program whose size there is dynamic."""
+    n = x.shape[axis]
+    return n if n >= 0 else paddle.shape(x)[axis]
 
-    key_valid [b, L] marks real tokens (None: all are). A key is visible when it is not later than the
-    query and is real; a query always sees its own slot, so that padding rows stay finite (and unused).
+
+@paddle.jit.not_to_static
+def attention_mask(key_valid: paddle.Tensor | None, start: int | paddle.Tensor, seq_len: int | paddle.Tensor,
+                   dtype: str | paddle.dtype) -> tuple:
+    """The additive mask for queries at slots start..start+seq_len over the keys at slots 0..L.
+
+    key_valid [b, L] marks real tokens (None: all are, L = start + seq_len). A key is visible when it is not
+    later than the query and is real; a query always sees its own slot, so that padding rows stay finite (and
+    unused). `start` and `seq_len` are ints, or tensors in a static program (which always passes key_valid).
     Returns (mask [b or 1, 1, s, L] or None, is_causal) for `attention`.
     """
     if key_valid is None:
-        if start == 0:
+        if isinstance(start, int) and start == 0:
             return None, True       # plain causal attention, square
         if seq_len == 1:
             return None, False      # one new token sees every earlier slot
-    total = start + seq_len
-    return slot_mask(paddle.arange(start, total, dtype="int64"), paddle.arange(total, dtype="int64"), key_valid,
-                     dtype), False
+        key_slots = paddle.arange(start + seq_len, dtype="int64")
+    else:
+        key_slots = paddle.arange(size(key_valid, 1), dtype="int64")
+    return slot_mask(paddle.arange(start, start + seq_len, dtype="int64"), key_slots, key_valid, dtype), False
 
 
 def slot_mask(query_slots: paddle.Tensor, key_slots: paddle.Tensor, key_valid: paddle.Tensor | None,
               dtype: str | paddle.dtype) -> paddle.Tensor:
-    """The rule of `attention_mask` for slots given as tensors, as a static program needs (its start and
-    lengths are tensors): queries at `query_slots` [s] over keys at `key_slots` [L] -> [b or 1, 1, s, L]."""
+    """The rule of `attention_mask`: queries at `query_slots` [s] over keys at `key_slots` [L] -> [b or 1, 1, s, L]."""
     query_slots, key_slots = query_slots.unsqueeze(1), key_slots.unsqueeze(0)
     allowed = (key_slots <= query_slots).unsqueeze(0)                             # [1, s, L]
     if key_valid is not None:

@@ -19,6 +19,8 @@ from paddle_glm4.demo import random_weights
 from paddle_glm4.generation import ModelSession
 from paddle_glm4.inference import ExportError, Predictor, export_model
 from paddle_glm4.inference.manifest import MANIFEST_NAME
+from paddle_glm4.kv_cache import KVCache
+from paddle_glm4.sequences import Sequences
 from paddle_glm4.small_vocab import write_small_vocabulary
 from paddle_glm4.tokenizer import GLM4Tokenizer
 
@@ -120,6 +122,21 @@ def test_decode_step_k_equals_the_full_forward_at_position_k(built, predictor, m
     assert shapes[0][1] == prompt and {tuple(s) for s in shapes[1:]} == {(1, capacity, 2, 16)}
     # the program wrote each step's keys into the caller's buffers, in place
     assert float(session.cache.keys[0][0, capacity - 1].abs().sum()) > 0
+
+
+def test_the_program_prefills_a_prompt_in_chunks_over_the_whole_cache(built, predictor):
+    # several new tokens at a start > 0 (chunked prefill): the program is the model's one forward, not a
+    # prefill-only or decode-only copy
+    _, model, *_ = built
+    sequence = prompts((20,))[0][None]
+    full = model(paddle.to_tensor(sequence)).logits.numpy()[0]
+    cache = KVCache(predictor.config, 1, 20)
+    sequences = Sequences(1, 20, cache)
+    for lo, hi in ((0, 7), (7, 8), (8, 20)):
+        step = sequences.claim(hi - lo)
+        logits = predictor.run(paddle.to_tensor(sequence[:, lo:hi]), step.positions, step.start, sequences.valid,
+                               cache.keys, cache.values)
+        np.testing.assert_allclose(logits.numpy()[0], full[hi - 1], atol=1e-4, rtol=0)
 
 
 def test_sampling_and_stopping_follow_the_shared_decode_loop(built, predictor):

@@ -25,7 +25,6 @@ import paddle.nn.functional as F
 from paddle import nn
 from paddle.static import InputSpec
 
-from .. import ops
 from ..checkpoint import write_text_atomic
 from ..config import CONFIG_NAME, MODEL_TYPE, STORAGE_DTYPES, ConfigError, GLM4Config
 from ..device import on_gpu
@@ -49,33 +48,22 @@ class CacheSlots:
 
 
 class StepProgram(nn.Layer):
-    """GLM-4's forward over new tokens and an explicit KV cache: the function that is traced and saved.
+    """The model's one forward (GLM4ForCausalLM.logits) with the cache as explicit inputs: what is traced and saved.
 
     input_ids, position_ids [b, s]; start [] the cache slot of the first new token; key_valid [b, L] bool,
     which slots hold real tokens (the new ones included); keys, values: per layer [b, L, g, d], written in
     place at slots start..start+s. Returns the float32 logits of the last new token [b, vocab].
     """
 
-    def __init__(self, model: GLM4ForCausalLM, max_seq_len: int, compute_dtype: str):
+    def __init__(self, model: GLM4ForCausalLM, compute_dtype: str):
         super().__init__()
-        self.model, self.max_seq_len, self.compute_dtype = model, max_seq_len, compute_dtype
+        self.model, self.compute_dtype = model, compute_dtype
 
-    def forward(self, input_ids, position_ids, start, key_valid, keys, values):
-        base = self.model.model
-        dtype = self.compute_dtype
-        x = base.embed_tokens(input_ids).astype(dtype)                                   # [b, s, H]
-        new_slots = paddle.arange(start, start + paddle.shape(input_ids)[1], dtype="int64")
-        mask = ops.slot_mask(new_slots, paddle.arange(paddle.shape(key_valid)[1], dtype="int64"), key_valid, dtype)
-        rope = base.kernels.rotary_tables(position_ids, base.inv_freq, dtype, self.max_seq_len)
-        cache = CacheSlots(keys, values)
-        for layer in base.layers:
-            x = layer(x, rope, mask, False, cache, start)
-        hidden = base.norm(x)[:, -1]                                                     # [b, H]
-        if self.model.config.tie_word_embeddings:
-            logits = paddle.matmul(hidden, base.embed_tokens.weight.astype(dtype), transpose_y=True)
-        else:
-            logits = self.model.lm_head(hidden)
-        return logits.astype("float32")
+    def forward(self, input_ids: paddle.Tensor, position_ids: paddle.Tensor, start: paddle.Tensor,
+                key_valid: paddle.Tensor, keys: list, values: list) -> paddle.Tensor:
+        logits = self.model.logits(input_ids, position_ids, start, key_valid, CacheSlots(keys, values),
+                                   logits_to_keep=1)                                    # [b, 1, vocab] float32
+        return logits[:, -1]
 
     def input_spec(self) -> list:
         config = self.model.config
@@ -87,6 +75,17 @@ class StepProgram(nn.Layer):
                 cache[:layers], cache[layers:]]
 
 
+class WidenedEmbedding(nn.Layer):
+    """An Embedding whose table stays stored narrow; the rows it looks up are widened to `dtype`."""
+
+    def __init__(self, embedding: nn.Embedding, dtype: str):
+        super().__init__()
+        self.weight, self.dtype = embedding.weight, dtype  # `weight`, as the tied head reads it
+
+    def forward(self, ids: paddle.Tensor) -> paddle.Tensor:
+        return F.embedding(ids, self.weight).astype(self.dtype)
+
+
 class WidenedLinear(nn.Layer):
     """A Linear whose weights stay stored narrow (bf16, fp16) and are widened to the activations' dtype
     where they are used: Paddle's CPU kernels compute in float32 only, while narrow storage is what lets
@@ -96,18 +95,19 @@ class WidenedLinear(nn.Layer):
         super().__init__()
         self.linear = linear
 
-    def forward(self, x):
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         bias = self.linear.bias
         return F.linear(x, self.linear.weight.astype(x.dtype), None if bias is None else bias.astype(x.dtype))
 
 
-def compute_in_float32(model: GLM4ForCausalLM):
-    """Make a model whose weights are stored narrow compute in float32 (in place): Linears widen their
-    weights at use, norm weights (one vector per norm) become float32; the embedding is widened by
-    StepProgram after the lookup."""
+def compute_in_float32(model: GLM4ForCausalLM) -> None:
+    """Make a model whose weights are stored narrow compute in float32 (in place): the embedding and Linears
+    widen what they use, norm weights (one vector per norm) become float32, a tied head widens the table."""
     for parent in model.sublayers(include_self=True):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
+            if isinstance(child, nn.Embedding):
+                setattr(parent, name, WidenedEmbedding(child, "float32"))
+            elif isinstance(child, nn.Linear):
                 setattr(parent, name, WidenedLinear(child))
             elif isinstance(child, RMSNorm):
                 child.to(dtype="float32")
@@ -160,7 +160,7 @@ def export_model(model_dir: str, out_dir: str, dtype: str | None = None, max_seq
     model = GLM4ForCausalLM.from_pretrained(model_dir, dtype=dtype, storage_only=True)
     if compute_dtype != dtype:
         compute_in_float32(model)
-    program = StepProgram(model, max_seq_len, compute_dtype)
+    program = StepProgram(model, compute_dtype)
     program.eval()
     if progress:
         print(f"tracing the model and saving the program to {out_dir}", file=sys.stderr, flush=True)

@@ -18,6 +18,7 @@ from .. import generation
 from ..device import use_all_cores
 from ..generation import GenerationConfig
 from ..kv_cache import KVCache
+from ..sequences import Sequences
 from .manifest import PROGRAM, ExportError, Manifest
 
 DEVICES = ("cpu", "gpu")
@@ -108,41 +109,40 @@ class Predictor:
 
 
 class PredictorSession:
-    """A generation.Session over the predictor, holding one generation's KV cache (the dynamic model's
-    KVCache: it keeps the slot bookkeeping, and its buffers are what the program writes into)."""
+    """A generation.Session over the predictor, holding one generation's KV cache. Its Sequences (those of the
+    dynamic model) decide slots and positions; the cache's buffers are what the program writes into."""
 
     def __init__(self, predictor: Predictor):
         self.predictor = predictor
         self.cache: KVCache | None = None
+        self.sequences: Sequences | None = None
 
-    def prefill(self, input_ids, attention_mask, position_ids, capacity):
+    def prefill(self, input_ids: paddle.Tensor, attention_mask: paddle.Tensor | None,
+                position_ids: paddle.Tensor | None, capacity: int) -> paddle.Tensor:
         if capacity > self.predictor.max_seq_len:
             raise ValueError(f"{capacity} tokens (prompt + new) exceed this export's max_seq_len "
                              f"{self.predictor.max_seq_len}; export again with a larger --max-seq-len")
         config, dtype = self.predictor.config, self.predictor.manifest.compute_dtype
         batch, length = input_ids.shape
         self.cache = KVCache(config, batch, capacity, dtype=dtype)
-        positions = self.cache.add_tokens(attention_mask, length)
+        self.sequences = Sequences(batch, capacity, self.cache)
+        step = self.sequences.claim(length, attention_mask)
         # The prompt's keys and values go to buffers of its own length (attention then covers just the
         # prompt), and into the cache after: a slice of the cache would not be one contiguous tensor.
-        shape = [batch, length, config.num_key_value_heads, config.head_dim]
-        keys = [paddle.zeros(shape, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        values = [paddle.zeros(shape, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        logits = self.predictor.run(input_ids, positions if position_ids is None else position_ids, 0,
-                                    self.cache.valid[:, :length], keys, values)
+        prompt_cache = KVCache(config, batch, length, dtype=dtype)
+        logits = self.predictor.run(input_ids, step.positions if position_ids is None else position_ids, 0,
+                                    self.sequences.valid[:, :length], prompt_cache.keys, prompt_cache.values)
         for layer in range(config.num_hidden_layers):
-            self.cache.update(layer, 0, keys[layer], values[layer])
-        self.cache.commit(length)
+            self.cache.update(layer, 0, prompt_cache.keys[layer], prompt_cache.values[layer])
         return logits
 
-    def step(self, tokens):
-        cache = self.cache
-        assert cache is not None, "prefill() comes first"
-        slot = cache.length
-        positions = cache.add_tokens(None, 1)
-        logits = self.predictor.run(tokens.unsqueeze(-1), positions, slot, cache.valid, cache.keys, cache.values)
-        cache.commit(1)
-        return logits
+    def step(self, tokens: paddle.Tensor) -> paddle.Tensor:
+        sequences, cache = self.sequences, self.cache
+        assert sequences is not None and cache is not None, "prefill() comes first"
+        step = sequences.claim(1)
+        # every slot of the cache, the unfilled ones masked: the same shapes at every step
+        return self.predictor.run(tokens.unsqueeze(-1), step.positions, step.start, sequences.valid, cache.keys,
+                                  cache.values)
 
 
 @contextlib.contextmanager
