@@ -31,9 +31,10 @@ import tiktoken
 
 from .chat_template import STRUCTURAL_TEMPLATE, render_chat
 from .checkpoint import write_text_atomic
-from .validation import AnyOf, Map, Object, Optional, SchemaError, Str, read_json, validate
+from .validation import AnyOf, Map, Object, Optional, SchemaError, Str, read_bounded, read_json, validate
 
 TOKENIZER_FILE = "tokenizer.model"
+MAX_TOKENIZER_BYTES = 64 << 20  # GLM-4's tokenizer.model is 2.6 MB
 CONFIG_FILE = "tokenizer_config.json"
 
 # GLM-4's pre-tokenizer: BPE never merges across the pieces this pattern cuts text into.
@@ -83,24 +84,23 @@ def read_tokenizer_model(path: str | os.PathLike) -> dict[bytes, int]:
     """Read a tiktoken BPE file (`<base64 token> <rank>` per line) into {token bytes: rank}, checking it fully."""
     ranks: dict[bytes, int] = {}
     line_of_rank: dict[int, int] = {}
-    with open(path, "rb") as f:
-        for number, line in enumerate(f, 1):
-            where = f"{path}, line {number}"
-            fields = line.split()
-            try:
-                if len(fields) != 2:
-                    raise ValueError
-                token, rank = base64.b64decode(fields[0], validate=True), int(fields[1])
-            except (binascii.Error, ValueError):
-                raise TokenizerError(f"{where}: expected '<base64 token> <rank>', got {line[:80]!r}") from None
-            if not token or rank < 0:
-                raise TokenizerError(f"{where}: empty token or negative rank in {line[:80]!r}")
-            if rank in line_of_rank:
-                raise TokenizerError(f"{where}: rank {rank} is already used on line {line_of_rank[rank]}")
-            if token in ranks:
-                raise TokenizerError(f"{where}: token {token!r} already has rank {ranks[token]}")
-            ranks[token] = rank
-            line_of_rank[rank] = number
+    for number, line in enumerate(read_bounded(str(path), MAX_TOKENIZER_BYTES, TokenizerError).splitlines(), 1):
+        where = f"{path}, line {number}"
+        fields = line.split()
+        try:
+            if len(fields) != 2:
+                raise ValueError
+            token, rank = base64.b64decode(fields[0], validate=True), int(fields[1])
+        except (binascii.Error, ValueError):
+            raise TokenizerError(f"{where}: expected '<base64 token> <rank>', got {line[:80]!r}") from None
+        if not token or rank < 0:
+            raise TokenizerError(f"{where}: empty token or negative rank in {line[:80]!r}")
+        if rank in line_of_rank:
+            raise TokenizerError(f"{where}: rank {rank} is already used on line {line_of_rank[rank]}")
+        if token in ranks:
+            raise TokenizerError(f"{where}: token {token!r} already has rank {ranks[token]}")
+        ranks[token] = rank
+        line_of_rank[rank] = number
     _check_ranks(ranks, str(path))
     return ranks
 

@@ -25,6 +25,7 @@ from paddle_glm4.config import CANONICAL_SCHEMA, GLM4Config
 from paddle_glm4.integrations.paddlenlp import is_glm4
 from paddle_glm4.model import GLM4ForCausalLM
 from paddle_glm4.server.tool_calls import parse_reply
+from paddle_glm4.tokenizer import MAX_TOKENIZER_BYTES
 from paddle_glm4.validation import MAX_DEPTH, SchemaError, parse_json
 
 pytestmark = pytest.mark.torch_free
@@ -131,3 +132,12 @@ def test_recognising_a_checkpoint_survives_hostile_files(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "glm4", "x": ' + BOMB + "}")
     os.mkfifo(tmp_path / "tokenizer_config.json")
     assert not is_glm4(str(tmp_path))
+
+
+def test_a_tokenizer_model_far_too_big_is_refused_unread(capsys, tmp_path, templates):
+    """GLM-4's tokenizer.model is 2.6 MB; one past the limit (sparse: no disk) is refused by its size."""
+    model = copy_tree(templates[1], tmp_path / "model")
+    with open(model / "tokenizer.model", "r+b") as f:
+        f.truncate(MAX_TOKENIZER_BYTES + 1)
+    refused(capsys, glm4_cli.main, ["generate", "--model", str(model), "--prompt", "hi"], tmp_path,
+            str(model / "tokenizer.model"), f"bytes, more than the {MAX_TOKENIZER_BYTES} this file may have")
