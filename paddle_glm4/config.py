@@ -88,8 +88,9 @@ class GLM4Config:
     def __post_init__(self):
         if isinstance(self.eos_token_id, int) and not isinstance(self.eos_token_id, bool):
             self.eos_token_id = [self.eos_token_id]
+        elif isinstance(self.eos_token_id, tuple):
+            self.eos_token_id = list(self.eos_token_id)
         validate(dataclasses.asdict(self), CANONICAL_SCHEMA, "", ConfigError)
-        self.eos_token_id = list(self.eos_token_id)
         # what relates the fields
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
