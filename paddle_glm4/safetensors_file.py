@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .validation import Int, List, Map, Object, SchemaError, Str, parse_json, validate
+from .validation import Int, List, Map, Object, Optional, SchemaError, Str, parse_json, validate
 
 # safetensors dtype code -> (our dtype name, numpy dtype that holds its bits)
 DTYPES: dict[str, tuple[str, np.dtype]] = {
@@ -47,7 +47,7 @@ def numpy_dtype(dtype: str) -> np.dtype:
 
 HEADER_SCHEMA = Map(Object({"dtype": Str(), "shape": List(Int(0)), "data_offsets": List(Int(0), 2, 2)},
                            required=("dtype", "shape", "data_offsets")))  # other fields: ignored, as the library does
-METADATA_SCHEMA = Map(Str())  # the format's metadata: text keys to text values
+METADATA_SCHEMA = Optional(Map(Str()))  # the format's metadata: text keys to text values
 
 
 def parse_header(raw: bytes, data_len: int, source: str) -> tuple[dict[str, str], dict[str, tuple]]:
@@ -60,8 +60,8 @@ def parse_header(raw: bytes, data_len: int, source: str) -> tuple[dict[str, str]
     header = parse_json(raw, f"{source}: header", error=SafetensorsError)
     if not isinstance(header, dict):
         raise SafetensorsError(f"{source}: corrupted header, not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    validate(metadata, METADATA_SCHEMA, f"{source}: header __metadata__", SafetensorsError)
+    metadata = validate(header.pop("__metadata__", None), METADATA_SCHEMA, f"{source}: header __metadata__",
+                        SafetensorsError) or {}
     validate(header, HEADER_SCHEMA, f"{source}: header", SafetensorsError)
     entries = {}
     for name, entry in header.items():

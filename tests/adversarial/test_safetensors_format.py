@@ -261,7 +261,8 @@ def almost_right_files(draw):
         header[name] = draw(ENTRIES)
     if draw(st.booleans()):
         values = st.one_of(st.text(max_size=3), st.integers())
-        header["__metadata__"] = draw(st.dictionaries(st.text(max_size=3), values, max_size=2))
+        header["__metadata__"] = draw(st.dictionaries(st.text(max_size=3), values, max_size=2)
+                                      | st.sampled_from([None, 0, "", [], False]))
     body = bytes(range(256)) * (offset // 256 + 1)
     return join(header, body[:offset + draw(st.integers(-2, 2))] if offset else b"")
 
