@@ -91,6 +91,40 @@ void micro_bf16_avx512(const uint16_t* a, int64_t lda, int mr, const uint16_t* t
 }
 #endif
 
+// ---- Tiles ---------------------------------------------------------------------------------------------
+#if GLM4_X86
+// tile[u][j] = rows[j][u] for j < nr (0 beyond), u < units; rows of `stride` units.
+GLM4_AVX2 void transpose32_avx2(const uint32_t* rows, int64_t stride, int64_t nr, int64_t units, uint32_t* tile) {
+  for (int64_t u0 = 0; u0 < units; u0 += 8) {
+    for (int64_t c0 = 0; c0 < kPanel; c0 += 8) {
+      if (u0 + 8 > units || c0 + 8 > nr) {
+        for (int64_t u = u0; u < std::min(units, u0 + 8); ++u)
+          for (int64_t j = c0; j < c0 + 8; ++j) tile[u * kPanel + j] = j < nr ? rows[j * stride + u] : 0;
+        continue;
+      }
+      __m256 r[8], t[8];
+      for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(reinterpret_cast<const float*>(rows + (c0 + i) * stride + u0));
+      for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+      }
+      for (int i = 0; i < 8; i += 4) {
+        r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+        r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+      }
+      for (int i = 0; i < 4; ++i) {
+        float* lo = reinterpret_cast<float*>(tile + (u0 + i) * kPanel + c0);
+        float* hi = reinterpret_cast<float*>(tile + (u0 + i + 4) * kPanel + c0);
+        _mm256_storeu_ps(lo, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+        _mm256_storeu_ps(hi, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+      }
+    }
+  }
+}
+#endif
+
 // ---- GEMM driver -----------------------------------------------------------------------------------------
 constexpr int kGemmRows = 48;  // rows per micro-kernel call: a multiple of both kernels' register blocks
 

@@ -265,14 +265,30 @@ inline Acts prepare_acts(const float* x, int64_t M, int64_t K, int act, bool wan
   return a;
 }
 
-// The `chunk` bytes of row n from byte `at`: in place when the row holds them all, else copied into `buf`
-// and zero-filled (a zero weight or nibble meets a zero activation there: activations are padded with 0).
-inline const uint8_t* chunk_at(const Weights& w, int64_t n, int64_t at, int64_t chunk, uint8_t* buf) {
+// Row n's bytes in chunks of `chunk`: in place up to `full`, the last partial chunk from a zero-filled copy
+// made once per row (a zero weight or nibble meets a zero activation there: activations are padded with 0),
+// so that the dots' inner loops call nothing and read nothing past the row.
+struct RowChunks {
+  const uint8_t* row;
+  const uint8_t* last;
+  int64_t full;
+  const uint8_t* at(int64_t offset) const { return offset < full ? row + offset : last; }
+};
+
+inline RowChunks row_chunks(const Weights& w, int64_t n, int64_t chunk, uint8_t* buf) {
   const uint8_t* row = w.data + n * w.row_bytes;
-  if (at + chunk <= w.row_bytes) return row + at;
-  std::memset(buf, 0, chunk);
-  std::memcpy(buf, row + at, w.row_bytes - at);
-  return buf;
+  const int64_t full = w.row_bytes - w.row_bytes % chunk;
+  if (full < w.row_bytes) {
+    std::memset(buf, 0, chunk);
+    std::memcpy(buf, row + full, w.row_bytes - full);
+  }
+  return {row, buf, full};
+}
+
+// Pointers to activation rows m0..m0+MR of an Acts array (stride Kp).
+template <int MR, class T>
+inline void row_pointers(const std::vector<T>& data, const Acts& a, int64_t m0, const T* (&rows)[MR]) {
+  for (int i = 0; i < MR; ++i) rows[i] = data.data() + (m0 + i) * a.Kp;
 }
 
 #if GLM4_X86
@@ -327,27 +343,6 @@ constexpr int64_t kBlockK = 256;     // k per block for bf16/int8: a 32 KB float
 // kb rounded up to even), columns >= nr zero; colscale [kPanel].
 using DecodeF32 = void (*)(const Weights&, int64_t, int64_t, int64_t, int64_t, float*, float*);
 using DecodeBf16 = void (*)(const Weights&, int64_t, int64_t, int64_t, int64_t, uint16_t*, float*);
-
-// A generic decode, from a function giving one weight's unscaled value and one giving the block's scale.
-template <class Value, class Scale>
-inline void decode_tile_f32(const Weights& w, int64_t n0, int64_t nr, int64_t k0, int64_t kb, float* tile,
-                            float* colscale, Value value, Scale scale) {
-  std::memset(tile, 0, sizeof(float) * kb * kPanel);
-  for (int64_t j = 0; j < kPanel; ++j) colscale[j] = j < nr ? scale(w, n0 + j, k0) : 0.f;
-  for (int64_t j = 0; j < nr; ++j)
-    for (int64_t k = 0; k < kb; ++k) tile[k * kPanel + j] = value(w, n0 + j, k0 + k);
-}
-
-template <class Value, class Scale>
-inline void decode_tile_bf16(const Weights& w, int64_t n0, int64_t nr, int64_t k0, int64_t kb, uint16_t* tile,
-                             float* colscale, Value value, Scale scale) {
-  const int64_t kb2 = (kb + 1) / 2 * 2;
-  std::memset(tile, 0, sizeof(uint16_t) * kb2 * kPanel);
-  for (int64_t j = 0; j < kPanel; ++j) colscale[j] = j < nr ? scale(w, n0 + j, k0) : 0.f;
-  for (int64_t j = 0; j < nr; ++j)
-    for (int64_t k = 0; k < kb; ++k)
-      tile[(k / 2) * kPanel * 2 + j * 2 + k % 2] = float_to_bf16(value(w, n0 + j, k0 + k));
-}
 
 // Micro-kernels: C[MR rows, kPanel] (row stride ldc) += colscale * (A[MR, kb] . tile), A rows of stride lda.
 void micro_f32_scalar(const float* a, int64_t lda, int mr, const float* tile, int64_t kb, const float* colscale,
@@ -404,16 +399,26 @@ DotKernels scalar_dots() {
   return {{dot_scalar<F, 1>, dot_scalar<F, 2>, dot_scalar<F, 3>, dot_scalar<F, 4>}};
 }
 
+// The GEMM tiles decoded one weight at a time (F::value and F::scale inline here), k by k so that the
+// tile is written in order; columns past nr stay zero.
 template <class F>
 void decode_scalar_f32(const Weights& w, int64_t n0, int64_t nr, int64_t k0, int64_t kb, float* tile,
                        float* colscale) {
-  decode_tile_f32(w, n0, nr, k0, kb, tile, colscale, F::value, F::scale);
+  for (int64_t j = 0; j < kPanel; ++j) colscale[j] = j < nr ? F::scale(w, n0 + j, k0) : 0.f;
+  if (nr < kPanel) std::memset(tile, 0, sizeof(float) * kb * kPanel);
+  for (int64_t k = 0; k < kb; ++k)
+    for (int64_t j = 0; j < nr; ++j) tile[k * kPanel + j] = F::value(w, n0 + j, k0 + k);
 }
 
 template <class F>
 void decode_scalar_bf16(const Weights& w, int64_t n0, int64_t nr, int64_t k0, int64_t kb, uint16_t* tile,
                         float* colscale) {
-  decode_tile_bf16(w, n0, nr, k0, kb, tile, colscale, F::value, F::scale);
+  for (int64_t j = 0; j < kPanel; ++j) colscale[j] = j < nr ? F::scale(w, n0 + j, k0) : 0.f;
+  const int64_t kb2 = (kb + 1) / 2 * 2;
+  if (nr < kPanel || kb2 != kb) std::memset(tile, 0, sizeof(uint16_t) * kb2 * kPanel);
+  for (int64_t k = 0; k < kb; ++k)
+    for (int64_t j = 0; j < nr; ++j)
+      tile[(k / 2) * kPanel * 2 + j * 2 + k % 2] = float_to_bf16(F::value(w, n0 + j, k0 + k));
 }
 
 // ---- Choosing a path -------------------------------------------------------------------------------------
@@ -431,6 +436,49 @@ struct Plan {
 using Planner = Plan (*)(int isa, int act, bool use_gemm, int64_t group);
 
 // The GEMM plan any format gets from its scalar decode: bf16 tiles where vdpbf16ps exists, else float32.
+#if GLM4_X86
+// SIMD decodes: each of the panel's rows decoded along k (F::row_f32, natural order, vectorized), then
+// transposed 8 x 8 at a time into the tile. A bf16 tile's unit is a pair of bf16 (32 bits), so the same
+// transpose serves both; integer weights are exact in bf16 (at most 8 significant bits).
+void transpose32_avx2(const uint32_t* rows, int64_t stride, int64_t nr, int64_t units, uint32_t* tile);
+
+template <class F>
+GLM4_AVX2 void decode_avx2_f32(const Weights& w, int64_t n0, int64_t nr, int64_t k0, int64_t kb, float* tile,
+                               float* colscale) {
+  thread_local std::vector<float> rows;
+  rows.resize(kPanel * kb);
+  for (int64_t j = 0; j < kPanel; ++j) colscale[j] = j < nr ? F::scale(w, n0 + j, k0) : 0.f;
+  for (int64_t j = 0; j < nr; ++j) F::row_f32(w, n0 + j, k0, kb, rows.data() + j * kb);
+  transpose32_avx2(reinterpret_cast<const uint32_t*>(rows.data()), kb, nr, kb, reinterpret_cast<uint32_t*>(tile));
+}
+
+template <class F>
+GLM4_BF16 void decode_avx512_bf16(const Weights& w, int64_t n0, int64_t nr, int64_t k0, int64_t kb,
+                                  uint16_t* tile, float* colscale) {
+  const int64_t units = (kb + 1) / 2;
+  thread_local std::vector<float> row;
+  thread_local std::vector<uint16_t> rows;
+  row.resize(units * 2 + 16);
+  rows.resize(kPanel * units * 2);
+  for (int64_t j = 0; j < kPanel; ++j) colscale[j] = j < nr ? F::scale(w, n0 + j, k0) : 0.f;
+  for (int64_t j = 0; j < nr; ++j) {
+    uint16_t* out = rows.data() + j * units * 2;
+    if (F::kBf16Rows) {  // the stored row is already bf16
+      std::memcpy(out, w.data + (n0 + j) * w.row_bytes + 2 * k0, 2 * kb);
+      if (kb % 2) out[kb] = 0;
+      continue;
+    }
+    F::row_f32(w, n0 + j, k0, kb, row.data());
+    std::fill(row.begin() + kb, row.end(), 0.f);
+    for (int64_t k = 0; k < units * 2; k += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k),
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(row.data() + k)));
+  }
+  transpose32_avx2(reinterpret_cast<const uint32_t*>(rows.data()), units, nr, units,
+                   reinterpret_cast<uint32_t*>(tile));
+}
+#endif
+
 template <class F>
 GemmPlan gemm_plan(int isa, int act, int64_t block) {
   GemmPlan g;
@@ -439,6 +487,10 @@ GemmPlan gemm_plan(int isa, int act, int64_t block) {
   g.block = block;
   g.decode_f32 = decode_scalar_f32<F>;
   g.decode_bf16 = decode_scalar_bf16<F>;
+#if GLM4_X86
+  if (isa >= kAvx2) g.decode_f32 = decode_avx2_f32<F>;
+  if (g.bf16_tile) g.decode_bf16 = decode_avx512_bf16<F>;
+#endif
   return g;
 }
 

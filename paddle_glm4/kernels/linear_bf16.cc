@@ -13,23 +13,38 @@ struct Bf16Format {
     return bf16_to_float(bits);
   }
   static float scale(const Weights&, int64_t, int64_t) { return 1.f; }
+  static constexpr bool kBf16Rows = true;
+#if GLM4_X86
+  GLM4_AVX2 static void row_f32(const Weights& w, int64_t n, int64_t k0, int64_t kb, float* out) {
+    const uint16_t* row = reinterpret_cast<const uint16_t*>(w.data + n * w.row_bytes) + k0;
+    int64_t k = 0;
+    for (; k + 8 <= kb; k += 8) {
+      const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k)));
+      _mm256_storeu_ps(out + k, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)));
+    }
+    for (; k < kb; ++k) out[k] = bf16_to_float(row[k]);
+  }
+#endif
 };
 
 #if GLM4_X86
 // 16 weights per step (two vectors of 8), widened: a bf16 is the high half of a float32.
 template <int MR>
 GLM4_AVX2 void dot_f32_avx2(const Weights& w, int64_t n, const Acts& a, int64_t m0, float* out) {
+  const float* xs[MR];
+  row_pointers(a.f, a, m0, xs);
   __m256 acc[MR][2];
   for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
   alignas(32) uint8_t buf[32];
+  const RowChunks rc = row_chunks(w, n, 32, buf);
   for (int64_t at = 0; at < w.row_bytes; at += 32) {
-    const uint8_t* p = chunk_at(w, n, at, 32, buf);
+    const uint8_t* p = rc.at(at);
     const __m256i lo = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     const __m256i hi = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)));
     const __m256 w0 = _mm256_castsi256_ps(_mm256_slli_epi32(lo, 16));
     const __m256 w1 = _mm256_castsi256_ps(_mm256_slli_epi32(hi, 16));
     for (int i = 0; i < MR; ++i) {
-      const float* x = a.f.data() + (m0 + i) * a.Kp + at / 2;
+      const float* x = xs[i] + at / 2;
       acc[i][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x), w0, acc[i][0]);
       acc[i][1] = _mm256_fmadd_ps(_mm256_loadu_ps(x + 8), w1, acc[i][1]);
     }
@@ -40,13 +55,16 @@ GLM4_AVX2 void dot_f32_avx2(const Weights& w, int64_t n, const Acts& a, int64_t 
 // 32 weights per step: vdpbf16ps multiplies pairs of bf16 and adds both products to a float32 lane.
 template <int MR>
 GLM4_BF16 void dot_bf16_avx512(const Weights& w, int64_t n, const Acts& a, int64_t m0, float* out) {
+  const uint16_t* xs[MR];
+  row_pointers(a.b, a, m0, xs);
   __m512 acc[MR];
   for (int i = 0; i < MR; ++i) acc[i] = _mm512_setzero_ps();
   alignas(64) uint8_t buf[64];
+  const RowChunks rc = row_chunks(w, n, 64, buf);
   for (int64_t at = 0; at < w.row_bytes; at += 64) {
-    const __m512bh wv = (__m512bh)_mm512_loadu_si512(chunk_at(w, n, at, 64, buf));
+    const __m512bh wv = (__m512bh)_mm512_loadu_si512(rc.at(at));
     for (int i = 0; i < MR; ++i) {
-      const __m512bh xv = (__m512bh)_mm512_loadu_si512(a.b.data() + (m0 + i) * a.Kp + at / 2);
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(xs[i] + at / 2);
       acc[i] = _mm512_dpbf16_ps(acc[i], xv, wv);
     }
   }

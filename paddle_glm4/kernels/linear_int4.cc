@@ -16,21 +16,44 @@ struct Int4Format {
     return static_cast<float>(((k & 1) ? byte >> 4 : byte & 0x0F) - 8);
   }
   static float scale(const Weights& w, int64_t n, int64_t k) { return w.scales[n * w.groups + k / w.group]; }
+  static constexpr bool kBf16Rows = false;
+#if GLM4_X86
+  // k0 is even (groups are): 16 bytes give 32 weights, low and high nibbles interleaved back into order
+  GLM4_AVX2 static void row_f32(const Weights& w, int64_t n, int64_t k0, int64_t kb, float* out) {
+    const uint8_t* row = w.data + n * w.row_bytes + k0 / 2;
+    const __m128i low = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
+    int64_t k = 0;
+    for (; k + 32 <= kb; k += 32) {
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2));
+      const __m128i lo = _mm_and_si128(b, low), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low);
+      const __m128i first = _mm_sub_epi8(_mm_unpacklo_epi8(lo, hi), eight);
+      const __m128i second = _mm_sub_epi8(_mm_unpackhi_epi8(lo, hi), eight);
+      _mm256_storeu_ps(out + k, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(first)));
+      _mm256_storeu_ps(out + k + 8, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(first, 8))));
+      _mm256_storeu_ps(out + k + 16, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(second)));
+      _mm256_storeu_ps(out + k + 24, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(second, 8))));
+    }
+    for (; k < kb; ++k) out[k] = value(w, n, k0 + k);
+  }
+#endif
 };
 
 #if GLM4_X86
 // 64 weights (32 bytes) per step: nibbles - 8 as signed bytes, widened to eight vectors of 8 floats.
 template <int MR>
 GLM4_AVX2 void dot_f32_avx2(const Weights& w, int64_t n, const Acts& a, int64_t m0, float* out) {
+  const float* xs[MR];
+  row_pointers(a.f, a, m0, xs);
   float total[MR] = {};
   const __m256i low = _mm256_set1_epi8(0x0F), eight = _mm256_set1_epi8(8);
   alignas(32) uint8_t buf[32];
+  const RowChunks rc = row_chunks(w, n, 32, buf);
   for (int64_t g = 0; g < w.groups; ++g) {
     __m256 acc[MR][2];
     for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
     const int64_t end = std::min((g + 1) * w.group / 2, w.row_bytes);
     for (int64_t at = g * w.group / 2; at < end; at += 32) {
-      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk_at(w, n, at, 32, buf)));
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rc.at(at)));
       for (int half = 0; half < 2; ++half) {  // low nibbles: the even elements; high: the odd ones
         const __m256i nib = half ? _mm256_and_si256(_mm256_srli_epi16(b, 4), low) : _mm256_and_si256(b, low);
         const __m256i q = _mm256_sub_epi8(nib, eight);
@@ -40,7 +63,7 @@ GLM4_AVX2 void dot_f32_avx2(const Weights& w, int64_t n, const Acts& a, int64_t 
                               _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q1)),
                               _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q1, 8)))};
         for (int i = 0; i < MR; ++i) {
-          const float* x = a.f.data() + (m0 + i) * a.Kp + at * 2 + half * 32;
+          const float* x = xs[i] + at * 2 + half * 32;
           for (int j = 0; j < 4; ++j) acc[i][j & 1] = _mm256_fmadd_ps(_mm256_loadu_ps(x + 8 * j), wv[j], acc[i][j & 1]);
         }
       }
@@ -52,58 +75,75 @@ GLM4_AVX2 void dot_f32_avx2(const Weights& w, int64_t n, const Acts& a, int64_t 
 }
 
 // With int8 activations x: sum (nibble - 8) x = nibble . x - 8 sum(x), the group sums of x precomputed.
-// Nibbles are unsigned bytes <= 15, so vpmaddubsw's 16-bit pair sums cannot saturate.
+// Nibbles are unsigned bytes <= 15, so vpmaddubsw's 16-bit pair sums cannot saturate. Each group's integer
+// dot, less 8 sum(x) in one lane (exact, in integers), joins a float vector total, scaled: one reduction per
+// row at the end instead of one per group.
 template <int MR>
 GLM4_AVX2 void dot_i8_avx2(const Weights& w, int64_t n, const Acts& a, int64_t m0, float* out) {
-  float total[MR] = {};
+  const int8_t* xs[MR];
+  row_pointers(a.q, a, m0, xs);
+  __m256 total[MR];
+  for (int i = 0; i < MR; ++i) total[i] = _mm256_setzero_ps();
   const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const float* scales = w.scales + n * w.groups;
   alignas(32) uint8_t buf[32];
+  const RowChunks rc = row_chunks(w, n, 32, buf);
   for (int64_t g = 0; g < w.groups; ++g) {
     __m256i acc[MR];
     for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_si256();
     const int64_t end = std::min((g + 1) * w.group / 2, w.row_bytes);
     for (int64_t at = g * w.group / 2; at < end; at += 32) {
-      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk_at(w, n, at, 32, buf)));
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rc.at(at)));
       const __m256i lo = _mm256_and_si256(b, low), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
       for (int i = 0; i < MR; ++i) {
-        const int8_t* x = a.q.data() + (m0 + i) * a.Kp + at * 2;
+        const int8_t* x = xs[i] + at * 2;
         const __m256i even = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
         const __m256i odd = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32));
         const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, even), _mm256_maddubs_epi16(hi, odd));
         acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(pairs, ones));
       }
     }
-    const float s = w.scales[n * w.groups + g];
-    for (int i = 0; i < MR; ++i)
-      total[i] += static_cast<float>(hsum_epi32_avx2(acc[i]) - 8 * a.gsum[(m0 + i) * w.groups + g]) * s;
+    const __m256 s = _mm256_set1_ps(scales[g]);
+    for (int i = 0; i < MR; ++i) {
+      const __m256i offset = _mm256_zextsi128_si256(_mm_cvtsi32_si128(8 * a.gsum[(m0 + i) * w.groups + g]));
+      total[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc[i], offset)), s, total[i]);
+    }
   }
-  for (int i = 0; i < MR; ++i) out[i] = total[i] * a.scale[m0 + i];
+  for (int i = 0; i < MR; ++i) out[i] = hsum_avx2(total[i]) * a.scale[m0 + i];
 }
 
-// The same with vpdpbusd on 128 weights (64 bytes) per step.
+// The same with vpdpbusd on 128 weights (64 bytes) per step, low and high nibbles in separate chains.
 template <int MR>
 GLM4_VNNI void dot_i8_vnni(const Weights& w, int64_t n, const Acts& a, int64_t m0, float* out) {
-  float total[MR] = {};
+  const int8_t* xs[MR];
+  row_pointers(a.q, a, m0, xs);
+  __m512 total[MR];
+  for (int i = 0; i < MR; ++i) total[i] = _mm512_setzero_ps();
   const __m512i low = _mm512_set1_epi8(0x0F);
+  const float* scales = w.scales + n * w.groups;
   alignas(64) uint8_t buf[64];
+  const RowChunks rc = row_chunks(w, n, 64, buf);
   for (int64_t g = 0; g < w.groups; ++g) {
-    __m512i acc[MR];
-    for (int i = 0; i < MR; ++i) acc[i] = _mm512_setzero_si512();
+    __m512i even[MR], odd[MR];
+    for (int i = 0; i < MR; ++i) even[i] = odd[i] = _mm512_setzero_si512();
     const int64_t end = std::min((g + 1) * w.group / 2, w.row_bytes);
     for (int64_t at = g * w.group / 2; at < end; at += 64) {
-      const __m512i b = _mm512_loadu_si512(chunk_at(w, n, at, 64, buf));
+      const __m512i b = _mm512_loadu_si512(rc.at(at));
       const __m512i lo = _mm512_and_si512(b, low), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), low);
       for (int i = 0; i < MR; ++i) {
-        const int8_t* x = a.q.data() + (m0 + i) * a.Kp + at * 2;
-        acc[i] = _mm512_dpbusd_epi32(acc[i], lo, _mm512_loadu_si512(x));
-        acc[i] = _mm512_dpbusd_epi32(acc[i], hi, _mm512_loadu_si512(x + 64));
+        const int8_t* x = xs[i] + at * 2;
+        even[i] = _mm512_dpbusd_epi32(even[i], lo, _mm512_loadu_si512(x));
+        odd[i] = _mm512_dpbusd_epi32(odd[i], hi, _mm512_loadu_si512(x + 64));
       }
     }
-    const float s = w.scales[n * w.groups + g];
-    for (int i = 0; i < MR; ++i)
-      total[i] += static_cast<float>(_mm512_reduce_add_epi32(acc[i]) - 8 * a.gsum[(m0 + i) * w.groups + g]) * s;
+    const __m512 s = _mm512_set1_ps(scales[g]);
+    for (int i = 0; i < MR; ++i) {
+      const __m512i offset = _mm512_zextsi128_si512(_mm_cvtsi32_si128(8 * a.gsum[(m0 + i) * w.groups + g]));
+      const __m512i sum = _mm512_sub_epi32(_mm512_add_epi32(even[i], odd[i]), offset);
+      total[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), s, total[i]);
+    }
   }
-  for (int i = 0; i < MR; ++i) out[i] = total[i] * a.scale[m0 + i];
+  for (int i = 0; i < MR; ++i) out[i] = _mm512_reduce_add_ps(total[i]) * a.scale[m0 + i];
 }
 #endif
 

@@ -12,20 +12,35 @@ struct Int8Format {
     return static_cast<float>(static_cast<int8_t>(w.data[n * w.row_bytes + k]));
   }
   static float scale(const Weights& w, int64_t n, int64_t) { return w.scales[n]; }
+  static constexpr bool kBf16Rows = false;
+#if GLM4_X86
+  GLM4_AVX2 static void row_f32(const Weights& w, int64_t n, int64_t k0, int64_t kb, float* out) {
+    const int8_t* row = reinterpret_cast<const int8_t*>(w.data + n * w.row_bytes) + k0;
+    int64_t k = 0;
+    for (; k + 8 <= kb; k += 8) {
+      const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k));
+      _mm256_storeu_ps(out + k, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)));
+    }
+    for (; k < kb; ++k) out[k] = static_cast<float>(row[k]);
+  }
+#endif
 };
 
 #if GLM4_X86
 template <int MR>
 GLM4_AVX2 void dot_f32_avx2(const Weights& w, int64_t n, const Acts& a, int64_t m0, float* out) {
+  const float* xs[MR];
+  row_pointers(a.f, a, m0, xs);
   __m256 acc[MR][2];
   for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
   alignas(16) uint8_t buf[16];
+  const RowChunks rc = row_chunks(w, n, 16, buf);
   for (int64_t at = 0; at < w.row_bytes; at += 16) {
-    const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(chunk_at(w, n, at, 16, buf)));
+    const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rc.at(at)));
     const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
     const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8)));
     for (int i = 0; i < MR; ++i) {
-      const float* x = a.f.data() + (m0 + i) * a.Kp + at;
+      const float* x = xs[i] + at;
       acc[i][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x), w0, acc[i][0]);
       acc[i][1] = _mm256_fmadd_ps(_mm256_loadu_ps(x + 8), w1, acc[i][1]);
     }
@@ -37,15 +52,18 @@ GLM4_AVX2 void dot_f32_avx2(const Weights& w, int64_t n, const Acts& a, int64_t 
 // pairwise 16-bit sums cannot saturate.
 template <int MR>
 GLM4_AVX2 void dot_i8_avx2(const Weights& w, int64_t n, const Acts& a, int64_t m0, float* out) {
+  const int8_t* xs[MR];
+  row_pointers(a.q, a, m0, xs);
   __m256i acc[MR];
   for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_si256();
   const __m256i ones = _mm256_set1_epi16(1);
   alignas(32) uint8_t buf[32];
+  const RowChunks rc = row_chunks(w, n, 32, buf);
   for (int64_t at = 0; at < w.row_bytes; at += 32) {
-    const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk_at(w, n, at, 32, buf)));
+    const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rc.at(at)));
     const __m256i aq = _mm256_abs_epi8(q);
     for (int i = 0; i < MR; ++i) {
-      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + (m0 + i) * a.Kp + at));
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xs[i] + at));
       const __m256i pairs = _mm256_maddubs_epi16(aq, _mm256_sign_epi8(x, q));
       acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(pairs, ones));
     }
@@ -58,16 +76,19 @@ GLM4_AVX2 void dot_i8_avx2(const Weights& w, int64_t n, const Acts& a, int64_t m
 // vpdpbusd per 64 weights, shared by every row.
 template <int MR>
 GLM4_VNNI void dot_i8_vnni(const Weights& w, int64_t n, const Acts& a, int64_t m0, float* out) {
+  const int8_t* xs[MR];
+  row_pointers(a.q, a, m0, xs);
   __m512i acc[MR];
   for (int i = 0; i < MR; ++i) acc[i] = _mm512_setzero_si512();
   __m512i qsum = _mm512_setzero_si512();
   const __m512i ones = _mm512_set1_epi8(1), bias = _mm512_set1_epi8(static_cast<char>(0x80));
   alignas(64) uint8_t buf[64];
+  const RowChunks rc = row_chunks(w, n, 64, buf);
   for (int64_t at = 0; at < w.row_bytes; at += 64) {
-    const __m512i q = _mm512_loadu_si512(chunk_at(w, n, at, 64, buf));
+    const __m512i q = _mm512_loadu_si512(rc.at(at));
     qsum = _mm512_dpbusd_epi32(qsum, ones, q);
     for (int i = 0; i < MR; ++i) {
-      const __m512i x = _mm512_loadu_si512(a.q.data() + (m0 + i) * a.Kp + at);
+      const __m512i x = _mm512_loadu_si512(xs[i] + at);
       acc[i] = _mm512_dpbusd_epi32(acc[i], _mm512_xor_si512(x, bias), q);
     }
   }
