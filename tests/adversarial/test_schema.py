@@ -11,6 +11,7 @@ in the sandbox changed (the source byte-identical, no output).
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 from pathlib import Path
@@ -340,3 +341,17 @@ def test_any_value_in_tokenizer_config_is_a_tokenizer_or_a_tokenizer_error(vocab
         GLM4Tokenizer(ranks, replaced(tokenizer.config, key, value), source="tokenizer_config.json")
     except TokenizerError as err:
         assert str(err).startswith("tokenizer_config.json: "), err
+
+
+def test_every_json_the_package_reads_goes_through_validation():
+    """The rule as code: outside validation.py, nothing in the package or the converters calls json.load(s),
+    so no file or request reaches a parser without the limits (benchmarks read only their own output)."""
+    root = Path(__file__).resolve().parents[2]
+    calls = []
+    for path in [*(root / "paddle_glm4").rglob("*.py"), *(root / "converters").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (isinstance(node, ast.Attribute) and node.attr in ("load", "loads")
+                    and isinstance(node.value, ast.Name) and node.value.id == "json"):
+                calls.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert [call for call in calls if not call.startswith("paddle_glm4/validation.py:")] == []
+    assert calls, "validation.py itself parses with json.loads"
