@@ -3,7 +3,8 @@
 For each shape, format, activation dtype, path and row count: the time of one y = x @ W^T, as GB/s of
 stored weight bytes read (what bounds decoding) and GFLOP/s (what bounds prefill), beside the machine's
 read bandwidth (benchmarks.machine, torch) and Paddle's float32 matmul of the same shape in the same run.
-Weights are random bytes in the stored formats (speed does not depend on their values).
+Weights are random bytes in the stored formats (speed does not depend on their values); each call takes the
+next of enough copies to fill 4x the last-level cache, so that weights stream from memory as a model's do.
 
     python -m benchmarks.kernels [--quick] [--shapes qkv,o,...] [--formats bf16,int8,int4] [--rows 1,16,512]
                                  [--paths auto,avx2,...] [--acts auto,float32,...] [--threads N] [--json FILE]
@@ -19,6 +20,7 @@ import time
 
 import numpy as np
 
+CACHE_BYTES = 128 << 20  # at least 4x the L3 of the CPUs this runs on (32 MB here)
 SHAPES = {"qkv": (4096, 4608), "o": (4096, 4096), "gate_up": (4096, 27392), "down": (13696, 4096),
           "lm_head": (4096, 151552)}
 
@@ -92,13 +94,19 @@ def main(argv=None) -> int:
             x = paddle.to_tensor(rng.standard_normal((rows, k), dtype=np.float32))
             peer = timed(lambda: paddle.matmul(x, w32))
             for fmt in args.formats.split(","):
-                weight, scales, nbytes = stored_weights(fmt, k, n, args.group, rng)
+                copies = [stored_weights(fmt, k, n, args.group, rng)]
+                nbytes = copies[0][2]
+                copies += [stored_weights(fmt, k, n, args.group, rng) for _ in range(-(-CACHE_BYTES // nbytes) - 1)]
+                turn = iter(range(1 << 62))
                 for act in args.acts.split(","):
                     if act == "int8" and fmt == "bf16":
                         continue
                     for path in args.paths.split(","):
-                        took = timed(lambda: kernels.linear(x, weight, scales, fmt=fmt, group_size=args.group,
-                                                            activation_dtype=act, isa=path, threads=threads))
+                        def call():
+                            weight, scales, _ = copies[next(turn) % len(copies)]
+                            kernels.linear(x, weight, scales, fmt=fmt, group_size=args.group, activation_dtype=act,
+                                           isa=path, threads=threads)
+                        took = timed(call)
                         row = {"shape": shape, "k": k, "n": n, "rows": rows, "format": fmt, "act": act,
                                "path": kernels.isa(path), "ms": took * 1e3, "gbps": nbytes / took / 1e9,
                                "bandwidth_fraction": nbytes / took / 1e9 / bandwidth,
@@ -108,7 +116,7 @@ def main(argv=None) -> int:
                         print(f"{shape:8} {rows:4} {fmt:6} {act:8} {row['path']:10} {row['ms']:8.2f} "
                               f"{row['gbps']:6.1f} {100 * row['bandwidth_fraction']:4.0f}% {row['gflops']:8.1f} "
                               f"{row['paddle_fp32_gflops']:19.1f}", flush=True)
-                del weight, scales
+                del copies
         del w32
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

@@ -494,11 +494,14 @@ GemmPlan gemm_plan(int isa, int act, int64_t block) {
   return g;
 }
 
-// activation_dtype "auto", by measurement (benchmarks/NOTES.md): bfloat16 where vdpbf16ps exists (twice
-// the float32 rate, and the precision bf16 weights already have); int8 for few rows of integer weights
-// (VNNI / maddubs dots read the packed weights with the fewest instructions); else float32.
-inline int auto_act(int isa, bool int_weights, bool use_gemm) {
-  if (int_weights && !use_gemm && isa >= kAvx2) return kI8;
+// activation_dtype "auto", by measurement (benchmarks/NOTES.md): int8 for up to kInt8AutoRows rows of
+// integer weights on AVX2 and better (their integer dots read the packed weights with the fewest
+// instructions; up to 16 rows they beat decoding tiles for the GEMM), else bfloat16 where vdpbf16ps exists
+// (twice the float32 rate), else float32.
+constexpr int64_t kInt8AutoRows = 16;
+
+inline int auto_act(int isa, bool int_weights, int64_t rows) {
+  if (int_weights && rows <= kInt8AutoRows && isa >= kAvx2) return kI8;
   return isa >= kAvx512Bf16 ? kBf16 : kF32;
 }
 
