@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from paddle_glm4.config import GLM4Config
+from paddle_glm4.quantization import checkpoint_slots
 from paddle_glm4.safetensors_file import cast, to_float32
 
 from .transpose import transpose_into
@@ -150,22 +151,45 @@ def paddle_rows(spec: TensorSpec, parts: list[np.ndarray], start: int, stop: int
                 out: np.ndarray | None = None) -> np.ndarray:
     """Rows [start, stop) of the Paddle-layout tensor made from the torch-layout `parts`, written into
     `out` (a new array when None) and returned."""
-    if out is None:
-        width = (sum(len(part) for part in parts),) if spec.linear else parts[0].shape[1:]
-        out = np.empty((stop - start, *width), parts[0].dtype)
     if not spec.linear:
-        offset = 0
-        for part in parts:  # rows of the concatenation of the parts
-            lo, hi = max(start - offset, 0), min(stop - offset, len(part))
-            if lo < hi:
-                out[offset + lo - start:offset + hi - start] = part[lo:hi]
-            offset += len(part)
-        return out
+        return concatenated_rows(parts, start, stop, out)
+    if out is None:
+        out = np.empty((stop - start, sum(len(part) for part in parts)), parts[0].dtype)
     column = 0
     for part in parts:  # a row of the Paddle weight is a column of the torch weight(s)
         transpose_into(out[:, column:column + len(part)], part[:, start:stop])
         column += len(part)
     return out
+
+
+def concatenated_rows(parts: list[np.ndarray], start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Rows [start, stop) of the concatenation of `parts` along their first axis, written into `out` (a new
+    array when None): a tensor's rows in the Paddle layout, or a torch Linear weight's output rows."""
+    if out is None:
+        out = np.empty((stop - start, *parts[0].shape[1:]), parts[0].dtype)
+    offset = 0
+    for part in parts:
+        lo, hi = max(start - offset, 0), min(stop - offset, len(part))
+        if lo < hi:
+            out[offset + lo - start:offset + hi - start] = part[lo:hi]
+        offset += len(part)
+    return out
+
+
+def checkpoint_tensors(config: GLM4Config) -> dict[str, tuple[tuple[int, ...], str | None]]:
+    """Every tensor of a Paddle checkpoint of `config`, by name, in module order: as `paddle_shapes`, but
+    when `config.quantization` is set each Linear weight `<layer>.weight` is stored as its quantized
+    tensors `<layer>.qweight` and `<layer>.scales` (see paddle_glm4.quantization). Values: (shape, dtype),
+    the dtype only where it is fixed (the quantized tensors), else None (any float dtype)."""
+    tensors = {}
+    for spec in module_order(tensor_specs(config)):
+        if spec.linear and config.quantization is not None:
+            prefix = spec.paddle[:-len("weight")]
+            for slot in checkpoint_slots(config.dtype, config.quantization, *spec.shape):
+                tensors[prefix + slot.name] = (slot.shape, slot.dtype)
+        else:
+            tensors[spec.paddle] = (spec.shape, None)
+    return tensors
 
 
 def torch_rows(spec: TensorSpec, array: np.ndarray, layout: str, part: int, start: int, stop: int,

@@ -31,11 +31,11 @@ import numpy as np
 
 from paddle_glm4 import __version__
 from paddle_glm4.checkpoint import INDEX_FILE, index_json, inspect, parse_size, plan_shards
-from paddle_glm4.config import CONFIG_NAME, STORAGE_DTYPES, GLM4Config
+from paddle_glm4.config import CONFIG_NAME, STORAGE_DTYPES, GLM4Config, Quantization
 from paddle_glm4.safetensors_file import CODE_OF, MAX_HEADER_BYTES, SafetensorsReader, numpy_dtype
 from paddle_glm4.validation import MAX_JSON_BYTES, Int, List, Object, Optional, Str, parse_json, read_json
 
-from . import cli, mapping
+from . import cli, mapping, quantized
 from .pipeline import (
     MANIFEST,
     ConversionError,
@@ -63,12 +63,13 @@ NUMPY_DTYPES = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"
 
 
 def published_tensors(config: GLM4Config, sources: Mapping[str, SourceTensor], dtype: str,
-                      inv_freq: np.ndarray | None = None) -> list[OutputTensor]:
+                      inv_freq: np.ndarray | None = None, quantization: Quantization | None = None) -> list[OutputTensor]:
     """The published checkpoint's tensors in module order, made from Paddle-layout `sources` (by Paddle
-    name). `inv_freq` (bits in `dtype`) defaults to THUDM's own computation."""
+    name; with `quantization`, the Linear weights are dequantized from their quantized tensors). `inv_freq`
+    (bits in `dtype`) defaults to THUDM's own computation."""
     if inv_freq is None:
         inv_freq = mapping.published_inv_freq(config, dtype)
-    tensors = {spec.published: _published_tensor(spec, sources[spec.paddle], dtype)
+    tensors = {spec.published: _published_tensor(spec, sources, dtype, quantization)
                for spec in mapping.tensor_specs(config)}
     tensors[mapping.PUBLISHED_INV_FREQ] = OutputTensor(
         mapping.PUBLISHED_INV_FREQ, dtype, inv_freq.shape,
@@ -77,9 +78,14 @@ def published_tensors(config: GLM4Config, sources: Mapping[str, SourceTensor], d
     return [tensors[name] for name in mapping.published_order(config)]
 
 
-def _published_tensor(spec: mapping.TensorSpec, source: SourceTensor, dtype: str) -> OutputTensor:
+def _published_tensor(spec: mapping.TensorSpec, sources: Mapping[str, SourceTensor], dtype: str,
+                      quantization: Quantization | None) -> OutputTensor:
+    if spec.linear and quantization is not None:
+        prefix = spec.paddle[:-len("weight")]
+        return quantized.dequantized_tensor(spec.published, spec, sources[prefix + "qweight"],
+                                            sources[prefix + "scales"], quantization, dtype)
     return OutputTensor(
-        spec.published, dtype, spec.source_shapes("published")[0], (source,),
+        spec.published, dtype, spec.source_shapes("published")[0], (sources[spec.paddle],),
         forth=lambda parts, start, stop, out: mapping.torch_rows(spec, parts[0], "published", 0, start, stop, out))
 
 
@@ -143,18 +149,19 @@ def _recorded_layout(src: str) -> tuple[dict | None, str]:
 
 
 def _plan(config: GLM4Config, sources: Mapping[str, SourceTensor], dtype: str, shard_size: int | None,
-          record: dict | None, why_not: str) -> tuple[list[OutputTensor], list[OutputFile], dict, str]:
+          record: dict | None, why_not: str,
+          quantization: Quantization | None) -> tuple[list[OutputTensor], list[OutputFile], dict, str]:
     """The recorded layout if asked for (no shard size) and it fits, else the canonical one; and a note
     saying which, for the summary."""
     if shard_size is None and record is not None:
         try:
             recorded = record["inv_freq"]
             inv_freq = None if recorded is None else np.frombuffer(bytes.fromhex(recorded), numpy_dtype(dtype))
-            tensors = published_tensors(config, sources, dtype, inv_freq)
+            tensors = published_tensors(config, sources, dtype, inv_freq, quantization)
             return tensors, *recorded_plan(record, config, tensors), "reproduced the source's recorded file layout"
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             why_not = f"the recorded layout does not fit: {err}"
-    tensors = published_tensors(config, sources, dtype)
+    tensors = published_tensors(config, sources, dtype, quantization=quantization)
     reason = "--max-shard-size given" if shard_size else why_not
     size = shard_size or parse_size(PUBLISHED_SHARD_SIZE)
     return tensors, *canonical_plan(config, tensors, size), f"canonical transformers layout ({reason})"
@@ -175,22 +182,28 @@ def export(src: str, dst: str, dtype: str | None = None, max_shard_size: int | s
     if not os.path.isdir(src):
         raise ConversionError(f"--src {src}: {'not a directory' if os.path.exists(src) else 'no such directory'}")
     config = GLM4Config.from_file(os.path.join(src, CONFIG_NAME))
-    locations = inspect(src, mapping.paddle_shapes(config))  # names, shapes and dtypes, naming the file
+    expected = mapping.checkpoint_tensors(config)
+    fixed = {name: dtype for name, (_, dtype) in expected.items() if dtype is not None}  # quantized tensors
+    # names, shapes and dtypes, naming the file
+    locations = inspect(src, {name: shape for name, (shape, _) in expected.items()}, fixed)
+    quantization = config.quantization
     with contextlib.ExitStack() as stack:
         readers = {path: stack.enter_context(SafetensorsReader(path))
                    for path in dict.fromkeys(loc.path for loc in locations.values())}
         sources = {name: SourceTensor.in_file(readers[loc.path], name) for name, loc in locations.items()}
-        src_dtype = source_dtype(loc.dtype for loc in locations.values())
+        src_dtype = source_dtype(loc.dtype for name, loc in locations.items() if name not in fixed)
         dtype = dtype or src_dtype
-        config = dataclasses.replace(config, dtype=dtype)
-        tensors, files, texts, layout_note = _plan(config, sources, dtype, shard_size, *_recorded_layout(src))
+        config = dataclasses.replace(config, dtype=dtype, quantization=None)  # torch gets the dequantized weights
+        tensors, files, texts, layout_note = _plan(config, sources, dtype, shard_size, *_recorded_layout(src),
+                                                   quantization)
         manifest: dict[str, Any] = {"tool": f"paddle_glm4 {__version__} converters.paddle_to_torch",
                     "source": {"layout": "paddle", "dtype": src_dtype, "tensors": len(sources)},
                     "output": {"layout": "published", "dtype": dtype, "tensors": len(tensors),
                                "bytes": sum(t.nbytes for t in tensors), "file_layout": layout_note}}
         if progress:
-            print(f"{src}: Paddle checkpoint, {len(sources)} tensors, {src_dtype}; writing the published layout "
-                  f"in {dtype} to {dst} ({layout_note})", file=sys.stderr)
+            quantized_note = "" if quantization is None else f", Linear weights {quantization} (dequantized)"
+            print(f"{src}: Paddle checkpoint, {len(sources)} tensors, {src_dtype}{quantized_note}; writing the "
+                  f"published layout in {dtype} to {dst} ({layout_note})", file=sys.stderr)
         written = build(dst, Plan(files, config, texts, copies_from(src), manifest), overwrite, verify, progress)
     return Summary("paddle -> torch", src, dst, "paddle", src_dtype, dtype, len(tensors),
                    manifest["output"]["bytes"], time.perf_counter() - started, written, verify, [layout_note])

@@ -85,13 +85,18 @@ class OutputTensor:
     dtype: str
     shape: tuple[int, ...]
     parts: tuple[SourceTensor, ...]
-    # (whole parts, start, stop, out): writes rows start:stop into `out` ([stop - start, *shape[1:]], in the
-    # parts' dtype)
+    # (whole parts, start, stop, out): writes rows start:stop into `out` ([stop - start, *shape[1:]], in
+    # `block_dtype`), which is then cast to `dtype`
     forth: Callable[[list[np.ndarray], int, int, np.ndarray], object]
+    block_dtype: str | None = None   # default: the parts' dtype (a transform that only moves values)
 
     @property
     def nbytes(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) * numpy_dtype(self.dtype).itemsize
+
+    @property
+    def computed_dtype(self) -> str:
+        return self.block_dtype or self.parts[0].dtype
 
 
 @dataclass
@@ -284,9 +289,9 @@ def _blocks(file: OutputFile, buffers: _Buffers):
     for tensor in file.tensors:
         parts = [part.load() for part in tensor.parts]
         for start, stop in row_blocks(tensor.shape, numpy_dtype(tensor.dtype).itemsize):
-            rows = buffers.next((stop - start, *tensor.shape[1:]), tensor.parts[0].dtype)
+            rows = buffers.next((stop - start, *tensor.shape[1:]), tensor.computed_dtype)
             tensor.forth(parts, start, stop, rows)
-            yield tensor, start, cast(rows, tensor.parts[0].dtype, tensor.dtype)
+            yield tensor, start, cast(rows, tensor.computed_dtype, tensor.dtype)
 
 
 class _Buffers:
@@ -307,9 +312,9 @@ class _Buffers:
 
 
 def _block_bytes(tensor: OutputTensor) -> int:
-    """The size of the biggest block of `tensor`, in its parts' dtype."""
+    """The size of the biggest block of `tensor`, in the dtype it is computed in."""
     rows = max(stop - start for start, stop in row_blocks(tensor.shape, numpy_dtype(tensor.dtype).itemsize))
-    return rows * int(np.prod(tensor.shape[1:], dtype=np.int64)) * numpy_dtype(tensor.parts[0].dtype).itemsize
+    return rows * int(np.prod(tensor.shape[1:], dtype=np.int64)) * numpy_dtype(tensor.computed_dtype).itemsize
 
 
 def _write_block(writer: SafetensorsWriter, name: str, block: np.ndarray):

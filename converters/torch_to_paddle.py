@@ -29,11 +29,12 @@ import numpy as np
 from paddle_glm4 import __version__
 from paddle_glm4.checkpoint import INDEX_FILE, SINGLE_FILE, index_json, parse_size, plan_shards, weight_map
 from paddle_glm4.cli_errors import UsageError
-from paddle_glm4.config import CONFIG_NAME, STORAGE_DTYPES, GLM4Config
+from paddle_glm4.config import (CONFIG_NAME, DEFAULT_GROUP_SIZE, QUANTIZATION_SCHEMES, STORAGE_DTYPES, ConfigError,
+                                GLM4Config, Quantization)
 from paddle_glm4.integrations.paddlenlp_home import cache_dir
 from paddle_glm4.safetensors_file import SafetensorsReader, to_float32
 
-from . import cli, mapping
+from . import cli, mapping, quantized
 from .pipeline import (
     ConversionError,
     OutputFile,
@@ -156,9 +157,11 @@ def _check_inv_freq(tensor: SourceTensor, config: GLM4Config, config_path: str):
                               f"(got {actual[:3].tolist()}..., expected {expected[:3].tolist()}...)")
 
 
-def plan_paddle_checkpoint(source: TorchCheckpoint, dtype: str, max_shard_size: int) -> Plan:
-    config = dataclasses.replace(source.config, dtype=dtype)
-    tensors = [_paddle_tensor(spec, source, dtype) for spec in mapping.module_order(mapping.tensor_specs(config))]
+def plan_paddle_checkpoint(source: TorchCheckpoint, dtype: str, max_shard_size: int,
+                           quantization: Quantization | None = None) -> Plan:
+    config = dataclasses.replace(source.config, dtype=dtype, quantization=quantization)
+    tensors = [tensor for spec in mapping.module_order(mapping.tensor_specs(config))
+               for tensor in _paddle_tensors(spec, source, dtype, quantization)]
     shards = plan_shards([(t.name, t.nbytes) for t in tensors], max_shard_size)
     by_name = {t.name: t for t in tensors}
     files = [OutputFile(name, [by_name[n] for n in names], {"format": "pd"}) for name, names in shards]
@@ -169,6 +172,8 @@ def plan_paddle_checkpoint(source: TorchCheckpoint, dtype: str, max_shard_size: 
         "output": {"layout": "paddle", "dtype": dtype, "tensors": len(tensors),
                    "bytes": sum(t.nbytes for t in tensors)},
     }
+    if quantization is not None:
+        manifest["output"]["quantization"] = dataclasses.asdict(quantization)
     if source.layout == "published":
         manifest["published_layout"] = source.layout_record()
     texts = {CONFIG_NAME: config.to_json_string(),
@@ -176,36 +181,56 @@ def plan_paddle_checkpoint(source: TorchCheckpoint, dtype: str, max_shard_size: 
     return Plan(files, config, texts, copies_from(source.directory), manifest)
 
 
-def _paddle_tensor(spec: mapping.TensorSpec, source: TorchCheckpoint, dtype: str) -> OutputTensor:
-    return OutputTensor(
-        spec.paddle, dtype, spec.shape, tuple(source.tensors[name] for name in spec.source_names(source.layout)),
-        forth=lambda parts, start, stop, out: mapping.paddle_rows(spec, parts, start, stop, out))
+def _paddle_tensors(spec: mapping.TensorSpec, source: TorchCheckpoint, dtype: str,
+                    quantization: Quantization | None) -> list[OutputTensor]:
+    """The Paddle tensor(s) of `spec`: one in `dtype`, or a Linear weight's quantized ones."""
+    parts = tuple(source.tensors[name] for name in spec.source_names(source.layout))
+    if spec.linear and quantization is not None:
+        return quantized.quantized_tensors(spec, parts, quantization)
+    return [OutputTensor(spec.paddle, dtype, spec.shape, parts,
+                         forth=lambda parts, start, stop, out: mapping.paddle_rows(spec, parts, start, stop, out))]
 
 
 def convert(src: str, dst: str, dtype: str | None = None, max_shard_size: int | str = "5GB",
-            overwrite: bool = False, verify: bool = True, progress: bool = True) -> Summary:
+            overwrite: bool = False, verify: bool = True, progress: bool = True, quantize: str | None = None,
+            group_size: int | None = None) -> Summary:
     """Convert the torch checkpoint in `src` into a new Paddle checkpoint directory `dst`.
 
-    `dtype` None keeps the source's. Raises ValueError (ConversionError, ConfigError, ...) for bad input
+    `dtype` None keeps the source's. `quantize` "int8" | "int4" stores the Linear weights quantized (int4:
+    one scale per `group_size` input rows, default 128; see paddle_glm4.quantization); the embedding, norms
+    and biases stay in `dtype`. Raises ValueError (ConversionError, ConfigError, ...) for bad input
     and OSError for I/O failures; either way `dst` is untouched (or, with `overwrite`, the old one kept).
     """
     started = time.perf_counter()
     if dtype is not None and dtype not in STORAGE_DTYPES:
         raise ConversionError(f"--dtype {dtype}: choose one of {', '.join(STORAGE_DTYPES)}")
     shard_bytes = parse_size(max_shard_size)
+    quantization = _quantization(quantize, group_size)
     check_destination(dst, overwrite, src)
     with contextlib.ExitStack() as stack:
         source = open_torch_checkpoint(src, stack)
         dtype = dtype or source.dtype
         if progress:
+            quantized = "" if quantization is None else f", Linear weights quantized to {quantization}"
             print(f"{src}: {LAYOUT_NAMES[source.layout]} layout, {len(source.tensors)} tensors in "
-                  f"{len(source.files)} files, {source.dtype}; writing {dtype} to {dst}", file=sys.stderr)
-        plan = plan_paddle_checkpoint(source, dtype, shard_bytes)
+                  f"{len(source.files)} files, {source.dtype}; writing {dtype}{quantized} to {dst}", file=sys.stderr)
+        plan = plan_paddle_checkpoint(source, dtype, shard_bytes, quantization)
         files = build(dst, plan, overwrite, verify, progress)
     return Summary("torch -> paddle", src, dst, LAYOUT_NAMES[source.layout], source.dtype, dtype,
                    tensors=plan.manifest["output"]["tensors"], bytes=plan.manifest["output"]["bytes"],
-                   seconds=time.perf_counter() - started,
-                   files=files, verified=verify)
+                   seconds=time.perf_counter() - started, files=files, verified=verify,
+                   notes=[] if quantization is None else [f"Linear weights quantized: {quantization}"])
+
+
+def _quantization(scheme: str | None, group_size: int | None) -> Quantization | None:
+    if scheme is None:
+        if group_size is not None:
+            raise ConversionError("--group-size applies to --quantize int4")
+        return None
+    try:
+        return Quantization.of(scheme, group_size)
+    except ConfigError as err:
+        raise ConversionError(f"--quantize {scheme}: {err}") from None
 
 
 # ---- command line -------------------------------------------------------------------------------------
@@ -225,6 +250,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "AutoModelForCausalLM.from_pretrained(NAME) and AutoTokenizer.from_pretrained(NAME) "
                              "load it. PaddleNLP need not be installed to convert.")
     cli.add_output_options(parser, max_shard_size="5GB")
+    parser.add_argument("--quantize", choices=QUANTIZATION_SCHEMES,
+                        help="store the Linear weights (attention, MLP and the lm_head) quantized, weight-only and "
+                             "symmetric: int8 with one scale per output channel, int4 with one per --group-size "
+                             "input rows. The embedding, norms and biases stay in --dtype. from_pretrained and "
+                             "glm4 generate/chat/serve load the result directly")
+    parser.add_argument("--group-size", type=int, metavar="G",
+                        help=f"int4: input rows per scale, an even number (default {DEFAULT_GROUP_SIZE}; the CPU "
+                             "kernels are tuned for 64 and 128)")
 
 
 def destination(args: argparse.Namespace) -> str:
@@ -237,7 +270,8 @@ def destination(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = convert(args.src, destination(args), args.dtype, args.max_shard_size, args.overwrite, args.verify)
+    summary = convert(args.src, destination(args), args.dtype, args.max_shard_size, args.overwrite, args.verify,
+                      quantize=args.quantize, group_size=args.group_size)
     if args.paddlenlp_name is not None:
         summary.notes.append(f"PaddleNLP: AutoModelForCausalLM.from_pretrained({args.paddlenlp_name!r}) loads it "
                              "once paddle_glm4 is imported")

@@ -112,8 +112,11 @@ class TensorLocation:
     nbytes: int
 
 
-def inspect(directory: str, expected_shapes: dict[str, tuple[int, ...]]) -> dict[str, TensorLocation]:
-    """Check every header of the checkpoint against the expected names and shapes; read no tensor data."""
+def inspect(directory: str, expected_shapes: dict[str, tuple[int, ...]],
+            expected_dtypes: dict[str, str] | None = None) -> dict[str, TensorLocation]:
+    """Check every header of the checkpoint against the expected names and shapes; read no tensor data.
+    A tensor named in `expected_dtypes` (a quantized weight) must have that dtype, any other a float one."""
+    expected_dtypes = expected_dtypes or {}
     locations: dict[str, TensorLocation] = {}
     by_file: dict[str, list[str]] = {}
     for name, path in weight_map(directory).items():
@@ -134,7 +137,10 @@ def inspect(directory: str, expected_shapes: dict[str, tuple[int, ...]]) -> dict
                 if reader.shape(name) != tuple(expected_shapes[name]):
                     raise CheckpointError(f"{path}: tensor {name!r} has shape {list(reader.shape(name))}, "
                                           f"the config expects {list(expected_shapes[name])}")
-                if reader.dtype(name) not in ("float32", "bfloat16", "float16"):
+                if name in expected_dtypes and reader.dtype(name) != expected_dtypes[name]:
+                    raise CheckpointError(f"{path}: tensor {name!r} has dtype {reader.dtype(name)}, "
+                                          f"expected {expected_dtypes[name]}")
+                if name not in expected_dtypes and reader.dtype(name) not in ("float32", "bfloat16", "float16"):
                     raise CheckpointError(f"{path}: tensor {name!r} has dtype {reader.dtype(name)}, "
                                           "expected float32, bfloat16 or float16")
                 locations[name] = TensorLocation(path, reader.dtype(name), reader.shape(name), reader.nbytes(name))
@@ -145,9 +151,10 @@ def inspect(directory: str, expected_shapes: dict[str, tuple[int, ...]]) -> dict
     return locations
 
 
-def read_tensors(locations: dict[str, TensorLocation], dtype: str,
+def read_tensors(locations: dict[str, TensorLocation], dtype: str | dict[str, str | None],
                  progress: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (name, numpy array in `dtype`) one tensor at a time, file by file (bf16 as uint16 bits).
+    `dtype` is one for all, or one per name (None: as stored).
 
     A tensor already stored in `dtype` comes memory-mapped (copy-on-write), not read: its pages are the
     page cache's, loaded when first touched (an embedding table's unused rows never are) and shared by
@@ -161,10 +168,11 @@ def read_tensors(locations: dict[str, TensorLocation], dtype: str,
             with SafetensorsReader(path) as reader:
                 for name in names:
                     stored = locations[name].dtype
-                    if stored == dtype:
+                    wanted = dtype.get(name) if isinstance(dtype, dict) else dtype
+                    if wanted is None or stored == wanted:
                         yield name, reader.view(name, private=True)
                     else:
-                        yield name, cast(reader.read(name), stored, dtype)
+                        yield name, cast(reader.read(name), stored, wanted)
                     bar.update(locations[name].nbytes)
 
 

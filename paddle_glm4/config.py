@@ -21,6 +21,9 @@ MODEL_TYPE = "glm4"
 # GLM-4 scales a fixed RoPE base by `rope_ratio` (500 for the 128K chat model).
 ROPE_BASE = 10000.0
 STORAGE_DTYPES = ("float32", "bfloat16", "float16")
+# Weight-only quantization of the Linear weights (see paddle_glm4/linear.py for the layouts).
+QUANTIZATION_SCHEMES = ("int8", "int4")
+DEFAULT_GROUP_SIZE = 128  # int4: one scale per 128 input rows; GLM-4's FFN width 13696 = 107 x 128
 
 
 class ConfigError(SchemaError):
@@ -64,6 +67,44 @@ HF_SCHEMA = Object({
     "pad_token_id": Optional(TOKEN_ID)})
 
 
+@dataclass(frozen=True)
+class Quantization:
+    """How a checkpoint's Linear weights are stored: `config.json`'s {"quantization": {"scheme", "group_size"}}.
+
+    int8: one float32 scale per output channel (group_size None); int4: one per `group_size` input rows.
+    """
+    scheme: str
+    group_size: int | None = None
+
+    def __post_init__(self):
+        if self.scheme not in QUANTIZATION_SCHEMES:
+            raise ConfigError(f"quantization scheme must be one of {QUANTIZATION_SCHEMES}, got {self.scheme!r}")
+        if self.scheme == "int8" and self.group_size is not None:
+            raise ConfigError(f"int8 quantization has one scale per output channel; group_size must be null, "
+                              f"got {self.group_size!r}")
+        if self.scheme == "int4" and not (isinstance(self.group_size, int) and not isinstance(self.group_size, bool)
+                                          and self.group_size >= 2 and self.group_size % 2 == 0):
+            raise ConfigError(f"int4 quantization needs an even group_size >= 2, got {self.group_size!r}")
+
+    @classmethod
+    def of(cls, scheme: str, group_size: int | None = None) -> "Quantization":
+        """`scheme` with its group size (int4: `group_size` or the default; int8: none)."""
+        if scheme == "int4":
+            return cls(scheme, DEFAULT_GROUP_SIZE if group_size is None else group_size)
+        if group_size is not None:
+            raise ConfigError(f"group_size applies to int4 only (int8 has one scale per output channel)")
+        return cls(scheme)
+
+    @classmethod
+    def from_dict(cls, data) -> "Quantization":
+        if not isinstance(data, dict) or set(data) - {"scheme", "group_size"} or "scheme" not in data:
+            raise ConfigError(f"quantization must be an object {{\"scheme\": ..., \"group_size\": ...}}, got {data!r}")
+        return cls(data["scheme"], data.get("group_size"))
+
+    def __str__(self) -> str:
+        return self.scheme if self.group_size is None else f"{self.scheme} (group size {self.group_size})"
+
+
 @dataclass
 class GLM4Config:
     vocab_size: int = 151552
@@ -84,6 +125,8 @@ class GLM4Config:
     eos_token_id: list[int] = field(default_factory=lambda: [151329, 151336, 151338])
     # dtype the weights are stored in; computation dtype is chosen at load time (see device.py).
     dtype: str = "bfloat16"
+    # Weight-only quantization of the Linear weights; None: they are stored in `dtype` like the rest.
+    quantization: Quantization | None = None
 
     def __post_init__(self):
         if isinstance(self.eos_token_id, int) and not isinstance(self.eos_token_id, bool):
@@ -101,6 +144,8 @@ class GLM4Config:
             raise ConfigError(
                 f"partial_rotary_factor {self.partial_rotary_factor} with head_dim {self.head_dim} gives "
                 f"{rotary} rotary dims; it must be an even integer in (0, head_dim]")
+        if self.quantization is not None and not isinstance(self.quantization, Quantization):
+            self.quantization = Quantization.from_dict(self.quantization)
         for token in [self.pad_token_id, *self.eos_token_id]:
             if not token < self.vocab_size:
                 raise ConfigError(f"special token id {token!r} is outside the vocabulary [0, {self.vocab_size})")

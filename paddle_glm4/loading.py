@@ -1,6 +1,13 @@
 """Checkpoints in and out of the network: `from_pretrained` and `save_pretrained` (GLM4ForCausalLM's methods
 of those names call these). The files themselves, and their checks, are checkpoint.py's; which tensors a model
-of a config has is the weight table's (converters/mapping.py), the same one the converter reads.
+of a config has is the weight table's (converters/mapping.py); the Linear weight formats and the conversions
+between them are quantization.py's.
+
+Loading, in order: choose the Linear weight format (quantization.choose_format), refuse up front what cannot
+fit in memory (memory.py), create the parameters empty, check every header, then fill the parameters a
+tensor at a time. A Linear whose checkpoint tensors are already in the held format takes them without a copy
+(memory-mapped); otherwise they are converted a block of rows at a time (bf16 transposed to the kernels'
+layout, or quantized), so peak memory is the model plus one block.
 """
 
 from __future__ import annotations
@@ -16,11 +23,12 @@ import paddle
 
 from converters import mapping
 
-from . import checkpoint
+from . import checkpoint, memory
 from .config import CONFIG_NAME, GLM4Config
-from .device import compute_dtype, on_gpu, use_all_cores
+from .device import on_gpu, use_all_cores
 from .generation import GENERATION_CONFIG_NAME, GenerationConfig
-from .safetensors_file import cast
+from .linear import Linear, load_weight
+from .quantization import Dense, Packed, WeightFormat, choose_format, convert, stored_format
 
 if TYPE_CHECKING:
     from .model import GLM4ForCausalLM
@@ -29,9 +37,11 @@ Model = TypeVar("Model", bound="GLM4ForCausalLM")
 
 
 def from_pretrained(cls: type[Model], path: str, dtype: str | None = None, fused: bool | None = None,
-                    storage_only: bool = False) -> Model:
+                    storage_only: bool = False, quantization: str | None = None, group_size: int | None = None,
+                    activation_dtype: str = "auto", max_seq_len: int | None = None,
+                    check_memory: bool = True) -> Model:
     """Load a converted checkpoint directory (safetensors only) as a `cls` (GLM4ForCausalLM or a subclass);
-    see GLM4ForCausalLM.from_pretrained. Parameters are created empty and filled one tensor at a time."""
+    see GLM4ForCausalLM.from_pretrained."""
     if not os.path.isdir(path):
         raise checkpoint.CheckpointError(f"{path}: not a directory")
     if not os.path.exists(os.path.join(path, CONFIG_NAME)):
@@ -40,37 +50,113 @@ def from_pretrained(cls: type[Model], path: str, dtype: str | None = None, fused
     config = GLM4Config.from_pretrained(path)
     # the headers against the config before anything is built for it: a config whose sizes are not the
     # checkpoint's is refused here
-    locations = checkpoint.inspect(path, mapping.paddle_shapes(config))
-    dtype = (dtype or config.dtype) if storage_only else compute_dtype(dtype, config.dtype)
+    expected = mapping.checkpoint_tensors(config)
+    fixed = {name: dtype for name, (_, dtype) in expected.items() if dtype is not None}  # quantized tensors
+    locations = checkpoint.inspect(path, {name: shape for name, (shape, _) in expected.items()}, fixed)
+    gpu = on_gpu()
+    fused = gpu if fused is None else fused
+    if storage_only:  # for exporting: held as asked (or stored), whatever this device computes in
+        fmt: WeightFormat = Dense(dtype or config.dtype, fused=fused)
+    else:
+        fmt = choose_format(config.dtype, config.quantization, dtype, quantization, group_size, activation_dtype,
+                            gpu, fused)
+    if check_memory and not gpu:
+        memory.check_fits(config, fmt, memory.context_for(config, max_seq_len), name=os.path.basename(path))
     use_all_cores()
-    with paddle.LazyGuard(), _default_dtype(dtype):
-        model = cls(config, fused)
-    params = model.state_dict()
-    for name, array in checkpoint.read_tensors(locations, dtype, progress=f"loading {os.path.basename(path)}"):
-        _fill(params[name], array, dtype)
+    with paddle.LazyGuard(), _default_dtype(fmt.bias_dtype):  # norms and biases; Linear weights as `fmt` says
+        model = cls(config, fused, fmt)
+    _load_state(model, path, config, locations)
     model.generation_config = GenerationConfig.from_model(config, path)
     model.eval()
     return model
 
 
+def _load_state(model: GLM4ForCausalLM, path: str, config: GLM4Config,
+                locations: dict[str, checkpoint.TensorLocation]):
+    """Fill every parameter of `model` from the checkpoint's tensors (as the weight table names them),
+    converting Linear weights to the model's format."""
+    params = model.state_dict()
+    stored = stored_format(config.dtype, config.quantization)
+    linears = _linears(model)
+    layer_of = {name: name.rsplit(".", 1)[0] for name in locations
+                if name.rsplit(".", 1)[0] in linears and not name.endswith(".bias")}
+    wanted = {name: None if name in layer_of else _dtype_name(params[name].dtype) for name in locations}
+    pending: dict[str, dict[str, np.ndarray]] = {}
+    for name, array in checkpoint.read_tensors(locations, wanted, progress=f"loading {os.path.basename(path)}"):
+        if name not in layer_of:
+            _fill(params[name], array)
+            continue
+        prefix = layer_of[name]
+        layer = linears[prefix]
+        source = stored if config.quantization is not None else Dense(locations[name].dtype)
+        arrays = pending.setdefault(prefix, {})
+        arrays[name.rsplit(".", 1)[1]] = array
+        if len(arrays) == len(source.slots(layer.in_features, layer.out_features)):  # the layer's last tensor
+            held = load_weight(source, pending.pop(prefix), layer.format, layer.in_features, layer.out_features)
+            for slot, value in held.items():
+                _fill(params[f"{prefix}.{slot}"], value)
+
+
 def save_pretrained(model: GLM4ForCausalLM, directory: str, max_shard_size: int | str = "5GB",
                     dtype: str | None = None, overwrite: bool = False) -> list[str]:
     """Write `model`'s config.json, generation_config.json and safetensors weights; see
-    GLM4ForCausalLM.save_pretrained. Returns the names of the files written."""
+    GLM4ForCausalLM.save_pretrained. Returns the names of the files written. A quantized model writes a
+    quantized checkpoint (its Linear weights as they are, everything else in `dtype`)."""
     existing = checkpoint.existing_weight_files(directory)
     if os.path.exists(os.path.join(directory, CONFIG_NAME)):
         existing.append(CONFIG_NAME)
     if existing and not overwrite:
         raise FileExistsError(f"{directory} already holds a checkpoint ({existing[0]}); pass overwrite=True")
-    current = model.dtype
-    store = dtype or current
+    held = model.model.kernels.weights
+    quantization = held.quantization if isinstance(held, Packed) else None
+    store = dtype or model.dtype
+    target = stored_format(store, quantization)
     state = model.state_dict()
-    entries = [(name, store, tuple(t.shape)) for name, t in state.items()]
-    tensors = ((name, cast(t.numpy(), current, store)) for name, t in state.items())
-    files = checkpoint.write_checkpoint(directory, entries, tensors, max_shard_size, metadata={"format": "pd"})
-    dataclasses.replace(model.config, dtype=store).save_pretrained(directory)
+    linears = _linears(model)
+    layer_of = {f"{prefix}.{slot.name}": prefix for prefix, layer in linears.items() for slot in layer.slots}
+    entries, tensors = [], []  # tensors: how to make each entry's array, in order
+    for name, tensor in state.items():
+        prefix = layer_of.get(name)
+        if prefix is None:
+            entries.append((name, store, tuple(tensor.shape)))
+            tensors.append((name, lambda t=tensor: _cast(_numpy(t), _dtype_name(t.dtype), store)))
+        elif name == f"{prefix}.{linears[prefix].slots[0].name}":  # a Linear's tensors go where its first was
+            layer = linears[prefix]
+            for slot in target.slots(layer.in_features, layer.out_features):
+                entries.append((f"{prefix}.{slot.name}", slot.dtype, slot.shape))
+                tensors.append((f"{prefix}.{slot.name}",
+                                lambda layer=layer, slot=slot.name: _stored_arrays(layer, target)[slot]))
+    files = checkpoint.write_checkpoint(directory, entries, ((name, make()) for name, make in tensors),
+                                        max_shard_size, metadata={"format": "pd"})
+    dataclasses.replace(model.config, dtype=store, quantization=quantization).save_pretrained(directory)
     model.generation_config.save_pretrained(directory)
     return [*files, CONFIG_NAME, GENERATION_CONFIG_NAME]
+
+
+def _stored_arrays(layer: Linear, target: WeightFormat) -> dict[str, np.ndarray]:
+    held = {slot.name: _numpy(getattr(layer, slot.name)) for slot in layer.slots}
+    return convert(layer.format, held, target, layer.in_features, layer.out_features)
+
+
+def _linears(model) -> dict[str, Linear]:
+    return {name: layer for name, layer in model.named_sublayers() if isinstance(layer, Linear)}
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace("paddle.", "")
+
+
+def _numpy(tensor: paddle.Tensor) -> np.ndarray:
+    """A parameter's values as numpy (bf16 as its uint16 bits)."""
+    if tensor.dtype == paddle.bfloat16:
+        return tensor.view(paddle.int16).numpy().view(np.uint16)
+    return tensor.numpy()
+
+
+def _cast(array: np.ndarray, current: str, store: str) -> np.ndarray:
+    from .safetensors_file import cast
+
+    return cast(array, current, store)
 
 
 @contextlib.contextmanager
@@ -83,16 +169,20 @@ def _default_dtype(dtype: str) -> Iterator[None]:
         paddle.set_default_dtype(previous)
 
 
-def _fill(param: paddle.Tensor, array: np.ndarray, dtype: str) -> None:
+def _fill(param: paddle.Tensor, value) -> None:
     """Give the parameter the loaded array's data. On CPU the parameter takes over the array's memory
     (DLPack, then sharing the buffer): no copy, so loading peaks at the model plus one tensor and leaves
-    nothing behind in Paddle's allocator (set_value's copy left ~2x the largest tensor cached there)."""
-    if dtype == "bfloat16":  # bf16 travels as its raw bits, uint16; Paddle reinterprets int16, not uint16
-        array = array.view(np.int16)
-    tensor = paddle.utils.dlpack.from_dlpack(array)  # zero-copy; the DLPack capsule keeps `array` alive
-    if dtype == "bfloat16":
-        tensor = tensor.view(paddle.bfloat16)
-    if on_gpu():
-        param.set_value(tensor)  # host to device: a copy anyway
-    else:  # (not param.place: asking a lazy parameter for it initializes it, random values and all)
-        tensor._share_buffer_to(param)
+    nothing behind in Paddle's allocator (set_value's copy left ~2x the largest tensor cached there).
+    A Paddle tensor (made on the device, see linear.load_weight) is taken as it is."""
+    if isinstance(value, np.ndarray):
+        bf16 = value.dtype == np.uint16  # bf16 travels as its raw bits; Paddle reinterprets int16, not uint16
+        tensor = paddle.utils.dlpack.from_dlpack(value.view(np.int16) if bf16 else value)  # zero-copy
+        if bf16:
+            tensor = tensor.view(paddle.bfloat16)
+        if on_gpu():
+            param.set_value(tensor)  # host to device: a copy anyway
+            return
+    else:
+        tensor = value
+    # (not param.place: asking a lazy parameter for it initializes it, random values and all)
+    tensor._share_buffer_to(param)

@@ -1,7 +1,7 @@
 """The GLM-4 transformer in Paddle: GLM4Block, GLM4Model, GLM4ForCausalLM.
 
 Shapes: b = batch, s = new tokens in this call, L = tokens attended over (cache + new), h = query heads,
-g = key/value heads (groups), d = head_dim, H = hidden size. Linear weights are Paddle's [in, out].
+g = key/value heads (groups), d = head_dim, H = hidden size. Linear weights: see linear.py.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from .config import GLM4Config
 from .device import on_gpu
 from .generation import GenerationConfig
 from .kv_cache import KVCache
+from .linear import Linear
+from .quantization import WeightFormat
 from .sequences import GROWTH_STEP, Sequences
 
 
@@ -34,15 +36,17 @@ class Cache(Protocol):
     def update(self, layer: int, start, k: paddle.Tensor, v: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]: ...
 
 
-class Linear(nn.Linear):
-    """Paddle's Linear (weight [in, out], same parameters), computed by the chosen kernels (see ops.linear)."""
+class Embedding(nn.Layer):
+    """The token embedding table [vocab, H], held in `dtype` (bf16 beside low-bit Linear weights: it is looked
+    up, not multiplied, so it is never widened as a whole), its rows widened to `compute_dtype` after lookup."""
 
-    def __init__(self, in_features: int, out_features: int, kernels: ops.Kernels, bias: bool = False):
-        super().__init__(in_features, out_features, bias_attr=None if bias else False)
-        self.kernels = kernels
+    def __init__(self, vocab_size: int, hidden_size: int, dtype: str, compute_dtype: str):
+        super().__init__()
+        self.weight = self.create_parameter([vocab_size, hidden_size], dtype=dtype)
+        self.compute_dtype = compute_dtype
 
-    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        return self.kernels.linear(x, self.weight, self.bias)
+    def forward(self, ids: paddle.Tensor) -> paddle.Tensor:
+        return F.embedding(ids, self.weight).astype(self.compute_dtype)                   # [b, s, H]
 
 
 class RMSNorm(nn.Layer):
@@ -105,19 +109,21 @@ class GLM4Block(nn.Layer):
 
 
 class GLM4Model(nn.Layer):
-    def __init__(self, config: GLM4Config, fused: bool | None = None):
+    def __init__(self, config: GLM4Config, fused: bool | None = None, weights: WeightFormat | None = None):
         super().__init__()
         self.config = config
-        # fused GPU kernels on GPU, portable ones elsewhere; chosen once, here
-        self.kernels = ops.kernels(on_gpu() if fused is None else fused)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # fused GPU kernels on GPU, portable ones elsewhere; Linear weights in `weights`; chosen once, here
+        self.kernels = ops.kernels(on_gpu() if fused is None else fused, weights)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size,
+                                      self.kernels.weights.embedding_dtype(config.dtype),
+                                      self.kernels.weights.compute_dtype)
         self.layers = nn.LayerList([GLM4Block(config, i, self.kernels) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, self.kernels)
         self.register_buffer("inv_freq", ops.inverse_frequencies(config.rotary_dim, config.rope_theta),
                              persistable=False)
 
     def new_cache(self, batch_size: int, capacity: int) -> KVCache:
-        return KVCache(self.config, batch_size, capacity, dtype=self.embed_tokens.weight.dtype)
+        return KVCache(self.config, batch_size, capacity, dtype=self.kernels.weights.compute_dtype)
 
     def forward(self, input_ids: paddle.Tensor, positions: paddle.Tensor, start=0,
                 key_valid: paddle.Tensor | None = None, cache: Cache | None = None) -> paddle.Tensor:
@@ -140,10 +146,10 @@ class GLM4Model(nn.Layer):
 
 
 class GLM4ForCausalLM(nn.Layer):
-    def __init__(self, config: GLM4Config, fused: bool | None = None):
+    def __init__(self, config: GLM4Config, fused: bool | None = None, weights: WeightFormat | None = None):
         super().__init__()
         self.config = config
-        self.model = GLM4Model(config, fused)
+        self.model = GLM4Model(config, fused, weights)
         if not config.tie_word_embeddings:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, self.model.kernels)
         self.generation_config = GenerationConfig.from_model(config)
@@ -210,15 +216,30 @@ class GLM4ForCausalLM(nn.Layer):
     # ---- checkpoints (paddle_glm4.loading) ---------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str, dtype: str | None = None, fused: bool | None = None,
-                        storage_only: bool = False) -> GLM4ForCausalLM:
-        """Load a converted checkpoint directory (safetensors only). `dtype` None: float32 on CPU,
-        the stored dtype on GPU. Parameters are created empty and filled one tensor at a time.
-        `storage_only`: hold the weights in `dtype` (None: as stored) even where this device cannot compute
-        in it; such a model is for exporting (paddle_glm4.inference), not for calling."""
-        return loading.from_pretrained(cls, path, dtype, fused, storage_only)
+                        storage_only: bool = False, quantization: str | None = None, group_size: int | None = None,
+                        activation_dtype: str = "auto", max_seq_len: int | None = None,
+                        check_memory: bool = True) -> GLM4ForCausalLM:
+        """Load a converted checkpoint directory (safetensors only), one tensor at a time into parameters
+        created empty.
+
+        On CPU, a bf16 checkpoint stays bf16 and computes with paddle_glm4.kernels (GLM-4-9B: 18.8 GB);
+        `dtype="float32"` widens it for Paddle's own float32 path (37.6 GB); `quantization="int8" | "int4"`
+        (int4: one scale per `group_size` input rows, default 128) quantizes the Linear weights at load, the
+        lm_head included (the embedding stays as stored, norms in float32). A quantized checkpoint (glm4-convert
+        --quantize) loads as it is, or dequantized with a float `dtype`. `activation_dtype`: how activations
+        enter the kernels' dot products ("float32": exact; "bfloat16" | "int8": rounded, faster; "auto": the
+        kernels pick per CPU). On GPU: the stored dtype, quantized through Paddle's weight_only_linear
+        (unverified). Before anything is read, the memory the model needs (weights + a KV cache for
+        `max_seq_len` tokens, default min(seq_length, 8192)) is compared with what is available; a model that
+        cannot fit is refused with the formats that would (memory.InsufficientMemoryError), unless not
+        `check_memory`. `storage_only`: hold the weights densely in `dtype` (None: as stored) whatever this
+        device computes in (for exporting)."""
+        return loading.from_pretrained(cls, path, dtype, fused, storage_only, quantization, group_size,
+                                       activation_dtype, max_seq_len, check_memory)
 
     def save_pretrained(self, directory: str, max_shard_size: int | str = "5GB", dtype: str | None = None,
                         overwrite: bool = False) -> list[str]:
         """Write config.json and safetensors weights (sharded above `max_shard_size`) in `dtype`
-        (default: the model's). Refuses a directory that already holds a checkpoint unless `overwrite`."""
+        (default: the model's); a quantized model's Linear weights as they are (config.json records the
+        scheme). Refuses a directory that already holds a checkpoint unless `overwrite`."""
         return loading.save_pretrained(self, directory, max_shard_size, dtype, overwrite)

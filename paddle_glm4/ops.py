@@ -16,6 +16,7 @@ import paddle.incubate.nn.functional as IF
 import paddle.nn.functional as F
 
 from .device import cpu_threads
+from .quantization import Dense, WeightFormat
 
 # ---- Linear --------------------------------------------------------------------------------------------
 # A matmul of a few rows (decoding) only streams the weight through memory, and MKL's GEMV does that on one
@@ -117,18 +118,19 @@ def attention(q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor, mask: paddle
 
 
 class Kernels(NamedTuple):
-    linear: Callable
+    weights: WeightFormat   # how the Linear layers hold and compute their weights (linear.py)
     rms_norm: Callable
     rotary_tables: Callable
     apply_rotary: Callable
 
 
-PORTABLE = Kernels(linear, rms_norm, rotary_tables, apply_rotary)
-FUSED = Kernels(F.linear, fused_rms_norm, fused_rotary_tables, fused_apply_rotary)
-
-
-def kernels(fused: bool) -> Kernels:
-    return FUSED if fused else PORTABLE
+def kernels(fused: bool, weights: WeightFormat | None = None) -> Kernels:
+    """The fused set (GPU) or the portable one; Linear weights in `weights` (default: dense, in Paddle's
+    default dtype)."""
+    weights = weights or Dense(paddle.get_default_dtype(), fused=fused)
+    if fused:
+        return Kernels(weights, fused_rms_norm, fused_rotary_tables, fused_apply_rotary)
+    return Kernels(weights, rms_norm, rotary_tables, apply_rotary)
 
 
 # The two below decide with Python conditions on what is known while tracing; converting them to graph

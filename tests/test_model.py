@@ -205,7 +205,7 @@ def test_save_bf16_and_load_back_as_float32(tmp_path, saved):
     model, _, _ = saved
     model.save_pretrained(str(tmp_path), dtype="bfloat16")
     assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
-    loaded = GLM4ForCausalLM.from_pretrained(str(tmp_path))
+    loaded = GLM4ForCausalLM.from_pretrained(str(tmp_path), dtype="float32")
     original = model.state_dict()["model.layers.0.mlp.down_proj.weight"]
     expected = original.astype("bfloat16").astype("float32").numpy()
     assert np.array_equal(loaded.state_dict()["model.layers.0.mlp.down_proj.weight"].numpy(), expected)

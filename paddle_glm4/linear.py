@@ -1,0 +1,81 @@
+"""The model's Linear layer: y = x @ W (+ bias), W held in one of the formats of quantization.py, and
+the one place that decides how each format computes (`linear`).
+
+- Dense float32: ops.linear (MKL's GEMM, split across cores for few rows); narrow Dense weights (an export
+  for bf16/fp16 storage) are widened to the activations' dtype where they are used; `fused` (GPU): F.linear.
+- Packed bf16 / int8 / int4: the C++ kernels of paddle_glm4.kernels (built on first use; without a compiler,
+  their portable path in Paddle ops: the same values, slowly).
+- WeightOnlyGPU: Paddle's weight_only_linear. UNVERIFIED: written against paddle.nn.quant's documented API;
+  there is no GPU here and a CPU build cannot even trace it.
+"""
+
+from __future__ import annotations
+
+import paddle
+import paddle.nn.functional as F
+from paddle import nn
+
+from . import ops
+from .config import DEFAULT_GROUP_SIZE
+from .quantization import Dense, Packed, WeightFormat, WeightOnlyGPU, convert
+
+KERNEL_FORMATS = {"bfloat16": "bf16", "int8": "int8", "int4": "int4"}  # paddle_glm4.kernels' names
+
+
+class Linear(nn.Layer):
+    """A Linear whose weight is held in the format `kernels.weights` (see quantization.py): its tensors are
+    parameters named as the format's slots (`weight`, or `qweight` and `scales`), which are also their names
+    in a checkpoint of that format."""
+
+    def __init__(self, in_features: int, out_features: int, kernels: ops.Kernels, bias: bool = False):
+        super().__init__()
+        fmt = kernels.weights
+        self.in_features, self.out_features, self.format = in_features, out_features, fmt
+        self.slots = fmt.slots(in_features, out_features)
+        for slot in self.slots:
+            integer = slot.dtype in ("int8", "uint8")
+            param = self.create_parameter(list(slot.shape), dtype=slot.dtype,
+                                          default_initializer=nn.initializer.Constant(0) if integer else None)
+            param.stop_gradient = not isinstance(fmt, Dense)  # only dense weights train
+            self.add_parameter(slot.name, param)
+        self.bias = self.create_parameter([out_features], dtype=fmt.bias_dtype, is_bias=True) if bias else None
+
+    def forward(self, x):
+        return linear(self.format, x, [getattr(self, slot.name) for slot in self.slots], self.bias)
+
+
+def linear(fmt: WeightFormat, x: paddle.Tensor, tensors: list[paddle.Tensor], bias) -> paddle.Tensor:
+    """x [..., K] @ the weight held in `tensors` (+ bias) -> [..., N], computed as `fmt` says."""
+    if isinstance(fmt, Dense):
+        [weight] = tensors
+        if weight.dtype != x.dtype:  # stored narrower than the activations: widened where used
+            weight = weight.astype(x.dtype)
+            bias = None if bias is None else bias.astype(x.dtype)
+        return F.linear(x, weight, bias) if fmt.fused else ops.linear(x, weight, bias)
+    if isinstance(fmt, Packed):  # the C++ kernels; without a compiler, their portable Paddle path
+        from . import kernels
+
+        weight, scales = (tensors[0], None) if fmt.kind == "bfloat16" else tensors
+        return kernels.linear(x, weight, scales, bias, fmt=KERNEL_FORMATS[fmt.kind],
+                              group_size=fmt.group_size or DEFAULT_GROUP_SIZE, activation_dtype=fmt.activation_dtype)
+    if isinstance(fmt, WeightOnlyGPU):  # UNVERIFIED (no GPU here)
+        from paddle.nn.quant import weight_only_linear
+
+        weight, scales = tensors
+        return weight_only_linear(x, weight, bias=bias, weight_scale=scales, weight_dtype=fmt.scheme,
+                                  group_size=fmt.group_size or -1)
+    raise TypeError(f"no computation for weight format {fmt!r}")
+
+
+def load_weight(source: WeightFormat, arrays: dict, target: WeightFormat, k: int, n: int) -> dict:
+    """A Linear's checkpoint arrays in `source` format -> the tensors a Linear in `target` format holds:
+    numpy arrays (see quantization.convert), or, for WeightOnlyGPU, Paddle tensors made on the GPU by
+    `weight_quantize` from the float32 weight (UNVERIFIED)."""
+    if not isinstance(target, WeightOnlyGPU):
+        return convert(source, arrays, target, k, n)
+    from paddle.nn.quant import weight_quantize
+
+    dense = convert(source, arrays, Dense("float32"), k, n)["weight"]                        # [K, N]
+    qweight, scales = weight_quantize(paddle.to_tensor(dense).astype(target.dtype), algo=target.algo,
+                                      group_size=target.group_size or -1)
+    return {"qweight": qweight, "scales": scales}

@@ -1,0 +1,126 @@
+"""Will the model fit? The memory a model needs in a given weight format (weights + KV cache), what this
+machine has available, and the refusal, before loading, of a model that cannot fit. (Python, Paddle and a
+forward's activations come on top: a few hundred MB at GLM-4-9B's width.)
+
+Filling memory is worse than refusing: Linux kills the process (or another one) when memory runs out, after
+minutes of swapping. So from_pretrained compares first, and says which formats would fit.
+"""
+
+from __future__ import annotations
+
+from .config import GLM4Config, Quantization
+from .quantization import Dense, Packed, WeightFormat
+from .safetensors_file import numpy_dtype
+
+# The context a model is checked for when the caller names none: the base model's, capped for the 128K one,
+# whose full-length cache few runs use (the cache grows as tokens come; see kv_cache.py).
+DEFAULT_CONTEXT = 8192
+GB = 1e9
+
+
+class InsufficientMemoryError(MemoryError):
+    """The model, in the chosen format, needs more memory than this machine has available."""
+
+
+def weight_bytes(config: GLM4Config, fmt: WeightFormat) -> int:
+    """Bytes of every tensor of the model with its Linear weights in `fmt`."""
+    from converters import mapping
+
+    total = 0
+    for spec in mapping.tensor_specs(config):
+        if spec.linear:
+            total += fmt.nbytes(*spec.shape)
+        elif spec.paddle == "model.embed_tokens.weight":
+            total += spec.shape[0] * spec.shape[1] * numpy_dtype(fmt.embedding_dtype(config.dtype)).itemsize
+        else:  # norms and biases
+            dtype = fmt.bias_dtype if spec.paddle.endswith(".bias") else fmt.compute_dtype
+            total += spec.shape[0] * numpy_dtype(dtype).itemsize
+    return total
+
+
+def kv_cache_bytes(config: GLM4Config, fmt: WeightFormat, context: int) -> int:
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
+    return per_token * context * numpy_dtype(fmt.compute_dtype).itemsize
+
+
+def required_bytes(config: GLM4Config, fmt: WeightFormat, context: int) -> int:
+    return weight_bytes(config, fmt) + kv_cache_bytes(config, fmt, context)
+
+
+def available_bytes() -> int | None:
+    """Memory this process can still take: MemAvailable, or less under a cgroup limit (containers).
+    None when neither can be read (not Linux)."""
+    candidates = []
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    candidates.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    room = _cgroup_room()
+    if room is not None:
+        candidates.append(room)
+    return min(candidates) if candidates else None
+
+
+def _cgroup_room() -> int | None:
+    """The cgroup's limit minus its usage (v2, else v1); None without a limit."""
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit_file, encoding="ascii") as f:
+                limit = f.read().strip()
+            with open(usage_file, encoding="ascii") as f:
+                usage = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or not limit.isdigit() or int(limit) >= 1 << 60:  # v1 says "no limit" with a huge number
+            return None
+        return max(int(limit) - usage, 0)
+    return None
+
+
+def cpu_formats(group_size: int | None = None) -> list[WeightFormat]:
+    """The formats a CPU model can be loaded in, widest first (what a refusal suggests instead)."""
+    return [Dense("float32"), Packed("bfloat16"), Packed("int8"),
+            Packed("int4", Quantization.of("int4", group_size).group_size)]
+
+
+def describe(fmt: WeightFormat) -> str:
+    if isinstance(fmt, Packed):
+        return fmt.kind
+    return getattr(fmt, "dtype", type(fmt).__name__)
+
+
+def check_fits(config: GLM4Config, fmt: WeightFormat, context: int, name: str = "the model",
+               available: int | None = None):
+    """Raise InsufficientMemoryError, naming the numbers and the formats that would fit, when `config` in
+    `fmt` with a KV cache of `context` tokens needs more than is available (default: `available_bytes()`)."""
+    available = available_bytes() if available is None else available
+    if available is None:
+        return
+    needed = required_bytes(config, fmt, context)
+    if needed <= available:
+        return
+    group = fmt.group_size if isinstance(fmt, Packed) and fmt.kind == "int4" else None
+    others = [(describe(other), required_bytes(config, other, context)) for other in cpu_formats(group)
+              if describe(other) != describe(fmt)]
+    fitting = [f"{label} needs {size / GB:.1f} GB" for label, size in others if size <= available]
+    advice = (", ".join(fitting) + " (from_pretrained's dtype= / quantization=, the CLI's --dtype / --quantize)"
+              if fitting else "no format fits; free memory or use a machine with more")
+    raise InsufficientMemoryError(
+        f"{name} needs {needed / GB:.1f} GB in {describe(fmt)} (weights {weight_bytes(config, fmt) / GB:.1f} GB, "
+        f"KV cache for {context} tokens {kv_cache_bytes(config, fmt, context) / GB:.1f} GB), "
+        f"{available / GB:.1f} GB is available: {advice}")
+
+
+def context_for(config: GLM4Config, max_seq_len: int | None) -> int:
+    """The context the memory check plans a KV cache for."""
+    if max_seq_len is None:
+        return min(config.seq_length, DEFAULT_CONTEXT)
+    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or not 0 < max_seq_len:
+        raise ValueError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
+    return min(max_seq_len, config.seq_length)
+
