@@ -21,7 +21,9 @@ def load(args):
     from .validation import check_seed
 
     check_seed(args.seed, "--seed")  # before the model takes its time to load
-    return load_engine(args.model, args.engine, args.dtype, args.tokenizer)
+    return load_engine(args.model, args.engine, args.dtype, args.tokenizer,
+                       quantization=args.quantize, group_size=args.group_size,
+                       activation_dtype=args.activation_dtype)
 
 
 def sampling_kwargs(args, defaults) -> dict:

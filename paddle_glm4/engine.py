@@ -11,6 +11,8 @@ import os
 from typing import TYPE_CHECKING
 
 from .cli_errors import UsageError
+from .config import DEFAULT_GROUP_SIZE, QUANTIZATION_SCHEMES
+from .quantization import ACTIVATION_DTYPES
 
 if TYPE_CHECKING:
     from typing import TypeAlias
@@ -35,17 +37,37 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dynamic: the Paddle dynamic-graph model (default); inference: a Paddle Inference "
                              "predictor over an export directory")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                        help="compute dtype (default: float32 on CPU, the checkpoint's dtype on GPU; with "
-                             "--engine inference, the predictor's precision)")
+                        help="how the weights are held: on CPU, bfloat16 computes with the package's C++ kernels "
+                             "and float32 with Paddle's own (default: bfloat16 for a bf16 checkpoint, else "
+                             "float32); on GPU, the compute dtype (default: the checkpoint's). With --engine "
+                             "inference: the predictor's precision")
+    parser.add_argument("--quantize", choices=QUANTIZATION_SCHEMES,
+                        help="quantize the Linear weights at load (weight-only, symmetric): int8 with one scale "
+                             "per output channel (GLM-4-9B: 10.0 GB of weights), int4 with one per --group-size input "
+                             "rows (5.9 GB). A checkpoint written by `glm4 convert --quantize` is quantized already "
+                             "and needs no flag")
+    parser.add_argument("--group-size", type=int, metavar="G",
+                        help=f"with --quantize int4: input rows per scale, an even number (default "
+                             f"{DEFAULT_GROUP_SIZE})")
+    parser.add_argument("--activation-dtype", choices=ACTIVATION_DTYPES, default="auto",
+                        help="how activations enter the bf16/int8/int4 kernels' dot products: float32 exact; "
+                             "bfloat16 or int8 (one scale per row) rounded, for the CPU's faster instructions; "
+                             "auto (default) picks per CPU")
 
 
 def load_engine(model_dir: str, engine: str = "dynamic", dtype: str | None = None,
-                tokenizer_dir: str | None = None) -> tuple[Engine, GLM4Tokenizer]:
-    """(model, tokenizer) for a converted checkpoint (engine "dynamic") or an export directory ("inference")."""
+                tokenizer_dir: str | None = None, quantization: str | None = None, group_size: int | None = None,
+                activation_dtype: str = "auto") -> tuple[Engine, GLM4Tokenizer]:
+    """(model, tokenizer) for a converted checkpoint (engine "dynamic") or an export directory ("inference").
+    `quantization`, `group_size`, `activation_dtype`: as GLM4ForCausalLM.from_pretrained's (dynamic only: an
+    export holds its weights as it was exported)."""
     from .tokenizer import GLM4Tokenizer
 
     if engine not in ENGINES:
         raise UsageError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if engine == "inference" and (quantization or group_size or activation_dtype != "auto"):
+        raise UsageError("--quantize, --group-size and --activation-dtype choose how a checkpoint is loaded; an "
+                         "export keeps the format it was exported in (export it with --quantize)")
     if not os.path.isdir(model_dir):
         raise UsageError(f"{model_dir}: no such model directory")
     tokenizer_dir = tokenizer_dir or model_dir
@@ -60,7 +82,8 @@ def load_engine(model_dir: str, engine: str = "dynamic", dtype: str | None = Non
     else:
         from .model import GLM4ForCausalLM
 
-        model = GLM4ForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        model = GLM4ForCausalLM.from_pretrained(model_dir, dtype=dtype, quantization=quantization,
+                                                group_size=group_size, activation_dtype=activation_dtype)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise UsageError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                          f"{model.config.vocab_size}; they do not belong together")

@@ -15,7 +15,7 @@ import paddle
 import paddle.nn.functional as F
 from paddle import nn
 
-from . import ops
+from . import kernels, ops
 from .config import DEFAULT_GROUP_SIZE
 from .quantization import Dense, Packed, WeightFormat, WeightOnlyGPU, convert
 
@@ -53,8 +53,6 @@ def linear(fmt: WeightFormat, x: paddle.Tensor, tensors: list[paddle.Tensor], bi
             bias = None if bias is None else bias.astype(x.dtype)
         return F.linear(x, weight, bias) if fmt.fused else ops.linear(x, weight, bias)
     if isinstance(fmt, Packed):  # the C++ kernels; without a compiler, their portable Paddle path
-        from . import kernels
-
         weight, scales = (tensors[0], None) if fmt.kind == "bfloat16" else tensors
         return kernels.linear(x, weight, scales, bias, fmt=KERNEL_FORMATS[fmt.kind],
                               group_size=fmt.group_size or DEFAULT_GROUP_SIZE, activation_dtype=fmt.activation_dtype)

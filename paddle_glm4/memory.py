@@ -18,8 +18,9 @@ DEFAULT_CONTEXT = 8192
 GB = 1e9
 
 
-class InsufficientMemoryError(MemoryError):
-    """The model, in the chosen format, needs more memory than this machine has available."""
+class InsufficientMemoryError(MemoryError, ValueError):
+    """The model, in the chosen format, needs more memory than this machine has available (a ValueError
+    too: a request refused, which the CLIs report in one line)."""
 
 
 def weight_bytes(config: GLM4Config, fmt: WeightFormat) -> int:

@@ -132,6 +132,8 @@ class Packed(WeightFormat):
                 Slot("scales", (n, -(-k // self.group_size)), "float32")]
 
     def embedding_dtype(self, stored):
+        if self.kind == "bfloat16":
+            return "bfloat16"
         return stored if stored in ("float32", "bfloat16") else "float32"
 
     def rows(self, arrays, k, start, stop):

@@ -15,20 +15,22 @@ step of it: step 1000 costs what step 1 does.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
 import warnings
 
 import paddle
-import paddle.nn.functional as F
 from paddle import nn
 from paddle.static import InputSpec
 
+from .. import kernels
 from ..checkpoint import write_text_atomic
 from ..config import CONFIG_NAME, MODEL_TYPE, STORAGE_DTYPES, ConfigError, GLM4Config
 from ..device import on_gpu
 from ..model import GLM4ForCausalLM, RMSNorm
+from ..quantization import Packed
 from ..validation import read_json
 from .manifest import MANIFEST_NAME, PROGRAM, TOKENIZER_FILES, ExportError, Manifest, input_names
 
@@ -75,42 +77,13 @@ class StepProgram(nn.Layer):
                 cache[:layers], cache[layers:]]
 
 
-class WidenedEmbedding(nn.Layer):
-    """An Embedding whose table stays stored narrow; the rows it looks up are widened to `dtype`."""
-
-    def __init__(self, embedding: nn.Embedding, dtype: str):
-        super().__init__()
-        self.weight, self.dtype = embedding.weight, dtype  # `weight`, as the tied head reads it
-
-    def forward(self, ids: paddle.Tensor) -> paddle.Tensor:
-        return F.embedding(ids, self.weight).astype(self.dtype)
-
-
-class WidenedLinear(nn.Layer):
-    """A Linear whose weights stay stored narrow (bf16, fp16) and are widened to the activations' dtype
-    where they are used: Paddle's CPU kernels compute in float32 only, while narrow storage is what lets
-    GLM-4-9B fit in memory."""
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.linear = linear
-
-    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        bias = self.linear.bias
-        return F.linear(x, self.linear.weight.astype(x.dtype), None if bias is None else bias.astype(x.dtype))
-
-
-def compute_in_float32(model: GLM4ForCausalLM) -> None:
-    """Make a model whose weights are stored narrow compute in float32 (in place): the embedding and Linears
-    widen what they use, norm weights (one vector per norm) become float32, a tied head widens the table."""
-    for parent in model.sublayers(include_self=True):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Embedding):
-                setattr(parent, name, WidenedEmbedding(child, "float32"))
-            elif isinstance(child, nn.Linear):
-                setattr(parent, name, WidenedLinear(child))
-            elif isinstance(child, RMSNorm):
-                child.to(dtype="float32")
+def norms_in_float32(model: GLM4ForCausalLM):
+    """Make the norm weights of a model stored narrow (bf16, fp16) float32, in place: one vector per norm,
+    so that the norms compute in float32 on a CPU. (Narrow Linear weights are widened where they are used,
+    see linear.py; the embedding rows after the lookup.)"""
+    for layer in model.sublayers(include_self=True):
+        if isinstance(layer, RMSNorm):
+            layer.to(dtype="float32")
 
 
 def check_checkpoint(model_dir: str) -> GLM4Config:
@@ -131,16 +104,20 @@ def check_checkpoint(model_dir: str) -> GLM4Config:
 
 
 def export_model(model_dir: str, out_dir: str, dtype: str | None = None, max_seq_len: int | None = None,
-                 progress: bool = True) -> Manifest:
+                 progress: bool = True, quantization: str | None = None, group_size: int | None = None,
+                 activation_dtype: str = "auto") -> Manifest:
     """Export the converted checkpoint in `model_dir` to `out_dir` (see the module docstring).
 
     `dtype`: how the weights are stored (default: as in the checkpoint). On CPU the program computes in
-    float32 whatever the storage; on a GPU it computes in `dtype` with the fused kernels and flash attention.
-    `max_seq_len`: the longest prompt + generation the export accepts (default: the config's seq_length).
+    float32: bf16 weights (and int8/int4 ones, with `quantization` and `group_size`, or from a quantized
+    checkpoint) through paddle_glm4.kernels' operators, which the program calls (`activation_dtype` as in
+    from_pretrained); float16 ones are widened where they are used. On a GPU it computes in `dtype` with the
+    fused kernels and flash attention. `max_seq_len`: the longest prompt + generation the export accepts
+    (default: the config's seq_length).
     """
     config = check_checkpoint(model_dir)
-    dtype = dtype or config.dtype
-    if dtype not in STORAGE_DTYPES:
+    dtype = dtype or (config.dtype if quantization is None and config.quantization is None else None)
+    if dtype is not None and dtype not in STORAGE_DTYPES:
         raise ExportError(f"dtype must be one of {STORAGE_DTYPES}, got {dtype!r}")
     max_seq_len = config.seq_length if max_seq_len is None else max_seq_len
     if type(max_seq_len) is not int or max_seq_len < 1:
@@ -156,10 +133,18 @@ def export_model(model_dir: str, out_dir: str, dtype: str | None = None, max_seq
         os.unlink(stale)  # until the new manifest is written, the directory reads as incomplete
 
     device = "gpu" if on_gpu() else "cpu"
-    compute_dtype = dtype if device == "gpu" else "float32"
-    model = GLM4ForCausalLM.from_pretrained(model_dir, dtype=dtype, storage_only=True)
-    if compute_dtype != dtype:
-        compute_in_float32(model)
+    widened = device == "cpu" and dtype == "float16"  # no float16 kernels on CPU: stored so, widened at use
+    if widened or (device == "gpu" and quantization is None and config.quantization is None):
+        model = GLM4ForCausalLM.from_pretrained(model_dir, dtype=dtype, storage_only=True)
+        if widened:
+            norms_in_float32(model)
+    else:
+        model = GLM4ForCausalLM.from_pretrained(model_dir, dtype=dtype, quantization=quantization,
+                                                group_size=group_size, activation_dtype=activation_dtype,
+                                                max_seq_len=max_seq_len)
+    weights = model.model.kernels.weights
+    compute_dtype = weights.compute_dtype
+    uses_kernels = isinstance(weights, Packed) and kernels.available()  # else their portable ops are traced
     program = StepProgram(model, compute_dtype)
     program.eval()
     if progress:
@@ -173,7 +158,9 @@ def export_model(model_dir: str, out_dir: str, dtype: str | None = None, max_seq
     for name in TOKENIZER_FILES:
         if os.path.exists(os.path.join(model_dir, name)):
             shutil.copyfile(os.path.join(model_dir, name), os.path.join(out_dir, name))
-    manifest = Manifest(config=config, dtype=dtype, compute_dtype=compute_dtype, device=device,
-                        max_seq_len=max_seq_len, inputs=input_names(config.num_hidden_layers))
+    quantized = weights.quantization if isinstance(weights, Packed) else None
+    manifest = Manifest(config=dataclasses.replace(config, quantization=quantized), dtype=model.dtype,
+                        compute_dtype=compute_dtype, device=device, max_seq_len=max_seq_len,
+                        inputs=input_names(config.num_hidden_layers), kernels=uses_kernels)
     write_text_atomic(os.path.join(out_dir, MANIFEST_NAME), manifest.to_json())
     return manifest

@@ -13,11 +13,11 @@ from dataclasses import asdict, dataclass, field
 import paddle
 
 from ..config import DTYPE, SEQ, STORAGE_DTYPES, GLM4Config
-from ..validation import Int, List, Object, SchemaError, Str, read_json, validate
+from ..validation import Bool, Int, List, Object, SchemaError, Str, read_json, validate
 
 FORMAT = "paddle_glm4.inference"
 # Bump when the program's inputs, outputs or meaning change: a predictor only runs its own version.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: programs may call paddle_glm4.kernels' operators ("kernels"); config.quantization
 MANIFEST_NAME = "export.json"
 # `paddle.jit.save` prefix: PROGRAM.json holds the PIR program, PROGRAM.pdiparams the weights.
 PROGRAM = "glm4"
@@ -33,9 +33,9 @@ class ExportError(SchemaError):
 MANIFEST_SCHEMA = Object({
     "format": Str((FORMAT,)), "format_version": Int(), "dtype": DTYPE, "compute_dtype": Str(STORAGE_DTYPES),
     "device": Str(("cpu", "gpu")), "max_seq_len": SEQ, "paddle_version": Str(max_len=64),
-    "inputs": List(Str(max_len=64), max_len=4 + 2 * 1024), "config": Object({})},
+    "inputs": List(Str(max_len=64), max_len=4 + 2 * 1024), "config": Object({}), "kernels": Bool()},
     required=("format", "format_version", "dtype", "compute_dtype", "device", "max_seq_len", "paddle_version",
-              "inputs", "config"))
+              "inputs", "config", "kernels"))
 
 
 def input_names(num_layers: int) -> list[str]:
@@ -54,6 +54,7 @@ class Manifest:
     paddle_version: str = paddle.__version__
     format_version: int = FORMAT_VERSION
     inputs: list[str] = field(default_factory=list)
+    kernels: bool = False  # the program calls paddle_glm4.kernels' operators: load them before the predictor
 
     def to_json(self) -> str:
         data = {"format": FORMAT, **asdict(self), "config": self.config.to_dict()}
@@ -89,7 +90,8 @@ class Manifest:
             raise ExportError(f"{directory}: {missing[0]} is missing; the export is incomplete")
         config = GLM4Config.from_dict(data["config"], source=f"{path}: config")
         manifest = cls(config=config, **{k: data[k] for k in ("dtype", "compute_dtype", "device",
-                                                              "max_seq_len", "paddle_version", "inputs")})
+                                                              "max_seq_len", "paddle_version", "inputs",
+                                                              "kernels")})
         if manifest.max_seq_len > config.seq_length:
             raise ExportError(f"{path}: max_seq_len {manifest.max_seq_len} exceeds the model's context "
                               f"(seq_length {config.seq_length})")

@@ -52,6 +52,8 @@ class Predictor:
         else:
             self._use_cpu(config, threads)
         config.disable_glog_info()
+        if self.manifest.kernels:
+            _load_kernels(export_dir)
         with _stdout_to_stderr():
             self._predictor = paddle_infer.create_predictor(config)
             if self._predictor.get_input_names() != self.manifest.inputs:
@@ -67,7 +69,7 @@ class Predictor:
             raise ValueError("precision='float16' needs a GPU; on CPU use float32 or bfloat16")
         config.disable_gpu()
         config.set_cpu_math_library_num_threads(use_all_cores(threads))
-        narrow = self.manifest.dtype != self.manifest.compute_dtype
+        narrow = self.manifest.dtype != self.manifest.compute_dtype or self.config.quantization is not None
         if self.precision == "bfloat16" and not narrow:
             if not paddle.base.core.supports_bfloat16():
                 raise ValueError(
@@ -79,7 +81,7 @@ class Predictor:
         else:
             config.disable_mkldnn()
         if narrow:
-            # the pass would fold each weight's widening cast into a float32 copy of the weight
+            # the pass would fold each weight's widening cast (or dequantization) into a float32 copy of it
             config.delete_pass("constant_folding_pass")
 
     def _use_gpu(self, config):
@@ -143,6 +145,16 @@ class PredictorSession:
         # every slot of the cache, the unfilled ones masked: the same shapes at every step
         return self.predictor.run(tokens.unsqueeze(-1), step.positions, step.start, sequences.valid, cache.keys,
                                   cache.values)
+
+
+def _load_kernels(export_dir: str):
+    """The program calls paddle_glm4.kernels' operators: a predictor finds only operators already loaded."""
+    from .. import kernels
+
+    if kernels.load() is None:
+        raise ExportError(f"{export_dir} computes with paddle_glm4's C++ kernels, which cannot be built on this "
+                          "machine (see the warning above); export it again here, where the kernels' portable "
+                          "path is traced instead")
 
 
 @contextlib.contextmanager

@@ -59,7 +59,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"WARNING: listening on {args.host} without --api-key: anyone who can reach this address can use "
               "the model. Set --api-key (or $GLM4_API_KEY), or listen on 127.0.0.1.", file=sys.stderr, flush=True)
     try:
-        model, tokenizer = load_engine(args.model, args.engine, args.dtype, args.tokenizer)
+        model, tokenizer = load_engine(args.model, args.engine, args.dtype, args.tokenizer,
+                                       quantization=args.quantize, group_size=args.group_size,
+                                       activation_dtype=args.activation_dtype)
     except BaseException:
         sock.close()
         raise
