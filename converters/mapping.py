@@ -181,7 +181,7 @@ def checkpoint_tensors(config: GLM4Config) -> dict[str, tuple[tuple[int, ...], s
     when `config.quantization` is set each Linear weight `<layer>.weight` is stored as its quantized
     tensors `<layer>.qweight` and `<layer>.scales` (see paddle_glm4.quantization). Values: (shape, dtype),
     the dtype only where it is fixed (the quantized tensors), else None (any float dtype)."""
-    tensors = {}
+    tensors: dict[str, tuple[tuple[int, ...], str | None]] = {}
     for spec in module_order(tensor_specs(config)):
         if spec.linear and config.quantization is not None:
             prefix = spec.paddle[:-len("weight")]

@@ -63,7 +63,8 @@ NUMPY_DTYPES = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"
 
 
 def published_tensors(config: GLM4Config, sources: Mapping[str, SourceTensor], dtype: str,
-                      inv_freq: np.ndarray | None = None, quantization: Quantization | None = None) -> list[OutputTensor]:
+                      inv_freq: np.ndarray | None = None,
+                      quantization: Quantization | None = None) -> list[OutputTensor]:
     """The published checkpoint's tensors in module order, made from Paddle-layout `sources` (by Paddle
     name; with `quantization`, the Linear weights are dequantized from their quantized tensors). `inv_freq`
     (bits in `dtype`) defaults to THUDM's own computation."""

@@ -29,8 +29,15 @@ import numpy as np
 from paddle_glm4 import __version__
 from paddle_glm4.checkpoint import INDEX_FILE, SINGLE_FILE, index_json, parse_size, plan_shards, weight_map
 from paddle_glm4.cli_errors import UsageError
-from paddle_glm4.config import (CONFIG_NAME, DEFAULT_GROUP_SIZE, QUANTIZATION_SCHEMES, STORAGE_DTYPES, ConfigError,
-                                GLM4Config, Quantization)
+from paddle_glm4.config import (
+    CONFIG_NAME,
+    DEFAULT_GROUP_SIZE,
+    QUANTIZATION_SCHEMES,
+    STORAGE_DTYPES,
+    ConfigError,
+    GLM4Config,
+    Quantization,
+)
 from paddle_glm4.integrations.paddlenlp_home import cache_dir
 from paddle_glm4.safetensors_file import SafetensorsReader, to_float32
 
@@ -169,11 +176,9 @@ def plan_paddle_checkpoint(source: TorchCheckpoint, dtype: str, max_shard_size: 
         "tool": f"paddle_glm4 {__version__} converters.torch_to_paddle",
         "source": {"layout": source.layout, "dtype": source.dtype, "tensors": len(source.tensors),
                    "files": [os.path.basename(r.path) for r in source.files]},
-        "output": {"layout": "paddle", "dtype": dtype, "tensors": len(tensors),
-                   "bytes": sum(t.nbytes for t in tensors)},
+        "output": {"layout": "paddle", "dtype": dtype, "tensors": len(tensors), "bytes": sum(t.nbytes for t in tensors),
+                   **({} if quantization is None else {"quantization": dataclasses.asdict(quantization)})},
     }
-    if quantization is not None:
-        manifest["output"]["quantization"] = dataclasses.asdict(quantization)
     if source.layout == "published":
         manifest["published_layout"] = source.layout_record()
     texts = {CONFIG_NAME: config.to_json_string(),

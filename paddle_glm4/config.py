@@ -87,16 +87,16 @@ class Quantization:
             raise ConfigError(f"int4 quantization needs an even group_size >= 2, got {self.group_size!r}")
 
     @classmethod
-    def of(cls, scheme: str, group_size: int | None = None) -> "Quantization":
+    def of(cls, scheme: str, group_size: int | None = None) -> Quantization:
         """`scheme` with its group size (int4: `group_size` or the default; int8: none)."""
         if scheme == "int4":
             return cls(scheme, DEFAULT_GROUP_SIZE if group_size is None else group_size)
         if group_size is not None:
-            raise ConfigError(f"group_size applies to int4 only (int8 has one scale per output channel)")
+            raise ConfigError("group_size applies to int4 only (int8 has one scale per output channel)")
         return cls(scheme)
 
     @classmethod
-    def from_dict(cls, data) -> "Quantization":
+    def from_dict(cls, data) -> Quantization:
         if not isinstance(data, dict) or set(data) - {"scheme", "group_size"} or "scheme" not in data:
             raise ConfigError(f"quantization must be an object {{\"scheme\": ..., \"group_size\": ...}}, got {data!r}")
         return cls(data["scheme"], data.get("group_size"))

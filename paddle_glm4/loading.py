@@ -114,20 +114,25 @@ def save_pretrained(model: GLM4ForCausalLM, directory: str, max_shard_size: int 
     state = model.state_dict()
     linears = _linears(model)
     layer_of = {f"{prefix}.{slot.name}": prefix for prefix, layer in linears.items() for slot in layer.slots}
-    entries, tensors = [], []  # tensors: how to make each entry's array, in order
+    entries = []  # (name, dtype, shape) of every tensor written, in order; a Linear's where its first one was
     for name, tensor in state.items():
         prefix = layer_of.get(name)
         if prefix is None:
             entries.append((name, store, tuple(tensor.shape)))
-            tensors.append((name, lambda t=tensor: _cast(_numpy(t), _dtype_name(t.dtype), store)))
-        elif name == f"{prefix}.{linears[prefix].slots[0].name}":  # a Linear's tensors go where its first was
+        elif name == f"{prefix}.{linears[prefix].slots[0].name}":
             layer = linears[prefix]
-            for slot in target.slots(layer.in_features, layer.out_features):
-                entries.append((f"{prefix}.{slot.name}", slot.dtype, slot.shape))
-                tensors.append((f"{prefix}.{slot.name}",
-                                lambda layer=layer, slot=slot.name: _stored_arrays(layer, target)[slot]))
-    files = checkpoint.write_checkpoint(directory, entries, ((name, make()) for name, make in tensors),
-                                        max_shard_size, metadata={"format": "pd"})
+            entries += [(f"{prefix}.{slot.name}", slot.dtype, slot.shape)
+                        for slot in target.slots(layer.in_features, layer.out_features)]
+
+    def tensors() -> Iterator[tuple[str, np.ndarray]]:
+        for name, _, _ in entries:
+            prefix, slot = name.rsplit(".", 1)
+            if prefix in linears and slot != "bias":  # a Linear's weight, in the stored format
+                yield name, _stored_arrays(linears[prefix], target)[slot]
+            else:
+                yield name, _cast(_numpy(state[name]), _dtype_name(state[name].dtype), store)
+
+    files = checkpoint.write_checkpoint(directory, entries, tensors(), max_shard_size, metadata={"format": "pd"})
     dataclasses.replace(model.config, dtype=store, quantization=quantization).save_pretrained(directory)
     model.generation_config.save_pretrained(directory)
     return [*files, CONFIG_NAME, GENERATION_CONFIG_NAME]

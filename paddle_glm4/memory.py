@@ -121,7 +121,7 @@ def context_for(config: GLM4Config, max_seq_len: int | None) -> int:
     """The context the memory check plans a KV cache for."""
     if max_seq_len is None:
         return min(config.seq_length, DEFAULT_CONTEXT)
-    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or not 0 < max_seq_len:
+    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:
         raise ValueError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
     return min(max_seq_len, config.seq_length)
 

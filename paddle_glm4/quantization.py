@@ -52,8 +52,15 @@ class WeightFormat:
     """Which tensors a Linear holds (`slots`), and the float32 rows of W^T through which every format
     converts to every other (`rows`, `pack`)."""
 
-    compute_dtype = "float32"   # activations and KV cache
-    bias_dtype = "float32"
+    @property
+    def compute_dtype(self) -> str:
+        """The dtype of the activations and the KV cache."""
+        return "float32"
+
+    @property
+    def bias_dtype(self) -> str:
+        """The dtype of the bias, and of the norms' weights beside these Linears."""
+        return "float32"
 
     def slots(self, k: int, n: int) -> list[Slot]:
         raise NotImplementedError
@@ -123,13 +130,19 @@ class Packed(WeightFormat):
     def quantization(self) -> Quantization | None:
         return None if self.kind == "bfloat16" else Quantization(self.kind, self.group_size)
 
+    @property
+    def group(self) -> int:
+        """int4's group size (validated at construction)."""
+        if self.group_size is None:
+            raise ValueError(f"{self.kind} weights have no groups")
+        return self.group_size
+
     def slots(self, k, n):
         if self.kind == "bfloat16":
             return [Slot("weight", (n, k), "bfloat16")]
         if self.kind == "int8":
             return [Slot("qweight", (n, k), "int8"), Slot("scales", (n,), "float32")]
-        return [Slot("qweight", (n, (k + 1) // 2), "uint8"),
-                Slot("scales", (n, -(-k // self.group_size)), "float32")]
+        return [Slot("qweight", (n, (k + 1) // 2), "uint8"), Slot("scales", (n, -(-k // self.group)), "float32")]
 
     def embedding_dtype(self, stored):
         if self.kind == "bfloat16":
@@ -142,14 +155,14 @@ class Packed(WeightFormat):
         qweight, scales = arrays["qweight"][start:stop], arrays["scales"][start:stop]
         if self.kind == "int8":
             return quant.dequantize_int8(qweight, scales)
-        return quant.dequantize_int4(qweight, scales, k, self.group_size)
+        return quant.dequantize_int4(qweight, scales, k, self.group)
 
     def pack(self, arrays, rows, start):
         stop = start + len(rows)
         if self.kind == "bfloat16":
             arrays["weight"][start:stop] = cast(rows, "float32", "bfloat16")
             return
-        packed = quant.quantize_int8(rows) if self.kind == "int8" else quant.quantize_int4(rows, self.group_size)
+        packed = quant.quantize_int8(rows) if self.kind == "int8" else quant.quantize_int4(rows, self.group)
         arrays["qweight"][start:stop], arrays["scales"][start:stop] = packed
 
 
@@ -219,6 +232,7 @@ def choose_format(stored_dtype: str, stored_quantization: Quantization | None, d
     """
     if activation_dtype not in ACTIVATION_DTYPES:
         raise ValueError(f"activation_dtype must be one of {ACTIVATION_DTYPES}, got {activation_dtype!r}")
+    wanted: Quantization | None
     if quantization is not None:
         wanted = Quantization.of(quantization, group_size)
         if stored_quantization is not None and wanted != stored_quantization:
