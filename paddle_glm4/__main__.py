@@ -42,6 +42,7 @@ def sampling_kwargs(args, defaults) -> dict:
                                else args.repetition_penalty),
         "seed": args.seed,
         "max_new_tokens": args.max_new_tokens,
+        "truncate": args.truncate,
     }
 
 
@@ -66,7 +67,8 @@ def cmd_generate(args) -> int:
     streamer = TextStreamer(tokenizer, sys.stdout)
     started = time.perf_counter()
     with ctrl_c_cancels(streamer):
-        model.generate([ids], streamer=streamer, **sampling_kwargs(args, model.generation_config))
+        model.generate([ids], streamer=streamer, vocab_limit=len(tokenizer),
+                       **sampling_kwargs(args, model.generation_config))
     sys.stdout.write("\n")
     if streamer.cancelled:
         raise KeyboardInterrupt
@@ -111,7 +113,8 @@ def _chat(args, model, tokenizer, reader, interactive: bool) -> int:
         started = time.perf_counter()
         try:
             with ctrl_c_cancels(streamer):
-                out, _ = model.generate([ids], eos_token_id=tokenizer.stop_token_ids, streamer=streamer, **kwargs)
+                out, _ = model.generate([ids], eos_token_id=tokenizer.stop_token_ids, streamer=streamer,
+                                        vocab_limit=len(tokenizer), **kwargs)
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
             messages.pop()
@@ -122,8 +125,7 @@ def _chat(args, model, tokenizer, reader, interactive: bool) -> int:
             continue
         sys.stdout.write("\n")
         sys.stdout.flush()
-        answer = [t for t in out.numpy()[0].tolist()
-                  if t not in tokenizer.stop_token_ids and not tokenizer.is_padding_id(t)]
+        answer = [t for t in out.numpy()[0].tolist() if t not in tokenizer.stop_token_ids]
         messages.append({"role": "assistant", "content": tokenizer.decode(answer, skip_special_tokens=True).strip()})
         if args.verbose:
             report_speed(len(ids), started, streamer)
@@ -168,6 +170,9 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, metavar="S", help="random seed, for reproducible sampling")
     parser.add_argument("--greedy", action="store_true",
                         help="always pick the most likely token, whatever generation_config.json says")
+    parser.add_argument("--truncate", action="store_true",
+                        help="when the prompt and --max-new-tokens do not fit the model's context, drop the "
+                             "prompt's beginning instead of stopping with an error")
 
 
 def build_parser() -> argparse.ArgumentParser:

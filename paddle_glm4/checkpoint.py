@@ -35,6 +35,24 @@ INDEX_SCHEMA = Object({"metadata": Optional(Object({"total_size": Optional(Int(0
                        "weight_map": Map(Str(max_len=255), max_len=1 << 20)}, required=("weight_map",))
 
 
+# The config.json model types of GLM-4's torch checkpoints, which Paddle loads only once converted.
+TORCH_LAYOUTS = {"chatglm": "the published torch layout (THUDM's)", "glm": "transformers' torch layout"}
+
+
+def require_converted(directory: str, error=CheckpointError) -> None:
+    """Raise `error` with the command that converts it when `directory` holds GLM-4 as a torch checkpoint
+    (its config.json names a torch model type); do nothing otherwise."""
+    try:
+        config = read_json(os.path.join(directory, "config.json"))
+    except (OSError, ValueError):  # no readable config: the caller's own checks say what is wrong
+        return
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type in TORCH_LAYOUTS:
+        raise error(f"{directory} holds GLM-4 in {TORCH_LAYOUTS[model_type]} (config.json model_type "
+                    f"{model_type!r}), not a Paddle checkpoint; convert it first: glm4-convert --src {directory} "
+                    f"--dst {os.path.normpath(directory)}-paddle")
+
+
 # ---- small file helpers ---------------------------------------------------------------------------------
 def write_text_atomic(path: str, text: str) -> None:
     """Write a text file so that readers see either the old file or the whole new one."""

@@ -101,7 +101,8 @@ def run_demo(args: argparse.Namespace) -> int:
         ids = tokenizer.encode(args.prompt)
         streamer = Streamer()
         started = time.perf_counter()
-        out, _ = model.generate([ids], max_new_tokens=args.max_new_tokens, streamer=streamer)
+        out, _ = model.generate([ids], max_new_tokens=args.max_new_tokens, streamer=streamer,
+                                vocab_limit=len(tokenizer))
         finished = time.perf_counter()
         new = out.numpy()[0].tolist()
         print("NOTE: the weights are random, so the text is meaningless; every stage above ran for real.")
@@ -109,14 +110,19 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"prompt:    {args.prompt!r}")
         print(f"prompt ids ({len(ids)}): {ids}")
         print(f"new ids ({len(new)}):    {new}")
-        text = tokenizer.decode([t for t in new if not tokenizer.is_padding_id(t)], skip_special_tokens=True)
-        print(f"new text:  {text!r}")
+        print(f"new text:  {tokenizer.decode(new, skip_special_tokens=True)!r}")
+        if new and new[-1] in model.generation_config.eos_token_id:
+            print(f"stopped:   at end-of-sequence id {new[-1]} {tokenizer.decode([new[-1]])}, after {len(new)} "
+                  f"of at most {args.max_new_tokens} new tokens")
         first_token = streamer.first_token_time or finished  # (None: no token came)
         prefill = first_token - started
         decode = finished - first_token
         print(f"speed:     prefill {len(ids) / prefill:.1f} tokens/s, decode "
               f"{(len(new) - 1) / decode if decode > 0 else float('nan'):.1f} tokens/s "
               f"(float32 on CPU, {os.cpu_count()} threads)")
+        if args.out:
+            print(f"kept:      {paddle_dir} is a converted checkpoint the README's examples run on, e.g.\n"
+                  f"           python -m paddle_glm4 generate --model {paddle_dir} --prompt 'Hello'")
         return 0
     finally:
         if not args.out:

@@ -84,7 +84,25 @@ def load_engine(model_dir: str, engine: str = "dynamic", dtype: str | None = Non
 
         model = GLM4ForCausalLM.from_pretrained(model_dir, dtype=dtype, quantization=quantization,
                                                 group_size=group_size, activation_dtype=activation_dtype)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise UsageError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
-                         f"{model.config.vocab_size}; they do not belong together")
+    check_pair(model, tokenizer, model_dir, tokenizer_dir)
     return model, tokenizer
+
+
+def check_pair(model, tokenizer, model_dir: str, tokenizer_dir: str) -> None:
+    """Refuse a tokenizer that does not belong to the model: more tokens than the model has rows, or stop ids
+    (the model's generation_config / config eos_token_id) that are not the tokenizer's special tokens, with
+    which generation would never stop, or stop at ordinary text."""
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise UsageError(f"the tokenizer in {tokenizer_dir} has {tokenizer.vocab_size} tokens but the model in "
+                         f"{model_dir} only {model.config.vocab_size}; they do not belong together")
+    specials = {token_id: text for text, token_id in tokenizer.special_tokens.items()}
+    eos = model.generation_config.eos_token_id
+    for token_id in eos:
+        if token_id not in specials:
+            raise UsageError(f"the model in {model_dir} stops at id {token_id}, which is not a special token of the "
+                             f"tokenizer in {tokenizer_dir} (its special ids are {min(specials)}..{max(specials)}); "
+                             "they do not belong together")
+    if eos and tokenizer.eos_token_id not in eos:
+        raise UsageError(f"the tokenizer in {tokenizer_dir} ends text with {tokenizer.eos_token!r} (id "
+                         f"{tokenizer.eos_token_id}), which is not among the model's stop ids {eos} in {model_dir}; "
+                         "they do not belong together")

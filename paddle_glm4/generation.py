@@ -106,9 +106,12 @@ def generate(session: Session, input_ids, *, seq_length: int, vocab_size: int, d
              attention_mask=None, position_ids=None, max_new_tokens: int = 128, do_sample: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
              eos_token_id=None, pad_token_id: int | None = None, seed: int | None = None, streamer=None,
-             truncate: bool = False):
+             truncate: bool = False, vocab_limit: int | None = None):
     """Generate up to `max_new_tokens` after each (left-padded) prompt; see GLM4ForCausalLM.generate."""
     params = SamplingParams(do_sample, temperature, top_k, top_p, repetition_penalty)
+    if vocab_limit is not None and (isinstance(vocab_limit, bool) or not isinstance(vocab_limit, int)
+                                    or not 0 < vocab_limit <= vocab_size):
+        raise ValueError(f"vocab_limit must be an int in 1..{vocab_size} (the tokenizer's len()), got {vocab_limit!r}")
     input_ids = _as_ids(input_ids, "input_ids")
     attention_mask = _as_ids(attention_mask, "attention_mask") if attention_mask is not None else None
     position_ids = _as_ids(position_ids, "position_ids") if position_ids is not None else None
@@ -128,7 +131,7 @@ def generate(session: Session, input_ids, *, seq_length: int, vocab_size: int, d
             raise ValueError(
                 f"the prompt ({prompt_len} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the model's "
                 f"context of {seq_length} tokens; shorten the prompt, lower max_new_tokens, or ask for truncation "
-                "(truncate=True keeps the end of the prompt)")
+                "(--truncate on the command line, truncate=True in Python, keeps the end of the prompt)")
         input_ids = input_ids[:, -keep:]
         attention_mask = attention_mask[:, -keep:] if attention_mask is not None else None
         position_ids = None  # positions are recounted from the kept tokens
@@ -143,15 +146,21 @@ def generate(session: Session, input_ids, *, seq_length: int, vocab_size: int, d
         paddle.seed(seed)
     try:
         return _decode_loop(session, input_ids, attention_mask, position_ids, prompt_len + max_new_tokens,
-                            max_new_tokens, params, eos, pad, vocab_size, streamer)
+                            max_new_tokens, params, eos, pad, vocab_size, streamer, vocab_limit)
     finally:
         if rng_state is not None:
             paddle.set_rng_state(rng_state)  # leave the caller's random stream as it was
 
 
 def _decode_loop(session, input_ids, attention_mask, position_ids, capacity, max_new_tokens, params, eos, pad,
-                 vocab_size, streamer):
+                 vocab_size, streamer, vocab_limit):
     batch = input_ids.shape[0]
+    # The embedding's rows past the tokenizer's last id (GLM-4: 151552 rows, 151343 tokens) stand for no text;
+    # -inf makes them impossible for greedy and sampling alike.
+    no_token = None
+    if vocab_limit is not None and vocab_limit < vocab_size:
+        no_token = paddle.concat([paddle.zeros([vocab_limit], dtype="float32"),
+                                  paddle.full([vocab_size - vocab_limit], float("-inf"), dtype="float32")])
     seen = None
     if params.repetition_penalty != 1.0:
         # how often each row already holds each token (padding excluded): [b, vocab]
@@ -167,6 +176,8 @@ def _decode_loop(session, input_ids, attention_mask, position_ids, capacity, max
 
     logits = session.prefill(input_ids, attention_mask, position_ids, capacity)
     for step in range(max_new_tokens):
+        if no_token is not None:
+            logits = logits + no_token
         tokens, log_probs = choose_tokens(logits, params, seen)
         tokens = paddle.where(finished, paddle.full_like(tokens, pad), tokens)
         scores = scores + paddle.where(finished, paddle.zeros_like(log_probs), log_probs)

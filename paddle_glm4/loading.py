@@ -47,6 +47,7 @@ def from_pretrained(cls: type[Model], path: str, dtype: str | None = None, fused
     if not os.path.exists(os.path.join(path, CONFIG_NAME)):
         raise checkpoint.CheckpointError(
             f"{path}: no {CONFIG_NAME}; is this a checkpoint converted with glm4-convert?")
+    checkpoint.require_converted(path)
     config = GLM4Config.from_pretrained(path)
     # the headers against the config before anything is built for it: a config whose sizes are not the
     # checkpoint's is refused here

@@ -318,20 +318,36 @@ class GLM4Tokenizer:
 
     # ---- decoding ----
 
-    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-        """The text of `ids`; bytes that are not valid UTF-8 become U+FFFD."""
-        ids = self._check_ids(ids)
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False, errors: str = "replace") -> str:
+        """The text of `ids`. `errors` says what becomes of what has no text, as in Python's codecs: ids past the
+        vocabulary (a model's padding rows, see `is_padding_id`) and bytes that are not UTF-8. "replace" (the
+        default) writes U+FFFD for each, "ignore" drops them, "strict" raises (TokenizerError for an id,
+        UnicodeDecodeError for bytes). Negative ids and non-integers always raise."""
+        if errors not in ERRORS:
+            raise TokenizerError(f"errors must be one of {', '.join(map(repr, ERRORS))}, not {errors!r}")
+        ids = self._check_ids(ids, errors)
         if skip_special_tokens:
-            ids = [i for i in ids if i < self.base_vocab_size]
-        return self._encoding.decode_bytes(ids).decode("utf-8", errors="replace")
+            ids = [i for i in ids if not self.base_vocab_size <= i < self.vocab_size]
+        pieces, start = [], 0
+        for end in [k for k, i in enumerate(ids) if i >= self.vocab_size] + [len(ids)]:  # split at ids with no token
+            pieces.append(self._encoding.decode_bytes(ids[start:end]).decode("utf-8", errors=errors))
+            start = end + 1
+        return ("\ufffd" if errors == "replace" else "").join(pieces)
 
-    def detokenizer(self, skip_special_tokens: bool = False) -> IncrementalDetokenizer:
+    def batch_decode(self, sequences, skip_special_tokens: bool = False, errors: str = "replace") -> list[str]:
+        """`decode` of each row: a list of id lists, a [batch, length] array or tensor (e.g. generate()'s ids)."""
+        if hasattr(sequences, "tolist"):  # numpy arrays and paddle tensors
+            sequences = sequences.tolist()
+        return [self.decode(ids, skip_special_tokens, errors) for ids in sequences]
+
+    def detokenizer(self, skip_special_tokens: bool = False, errors: str = "replace") -> IncrementalDetokenizer:
         """A streaming decoder for ids that arrive one at a time (see IncrementalDetokenizer)."""
-        return IncrementalDetokenizer(self, skip_special_tokens)
+        return IncrementalDetokenizer(self, skip_special_tokens, errors)
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes one token stands for (a special token: its text in UTF-8)."""
-        (token_id,) = self._check_ids([token_id])
+        token_id = operator.index(token_id)
+        self._check_id(token_id)
         return self._encoding.decode_single_token_bytes(token_id)
 
     def is_padding_id(self, token_id: int) -> bool:
@@ -364,38 +380,57 @@ class GLM4Tokenizer:
             raise TokenizerError(f"allowed_special names tokens that are not special tokens: {', '.join(unknown)}")
         return allowed
 
-    def _check_ids(self, ids: Iterable[int]) -> list[int]:
+    def _check_ids(self, ids: Iterable[int], errors: str = "strict") -> list[int]:
+        """`ids` as a list of ints; a negative id is always an error, an id past the vocabulary only when
+        `errors` is "strict"."""
         if hasattr(ids, "tolist"):  # numpy arrays and paddle tensors
             ids = ids.tolist()
         ids = [operator.index(i) for i in ids]
-        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
-            bad = next(i for i in ids if not 0 <= i < self.vocab_size)
-            raise TokenizerError(f"token id {bad} is out of range: this vocabulary has ids 0..{self.vocab_size - 1}")
+        if ids and (min(ids) < 0 or (errors == "strict" and max(ids) >= self.vocab_size)):
+            self._check_id(next(i for i in ids if not 0 <= i < self.vocab_size))
         return ids
+
+    def _check_id(self, token_id: int) -> None:
+        if not 0 <= token_id < self.vocab_size:
+            raise TokenizerError(f"token id {token_id} is out of range: this vocabulary has ids "
+                                 f"0..{self.vocab_size - 1}")
+
+
+ERRORS = ("strict", "replace", "ignore")
 
 
 class IncrementalDetokenizer:
     """Turns ids into text one id at a time, never emitting part of a UTF-8 character.
 
     `push(id)` returns the text completed by that id (often '', e.g. after the first byte of a character split
-    over two tokens); `flush()` returns what is left at the end. Joined, the outputs equal
-    `tokenizer.decode(ids, skip_special_tokens)`: Python's incremental UTF-8 decoder with errors="replace"
-    replaces invalid bytes exactly as a one-shot decode does, and holds back only an incomplete trailing character.
+    over two tokens); `flush()` returns what is left at the end. Joined, the outputs are
+    `tokenizer.decode(ids, skip_special_tokens, errors)`: Python's incremental UTF-8 decoder replaces (or drops)
+    invalid bytes exactly as a one-shot decode does, and holds back only an incomplete trailing character. An id
+    past the vocabulary ends the character in progress and stands for one U+FFFD ("replace") or nothing
+    ("ignore"); with "strict" it raises.
     """
 
-    def __init__(self, tokenizer: GLM4Tokenizer, skip_special_tokens: bool = False):
+    def __init__(self, tokenizer: GLM4Tokenizer, skip_special_tokens: bool = False, errors: str = "replace"):
+        if errors not in ERRORS:
+            raise TokenizerError(f"errors must be one of {', '.join(map(repr, ERRORS))}, not {errors!r}")
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._errors = errors
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors=errors)
 
     def push(self, token_id: int) -> str:
+        token_id = operator.index(token_id)
+        if token_id >= self._tokenizer.vocab_size and self._errors != "strict":
+            return self.flush() + ("\ufffd" if self._errors == "replace" else "")
         data = self._tokenizer.token_bytes(token_id)
         if self._skip_special_tokens and self._tokenizer.is_special(token_id):
             return ""
         return self._utf8.decode(data)
 
     def flush(self) -> str:
-        """The rest of the text (U+FFFD for an unfinished character); the detokenizer can then start over."""
-        text = self._utf8.decode(b"", final=True)
-        self._utf8.reset()
-        return text
+        """The rest of the text (an unfinished character: U+FFFD, nothing, or UnicodeDecodeError, as `errors`
+        says); the detokenizer can then start over."""
+        try:
+            return self._utf8.decode(b"", final=True)
+        finally:
+            self._utf8.reset()

@@ -47,10 +47,12 @@ def checkpoint(tmp_path_factory):
 
 
 def expected_answer(model, tokenizer, ids, new_tokens, **kwargs):
-    """The new ids of greedy generation, without the model's padding ids (the model's 512 rows outnumber the
-    vocabulary's 432 tokens, as GLM-4's 151552 do its 151343: the CLI shows no text for them)."""
-    out, _ = model.generate([ids], max_new_tokens=new_tokens, **kwargs)
-    return [t for t in out.numpy()[0].tolist() if not tokenizer.is_padding_id(t)]
+    """The new ids of greedy generation among the tokenizer's ids (the model's 512 rows outnumber the
+    vocabulary's 432 tokens, as GLM-4's 151552 do its 151343: the CLI never picks those padding rows)."""
+    out, _ = model.generate([ids], max_new_tokens=new_tokens, vocab_limit=len(tokenizer), **kwargs)
+    ids = out.numpy()[0].tolist()
+    assert not any(tokenizer.is_padding_id(t) for t in ids)
+    return ids
 
 
 def test_help_explains_every_flag():

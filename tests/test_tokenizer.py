@@ -87,8 +87,8 @@ def small_variant(small_dir, directory, **config_changes) -> GLM4Tokenizer:
     return GLM4Tokenizer.from_pretrained(directory)
 
 
-def stream(tokenizer: GLM4Tokenizer, ids, skip_special_tokens=False) -> list[str]:
-    detok = tokenizer.detokenizer(skip_special_tokens=skip_special_tokens)
+def stream(tokenizer: GLM4Tokenizer, ids, skip_special_tokens=False, errors="replace") -> list[str]:
+    detok = tokenizer.detokenizer(skip_special_tokens=skip_special_tokens, errors=errors)
     return [detok.push(i) for i in ids] + [detok.flush()]
 
 
@@ -257,9 +257,30 @@ def test_decode_skips_specials_and_accepts_arrays(small):
 def test_decode_rejects_ids_out_of_range(small, bad):
     bad = small.vocab_size if bad == "vocab_size" else bad
     with pytest.raises(TokenizerError, match=f"token id {bad} is out of range"):
-        small.decode([5, bad])
+        small.decode([5, bad], errors="strict")
     with pytest.raises(TokenizerError, match="out of range"):
-        small.detokenizer().push(bad)
+        small.detokenizer(errors="strict").push(bad)
+
+
+def test_ids_past_the_vocabulary_decode_as_codecs_errors_say(small):
+    """A model's padding rows (ids past the tokenizer's) have no text: U+FFFD by default, or dropped; a broken
+    UTF-8 character on either side of one is cut there, as a one-shot decode of each side would."""
+    second = small.encode("ok", add_special_tokens=False)
+    pad = small.vocab_size + 3
+    assert small.decode([*second, pad, *second]) == "ok\ufffdok"
+    assert small.decode([*second, pad, *second], errors="ignore") == "okok"
+    half = [rank for rank in range(small.base_vocab_size) if small.token_bytes(rank) == b"\xe4"]  # 你 starts so
+    ids = [*half, pad, *second]
+    assert small.decode(ids) == "\ufffd\ufffdok" == "".join(stream(small, ids))
+    assert small.decode(ids, errors="ignore") == "ok" == "".join(stream(small, ids, errors="ignore"))
+    with pytest.raises(UnicodeDecodeError):
+        small.decode([*half, *second], errors="strict")
+    assert small.batch_decode([[*second, pad], second]) == ["ok\ufffd", "ok"]
+    assert small.batch_decode(np.array([[*second, pad]]), errors="ignore") == ["ok"]
+    with pytest.raises(TokenizerError, match="errors must be one of"):
+        small.decode(second, errors="surrogateescape")
+    with pytest.raises(TokenizerError, match="out of range"):
+        small.decode([-1], errors="ignore")  # not an id at all
 
 
 def test_call_single_text(small):

@@ -26,7 +26,7 @@ from paddle import nn
 from paddle.static import InputSpec
 
 from .. import kernels
-from ..checkpoint import write_text_atomic
+from ..checkpoint import require_converted, write_text_atomic
 from ..config import CONFIG_NAME, MODEL_TYPE, STORAGE_DTYPES, ConfigError, GLM4Config
 from ..device import on_gpu
 from ..model import GLM4ForCausalLM, RMSNorm
@@ -95,6 +95,7 @@ def check_checkpoint(model_dir: str) -> GLM4Config:
     path = os.path.join(model_dir, CONFIG_NAME)
     if not os.path.exists(path):
         raise ExportError(f"{model_dir}: no {CONFIG_NAME}; export takes a checkpoint converted with glm4 convert")
+    require_converted(model_dir, ExportError)
     data = read_json(path, error=ConfigError)
     model_type = data.get("model_type") if isinstance(data, dict) else None
     if model_type != MODEL_TYPE:

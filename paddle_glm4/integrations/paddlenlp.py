@@ -36,9 +36,10 @@ from typing import Any
 import paddle
 
 from ..config import CONFIG_NAME, MODEL_TYPE, GLM4Config
+from ..engine import check_pair
 from ..model import GLM4ForCausalLM
 from ..tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
-from ..tokenizer import GLM4Tokenizer
+from ..tokenizer import TOKENIZER_FILE, GLM4Tokenizer
 from ..validation import read_json
 from .paddlenlp_home import model_home
 
@@ -134,7 +135,7 @@ def load_config(name_or_path: str | os.PathLike, **kwargs: Any) -> GLM4Config:
 
 
 class PaddleNLPGLM4Tokenizer(GLM4Tokenizer):
-    """GLM4Tokenizer as AutoTokenizer returns it: it also loads by PaddleNLP name and decodes generate()'s ids."""
+    """GLM4Tokenizer as AutoTokenizer returns it: it also loads by PaddleNLP name."""
 
     @classmethod  # PaddleNLP's signature, not GLM4Tokenizer's: hence the override
     def from_pretrained(cls, name_or_path: str | os.PathLike,  # type: ignore[override]
@@ -143,21 +144,25 @@ class PaddleNLPGLM4Tokenizer(GLM4Tokenizer):
         _refuse_unknown(kwargs, "AutoTokenizer.from_pretrained for GLM-4", "use_fast")
         return super().from_pretrained(checkpoint_dir(name_or_path, converted=False, **kwargs))
 
-    def batch_decode(self, sequences: Any, skip_special_tokens: bool = False) -> list[str]:
-        if hasattr(sequences, "tolist"):  # numpy arrays and paddle tensors
-            sequences = sequences.tolist()
-        return [self.decode(ids, skip_special_tokens=skip_special_tokens) for ids in sequences]
-
 
 class PaddleNLPGLM4ForCausalLM(GLM4ForCausalLM):
     """GLM4ForCausalLM as AutoModelForCausalLM returns it: it also loads by PaddleNLP name, and `generate` takes
     PaddleNLP's arguments besides this project's (see `generate_arguments`)."""
 
+    vocab_limit: int | None = None  # the checkpoint tokenizer's len(): ids from there on have no token
+
     @classmethod  # PaddleNLP's signature, not GLM4ForCausalLM's: hence the override
     def from_pretrained(cls, name_or_path: str | os.PathLike, dtype: str | None = None,  # type: ignore[override]
                         fused: bool | None = None, **kwargs: Any) -> PaddleNLPGLM4ForCausalLM:
         _refuse_unknown(kwargs, "AutoModelForCausalLM.from_pretrained for GLM-4")
-        return super().from_pretrained(checkpoint_dir(name_or_path, **kwargs), dtype=dtype, fused=fused)
+        directory = checkpoint_dir(name_or_path, **kwargs)
+        model = super().from_pretrained(directory, dtype=dtype, fused=fused)
+        # The checkpoint's tokenizer says which ids have text: generate never picks the embedding's padding rows.
+        if os.path.exists(os.path.join(directory, TOKENIZER_FILE)):
+            tokenizer = GLM4Tokenizer.from_pretrained(directory)
+            check_pair(model, tokenizer, directory, directory)
+            model.vocab_limit = len(tokenizer)
+        return model
 
     def generate(self, input_ids, attention_mask=None, generation_config=None, **options):  # type: ignore[override]
         """PaddleNLP's generate(): `ids, scores = model.generate(**tokenizer(texts, return_tensors="pd"), ...)`.
@@ -168,7 +173,8 @@ class PaddleNLPGLM4ForCausalLM(GLM4ForCausalLM):
         if generation_config is not None:  # what its user set, less the version stamps of one read from a file
             chosen = generation_config.to_diff_dict()
             options = {**{k: v for k, v in chosen.items() if not k.endswith("_version")}, **options}
-        arguments, copies = generate_arguments(options, self.generation_config)
+        arguments, copies = generate_arguments({"vocab_limit": self.vocab_limit, **options},
+                                               self.generation_config)
         if copies > 1:  # PaddleNLP's order: the copies of each prompt are adjacent rows
             position_ids = arguments.pop("position_ids", None)
             input_ids, attention_mask, position_ids = (
@@ -184,7 +190,7 @@ UNSUPPORTED_OPTIONS = {"num_beams": 1, "num_beam_groups": 1, "length_penalty": 1
                        "early_stopping": False, "min_length": 0, "min_new_tokens": 0, "no_repeat_ngram_size": 0,
                        "forced_bos_token_id": None, "forced_eos_token_id": None}
 # Options passed on to GLM4ForCausalLM.generate as they are.
-PASSED_OPTIONS = ("eos_token_id", "pad_token_id", "seed", "streamer", "position_ids", "truncate")
+PASSED_OPTIONS = ("eos_token_id", "pad_token_id", "seed", "streamer", "position_ids", "truncate", "vocab_limit")
 SAMPLING_OPTIONS = ("temperature", "top_k", "top_p", "repetition_penalty")
 
 
@@ -196,7 +202,8 @@ def generate_arguments(options: dict, defaults) -> tuple[dict, int]:
     - max_new_tokens, or PaddleNLP's older max_length (also a count of NEW tokens); unset: this project's default.
     - temperature, top_k, top_p, repetition_penalty; unset: generation_config.json's values, else off (top_k 0,
       where PaddleNLP's own default is 50).
-    - eos_token_id (an id or a list), pad_token_id, seed, streamer, position_ids, truncate: as given.
+    - eos_token_id (an id or a list), pad_token_id, seed, streamer, position_ids, truncate, vocab_limit: as given
+      (vocab_limit defaults to the len() of the checkpoint's tokenizer).
     - num_return_sequences: that many samples per prompt (sampling only).
     - use_cache: the KV cache is always used; it changes speed, not tokens.
     """

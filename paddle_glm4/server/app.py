@@ -71,7 +71,7 @@ def create_app(model: Engine, tokenizer: GLM4Tokenizer, model_name: str = "glm-4
                                 f"{max(max_tokens, 1)} for the answer). Shorten the prompt or lower max_tokens.",
                            code="context_length_exceeded", param="messages")
         try:
-            return worker.submit(prompt, max_new_tokens=max_tokens, eos_token_id=eos,
+            return worker.submit(prompt, max_new_tokens=max_tokens, eos_token_id=eos, vocab_limit=len(tokenizer),
                                  **_sampling(body, model.generation_config))
         except Busy:
             raise APIError(429, f"The server is busy: {max_concurrency} requests are being served or are waiting. "
