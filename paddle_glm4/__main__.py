@@ -1,4 +1,4 @@
-"""The `glm4` command line: generate, chat, convert, demo, serve.
+"""The `glm4` command line: generate, chat, convert, to-torch, export, demo, serve.
 
 Generated text goes to stdout; everything else (progress, timing, notices) goes to stderr, so that the
 output can be piped. Failures print one line and exit with code 2.
@@ -148,6 +148,25 @@ def cmd_convert(args) -> int:
     return torch_to_paddle.run(args)
 
 
+def cmd_to_torch(args) -> int:
+    from converters import paddle_to_torch
+
+    return paddle_to_torch.run(args)
+
+
+def cmd_export(args) -> int:
+    from .inference.export import export_model
+
+    manifest = export_model(args.model, args.out, args.dtype, args.max_seq_len, quantization=args.quantize,
+                            group_size=args.group_size, activation_dtype=args.activation_dtype)
+    quantized = manifest.config.quantization
+    weights = manifest.dtype if quantized is None else f"{quantized} (the rest {manifest.dtype})"
+    print(f"exported to {args.out}: weights {weights}, computes in {manifest.compute_dtype} on "
+          f"{manifest.device}{' with paddle_glm4 kernels' if manifest.kernels else ''}, max_seq_len "
+          f"{manifest.max_seq_len}", file=sys.stderr)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -175,8 +194,40 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
                              "prompt's beginning instead of stopping with an error")
 
 
+EXPORT_DESCRIPTION = ("Trace the model and save it as a static program (PIR .json + .pdiparams) with its manifest and "
+                      "tokenizer files, for Paddle Inference; generate from it with `glm4 generate --model OUT "
+                      "--engine inference`. Same as python -m paddle_glm4.inference export.")
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    from .config import DEFAULT_GROUP_SIZE, QUANTIZATION_SCHEMES, STORAGE_DTYPES
+    from .quantization import ACTIVATION_DTYPES
+
+    parser.add_argument("--model", required=True, metavar="DIR", help="a checkpoint converted with glm4 convert")
+    parser.add_argument("--out", required=True, metavar="DIR", help="the export directory to write")
+    parser.add_argument("--dtype", choices=STORAGE_DTYPES,
+                        help="how the weights are stored (default: as in the checkpoint); a CPU program computes "
+                             "in float32 whatever this is, a program exported on a GPU computes in it")
+    parser.add_argument("--quantize", choices=QUANTIZATION_SCHEMES,
+                        help="store the Linear weights quantized (int8: one scale per output channel; int4: one "
+                             "per --group-size input rows); the program computes them with paddle_glm4's C++ "
+                             "kernels. A checkpoint from `glm4 convert --quantize` exports quantized without it")
+    parser.add_argument("--group-size", type=int, metavar="G",
+                        help=f"with --quantize int4: input rows per scale (default {DEFAULT_GROUP_SIZE})")
+    parser.add_argument("--activation-dtype", choices=ACTIVATION_DTYPES, default="auto",
+                        help="how activations enter the bf16/int8/int4 kernels' dot products: float32 exact; "
+                             "bfloat16 or int8 rounded, faster; auto (default) picks per CPU where it runs")
+    parser.add_argument("--max-seq-len", type=int, metavar="N",
+                        help="the longest prompt + generation the export accepts (default: the config's "
+                             "seq_length)")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="glm4", description="GLM-4-9B in PaddlePaddle.")
+    parser.add_argument("--version", action="version", version=f"paddle_glm4 {__version__}",
+                        help="print the version and exit")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     generate = commands.add_parser("generate", help="continue a prompt, streaming the text to stdout",
@@ -203,6 +254,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     torch_to_paddle.add_arguments(convert)
     convert.set_defaults(handler=cmd_convert)
+
+    to_torch = commands.add_parser("to-torch", help="convert a Paddle checkpoint back to the published torch layout",
+                                   description="Convert a paddle_glm4 checkpoint back into the published GLM-4 "
+                                               "torch layout (safetensors); same as python -m "
+                                               "converters.paddle_to_torch.")
+    from converters import paddle_to_torch
+
+    paddle_to_torch.add_arguments(to_torch)
+    to_torch.set_defaults(handler=cmd_to_torch)
+
+    export = commands.add_parser("export", help="export a converted checkpoint for Paddle Inference",
+                                 description=EXPORT_DESCRIPTION)
+    add_export_arguments(export)
+    export.set_defaults(handler=cmd_export)
 
     from .demo import add_arguments as add_demo_arguments
 

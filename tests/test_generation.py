@@ -177,3 +177,26 @@ def test_a_cancelled_streamer_stops_generation(models):
 
     ids, _ = model.generate(prompts(config)[0], max_new_tokens=NEW, eos_token_id=[], streamer=StopAfterThree())
     assert ids.shape[1] == 3
+
+
+def test_vocab_limit_keeps_generation_inside_the_tokenizers_ids(models):
+    """Ids from vocab_limit on (an embedding's padding rows) are never chosen, greedy or sampled; below it greedy
+    picks what the full forward's logits say among the allowed ids."""
+    config, _, model = models
+    limit = 97  # well below the model's 512 rows, so that random weights often prefer a row past it
+    p = prompts(config, (7,))[0]
+    ids, _ = model.generate(p, max_new_tokens=16, eos_token_id=[], vocab_limit=limit)
+    sequence = list(p)
+    for _ in range(16):
+        sequence.append(int(model(paddle.to_tensor([sequence])).logits.numpy()[0, -1, :limit].argmax()))
+    assert ids.numpy()[0].tolist() == sequence[len(p):]
+    free, _ = model.generate(p, max_new_tokens=16, eos_token_id=[])
+    assert max(free.numpy()[0]) >= limit  # the limit changed something
+    for seed in range(3):
+        sampled, _ = model.generate(p, max_new_tokens=24, eos_token_id=[], do_sample=True, temperature=2.0,
+                                    seed=seed, repetition_penalty=1.3, vocab_limit=limit)
+        assert sampled.numpy().max() < limit
+    assert model.generate(p, max_new_tokens=4, vocab_limit=config.vocab_size)[0].shape == [1, 4]  # no-op limit
+    for bad in (0, config.vocab_size + 1, 2.5, True):
+        with pytest.raises(ValueError, match="vocab_limit must be an int"):
+            model.generate(p, max_new_tokens=4, vocab_limit=bad)
