@@ -180,6 +180,18 @@ class Completion(BaseModel):
     usage: Usage | None = None
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every error the server answers with (errors.APIError)."""
+    error: ErrorDetail
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
