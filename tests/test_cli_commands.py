@@ -65,7 +65,7 @@ def test_truncate_keeps_the_end_of_a_prompt_that_does_not_fit(checkpoint, capsys
 
 
 def test_to_torch_and_export_are_glm4_subcommands(checkpoint, tmp_path, capsys):
-    code, out, err = run(capsys, "to-torch", "--src", str(checkpoint), "--dst", str(tmp_path / "torch"))
+    code, _, err = run(capsys, "to-torch", "--src", str(checkpoint), "--dst", str(tmp_path / "torch"))
     assert code == 0, err
     assert json.loads((tmp_path / "torch" / "config.json").read_text())["model_type"] == "chatglm"
     code, _, err = run(capsys, "export", "--model", str(checkpoint), "--out", str(tmp_path / "export"))

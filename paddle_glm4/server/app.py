@@ -9,7 +9,6 @@ byte of a stream, so that it gets a proper status code; a failure after that arr
 from __future__ import annotations
 
 import asyncio
-import functools
 import hmac
 import json
 import uuid
@@ -58,8 +57,7 @@ def create_app(model: Engine, tokenizer: GLM4Tokenizer, model_name: str = "glm-4
         yield
         worker.close()
 
-    app = FastAPI(title="paddle_glm4", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.openapi = functools.partial(_openapi, app)
+    app = _API(title="paddle_glm4", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     _add_error_handlers(app)
     if api_key is not None:
         app.add_middleware(RequireKey, key=api_key)
@@ -243,17 +241,18 @@ def _answers(whole: type[BaseModel], chunk: type[BaseModel]) -> dict:
     return {200: {"model": whole, "content": {"text/event-stream": events}}, **_errors(400, 401, 429)}
 
 
-def _openapi(app: FastAPI) -> dict:
-    """The OpenAPI description of what the server really answers: FastAPI documents a 422 for every request
-    body, but a request that fails validation gets 400 here, as from OpenAI (see _add_error_handlers). Not
-    served over HTTP; the tests fuzz the server from it."""
-    if app.openapi_schema is None:
-        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
-        for operations in schema["paths"].values():
-            for operation in operations.values():
-                operation["responses"].pop("422", None)
-        app.openapi_schema = schema
-    return app.openapi_schema
+class _API(FastAPI):
+    def openapi(self) -> dict:
+        """The OpenAPI description of what the server really answers: FastAPI documents a 422 for every request
+        body, but a request that fails validation gets 400 here, as from OpenAI (see _add_error_handlers). Not
+        served over HTTP; the tests fuzz the server from it."""
+        if self.openapi_schema is None:
+            schema = get_openapi(title=self.title, version=self.version, routes=self.routes)
+            for operations in schema["paths"].values():
+                for operation in operations.values():
+                    operation["responses"].pop("422", None)
+            self.openapi_schema = schema
+        return self.openapi_schema
 
 
 # ---- access and errors ----------------------------------------------------------------------------------

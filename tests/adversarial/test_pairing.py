@@ -31,7 +31,7 @@ def vocab(tmp_path_factory):
 def checkpoint(directory, vocab, **config_changes):
     """A small converted checkpoint with the small vocabulary's tokenizer, its config changed as asked."""
     tokenizer = GLM4Tokenizer.from_pretrained(vocab)
-    fields = dict(vocab_size=448, eos_token_id=tokenizer.stop_token_ids, pad_token_id=tokenizer.pad_token_id)
+    fields = {"vocab_size": 448, "eos_token_id": tokenizer.stop_token_ids, "pad_token_id": tokenizer.pad_token_id}
     config = small_config(**{**fields, **config_changes})
     paddle.seed(0)
     model = GLM4ForCausalLM(config)
@@ -62,7 +62,7 @@ def test_stop_ids_that_are_not_the_tokenizers_are_refused(tmp_path, vocab, eos, 
 
 def test_a_tokenizer_with_more_tokens_than_the_model_is_refused(tmp_path, vocab):
     model_dir, _ = checkpoint(tmp_path / "model", vocab, vocab_size=400, eos_token_id=[1], pad_token_id=0)
-    with pytest.raises(UsageError, match="432 tokens but the model in .* only 400"):
+    with pytest.raises(UsageError, match=r"432 tokens but the model in .* only 400"):
         load_engine(model_dir)
 
 
@@ -100,7 +100,7 @@ def test_from_pretrained_on_a_published_checkpoint_says_convert_it(published):
 
 def test_transformers_layout_is_named_too(tmp_path, published):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "glm", "vocab_size": 448}))
-    with pytest.raises(CheckpointError, match="transformers' torch layout .* glm4-convert --src"):
+    with pytest.raises(CheckpointError, match=r"transformers' torch layout .* glm4-convert --src"):
         GLM4ForCausalLM.from_pretrained(str(tmp_path))
 
 
@@ -109,5 +109,5 @@ def test_load_engine_and_export_say_it_too(published, tmp_path):
 
     with pytest.raises(CheckpointError, match="published torch layout"):
         load_engine(published)
-    with pytest.raises(ExportError, match="published torch layout.*glm4-convert --src"):
+    with pytest.raises(ExportError, match=r"published torch layout.*glm4-convert --src"):
         export_model(published, str(tmp_path / "export"))
