@@ -176,7 +176,7 @@ def test_export_refuses_bad_input_with_a_clear_message(built, tmp_path):
     published = tmp_path / "published"
     published.mkdir()
     (published / "config.json").write_text(json.dumps({**config.to_published_dict()}))
-    with pytest.raises(ExportError, match="not a converted checkpoint.*chatglm"):
+    with pytest.raises(ExportError, match=r"published torch layout .*'chatglm'.*glm4-convert --src"):
         export_model(str(published), out)
     with pytest.raises(ExportError, match="already an export directory"):
         export_model(f32_dir, out)
