@@ -30,9 +30,9 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "quantization_quality.json")
 # (label, from_pretrained keywords)
-FORMATS = [("bf16", dict(dtype="bfloat16")), ("int8", dict(quantization="int8")),
-           ("int4 g128", dict(quantization="int4", group_size=128)), ("int4 g64", dict(quantization="int4",
-                                                                                        group_size=64))]
+FORMATS = [("bf16", {"dtype": "bfloat16"}), ("int8", {"quantization": "int8"}),
+           ("int4 g128", {"quantization": "int4", "group_size": 128}),
+           ("int4 g64", {"quantization": "int4", "group_size": 64})]
 ACTIVATIONS = ("float32", "bfloat16", "int8")
 
 
