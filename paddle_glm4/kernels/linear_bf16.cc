@@ -52,23 +52,31 @@ GLM4_AVX2 void dot_f32_avx2(const Weights& w, int64_t n, const Acts& a, int64_t 
   for (int i = 0; i < MR; ++i) out[i] = hsum_avx2(_mm256_add_ps(acc[i][0], acc[i][1]));
 }
 
-// 32 weights per step: vdpbf16ps multiplies pairs of bf16 and adds both products to a float32 lane.
+// 32 weights per step: vdpbf16ps multiplies pairs of bf16 and adds both products to a float32 lane. Two
+// accumulators per row, alternating steps: one chain would wait on vdpbf16ps's latency.
 template <int MR>
 GLM4_BF16 void dot_bf16_avx512(const Weights& w, int64_t n, const Acts& a, int64_t m0, float* out) {
   const uint16_t* xs[MR];
   row_pointers(a.b, a, m0, xs);
-  __m512 acc[MR];
-  for (int i = 0; i < MR; ++i) acc[i] = _mm512_setzero_ps();
+  __m512 acc[MR][2];
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
   alignas(64) uint8_t buf[64];
   const RowChunks rc = row_chunks(w, n, 64, buf);
-  for (int64_t at = 0; at < w.row_bytes; at += 64) {
-    const __m512bh wv = (__m512bh)_mm512_loadu_si512(rc.at(at));
+  int64_t at = 0;
+  for (; at + 128 <= rc.full; at += 128) {
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(rc.row + at);
+    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(rc.row + at + 64);
     for (int i = 0; i < MR; ++i) {
-      const __m512bh xv = (__m512bh)_mm512_loadu_si512(xs[i] + at / 2);
-      acc[i] = _mm512_dpbf16_ps(acc[i], xv, wv);
+      acc[i][0] = _mm512_dpbf16_ps(acc[i][0], (__m512bh)_mm512_loadu_si512(xs[i] + at / 2), w0);
+      acc[i][1] = _mm512_dpbf16_ps(acc[i][1], (__m512bh)_mm512_loadu_si512(xs[i] + at / 2 + 32), w1);
     }
   }
-  for (int i = 0; i < MR; ++i) out[i] = _mm512_reduce_add_ps(acc[i]);
+  for (; at < w.row_bytes; at += 64) {
+    const __m512bh wv = (__m512bh)_mm512_loadu_si512(rc.at(at));
+    for (int i = 0; i < MR; ++i)
+      acc[i][0] = _mm512_dpbf16_ps(acc[i][0], (__m512bh)_mm512_loadu_si512(xs[i] + at / 2), wv);
+  }
+  for (int i = 0; i < MR; ++i) out[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]));
 }
 #endif
 
