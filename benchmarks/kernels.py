@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
@@ -52,6 +51,17 @@ def stored_weights(fmt: str, k: int, n: int, group: int, rng):
     q = rng.integers(0, 256, (n, (k + 1) // 2), dtype=np.uint8)
     scales = rng.random((n, groups), dtype=np.float32)
     return paddle.to_tensor(q), paddle.to_tensor(scales), q.size + scales.size * 4
+
+
+def rotating(linear, x, copies, **options):
+    """A call of linear on x that takes the next weight copy each time."""
+    turn = iter(range(1 << 62))
+
+    def call():
+        weight, scales, _ = copies[next(turn) % len(copies)]
+        return linear(x, weight, scales, **options)
+
+    return call
 
 
 def main(argv=None) -> int:
@@ -92,21 +102,17 @@ def main(argv=None) -> int:
             if rows > 64 and shape == "lm_head":
                 continue
             x = paddle.to_tensor(rng.standard_normal((rows, k), dtype=np.float32))
-            peer = timed(lambda: paddle.matmul(x, w32))
+            peer = timed(lambda x=x, w32=w32: paddle.matmul(x, w32))
             for fmt in args.formats.split(","):
                 copies = [stored_weights(fmt, k, n, args.group, rng)]
                 nbytes = copies[0][2]
                 copies += [stored_weights(fmt, k, n, args.group, rng) for _ in range(-(-CACHE_BYTES // nbytes) - 1)]
-                turn = iter(range(1 << 62))
                 for act in args.acts.split(","):
                     if act == "int8" and fmt == "bf16":
                         continue
                     for path in args.paths.split(","):
-                        def call():
-                            weight, scales, _ = copies[next(turn) % len(copies)]
-                            kernels.linear(x, weight, scales, fmt=fmt, group_size=args.group, activation_dtype=act,
-                                           isa=path, threads=threads)
-                        took = timed(call)
+                        took = timed(rotating(kernels.linear, x, copies, fmt=fmt, group_size=args.group,
+                                              activation_dtype=act, isa=path, threads=threads))
                         row = {"shape": shape, "k": k, "n": n, "rows": rows, "format": fmt, "act": act,
                                "path": kernels.isa(path), "ms": took * 1e3, "gbps": nbytes / took / 1e9,
                                "bandwidth_fraction": nbytes / took / 1e9 / bandwidth,
@@ -116,8 +122,6 @@ def main(argv=None) -> int:
                         print(f"{shape:8} {rows:4} {fmt:6} {act:8} {row['path']:10} {row['ms']:8.2f} "
                               f"{row['gbps']:6.1f} {100 * row['bandwidth_fraction']:4.0f}% {row['gflops']:8.1f} "
                               f"{row['paddle_fp32_gflops']:19.1f}", flush=True)
-                del copies
-        del w32
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"read_bandwidth_gbps": bandwidth, "threads": threads, "rows": results}, f, indent=1)

@@ -43,9 +43,8 @@ def test_without_a_compiler(tmp_path):
     w = rng.standard_normal((9, 200)).astype(np.float32)
     ys = []
     for act in ("float32", "int8"):
-        weight, scales, deq = stored(w, "int4", 64)
-        ys.append(reference(x, deq, act))
+        ys.append(reference(x, stored(w, "int4", 64)[2], act))
     ys.append(reference(x, stored(w, "int8", 0)[2], "int8"))
     ys.append(reference(x, stored(w, "bf16", 0)[2], "bfloat16"))
-    for got, ref in zip(np.split(portable, 4), ys):
+    for got, ref in zip(np.split(portable, 4), ys, strict=True):
         assert_close(got.reshape(ref.shape), ref, "portable path")
