@@ -23,7 +23,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..chat_template import ChatTemplateError
 from ..validation import SchemaError
@@ -59,7 +59,8 @@ def create_app(model: Engine, tokenizer: GLM4Tokenizer, model_name: str = "glm-4
 
     app = _API(title="paddle_glm4", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     _add_error_handlers(app)
-    if api_key is not None:
+    app.add_middleware(LimitBody, limit=MAX_BODY_BYTES)
+    if api_key is not None:  # added last, so outermost: the key is checked before anything else
         app.add_middleware(RequireKey, key=api_key)
 
     def start(prompt: list[int], requested: int | None, body: s.SamplingRequest, eos: list[int]) -> Job:
@@ -238,7 +239,7 @@ def _answers(whole: type[BaseModel], chunk: type[BaseModel]) -> dict:
     events = {"schema": {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}},
                          "description": f"each server-sent event: `data: <{chunk.__name__} as JSON>` (or an "
                                         "error), the last one `data: [DONE]`"}}
-    return {200: {"model": whole, "content": {"text/event-stream": events}}, **_errors(400, 401, 429)}
+    return {200: {"model": whole, "content": {"text/event-stream": events}}, **_errors(400, 401, 413, 429)}
 
 
 class _API(FastAPI):
@@ -256,6 +257,48 @@ class _API(FastAPI):
 
 
 # ---- access and errors ----------------------------------------------------------------------------------
+# A request body's bytes at most: GLM-4's whole 128K-token context is under a megabyte of text, so this leaves
+# room for tools and JSON escapes while a client cannot make the server hold gigabytes.
+MAX_BODY_BYTES = 16 << 20
+
+
+class LimitBody:
+    """Refuses (413) a request body of more than `limit` bytes, by its Content-Length before reading anything,
+    or (a chunked body) as soon as more has arrived; nothing parses a body past the limit."""
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = Headers(scope=scope).get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await self._too_large().response()(scope, receive, send)
+        received, refused = 0, False
+
+        async def limited() -> Message:
+            nonlocal received, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:  # answer now; the app then sees a client that left, and is not heard
+                refused = True
+                await self._too_large().response()(scope, receive, send)
+                return {"type": "http.disconnect"}
+            return message
+
+        async def unless_refused(message: Message) -> None:
+            if not refused:
+                await send(message)
+
+        await self.app(scope, limited, unless_refused)
+
+    def _too_large(self) -> APIError:
+        return APIError(413, f"the request body is larger than {self.limit} bytes", code="request_too_large")
+
+
 class RequireKey:
     """Refuses (401) every request without `Authorization: Bearer <key>`, before anything else looks at it."""
 
@@ -291,7 +334,9 @@ def _add_error_handlers(app: FastAPI) -> None:
         if first.get("type") == "json_invalid":
             return APIError(400, f"the request body is not valid JSON ({first.get('ctx', {}).get('error', '')})",
                             code="invalid_json").response()
-        where = ".".join(str(part) for part in first["loc"] if part != "body")
+        # the field's path; pydantic also names the member of a union that failed ("constrained-str"), not a field
+        where = ".".join(str(part) for part in first["loc"]
+                         if part != "body" and (isinstance(part, int) or part.isidentifier()))
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
         message = f"{where}: {first['msg']}{more}" if where else f"{first['msg']}{more}"
         return APIError(400, message, param=where or None, code="invalid_request").response()

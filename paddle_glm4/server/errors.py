@@ -10,7 +10,8 @@ from fastapi.responses import JSONResponse
 
 # The `type` OpenAI gives each status.
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               405: "invalid_request_error", 429: "rate_limit_error", 500: "server_error"}
+               405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+               500: "server_error"}
 
 # What a client is told about a failure inside the server (the details go to the server's log).
 INTERNAL_ERROR = "The server had an error while processing your request; its log has the details."

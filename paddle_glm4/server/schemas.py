@@ -77,7 +77,9 @@ class SamplingRequest(BaseModel):
     # not OpenAI's; the names vLLM and transformers use (the openai client sends them through extra_body)
     top_k: int | None = Field(None, ge=0)  # 0: no top-k cut
     repetition_penalty: float | None = Field(None, gt=0)
-    stop: str | list[str] | None = None
+    # Up to 16 stop strings of up to 1000 characters (OpenAI allows 4): each is looked for after every token.
+    stop: Annotated[str, Field(max_length=1000)] | Annotated[list[Annotated[str, Field(max_length=1000)]],
+                                                             Field(max_length=16)] | None = None
     seed: int | None = Field(None, ge=0, lt=SEED_LIMIT, strict=True)  # not true, not "7": as generate() checks
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -163,3 +163,32 @@ def test_an_unexpected_exception_in_a_handler_gets_a_generic_500(tokenizer):
     app = create_app(ScriptedModel(tokenizer), BrokenTokenizer(tokenizer), "scripted")
     error = error_of(request(app, "POST", "/v1/chat/completions", json={"model": "m", "messages": USER}), 500)
     assert error["message"] == INTERNAL_ERROR and "secrets" not in str(error) and "KeyError" not in str(error)
+
+
+# ---- sizes ------------------------------------------------------------------------------------------------
+def test_a_huge_body_is_refused_before_it_is_read(app, monkeypatch):
+    from paddle_glm4.server import app as app_module
+
+    key = {"Authorization": f"Bearer {KEY}"}
+    big = b'{"model": "m", "messages": [{"role": "user", "content": "' + b"x" * (app_module.MAX_BODY_BYTES + 1) + b'"}]}'
+    error = error_of(request(app, "POST", "/v1/chat/completions", content=big,
+                             headers={**key, "Content-Type": "application/json"}), 413)
+    assert error["code"] == "request_too_large" and str(app_module.MAX_BODY_BYTES) in error["message"]
+
+    async def chunks():  # no Content-Length: counted as it arrives
+        for _ in range(app_module.MAX_BODY_BYTES // (1 << 20) + 2):
+            yield b"x" * (1 << 20)
+
+    error = error_of(request(app, "POST", "/v1/completions", content=chunks(),
+                             headers={**key, "Content-Type": "application/json"}), 413)
+    assert error["code"] == "request_too_large"
+    assert error_of(request(app, "POST", "/v1/completions", content=big), 401)  # the key still comes first
+
+
+def test_stop_strings_are_bounded(app):
+    key = {"Authorization": f"Bearer {KEY}"}
+    for stop in (["x"] * 17, ["x" * 1001], "x" * 1001):
+        body = {"model": "m", "prompt": "hi", "stop": stop}
+        assert error_of(request(app, "POST", "/v1/completions", json=body, headers=key), 400)["param"] == "stop"
+    body = {"model": "m", "messages": USER, "stop": ["x" * 1000] * 16, "max_tokens": 2}
+    assert request(app, "POST", "/v1/chat/completions", json=body, headers=key).status_code == 200
