@@ -192,3 +192,27 @@ def test_bad_quantization_arguments(float_checkpoint, tmp_path):
         with pytest.raises(ConfigError, match="quantization"):
             GLM4Config.from_dict({**data, "quantization": bad})
     assert GLM4Config.from_dict({**data, "quantization": {"scheme": "int8"}}).quantization == Quantization("int8")
+
+
+def test_quantizing_at_load_streams_a_block_at_a_time(tmp_path, monkeypatch):
+    """Peak memory while quantizing at load: the quantized model plus one block of float32 rows, never a
+    whole float32 copy of a weight (numpy's allocations, which hold every array the loader makes)."""
+    import tracemalloc
+
+    from paddle_glm4 import quantization
+
+    config = small_config(vocab_size=4096, hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                          head_dim=32)
+    paddle_model(config, paddle_state(config, hf_state(reference_model(config)))).save_pretrained(str(tmp_path))
+    block = 16 << 10
+    monkeypatch.setattr(quantization, "CONVERT_BLOCK_BYTES", block)
+    tracemalloc.start()
+    try:
+        model = GLM4ForCausalLM.from_pretrained(str(tmp_path), quantization="int4", group_size=32)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    held = memory.weight_bytes(config, model.lm_head.format)
+    largest = 4096 * 128 * 4                                      # the lm_head in float32: 2 MB
+    assert peak <= held + 8 * block + (256 << 10), (peak, held)  # blocks, and small bookkeeping
+    assert peak < held + largest / 2
