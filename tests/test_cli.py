@@ -55,6 +55,7 @@ def expected_answer(model, tokenizer, ids, new_tokens, **kwargs):
     return ids
 
 
+@pytest.mark.slow
 def test_help_explains_every_flag():
     done = glm4("generate", "--help")
     assert done.returncode == 0
@@ -65,6 +66,7 @@ def test_help_explains_every_flag():
     assert all(flag in glm4("convert", "--help").stdout for flag in ("--src", "--dst", "--paddlenlp-name"))
 
 
+@pytest.mark.slow
 def test_generate_streams_the_greedy_continuation_and_reports_speed(checkpoint):
     model_dir, model, tokenizer = checkpoint
     done = glm4("generate", "--model", model_dir, "--prompt", "Hello, 你好", "--max-new-tokens", "12")
@@ -74,6 +76,7 @@ def test_generate_streams_the_greedy_continuation_and_reports_speed(checkpoint):
     assert "prefill:" in done.stderr and "tokens/s" in done.stderr
 
 
+@pytest.mark.slow
 def test_generate_sampling_flags_are_reproducible(checkpoint):
     model_dir, _, _ = checkpoint
     args = ("generate", "--model", model_dir, "--prompt", "abc", "--max-new-tokens", "10", "--temperature", "1.3",
@@ -82,6 +85,7 @@ def test_generate_sampling_flags_are_reproducible(checkpoint):
     assert first.returncode == 0 and first.stdout == again.stdout
 
 
+@pytest.mark.slow
 def test_chat_with_piped_stdin_keeps_history_and_handles_reset_and_exit(checkpoint):
     model_dir, model, tokenizer = checkpoint
     done = glm4("chat", "--model", model_dir, "--max-new-tokens", "6", "--system", "Be brief.",
@@ -103,6 +107,7 @@ def test_chat_with_piped_stdin_keeps_history_and_handles_reset_and_exit(checkpoi
     assert "(history cleared)" in done.stderr
 
 
+@pytest.mark.slow
 def test_chat_ends_cleanly_at_end_of_input(checkpoint):
     done = glm4("chat", "--model", checkpoint[0], "--max-new-tokens", "3", stdin="one turn\n")
     assert done.returncode == 0 and done.stdout.count("\n") == 1 and "Traceback" not in done.stderr
@@ -150,6 +155,7 @@ def test_line_reader_wakes_for_ctrl_c_delivered_to_another_thread():
         os.close(write_end)
 
 
+@pytest.mark.slow
 def test_chat_on_a_terminal_handles_ctrl_c_during_an_answer_and_at_the_prompt(tmp_path):
     model_dir, _, _ = make_checkpoint(tmp_path, silent_norm=True)  # answers never end by themselves
     controller, terminal = pty.openpty()
@@ -170,6 +176,7 @@ def test_chat_on_a_terminal_handles_ctrl_c_during_an_answer_and_at_the_prompt(tm
         os.close(controller)
 
 
+@pytest.mark.slow
 def test_generate_ctrl_c_exits_with_one_line(tmp_path):
     model_dir, _, _ = make_checkpoint(tmp_path, silent_norm=True)
     process = subprocess.Popen([sys.executable, "-m", "paddle_glm4", "generate", "--model", model_dir, "--prompt",
@@ -182,6 +189,7 @@ def test_generate_ctrl_c_exits_with_one_line(tmp_path):
     assert b"Traceback" not in stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setup, message", [
     ("missing", "no such model directory"),
     ("empty", "has no tokenizer.model"),
@@ -200,6 +208,7 @@ def test_bad_model_directories_give_one_line_and_exit_2(tmp_path, setup, message
     assert done.stdout == ""
 
 
+@pytest.mark.slow
 def test_demo_runs_the_whole_pipeline_from_nothing():
     started = time.time()
     done = glm4("demo", "--max-new-tokens", "8")

@@ -280,6 +280,7 @@ def test_help_explains_every_flag(module, capsys):
         assert "--paddlenlp-name NAME" in text and "PPNLP_HOME" in text and "AutoModelForCausalLM" in text
 
 
+@pytest.mark.slow
 def test_console_script_and_module_entry_points():
     for command in ([str(ROOT / ".venv" / "bin" / "glm4-convert"), "--help"],
                     [sys.executable, "-m", "converters.paddle_to_torch", "--help"]):
@@ -638,6 +639,7 @@ def big_checkpoint(directory: Path, megabytes: int = 400) -> Path:
     return directory
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
 def test_an_interrupted_run_leaves_nothing(tmp_path, signum):
     src = big_checkpoint(tmp_path / "src")

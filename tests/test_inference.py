@@ -220,6 +220,7 @@ def run_python(*args):
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_export_then_generate_with_a_clean_stdout(built, tmp_path):
     _, model, checkpoint, *_ = built
     out = str(tmp_path / "cli_export")
@@ -249,6 +250,7 @@ def test_gpu_predictor_generates_what_the_cpu_one_does(built):
     assert ids[0] == ids[1]
 
 
+@pytest.mark.slow
 def test_what_paddle_prints_while_preparing_a_program_goes_to_stderr(built):
     # oneDNN (used for its bf16 mode) prints kernel checks to C's stdout at a program's first run
     code = f"""

@@ -105,6 +105,7 @@ def test_group_sizes_without_simd_chunks(fmt, group):
         check_all(7, 50, 9, fmt, 6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt, group", FORMATS)
 @pytest.mark.parametrize("k, n", [(4096, 4608), (13696, 4096)], ids=["qkv", "down"])
 def test_glm4_shapes(fmt, group, k, n):

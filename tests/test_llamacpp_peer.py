@@ -147,6 +147,7 @@ def test_find_rejects_a_build_for_another_cpu_and_takes_one_for_this_cpu(tmp_pat
         llamacpp.find()
 
 
+@pytest.mark.slow
 def test_llamacpp_status_cli_fails_with_one_line_and_code_2(tmp_path):
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
     done = subprocess.run([sys.executable, "-m", "benchmarks.llamacpp", "status"], capture_output=True, text=True, env=env,
@@ -154,6 +155,7 @@ def test_llamacpp_status_cli_fails_with_one_line_and_code_2(tmp_path):
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "not built" in done.stderr
 
 
+@pytest.mark.slow
 def test_llamacpp_loads_and_quantizes_our_gguf(tiny, tmp_path):
     try:
         peer = llamacpp.find()

@@ -56,6 +56,7 @@ def test_logits_match_reference(overrides, seq_len):
     assert np.abs(ours - expected).max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_one_layer_at_full_glm4_width():
     config = full_width_config(layers=1)
     ref = reference_model(config, std=0.02)

@@ -31,6 +31,8 @@ from paddle_glm4.demo import random_weights
 from paddle_glm4.engine import load_engine
 from paddle_glm4.small_vocab import write_small_vocabulary
 
+pytestmark = pytest.mark.slow  # server processes
+
 REPO = Path(__file__).resolve().parents[1]
 KEY = "test-key-123"
 CONTEXT = 256
