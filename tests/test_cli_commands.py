@@ -98,3 +98,18 @@ def test_serve_without_fastapi_points_to_the_serve_extra(monkeypatch, tmp_path, 
         monkeypatch.delitem(sys.modules, module)
     code, _, err = run(capsys, "serve", "--model", str(tmp_path))
     assert code == 2 and "pip install -e '.[serve]'" in err
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_demo_says_when_it_stopped_at_an_end_of_sequence_id(capsys, seed):
+    code, out, err = run(capsys, "demo", "--seed", str(seed), "--max-new-tokens", "16")
+    assert code == 0, err
+    new = json.loads(next(line for line in out.splitlines() if line.startswith("new ids")).split(":", 1)[1])
+    stops = {425, 427, 418}  # the small vocabulary's <|user|>, <|observation|>, <|endoftext|>
+    stopped = [line for line in out.splitlines() if line.startswith("stopped:")]
+    if new[-1] in stops:
+        assert len(stopped) == 1 and f"end-of-sequence id {new[-1]}" in stopped[0]
+        assert f"after {len(new)} of at most 16" in stopped[0]
+    else:
+        assert not stopped and len(new) == 16
+    assert max(new) < 432  # never an id past the tokenizer's

@@ -447,6 +447,17 @@ def test_template_errors_and_templates_that_inspect_special_text(small_dir, tmp_
 # ---- streaming decode ----
 
 @PROPERTY
+@given(ids=st.lists(st.integers(0, 460), max_size=40), errors=st.sampled_from(["replace", "ignore"]),
+       skip=st.booleans())
+def test_streaming_equals_decode_for_any_ids_even_past_the_vocabulary(small, ids, errors, skip):
+    """Whatever a model generates (ids past the tokenizer's 432 included), streaming and one-shot decoding agree."""
+    assert "".join(stream(small, ids, skip, errors)) == small.decode(ids, skip, errors)
+    past = sum(i >= small.vocab_size for i in ids)
+    if errors == "replace" and not skip:  # each id past the vocabulary is one U+FFFD, besides broken bytes'
+        assert small.decode(ids).count("\ufffd") >= past
+
+
+@PROPERTY
 @given(text=ANY_TEXT)
 def test_streaming_never_splits_a_character(small, text):
     ids = small.encode(text)
