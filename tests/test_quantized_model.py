@@ -216,3 +216,28 @@ def test_quantizing_at_load_streams_a_block_at_a_time(tmp_path, monkeypatch):
     largest = 4096 * 128 * 4                                      # the lm_head in float32: 2 MB
     assert peak <= held + 8 * block + (256 << 10), (peak, held)  # blocks, and small bookkeeping
     assert peak < held + largest / 2
+
+
+@pytest.fixture(scope="module")
+def full_width_bf16(tmp_path_factory):
+    """A bf16 checkpoint of one GLM-4-9B layer at full width (K = 4096 and 13696 = 107 x 128), small vocab."""
+    from conftest import full_width_config
+    from paddle_glm4.demo import random_weights
+
+    config = full_width_config(layers=1, vocab_size=8192, pad_token_id=0, eos_token_id=[1])
+    directory = tmp_path_factory.mktemp("full_width")
+    model = paddle_model(config, {name: array * np.float32(0.4) if array.ndim == 2 else array
+                                  for name, array in random_weights(config, seed=2)})
+    model.save_pretrained(str(directory), dtype="bfloat16")
+    return directory
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, group_size", [("bfloat16", None), ("int8", None), ("int4", 128)])
+def test_full_glm4_width_layer_equals_its_dequantized_float_model(full_width_bf16, kind, group_size):
+    model = load(full_width_bf16, kind, group_size, activation_dtype="float32")
+    ids = ids_for(model.config, (1, 7))
+    ours = model(ids).logits.numpy()
+    reference = dequantized_float_model(model)(ids).logits.numpy()
+    assert np.abs(reference).max() > 1.0
+    assert np.abs(ours - reference).max() <= 1e-5 * np.abs(reference).max() + 1e-4
