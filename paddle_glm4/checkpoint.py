@@ -39,7 +39,7 @@ INDEX_SCHEMA = Object({"metadata": Optional(Object({"total_size": Optional(Int(0
 TORCH_LAYOUTS = {"chatglm": "the published torch layout (THUDM's)", "glm": "transformers' torch layout"}
 
 
-def require_converted(directory: str, error=CheckpointError) -> None:
+def require_converted(directory: str, error: type[ValueError] = CheckpointError) -> None:
     """Raise `error` with the command that converts it when `directory` holds GLM-4 as a torch checkpoint
     (its config.json names a torch model type); do nothing otherwise."""
     try:

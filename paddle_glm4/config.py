@@ -96,7 +96,7 @@ class Quantization:
         return cls(scheme)
 
     @classmethod
-    def from_dict(cls, data) -> Quantization:
+    def from_dict(cls, data: object) -> Quantization:
         if not isinstance(data, dict) or set(data) - {"scheme", "group_size"} or "scheme" not in data:
             raise ConfigError(f"quantization must be an object {{\"scheme\": ..., \"group_size\": ...}}, got {data!r}")
         return cls(data["scheme"], data.get("group_size"))

@@ -40,11 +40,12 @@ class Linear(nn.Layer):
             self.add_parameter(slot.name, param)
         self.bias = self.create_parameter([out_features], dtype=fmt.bias_dtype, is_bias=True) if bias else None
 
-    def forward(self, x):
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         return linear(self.format, x, [getattr(self, slot.name) for slot in self.slots], self.bias)
 
 
-def linear(fmt: WeightFormat, x: paddle.Tensor, tensors: list[paddle.Tensor], bias) -> paddle.Tensor:
+def linear(fmt: WeightFormat, x: paddle.Tensor, tensors: list[paddle.Tensor],
+           bias: paddle.Tensor | None) -> paddle.Tensor:
     """x [..., K] @ the weight held in `tensors` (+ bias) -> [..., N], computed as `fmt` says."""
     if isinstance(fmt, Dense):
         [weight] = tensors

@@ -96,7 +96,7 @@ def describe(fmt: WeightFormat) -> str:
 
 
 def check_fits(config: GLM4Config, fmt: WeightFormat, context: int, name: str = "the model",
-               available: int | None = None):
+               available: int | None = None) -> None:
     """Raise InsufficientMemoryError, naming the numbers and the formats that would fit, when `config` in
     `fmt` with a KV cache of `context` tokens needs more than is available (default: `available_bytes()`)."""
     available = available_bytes() if available is None else available

@@ -69,7 +69,7 @@ class WeightFormat:
         """Output rows start..stop of the weight, float32 [stop - start, K]."""
         raise NotImplementedError
 
-    def pack(self, arrays: dict[str, np.ndarray], rows: np.ndarray, start: int):
+    def pack(self, arrays: dict[str, np.ndarray], rows: np.ndarray, start: int) -> None:
         """Write float32 output rows [start, start + len(rows)) into this format's arrays."""
         raise NotImplementedError
 
@@ -96,16 +96,16 @@ class Dense(WeightFormat):
     def bias_dtype(self) -> str:
         return self.dtype
 
-    def slots(self, k, n):
+    def slots(self, k: int, n: int) -> list[Slot]:
         return [Slot("weight", (k, n), self.dtype)]
 
-    def embedding_dtype(self, stored):
+    def embedding_dtype(self, stored: str) -> str:
         return self.dtype
 
-    def rows(self, arrays, k, start, stop):
+    def rows(self, arrays: dict[str, np.ndarray], k: int, start: int, stop: int) -> np.ndarray:
         return np.ascontiguousarray(to_float32(arrays["weight"][:, start:stop], self.dtype).T)
 
-    def pack(self, arrays, rows, start):
+    def pack(self, arrays: dict[str, np.ndarray], rows: np.ndarray, start: int) -> None:
         arrays["weight"][:, start:start + len(rows)] = cast(np.ascontiguousarray(rows), "float32", self.dtype).T
 
 
@@ -137,19 +137,19 @@ class Packed(WeightFormat):
             raise ValueError(f"{self.kind} weights have no groups")
         return self.group_size
 
-    def slots(self, k, n):
+    def slots(self, k: int, n: int) -> list[Slot]:
         if self.kind == "bfloat16":
             return [Slot("weight", (n, k), "bfloat16")]
         if self.kind == "int8":
             return [Slot("qweight", (n, k), "int8"), Slot("scales", (n,), "float32")]
         return [Slot("qweight", (n, (k + 1) // 2), "uint8"), Slot("scales", (n, -(-k // self.group)), "float32")]
 
-    def embedding_dtype(self, stored):
+    def embedding_dtype(self, stored: str) -> str:
         if self.kind == "bfloat16":
             return "bfloat16"
         return stored if stored in ("float32", "bfloat16") else "float32"
 
-    def rows(self, arrays, k, start, stop):
+    def rows(self, arrays: dict[str, np.ndarray], k: int, start: int, stop: int) -> np.ndarray:
         if self.kind == "bfloat16":
             return to_float32(arrays["weight"][start:stop], "bfloat16")
         qweight, scales = arrays["qweight"][start:stop], arrays["scales"][start:stop]
@@ -157,7 +157,7 @@ class Packed(WeightFormat):
             return quant.dequantize_int8(qweight, scales)
         return quant.dequantize_int4(qweight, scales, k, self.group)
 
-    def pack(self, arrays, rows, start):
+    def pack(self, arrays: dict[str, np.ndarray], rows: np.ndarray, start: int) -> None:
         stop = start + len(rows)
         if self.kind == "bfloat16":
             arrays["weight"][start:stop] = cast(rows, "float32", "bfloat16")
@@ -186,7 +186,7 @@ class WeightOnlyGPU(WeightFormat):
     def algo(self) -> str:
         return f"weight_only_{self.scheme}"
 
-    def slots(self, k, n):
+    def slots(self, k: int, n: int) -> list[Slot]:
         # as documented: the weight comes back transposed ([N, K]; int4 two per byte), one float32 scale
         # per output channel, or per group of input rows ([K / G, N])
         rows = n if self.scheme == "int8" else n // 2
@@ -205,8 +205,8 @@ def checkpoint_slots(dtype: str, quantization: Quantization | None, k: int, n: i
     return stored_format(dtype, quantization).slots(k, n)
 
 
-def convert(source: WeightFormat, arrays: dict[str, np.ndarray], target: WeightFormat, k: int, n: int,
-            progress=None) -> dict[str, np.ndarray]:
+def convert(source: WeightFormat, arrays: dict[str, np.ndarray], target: WeightFormat, k: int,
+            n: int) -> dict[str, np.ndarray]:
     """A Linear's arrays in `source` format -> `target`'s, a block of output rows at a time. When both hold
     the same tensors in the same layout, they are returned as they are (no copy)."""
     if type(source) is type(target) and source.slots(k, n) == target.slots(k, n):

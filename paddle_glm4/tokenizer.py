@@ -334,7 +334,7 @@ class GLM4Tokenizer:
             start = end + 1
         return ("\ufffd" if errors == "replace" else "").join(pieces)
 
-    def batch_decode(self, sequences, skip_special_tokens: bool = False, errors: str = "replace") -> list[str]:
+    def batch_decode(self, sequences: Any, skip_special_tokens: bool = False, errors: str = "replace") -> list[str]:
         """`decode` of each row: a list of id lists, a [batch, length] array or tensor (e.g. generate()'s ids)."""
         if hasattr(sequences, "tolist"):  # numpy arrays and paddle tensors
             sequences = sequences.tolist()

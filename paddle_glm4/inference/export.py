@@ -77,7 +77,7 @@ class StepProgram(nn.Layer):
                 cache[:layers], cache[layers:]]
 
 
-def norms_in_float32(model: GLM4ForCausalLM):
+def norms_in_float32(model: GLM4ForCausalLM) -> None:
     """Make the norm weights of a model stored narrow (bf16, fp16) float32, in place: one vector per norm,
     so that the norms compute in float32 on a CPU. (Narrow Linear weights are widened where they are used,
     see linear.py; the embedding rows after the lookup.)"""
