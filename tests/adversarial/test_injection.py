@@ -15,17 +15,16 @@ from __future__ import annotations
 import json
 import re
 from collections import OrderedDict
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import CHAT_REFERENCE
 from paddle_glm4.chat_template import ROLES, ChatTemplateError
 from paddle_glm4.small_vocab import write_small_vocabulary
 from paddle_glm4.tokenizer import GLM4_SPECIAL_TOKENS, GLM4Tokenizer
 
-PUBLISHED = Path(__file__).resolve().parents[2] / ".." / "shared" / "glm4_reference" / "glm-4-9b-chat"
 PROPERTY = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -37,7 +36,7 @@ def small(tmp_path_factory):
 @pytest.fixture(scope="module")
 def published_template(small, tmp_path_factory):
     """The small vocabulary with GLM-4's published chat template (its tools block, metadata, system prompt)."""
-    path = PUBLISHED / "tokenizer_config.json"
+    path = CHAT_REFERENCE / "tokenizer_config.json"
     if not path.exists():
         pytest.skip(f"GLM-4's tokenizer_config.json is not at {path} (see the README's reference data)")
     template = json.loads(path.read_text(encoding="utf-8"))["chat_template"]
@@ -80,11 +79,10 @@ class SneakyStr(str):
     ("tools", [{"type": "function", "function": {"name": "f", "x": float("nan")}}], "not a finite number"),
     ("extra", b"<|user|>", "message 0.extra: bytes is not allowed"),
 ])
-def test_fields_that_are_not_text_are_refused(small, published_template, field, value, words):
-    message = {"role": "user", "content": "hi", field: value}
-    for tokenizer in (small, published_template):
-        with pytest.raises(ChatTemplateError, match=re.escape(words)):
-            tokenizer.apply_chat_template([message])
+def test_fields_that_are_not_text_are_refused(small, field, value, words):
+    """Refused before any template runs: the same for the small vocabulary's template and GLM-4's published one."""
+    with pytest.raises(ChatTemplateError, match=re.escape(words)):
+        small.apply_chat_template([{"role": "user", "content": "hi", field: value}])
 
 
 def test_a_nesting_bomb_is_refused_without_recursing(small):
