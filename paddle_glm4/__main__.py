@@ -26,20 +26,15 @@ def load(args):
                        activation_dtype=args.activation_dtype)
 
 
-def sampling_kwargs(args, defaults) -> dict:
-    """Sampling settings: the flags, else the checkpoint's generation_config.json, else greedy."""
-    flags = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
-    do_sample = not args.greedy and (defaults.do_sample or any(v is not None for v in flags.values()))
-    temperature = defaults.temperature if args.temperature is None else args.temperature
-    if temperature == 0:
-        do_sample = False
+def sampling_kwargs(args) -> dict:
+    """generate()'s settings from the flags: only those given (None lets generate take generation_config.json's,
+    see GenerationConfig.merged); --greedy turns sampling off whatever the checkpoint says."""
     return {
-        "do_sample": do_sample,
-        "temperature": temperature if do_sample else 1.0,
-        "top_p": (defaults.top_p if args.top_p is None else args.top_p) if do_sample else 1.0,
-        "top_k": (defaults.top_k if args.top_k is None else args.top_k) if do_sample else 0,
-        "repetition_penalty": (defaults.repetition_penalty if args.repetition_penalty is None
-                               else args.repetition_penalty),
+        "do_sample": False if args.greedy else None,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "repetition_penalty": args.repetition_penalty,
         "seed": args.seed,
         "max_new_tokens": args.max_new_tokens,
         "truncate": args.truncate,
@@ -67,8 +62,7 @@ def cmd_generate(args) -> int:
     streamer = TextStreamer(tokenizer, sys.stdout)
     started = time.perf_counter()
     with ctrl_c_cancels(streamer):
-        model.generate([ids], streamer=streamer, vocab_limit=len(tokenizer),
-                       **sampling_kwargs(args, model.generation_config))
+        model.generate([ids], streamer=streamer, vocab_limit=len(tokenizer), **sampling_kwargs(args))
     sys.stdout.write("\n")
     if streamer.cancelled:
         raise KeyboardInterrupt
@@ -90,7 +84,7 @@ def _chat(args, model, tokenizer, reader, interactive: bool) -> int:
 
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
-    kwargs = sampling_kwargs(args, model.generation_config)
+    kwargs = sampling_kwargs(args)
     while True:
         try:
             if interactive:
@@ -108,7 +102,7 @@ def _chat(args, model, tokenizer, reader, interactive: bool) -> int:
         if not text.strip():
             continue
         messages.append({"role": "user", "content": text})
-        ids = _fit_history(tokenizer, messages, len(system), model.config.seq_length - args.max_new_tokens)
+        ids = _fit_history(tokenizer, messages, len(system), model.context_length - args.max_new_tokens)
         streamer = TextStreamer(tokenizer, sys.stdout, lstrip=True)
         started = time.perf_counter()
         try:

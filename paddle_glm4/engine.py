@@ -1,7 +1,8 @@
 """Loading what generates text: the model (dynamic graph, or a Paddle Inference predictor) and its tokenizer.
 
-Both engines offer the same `generate(...)` (see GLM4ForCausalLM.generate), `config` and
-`generation_config`, so the CLI and the server do not care which one they hold.
+Both engines offer the same `generate(...)` (see GLM4ForCausalLM.generate), `config`, `generation_config` and
+`context_length` (the most tokens, prompt + new, one generation takes: the config's seq_length, or an export's
+smaller max_seq_len), so the CLI and the server do not care which one they hold.
 """
 
 from __future__ import annotations

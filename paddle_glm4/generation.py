@@ -39,7 +39,8 @@ class Session(Protocol):
 
 @dataclass
 class GenerationConfig:
-    """Defaults for generation that ship with a checkpoint (`generation_config.json`)."""
+    """Settings for generation: a checkpoint's defaults (`generation_config.json`), and, merged over them by
+    `merged`, those of one call of `generate`."""
     eos_token_id: list[int] = field(default_factory=list)
     pad_token_id: int = 0
     do_sample: bool = False
@@ -60,6 +61,35 @@ class GenerationConfig:
             if isinstance(values["eos_token_id"], int):
                 values["eos_token_id"] = [values["eos_token_id"]]
         return cls(**values)
+
+    def merged(self, *, do_sample: bool | None = None, temperature: float | None = None, top_p: float | None = None,
+               top_k: int | None = None, repetition_penalty: float | None = None,
+               eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None) -> GenerationConfig:
+        """The settings of one generation: each value given (None: not set) over this config's, the checkpoint's.
+
+        The one rule every entry point (generate, the CLI, the server, the PaddleNLP adapter) follows. Sampling is
+        on when asked for (do_sample=True); when do_sample is not set, when the checkpoint samples or when a
+        sampling parameter (temperature, top_p, top_k) is given, unless the temperature is 0 (greedy, as OpenAI's
+        API has it). Greedy settings carry neutral sampling parameters (temperature 1, top_p 1, top_k 0).
+        """
+        asks_to_sample = any(value is not None for value in (temperature, top_p, top_k))
+        temperature = self.temperature if temperature is None else temperature
+        if do_sample is None:
+            do_sample = (self.do_sample or asks_to_sample) and temperature != 0
+        eos = self.eos_token_id if eos_token_id is None else eos_token_id
+        settings = GenerationConfig(
+            eos_token_id=[eos] if isinstance(eos, int) else list(eos),
+            pad_token_id=self.pad_token_id if pad_token_id is None else pad_token_id,
+            do_sample=bool(do_sample),
+            repetition_penalty=self.repetition_penalty if repetition_penalty is None else repetition_penalty)
+        if do_sample:
+            settings.temperature = temperature
+            settings.top_p = self.top_p if top_p is None else top_p
+            settings.top_k = self.top_k if top_k is None else top_k
+        return settings
+
+    def sampling_params(self) -> SamplingParams:
+        return SamplingParams(self.do_sample, self.temperature, self.top_k, self.top_p, self.repetition_penalty)
 
     def save_pretrained(self, directory: str) -> str:
         from .checkpoint import write_text_atomic
@@ -102,13 +132,21 @@ def _as_ids(value, name: str) -> paddle.Tensor:
 
 
 @paddle.no_grad()
-def generate(session: Session, input_ids, *, seq_length: int, vocab_size: int, defaults: GenerationConfig,
-             attention_mask=None, position_ids=None, max_new_tokens: int = 128, do_sample: bool = False,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
-             eos_token_id=None, pad_token_id: int | None = None, seed: int | None = None, streamer=None,
-             truncate: bool = False, vocab_limit: int | None = None):
-    """Generate up to `max_new_tokens` after each (left-padded) prompt; see GLM4ForCausalLM.generate."""
-    params = SamplingParams(do_sample, temperature, top_k, top_p, repetition_penalty)
+def generate(session: Session, input_ids, *, context_length: int, vocab_size: int, defaults: GenerationConfig,
+             attention_mask=None, position_ids=None, max_new_tokens: int = 128, do_sample: bool | None = None,
+             temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+             repetition_penalty: float | None = None, eos_token_id: int | list[int] | None = None,
+             pad_token_id: int | None = None, seed: int | None = None, streamer=None, truncate: bool = False,
+             vocab_limit: int | None = None):
+    """Generate up to `max_new_tokens` after each (left-padded) prompt; see GLM4ForCausalLM.generate.
+
+    `context_length`: the most tokens (prompt + new) the engine takes. Settings left None come from `defaults`
+    (the checkpoint's generation_config.json) by GenerationConfig.merged.
+    """
+    settings = defaults.merged(do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
+                               repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
+                               pad_token_id=pad_token_id)
+    params = settings.sampling_params()
     if vocab_limit is not None and (isinstance(vocab_limit, bool) or not isinstance(vocab_limit, int)
                                     or not 0 < vocab_limit <= vocab_size):
         raise ValueError(f"vocab_limit must be an int in 1..{vocab_size} (the tokenizer's len()), got {vocab_limit!r}")
@@ -125,28 +163,26 @@ def generate(session: Session, input_ids, *, seq_length: int, vocab_size: int, d
     low, high = int(input_ids.min()), int(input_ids.max())
     if low < 0 or high >= vocab_size:
         raise ValueError(f"token id {low if low < 0 else high} is outside the model's vocabulary [0, {vocab_size})")
-    if prompt_len + max_new_tokens > seq_length:
-        keep = seq_length - max_new_tokens
+    if prompt_len + max_new_tokens > context_length:
+        keep = context_length - max_new_tokens
         if not truncate or keep < 1:
             raise ValueError(
                 f"the prompt ({prompt_len} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the model's "
-                f"context of {seq_length} tokens; shorten the prompt, lower max_new_tokens, or ask for truncation "
+                f"context of {context_length} tokens; shorten the prompt, lower max_new_tokens, or ask for truncation "
                 "(--truncate on the command line, truncate=True in Python, keeps the end of the prompt)")
         input_ids = input_ids[:, -keep:]
         attention_mask = attention_mask[:, -keep:] if attention_mask is not None else None
         position_ids = None  # positions are recounted from the kept tokens
         prompt_len = keep
-    eos = defaults.eos_token_id if eos_token_id is None else eos_token_id
-    eos = [eos] if isinstance(eos, int) else list(eos)
-    pad = defaults.pad_token_id if pad_token_id is None else pad_token_id
 
     check_seed(seed)
-    rng_state = paddle.get_rng_state() if do_sample else None
-    if do_sample and seed is not None:
+    rng_state = paddle.get_rng_state() if params.do_sample else None
+    if params.do_sample and seed is not None:
         paddle.seed(seed)
     try:
         return _decode_loop(session, input_ids, attention_mask, position_ids, prompt_len + max_new_tokens,
-                            max_new_tokens, params, eos, pad, vocab_size, streamer, vocab_limit)
+                            max_new_tokens, params, settings.eos_token_id, settings.pad_token_id, vocab_size,
+                            streamer, vocab_limit)
     finally:
         if rng_state is not None:
             paddle.set_rng_state(rng_state)  # leave the caller's random stream as it was

@@ -190,22 +190,29 @@ class GLM4ForCausalLM(nn.Layer):
             logits = self.lm_head(hidden)
         return logits if logits.dtype == paddle.float32 else logits.astype("float32")
 
-    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 128, do_sample: bool = False,
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
-                 eos_token_id=None, pad_token_id: int | None = None, seed: int | None = None, streamer=None,
-                 position_ids=None, truncate: bool = False, vocab_limit: int | None = None):
+    @property
+    def context_length(self) -> int:
+        """The most tokens (prompt + new) one generation takes: the config's seq_length."""
+        return self.config.seq_length
+
+    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 128, do_sample: bool | None = None,
+                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                 repetition_penalty: float | None = None, eos_token_id: int | list[int] | None = None,
+                 pad_token_id: int | None = None, seed: int | None = None, streamer=None, position_ids=None,
+                 truncate: bool = False, vocab_limit: int | None = None):
         """Generate after each prompt of a (left-padded) batch; returns (ids, scores) as PaddleNLP does.
 
         ids [b, new] int64 holds only the new tokens, rows that stopped early padded with the pad id;
-        scores [b, 1] is the sum of the log-probabilities of the chosen tokens. Stops at any id of
-        `eos_token_id` (default: generation_config.json, else the config). `seed` makes sampling
-        reproducible; greedy decoding (do_sample=False) is deterministic. A prompt longer than the
-        context allows is refused, unless `truncate` (then its beginning is dropped). `vocab_limit`: ids from
-        there on are never generated; pass `len(tokenizer)`, since the embedding has rows past the tokenizer's
-        last id (GLM-4: 151552 rows, 151343 tokens) that stand for no text.
+        scores [b, 1] is the sum of the log-probabilities of the chosen tokens. Settings left None come from
+        `generation_config` (generation_config.json; see GenerationConfig.merged): greedy unless it samples or
+        do_sample, temperature, top_p or top_k is given; temperature 0 is greedy. Stops at any id of
+        `eos_token_id`. `seed` makes sampling reproducible; greedy decoding is deterministic. A prompt longer
+        than `context_length` allows is refused, unless `truncate` (then its beginning is dropped). `vocab_limit`:
+        ids from there on are never generated; pass `len(tokenizer)`, since the embedding has rows past the
+        tokenizer's last id (GLM-4: 151552 rows, 151343 tokens) that stand for no text.
         """
         return generation.generate(
-            generation.ModelSession(self), input_ids, seq_length=self.config.seq_length,
+            generation.ModelSession(self), input_ids, context_length=self.context_length,
             vocab_size=self.config.vocab_size, defaults=self.generation_config, attention_mask=attention_mask,
             position_ids=position_ids, max_new_tokens=max_new_tokens, do_sample=do_sample,
             temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,

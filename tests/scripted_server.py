@@ -33,6 +33,7 @@ class ScriptedModel:
     def __init__(self, tokenizer: GLM4Tokenizer, seq_length: int = 1024):
         self.tokenizer = tokenizer
         self.config = SimpleNamespace(seq_length=seq_length, vocab_size=tokenizer.vocab_size)
+        self.context_length = seq_length
         self.generation_config = GenerationConfig(eos_token_id=tokenizer.stop_token_ids,
                                                   pad_token_id=tokenizer.pad_token_id)
 

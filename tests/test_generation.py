@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import hf_state, left_padded, paddle_model, paddle_state, reference_model, small_config
+from paddle_glm4.generation import GenerationConfig
 
 NEW = 32
 
@@ -113,6 +114,49 @@ def test_repetition_penalty_equals_the_reference(models):
     expected = reference_generate(ref, config, p[None], max_new_tokens=NEW, repetition_penalty=1.5)
     assert ids.numpy().tolist() == expected.tolist()
     assert ids.numpy().tolist() != model.generate(p, max_new_tokens=NEW)[0].numpy().tolist()
+
+
+CHECKPOINT = GenerationConfig(eos_token_id=[1, 2], pad_token_id=0, do_sample=True, temperature=0.8, top_p=0.8,
+                              top_k=0, repetition_penalty=1.1)  # as GLM-4-9B-chat's generation_config.json
+
+
+@pytest.mark.parametrize("given, expected", [
+    ({}, dict(do_sample=True, temperature=0.8, top_p=0.8, repetition_penalty=1.1)),           # the checkpoint's
+    (dict(temperature=0.5, eos_token_id=7), dict(do_sample=True, temperature=0.5, top_p=0.8, eos_token_id=[7])),
+    (dict(do_sample=False), dict(do_sample=False, temperature=1.0, top_p=1.0, top_k=0)),    # greedy: neutral
+    (dict(temperature=0), dict(do_sample=False, temperature=1.0, top_p=1.0)),               # 0 means greedy
+    (dict(do_sample=True, temperature=0), dict(do_sample=True, temperature=0)),             # generate refuses it
+    (dict(repetition_penalty=1.0, pad_token_id=5), dict(repetition_penalty=1.0, pad_token_id=5)),
+])
+def test_requested_settings_merge_over_the_checkpoints(given, expected):
+    merged = CHECKPOINT.merged(**given)
+    assert {name: getattr(merged, name) for name in expected} == expected
+
+
+def test_a_sampling_parameter_asks_for_sampling_over_a_greedy_checkpoint():
+    greedy = GenerationConfig(do_sample=False, temperature=0.6, top_k=40)
+    assert not greedy.merged().do_sample and greedy.merged().top_k == 0
+    for given in (dict(temperature=0.9), dict(top_p=0.5), dict(top_k=5)):
+        merged = greedy.merged(**given)
+        assert merged.do_sample and merged.temperature == given.get("temperature", 0.6)
+        assert merged.top_k == given.get("top_k", 40) and merged.top_p == given.get("top_p", 1.0)
+    assert not greedy.merged(do_sample=False, top_p=0.5).do_sample
+
+
+def test_generate_takes_unset_settings_from_the_generation_config(models):
+    config, _, model = models
+    p = prompts(config)[1]
+    explicit = dict(do_sample=True, temperature=1.3, top_k=50, repetition_penalty=1.2)
+    expected, _ = model.generate(p, max_new_tokens=12, seed=3, eos_token_id=[], **explicit)
+    saved = model.generation_config
+    try:
+        model.generation_config = GenerationConfig(eos_token_id=[], pad_token_id=0, **explicit)
+        assert model.generate(p, max_new_tokens=12, seed=3)[0].numpy().tolist() == expected.numpy().tolist()
+        greedy, _ = model.generate(p, max_new_tokens=12, do_sample=False)
+    finally:
+        model.generation_config = saved
+    assert greedy.numpy().tolist() == model.generate(p, max_new_tokens=12, eos_token_id=[],
+                                                     repetition_penalty=1.2)[0].numpy().tolist()
 
 
 def test_context_guard_refuses_before_any_work_or_truncates_when_asked(models):

@@ -270,3 +270,46 @@ print("generated text")
     assert done.returncode == 0, done.stderr
     assert done.stdout == "generated text\n"
     assert "OneDNN" in done.stderr  # it was printed, to stderr
+
+
+class Lines:
+    """A console.LineReader stand-in: the given lines, then end of input."""
+
+    def __init__(self, *lines):
+        self.lines = list(lines)
+
+    def readline(self):
+        return self.lines.pop(0) if self.lines else None
+
+
+def test_an_exports_max_seq_len_is_the_context_for_the_cli_and_the_server_alike(built, predictor, capsys):
+    from fastapi.testclient import TestClient
+
+    from paddle_glm4.__main__ import _chat, build_parser
+    from paddle_glm4.server.app import create_app
+
+    config, _, _, f32_dir, _ = built
+    assert predictor.context_length == MAX_SEQ_LEN < config.seq_length
+    tokenizer = GLM4Tokenizer.from_pretrained(f32_dir)
+    # the CLI's chat: two turns fit the model's 128 tokens but not the export's 96, so the oldest turn goes
+    args = build_parser().parse_args(["chat", "--model", f32_dir, "--engine", "inference", "--max-new-tokens", "8",
+                                      "--greedy"])
+    turns = ["a" * 40, "b" * 40]
+    second = tokenizer.apply_chat_template([{"role": "user", "content": turns[0]},
+                                            {"role": "assistant", "content": "x" * 8},
+                                            {"role": "user", "content": turns[1]}], add_generation_prompt=True)
+    assert MAX_SEQ_LEN - 8 < len(second) <= config.seq_length - 8
+    assert _chat(args, predictor, tokenizer, Lines(*turns), interactive=False) == 0
+    err = capsys.readouterr().err
+    assert "oldest turn dropped to fit the context" in err and "error" not in err
+    # the server: prompt + max_tokens up to 96 is served, one more is refused, naming 96
+    prompt = tokenizer.encode("c" * 50)
+    with TestClient(create_app(predictor, tokenizer)) as client:
+        def complete(max_tokens):
+            return client.post("/v1/completions", json={"prompt": "c" * 50, "max_tokens": max_tokens})
+
+        served = complete(MAX_SEQ_LEN - len(prompt))
+        assert served.status_code == 200, served.text
+        refused = complete(MAX_SEQ_LEN - len(prompt) + 1)
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "context_length_exceeded"
+        assert f"maximum context length is {MAX_SEQ_LEN} tokens" in refused.json()["error"]["message"]

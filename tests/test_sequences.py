@@ -5,10 +5,9 @@ import os
 import numpy as np
 import paddle
 
-from conftest import paddle_model, small_config
+from conftest import left_padded, paddle_model, small_config
 from paddle_glm4.demo import random_weights
 from paddle_glm4.sequences import GROWTH_STEP, Sequences
-from test_model import left_padded
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -93,7 +93,8 @@ class Predictor:
         config.enable_use_gpu(GPU_POOL_MB, 0, precision)
 
     @property
-    def max_seq_len(self) -> int:
+    def context_length(self) -> int:
+        """The most tokens (prompt + new) one generation takes: the export's max_seq_len."""
         return self.manifest.max_seq_len
 
     def session(self) -> PredictorSession:
@@ -106,7 +107,7 @@ class Predictor:
 
     def generate(self, input_ids, **kwargs):
         """Same arguments and results as GLM4ForCausalLM.generate; the context is the export's max_seq_len."""
-        return generation.generate(self.session(), input_ids, seq_length=self.max_seq_len,
+        return generation.generate(self.session(), input_ids, context_length=self.context_length,
                                    vocab_size=self.config.vocab_size, defaults=self.generation_config, **kwargs)
 
 
@@ -121,9 +122,9 @@ class PredictorSession:
 
     def prefill(self, input_ids: paddle.Tensor, attention_mask: paddle.Tensor | None,
                 position_ids: paddle.Tensor | None, capacity: int) -> paddle.Tensor:
-        if capacity > self.predictor.max_seq_len:
+        if capacity > self.predictor.context_length:
             raise ValueError(f"{capacity} tokens (prompt + new) exceed this export's max_seq_len "
-                             f"{self.predictor.max_seq_len}; export again with a larger --max-seq-len")
+                             f"{self.predictor.context_length}; export again with a larger --max-seq-len")
         config, dtype = self.predictor.config, self.predictor.manifest.compute_dtype
         batch, length = input_ids.shape
         self.cache = KVCache(config, batch, capacity, dtype=dtype)

@@ -37,6 +37,7 @@ import paddle
 
 from ..config import CONFIG_NAME, MODEL_TYPE, GLM4Config
 from ..engine import check_pair
+from ..generation import GenerationConfig
 from ..model import GLM4ForCausalLM
 from ..tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
 from ..tokenizer import TOKENIZER_FILE, GLM4Tokenizer
@@ -189,16 +190,20 @@ class PaddleNLPGLM4ForCausalLM(GLM4ForCausalLM):
 UNSUPPORTED_OPTIONS = {"num_beams": 1, "num_beam_groups": 1, "length_penalty": 1.0, "diversity_rate": 0.0,
                        "early_stopping": False, "min_length": 0, "min_new_tokens": 0, "no_repeat_ngram_size": 0,
                        "forced_bos_token_id": None, "forced_eos_token_id": None}
-# Options passed on to GLM4ForCausalLM.generate as they are.
-PASSED_OPTIONS = ("eos_token_id", "pad_token_id", "seed", "streamer", "position_ids", "truncate", "vocab_limit")
+# Options passed on to GLM4ForCausalLM.generate as they are, when set; generate takes the unset sampling options
+# from the checkpoint's generation_config.json (GenerationConfig.merged).
 SAMPLING_OPTIONS = ("temperature", "top_k", "top_p", "repetition_penalty")
+PASSED_OPTIONS = (*SAMPLING_OPTIONS, "eos_token_id", "pad_token_id", "seed", "streamer", "position_ids", "truncate",
+                  "vocab_limit")
 
 
-def generate_arguments(options: dict, defaults) -> tuple[dict, int]:
+def generate_arguments(options: dict, defaults: GenerationConfig) -> tuple[dict, int]:
     """PaddleNLP generate() options -> (keyword arguments of GLM4ForCausalLM.generate, copies of each prompt).
 
+    Only what the caller set is passed on; the rest is generate's to resolve, by the one rule of
+    GenerationConfig.merged over the checkpoint's generation_config.json (`defaults`).
     - decode_strategy "greedy_search" | "sampling" (or do_sample); "beam_search" is refused. Unset: sampling if
-      the checkpoint's generation_config.json says do_sample, else greedy.
+      the checkpoint's generation_config.json says do_sample or a sampling option is given, else greedy.
     - max_new_tokens, or PaddleNLP's older max_length (also a count of NEW tokens); unset: this project's default.
     - temperature, top_k, top_p, repetition_penalty; unset: generation_config.json's values, else off (top_k 0,
       where PaddleNLP's own default is 50).
@@ -216,25 +221,21 @@ def generate_arguments(options: dict, defaults) -> tuple[dict, int]:
         raise ValueError(f"decode_strategy must be 'greedy_search' or 'sampling', got {strategy!r}")
     if strategy is not None:
         do_sample = strategy == "sampling"
-    elif do_sample is None:
-        do_sample = defaults.do_sample
-    arguments = {"do_sample": bool(do_sample)}
+    arguments: dict[str, Any] = {} if do_sample is None else {"do_sample": bool(do_sample)}
 
     max_new_tokens, max_length = options.pop("max_new_tokens", None), options.pop("max_length", None)
     if max_new_tokens is None and max_length:  # PaddleNLP's GenerationConfig uses max_length=0 for "unset"
         max_new_tokens = max_length
     if max_new_tokens is not None:
         arguments["max_new_tokens"] = max_new_tokens
-    for name in SAMPLING_OPTIONS:
-        value = options.pop(name, None)
-        arguments[name] = getattr(defaults, name) if value is None else value
     for name in PASSED_OPTIONS:
         value = options.pop(name, None)
         if value is not None:
             arguments[name] = value
 
     copies = options.pop("num_return_sequences", None) or 1
-    if copies > 1 and not arguments["do_sample"]:
+    sampling = {name: arguments.get(name) for name in ("do_sample", *SAMPLING_OPTIONS)}
+    if copies > 1 and not defaults.merged(**sampling).do_sample:
         raise ValueError(f"num_return_sequences={copies} needs decode_strategy='sampling' "
                          "(greedy copies are identical)")
     options.pop("use_cache", None)

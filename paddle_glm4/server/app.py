@@ -40,17 +40,17 @@ if TYPE_CHECKING:
 
 def create_app(model: Engine, tokenizer: GLM4Tokenizer, model_name: str = "glm-4-9b-chat", api_key: str | None = None,
                max_concurrency: int = 8, default_max_tokens: int = 1024) -> FastAPI:
-    """The API over `model` (anything with the engine interface: generate, config, generation_config) and its
-    tokenizer. `api_key`: when not None, every request must send `Authorization: Bearer <api_key>` (an empty key
-    is refused, so that an unset variable cannot turn authentication off).
+    """The API over `model` (anything with the engine interface: generate, config, generation_config,
+    context_length) and its tokenizer. `api_key`: when not None, every request must send
+    `Authorization: Bearer <api_key>` (an empty key is refused, so that an unset variable cannot turn
+    authentication off).
     `max_concurrency`: requests admitted at once (one generates, the others wait), beyond which 429.
     `default_max_tokens`: the answer length for requests that give none (capped by the room left in the context).
     """
     if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
         raise ValueError("api_key must be a non-empty string, or None for no authentication")
     worker = Worker(model, max_concurrency)
-    # A Paddle Inference export takes at most its max_seq_len tokens, which may be less than the model's context.
-    context = getattr(model, "max_seq_len", None) or model.config.seq_length
+    context = model.context_length
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -74,7 +74,7 @@ def create_app(model: Engine, tokenizer: GLM4Tokenizer, model_name: str = "glm-4
                            code="context_length_exceeded", param="messages")
         try:
             return worker.submit(prompt, max_new_tokens=max_tokens, eos_token_id=eos, vocab_limit=len(tokenizer),
-                                 **_sampling(body, model.generation_config))
+                                 **_sampling(body))
         except Busy:
             raise APIError(429, f"The server is busy: {max_concurrency} requests are being served or are waiting. "
                                 "Retry shortly.", code="server_busy", headers={"Retry-After": "1"}) from None
@@ -122,19 +122,10 @@ def create_app(model: Engine, tokenizer: GLM4Tokenizer, model_name: str = "glm-4
     return app
 
 
-def _sampling(body: s.SamplingRequest, defaults) -> dict:
-    """generate()'s sampling arguments: the request's, else the checkpoint's generation_config. Giving a
-    temperature, top_p or top_k asks for sampling; temperature 0 means greedy."""
-    def pick(name):
-        asked = getattr(body, name)
-        return getattr(defaults, name) if asked is None else asked
-
-    do_sample = defaults.do_sample or any(getattr(body, name) is not None
-                                          for name in ("temperature", "top_p", "top_k"))
-    if not do_sample or pick("temperature") == 0:
-        return {"do_sample": False, "repetition_penalty": pick("repetition_penalty")}
-    return {"do_sample": True, "seed": body.seed,
-            **{name: pick(name) for name in ("temperature", "top_p", "top_k", "repetition_penalty")}}
+def _sampling(body: s.SamplingRequest) -> dict:
+    """generate()'s sampling arguments: those the request set; generate takes the others from the checkpoint's
+    generation_config (GenerationConfig.merged: a temperature, top_p or top_k asks for sampling, 0 is greedy)."""
+    return {name: getattr(body, name) for name in ("temperature", "top_p", "top_k", "repetition_penalty", "seed")}
 
 
 def _usage(prompt_tokens: int, reply: Reply) -> s.Usage:
