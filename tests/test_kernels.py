@@ -230,3 +230,23 @@ def test_cached_build_is_reused():
                       {"CXX": "/nonexistent/g++", "CC": "/nonexistent/gcc"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split()[0] == "True" and "building" not in done.stderr
+
+
+def test_forked_child_runs_the_kernels():
+    """A child forked after the thread pool started (a data loader, a server worker) starts its own threads."""
+    code = """
+        import os, numpy as np, paddle
+        from paddle_glm4 import kernels
+        from paddle_glm4.kernels import quant
+        q, s = quant.quantize_int8(np.random.default_rng(0).standard_normal((64, 256)).astype(np.float32))
+        args = (paddle.ones([3, 256]), paddle.to_tensor(q), paddle.to_tensor(s))
+        expected = kernels.linear(*args, fmt="int8", threads=2).numpy()
+        pid = os.fork()
+        if pid == 0:
+            same = np.array_equal(kernels.linear(*args, fmt="int8", threads=2).numpy(), expected)
+            os._exit(0 if same else 1)
+        _, status = os.waitpid(pid, 0)
+        print("child", os.waitstatus_to_exitcode(status))
+    """
+    done = run_python(code, {})
+    assert done.returncode == 0 and done.stdout.split()[-1] == "0", (done.stdout, done.stderr[-2000:])

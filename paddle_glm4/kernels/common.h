@@ -22,6 +22,7 @@
 #include <vector>
 
 #include <sched.h>
+#include <unistd.h>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #define GLM4_X86 1
@@ -119,6 +120,7 @@ class ThreadPool {
     std::lock_guard<std::mutex> one_job_at_a_time(run_mutex_);
     {
       std::unique_lock<std::mutex> lock(mutex_);
+      if (owner_ != getpid()) forget_workers();
       while (static_cast<int>(workers_.size()) < threads - 1) {
         int index = static_cast<int>(workers_.size());
         workers_.emplace_back([this, index] { work(index); });
@@ -140,12 +142,21 @@ class ThreadPool {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       stop_ = true;
+      if (owner_ != getpid()) forget_workers();
     }
     wake_.notify_all();
     for (auto& w : workers_) w.join();
   }
 
  private:
+  // A forked child has the pool's memory but none of its threads: it starts its own (the parent's thread
+  // handles are left alone; joining or destroying them in the child would be undefined).
+  void forget_workers() {
+    new std::vector<std::thread>(std::move(workers_));  // never freed: those threads are not this process's
+    workers_.clear();
+    owner_ = getpid();
+  }
+
   void take_tasks(const std::function<void(int64_t)>& fn) {
     for (int64_t t = next_.fetch_add(1); t < tasks_; t = next_.fetch_add(1)) fn(t);
   }
@@ -175,6 +186,7 @@ class ThreadPool {
   int64_t tasks_ = 0, generation_ = 0;
   int helpers_ = 0, pending_ = 0;
   bool stop_ = false;
+  pid_t owner_ = getpid();
 };
 
 // ---- Numbers ---------------------------------------------------------------------------------------------
