@@ -31,14 +31,13 @@ from paddle_glm4.checkpoint import INDEX_FILE, SINGLE_FILE, index_json, parse_si
 from paddle_glm4.cli_errors import UsageError
 from paddle_glm4.config import (
     CONFIG_NAME,
-    DEFAULT_GROUP_SIZE,
-    QUANTIZATION_SCHEMES,
     STORAGE_DTYPES,
     ConfigError,
     GLM4Config,
     Quantization,
 )
 from paddle_glm4.integrations.paddlenlp_home import cache_dir
+from paddle_glm4.quantization import add_arguments as add_quantization_arguments
 from paddle_glm4.safetensors_file import SafetensorsReader, to_float32
 
 from . import cli, mapping, quantized
@@ -255,15 +254,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "AutoModelForCausalLM.from_pretrained(NAME) and AutoTokenizer.from_pretrained(NAME) "
                              "load it. PaddleNLP need not be installed to convert.")
     cli.add_output_options(parser, max_shard_size="5GB")
-    parser.add_argument("--quantize", choices=QUANTIZATION_SCHEMES,
-                        help="store the Linear weights (attention, MLP and the lm_head) quantized, weight-only and "
-                             "symmetric: int8 with one scale per output channel, int4 with one per --group-size "
-                             "input rows. The embedding, norms and biases stay in --dtype. from_pretrained and "
-                             "glm4 generate/chat/serve load the result directly")
-    parser.add_argument("--group-size", type=int, metavar="G",
-                        help=f"int4: input rows per scale, an even number (default {DEFAULT_GROUP_SIZE}; the CPU "
-                             "kernels are tuned for 64 and 128)")
-
+    add_quantization_arguments(parser, "store", activations=False)
 
 def destination(args: argparse.Namespace) -> str:
     """The directory to create: --dst, or where PaddleNLP looks for --paddlenlp-name."""

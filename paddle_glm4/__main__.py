@@ -194,23 +194,15 @@ EXPORT_DESCRIPTION = ("Trace the model and save it as a static program (PIR .jso
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    from .config import DEFAULT_GROUP_SIZE, QUANTIZATION_SCHEMES, STORAGE_DTYPES
-    from .quantization import ACTIVATION_DTYPES
+    from .config import STORAGE_DTYPES
+    from .quantization import add_arguments as add_quantization_arguments
 
     parser.add_argument("--model", required=True, metavar="DIR", help="a checkpoint converted with glm4 convert")
     parser.add_argument("--out", required=True, metavar="DIR", help="the export directory to write")
     parser.add_argument("--dtype", choices=STORAGE_DTYPES,
                         help="how the weights are stored (default: as in the checkpoint); a CPU program computes "
                              "in float32 whatever this is, a program exported on a GPU computes in it")
-    parser.add_argument("--quantize", choices=QUANTIZATION_SCHEMES,
-                        help="store the Linear weights quantized (int8: one scale per output channel; int4: one "
-                             "per --group-size input rows); the program computes them with paddle_glm4's C++ "
-                             "kernels. A checkpoint from `glm4 convert --quantize` exports quantized without it")
-    parser.add_argument("--group-size", type=int, metavar="G",
-                        help=f"with --quantize int4: input rows per scale (default {DEFAULT_GROUP_SIZE})")
-    parser.add_argument("--activation-dtype", choices=ACTIVATION_DTYPES, default="auto",
-                        help="how activations enter the bf16/int8/int4 kernels' dot products: float32 exact; "
-                             "bfloat16 or int8 rounded, faster; auto (default) picks per CPU where it runs")
+    add_quantization_arguments(parser, "store (and compute with paddle_glm4's C++ kernels)")
     parser.add_argument("--max-seq-len", type=int, metavar="N",
                         help="the longest prompt + generation the export accepts (default: the config's "
                              "seq_length)")

@@ -12,8 +12,7 @@ import os
 from typing import TYPE_CHECKING
 
 from .cli_errors import UsageError
-from .config import DEFAULT_GROUP_SIZE, QUANTIZATION_SCHEMES
-from .quantization import ACTIVATION_DTYPES
+from .quantization import add_arguments as add_quantization_arguments
 
 if TYPE_CHECKING:
     from typing import TypeAlias
@@ -42,19 +41,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                              "and float32 with Paddle's own (default: bfloat16 for a bf16 checkpoint, else "
                              "float32); on GPU, the compute dtype (default: the checkpoint's). With --engine "
                              "inference: the predictor's precision")
-    parser.add_argument("--quantize", choices=QUANTIZATION_SCHEMES,
-                        help="quantize the Linear weights at load (weight-only, symmetric): int8 with one scale "
-                             "per output channel (GLM-4-9B: 10.0 GB of weights), int4 with one per --group-size input "
-                             "rows (5.9 GB). A checkpoint written by `glm4 convert --quantize` is quantized already "
-                             "and needs no flag")
-    parser.add_argument("--group-size", type=int, metavar="G",
-                        help=f"with --quantize int4: input rows per scale, an even number (default "
-                             f"{DEFAULT_GROUP_SIZE})")
-    parser.add_argument("--activation-dtype", choices=ACTIVATION_DTYPES, default="auto",
-                        help="how activations enter the bf16/int8/int4 kernels' dot products: float32 exact; "
-                             "bfloat16 or int8 (one scale per row) rounded, for the CPU's faster instructions; "
-                             "auto (default) picks per CPU")
-
+    add_quantization_arguments(parser, "quantize at load")
 
 def load_engine(model_dir: str, engine: str = "dynamic", dtype: str | None = None,
                 tokenizer_dir: str | None = None, quantization: str | None = None, group_size: int | None = None,

@@ -19,12 +19,13 @@ Any format converts to any other a block of output rows at a time, through float
 
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from .config import QUANTIZATION_SCHEMES, ConfigError, Quantization
+from .config import DEFAULT_GROUP_SIZE, QUANTIZATION_SCHEMES, ConfigError, Quantization
 from .kernels import quant
 from .safetensors_file import cast, numpy_dtype, to_float32
 
@@ -255,3 +256,22 @@ def choose_format(stored_dtype: str, stored_quantization: Quantization | None, d
     if dtype == "bfloat16" or (dtype is None and stored_dtype == "bfloat16"):
         return Packed("bfloat16", None, activation_dtype)
     return Dense("float32")
+
+
+def add_arguments(parser: argparse.ArgumentParser, action: str, activations: bool = True):
+    """--quantize, --group-size and (with `activations`) --activation-dtype, worded once for every command
+    that takes them; `action` says what the command does with the weights ("quantize at load", ...)."""
+    parser.add_argument("--quantize", choices=QUANTIZATION_SCHEMES,
+                        help=f"{action} the Linear weights (attention, MLP and the lm_head), weight-only and "
+                             "symmetric: int8 with one float32 scale per output channel (GLM-4-9B: 10.0 GB of "
+                             "weights), int4 with one per --group-size input rows (5.9 GB). The embedding, norms "
+                             "and biases are not quantized. A checkpoint converted with --quantize is quantized "
+                             "already and needs no flag")
+    parser.add_argument("--group-size", type=int, metavar="G",
+                        help=f"with --quantize int4: input rows per scale, an even number (default "
+                             f"{DEFAULT_GROUP_SIZE}; the kernels are tuned for 64 and 128)")
+    if activations:
+        parser.add_argument("--activation-dtype", choices=ACTIVATION_DTYPES, default="auto",
+                            help="how activations enter the bf16/int8/int4 kernels' dot products: float32 is "
+                                 "exact; bfloat16, or int8 with one scale per row, rounds them for the CPU's "
+                                 "faster instructions; auto (default) picks per CPU")
