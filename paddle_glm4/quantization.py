@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from converters.transpose import transpose_into
+
 from .config import DEFAULT_GROUP_SIZE, QUANTIZATION_SCHEMES, ConfigError, Quantization
 from .kernels import quant
 from .safetensors_file import cast, numpy_dtype, to_float32
@@ -104,7 +106,10 @@ class Dense(WeightFormat):
         return self.dtype
 
     def rows(self, arrays: dict[str, np.ndarray], k: int, start: int, stop: int) -> np.ndarray:
-        return np.ascontiguousarray(to_float32(arrays["weight"][:, start:stop], self.dtype).T)
+        weight = arrays["weight"]
+        block = np.empty((stop - start, k), weight.dtype)
+        transpose_into(block, weight[:, start:stop])  # the stored bits, moved fast; widened after
+        return to_float32(block, self.dtype)
 
     def pack(self, arrays: dict[str, np.ndarray], rows: np.ndarray, start: int) -> None:
         arrays["weight"][:, start:start + len(rows)] = cast(np.ascontiguousarray(rows), "float32", self.dtype).T
@@ -213,6 +218,10 @@ def convert(source: WeightFormat, arrays: dict[str, np.ndarray], target: WeightF
     if type(source) is type(target) and source.slots(k, n) == target.slots(k, n):
         return arrays
     out = {slot.name: np.empty(slot.shape, numpy_dtype(slot.dtype)) for slot in target.slots(k, n)}
+    if isinstance(source, Dense) and source.dtype == "bfloat16" and isinstance(target, Packed) \
+            and target.kind == "bfloat16":  # the same values, transposed: moved as bits
+        transpose_into(out["weight"], arrays["weight"])
+        return out
     step = max(1, CONVERT_BLOCK_BYTES // (4 * k))
     for start in range(0, n, step):
         target.pack(out, source.rows(arrays, k, start, min(start + step, n)), start)
