@@ -41,7 +41,8 @@ class CacheSlots:
     def __init__(self, keys: list, values: list):
         self.keys, self.values = keys, values
 
-    def update(self, layer: int, start, k, v):
+    def update(self, layer: int, start: int | paddle.Tensor, k: paddle.Tensor,
+               v: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
         """Write k, v [b, s, g, d] at slots start..start+s of the layer's buffers, in place; return the buffers."""
         end = start + paddle.shape(k)[1]
         self.keys[layer][:, start:end] = k
