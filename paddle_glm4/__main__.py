@@ -9,14 +9,20 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from .cli_errors import run_cli
 from .console import LineReader, ctrl_c_cancels
 from .engine import add_engine_arguments
 
+if TYPE_CHECKING:
+    from .engine import Engine
+    from .streamer import Streamer
+    from .tokenizer import GLM4Tokenizer
+
 
 # ---- helpers ------------------------------------------------------------------------------------------
-def load(args):
+def load(args: argparse.Namespace) -> tuple[Engine, GLM4Tokenizer]:
     from .engine import load_engine
     from .validation import check_seed
 
@@ -26,7 +32,7 @@ def load(args):
                        activation_dtype=args.activation_dtype)
 
 
-def sampling_kwargs(args) -> dict:
+def sampling_kwargs(args: argparse.Namespace) -> dict:
     """generate()'s settings from the flags: only those given (None lets generate take generation_config.json's,
     see GenerationConfig.merged); --greedy turns sampling off whatever the checkpoint says."""
     return {
@@ -41,12 +47,13 @@ def sampling_kwargs(args) -> dict:
     }
 
 
-def report_speed(prompt_tokens: int, started: float, streamer) -> None:
-    if streamer.first_token_time is None:
+def report_speed(prompt_tokens: int, started: float, streamer: Streamer) -> None:
+    first, last = streamer.first_token_time, streamer.last_token_time
+    if first is None or last is None:
         return
-    prefill = streamer.first_token_time - started
+    prefill = first - started
     decode_tokens = streamer.tokens - 1
-    decode = streamer.last_token_time - streamer.first_token_time
+    decode = last - first
     line = f"prefill: {prompt_tokens} tokens in {prefill:.2f} s ({prompt_tokens / prefill:.1f} tokens/s)"
     if decode_tokens > 0 and decode > 0:
         line += f"; decode: {decode_tokens} tokens in {decode:.2f} s ({decode_tokens / decode:.2f} tokens/s)"
@@ -54,7 +61,7 @@ def report_speed(prompt_tokens: int, started: float, streamer) -> None:
 
 
 # ---- commands -------------------------------------------------------------------------------------------
-def cmd_generate(args) -> int:
+def cmd_generate(args: argparse.Namespace) -> int:
     from .streamer import TextStreamer
 
     model, tokenizer = load(args)
@@ -70,7 +77,7 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def cmd_chat(args) -> int:
+def cmd_chat(args: argparse.Namespace) -> int:
     model, tokenizer = load(args)
     interactive = sys.stdin.isatty()
     if interactive:
@@ -136,19 +143,19 @@ def _fit_history(tokenizer, messages: list, keep: int, budget: int) -> list[int]
         print("(oldest turn dropped to fit the context)", file=sys.stderr)
 
 
-def cmd_convert(args) -> int:
+def cmd_convert(args: argparse.Namespace) -> int:
     from converters import torch_to_paddle
 
     return torch_to_paddle.run(args)
 
 
-def cmd_to_torch(args) -> int:
+def cmd_to_torch(args: argparse.Namespace) -> int:
     from converters import paddle_to_torch
 
     return paddle_to_torch.run(args)
 
 
-def cmd_export(args) -> int:
+def cmd_export(args: argparse.Namespace) -> int:
     from .inference.export import export_model
 
     manifest = export_model(args.model, args.out, args.dtype, args.max_seq_len, quantization=args.quantize,
@@ -161,7 +168,7 @@ def cmd_export(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
+def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     return run_demo(args)

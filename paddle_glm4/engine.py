@@ -76,7 +76,7 @@ def load_engine(model_dir: str, engine: str = "dynamic", dtype: str | None = Non
     return model, tokenizer
 
 
-def check_pair(model, tokenizer, model_dir: str, tokenizer_dir: str) -> None:
+def check_pair(model: Engine, tokenizer: GLM4Tokenizer, model_dir: str, tokenizer_dir: str) -> None:
     """Refuse a tokenizer that does not belong to the model: more tokens than the model has rows, or stop ids
     (the model's generation_config / config eos_token_id) that are not the tokenizer's special tokens, with
     which generation would never stop, or stop at ordinary text."""

@@ -11,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 import numpy as np
 import paddle
@@ -21,6 +22,13 @@ from .config import EOS, TOKEN_ID, GLM4Config
 from .sampling import SamplingParams, choose_tokens
 from .sequences import Sequences
 from .validation import Bool, Int, Number, Object, Optional, check_seed, read_json
+
+if TYPE_CHECKING:
+    from .model import GLM4ForCausalLM
+    from .streamer import Streamer
+
+# What generate() takes for ids, masks and positions, [batch, length]: a tensor, an array or lists
+Batch: TypeAlias = "paddle.Tensor | np.ndarray | Sequence[Sequence[int]]"
 
 GENERATION_CONFIG_NAME = "generation_config.json"
 # The fields read (transformers writes others too: max_length, transformers_version, ...); null means unset.
@@ -103,7 +111,7 @@ class ModelSession:
     """A Session over the dynamic-graph GLM4ForCausalLM and the Sequences of one generation (which decide slots
     and positions, see sequences.py)."""
 
-    def __init__(self, model):
+    def __init__(self, model: GLM4ForCausalLM):
         self.model = model
         self.sequences: Sequences | None = None
 
@@ -132,12 +140,13 @@ def _as_ids(value, name: str) -> paddle.Tensor:
 
 
 @paddle.no_grad()
-def generate(session: Session, input_ids, *, context_length: int, vocab_size: int, defaults: GenerationConfig,
-             attention_mask=None, position_ids=None, max_new_tokens: int = 128, do_sample: bool | None = None,
+def generate(session: Session, input_ids: Batch, *, context_length: int, vocab_size: int, defaults: GenerationConfig,
+             attention_mask: Batch | None = None, position_ids: Batch | None = None, max_new_tokens: int = 128,
+             do_sample: bool | None = None,
              temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
              repetition_penalty: float | None = None, eos_token_id: int | list[int] | None = None,
-             pad_token_id: int | None = None, seed: int | None = None, streamer=None, truncate: bool = False,
-             vocab_limit: int | None = None):
+             pad_token_id: int | None = None, seed: int | None = None, streamer: Streamer | None = None,
+             truncate: bool = False, vocab_limit: int | None = None) -> tuple[paddle.Tensor, paddle.Tensor]:
     """Generate up to `max_new_tokens` after each (left-padded) prompt; see GLM4ForCausalLM.generate.
 
     `context_length`: the most tokens (prompt + new) the engine takes. Settings left None come from `defaults`

@@ -7,7 +7,7 @@ g = key/value heads (groups), d = head_dim, H = hidden size. Linear weights: see
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 import paddle
 import paddle.nn.functional as F
@@ -16,11 +16,17 @@ from paddle import nn
 from . import generation, loading, ops
 from .config import GLM4Config
 from .device import on_gpu
-from .generation import GenerationConfig
+from .generation import Batch, GenerationConfig
 from .kv_cache import KVCache
 from .linear import Linear
 from .quantization import WeightFormat
 from .sequences import GROWTH_STEP, Sequences
+
+if TYPE_CHECKING:
+    from .streamer import Streamer
+
+# The slot of the first new token: an int in the dynamic graph, a 0-d int64 tensor in the exported program
+Start: TypeAlias = "int | paddle.Tensor"
 
 
 @dataclass
@@ -33,7 +39,8 @@ class Cache(Protocol):
     """Where the forward writes the new keys and values: the dynamic model's KVCache, or the exported program's
     cache inputs. Returns the keys and values attention reads, [b, L, g, d]."""
 
-    def update(self, layer: int, start, k: paddle.Tensor, v: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]: ...
+    def update(self, layer: int, start: Start, k: paddle.Tensor,
+               v: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]: ...
 
 
 class Embedding(nn.Layer):
@@ -69,7 +76,7 @@ class Attention(nn.Layer):
         self.o_proj = Linear(self.heads * self.head_dim, config.hidden_size, kernels)
 
     def forward(self, x: paddle.Tensor, rope: tuple, mask: paddle.Tensor | None, is_causal: bool,
-                cache: Cache | None, start) -> paddle.Tensor:
+                cache: Cache | None, start: Start) -> paddle.Tensor:
         d, h, g = self.head_dim, self.heads, self.groups
         qk, v = paddle.split(self.qkv_proj(x), [(h + g) * d, g * d], axis=-1)
         # queries and keys rotate together, in one call
@@ -103,7 +110,7 @@ class GLM4Block(nn.Layer):
         self.mlp = MLP(config, kernels)
 
     def forward(self, x: paddle.Tensor, rope: tuple, mask: paddle.Tensor | None, is_causal: bool,
-                cache: Cache | None, start) -> paddle.Tensor:
+                cache: Cache | None, start: Start) -> paddle.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rope, mask, is_causal, cache, start)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -125,7 +132,7 @@ class GLM4Model(nn.Layer):
     def new_cache(self, batch_size: int, capacity: int) -> KVCache:
         return KVCache(self.config, batch_size, capacity, dtype=self.kernels.weights.compute_dtype)
 
-    def forward(self, input_ids: paddle.Tensor, positions: paddle.Tensor, start=0,
+    def forward(self, input_ids: paddle.Tensor, positions: paddle.Tensor, start: Start = 0,
                 key_valid: paddle.Tensor | None = None, cache: Cache | None = None) -> paddle.Tensor:
         """The network over new tokens: hidden states [b, s, H] after the final norm.
 
@@ -173,7 +180,7 @@ class GLM4ForCausalLM(nn.Layer):
         logits = self.logits(input_ids, positions, step.start, step.key_valid, sequences.cache, logits_to_keep)
         return CausalLMOutput(logits, sequences if sequences.cache is not None else None)
 
-    def logits(self, input_ids: paddle.Tensor, positions: paddle.Tensor, start=0,
+    def logits(self, input_ids: paddle.Tensor, positions: paddle.Tensor, start: Start = 0,
                key_valid: paddle.Tensor | None = None, cache: Cache | None = None,
                logits_to_keep: int = 0) -> paddle.Tensor:
         """The one forward (GLM4Model.forward's arguments), through the head: logits [b, s, vocab] float32, only
@@ -195,11 +202,13 @@ class GLM4ForCausalLM(nn.Layer):
         """The most tokens (prompt + new) one generation takes: the config's seq_length."""
         return self.config.seq_length
 
-    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 128, do_sample: bool | None = None,
+    def generate(self, input_ids: Batch, attention_mask: Batch | None = None, max_new_tokens: int = 128,
+                 do_sample: bool | None = None,
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                  repetition_penalty: float | None = None, eos_token_id: int | list[int] | None = None,
-                 pad_token_id: int | None = None, seed: int | None = None, streamer=None, position_ids=None,
-                 truncate: bool = False, vocab_limit: int | None = None):
+                 pad_token_id: int | None = None, seed: int | None = None, streamer: Streamer | None = None,
+                 position_ids: Batch | None = None, truncate: bool = False,
+                 vocab_limit: int | None = None) -> tuple[paddle.Tensor, paddle.Tensor]:
         """Generate after each prompt of a (left-padded) batch; returns (ids, scores) as PaddleNLP does.
 
         ids [b, new] int64 holds only the new tokens, rows that stopped early padded with the pad id;

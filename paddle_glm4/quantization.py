@@ -267,7 +267,7 @@ def choose_format(stored_dtype: str, stored_quantization: Quantization | None, d
     return Dense("float32")
 
 
-def add_arguments(parser: argparse.ArgumentParser, action: str, activations: bool = True):
+def add_arguments(parser: argparse.ArgumentParser, action: str, activations: bool = True) -> None:
     """--quantize, --group-size and (with `activations`) --activation-dtype, worded once for every command
     that takes them; `action` says what the command does with the weights ("quantize at load", ...)."""
     parser.add_argument("--quantize", choices=QUANTIZATION_SCHEMES,

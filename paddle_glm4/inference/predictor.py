@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import os
 import sys
+from typing import Any
 
 import paddle
 import paddle.inference as paddle_infer
@@ -100,12 +101,13 @@ class Predictor:
     def session(self) -> PredictorSession:
         return PredictorSession(self)
 
-    def run(self, input_ids, position_ids, start: int, key_valid, keys: list, values: list) -> paddle.Tensor:
+    def run(self, input_ids: paddle.Tensor, position_ids: paddle.Tensor, start: int, key_valid: paddle.Tensor,
+            keys: list, values: list) -> paddle.Tensor:
         """One call of the exported program (see export.StepProgram); writes `keys`/`values` in place."""
         inputs = [input_ids, position_ids, paddle.to_tensor(start, dtype="int64"), key_valid, *keys, *values]
         return self._predictor.run(inputs)[0]
 
-    def generate(self, input_ids, **kwargs):
+    def generate(self, input_ids: generation.Batch, **kwargs: Any) -> tuple[paddle.Tensor, paddle.Tensor]:
         """Same arguments and results as GLM4ForCausalLM.generate; the context is the export's max_seq_len."""
         return generation.generate(self.session(), input_ids, context_length=self.context_length,
                                    vocab_size=self.config.vocab_size, defaults=self.generation_config, **kwargs)

@@ -37,7 +37,7 @@ import paddle
 
 from ..config import CONFIG_NAME, MODEL_TYPE, GLM4Config
 from ..engine import check_pair
-from ..generation import GenerationConfig
+from ..generation import Batch, GenerationConfig
 from ..model import GLM4ForCausalLM
 from ..tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
 from ..tokenizer import TOKENIZER_FILE, GLM4Tokenizer
@@ -165,7 +165,8 @@ class PaddleNLPGLM4ForCausalLM(GLM4ForCausalLM):
             model.vocab_limit = len(tokenizer)
         return model
 
-    def generate(self, input_ids, attention_mask=None, generation_config=None, **options):  # type: ignore[override]
+    def generate(self, input_ids: Batch, attention_mask: Batch | None = None,  # type: ignore[override]
+                 generation_config: Any = None, **options: Any) -> tuple[paddle.Tensor, paddle.Tensor]:
         """PaddleNLP's generate(): `ids, scores = model.generate(**tokenizer(texts, return_tensors="pd"), ...)`.
 
         `generation_config` is a paddlenlp GenerationConfig; the options its user set apply, and keyword options
