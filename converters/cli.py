@@ -7,10 +7,9 @@ Each direction says only what differs: what its two directories hold and its --m
 from __future__ import annotations
 
 import argparse
-import signal
 from collections.abc import Callable
 
-from paddle_glm4.cli_errors import run_cli
+from paddle_glm4.cli_errors import add_debug_flag, interrupt_on_termination, run_cli
 from paddle_glm4.config import STORAGE_DTYPES
 
 
@@ -36,8 +35,9 @@ def add_output_options(parser: argparse.ArgumentParser, max_shard_size: str | No
                         help="largest weight file to write, e.g. 5GB, 500MB, 2GiB; a tensor bigger than that gets "
                              f"a file of its own. Default: {shard_default or max_shard_size}.")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace DST_DIR if it already holds a checkpoint; the old one is swapped out only "
-                             "after the new one is complete and verified")
+                        help="replace DST_DIR if it is empty or holds a conversion's output (its "
+                             "conversion_manifest.json lists every file in it); anything else is never replaced. "
+                             "The old one is swapped out only after the new one is complete and verified")
     parser.add_argument("--no-verify", dest="verify", action="store_false",
                         help="skip the check that re-reads every written tensor and compares it with its source "
                              "(faster; the sha256 manifest is written either way)")
@@ -51,13 +51,7 @@ def main(argv: list[str] | None, prog: str, purpose: str, add_arguments: Callabl
                                      "result, and writes it atomically: on any error DST_DIR is left as it was "
                                      "(exit code 2).")
     add_arguments(parser)
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
-    sigterm_as_interrupt()
-    return run_cli(lambda: run(args))
-
-
-def sigterm_as_interrupt() -> None:
-    """Let `kill` (SIGTERM) clean up like Ctrl-C does, leaving no partial output."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, interrupt)
+    interrupt_on_termination()
+    return run_cli(lambda: run(args), getattr(args, "debug", False))

@@ -34,6 +34,7 @@ from paddle_glm4.checkpoint import INDEX_FILE, index_json, inspect, parse_size, 
 from paddle_glm4.config import CONFIG_NAME, STORAGE_DTYPES, GLM4Config, Quantization
 from paddle_glm4.safetensors_file import CODE_OF, MAX_HEADER_BYTES, SafetensorsReader, numpy_dtype
 from paddle_glm4.validation import MAX_JSON_BYTES, Int, List, Object, Optional, Str, parse_json, read_json
+from paddle_glm4.source_files import UnsafeFileError, plain_name
 
 from . import cli, mapping, quantized
 from .pipeline import (
@@ -106,13 +107,19 @@ def canonical_plan(config: GLM4Config, tensors: list[OutputTensor],
     return files, texts
 
 
-def recorded_plan(record: dict, config: GLM4Config, tensors: list[OutputTensor]) -> tuple[list[OutputFile], dict]:
-    """Files and texts exactly as recorded, when the record fits `tensors`; raises ValueError otherwise."""
+def recorded_plan(record: dict, config: GLM4Config, tensors: list[OutputTensor],
+                  where: str = MANIFEST) -> tuple[list[OutputFile], dict]:
+    """Files and texts exactly as recorded, when the record fits `tensors`; raises ValueError otherwise, and
+    UnsafeFileError for a file name that is not a plain name (`where` names the manifest)."""
     by_name = {t.name: t for t in tensors}
     if GLM4Config.from_dict(parse_json(record["config"], "the recorded config.json")) != config:
         raise ValueError("its config.json describes a different model or dtype")
     files, seen = [], set()
-    for entry in record["files"]:
+    for i, entry in enumerate(record["files"]):
+        plain_name(entry["name"], f"{where}: published_layout.files[{i}].name")
+        if not entry["name"].endswith(".safetensors"):
+            raise UnsafeFileError(f"{where}: published_layout.files[{i}].name {entry['name']!r} is not a "
+                                  ".safetensors file name; refusing it")
         header = entry["header"].encode("utf-8")
         layout = {k: v for k, v in parse_json(header, f"the recorded header of {entry['name']}").items()
                   if k != "__metadata__"}
@@ -133,25 +140,30 @@ def recorded_plan(record: dict, config: GLM4Config, tensors: list[OutputTensor])
         raise ValueError("it does not hold every tensor")
     texts = {CONFIG_NAME: record["config"]}
     if record["index"] is not None:
+        recorded = parse_json(record["index"], f"{where}: published_layout.index")["weight_map"]
+        if recorded != {t.name: file.name for file in files for t in file.tensors}:
+            raise UnsafeFileError(f"{where}: published_layout.index does not map the tensors to the recorded "
+                                  "files; refusing it")
         texts[INDEX_FILE] = record["index"]
     return files, texts
 
 
-def _recorded_layout(src: str) -> tuple[dict | None, str]:
-    """The published layout recorded in `src`'s manifest, if any (and why not, for the summary)."""
+def _recorded_layout(src: str) -> tuple[dict | None, str, str]:
+    """The published layout recorded in `src`'s manifest, if any (and why not, for the summary), and the
+    manifest's path."""
     path = os.path.join(src, MANIFEST)
     try:
         record = read_json(path, MANIFEST_SCHEMA).get("published_layout")
     except FileNotFoundError:
-        return None, f"no {MANIFEST} in the source"
+        return None, f"no {MANIFEST} in the source", path
     except PermissionError as err:
-        return None, f"{path} is unreadable ({err.strerror})"
-    return record, "" if record else f"{path} records no published layout"
+        return None, f"{path} is unreadable ({err.strerror})", path
+    return record, "" if record else f"{path} records no published layout", path
 
 
 def _plan(config: GLM4Config, sources: Mapping[str, SourceTensor], dtype: str, shard_size: int | None,
           record: dict | None, why_not: str,
-          quantization: Quantization | None) -> tuple[list[OutputTensor], list[OutputFile], dict, str]:
+          quantization: Quantization | None, where: str) -> tuple[list[OutputTensor], list[OutputFile], dict, str]:
     """The recorded layout if asked for (no shard size) and it fits, else the canonical one; and a note
     saying which, for the summary."""
     if shard_size is None and record is not None:
@@ -159,7 +171,10 @@ def _plan(config: GLM4Config, sources: Mapping[str, SourceTensor], dtype: str, s
             recorded = record["inv_freq"]
             inv_freq = None if recorded is None else np.frombuffer(bytes.fromhex(recorded), numpy_dtype(dtype))
             tensors = published_tensors(config, sources, dtype, inv_freq, quantization)
-            return tensors, *recorded_plan(record, config, tensors), "reproduced the source's recorded file layout"
+            plan = recorded_plan(record, config, tensors, where)
+            return tensors, *plan, "reproduced the source's recorded file layout"
+        except UnsafeFileError:
+            raise  # a crafted manifest: refused, not worked around
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             why_not = f"the recorded layout does not fit: {err}"
     tensors = published_tensors(config, sources, dtype, quantization=quantization)

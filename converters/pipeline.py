@@ -13,8 +13,10 @@ computes any block of its rows. The engine owns the rest:
   index and config.json are read back and checked. That the transforms themselves are right is what
   the tests check, against transformers' model.
 - safety: everything is built in a temporary directory beside the destination, verified, flushed to
-  disk, and only then renamed into place; on any error or interrupt the temporary directory is removed,
-  so the destination is either untouched or complete. Sources are only ever opened for reading.
+  disk, and only then renamed into place (`paddle_glm4.output_dir`, which also decides what may be
+  replaced); on any error or interrupt the temporary directory is removed, so the destination is either
+  untouched or complete. Sources are only ever opened for reading, and only inside their directory
+  (`paddle_glm4.source_files`).
 
 Every output directory gets `conversion_manifest.json`: what the direction records ("tool", "source",
 "output", and for a published source "published_layout", see torch_to_paddle), "verified", and "sha256":
@@ -28,8 +30,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable
 from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
@@ -38,9 +38,12 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
-from paddle_glm4.checkpoint import INDEX_FILE, CheckpointError, existing_weight_files, weight_map
+from paddle_glm4.checkpoint import INDEX_FILE, CheckpointError, weight_map
+from paddle_glm4 import output_dir
 from paddle_glm4.config import CONFIG_NAME, GLM4Config
+from paddle_glm4.output_dir import OutputKind
 from paddle_glm4.safetensors_file import SafetensorsReader, SafetensorsWriter, cast, numpy_dtype
+from paddle_glm4.source_files import copy_source, permission_bits, plain_name, source_path
 
 MANIFEST = "conversion_manifest.json"
 # Copied unchanged when the source has them.
@@ -164,8 +167,20 @@ def row_blocks(shape: tuple[int, ...], itemsize: int) -> list[tuple[int, int]]:
 
 
 # ---- where the output goes --------------------------------------------------------------------------------
+def _listed_files(manifest) -> list[str] | None:
+    """The files a conversion manifest says its directory holds (None: not a manifest of ours)."""
+    if (isinstance(manifest, dict) and str(manifest.get("tool", "")).startswith("paddle_glm4 ")
+            and isinstance(manifest.get("sha256"), dict)):
+        return list(manifest["sha256"])
+    return None
+
+
+CHECKPOINT = OutputKind("a checkpoint", MANIFEST, _listed_files)
+
+
 def check_destination(dst: str, overwrite: bool, src: str | None = None) -> None:
-    """Refuse destinations that would lose data; run before anything is read or written."""
+    """Refuse destinations that would lose data; run before anything is read or written. An existing `dst` is
+    replaced only with `overwrite`, and only if it is empty or a conversion's output (see output_dir)."""
     if src is not None:
         src_real, dst_real = os.path.realpath(src), os.path.realpath(dst)
         if dst_real == src_real or dst_real.startswith(src_real + os.sep):
@@ -173,28 +188,19 @@ def check_destination(dst: str, overwrite: bool, src: str | None = None) -> None
                                   "choose a directory outside it")
         if src_real.startswith(dst_real + os.sep):
             raise ConversionError(f"--src {src} is inside --dst {dst}; choose a destination outside the source")
-    if not os.path.lexists(dst):
-        return
-    if not overwrite:
-        raise ConversionError(f"--dst {dst} already exists; pass --overwrite to replace it")
-    if not os.path.isdir(dst) or os.path.islink(dst):
-        raise ConversionError(f"--dst {dst} exists and is not a directory; not replacing it")
-    entries = os.listdir(dst)
-    if entries and not ({CONFIG_NAME, MANIFEST} & set(entries) or existing_weight_files(dst)):
-        raise ConversionError(f"--dst {dst} exists and does not look like a checkpoint (no {CONFIG_NAME}); "
-                              "not replacing it, even with --overwrite")
+    output_dir.check_destination(dst, overwrite, CHECKPOINT)
 
 
 def build(dst: str, plan: Plan, overwrite: bool, verify: bool, progress: bool) -> list[str]:
     """Write `plan` into a temporary directory beside `dst`, verify it, then move it into place.
 
-    Returns the names of the files written. Nothing is left behind on failure or interrupt.
+    Returns the names of the files written. Nothing is left behind on failure or interrupt. The output's files
+    get no permission bit that the source files lack.
     """
-    dst = os.path.abspath(dst)
-    parent = os.path.dirname(dst)
-    created, staging = _make_directories(parent), None
-    try:
-        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.", suffix=".partial", dir=parent)
+    names = _check_names(plan)
+    sources = {part.where for file in plan.files for tensor in file.tensors for part in tensor.parts
+               if part.where != "memory"} | set(plan.copies.values())
+    with output_dir.staged(dst, overwrite, CHECKPOINT, mode_limit=permission_bits(sources)) as staging:
         digests, heads = {}, {}
         total = sum(t.nbytes for f in plan.files for t in f.tensors)
         with tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=not progress or None) as bar, \
@@ -209,7 +215,7 @@ def build(dst: str, plan: Plan, overwrite: bool, verify: bool, progress: bool) -
             with open(os.path.join(staging, name), "w", encoding="utf-8") as f:
                 f.write(text)
         for name, path in plan.copies.items():
-            shutil.copyfile(path, os.path.join(staging, name))
+            copy_source(path, os.path.join(staging, name))
         if verify:
             _verify_files(staging, dst, plan, heads)
         for name in [*plan.texts, *plan.copies]:
@@ -217,27 +223,18 @@ def build(dst: str, plan: Plan, overwrite: bool, verify: bool, progress: bool) -
         manifest = {**plan.manifest, "verified": verify, "sha256": dict(sorted(digests.items()))}
         with open(os.path.join(staging, MANIFEST), "w", encoding="utf-8") as f:
             f.write(json.dumps(manifest, indent=2) + "\n")
-        _sync_directory(staging)
-        _publish(staging, dst, overwrite)
-    except BaseException:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-        for directory in reversed(created):
-            with contextlib.suppress(OSError):  # someone else put something there meanwhile: keep it
-                os.rmdir(directory)
-        raise
-    return sorted([*digests, MANIFEST])
+    return names
 
 
-def _make_directories(path: str) -> list[str]:
-    """mkdir -p, returning the directories it created (outermost first), to remove them on failure."""
-    missing = []
-    while not os.path.isdir(path):
-        missing.append(path)
-        path = os.path.dirname(path)
-    for directory in reversed(missing):
-        os.mkdir(directory)
-    return missing[::-1]
+def _check_names(plan: Plan) -> list[str]:
+    """Every file the plan writes, each a plain name, once: names can come from a manifest (paddle_to_torch)."""
+    names = [file.name for file in plan.files] + list(plan.texts) + list(plan.copies) + [MANIFEST]
+    for name in names:
+        plain_name(name, "the files to write")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ConversionError(f"the files to write name {repeated[0]!r} twice")
+    return sorted(names)
 
 
 def _write_file(directory: str, dst: str, file: OutputFile, verify: bool, stages: dict[str, ThreadPoolExecutor],
@@ -379,42 +376,6 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _sync_directory(directory: str):
-    """fsync every file, then the directory, so the rename publishes data that is on disk."""
-    for name in os.listdir(directory):
-        fd = os.open(os.path.join(directory, name), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: str):
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _publish(staging: str, dst: str, overwrite: bool):
-    """Rename the finished directory to `dst`. An existing `dst` is moved aside first and removed after,
-    so `dst` is never partial (and is put back if the second rename fails)."""
-    if overwrite and os.path.lexists(dst):
-        old = staging + ".old"
-        os.rename(dst, old)
-        try:
-            os.rename(staging, dst)
-        except BaseException:
-            os.rename(old, dst)
-            raise
-        shutil.rmtree(old)
-    else:
-        os.rename(staging, dst)
-    _fsync_dir(os.path.dirname(dst))
-
-
 # ---- shared by the directions --------------------------------------------------------------------------------
 def source_dtype(dtypes: Iterable[str]) -> str:
     """The dtype a checkpoint is "in": the widest of its tensors' dtypes, so that a default conversion
@@ -426,5 +387,6 @@ def source_dtype(dtypes: Iterable[str]) -> str:
 
 
 def copies_from(src: str) -> dict[str, str]:
-    """The side files (tokenizer, generation config) present in `src`."""
-    return {name: os.path.join(src, name) for name in SIDE_FILES if os.path.isfile(os.path.join(src, name))}
+    """The side files (tokenizer, generation config) present in `src`; refuses links out of it and files that
+    are not regular."""
+    return {name: source_path(src, name) for name in SIDE_FILES if os.path.lexists(os.path.join(src, name))}

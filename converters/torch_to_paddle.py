@@ -39,6 +39,7 @@ from paddle_glm4.config import (
 from paddle_glm4.integrations.paddlenlp_home import cache_dir
 from paddle_glm4.quantization import add_arguments as add_quantization_arguments
 from paddle_glm4.safetensors_file import SafetensorsReader, to_float32
+from paddle_glm4.source_files import open_source
 
 from . import cli, mapping, quantized
 from .pipeline import (
@@ -74,7 +75,7 @@ class TorchCheckpoint:
 
     def layout_record(self) -> dict:
         """What `paddle_to_torch` needs to write these files again byte for byte."""
-        with open(os.path.join(self.directory, CONFIG_NAME), encoding="utf-8") as f:
+        with open_source(os.path.join(self.directory, CONFIG_NAME), mode="r", encoding="utf-8") as f:
             config_text = f.read()
         return {
             "config": config_text,
@@ -97,7 +98,7 @@ def open_torch_checkpoint(src: str, stack: contextlib.ExitStack) -> TorchCheckpo
     located = weight_map(src)  # refuses pickle files, names missing shards
     readers = {path: stack.enter_context(SafetensorsReader(path)) for path in dict.fromkeys(located.values())}
     index_path = os.path.join(src, INDEX_FILE)
-    sharded = os.path.exists(index_path)
+    sharded = os.path.lexists(index_path)
     for name, path in located.items():
         if name not in readers[path]:
             raise ConversionError(f"{index_path}: lists tensor {name!r} in {os.path.basename(path)}, "
@@ -118,7 +119,7 @@ def open_torch_checkpoint(src: str, stack: contextlib.ExitStack) -> TorchCheckpo
         _check_inv_freq(inv_freq, config, config_path)
     index_text = None
     if sharded:
-        with open(index_path, encoding="utf-8") as f:
+        with open_source(index_path, mode="r", encoding="utf-8") as f:
             index_text = f.read()
     return TorchCheckpoint(src, config, layout, tensors, list(readers.values()), inv_freq, index_text)
 

@@ -11,7 +11,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from .cli_errors import run_cli
+from .cli_errors import add_debug_flag, interrupt_on_termination, run_cli
 from .console import LineReader, ctrl_c_cancels
 from .engine import add_engine_arguments
 
@@ -146,6 +146,7 @@ def _fit_history(tokenizer, messages: list, keep: int, budget: int) -> list[int]
 def cmd_convert(args: argparse.Namespace) -> int:
     from converters import torch_to_paddle
 
+    interrupt_on_termination()
     return torch_to_paddle.run(args)
 
 
@@ -158,8 +159,10 @@ def cmd_to_torch(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .inference.export import export_model
 
+    interrupt_on_termination()
     manifest = export_model(args.model, args.out, args.dtype, args.max_seq_len, quantization=args.quantize,
-                            group_size=args.group_size, activation_dtype=args.activation_dtype)
+                            group_size=args.group_size, activation_dtype=args.activation_dtype,
+                            overwrite=args.overwrite)
     quantized = manifest.config.quantization
     weights = manifest.dtype if quantized is None else f"{quantized} (the rest {manifest.dtype})"
     print(f"exported to {args.out}: weights {weights}, computes in {manifest.compute_dtype} on "
@@ -171,6 +174,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    interrupt_on_termination()
     return run_demo(args)
 
 
@@ -213,6 +217,10 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-seq-len", type=int, metavar="N",
                         help="the longest prompt + generation the export accepts (default: the config's "
                              "seq_length)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace OUT if it is empty or an earlier export (its export.json and the files an "
+                             "export holds, nothing else); anything else is never replaced. The new export is "
+                             "built beside OUT and swapped in only once complete")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -279,12 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
                                             "/v1/chat/completions (streaming, tools), /v1/completions.")
     add_server_arguments(serve)
     serve.set_defaults(handler=run_server)
+    for command in (parser, *commands.choices.values()):
+        add_debug_flag(command)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_cli(lambda: args.handler(args))
+    return run_cli(lambda: args.handler(args), getattr(args, "debug", False))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .safetensors_file import SafetensorsError, SafetensorsReader, SafetensorsWriter, cast, numpy_dtype
+from .source_files import check_source_file, plain_name
 from .validation import Int, Map, Object, Optional, SchemaError, Str, read_json
 
 SINGLE_FILE = "model.safetensors"
@@ -98,19 +99,22 @@ def weight_map(directory: str) -> dict[str, str]:
     """{tensor name: file path} for the checkpoint in `directory`, from its index or its single file."""
     index_path = os.path.join(directory, INDEX_FILE)
     single_path = os.path.join(directory, SINGLE_FILE)
-    if os.path.exists(index_path):
+    if os.path.lexists(index_path):
         mapping = read_json(index_path, INDEX_SCHEMA, CheckpointError)["weight_map"]
         result = {}
         for name, filename in mapping.items():
-            if not isinstance(filename, str) or not filename.endswith(".safetensors") or os.sep in filename:
+            plain_name(filename, f"{index_path}: weight_map[{name!r}]")
+            if not filename.endswith(".safetensors"):
                 raise CheckpointError(f"{index_path}: tensor {name!r} points to {filename!r}, which is not a "
-                                      ".safetensors file in this directory (only safetensors are loaded)")
+                                      ".safetensors file (only safetensors are loaded)")
             path = os.path.join(directory, filename)
-            if not os.path.exists(path):
+            if not os.path.lexists(path):
                 raise CheckpointError(f"{index_path}: shard {filename} (holding {name!r}) is missing")
+            check_source_file(path, directory)
             result[name] = path
         return result
-    if os.path.exists(single_path):
+    if os.path.lexists(single_path):
+        check_source_file(single_path, directory)
         with SafetensorsReader(single_path) as reader:
             return dict.fromkeys(reader.names(), single_path)
     listing = os.listdir(directory) if os.path.isdir(directory) else []

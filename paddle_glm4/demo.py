@@ -37,7 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the random weights (default 0)")
     parser.add_argument("--out", metavar="DIR",
                         help="keep the published and converted checkpoints in DIR/published and DIR/paddle "
-                             "(default: a temporary directory, removed at the end)")
+                             "(default: a temporary directory, removed at the end). A later run replaces them "
+                             "only if they are still the demo's own output (or empty); anything else there is "
+                             "refused, never deleted")
 
 
 def demo_config(tokenizer: GLM4Tokenizer) -> GLM4Config:
@@ -62,6 +64,7 @@ def random_weights(config: GLM4Config, seed: int) -> Iterator[tuple[str, np.ndar
 
 def run_demo(args: argparse.Namespace) -> int:
     from converters import paddle_to_torch, torch_to_paddle
+    from converters.pipeline import check_destination
 
     from .model import GLM4ForCausalLM
     from .small_vocab import write_small_vocabulary
@@ -69,29 +72,31 @@ def run_demo(args: argparse.Namespace) -> int:
     from .tokenizer import GLM4Tokenizer
 
     say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731 - progress notes, not output
-    workdir = args.out or tempfile.mkdtemp(prefix="glm4-demo-")
+    scratch = tempfile.mkdtemp(prefix="glm4-demo-")  # ours alone: removed at the end
+    workdir = args.out or scratch
     published, paddle_dir = os.path.join(workdir, "published"), os.path.join(workdir, "paddle")
     try:
+        # Both are replaced only if they are an earlier run's output (the converter's rule): checked before
+        # anything is written, so that a refusal costs nothing.
         for directory in (published, paddle_dir):
-            if os.path.exists(directory):
-                shutil.rmtree(directory)  # the demo's own output from an earlier run
+            check_destination(directory, overwrite=True)
         if args.tokenizer:
             tokenizer = GLM4Tokenizer.from_pretrained(args.tokenizer)
             source = f"GLM-4's vocabulary from {args.tokenizer}"
         else:
-            vocab_dir = os.path.join(workdir, "small_vocab")
-            tokenizer = GLM4Tokenizer.from_pretrained(write_small_vocabulary(vocab_dir))
+            tokenizer = GLM4Tokenizer.from_pretrained(write_small_vocabulary(os.path.join(scratch, "small_vocab")))
             source = "a small vocabulary built by the demo (pass --tokenizer DIR for GLM-4's real one)"
         config = demo_config(tokenizer)
+        tokenizer_files = tokenizer.save_pretrained(os.path.join(scratch, "tokenizer"))
 
         say(f"[1/3] writing a GLM-4 checkpoint with RANDOM weights (seed {args.seed}) in the published torch "
             f"layout: {config.num_hidden_layers} layers, hidden {config.hidden_size}, vocab {config.vocab_size}")
-        paddle_to_torch.write_published_checkpoint(published, config, random_weights(config, args.seed),
-                                                   dtype="bfloat16", max_shard_size="4MB")
-        tokenizer.save_pretrained(published)
+        paddle_to_torch.write_published_checkpoint(
+            published, config, random_weights(config, args.seed), dtype="bfloat16", max_shard_size="4MB",
+            overwrite=True, extra_files={p.name: str(p) for p in tokenizer_files.iterdir()})
 
         say("[2/3] converting it to Paddle with the converter")
-        summary = torch_to_paddle.convert(published, paddle_dir, progress=False)
+        summary = torch_to_paddle.convert(published, paddle_dir, overwrite=True, progress=False)
         say(f"      {summary.tensors} tensors, {summary.bytes / 1e6:.1f} MB, {summary.layout} layout -> "
             f"{paddle_dir} ({summary.dtype}, verified)")
 
@@ -125,5 +130,4 @@ def run_demo(args: argparse.Namespace) -> int:
                   f"           python -m paddle_glm4 generate --model {paddle_dir} --prompt 'Hello'")
         return 0
     finally:
-        if not args.out:
-            shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -61,7 +61,7 @@ class GenerationConfig:
     def from_model(cls, config: GLM4Config, directory: str | None = None) -> GenerationConfig:
         values: dict[str, Any] = {"eos_token_id": list(config.eos_token_id), "pad_token_id": config.pad_token_id}
         path = os.path.join(directory, GENERATION_CONFIG_NAME) if directory else None
-        if path and os.path.exists(path):
+        if path and os.path.lexists(path):
             data = read_json(path, GENERATION_SCHEMA)
             for key in cls.__dataclass_fields__:
                 if data.get(key) is not None:

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from .source_files import open_regular
 from .validation import Int, List, Map, Object, Optional, SchemaError, Str, parse_json, validate
 
 # safetensors dtype code -> (our dtype name, numpy dtype that holds its bits)
@@ -97,7 +98,7 @@ class SafetensorsReader:
     def __init__(self, path: str):
         self.path = path
         try:
-            self._file = open(path, "rb")  # noqa: SIM115 - held until close(), like the writer's
+            self._file = open_regular(path)
         except FileNotFoundError:
             raise SafetensorsError(f"{path}: file not found") from None
         except OSError as err:
@@ -295,7 +296,9 @@ def _tensor_entries(header: bytes) -> dict:
 # ---- dtype casts on raw arrays ------------------------------------------------------------------------
 def to_float32(array: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "bfloat16":
-        return (array.astype(np.uint32) << 16).view(np.float32)
+        bits = np.asarray(array).astype(np.uint32)
+        bits <<= 16  # in place: keeps uint32 where numpy 1.x would widen a 0-d array's `<< 16` to int64
+        return bits.view(np.float32)
     return array.astype(np.float32)
 
 

@@ -200,7 +200,7 @@ class GLM4Tokenizer:
             raise FileNotFoundError(errno.ENOENT, "tokenizer directory not found", str(directory))
         ranks = read_tokenizer_model(directory / TOKENIZER_FILE)
         config_path = directory / CONFIG_FILE
-        config = read_json(str(config_path), error=TokenizerError) if config_path.exists() else None
+        config = read_json(str(config_path), error=TokenizerError) if os.path.lexists(config_path) else None
         return cls(ranks, config, source=str(config_path if config is not None else directory / TOKENIZER_FILE))
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:

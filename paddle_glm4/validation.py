@@ -22,6 +22,8 @@ import re
 import stat
 from typing import Any
 
+from .source_files import check_source_file
+
 # A JSON file this project reads is a few kB (configs, index, manifests) to a few MB (a tokenizer config with a
 # long template, a manifest recording a big checkpoint's headers); anything past these limits is refused
 # before parsing.
@@ -324,7 +326,9 @@ def parse_json(text: str | bytes, source: str, schema: Schema | None = None,
 
 def read_bounded(path: str, max_bytes: int, error: type[ValueError] = SchemaError) -> bytes:
     """The bytes of the regular file `path`, refused if larger than `max_bytes`; a FIFO or device is refused
-    without blocking on it. A missing file raises FileNotFoundError (the callers say what it means)."""
+    without blocking on it, and so is a link that leads out of the file's directory (source_files). A missing file
+    raises FileNotFoundError (the callers say what it means)."""
+    check_source_file(path)
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
         info = os.fstat(fd)

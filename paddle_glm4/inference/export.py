@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import sys
 import warnings
 
@@ -26,13 +25,15 @@ from paddle import nn
 from paddle.static import InputSpec
 
 from .. import kernels
-from ..checkpoint import require_converted, write_text_atomic
+from ..checkpoint import require_converted, weight_map, write_text_atomic
 from ..config import CONFIG_NAME, MODEL_TYPE, STORAGE_DTYPES, ConfigError, GLM4Config
 from ..device import on_gpu
 from ..model import GLM4ForCausalLM, RMSNorm
 from ..quantization import Packed
+from ..output_dir import check_destination, staged
+from ..source_files import copy_source, permission_bits, source_path
 from ..validation import read_json
-from .manifest import MANIFEST_NAME, PROGRAM, TOKENIZER_FILES, ExportError, Manifest, input_names
+from .manifest import EXPORT, MANIFEST_NAME, PROGRAM, TOKENIZER_FILES, ExportError, Manifest, input_names
 
 
 class CacheSlots:
@@ -107,7 +108,7 @@ def check_checkpoint(model_dir: str) -> GLM4Config:
 
 def export_model(model_dir: str, out_dir: str, dtype: str | None = None, max_seq_len: int | None = None,
                  progress: bool = True, quantization: str | None = None, group_size: int | None = None,
-                 activation_dtype: str = "auto") -> Manifest:
+                 activation_dtype: str = "auto", overwrite: bool = False) -> Manifest:
     """Export the converted checkpoint in `model_dir` to `out_dir` (see the module docstring).
 
     `dtype`: how the weights are stored (default: as in the checkpoint). On CPU the program computes in
@@ -115,7 +116,9 @@ def export_model(model_dir: str, out_dir: str, dtype: str | None = None, max_seq
     checkpoint) through paddle_glm4.kernels' operators, which the program calls (`activation_dtype` as in
     from_pretrained); float16 ones are widened where they are used. On a GPU it computes in `dtype` with the
     fused kernels and flash attention. `max_seq_len`: the longest prompt + generation the export accepts
-    (default: the config's seq_length).
+    (default: the config's seq_length). The export is built in a temporary directory beside `out_dir` and
+    renamed into place when complete; an existing `out_dir` is replaced only with `overwrite`, and only if it
+    is empty or an export.
     """
     config = check_checkpoint(model_dir)
     dtype = dtype or (config.dtype if quantization is None and config.quantization is None else None)
@@ -127,13 +130,28 @@ def export_model(model_dir: str, out_dir: str, dtype: str | None = None, max_seq
     if max_seq_len > config.seq_length:
         raise ExportError(f"max_seq_len {max_seq_len} exceeds the model's context (seq_length "
                           f"{config.seq_length} in {CONFIG_NAME})")
-    if os.path.exists(out_dir) and os.path.samefile(out_dir, model_dir):
-        raise ExportError("--out must be a directory other than the checkpoint's")
-    os.makedirs(out_dir, exist_ok=True)
-    stale = os.path.join(out_dir, MANIFEST_NAME)
-    if os.path.exists(stale):
-        os.unlink(stale)  # until the new manifest is written, the directory reads as incomplete
+    model_real, out_real = os.path.realpath(model_dir), os.path.realpath(out_dir)
+    if out_real == model_real or out_real.startswith(model_real + os.sep):
+        raise ExportError(f"--out {out_dir} is inside the checkpoint {model_dir}, which is never written to; "
+                          "choose a directory outside it")
+    check_destination(out_dir, overwrite, EXPORT, "--out")
+    copies = {name: source_path(model_dir, name) for name in TOKENIZER_FILES
+              if os.path.lexists(os.path.join(model_dir, name))}
+    sources = [*copies.values(), *weight_map(model_dir).values()]
+    if progress:
+        print(f"tracing the model and saving the program to {out_dir}", file=sys.stderr, flush=True)
+    with staged(out_dir, overwrite, EXPORT, "--out", mode_limit=permission_bits(sources)) as staging:
+        manifest = _export(model_dir, staging, config, dtype, max_seq_len, quantization, group_size,
+                           activation_dtype)
+        for name, path in copies.items():
+            copy_source(path, os.path.join(staging, name))
+        write_text_atomic(os.path.join(staging, MANIFEST_NAME), manifest.to_json())
+    return manifest
 
+
+def _export(model_dir: str, out_dir: str, config: GLM4Config, dtype: str | None, max_seq_len: int,
+            quantization: str | None, group_size: int | None, activation_dtype: str) -> Manifest:
+    """Trace the checkpoint's model and save the program into `out_dir`; the manifest that describes it."""
     device = "gpu" if on_gpu() else "cpu"
     widened = device == "cpu" and dtype == "float16"  # no float16 kernels on CPU: stored so, widened at use
     if widened or (device == "gpu" and quantization is None and config.quantization is None):
@@ -149,20 +167,13 @@ def export_model(model_dir: str, out_dir: str, dtype: str | None = None, max_seq
     uses_kernels = isinstance(weights, Packed) and kernels.available()  # else their portable ops are traced
     program = StepProgram(model, compute_dtype)
     program.eval()
-    if progress:
-        print(f"tracing the model and saving the program to {out_dir}", file=sys.stderr, flush=True)
     with warnings.catch_warnings():
         # Paddle remarks on its own calls while tracing (`contiguous`, `place` have no meaning in a static
         # graph); nothing here to act on
         warnings.filterwarnings("ignore", category=UserWarning, module="paddle")
         static = paddle.jit.to_static(program, input_spec=program.input_spec(), full_graph=True)
         paddle.jit.save(static, os.path.join(out_dir, PROGRAM))
-    for name in TOKENIZER_FILES:
-        if os.path.exists(os.path.join(model_dir, name)):
-            shutil.copyfile(os.path.join(model_dir, name), os.path.join(out_dir, name))
     quantized = weights.quantization if isinstance(weights, Packed) else None
-    manifest = Manifest(config=dataclasses.replace(config, quantization=quantized), dtype=model.dtype,
-                        compute_dtype=compute_dtype, device=device, max_seq_len=max_seq_len,
-                        inputs=input_names(config.num_hidden_layers), kernels=uses_kernels)
-    write_text_atomic(os.path.join(out_dir, MANIFEST_NAME), manifest.to_json())
-    return manifest
+    return Manifest(config=dataclasses.replace(config, quantization=quantized), dtype=model.dtype,
+                    compute_dtype=compute_dtype, device=device, max_seq_len=max_seq_len,
+                    inputs=input_names(config.num_hidden_layers), kernels=uses_kernels)

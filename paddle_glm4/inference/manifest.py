@@ -14,6 +14,7 @@ import paddle
 
 from ..config import DTYPE, SEQ, STORAGE_DTYPES, GLM4Config
 from ..validation import Bool, Int, List, Object, SchemaError, Str, read_json, validate
+from ..output_dir import OutputKind
 
 FORMAT = "paddle_glm4.inference"
 # Bump when the program's inputs, outputs or meaning change: a predictor only runs its own version.
@@ -36,6 +37,16 @@ MANIFEST_SCHEMA = Object({
     "inputs": List(Str(max_len=64), max_len=4 + 2 * 1024), "config": Object({}), "kernels": Bool()},
     required=("format", "format_version", "dtype", "compute_dtype", "device", "max_seq_len", "paddle_version",
               "inputs", "config", "kernels"))
+
+
+def _export_files(manifest) -> tuple[str, ...] | None:
+    """What an export directory holds, if `manifest` is an export's (see output_dir)."""
+    if isinstance(manifest, dict) and manifest.get("format") == FORMAT:
+        return (*PROGRAM_FILES, *TOKENIZER_FILES)
+    return None
+
+
+EXPORT = OutputKind("an export", MANIFEST_NAME, _export_files)
 
 
 def input_names(num_layers: int) -> list[str]:
