@@ -194,12 +194,12 @@ def check_destination(dst: str, overwrite: bool, src: str | None = None) -> None
 def build(dst: str, plan: Plan, overwrite: bool, verify: bool, progress: bool) -> list[str]:
     """Write `plan` into a temporary directory beside `dst`, verify it, then move it into place.
 
-    Returns the names of the files written. Nothing is left behind on failure or interrupt. The output's files
-    get no permission bit that the source files lack.
+    Returns the names of the files written. Nothing is left behind on failure or interrupt. The output gets no
+    permission bit that its weight files' sources lack (and a copy none that its own source lacks).
     """
     names = _check_names(plan)
     sources = {part.where for file in plan.files for tensor in file.tensors for part in tensor.parts
-               if part.where != "memory"} | set(plan.copies.values())
+               if part.where != "memory"}
     with output_dir.staged(dst, overwrite, CHECKPOINT, mode_limit=permission_bits(sources)) as staging:
         digests, heads = {}, {}
         total = sum(t.nbytes for f in plan.files for t in f.tensors)

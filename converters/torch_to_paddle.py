@@ -91,7 +91,7 @@ def open_torch_checkpoint(src: str, stack: contextlib.ExitStack) -> TorchCheckpo
     if not os.path.isdir(src):
         raise ConversionError(f"--src {src}: {'not a directory' if os.path.exists(src) else 'no such directory'}")
     config_path = os.path.join(src, CONFIG_NAME)
-    if not os.path.isfile(config_path):
+    if not os.path.lexists(config_path):
         raise ConversionError(f"{config_path}: missing; a checkpoint directory needs the config.json that "
                               "came with the weights")
     config = GLM4Config.from_file(config_path)

@@ -7,7 +7,7 @@ replacing a directory the project itself wrote.
 - `staged` builds the output in a hidden `.NAME.XXXX.partial` directory beside the destination and renames it into
   place once complete; an error or interrupt removes it. While it exists it holds an owner file naming the process
   that builds it, so that what a killed run (SIGKILL, a power cut) leaves behind can be told apart later:
-- `remove_stale_partials` (called by `staged`) removes the partial directories in the parent whose builder is
+- `remove_stale_partials` (called by `check_destination`) removes the partial directories in the parent whose builder is
   provably gone (same machine, same boot, no such process any more), and reports those it cannot prove are ours.
 """
 
@@ -43,7 +43,9 @@ class OutputKind:
 
 
 def check_destination(dst: str, overwrite: bool, kind: OutputKind, flag: str = "--dst"):
-    """Refuse a destination whose replacement would lose data (see the module docstring)."""
+    """Refuse a destination whose replacement would lose data (see the module docstring). First, tidy up after
+    killed runs into the same parent (`remove_stale_partials`), which may put back a destination they had moved."""
+    remove_stale_partials(os.path.dirname(os.path.abspath(dst)))
     if not os.path.lexists(dst):
         return
     if not overwrite:
@@ -88,7 +90,6 @@ def staged(dst: str, overwrite: bool, kind: OutputKind, flag: str = "--dst", mod
     parent = os.path.dirname(dst)
     created, staging = _make_directories(parent), None
     try:
-        remove_stale_partials(parent)
         staging = _partial_directory(dst)
         yield staging
         os.unlink(os.path.join(staging, OWNER_FILE))

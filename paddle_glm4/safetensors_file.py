@@ -297,7 +297,7 @@ def _tensor_entries(header: bytes) -> dict:
 def to_float32(array: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "bfloat16":
         bits = np.asarray(array).astype(np.uint32)
-        bits <<= 16  # in place: keeps uint32 where numpy 1.x would widen a 0-d array's `<< 16` to int64
+        bits <<= np.uint32(16)  # in place and uint32: numpy 1.x widens a 0-d array's `<< 16` to int64
         return bits.view(np.float32)
     return array.astype(np.float32)
 

@@ -19,6 +19,9 @@ import numpy as np
 
 from converters import mapping
 from paddle_glm4 import GLM4Config
+from paddle_glm4.safetensors_file import SafetensorsWriter
+
+from conftest import small_config
 
 TORCH_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -106,3 +109,23 @@ def tree_digest(directory) -> dict[str, str] | None:
             path = os.path.join(root, name)
             digest[os.path.relpath(path, directory)] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
     return digest
+
+
+def big_checkpoint(directory: Path, megabytes: int = 400) -> Path:
+    """A published-layout fp32 checkpoint of about `megabytes` of random bits (written directly, fast)."""
+    config = small_config(vocab_size=megabytes * 1024 // 8, hidden_size=512, intermediate_size=512,
+                          num_hidden_layers=1, num_attention_heads=8, head_dim=64)
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps(config.to_published_dict()))
+    names = mapping.published_order(config)
+    specs = {spec.published: spec for spec in mapping.tensor_specs(config)}
+    shapes = {name: specs[name].source_shapes("published")[0] for name in names if name in specs}
+    shapes[mapping.PUBLISHED_INV_FREQ] = (config.rotary_dim // 2,)
+    rng = np.random.default_rng(0)
+    with SafetensorsWriter(str(directory / "model.safetensors"), [(n, "float32", shapes[n]) for n in names]) as writer:
+        for name in names:
+            if name == mapping.PUBLISHED_INV_FREQ:
+                writer.write(name, mapping.published_inv_freq(config, "float32"))
+            else:
+                writer.write(name, rng.random(shapes[name], dtype=np.float32))
+    return directory

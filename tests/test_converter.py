@@ -22,10 +22,11 @@ from converters.transpose import transpose_into
 from paddle_glm4 import GLM4Config, GLM4ForCausalLM
 from paddle_glm4.checkpoint import index_json, plan_shards
 from paddle_glm4.integrations.paddlenlp import checkpoint_dir
-from paddle_glm4.safetensors_file import SafetensorsReader, SafetensorsWriter
+from paddle_glm4.demo import random_weights
+from paddle_glm4.safetensors_file import SafetensorsReader, SafetensorsWriter, cast
 
-from checkpoint_builders import (published_state, thudm_inv_freq, torch_dtype, tree_digest, write_hf,
-                                  write_published)
+from checkpoint_builders import (big_checkpoint, published_state, thudm_inv_freq, torch_dtype, tree_digest,
+                                  write_hf, write_published)
 from conftest import (CHAT_REFERENCE, hf_state, paddle_model, paddle_state, reference_logits, reference_model,
                       requires_reference, small_config)
 
@@ -58,6 +59,7 @@ def tensors_of(directory) -> dict[str, tuple[str, np.ndarray]]:
 
 
 # ---- the real checkpoint's names --------------------------------------------------------------------------
+@pytest.mark.torch_free
 @requires_reference("config.json", "model.safetensors.index.json")
 def test_mapping_names_and_shards_match_the_real_index():
     config = GLM4Config.from_file(str(CHAT_REFERENCE / "config.json"))
@@ -72,6 +74,7 @@ def test_mapping_names_and_shards_match_the_real_index():
     assert index_json(shards, sum(sizes.values())) == real
 
 
+@pytest.mark.torch_free
 @pytest.mark.parametrize("dtype", [np.uint16, np.float32, np.float16, np.float64])
 @pytest.mark.parametrize("shape, columns", [((1, 1), slice(None)), ((300, 37), slice(None)),
                                             ((5000, 72), slice(8, 64)), ((17, 2000), slice(3, 1999)),
@@ -95,6 +98,27 @@ def test_published_inv_freq_is_thudms_bit_for_bit(dtype):
 
 
 # ---- conversions ------------------------------------------------------------------------------------------
+@pytest.mark.torch_free
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_a_published_checkpoint_converts_without_torch(tmp_path, dtype):
+    """The converter needs numpy, not torch, and numpy 1.x as well as 2.x (`make test-paddlenlp` runs this under
+    numpy 1.26): a published-layout checkpoint, its inv_freq computed in its dtype, converts, verifies, and
+    converts back to the same files byte for byte."""
+    config = small_config(dtype=dtype)
+    state = dict(random_weights(config, seed=1))
+    src, paddle_dir, back = tmp_path / "src", tmp_path / "paddle", tmp_path / "back"
+    paddle_to_torch.write_published_checkpoint(str(src), config, state, max_shard_size=SHARD)
+    summary = torch_to_paddle.convert(str(src), str(paddle_dir), progress=False)
+    assert summary.layout.startswith("published") and summary.dtype == dtype and summary.verified
+    converted = tensors_of(paddle_dir)
+    assert set(converted) == set(state)
+    for name, array in state.items():
+        assert converted[name][0] == dtype and np.array_equal(converted[name][1], cast(array, "float32", dtype))
+    paddle_to_torch.export(str(paddle_dir), str(back), progress=False)
+    for path in src.glob("model*"):
+        assert (back / path.name).read_bytes() == path.read_bytes(), path.name
+
+
 @pytest.mark.parametrize("sharded", [False, True], ids=["single-file", "sharded"])
 @pytest.mark.parametrize("layout", ["published", "hf"])
 def test_converts_and_loads_with_reference_logits(tmp_path, reference, layout, sharded):
@@ -264,9 +288,10 @@ def test_export_of_a_saved_model_converts_back_bit_exactly(tmp_path, reference):
 
 
 # ---- command line -----------------------------------------------------------------------------------------
-FLAGS = ("--src", "--dst", "--dtype", "--max-shard-size", "--overwrite", "--no-verify")
+FLAGS = ("--src", "--dst", "--dtype", "--max-shard-size", "--overwrite", "--no-verify", "--debug")
 
 
+@pytest.mark.torch_free
 @pytest.mark.parametrize("module", [torch_to_paddle, paddle_to_torch])
 def test_help_explains_every_flag(module, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -619,27 +644,8 @@ def test_verification_catches_bytes_that_read_back_different(src, tmp_path, caps
     fails(capsys, src, tmp_path / "dst", "down_proj.weight", "reads back different")
 
 
-def big_checkpoint(directory: Path, megabytes: int = 400) -> Path:
-    """A published-layout fp32 checkpoint of about `megabytes` of random bits (written directly, fast)."""
-    config = small_config(vocab_size=megabytes * 1024 // 8, hidden_size=512, intermediate_size=512,
-                          num_hidden_layers=1, num_attention_heads=8, head_dim=64)
-    directory.mkdir()
-    (directory / "config.json").write_text(json.dumps(config.to_published_dict()))
-    names = mapping.published_order(config)
-    specs = {spec.published: spec for spec in mapping.tensor_specs(config)}
-    shapes = {name: specs[name].source_shapes("published")[0] for name in names if name in specs}
-    shapes[mapping.PUBLISHED_INV_FREQ] = (config.rotary_dim // 2,)
-    rng = np.random.default_rng(0)
-    with SafetensorsWriter(str(directory / "model.safetensors"), [(n, "float32", shapes[n]) for n in names]) as writer:
-        for name in names:
-            if name == mapping.PUBLISHED_INV_FREQ:
-                writer.write(name, mapping.published_inv_freq(config, "float32"))
-            else:
-                writer.write(name, rng.random(shapes[name], dtype=np.float32))
-    return directory
-
-
 @pytest.mark.slow
+@pytest.mark.torch_free
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
 def test_an_interrupted_run_leaves_nothing(tmp_path, signum):
     src = big_checkpoint(tmp_path / "src")
@@ -648,7 +654,7 @@ def test_an_interrupted_run_leaves_nothing(tmp_path, signum):
     process = subprocess.Popen([sys.executable, "-m", "converters.torch_to_paddle", "--src", str(src), "--dst", str(dst)],
                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not any(p.name.endswith(".partial") and any(p.iterdir()) for p in (tmp_path / "out").glob(".*")):
+    while not any(p.name.endswith(".partial") and any(p.glob("*.safetensors")) for p in (tmp_path / "out").glob(".*")):
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
         time.sleep(0.01)
     process.send_signal(signum)

@@ -137,7 +137,7 @@ def export_model(model_dir: str, out_dir: str, dtype: str | None = None, max_seq
     check_destination(out_dir, overwrite, EXPORT, "--out")
     copies = {name: source_path(model_dir, name) for name in TOKENIZER_FILES
               if os.path.lexists(os.path.join(model_dir, name))}
-    sources = [*copies.values(), *weight_map(model_dir).values()]
+    sources = weight_map(model_dir).values()  # the copies keep their own sources' modes
     if progress:
         print(f"tracing the model and saving the program to {out_dir}", file=sys.stderr, flush=True)
     with staged(out_dir, overwrite, EXPORT, "--out", mode_limit=permission_bits(sources)) as staging:
