@@ -18,17 +18,10 @@ from converters import paddle_to_torch, torch_to_paddle
 from paddle_glm4 import __main__ as glm4_cli
 from paddle_glm4.inference import __main__ as inference_cli
 
-from corpus import build_paddle, build_published, copy_tree
-from sandbox import one_error_line, outside, snapshot
+from corpus import copy_tree
+from sandbox import outside, refused, snapshot
 
 pytestmark = pytest.mark.torch_free
-
-
-@pytest.fixture(scope="module")
-def templates(tmp_path_factory):
-    root = tmp_path_factory.mktemp("templates")
-    published = build_published(root / "published")
-    return published, build_paddle(published, root / "paddle")
 
 
 # What a user may have where the output goes; `make(directory, templates)` builds it. None of it is ours to delete.
@@ -97,17 +90,6 @@ def a_file(d, t):
 FOREIGN = [users_folder, another_checkpoint, forged_manifest, manifest_not_an_object, manifest_not_json,
            ours_plus_a_users_file, ours_plus_a_subdirectory, ours_with_a_listed_name_that_is_a_directory,
            ours_with_a_link_in_it, a_link_to_ours, a_file]
-
-
-def refused(capsys, main, argv, sandbox: Path, *messages) -> str:
-    before = snapshot(sandbox)
-    code = main(argv)
-    err = one_error_line(capsys.readouterr().err)
-    assert code == 2, err
-    for message in messages:
-        assert message in err, err
-    assert snapshot(sandbox) == before
-    return err
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from converters import torch_to_paddle
 from paddle_glm4.output_dir import OWNER_FILE, _this_process
 
 from checkpoint_builders import big_checkpoint
-from corpus import build_paddle, build_published, copy_tree
+from corpus import build_published, copy_tree
 from sandbox import one_error_line, outside, snapshot
 
 pytestmark = pytest.mark.torch_free
@@ -46,13 +46,6 @@ def wait_for_partial(process: subprocess.Popen, parent: Path, holding: str) -> P
 @pytest.fixture(scope="module")
 def big(tmp_path_factory) -> Path:
     return big_checkpoint(tmp_path_factory.mktemp("big") / "src", megabytes=200)
-
-
-@pytest.fixture(scope="module")
-def templates(tmp_path_factory):
-    root = tmp_path_factory.mktemp("templates")
-    published = build_published(root / "published")
-    return published, build_paddle(published, root / "paddle")
 
 
 def test_a_hangup_cleans_up_like_ctrl_c(tmp_path, big):

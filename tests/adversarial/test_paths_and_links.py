@@ -19,20 +19,13 @@ import pytest
 from converters import paddle_to_torch, torch_to_paddle
 from paddle_glm4.inference import __main__ as inference_cli
 
-from corpus import UNSAFE_NAMES, build_paddle, build_published, copy_tree
-from sandbox import one_error_line, snapshot
+from corpus import UNSAFE_NAMES, copy_tree
+from sandbox import refused, snapshot
 
 pytestmark = pytest.mark.torch_free
 
 SIDE_AND_CHECKPOINT_FILES = ["tokenizer.model", "tokenizer_config.json", "generation_config.json", "config.json",
                              "model.safetensors.index.json", "model-00002-of-00005.safetensors"]
-
-
-@pytest.fixture(scope="module")
-def templates(tmp_path_factory):
-    root = tmp_path_factory.mktemp("templates")
-    published = build_published(root / "published")
-    return published, build_paddle(published, root / "paddle")
 
 
 @pytest.fixture
@@ -55,19 +48,6 @@ def no_hang():
     yield
     signal.alarm(0)
     signal.signal(signal.SIGALRM, previous)
-
-
-def refused(capsys, main, argv, sandbox: Path, *messages) -> str:
-    """Run a command line that must refuse: exit 2, one error line holding `messages`, nothing in `sandbox`
-    changed (no byte, no mode, no new file: the destinations did not exist before)."""
-    before = snapshot(sandbox)
-    code = main(argv)
-    err = one_error_line(capsys.readouterr().err)
-    assert code == 2, err
-    for message in messages:
-        assert message in err, err
-    assert snapshot(sandbox) == before
-    return err
 
 
 def plant_victims(root: Path) -> None:
