@@ -18,7 +18,7 @@ from converters import paddle_to_torch, torch_to_paddle
 from paddle_glm4 import __main__ as glm4_cli
 from paddle_glm4.inference import __main__ as inference_cli
 
-from corpus import copy_tree
+from corpus import copy_tree, templates  # noqa: F401 (templates: a fixture)
 from sandbox import outside, refused, snapshot
 
 pytestmark = pytest.mark.torch_free

@@ -19,7 +19,7 @@ from converters import torch_to_paddle
 from paddle_glm4.output_dir import OWNER_FILE, _this_process
 
 from checkpoint_builders import big_checkpoint
-from corpus import build_published, copy_tree
+from corpus import build_published, copy_tree, templates  # noqa: F401 (templates: a fixture)
 from sandbox import one_error_line, outside, snapshot
 
 pytestmark = pytest.mark.torch_free
