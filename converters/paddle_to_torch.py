@@ -33,8 +33,8 @@ from paddle_glm4 import __version__
 from paddle_glm4.checkpoint import INDEX_FILE, index_json, inspect, parse_size, plan_shards
 from paddle_glm4.config import CONFIG_NAME, STORAGE_DTYPES, GLM4Config, Quantization
 from paddle_glm4.safetensors_file import CODE_OF, MAX_HEADER_BYTES, SafetensorsReader, numpy_dtype
-from paddle_glm4.validation import MAX_JSON_BYTES, Int, List, Object, Optional, Str, parse_json, read_json
 from paddle_glm4.source_files import UnsafeFileError, plain_name
+from paddle_glm4.validation import MAX_JSON_BYTES, Int, List, Object, Optional, Str, parse_json, read_json
 
 from . import cli, mapping, quantized
 from .pipeline import (

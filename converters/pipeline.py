@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
-from paddle_glm4.checkpoint import INDEX_FILE, CheckpointError, weight_map
 from paddle_glm4 import output_dir
+from paddle_glm4.checkpoint import INDEX_FILE, CheckpointError, weight_map
 from paddle_glm4.config import CONFIG_NAME, GLM4Config
 from paddle_glm4.output_dir import OutputKind
 from paddle_glm4.safetensors_file import SafetensorsReader, SafetensorsWriter, cast, numpy_dtype

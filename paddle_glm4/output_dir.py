@@ -21,8 +21,8 @@ import socket
 import stat
 import sys
 import tempfile
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 PARTIAL_SUFFIX = ".partial"
 OWNER_FILE = ".paddle_glm4-owner.json"  # inside a partial directory, while it is being built
@@ -216,7 +216,7 @@ def remove_stale_partials(parent: str) -> list[str]:
     """Remove the partial directories in `parent` left by runs that are gone; a destination that such a run was
     swapping out and that is missing is put back first. Those not provably ours are reported on stderr and kept.
     Returns the paths removed."""
-    removed = []
+    removed: list[str] = []
     try:
         names = sorted(n for n in os.listdir(parent) if n.startswith(".") and n.endswith(PARTIAL_SUFFIX))
     except OSError:

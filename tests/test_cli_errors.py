@@ -33,9 +33,9 @@ def test_debug_shows_the_traceback_behind_the_one_line_error(tmp_path, capsys, m
     main, argv = commands(str(tmp_path / "missing"))[index]
     monkeypatch.delenv("GLM4_DEBUG", raising=False)
     if how == "flag":
-        argv = argv + ["--debug"]
+        argv = [*argv, "--debug"]
     elif how == "flag before the command":
-        argv = ["--debug"] + argv
+        argv = ["--debug", *argv]
     elif how == "environment":
         monkeypatch.setenv("GLM4_DEBUG", "1")
     assert main(argv) == 2
@@ -51,6 +51,6 @@ def test_every_cli_documents_debug(capsys):
     for main, argv in [(glm4_cli.main, []), (glm4_cli.main, ["convert"]), (torch_to_paddle.main, []),
                        (inference_cli.main, ["export"]), (server_cli.main, [])]:
         with pytest.raises(SystemExit):
-            main(argv + ["--help"])
+            main([*argv, "--help"])
         out = capsys.readouterr().out
         assert "--debug" in out and "GLM4_DEBUG=1" in out

@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field
 import paddle
 
 from ..config import DTYPE, SEQ, STORAGE_DTYPES, GLM4Config
-from ..validation import Bool, Int, List, Object, SchemaError, Str, read_json, validate
 from ..output_dir import OutputKind
+from ..validation import Bool, Int, List, Object, SchemaError, Str, read_json, validate
 
 FORMAT = "paddle_glm4.inference"
 # Bump when the program's inputs, outputs or meaning change: a predictor only runs its own version.

@@ -8,8 +8,6 @@ import json
 import shutil
 from pathlib import Path
 
-import pytest
-
 from converters import paddle_to_torch, torch_to_paddle
 from paddle_glm4.demo import random_weights
 from paddle_glm4.small_vocab import write_small_vocabulary
@@ -49,10 +47,9 @@ def copy_tree(template: Path, directory: Path) -> Path:
     return Path(shutil.copytree(template, directory, symlinks=True))
 
 
-@pytest.fixture(scope="session")
-def templates(tmp_path_factory):
-    """(published-layout checkpoint, the Paddle checkpoint converted from it), built once: never attacked
-    themselves, only copied (copy_tree) into each test's sandbox. Import it into a test module to use it."""
+def build_templates(tmp_path_factory) -> tuple[Path, Path]:
+    """(published-layout checkpoint, the Paddle checkpoint converted from it), for a module's `templates` fixture:
+    never attacked themselves, only copied (copy_tree) into each test's sandbox."""
     root = tmp_path_factory.mktemp("templates")
     published = build_published(root / "published")
     return published, build_paddle(published, root / "paddle")

@@ -38,19 +38,6 @@ def outside(tree: dict[str, tuple], target: str | None) -> dict[str, tuple]:
     return {path: entry for path, entry in tree.items() if path != target and not path.startswith(target + os.sep)}
 
 
-def refused(capsys, main, argv: list[str], sandbox, *messages: str) -> str:
-    """Run a command line (`main(argv)`, in this process) that must refuse: exit code 2, one `error:` line holding
-    `messages`, and nothing in `sandbox` changed: no byte, no mode, no new file. Returns the error line."""
-    before = snapshot(sandbox)
-    code = main(argv)
-    err = one_error_line(capsys.readouterr().err)
-    assert code == 2, err
-    for message in messages:
-        assert message in err, err
-    assert snapshot(sandbox) == before
-    return err
-
-
 def one_error_line(stderr: str) -> str:
     """The single `error:` line a failing command prints (notes may come before it), checked to be alone."""
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]

@@ -13,13 +13,12 @@ import os
 from pathlib import Path
 
 import pytest
+from corpus import build_templates, copy_tree
+from sandbox import outside, refused, snapshot
 
 from converters import paddle_to_torch, torch_to_paddle
 from paddle_glm4 import __main__ as glm4_cli
 from paddle_glm4.inference import __main__ as inference_cli
-
-from corpus import copy_tree, templates  # noqa: F401 (templates: a fixture)
-from sandbox import outside, refused, snapshot
 
 pytestmark = pytest.mark.torch_free
 
@@ -90,6 +89,11 @@ def a_file(d, t):
 FOREIGN = [users_folder, another_checkpoint, forged_manifest, manifest_not_an_object, manifest_not_json,
            ours_plus_a_users_file, ours_plus_a_subdirectory, ours_with_a_listed_name_that_is_a_directory,
            ours_with_a_link_in_it, a_link_to_ours, a_file]
+
+
+@pytest.fixture(scope="module")
+def templates(tmp_path_factory):
+    return build_templates(tmp_path_factory)
 
 
 @pytest.fixture
@@ -192,7 +196,7 @@ def test_export_replaces_an_earlier_export_atomically(tmp_path, templates, capsy
     argv = ["export", "--model", str(paddle), "--out", str(out), "--max-seq-len", "64"]
     assert inference_cli.main(argv) == 0
     first = snapshot(out)
-    assert inference_cli.main(argv[:-1] + ["32", "--overwrite"]) == 0
+    assert inference_cli.main([*argv[:-1], "32", "--overwrite"]) == 0
     assert json.loads((out / "export.json").read_text())["max_seq_len"] == 32
     assert sorted(snapshot(out)) == sorted(first)  # the same files, nothing left of the old one beside them
     assert sorted(os.listdir(tmp_path)) == ["out", "paddle"]  # no partial directory left

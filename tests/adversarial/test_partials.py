@@ -14,13 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
-
-from converters import torch_to_paddle
-from paddle_glm4.output_dir import OWNER_FILE, _this_process
+from corpus import build_published, build_templates, copy_tree
+from sandbox import one_error_line, outside, snapshot
 
 from checkpoint_builders import big_checkpoint
-from corpus import build_published, copy_tree, templates  # noqa: F401 (templates: a fixture)
-from sandbox import one_error_line, outside, snapshot
+from converters import torch_to_paddle
+from paddle_glm4.output_dir import OWNER_FILE, _this_process
 
 pytestmark = pytest.mark.torch_free
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,6 +40,11 @@ def wait_for_partial(process: subprocess.Popen, parent: Path, holding: str) -> P
             return found[0]
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
         time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def templates(tmp_path_factory):
+    return build_templates(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

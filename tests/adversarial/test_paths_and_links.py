@@ -15,17 +15,21 @@ import stat
 from pathlib import Path
 
 import pytest
+from corpus import UNSAFE_NAMES, build_templates, copy_tree
+from sandbox import refused
 
 from converters import paddle_to_torch, torch_to_paddle
 from paddle_glm4.inference import __main__ as inference_cli
-
-from corpus import UNSAFE_NAMES, copy_tree, templates  # noqa: F401 (templates: a fixture)
-from sandbox import refused, snapshot
 
 pytestmark = pytest.mark.torch_free
 
 SIDE_AND_CHECKPOINT_FILES = ["tokenizer.model", "tokenizer_config.json", "generation_config.json", "config.json",
                              "model.safetensors.index.json", "model-00002-of-00005.safetensors"]
+
+
+@pytest.fixture(scope="module")
+def templates(tmp_path_factory):
+    return build_templates(tmp_path_factory)
 
 
 @pytest.fixture
@@ -83,7 +87,7 @@ def test_a_paddle_checkpoints_index_names_must_be_plain_too(tmp_path, paddle_src
 
 
 @pytest.mark.parametrize("verify", [True, False], ids=["verify", "no-verify"])
-@pytest.mark.parametrize("name", UNSAFE_NAMES + ["config.json", "tokenizer.model", "notes.txt"], ids=repr)
+@pytest.mark.parametrize("name", [*UNSAFE_NAMES, "config.json", "tokenizer.model", "notes.txt"], ids=repr)
 def test_manifest_file_names_must_be_plain_safetensors_names(tmp_path, paddle_src, capsys, name, verify):
     """paddle_to_torch writes the files a conversion manifest records: a crafted name is refused, not written
     (nor silently worked around), with or without verification."""
