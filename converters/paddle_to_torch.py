@@ -162,8 +162,8 @@ def _recorded_layout(src: str) -> tuple[dict | None, str, str]:
 
 
 def _plan(config: GLM4Config, sources: Mapping[str, SourceTensor], dtype: str, shard_size: int | None,
-          record: dict | None, why_not: str,
-          quantization: Quantization | None, where: str) -> tuple[list[OutputTensor], list[OutputFile], dict, str]:
+          record: dict | None, why_not: str, where: str,
+          quantization: Quantization | None) -> tuple[list[OutputTensor], list[OutputFile], dict, str]:
     """The recorded layout if asked for (no shard size) and it fits, else the canonical one; and a note
     saying which, for the summary."""
     if shard_size is None and record is not None:

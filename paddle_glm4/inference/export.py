@@ -29,8 +29,8 @@ from ..checkpoint import require_converted, weight_map, write_text_atomic
 from ..config import CONFIG_NAME, MODEL_TYPE, STORAGE_DTYPES, ConfigError, GLM4Config
 from ..device import on_gpu
 from ..model import GLM4ForCausalLM, RMSNorm
-from ..quantization import Packed
 from ..output_dir import check_destination, staged
+from ..quantization import Packed
 from ..source_files import copy_source, permission_bits, source_path
 from ..validation import read_json
 from .manifest import EXPORT, MANIFEST_NAME, PROGRAM, TOKENIZER_FILES, ExportError, Manifest, input_names
