@@ -52,6 +52,7 @@ def big(tmp_path_factory) -> Path:
     return big_checkpoint(tmp_path_factory.mktemp("big") / "src", megabytes=200)
 
 
+@pytest.mark.slow  # a converter or an export in a subprocess
 def test_a_hangup_cleans_up_like_ctrl_c(tmp_path, big):
     """SIGHUP (the terminal closed, ssh dropped) ends the converter like SIGTERM: nothing left behind."""
     before = snapshot(big)
@@ -64,6 +65,7 @@ def test_a_hangup_cleans_up_like_ctrl_c(tmp_path, big):
     assert snapshot(big) == before
 
 
+@pytest.mark.slow  # a converter or an export in a subprocess
 def test_a_hangup_ends_an_export_without_leftovers(tmp_path, templates):
     paddle = copy_tree(templates[1], tmp_path / "paddle")
     (tmp_path / "exports").mkdir()
@@ -76,6 +78,7 @@ def test_a_hangup_ends_an_export_without_leftovers(tmp_path, templates):
     assert os.listdir(tmp_path / "exports") == []
 
 
+@pytest.mark.slow  # a converter or an export in a subprocess
 def test_what_a_killed_run_leaves_the_next_run_removes(tmp_path, big, capsys):
     parent = tmp_path / "out"
     process = start("-m", "converters.torch_to_paddle", "--src", str(big), "--dst", str(parent / "dst"))
@@ -118,6 +121,7 @@ def test_partials_not_provably_stale_are_kept(tmp_path, templates, capsys, case)
     assert (f"{partial} looks like unfinished output" in err) == case.startswith(("no owner", "owner file"))
 
 
+@pytest.mark.slow  # a converter or an export in a subprocess
 def test_a_run_killed_while_swapping_gets_its_old_output_back(tmp_path, templates, capsys):
     """Killed between moving the old output aside and renaming the new one in: the old one comes back."""
     parent = tmp_path / "out"
