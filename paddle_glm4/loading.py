@@ -28,7 +28,7 @@ from .config import CONFIG_NAME, GLM4Config
 from .device import on_gpu, use_all_cores
 from .generation import GENERATION_CONFIG_NAME, GenerationConfig
 from .linear import Linear, load_weight
-from .quantization import Dense, Packed, WeightFormat, choose_format, convert, stored_format
+from .quantization import Dense, Packed, WeightFormat, WeightOnlyGPU, choose_format, convert, stored_format
 
 if TYPE_CHECKING:
     from .model import GLM4ForCausalLM
@@ -109,6 +109,9 @@ def save_pretrained(model: GLM4ForCausalLM, directory: str, max_shard_size: int 
     if existing and not overwrite:
         raise FileExistsError(f"{directory} already holds a checkpoint ({existing[0]}); pass overwrite=True")
     held = model.model.kernels.weights
+    if isinstance(held, WeightOnlyGPU):
+        raise ValueError("a model quantized on the GPU holds weight_quantize's device layout, which is not saved; "
+                         "quantize the checkpoint with glm4-convert --quantize instead")
     quantization = held.quantization if isinstance(held, Packed) else None
     store = dtype or model.dtype
     target = stored_format(store, quantization)

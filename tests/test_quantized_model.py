@@ -241,3 +241,31 @@ def test_full_glm4_width_layer_equals_its_dequantized_float_model(full_width_bf1
     reference = dequantized_float_model(model)(ids).logits.numpy()
     assert np.abs(reference).max() > 1.0
     assert np.abs(ours - reference).max() <= 1e-5 * np.abs(reference).max() + 1e-4
+
+
+def test_the_format_each_request_gets():
+    """choose_format: the one decision of how Linear weights are held (the GPU branch runs here as logic only;
+    its computation is unverified without a GPU)."""
+    from paddle_glm4.quantization import WeightOnlyGPU, choose_format
+
+    int4 = Quantization("int4", 128)
+    cpu = {  # (stored dtype, stored quantization, dtype, quantization, group size) -> format
+        ("bfloat16", None, None, None, None): Packed("bfloat16"),
+        ("float32", None, None, None, None): Dense("float32"),
+        ("bfloat16", None, "float32", None, None): Dense("float32"),
+        ("float32", None, "bfloat16", None, None): Packed("bfloat16"),
+        ("bfloat16", None, None, "int4", None): Packed("int4", 128),
+        ("bfloat16", None, None, "int4", 64): Packed("int4", 64),
+        ("bfloat16", int4, None, None, None): Packed("int4", 128),
+        ("bfloat16", int4, "float32", None, None): Dense("float32"),
+        ("bfloat16", int4, None, "int4", None): Packed("int4", 128),
+    }
+    for (stored, stored_q, dtype, scheme, group), expected in cpu.items():
+        assert choose_format(stored, stored_q, dtype, scheme, group, "auto", False, False) == expected
+    assert choose_format("bfloat16", None, None, "int8", None, "auto", True, True) == WeightOnlyGPU("int8", None)
+    assert choose_format("bfloat16", int4, None, None, None, "auto", True, True) == WeightOnlyGPU("int4", 128)
+    assert choose_format("bfloat16", None, None, None, None, "auto", True, True) == Dense("bfloat16", fused=True)
+    with pytest.raises(ValueError, match="float16.*cannot compute on CPU"):
+        choose_format("float16", None, "float16", None, None, "auto", False, False)
+    with pytest.raises(ValueError, match="int8 or int4 weights"):
+        choose_format("bfloat16", None, None, None, None, "int8", False, False)
