@@ -153,6 +153,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_to_torch(args: argparse.Namespace) -> int:
     from converters import paddle_to_torch
 
+    interrupt_on_termination()
     return paddle_to_torch.run(args)
 
 

@@ -53,10 +53,11 @@ def big(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow  # a converter or an export in a subprocess
-def test_a_hangup_cleans_up_like_ctrl_c(tmp_path, big):
+@pytest.mark.parametrize("command", [["converters.torch_to_paddle"], ["paddle_glm4", "convert"]], ids=" ".join)
+def test_a_hangup_cleans_up_like_ctrl_c(tmp_path, big, command):
     """SIGHUP (the terminal closed, ssh dropped) ends the converter like SIGTERM: nothing left behind."""
     before = snapshot(big)
-    process = start("-m", "converters.torch_to_paddle", "--src", str(big), "--dst", str(tmp_path / "out" / "dst"))
+    process = start("-m", *command, "--src", str(big), "--dst", str(tmp_path / "out" / "dst"))
     wait_for_partial(process, tmp_path / "out", "*.safetensors")
     process.send_signal(signal.SIGHUP)
     _, err = process.communicate(timeout=120)
