@@ -238,13 +238,18 @@ def remove_stale_partials(parent: str) -> list[str]:
             continue  # a run still going on, or one we cannot judge from here
         replaced = os.path.join(path, REPLACED)
         destination = owner.get("destination")
-        if owner.get("replaces") is True and os.path.isdir(replaced) and isinstance(destination, str) \
-                and "/" not in destination and destination not in ("", ".", "..") \
-                and not os.path.lexists(os.path.join(parent, destination)):
-            os.rename(replaced, os.path.join(parent, destination))  # killed mid-swap: the old output comes back
-            print(f"note: restored {os.path.join(parent, destination)}, which an interrupted run had moved aside",
+        try:
+            if owner.get("replaces") is True and os.path.isdir(replaced) and isinstance(destination, str) \
+                    and "/" not in destination and destination not in ("", ".", "..") \
+                    and not os.path.lexists(os.path.join(parent, destination)):
+                os.rename(replaced, os.path.join(parent, destination))  # killed mid-swap: the old output is back
+                print(f"note: restored {os.path.join(parent, destination)}, which an interrupted run had moved "
+                      "aside", file=sys.stderr)
+            shutil.rmtree(path)
+        except OSError as err:  # e.g. a parent we may read but not write: say so, and carry on
+            print(f"note: could not remove {path}, left by process {owner.get('pid')} which is gone ({err})",
                   file=sys.stderr)
-        shutil.rmtree(path)
+            continue
         print(f"note: removed {path}, the unfinished output of process {owner.get('pid')}, which is gone",
               file=sys.stderr)
         removed.append(path)

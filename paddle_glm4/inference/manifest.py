@@ -14,6 +14,7 @@ import paddle
 
 from ..config import DTYPE, SEQ, STORAGE_DTYPES, GLM4Config
 from ..output_dir import OutputKind
+from ..source_files import check_source_file
 from ..validation import Bool, Int, List, Object, SchemaError, Str, read_json, validate
 
 FORMAT = "paddle_glm4.inference"
@@ -96,9 +97,11 @@ class Manifest:
             raise ExportError(f"{path}: exported with Paddle {written_by}, newer than this Paddle "
                               f"{paddle.__version__}, which may not know its operators; upgrade Paddle or "
                               "export again with this one")
-        missing = [name for name in PROGRAM_FILES if not os.path.exists(os.path.join(directory, name))]
+        missing = [name for name in PROGRAM_FILES if not os.path.lexists(os.path.join(directory, name))]
         if missing:
             raise ExportError(f"{directory}: {missing[0]} is missing; the export is incomplete")
+        for name in PROGRAM_FILES:  # Paddle Inference opens them itself: no link out, no FIFO, before it does
+            check_source_file(os.path.join(directory, name), directory)
         config = GLM4Config.from_dict(data["config"], source=f"{path}: config")
         manifest = cls(config=config, **{k: data[k] for k in ("dtype", "compute_dtype", "device",
                                                               "max_seq_len", "paddle_version", "inputs",

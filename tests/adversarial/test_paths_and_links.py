@@ -211,3 +211,27 @@ def test_outputs_never_grant_more_than_their_sources(tmp_path, src, mode):
         for path in directory.iterdir():
             assert stat.S_IMODE(path.stat().st_mode) & ~mode & 0o777 == 0, (path, oct(path.stat().st_mode))
         assert stat.S_IMODE(directory.stat().st_mode) & 0o007 == (0o005 if mode & 0o004 else 0)
+
+
+# ---- an export's program files, which Paddle Inference opens itself ----------------------------------------------
+@pytest.fixture(scope="module")
+def export_template(templates, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("export") / "export"
+    assert inference_cli.main(["export", "--model", str(templates[1]), "--out", str(out), "--max-seq-len", "32"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("name", ["glm4.json", "glm4.pdiparams"])
+@pytest.mark.parametrize("kind", ["link out", "fifo"])
+def test_an_exports_program_files_must_be_its_own_regular_files(tmp_path, export_template, capsys, name, kind):
+    export = copy_tree(export_template, tmp_path / "export")
+    if kind == "link out":
+        shutil.move(export / name, tmp_path / name)
+        (export / name).symlink_to(tmp_path / name)
+    else:
+        (export / name).unlink()
+        os.mkfifo(export / name)
+    from paddle_glm4 import __main__ as glm4_cli
+
+    refused(capsys, glm4_cli.main, ["generate", "--model", str(export), "--engine", "inference", "--prompt", "hi"],
+            tmp_path, str(export / name), "outside" if kind == "link out" else "not a regular file")
