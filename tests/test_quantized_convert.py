@@ -111,3 +111,18 @@ def test_dequantized_export_gives_transformers_the_same_logits(tmp_path, publish
     assert np.abs(expected).max() > 1.0
     tolerance = 1e-4 if dtype == "float32" else 0.05 * np.abs(expected).max()
     assert np.abs(logits - expected).max() <= tolerance
+
+
+def test_transformers_layout_quantizes_its_concatenated_qkv(tmp_path):
+    """transformers' layout splits qkv into q, k and v: their output rows are quantized as one weight."""
+    from checkpoint_builders import write_hf
+
+    config = small_config()
+    source = write_hf(tmp_path / "hf", reference_model(config, seed=4))
+    torch_to_paddle.convert(str(source), str(tmp_path / "q"), quantize="int4", group_size=32, progress=False)
+    torch_to_paddle.convert(str(source), str(tmp_path / "f"), progress=False)
+    converted = GLM4ForCausalLM.from_pretrained(str(tmp_path / "q"), activation_dtype="float32")
+    at_load = GLM4ForCausalLM.from_pretrained(str(tmp_path / "f"), quantization="int4", group_size=32,
+                                              activation_dtype="float32")
+    for name, tensor in at_load.state_dict().items():
+        assert np.array_equal(_bits(converted.state_dict()[name]), _bits(tensor)), name
