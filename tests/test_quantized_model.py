@@ -82,10 +82,11 @@ def test_exact_activations_give_the_float_model_of_the_dequantized_weights(float
     assert np.abs(base(ids).logits.numpy() - reference).max() > 1e-3
 
 
-@pytest.mark.parametrize("activation_dtype", ["bfloat16", "int8"])
+@pytest.mark.parametrize("activation_dtype", ["bfloat16", "int8", "auto"])
 def test_rounded_activations_stay_close(float_checkpoint, activation_dtype):
     """Rounding the activations (for the faster instructions) moves the logits by about the rounding's
-    relative size: bf16 2^-9, int8 per-row 1/254; reported, and bounded well below the logits' scale."""
+    relative size: bf16 2^-9, int8 per-row 1/254; reported, and bounded well below the logits' scale. The
+    default, auto, rounds as the kernels choose on this CPU (float32 where nothing faster exists)."""
     _, directory = float_checkpoint
     exact = load(directory, "int8", activation_dtype="float32")
     rounded = load(directory, "int8", activation_dtype=activation_dtype)
@@ -93,7 +94,7 @@ def test_rounded_activations_stay_close(float_checkpoint, activation_dtype):
     a, b = exact(ids).logits.numpy(), rounded(ids).logits.numpy()
     difference = np.abs(a - b).max() / np.abs(a).max()
     print(f"activation_dtype={activation_dtype}: max |logit difference| = {difference:.2e} of the largest logit")
-    assert 0 < difference < 0.05
+    assert (0 <= difference if activation_dtype == "auto" else 0 < difference) and difference < 0.05
 
 
 def test_quantized_checkpoint_saves_and_loads_as_it_is(float_checkpoint, tmp_path):
