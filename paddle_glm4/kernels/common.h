@@ -21,8 +21,10 @@
 #include <thread>
 #include <vector>
 
-#include <sched.h>
 #include <unistd.h>
+#if defined(__linux__)
+#include <sched.h>
+#endif
 
 #if defined(__x86_64__) || defined(_M_X64)
 #define GLM4_X86 1
@@ -105,8 +107,10 @@ class ThreadPool {
   static int default_threads() {
     const char* env = std::getenv("GLM4_KERNELS_THREADS");
     if (env && std::atoi(env) > 0) return std::atoi(env);
-    cpu_set_t set;
+#if defined(__linux__)
+    cpu_set_t set;  // the cores this process may run on (a container or taskset may allow fewer)
     if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+#endif
     return std::max(1u, std::thread::hardware_concurrency());
   }
 
