@@ -16,10 +16,13 @@ from pathlib import Path
 
 import pytest
 from corpus import UNSAFE_NAMES, build_templates, copy_tree
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sandbox import refused
 
 from converters import paddle_to_torch, torch_to_paddle
 from paddle_glm4.inference import __main__ as inference_cli
+from paddle_glm4.source_files import UnsafeFileError, plain_name
 
 pytestmark = pytest.mark.torch_free
 
@@ -61,6 +64,26 @@ def plant_victims(root: Path) -> None:
 
 
 # ---- names read from files -----------------------------------------------------------------------------------
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(st.text(), st.text(alphabet="./\\x\0", max_size=12),
+                 st.lists(st.sampled_from(["..", ".", "", "x", "model.safetensors"]), min_size=1, max_size=4)
+                 .map("/".join)))
+def test_a_plain_name_never_leaves_its_directory(name):
+    """Any text: an accepted name is an entry directly inside the directory, and an ordinary file name is
+    accepted."""
+    directory = "/srv/checkpoint"
+    try:
+        plain_name(name, "test")
+    except UnsafeFileError:
+        accepted = False
+    else:
+        accepted = True
+        path = os.path.normpath(os.path.join(directory, name))
+        assert os.path.dirname(path) == directory and os.path.basename(path) == name
+    if name in ("x", "model.safetensors", "model-00001-of-00002.safetensors"):
+        assert accepted
+
+
 @pytest.mark.parametrize("name", UNSAFE_NAMES, ids=repr)
 def test_index_file_names_must_be_plain(tmp_path, src, capsys, name):
     plant_victims(tmp_path)
