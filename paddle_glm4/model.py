@@ -33,6 +33,22 @@ Start: TypeAlias = "int | paddle.Tensor"
 class CausalLMOutput:
     logits: paddle.Tensor                       # [b, s, vocab] float32
     past_key_values: Sequences | None = None
+    loss: paddle.Tensor | None = None           # 0-d float32, when labels were given
+
+
+IGNORE_INDEX = -100  # a label that takes no part in the loss (padding, prompt tokens), as in transformers
+
+
+def causal_lm_loss(logits: paddle.Tensor, labels: paddle.Tensor) -> paddle.Tensor:
+    """Mean cross-entropy of predicting labels[:, t + 1] from logits[:, t], over the labels that are not
+    IGNORE_INDEX (transformers' and PaddleNLP's shift). logits [b, s, vocab] float32, labels [b, s] int."""
+    targets = labels[:, 1:].astype("int64")                                          # [b, s-1]
+    counted = targets != IGNORE_INDEX
+    per_token = F.cross_entropy(logits[:, :-1], paddle.where(counted, targets, paddle.zeros_like(targets)),
+                                reduction="none", axis=-1).squeeze(-1)                   # [b, s-1]
+    weights = counted.astype(per_token.dtype)
+    # max(1, .): a batch without a counted label has loss 0, not nan
+    return (per_token * weights).sum() / paddle.clip(weights.sum(), min=1.0)
 
 
 class Cache(Protocol):
@@ -128,6 +144,9 @@ class GLM4Model(nn.Layer):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, self.kernels)
         self.register_buffer("inv_freq", ops.inverse_frequencies(config.rotary_dim, config.rope_theta),
                              persistable=False)
+        # recompute (activation checkpointing): in training, keep only each layer's input and run the layer
+        # again during the backward pass; memory for long sequences, at the cost of a second forward
+        self.recompute = False
 
     def new_cache(self, batch_size: int, capacity: int) -> KVCache:
         return KVCache(self.config, batch_size, capacity, dtype=self.kernels.weights.compute_dtype)
@@ -148,7 +167,12 @@ class GLM4Model(nn.Layer):
         key_len = start + seq_len if key_valid is None else ops.size(key_valid, 1)
         rope = self.kernels.rotary_tables(positions, self.inv_freq, x.dtype, key_len)
         for layer in self.layers:
-            x = layer(x, rope, mask, is_causal, cache, start)
+            if self.recompute and self.training and cache is None and paddle.in_dynamic_mode():
+                from paddle.distributed.fleet.utils import recompute
+
+                x = recompute(layer, x, rope, mask, is_causal, cache, start, use_reentrant=False)
+            else:
+                x = layer(x, rope, mask, is_causal, cache, start)
         return self.norm(x)
 
 
@@ -163,9 +187,11 @@ class GLM4ForCausalLM(nn.Layer):
 
     def forward(self, input_ids: paddle.Tensor, attention_mask: paddle.Tensor | None = None,
                 position_ids: paddle.Tensor | None = None, past_key_values: Sequences | None = None,
-                use_cache: bool = False, logits_to_keep: int = 0) -> CausalLMOutput:
+                use_cache: bool = False, logits_to_keep: int = 0,
+                labels: paddle.Tensor | None = None) -> CausalLMOutput:
         """The transformers/PaddleNLP call: logits [b, s, vocab] float32 (only the last `logits_to_keep`
         positions when it is > 0) and, with use_cache or past_key_values, the Sequences to pass back.
+        With `labels` [b, s] (IGNORE_INDEX where no loss is wanted), also the loss (causal_lm_loss).
 
         attention_mask [b, s] or [b, past + s] (1 = real token, 0 = padding); position_ids [b, s] (default:
         counted over the real tokens); past_key_values: the Sequences of an earlier call, extended in place.
@@ -178,7 +204,8 @@ class GLM4ForCausalLM(nn.Layer):
         step = sequences.claim(seq_len, attention_mask[:, -seq_len:] if attention_mask is not None else None)
         positions = step.positions if position_ids is None else position_ids
         logits = self.logits(input_ids, positions, step.start, step.key_valid, sequences.cache, logits_to_keep)
-        return CausalLMOutput(logits, sequences if sequences.cache is not None else None)
+        loss = None if labels is None else causal_lm_loss(logits, labels[:, -logits.shape[1]:])
+        return CausalLMOutput(logits, sequences if sequences.cache is not None else None, loss)
 
     def logits(self, input_ids: paddle.Tensor, positions: paddle.Tensor, start: Start = 0,
                key_valid: paddle.Tensor | None = None, cache: Cache | None = None,
