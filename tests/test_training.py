@@ -4,9 +4,14 @@ import numpy as np
 import paddle
 import pytest
 
-from conftest import hf_state, left_padded, paddle_model, paddle_state, reference_model, small_config
-from converters import mapping
+from conftest import (hf_state, left_padded, paddle_model, paddle_state, reference_logits, reference_model,
+                      small_config)
+from converters import mapping, paddle_to_torch
+from paddle_glm4 import GLM4ForCausalLM
+from paddle_glm4.lora import LoRASettings, TrainingError, add_lora, merge_lora
 from paddle_glm4.model import IGNORE_INDEX
+from paddle_glm4.quantization import Packed
+from paddle_glm4.safetensors_file import SafetensorsReader
 
 
 def padded_batch(config):
@@ -78,3 +83,73 @@ def test_loss_ignores_every_label_marked_ignored():
     assert abs(out.loss.item() - (-picked[counted].mean())) <= 1e-5
     none = model(paddle.to_tensor(ids), labels=paddle.full(ids.shape, IGNORE_INDEX, dtype="int64")).loss
     assert none.item() == 0.0
+
+
+# ---- LoRA -------------------------------------------------------------------------------------------------
+def tiny_data_set(config, rows=4, length=12):
+    """A fixed little data set the model can learn: each row counts upward from a random start."""
+    starts = np.random.RandomState(7).randint(3, config.vocab_size - length, rows)
+    ids = (starts[:, None] + np.arange(length)[None]).astype("int64")
+    return paddle.to_tensor(ids), paddle.to_tensor(ids)
+
+
+def lora_model(config, settings):
+    ref = reference_model(config)
+    model = paddle_model(config, paddle_state(config, hf_state(ref))).train()
+    return model, add_lora(model, settings)
+
+
+def test_lora_trains_only_its_matrices_lowers_the_loss_and_merges_into_the_same_logits(tmp_path):
+    import torch
+    from transformers import GlmConfig, GlmForCausalLM
+
+    config = small_config()
+    paddle.seed(0)
+    model, trainable = lora_model(config, LoRASettings(rank=4, alpha=8))
+    # 4 Linear targets per layer, A and B each
+    assert len(trainable) == 4 * 2 * config.num_hidden_layers and all("lora_" in n for n in trainable)
+    ids, labels = tiny_data_set(config)
+    frozen = {name: p.numpy().copy() for name, p in model.named_parameters() if p.stop_gradient}
+    optimizer = paddle.optimizer.AdamW(1e-2, parameters=[p for p in model.parameters() if not p.stop_gradient])
+    losses = []
+    for _ in range(8):
+        loss = model(ids, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.clear_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert all(np.array_equal(p.numpy(), frozen[name]) for name, p in model.named_parameters() if name in frozen)
+
+    model.eval()
+    lora_logits = model(ids).logits.numpy()
+    merge_lora(model)
+    assert set(dict(model.named_parameters())) == {spec.paddle for spec in mapping.tensor_specs(config)}
+    merged_logits = model(ids).logits.numpy()
+    assert np.abs(merged_logits - lora_logits).max() <= 1e-4
+
+    # the merged checkpoint, turned back into the published torch layout, gives transformers the same logits
+    model.save_pretrained(str(tmp_path / "merged"))
+    paddle_to_torch.export(str(tmp_path / "merged"), str(tmp_path / "torch"), progress=False)
+    published = {}
+    for path in (tmp_path / "torch").glob("*.safetensors"):
+        with SafetensorsReader(str(path)) as reader:
+            published.update({name: reader.read(name) for name in reader.names()})
+    hf = {}
+    for spec in mapping.tensor_specs(config):
+        hf.update(zip(spec.hf, mapping.from_paddle(spec, mapping.to_paddle(spec, [published[spec.published]]),
+                                                   "hf")))
+    ref = GlmForCausalLM(GlmConfig(**config.to_hf_glm_dict())).eval()
+    ref.load_state_dict({name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in hf.items()}, strict=False)
+    assert np.abs(reference_logits(ref, ids.numpy()) - merged_logits).max() <= 1e-4
+
+
+def test_lora_refuses_weights_that_cannot_train():
+    config = small_config()
+    model = GLM4ForCausalLM(config, weights=Packed("int8", group_size=None))
+    with pytest.raises(TrainingError, match="float32 weights.*int8.*dtype='float32'"):
+        add_lora(model, LoRASettings())
+    with pytest.raises(TrainingError, match="rank 0"):
+        LoRASettings(rank=0)
+    with pytest.raises(TrainingError, match="q_proj"):
+        LoRASettings(targets=("q_proj",))
