@@ -327,6 +327,7 @@ GLM4_AVX2 inline int32_t hsum_epi32_avx2(__m256i v) {
 using DotFn = void (*)(const Weights&, int64_t, const Acts&, int64_t, float*);
 struct DotKernels {
   DotFn mr[4];
+  int rows = 4;  // rows per pass: their activations and the weights streaming past share L1
 };
 
 constexpr int64_t kGemvChannels = 16;  // channels per task: their weights stay in L2 while every row passes
@@ -336,8 +337,8 @@ inline void gemv(const Weights& w, const Acts& a, const DotKernels& dots, const 
   const int64_t tasks = (w.N + kGemvChannels - 1) / kGemvChannels;
   ThreadPool::instance().run(threads, tasks, [&](int64_t t) {
     const int64_t n_end = std::min(w.N, (t + 1) * kGemvChannels);
-    for (int64_t m0 = 0; m0 < a.M; m0 += 4) {
-      const int mr = static_cast<int>(std::min<int64_t>(4, a.M - m0));
+    for (int64_t m0 = 0; m0 < a.M; m0 += dots.rows) {
+      const int mr = static_cast<int>(std::min<int64_t>(dots.rows, a.M - m0));
       for (int64_t n = t * kGemvChannels; n < n_end; ++n) {
         float out[4];
         dots.mr[mr - 1](w, n, a, m0, out);
