@@ -1,6 +1,7 @@
 """`python -m benchmarks run [--quick] [--only SECTION ...] [--readme]`
 
-Runs the benchmark sections (model, converter, tokenizer; full-depth only when named with --only), writes
+Runs the benchmark sections (model, converter, tokenizer, lowbit; full-depth and lowbit-full-depth only when
+named with --only), writes
 benchmarks/results.json and prints one markdown table; with --readme it also replaces the table in README.md's
 "Performance" section. Each figure is measured side
 by side with its peer in the same run and reported with the ratio ours / peer. Not a test: nothing here
@@ -21,10 +22,15 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results.json")
 README = os.path.join(ROOT, "README.md")
-SECTIONS = ("model", "converter", "tokenizer")  # the default run
-# run only when asked (--only full-depth): GLM-4-9B's 40 layers in bf16 need ~40 GB of disk and most of
-# the RAM of a 24 GB machine, and take a while
-ALL_SECTIONS = SECTIONS + ("full-depth",)
+SECTIONS = ("model", "converter", "tokenizer", "lowbit")  # the default run
+# run only when asked (--only full-depth): GLM-4-9B's 40 layers in bf16 need ~40 GB of disk (lowbit-full-depth:
+# ~55 GB, with llama.cpp's files) and most of the RAM of a 24 GB machine, and take a while
+ALL_SECTIONS = SECTIONS + ("full-depth", "lowbit-full-depth")
+# section -> (module, its run's keywords); the others are the module of their own name
+VARIANTS = {"lowbit-full-depth": ("lowbit", {"layers": 40})}
+# sections measured against this machine's bounds, and those that leave notes (a skipped peer, the CPU flags)
+USE_MACHINE = ("model", "full-depth", "lowbit", "lowbit-full-depth")
+WRITE_NOTES = ("lowbit", "lowbit-full-depth")
 TABLE_BEGIN, TABLE_END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
 
 
@@ -33,15 +39,18 @@ def run_sections(sections, quick: bool) -> dict:
 
     measured = machine.measure(quick)
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "quick": quick,
-              "machine": measured, "sections": {}, "section_dates": {}}
+              "machine": measured, "sections": {}, "section_dates": {}, "notes": {}}
     for name in sections:
         report["section_dates"][name] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         started = time.perf_counter()
         print(f"benchmark {name}{' (quick)' if quick else ''} ...", file=sys.stderr, flush=True)
-        module = __import__(f"benchmarks.{name.replace('-', '_')}", fromlist=["run"])
-        # the model sections measure against this machine's bounds
-        rows = module.run(quick=quick, machine=measured) if name in ("model", "full-depth") else module.run(quick=quick)
-        report["sections"][name] = rows
+        module_name, keywords = VARIANTS.get(name, (name.replace("-", "_"), {}))
+        module = __import__(f"benchmarks.{module_name}", fromlist=["run"])
+        if name in USE_MACHINE:
+            keywords = {**keywords, "machine": measured}
+        if name in WRITE_NOTES:
+            keywords = {**keywords, "notes": report["notes"].setdefault(name, [])}
+        report["sections"][name] = module.run(quick=quick, **keywords)
         print(f"benchmark {name}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     return report
 
@@ -57,8 +66,12 @@ def merge_previous(report: dict, path: str) -> dict:
         return report
     sections = {**previous.get("sections", {}), **report["sections"]}
     dates = {**previous.get("section_dates", {}), **report["section_dates"]}
+    # a section's notes go with its figures: a section run again replaces them
+    notes = {**{name: lines for name, lines in previous.get("notes", {}).items() if name not in report["sections"]},
+             **report["notes"]}
     return {**report, "sections": {name: sections[name] for name in ALL_SECTIONS if name in sections},
-            "section_dates": {name: dates[name] for name in ALL_SECTIONS if name in dates}}
+            "section_dates": {name: dates[name] for name in ALL_SECTIONS if name in dates},
+            "notes": {name: notes[name] for name in ALL_SECTIONS if name in notes}}
 
 
 def check(report: dict):
@@ -87,6 +100,9 @@ def markdown(report: dict) -> str:
         for row in rows:
             lines.append(f"| {name} | {row['figure']} | {row['ours']:.3g} {row['unit']} | "
                          f"{row['peer']:.3g} ({row['peer_name']}) | {row['ratio']:.2f}x |")
+    notes = [f"- {name}: {note}" for name, section_notes in report.get("notes", {}).items() for note in section_notes]
+    if notes:
+        lines += ["", "Notes:", *notes]
     return "\n".join(lines) + "\n"
 
 
@@ -107,8 +123,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for CI: checks that every figure is "
                         "produced and finite (a few minutes); the real figures need the full run")
     parser.add_argument("--only", nargs="+", choices=ALL_SECTIONS, metavar="SECTION",
-                        help=f"run only these sections (of {', '.join(ALL_SECTIONS)}; full-depth runs only when "
-                        "named here); the other sections' figures are kept from the previous results")
+                        help=f"run only these sections (of {', '.join(ALL_SECTIONS)}; full-depth and "
+                        "lowbit-full-depth run only when named here); the other sections' figures are kept from the "
+                        "previous results")
     parser.add_argument("--readme", action="store_true", help="also put the table into README.md's Performance "
                         "section")
     parser.add_argument("--output", default=RESULTS, help="where to write the JSON results (default: %(default)s)")

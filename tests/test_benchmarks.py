@@ -20,7 +20,7 @@ def test_quick_benchmark_run_produces_every_figure(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(output.read_text())
-    assert set(report["sections"]) == {"model", "converter", "tokenizer"}
+    assert set(report["sections"]) == {"model", "converter", "tokenizer", "lowbit"}
     assert report["machine"]["read_bandwidth_gbps"] > 0 and report["machine"]["fp32_matmul_gflops"] > 0
     figures = [row["figure"] for rows in report["sections"].values() for row in rows]
     for expected in ("decode tokens/s, batch 1 (ours, dynamic graph)", "decode tokens/s, batch 8 (ours, dynamic graph)",
@@ -30,6 +30,7 @@ def test_quick_benchmark_run_produces_every_figure(tmp_path):
         for row in rows:
             assert all(math.isfinite(row[key]) and row[key] >= 0 for key in ("ours", "peer", "ratio")), row
     assert "| model | decode tokens/s, batch 1" in done.stdout  # the markdown table
+    _check_lowbit(report, "lowbit")
     assert open(os.path.join(ROOT, "README.md"), encoding="utf-8").read() == readme_before
 
 
@@ -51,3 +52,39 @@ def test_quick_full_depth_run_is_merged_into_the_previous_results(tmp_path):
     assert set(figures) == {"decode tokens/s, batch 1", "peak RSS of the predictor, decoding", "peak RSS of the export"}
     assert all(math.isfinite(row["ours"]) and row["ours"] > 0 for row in figures.values())
     assert "Sections measured on: tokenizer 2026-01-01, full-depth" in done.stdout
+
+
+def _check_lowbit(report: dict, section: str):
+    """The low-bit section has each of our formats against the bandwidth bound and the full-depth targets, the
+    kernel path that ran in each figure, and either llama.cpp's figures beside ours or the reason it was skipped."""
+    rows = report["sections"][section]
+    notes = report["notes"][section]
+    assert any(note.startswith("CPU flags:") for note in notes)
+    peer_skipped = any("llama.cpp peer skipped" in note for note in notes)
+    for fmt, kind in (("bf16", "BF16"), ("int8", "Q8_0"), ("int4", "Q4_0")):
+        ours = [row for row in rows if f"(ours {fmt}, " in row["figure"]]
+        assert {row["details"]["kernel"] for row in ours} and all(" kernels, " in row["figure"] for row in ours)
+        assert any("bandwidth bound" in row["figure"] for row in ours), fmt
+        assert any("weights' bytes + 1.5 GB" in row["figure"] for row in ours), fmt
+        versus = [row for row in ours if row["peer_name"] == f"llama.cpp {kind}"]
+        assert len(versus) == (0 if peer_skipped else 3), (fmt, notes)
+    assert any("5 tokens/s target" in row["figure"] for row in rows)
+
+
+def test_quick_lowbit_full_depth_runs_40_layers_and_keeps_its_own_notes(tmp_path):
+    """The opt-in 40-layer low-bit section (tiny here) measures every format at full depth, against the issue's
+    targets, and its notes sit beside the 2-layer section's instead of replacing them."""
+    output = tmp_path / "results.json"
+    previous = {"date": "2026-01-01T00:00:00+00:00", "quick": True, "machine": {}, "notes": {"lowbit": ["kept"]},
+                "section_dates": {"lowbit": "2026-01-01T00:00:00+00:00"}, "sections": {"lowbit": [
+                    {"figure": "kept", "ours": 1.0, "peer": 1.0, "peer_name": "x", "unit": "tokens/s", "ratio": 1.0}]}}
+    output.write_text(json.dumps(previous))
+    done = subprocess.run([sys.executable, "-m", "benchmarks", "run", "--quick", "--only", "lowbit-full-depth",
+                           "--output", str(output)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(output.read_text())
+    assert list(report["sections"]) == ["lowbit", "lowbit-full-depth"]
+    assert report["notes"]["lowbit"] == ["kept"]
+    _check_lowbit(report, "lowbit-full-depth")
+    assert all("40 layers" in row["figure"] for row in report["sections"]["lowbit-full-depth"])
+    assert "- lowbit-full-depth: CPU flags:" in done.stdout

@@ -1,0 +1,227 @@
+"""Low-bit CPU inference, ours against llama.cpp on the same weights in the same run: our bf16 / int8 / int4
+kernels against llama.cpp's BF16 / Q8_0 / Q4_0.
+
+Model: GLM-4-9B's geometry with 2 layers (section `lowbit`; quick: a tiny model) or its full 40 (section
+`lowbit-full-depth`, opt-in: ~55 GB of disk), random bf16 weights written once (full_depth's writer). Ours loads
+that checkpoint with `GLM4ForCausalLM.from_pretrained(dir, quantization=None | "int8" | "int4")` (bf16 stays
+bf16); llama.cpp reads the same weights as a BF16 GGUF file (gguf_peer.py), and llama-quantize makes its Q8_0
+and Q4_0 from it. llama.cpp is found or built in a per-user cache (llamacpp.py; quick runs never build it: 11+
+minutes); where it cannot be had, its figures are skipped with the reason in the report's notes.
+
+Every engine runs in a fresh process, one after the other, each format's pair back to back; nothing else should
+run meanwhile (the load average before each is recorded: a busy second core halves a 2-thread decode). Figures
+per format: decode tokens/s at batch 1 (llama-bench's tg: NEW_TOKENS tokens from an empty context; ours the
+same count after an 8-token prompt), prefill tokens/s of a 512-token prompt, peak RSS, each as ours / llama.cpp;
+decode against the bandwidth bound (read bandwidth / weight bytes read per token, the embedding table excluded)
+for both; at full depth also the issue's targets: peak RSS <= the weights' bytes + 1.5 GB, int4 decode >= 5
+tokens/s. Our kernel path (paddle_glm4.kernels.isa()) is in each figure's name and the details of each row.
+
+    python -m benchmarks.lowbit ours MODEL_DIR FORMAT [--quick]          (our engine; prints JSON)
+    python -m benchmarks.lowbit peer LLAMA_BENCH GGUF [--quick]          (llama-bench, peak RSS; prints JSON)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from benchmarks.model import ROOT, _peak_rss, _row, _Timing, benchmark_config
+from benchmarks.tokenizer import REFERENCE
+
+# (our name, the quantization= we load with, llama.cpp's type)
+FORMATS = (("bf16", None, "BF16"), ("int8", "int8", "Q8_0"), ("int4", "int4", "Q4_0"))
+PROMPT = 8  # before the decoded tokens (llama-bench's tg starts from an empty context; ours needs a prompt)
+RSS_ALLOWANCE = 1.5e9  # the issue's target: full-depth peak RSS <= the weights' bytes + 1.5 GB
+INT4_DECODE_TARGET = 5.0  # tokens/s, 40 layers
+
+
+def settings(quick: bool, layers: int) -> dict:
+    if quick:
+        return {"layers": layers, "prefill": 32, "new_tokens": 4, "runs": 1}
+    # at 40 layers a bf16 token takes ~1 s: fewer decode steps, as every one costs the same
+    return {"layers": layers, "prefill": 512, "new_tokens": 64 if layers <= 2 else 16, "runs": 3}
+
+
+def lowbit_config(quick: bool, layers: int):
+    return dataclasses.replace(benchmark_config(quick), num_hidden_layers=layers, dtype="bfloat16")
+
+
+def _threads() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+# ---- the engines, each in its own process ---------------------------------------------------------------
+def ours(model_dir: str, fmt: str, quick: bool, layers: int) -> dict:
+    import numpy as np
+
+    from paddle_glm4 import GLM4ForCausalLM, kernels
+
+    s = settings(quick, layers)
+    quantization = dict((name, q) for name, q, _ in FORMATS)[fmt]
+    model = GLM4ForCausalLM.from_pretrained(model_dir, **({"quantization": quantization} if quantization else {}))
+    vocab = model.config.vocab_size
+
+    def generate(ids, new_tokens, timing=None):
+        model.generate(ids, max_new_tokens=new_tokens, eos_token_id=[], streamer=timing)
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, vocab, (1, PROMPT)).astype("int64")
+    generate(ids, 2)  # warm-up
+    rates = []
+    for _ in range(s["runs"]):
+        timing = _Timing(skip_first_put=False)
+        generate(ids, s["new_tokens"], timing)
+        rates.append((len(timing.times) - 1) / (timing.times[-1] - timing.times[0]))
+    ids = rng.integers(3, vocab, (1, s["prefill"])).astype("int64")
+    generate(ids, 1)
+    times = []
+    for _ in range(s["runs"]):
+        started = time.perf_counter()
+        generate(ids, 1)
+        times.append(time.perf_counter() - started)
+    # bytes a decode step reads: every stored weight, packed integers and scales included, but the embedding
+    # table (a lookup reads one row of it)
+    stored = {name: int(np.prod(t.shape)) * t.element_size() for name, t in model.state_dict().items()}
+    return {"decode": statistics.median(rates), "prefill": s["prefill"] / statistics.median(times),
+            "peak_rss": _peak_rss(), "weight_bytes": sum(stored.values()),
+            "bytes_per_token": sum(size for name, size in stored.items() if "embed_tokens" not in name),
+            "kernel": kernels.isa()}
+
+
+def peer(llama_bench: str, gguf: str, quick: bool, layers: int) -> dict:
+    """llama-bench on `gguf`: pp and tg tokens/s (median of its runs) and its peak RSS. Run from this small
+    process, so that the child's ru_maxrss (which counts the parent's memory at fork) is llama-bench's own."""
+    s = settings(quick, layers)
+    command = [llama_bench, "-m", gguf, "-t", str(_threads()), "-p", str(s["prefill"]), "-n", str(s["new_tokens"]),
+               "-r", str(s["runs"]), "-o", "json"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"llama-bench failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+    tests = json.loads(done.stdout)
+    rate = {("prefill" if test["n_prompt"] else "decode"): statistics.median(test["samples_ts"]) for test in tests}
+    return {**rate, "peak_rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
+            "build": tests[0].get("build_commit"), "cpu_info": tests[0].get("cpu_info")}
+
+
+def _run(mode: str, args: list[str], quick: bool, layers: int) -> dict:
+    command = [sys.executable, "-m", "benchmarks.lowbit", mode, *args, "--layers", str(layers)] + \
+        (["--quick"] if quick else [])
+    load = os.getloadavg()[0]
+    done = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True)
+    if done.returncode < 0:
+        raise RuntimeError(f"lowbit {mode} {args[-1]} was killed by signal {-done.returncode} (out of memory?):\n"
+                           f"{done.stderr[-2000:]}")
+    if done.returncode:
+        raise RuntimeError(f"lowbit {mode} {args[-1]} failed:\n{done.stderr[-3000:]}")
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "load_before": load}
+
+
+# ---- the run --------------------------------------------------------------------------------------------
+def _prepare(workdir: str, config, peer_binaries, notes: list[str], quick: bool) -> dict:
+    """Our checkpoint and, when the peer is there, llama.cpp's three GGUF files of the same weights."""
+    from benchmarks import gguf_peer
+    from benchmarks.full_depth import write_random_checkpoint
+
+    checkpoint = os.path.join(workdir, "checkpoint")
+    write_random_checkpoint(checkpoint, config)
+    files = {"checkpoint": checkpoint}
+    if peer_binaries is None:
+        return files
+    files["BF16"] = os.path.join(workdir, "model-bf16.gguf")
+    # GLM-4's real tokenizer where the reference files are (the tokenizer benchmark's), else the small one
+    vocab = gguf_peer.write_gguf(checkpoint, files["BF16"], str(REFERENCE) if not quick else None, progress=False)
+    notes.append(f"llama.cpp's GGUF tokenizer: {vocab.source}")
+    for _, _, kind in FORMATS[1:]:
+        files[kind] = os.path.join(workdir, f"model-{kind.lower()}.gguf")
+        gguf_peer.quantize(str(peer_binaries.quantize), files["BF16"], files[kind], kind)
+    return files
+
+
+def run(quick: bool = False, machine: dict | None = None, layers: int = 2, notes: list[str] | None = None) -> list[dict]:
+    from benchmarks import gguf_peer, llamacpp
+    from benchmarks.machine import measure
+    from converters import mapping
+
+    notes = notes if notes is not None else []
+    machine = machine or measure(quick)
+    config = lowbit_config(quick, layers)
+    try:  # a full run builds the peer when it is missing; a quick one (CI) never does
+        peer_binaries = llamacpp.find_or_build(build=not quick)
+    except llamacpp.PeerUnavailable as error:
+        peer_binaries = None
+        notes.append(f"llama.cpp peer skipped: {error}")
+        print(f"lowbit: llama.cpp peer skipped: {error}", file=sys.stderr, flush=True)
+    flags = " ".join(llamacpp.cpu_flags())
+    notes.append(f"CPU flags: {flags}")
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="glm4-lowbit-") as workdir:
+        weights = 2 * sum(math.prod(shape) for shape in mapping.paddle_shapes(config).values())
+        needed = weights * (1 + (1 + 0.53 + 0.3 if peer_binaries else 0)) * 1.05  # checkpoint, BF16, Q8_0, Q4_0
+        free = shutil.disk_usage(workdir).free
+        if free < needed:
+            raise RuntimeError(f"lowbit needs {needed / 1e9:.0f} GB free under {workdir}, has {free / 1e9:.0f} GB "
+                               "(set TMPDIR elsewhere)")
+        files = _prepare(workdir, config, peer_binaries, notes, quick)
+        for fmt, _, kind in FORMATS:  # each pair back to back
+            results[fmt] = _run("ours", [files["checkpoint"], fmt], quick, layers)
+            if peer_binaries is not None:
+                results[kind] = _run("peer", [str(peer_binaries.bench), files[kind]], quick, layers)
+                results[kind]["bytes_per_token"] = sum(
+                    size for name, size in gguf_peer.tensor_bytes(files[kind]).items() if name != "token_embd.weight")
+    return _rows(results, machine, config, quick, flags)
+
+
+def _rows(results: dict, machine: dict, config, quick: bool, flags: str) -> list[dict]:
+    s = settings(quick, config.num_hidden_layers)
+    bandwidth = machine["read_bandwidth_gbps"] * 1e9
+    model = f"{'tiny' if quick else 'GLM-4-9B'}, {config.num_hidden_layers} layers"
+    prefill = f"prefill tokens/s, {s['prefill']}-token prompt"
+    rows = []
+    for fmt, _, kind in FORMATS:
+        mine, theirs = results[fmt], results.get(kind)
+        label = f"ours {fmt}, {mine['kernel']} kernels, {model}"
+        details = {"kernel": mine["kernel"], "cpu_flags": flags, "load_before": mine["load_before"],
+                   "weight_bytes": mine["weight_bytes"], "bytes_per_token": mine["bytes_per_token"]}
+        versus = f"llama.cpp {kind}"
+        pair = [] if theirs is None else [
+            _row(f"decode tokens/s, batch 1 ({label})", mine["decode"], theirs["decode"], versus, "tokens/s"),
+            _row(f"{prefill} ({label})", mine["prefill"], theirs["prefill"], versus, "tokens/s"),
+            _row(f"peak RSS, lower is better ({label})", mine["peak_rss"] / 1e9, theirs["peak_rss"] / 1e9, versus,
+                 "GB"),
+            _row(f"decode batch 1 vs the bandwidth bound (llama.cpp {kind}, {model})", theirs["decode"],
+                 bandwidth / theirs["bytes_per_token"], "read bandwidth / weight bytes", "tokens/s")]
+        alone = [_row(f"decode batch 1 vs the bandwidth bound ({label})", mine["decode"],
+                      bandwidth / mine["bytes_per_token"], "read bandwidth / weight bytes", "tokens/s")]
+        if config.num_hidden_layers >= 40 or quick:  # the issue's full-depth targets (quick: that they compute)
+            alone.append(_row(f"peak RSS vs the weights' bytes + 1.5 GB, lower is better ({label})",
+                              mine["peak_rss"] / 1e9, (mine["weight_bytes"] + RSS_ALLOWANCE) / 1e9, "target", "GB"))
+            if fmt == "int4":
+                alone.append(_row(f"decode tokens/s, batch 1 vs the 5 tokens/s target ({label})", mine["decode"],
+                                  INT4_DECODE_TARGET, "target", "tokens/s"))
+        if theirs is not None:
+            details.update(peer_load_before=theirs["load_before"], peer_build=theirs["build"],
+                           peer_bytes_per_token=theirs["bytes_per_token"])
+        rows += [{**row, "details": details} for row in pair + alone]
+    return rows
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="one engine of the low-bit benchmark, in its own process")
+    parser.add_argument("mode", choices=["ours", "peer"], help="ours: our model; peer: llama-bench")
+    parser.add_argument("path", help="ours: the checkpoint directory; peer: the llama-bench binary")
+    parser.add_argument("target", help="ours: bf16, int8 or int4; peer: the GGUF file")
+    parser.add_argument("--layers", type=int, default=2, help="the model's depth (sets the decode length)")
+    parser.add_argument("--quick", action="store_true", help="the tiny sizes of a quick run")
+    args = parser.parse_args()
+    engine = ours if args.mode == "ours" else peer
+    print(json.dumps(engine(args.path, args.target, args.quick, args.layers)))
