@@ -29,7 +29,7 @@ ALL_SECTIONS = SECTIONS + ("full-depth", "lowbit-full-depth")
 # section -> (module, its run's keywords); the others are the module of their own name
 VARIANTS = {"lowbit-full-depth": ("lowbit", {"layers": 40})}
 # sections measured against this machine's bounds, and those that leave notes (a skipped peer, the CPU flags)
-USE_MACHINE = ("model", "full-depth", "lowbit", "lowbit-full-depth")
+USE_MACHINE = ("model", "full-depth")
 WRITE_NOTES = ("lowbit", "lowbit-full-depth")
 TABLE_BEGIN, TABLE_END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
 

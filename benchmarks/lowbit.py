@@ -10,11 +10,12 @@ minutes); where it cannot be had, its figures are skipped with the reason in the
 
 Every engine runs in a fresh process, one after the other, each format's pair back to back; nothing else should
 run meanwhile (the load average before each is recorded: a busy second core halves a 2-thread decode). Figures
-per format: decode tokens/s at batch 1 (llama-bench's tg: NEW_TOKENS tokens from an empty context; ours the
+per format: decode tokens/s at batch 1 (llama-bench's tg: `new_tokens` tokens from an empty context; ours the
 same count after an 8-token prompt), prefill tokens/s of a 512-token prompt, peak RSS, each as ours / llama.cpp;
-decode against the bandwidth bound (read bandwidth / weight bytes read per token, the embedding table excluded)
-for both; at full depth also the issue's targets: peak RSS <= the weights' bytes + 1.5 GB, int4 decode >= 5
-tokens/s. Our kernel path (paddle_glm4.kernels.isa()) is in each figure's name and the details of each row.
+decode against the bandwidth bound (weight bytes read per token, the embedding table excluded, at the read
+bandwidth measured right before that engine: on these shared machines it drifts by tens of % within minutes) for
+both; at full depth also the issue's targets: peak RSS <= the weights' bytes + 1.5 GB, int4 decode >= 5 tokens/s.
+Our kernel path (paddle_glm4.kernels.isa()) is in each figure's name and in each row's details.
 
     python -m benchmarks.lowbit ours MODEL_DIR FORMAT [--quick]          (our engine; prints JSON)
     python -m benchmarks.lowbit peer LLAMA_BENCH GGUF [--quick]          (llama-bench, peak RSS; prints JSON)
@@ -116,14 +117,18 @@ def peer(llama_bench: str, gguf: str, quick: bool, layers: int) -> dict:
 def _run(mode: str, args: list[str], quick: bool, layers: int) -> dict:
     command = [sys.executable, "-m", "benchmarks.lowbit", mode, *args, "--layers", str(layers)] + \
         (["--quick"] if quick else [])
-    load = os.getloadavg()[0]
+    from benchmarks.machine import read_bandwidth
+
+    # this shared machine's memory rate drifts by tens of % within minutes: each engine's bound is measured
+    # right before it runs
+    load, bandwidth = os.getloadavg()[0], read_bandwidth(0.25 if quick else 1.0, 3)
     done = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True)
     if done.returncode < 0:
         raise RuntimeError(f"lowbit {mode} {args[-1]} was killed by signal {-done.returncode} (out of memory?):\n"
                            f"{done.stderr[-2000:]}")
     if done.returncode:
         raise RuntimeError(f"lowbit {mode} {args[-1]} failed:\n{done.stderr[-3000:]}")
-    return {**json.loads(done.stdout.strip().splitlines()[-1]), "load_before": load}
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "load_before": load, "bandwidth_before": bandwidth}
 
 
 # ---- the run --------------------------------------------------------------------------------------------
@@ -147,13 +152,11 @@ def _prepare(workdir: str, config, peer_binaries, notes: list[str], quick: bool)
     return files
 
 
-def run(quick: bool = False, machine: dict | None = None, layers: int = 2, notes: list[str] | None = None) -> list[dict]:
+def run(quick: bool = False, layers: int = 2, notes: list[str] | None = None) -> list[dict]:
     from benchmarks import gguf_peer, llamacpp
-    from benchmarks.machine import measure
     from converters import mapping
 
     notes = notes if notes is not None else []
-    machine = machine or measure(quick)
     config = lowbit_config(quick, layers)
     try:  # a full run builds the peer when it is missing; a quick one (CI) never does
         peer_binaries = llamacpp.find_or_build(build=not quick)
@@ -178,12 +181,11 @@ def run(quick: bool = False, machine: dict | None = None, layers: int = 2, notes
                 results[kind] = _run("peer", [str(peer_binaries.bench), files[kind]], quick, layers)
                 results[kind]["bytes_per_token"] = sum(
                     size for name, size in gguf_peer.tensor_bytes(files[kind]).items() if name != "token_embd.weight")
-    return _rows(results, machine, config, quick, flags)
+    return _rows(results, config, quick, flags)
 
 
-def _rows(results: dict, machine: dict, config, quick: bool, flags: str) -> list[dict]:
+def _rows(results: dict, config, quick: bool, flags: str) -> list[dict]:
     s = settings(quick, config.num_hidden_layers)
-    bandwidth = machine["read_bandwidth_gbps"] * 1e9
     model = f"{'tiny' if quick else 'GLM-4-9B'}, {config.num_hidden_layers} layers"
     prefill = f"prefill tokens/s, {s['prefill']}-token prompt"
     rows = []
@@ -191,7 +193,8 @@ def _rows(results: dict, machine: dict, config, quick: bool, flags: str) -> list
         mine, theirs = results[fmt], results.get(kind)
         label = f"ours {fmt}, {mine['kernel']} kernels, {model}"
         details = {"kernel": mine["kernel"], "cpu_flags": flags, "load_before": mine["load_before"],
-                   "weight_bytes": mine["weight_bytes"], "bytes_per_token": mine["bytes_per_token"]}
+                   "read_bandwidth_gbps_before": mine["bandwidth_before"] / 1e9, "weight_bytes": mine["weight_bytes"],
+                   "bytes_per_token": mine["bytes_per_token"]}
         versus = f"llama.cpp {kind}"
         pair = [] if theirs is None else [
             _row(f"decode tokens/s, batch 1 ({label})", mine["decode"], theirs["decode"], versus, "tokens/s"),
@@ -199,9 +202,9 @@ def _rows(results: dict, machine: dict, config, quick: bool, flags: str) -> list
             _row(f"peak RSS, lower is better ({label})", mine["peak_rss"] / 1e9, theirs["peak_rss"] / 1e9, versus,
                  "GB"),
             _row(f"decode batch 1 vs the bandwidth bound (llama.cpp {kind}, {model})", theirs["decode"],
-                 bandwidth / theirs["bytes_per_token"], "read bandwidth / weight bytes", "tokens/s")]
+                 theirs["bandwidth_before"] / theirs["bytes_per_token"], "read bandwidth / weight bytes", "tokens/s")]
         alone = [_row(f"decode batch 1 vs the bandwidth bound ({label})", mine["decode"],
-                      bandwidth / mine["bytes_per_token"], "read bandwidth / weight bytes", "tokens/s")]
+                      mine["bandwidth_before"] / mine["bytes_per_token"], "read bandwidth / weight bytes", "tokens/s")]
         if config.num_hidden_layers >= 40 or quick:  # the issue's full-depth targets (quick: that they compute)
             alone.append(_row(f"peak RSS vs the weights' bytes + 1.5 GB, lower is better ({label})",
                               mine["peak_rss"] / 1e9, (mine["weight_bytes"] + RSS_ALLOWANCE) / 1e9, "target", "GB"))
@@ -210,6 +213,7 @@ def _rows(results: dict, machine: dict, config, quick: bool, flags: str) -> list
                                   INT4_DECODE_TARGET, "target", "tokens/s"))
         if theirs is not None:
             details.update(peer_load_before=theirs["load_before"], peer_build=theirs["build"],
+                           peer_read_bandwidth_gbps_before=theirs["bandwidth_before"] / 1e9,
                            peer_bytes_per_token=theirs["bytes_per_token"])
         rows += [{**row, "details": details} for row in pair + alone]
     return rows

@@ -150,8 +150,8 @@ def test_find_rejects_a_build_for_another_cpu_and_takes_one_for_this_cpu(tmp_pat
 @pytest.mark.slow
 def test_llamacpp_status_cli_fails_with_one_line_and_code_2(tmp_path):
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-m", "benchmarks.llamacpp", "status"], capture_output=True, text=True, env=env,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run([sys.executable, "-m", "benchmarks.llamacpp", "status"], capture_output=True, text=True,
+                          env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "not built" in done.stderr
 
 
