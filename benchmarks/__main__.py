@@ -25,7 +25,7 @@ README = os.path.join(ROOT, "README.md")
 SECTIONS = ("model", "converter", "tokenizer", "lowbit")  # the default run
 # run only when asked (--only full-depth): GLM-4-9B's 40 layers in bf16 need ~40 GB of disk (lowbit-full-depth:
 # ~55 GB, with llama.cpp's files) and most of the RAM of a 24 GB machine, and take a while
-ALL_SECTIONS = SECTIONS + ("full-depth", "lowbit-full-depth")
+ALL_SECTIONS = (*SECTIONS, "full-depth", "lowbit-full-depth")
 # section -> (module, its run's keywords); the others are the module of their own name
 VARIANTS = {"lowbit-full-depth": ("lowbit", {"layers": 40})}
 # sections measured against this machine's bounds, and those that leave notes (a skipped peer, the CPU flags)

@@ -68,7 +68,7 @@ def ours(model_dir: str, fmt: str, quick: bool, layers: int) -> dict:
     from paddle_glm4 import GLM4ForCausalLM, kernels
 
     s = settings(quick, layers)
-    quantization = dict((name, q) for name, q, _ in FORMATS)[fmt]
+    quantization = {name: q for name, q, _ in FORMATS}[fmt]
     model = GLM4ForCausalLM.from_pretrained(model_dir, **({"quantization": quantization} if quantization else {}))
     vocab = model.config.vocab_size
 

@@ -122,7 +122,7 @@ def test_gguf_writer_refuses_a_vocabulary_without_room_for_the_bytes():
 # ---- finding llama.cpp ----------------------------------------------------------------------------------
 def test_find_says_how_to_build_when_llamacpp_is_not_built(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    with pytest.raises(llamacpp.PeerUnavailable, match="not built.*python -m benchmarks.llamacpp build"):
+    with pytest.raises(llamacpp.PeerUnavailable, match=r"not built.*python -m benchmarks\.llamacpp build"):
         llamacpp.find()
     with pytest.raises(llamacpp.PeerUnavailable):
         llamacpp.find_or_build(build=False)  # never builds unless asked
