@@ -19,7 +19,7 @@ class UsageError(ValueError):
     """A user-facing problem with the command's input (a path, a flag, a file's content)."""
 
 
-def add_debug_flag(parser: argparse.ArgumentParser):
+def add_debug_flag(parser: argparse.ArgumentParser) -> None:
     """--debug on `parser` (on a subcommand too: it then keeps a --debug given before the subcommand)."""
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help=f"on an error, print the full traceback as well as the one-line message (or set "
@@ -51,7 +51,7 @@ def run_cli(command: Callable[[], int | None], debug: bool = False) -> int:
         return EXIT_ERROR
 
 
-def interrupt_on_termination():
+def interrupt_on_termination() -> None:
     """Let `kill` (SIGTERM) and a closed terminal (SIGHUP) clean up like Ctrl-C does: for commands that write
     output atomically, so that they leave no partial output behind."""
     def interrupt(signum, frame):

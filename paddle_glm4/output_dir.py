@@ -21,7 +21,7 @@ import socket
 import stat
 import sys
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 PARTIAL_SUFFIX = ".partial"
@@ -42,7 +42,7 @@ class OutputKind:
     listed: Callable[[object], Iterable[str] | None]
 
 
-def check_destination(dst: str, overwrite: bool, kind: OutputKind, flag: str = "--dst"):
+def check_destination(dst: str, overwrite: bool, kind: OutputKind, flag: str = "--dst") -> None:
     """Refuse a destination whose replacement would lose data (see the module docstring). First, tidy up after
     killed runs into the same parent (`remove_stale_partials`), which may put back a destination they had moved."""
     remove_stale_partials(os.path.dirname(os.path.abspath(dst)))
@@ -81,7 +81,8 @@ def _listed(path: str, kind: OutputKind) -> set[str] | None:
 
 
 @contextlib.contextmanager
-def staged(dst: str, overwrite: bool, kind: OutputKind, flag: str = "--dst", mode_limit: int = 0o777):
+def staged(dst: str, overwrite: bool, kind: OutputKind, flag: str = "--dst",
+           mode_limit: int = 0o777) -> Iterator[str]:
     """Yield a new empty directory beside `dst` to build the output in; on success, put it in place as `dst`
     (replacing the old one, checked again, when `overwrite`), with its files synced to disk first. Nothing is
     left behind on error or interrupt: neither the directory nor the parents this created. The output gets

@@ -12,8 +12,11 @@ Copies never widen access: a copied file keeps at most its source's permission b
 
 from __future__ import annotations
 
+import io
 import os
 import stat
+from collections.abc import Iterable
+from typing import IO, Any
 
 FILE_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device",
               stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
@@ -24,7 +27,7 @@ class UnsafeFileError(ValueError):
     """A file name or file that would make us read or write outside the directory it belongs to."""
 
 
-def plain_name(name, where: str) -> str:
+def plain_name(name: object, where: str) -> str:
     """`name`, checked to be a file name within one directory: a non-empty string without a path separator,
     not `.` or `..`. `where` says where the name was read (file and field), for the message."""
     if (not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\0")
@@ -44,7 +47,7 @@ def source_path(directory: str, name: str, where: str | None = None) -> str:
     return path
 
 
-def check_source_file(path: str, directory: str | None = None):
+def check_source_file(path: str, directory: str | None = None) -> None:
     """Refuse `path` unless it is a regular file whose links (if any) stay inside `directory` (default: the
     directory holding it). A missing file raises FileNotFoundError."""
     directory = os.path.dirname(os.path.abspath(path)) if directory is None else directory
@@ -55,7 +58,8 @@ def check_source_file(path: str, directory: str | None = None):
     _check_regular(path, os.stat(real).st_mode)
 
 
-def open_source(path: str, directory: str | None = None, mode: str = "rb", encoding: str | None = None):
+def open_source(path: str, directory: str | None = None, mode: str = "rb",
+                encoding: str | None = None) -> IO[Any]:
     """`open(path, mode)` for reading a file of a source directory, after `check_source_file`. The file is opened
     without blocking and checked again once open, so that a FIFO swapped in meanwhile cannot hang us."""
     check_source_file(path, directory)
@@ -69,7 +73,7 @@ def open_source(path: str, directory: str | None = None, mode: str = "rb", encod
         raise
 
 
-def open_regular(path: str):
+def open_regular(path: str) -> io.BufferedReader:
     """`open(path, "rb")` for a file that must be regular (no link policy): for readers that do not know the
     directory a file belongs to, so that a FIFO or device fails at once instead of blocking or never ending."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -82,7 +86,7 @@ def open_regular(path: str):
         raise
 
 
-def copy_source(path: str, target: str, directory: str | None = None):
+def copy_source(path: str, target: str, directory: str | None = None) -> None:
     """Copy the source file `path` to the new file `target`, which gets no permission its source lacks."""
     with open_source(path, directory) as src:
         mode = stat.S_IMODE(os.fstat(src.fileno()).st_mode) & 0o666
@@ -92,7 +96,7 @@ def copy_source(path: str, target: str, directory: str | None = None):
                 dst.write(chunk)
 
 
-def permission_bits(paths) -> int:
+def permission_bits(paths: Iterable[str]) -> int:
     """The permission bits all of `paths` share: what a file made from them may grant at most."""
     bits = 0o777
     for path in paths:
