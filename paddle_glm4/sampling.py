@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import paddle
 import paddle.nn.functional as F
 
@@ -73,3 +74,23 @@ def choose_tokens(logits: paddle.Tensor, params: SamplingParams,
         tokens = paddle.argmax(logits, axis=-1)
     chosen = paddle.take_along_axis(log_probs, tokens.unsqueeze(-1), axis=-1).squeeze(-1)
     return tokens.astype("int64"), chosen
+
+
+def choose_token(logits: paddle.Tensor, params: SamplingParams, seen: list[int] | None,
+                 rng: np.random.Generator) -> int:
+    """One sequence's next token from its logits [1, vocab] fp32, drawing from its own generator `rng`.
+
+    The continuous-batching engine (scheduler.py) calls this per row, so that what a sequence draws depends on
+    its own seed and history only, never on the other rows of the batch. `seen`: the ids it already holds (for
+    the repetition penalty). The cut-offs are `choose_tokens`'; only the draw differs: an inverse-CDF draw
+    from `rng` on the host instead of paddle's global generator."""
+    if params.repetition_penalty != 1.0 and seen:
+        ids = paddle.to_tensor(np.asarray(seen, dtype="int64")).unsqueeze(0)
+        mask = paddle.put_along_axis(paddle.zeros_like(logits), ids, paddle.ones(ids.shape, dtype=logits.dtype),
+                                     axis=1)
+        logits = apply_repetition_penalty(logits, mask, params.repetition_penalty)
+    if not params.do_sample:
+        return int(paddle.argmax(logits, axis=-1).numpy().item())
+    shaped = keep_top_p(keep_top_k(logits / params.temperature, params.top_k), params.top_p)
+    cdf = np.cumsum(F.softmax(shaped, axis=-1).numpy()[0].astype("float64"))
+    return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(cdf) - 1))

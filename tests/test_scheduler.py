@@ -1,0 +1,100 @@
+"""The continuous-batching engine: what each request gets does not depend on who else is in the batch."""
+
+import numpy as np
+import pytest
+
+from conftest import hf_state, paddle_model, paddle_state, reference_model, small_config
+from paddle_glm4.scheduler import Request, Scheduler
+from paddle_glm4.streamer import Streamer
+
+
+@pytest.fixture(scope="module")
+def model():
+    config = small_config(rope_ratio=500.0, seq_length=128)
+    return paddle_model(config, paddle_state(config, hf_state(reference_model(config, seed=1))))
+
+
+def requests(model, count=16):
+    """Requests of different prompt lengths, max_tokens and settings: greedy, seeded sampling, penalties."""
+    made = []
+    for n in range(count):
+        rng = np.random.RandomState(n)
+        prompt = rng.randint(3, model.config.vocab_size, 2 + (7 * n) % 23).tolist()
+        kinds = [dict(), dict(temperature=0.9, top_p=0.9), dict(temperature=1.2, top_k=20),
+                 dict(repetition_penalty=1.3)]
+        settings = model.generation_config.merged(**kinds[n % 4])
+        made.append(Request(prompt, max_tokens=3 + (5 * n) % 17, settings=settings, seed=100 + n))
+    return made
+
+
+def alone(model, request):
+    twin = Request(request.prompt, request.max_tokens, request.settings, request.seed)
+    return Scheduler(model, max_num_seqs=1).run([twin])[0].output
+
+
+def test_sixteen_requests_together_get_what_each_gets_alone(model):
+    batch = requests(model)
+    # a small chunk and few rows: prompts are prefilled in pieces and join while others decode
+    Scheduler(model, max_num_seqs=5, prefill_chunk=4).run(batch)
+    for request in batch:
+        assert request.error is None
+        assert request.output == alone(model, request), request
+        assert 1 <= len(request.output) <= request.max_tokens
+
+
+def test_greedy_equals_generate(model):
+    for request in requests(model, 8)[::4]:  # the greedy ones
+        ids, _ = model.generate([request.prompt], max_new_tokens=request.max_tokens)
+        Scheduler(model, max_num_seqs=2).run([request])
+        expected = [int(t) for t in ids.numpy()[0]]
+        stop = next((i for i, t in enumerate(expected) if t in request.settings.eos_token_id), len(expected) - 1)
+        assert request.output == expected[:stop + 1]
+
+
+def test_rows_are_reused_and_the_cache_is_bounded_and_released(model):
+    batch = requests(model, 12)
+    engine = Scheduler(model, max_num_seqs=3, kv_cache_tokens=3 * 64)
+    for request in batch:
+        engine.submit(request)
+    peak = 0
+    while engine.busy:
+        engine.step()
+        assert len(engine.running) + len(engine.prefilling) <= 3
+        peak = max(peak, engine.kv_bytes)
+    per_token = 2 * model.config.num_hidden_layers * model.config.num_key_value_heads * model.config.head_dim * 4
+    assert 0 < peak <= 3 * 64 * per_token
+    assert engine.kv_bytes == 0
+    assert all(r.output == alone(model, r) for r in batch)
+
+
+def test_a_request_larger_than_the_pool_is_refused(model):
+    engine = Scheduler(model, kv_cache_tokens=16)
+    with pytest.raises(ValueError, match="KV cache pool of 16"):
+        engine.submit(Request([5] * 10, 10, model.generation_config))
+
+
+def test_a_cancelled_request_leaves_and_a_failing_one_fails_alone(model):
+    class CancelAfterTwo(Streamer):
+        def on_tokens(self, token_ids):
+            if self.tokens == 2:
+                self.cancel()
+
+    class Broken(Streamer):
+        failed = None
+
+        def on_tokens(self, token_ids):
+            raise RuntimeError("client broke")
+
+        def fail(self, error):
+            self.failed = error
+
+    batch = requests(model, 6)
+    for r in batch:
+        r.max_tokens = 20
+        r.settings.eos_token_id = []
+    batch[1].streamer, batch[2].streamer = CancelAfterTwo(), Broken()
+    Scheduler(model, max_num_seqs=6).run(batch)
+    assert len(batch[1].output) == 2
+    assert isinstance(batch[2].error, RuntimeError) and batch[2].streamer.failed is batch[2].error
+    for request in batch[:1] + batch[3:]:
+        assert request.error is None and request.output == alone(model, request)
