@@ -175,7 +175,7 @@ class Scheduler:
         with self._lock:
             while self.waiting and len(self._admitted()) < self.max_num_seqs:
                 request = self.waiting[0]
-                admitted = self._admitted() + [request]
+                admitted = [*self._admitted(), request]
                 if len(admitted) * max(r.need for r in admitted) > self.kv_cache_tokens:
                     break  # waits (in order) until sequences leave
                 self.prefilling.append(self.waiting.popleft())
@@ -203,7 +203,7 @@ class Scheduler:
             self.prefilling.remove(request)
             if self._emit(request, logits):
                 self._join(request)
-        except Exception as error:  # this request fails, the others go on
+        except Exception as error:  # noqa: BLE001 - this request fails, the others go on
             if request in self.prefilling:
                 self.prefilling.remove(request)
             self._fail(request, error)
@@ -213,7 +213,7 @@ class Scheduler:
         prompt = request.prefill
         size = len(request.prompt)
         rows = len(self.running)
-        capacity = max(r.need for r in self.running + [request])
+        capacity = max(r.need for r in [*self.running, request])
         if self.cache is None or self.cache.batch_size < rows + 1 or self.cache.capacity < capacity:
             self._reallocate(max(rows + 1, self.cache.batch_size if self.cache else 0),
                              max(capacity, self.cache.capacity if self.cache else 0))
@@ -253,7 +253,7 @@ class Scheduler:
         key_valid = paddle.to_tensor(slots[None, :] >= np.asarray(self.first_slot)[:, None])      # [n, L]
         try:
             logits = self.model.logits(tokens, positions, self.length, key_valid, self.cache, 1)[:, -1]
-        except Exception as error:  # nothing tells which row broke it: they all fail, the engine goes on
+        except Exception as error:  # noqa: BLE001 - no telling which row broke it: all of them fail
             for row in reversed(range(rows)):
                 self._fail(self.running[row], error)
                 self._leave(row)
@@ -274,7 +274,7 @@ class Scheduler:
             request.output.append(token)
             if request.streamer is not None:
                 request.streamer.put(np.asarray([token]))
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 - this request fails, the others go on
             self._fail(request, error)
             return False
         done = token in request.settings.eos_token_id or len(request.output) >= request.max_tokens

@@ -20,8 +20,8 @@ def requests(model, count=16):
     for n in range(count):
         rng = np.random.RandomState(n)
         prompt = rng.randint(3, model.config.vocab_size, 2 + (7 * n) % 23).tolist()
-        kinds = [dict(), dict(temperature=0.9, top_p=0.9), dict(temperature=1.2, top_k=20),
-                 dict(repetition_penalty=1.3)]
+        kinds = [{}, {"temperature": 0.9, "top_p": 0.9}, {"temperature": 1.2, "top_k": 20},
+                 {"repetition_penalty": 1.3}]
         settings = model.generation_config.merged(**kinds[n % 4])
         made.append(Request(prompt, max_tokens=3 + (5 * n) % 17, settings=settings, seed=100 + n))
     return made
