@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from .validation import AnyOf, Bool, Int, List, Number, Object, Optional, SchemaError, Str, read_json, validate
 
@@ -127,6 +128,9 @@ class GLM4Config:
     dtype: str = "bfloat16"
     # Weight-only quantization of the Linear weights; None: they are stored in `dtype` like the rest.
     quantization: Quantization | None = None
+    # Asked by PaddleNLP's peft (LoRAModel): this model never splits its layers across devices.
+    tensor_parallel_degree: ClassVar[int] = 1
+    tensor_parallel_rank: ClassVar[int] = 0
 
     def __post_init__(self):
         if isinstance(self.eos_token_id, int) and not isinstance(self.eos_token_id, bool):

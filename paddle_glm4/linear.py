@@ -22,13 +22,18 @@ from .quantization import Dense, Packed, WeightFormat, WeightOnlyGPU, convert
 KERNEL_FORMATS = {"bfloat16": "bf16", "int8": "int8", "int4": "int4"}  # paddle_glm4.kernels' names
 
 
-class Linear(nn.Layer):
+class Linear(nn.Linear):
     """A Linear whose weight is held in the format `kernels.weights` (see quantization.py): its tensors are
     parameters named as the format's slots (`weight`, or `qweight` and `scales`), which are also their names
-    in a checkpoint of that format."""
+    in a checkpoint of that format.
+
+    It is an nn.Linear to code that looks for one (PaddleNLP's peft wraps only nn.Linear layers): with dense
+    weights, `weight` [in, out] and `bias` are what nn.Linear holds, and F.linear computes the same product.
+    nn.Linear's own constructor is skipped: it would create a float32 weight of its own."""
 
     def __init__(self, in_features: int, out_features: int, kernels: ops.Kernels, bias: bool = False):
-        super().__init__()
+        nn.Layer.__init__(self)
+        self.name = None
         fmt = kernels.weights
         self.in_features, self.out_features, self.format = in_features, out_features, fmt
         self.slots = fmt.slots(in_features, out_features)
@@ -42,6 +47,9 @@ class Linear(nn.Layer):
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         return linear(self.format, x, [getattr(self, slot.name) for slot in self.slots], self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}"
 
 
 def linear(fmt: WeightFormat, x: paddle.Tensor, tensors: list[paddle.Tensor],

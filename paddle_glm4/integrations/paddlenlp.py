@@ -38,6 +38,7 @@ import paddle
 from ..config import CONFIG_NAME, MODEL_TYPE, GLM4Config
 from ..engine import check_pair
 from ..generation import Batch, GenerationConfig
+from ..linear import Linear
 from ..model import GLM4ForCausalLM
 from ..tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
 from ..tokenizer import TOKENIZER_FILE, GLM4Tokenizer
@@ -262,6 +263,31 @@ AUTO_LOADERS = {
     "AutoModelForCausalLM": PaddleNLPGLM4ForCausalLM.from_pretrained,
     "AutoTokenizer": PaddleNLPGLM4Tokenizer.from_pretrained,
 }
+
+
+def merge_paddlenlp_lora(lora_model: Any) -> GLM4ForCausalLM:
+    """The GLM-4 model inside a `paddlenlp.peft.LoRAModel`, every LoRA update added into its weight and this
+    project's Linear layers back in place, ready for `save_pretrained` (an ordinary converted checkpoint, which
+    converters.paddle_to_torch turns into the published torch layout). PaddleNLP's own `restore_original_model`
+    would put back plain nn.Linear layers, each with a new bias that GLM-4's o_proj and MLP do not have."""
+    from paddlenlp.peft.lora import LoRALinear as PaddleNLPLoRALinear
+
+    model = lora_model.model
+    for name, layer in list(model.named_sublayers()):
+        if not isinstance(layer, PaddleNLPLoRALinear):
+            continue
+        *path, attribute = name.split(".")
+        parent = functools.reduce(getattr, path, model)
+        linear = Linear(layer.weight.shape[0], layer.weight.shape[1], model.model.kernels, bias=layer.bias is not None)
+        with paddle.no_grad():
+            update = 0 if layer.merged else paddle.matmul(layer.lora_A, layer.lora_B) * layer.scaling
+            linear.weight.set_value(layer.weight + update)
+            if linear.bias is not None:
+                linear.bias.set_value(layer.bias)
+        setattr(parent, attribute, linear)
+    for param in model.parameters():
+        param.stop_gradient = False
+    return model.eval()
 
 
 def register_paddlenlp() -> None:
