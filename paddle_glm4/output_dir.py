@@ -24,6 +24,8 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
+from .validation import read_json
+
 PARTIAL_SUFFIX = ".partial"
 OWNER_FILE = ".paddle_glm4-owner.json"  # inside a partial directory, while it is being built
 REPLACED = "replaced"                   # inside a partial directory: the destination being swapped out
@@ -73,8 +75,7 @@ def check_destination(dst: str, overwrite: bool, kind: OutputKind, flag: str = "
 
 def _listed(path: str, kind: OutputKind) -> set[str] | None:
     try:
-        with open(path, encoding="utf-8") as f:
-            names = kind.listed(json.load(f))
+        names = kind.listed(read_json(path))
         return None if names is None else {name for name in names if isinstance(name, str)}
     except (OSError, ValueError, TypeError, AttributeError):
         return None
@@ -227,8 +228,7 @@ def remove_stale_partials(parent: str) -> list[str]:
         if os.path.islink(path) or not os.path.isdir(path):
             continue
         try:
-            with open(os.path.join(path, OWNER_FILE), encoding="utf-8") as f:
-                owner = json.load(f)
+            owner = read_json(os.path.join(path, OWNER_FILE))
             if not isinstance(owner, dict):
                 raise ValueError
         except (OSError, ValueError):

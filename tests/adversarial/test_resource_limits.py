@@ -24,6 +24,7 @@ from paddle_glm4 import __main__ as glm4_cli
 from paddle_glm4.config import CANONICAL_SCHEMA, GLM4Config
 from paddle_glm4.integrations.paddlenlp import is_glm4
 from paddle_glm4.model import GLM4ForCausalLM
+from paddle_glm4.output_dir import OWNER_FILE
 from paddle_glm4.server.tool_calls import parse_reply
 from paddle_glm4.tokenizer import MAX_TOKENIZER_BYTES
 from paddle_glm4.validation import MAX_DEPTH, SchemaError, parse_json
@@ -141,3 +142,23 @@ def test_a_tokenizer_model_far_too_big_is_refused_unread(capsys, tmp_path, templ
         f.truncate(MAX_TOKENIZER_BYTES + 1)
     refused(capsys, glm4_cli.main, ["generate", "--model", str(model), "--prompt", "hi"], tmp_path,
             str(model / "tokenizer.model"), f"bytes, more than the {MAX_TOKENIZER_BYTES} this file may have")
+
+
+def test_a_bomb_in_a_destinations_manifest_means_not_ours(capsys, tmp_path, templates):
+    """--overwrite replaces only a directory whose manifest proves it ours: a bomb there proves nothing."""
+    src = copy_tree(templates[0], tmp_path / "src")
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "conversion_manifest.json").write_text(BOMB)
+    refused(capsys, torch_to_paddle.main, ["--src", str(src), "--dst", str(dst), "--overwrite"], tmp_path,
+            "does not look like", "conversion_manifest.json")
+
+
+def test_a_bomb_in_a_partial_directorys_owner_file_leaves_it_alone(capsys, tmp_path, templates):
+    src = copy_tree(templates[0], tmp_path / "src")
+    partial = tmp_path / ".dst.x1y2.partial"
+    partial.mkdir()
+    (partial / OWNER_FILE).write_text(BOMB)
+    assert torch_to_paddle.main(["--src", str(src), "--dst", str(tmp_path / "dst")]) == 0
+    assert f"has no readable {OWNER_FILE}" in capsys.readouterr().err
+    assert (partial / OWNER_FILE).read_text() == BOMB
