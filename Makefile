@@ -57,7 +57,7 @@ $(PADDLENLP_VENV)/.installed: pyproject.toml
 # Besides the integration, the tests marked torch_free of these modules run there too: that venv has numpy 1.x
 # (a supported environment) and no torch, like a PaddleNLP user's.
 TORCH_FREE_TESTS ?= tests/test_converter.py tests/adversarial/test_paths_and_links.py \
-	tests/adversarial/test_deletion.py tests/adversarial/test_partials.py
+	tests/adversarial/test_deletion.py tests/adversarial/test_partials.py tests/adversarial/test_resource_limits.py
 
 test-paddlenlp: $(PADDLENLP_VENV)/.installed
 	$(PADDLENLP_PY) -m pytest -q tests/test_paddlenlp.py
