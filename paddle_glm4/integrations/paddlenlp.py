@@ -139,8 +139,8 @@ def load_config(name_or_path: str | os.PathLike, **kwargs: Any) -> GLM4Config:
 class PaddleNLPGLM4Tokenizer(GLM4Tokenizer):
     """GLM4Tokenizer as AutoTokenizer returns it: it also loads by PaddleNLP name."""
 
-    @classmethod  # PaddleNLP's signature, not GLM4Tokenizer's: hence the override
-    def from_pretrained(cls, name_or_path: str | os.PathLike,  # type: ignore[override]
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike,
                         **kwargs: Any) -> PaddleNLPGLM4Tokenizer:
         # use_fast: PaddleNLP's switch to a compiled tokenizer; tiktoken already is one
         _refuse_unknown(kwargs, "AutoTokenizer.from_pretrained for GLM-4", "use_fast")
@@ -153,8 +153,8 @@ class PaddleNLPGLM4ForCausalLM(GLM4ForCausalLM):
 
     vocab_limit: int | None = None  # the checkpoint tokenizer's len(): ids from there on have no token
 
-    @classmethod  # PaddleNLP's signature, not GLM4ForCausalLM's: hence the override
-    def from_pretrained(cls, name_or_path: str | os.PathLike, dtype: str | None = None,  # type: ignore[override]
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, dtype: str | None = None,
                         fused: bool | None = None, **kwargs: Any) -> PaddleNLPGLM4ForCausalLM:
         _refuse_unknown(kwargs, "AutoModelForCausalLM.from_pretrained for GLM-4")
         directory = checkpoint_dir(name_or_path, **kwargs)
@@ -166,7 +166,7 @@ class PaddleNLPGLM4ForCausalLM(GLM4ForCausalLM):
             model.vocab_limit = len(tokenizer)
         return model
 
-    def generate(self, input_ids: Batch, attention_mask: Batch | None = None,  # type: ignore[override]
+    def generate(self, input_ids: Batch, attention_mask: Batch | None = None,
                  generation_config: Any = None, **options: Any) -> tuple[paddle.Tensor, paddle.Tensor]:
         """PaddleNLP's generate(): `ids, scores = model.generate(**tokenizer(texts, return_tensors="pd"), ...)`.
 
