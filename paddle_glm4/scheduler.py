@@ -89,7 +89,8 @@ class BatchCache(KVCache):
         super().__init__(model.config, rows, capacity, dtype=model.model.kernels.weights.compute_dtype)
         self.rows = 0
 
-    def update(self, layer, start, k, v):
+    def update(self, layer: int, start: int, k: paddle.Tensor,
+               v: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
         end = start + k.shape[1]
         self.keys[layer][:self.rows, start:end] = k
         self.values[layer][:self.rows, start:end] = v
