@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import stat
 from pathlib import Path
+
+import pytest
 
 
 def snapshot(root) -> dict[str, tuple]:
@@ -56,3 +59,16 @@ def refused(capsys, main, argv, sandbox, *messages) -> str:
         assert message in err, err
     assert snapshot(sandbox) == before
     return err
+
+
+@pytest.fixture(autouse=True)
+def no_hang():
+    """A test that would block (reading a FIFO) fails after a minute instead of hanging the suite. (Autouse in a
+    test module that imports it.)"""
+    def hung(signum, frame):
+        raise TimeoutError("blocked for 60 s")
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import stat
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 from corpus import UNSAFE_NAMES, build_templates, copy_tree
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sandbox import refused
+from sandbox import no_hang, refused  # noqa: F401 (no_hang: an autouse fixture)
 
 from converters import paddle_to_torch, torch_to_paddle
 from paddle_glm4.inference import __main__ as inference_cli
@@ -43,18 +42,6 @@ def src(tmp_path, templates) -> Path:
 @pytest.fixture
 def paddle_src(tmp_path, templates) -> Path:
     return copy_tree(templates[1], tmp_path / "paddle")
-
-
-@pytest.fixture(autouse=True)
-def no_hang():
-    """A test that would block (reading a FIFO) fails after a minute instead of hanging the suite."""
-    def hung(signum, frame):
-        raise TimeoutError("blocked for 60 s")
-    previous = signal.signal(signal.SIGALRM, hung)
-    signal.alarm(60)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
 
 
 def plant_victims(root: Path) -> None:

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import time
 
 import pytest
-from corpus import build_paddle, build_published, copy_tree
-from sandbox import refused
+from corpus import build_templates, copy_tree
+from sandbox import no_hang, refused  # noqa: F401 (no_hang: an autouse fixture)
 
 from converters import torch_to_paddle
 from paddle_glm4 import __main__ as glm4_cli
@@ -34,21 +33,7 @@ pytestmark = pytest.mark.torch_free
 
 @pytest.fixture(scope="module")
 def templates(tmp_path_factory):
-    root = tmp_path_factory.mktemp("templates")
-    published = build_published(root / "published")
-    return published, build_paddle(published, root / "paddle")
-
-
-@pytest.fixture(autouse=True)
-def no_hang():
-    """A test that would block (reading a FIFO) fails after a minute instead of hanging the suite."""
-    def hung(signum, frame):
-        raise TimeoutError("blocked for 60 s")
-    previous = signal.signal(signal.SIGALRM, hung)
-    signal.alarm(60)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
+    return build_templates(tmp_path_factory)
 
 
 def set_fields(path, **fields):

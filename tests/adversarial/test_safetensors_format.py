@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import safetensors
-from corpus import build_paddle, build_published, copy_tree
+from corpus import build_templates, copy_tree
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sandbox import refused
@@ -36,9 +36,7 @@ PROPERTY = settings(max_examples=400, deadline=None, suppress_health_check=[Heal
 
 @pytest.fixture(scope="module")
 def templates(tmp_path_factory):
-    root = tmp_path_factory.mktemp("templates")
-    published = build_published(root / "published")
-    return published, build_paddle(published, root / "paddle")
+    return build_templates(tmp_path_factory)
 
 
 # ---- reading and writing the raw format ---------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from corpus import build_paddle, build_published, copy_tree
+from corpus import build_templates, copy_tree
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sandbox import refused
@@ -44,11 +44,10 @@ BOMB = "[" * 100_000 + "]" * 100_000  # json.loads raised RecursionError on this
 
 @pytest.fixture(scope="module")
 def templates(tmp_path_factory):
-    root = tmp_path_factory.mktemp("templates")
-    published = build_published(root / "published")
-    paddle = build_paddle(published, root / "paddle")
-    inference_cli.main(["export", "--model", str(paddle), "--out", str(root / "export")])
-    return published, paddle, root / "export"
+    published, paddle = build_templates(tmp_path_factory)
+    export = paddle.parent / "export"
+    inference_cli.main(["export", "--model", str(paddle), "--out", str(export)])
+    return published, paddle, export
 
 
 def edit(path: Path, field: str, raw: str):
