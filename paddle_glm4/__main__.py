@@ -1,4 +1,4 @@
-"""The `glm4` command line: generate, chat, convert, to-torch, export, demo, serve.
+"""The `glm4` command line: generate, chat, convert, to-torch, export, finetune, demo, serve.
 
 Generated text goes to stdout; everything else (progress, timing, notices) goes to stderr, so that the
 output can be piped. Failures print one line and exit with code 2.
@@ -172,6 +172,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .finetune import run
+
+    interrupt_on_termination()
+    return run(args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -270,6 +277,15 @@ def build_parser() -> argparse.ArgumentParser:
                                  description=EXPORT_DESCRIPTION)
     add_export_arguments(export)
     export.set_defaults(handler=cmd_export)
+
+    from . import finetune as finetune_module
+
+    finetune = commands.add_parser("finetune", help="LoRA fine-tuning on chat conversations (JSONL)",
+                                   description="Fine-tune with LoRA on a JSONL file of conversations (OpenAI's "
+                                               "fine-tuning layout), the loss on the assistant's tokens only; writes "
+                                               "the merged model, the tokenizer and a loss curve (PNG) to --out.")
+    finetune_module.add_arguments(finetune)
+    finetune.set_defaults(handler=cmd_finetune)
 
     from .demo import add_arguments as add_demo_arguments
 

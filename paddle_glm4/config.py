@@ -22,6 +22,10 @@ MODEL_TYPE = "glm4"
 # GLM-4 scales a fixed RoPE base by `rope_ratio` (500 for the 128K chat model).
 ROPE_BASE = 10000.0
 STORAGE_DTYPES = ("float32", "bfloat16", "float16")
+# The Linear layers of a GLM-4 block, by their attribute (and checkpoint) names: what LoRA adapts (lora.py)
+TARGET_MODULES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+# A label the training loss skips (padding, prompt tokens): transformers' and PaddleNLP's value
+IGNORE_INDEX = -100
 # Weight-only quantization of the Linear weights (see paddle_glm4/linear.py for the layouts).
 QUANTIZATION_SCHEMES = ("int8", "int4")
 DEFAULT_GROUP_SIZE = 128  # int4: one scale per 128 input rows; GLM-4's FFN width 13696 = 107 x 128

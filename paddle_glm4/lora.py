@@ -19,11 +19,11 @@ import paddle
 import paddle.nn.functional as F
 from paddle import nn
 
+from .config import TARGET_MODULES
 from .linear import Linear
 from .quantization import Dense
 
-# the Linear layers of a GLM-4 block, by their attribute names (the names in a checkpoint)
-TARGET_MODULES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+__all__ = ["TARGET_MODULES", "LoRALinear", "LoRASettings", "TrainingError", "add_lora", "merge_lora"]
 
 
 class TrainingError(ValueError):

@@ -14,7 +14,7 @@ import paddle.nn.functional as F
 from paddle import nn
 
 from . import generation, loading, ops
-from .config import GLM4Config
+from .config import IGNORE_INDEX, GLM4Config
 from .device import on_gpu
 from .generation import Batch, GenerationConfig
 from .kv_cache import KVCache
@@ -34,9 +34,6 @@ class CausalLMOutput:
     logits: paddle.Tensor                       # [b, s, vocab] float32
     past_key_values: Sequences | None = None
     loss: paddle.Tensor | None = None           # 0-d float32, when labels were given
-
-
-IGNORE_INDEX = -100  # a label that takes no part in the loss (padding, prompt tokens), as in transformers
 
 
 def causal_lm_loss(logits: paddle.Tensor, labels: paddle.Tensor) -> paddle.Tensor:
