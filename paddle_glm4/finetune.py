@@ -225,7 +225,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="clip the gradients' global norm to G (default: 1.0)")
     parser.add_argument("--recompute", action="store_true",
                         help="recompute each layer's activations in the backward pass: less memory for long "
-                             "conversations, about a third more time")
+                             "conversations, for a second forward pass per layer")
     parser.add_argument("--seed", type=int, default=0, metavar="S",
                         help="seed for the LoRA initialisation and the data order (default: 0)")
     parser.add_argument("--overwrite", action="store_true",
