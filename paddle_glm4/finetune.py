@@ -23,6 +23,7 @@ import os
 import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
@@ -31,6 +32,10 @@ from .cli_errors import UsageError
 from .config import IGNORE_INDEX, TARGET_MODULES
 from .output_dir import OutputKind
 from .source_files import open_regular
+
+if TYPE_CHECKING:
+    from .model import GLM4ForCausalLM
+    from .tokenizer import GLM4Tokenizer
 
 MANIFEST = "finetune.json"
 LOSS_CURVE = "loss_curve.png"
@@ -49,18 +54,18 @@ class Example:
 
 
 # ---- data ---------------------------------------------------------------------------------------------------
-def encode_conversation(tokenizer, messages: list) -> Example:
+def encode_conversation(tokenizer: GLM4Tokenizer, messages: list) -> Example:
     """A conversation's ids and labels: the assistant turns' ids (and their ending token) labelled, the rest
     IGNORE_INDEX. A conversation that cannot be taught raises ValueError (the caller names the line)."""
     if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
         raise ValueError("no assistant turn to learn from")
-    ids = tokenizer.apply_chat_template(messages)
+    ids = _chat_ids(tokenizer, messages)
     labels = [IGNORE_INDEX] * len(ids)
     taught = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("weight", 1) != 0]
     for index in taught:
         # the conversation through this answer must extend the one before it (the template only appends)
-        start = len(tokenizer.apply_chat_template(messages[:index], add_generation_prompt=True))
-        through = tokenizer.apply_chat_template(messages[:index + 1])
+        start = len(_chat_ids(tokenizer, messages[:index], add_generation_prompt=True))
+        through = _chat_ids(tokenizer, messages[:index + 1])
         if ids[:len(through)] != through or len(through) <= start:
             raise ValueError(f"the chat template does not render message {index} as an addition to the ones "
                              "before it, so its tokens cannot be told apart")
@@ -71,7 +76,11 @@ def encode_conversation(tokenizer, messages: list) -> Example:
     return Example(ids, labels)
 
 
-def read_conversations(path: str, tokenizer, max_length: int) -> list[Example]:
+def _chat_ids(tokenizer: GLM4Tokenizer, messages: list, add_generation_prompt: bool = False) -> list[int]:
+    return cast("list[int]", tokenizer.apply_chat_template(messages, add_generation_prompt))  # tokenize=True: ids
+
+
+def read_conversations(path: str, tokenizer: GLM4Tokenizer, max_length: int) -> list[Example]:
     """Every conversation of the JSONL file `path`, encoded; blank lines are skipped. A conversation longer than
     `max_length` tokens is cut at its end. Any line that is not a conversation with an assistant turn is an error
     naming the line."""
@@ -142,7 +151,8 @@ class TrainSettings:
         return self.steps if self.steps is not None else self.epochs * math.ceil(examples / self.batch_size)
 
 
-def train(model, examples: list[Example], settings: TrainSettings, progress: bool = True) -> list[float]:
+def train(model: GLM4ForCausalLM, examples: list[Example], settings: TrainSettings,
+          progress: bool = True) -> list[float]:
     """Train the parameters of `model` that are not frozen (see lora.add_lora) with AdamW; returns the loss of
     every step."""
     import paddle
