@@ -92,6 +92,24 @@ def reference_logits(model, input_ids: np.ndarray, attention_mask: np.ndarray | 
         return model(torch.from_numpy(input_ids), **kwargs).logits.float().numpy()
 
 
+def train_steps(model, ids, labels, steps: int, lr: float = 1e-2) -> list[float]:
+    """`steps` AdamW steps of `model`'s trainable parameters on one batch; the loss before each step. Checks that
+    the frozen parameters stay as they were."""
+    import paddle
+
+    frozen = {name: p.numpy().copy() for name, p in model.named_parameters() if p.stop_gradient}
+    optimizer = paddle.optimizer.AdamW(lr, parameters=[p for p in model.parameters() if not p.stop_gradient])
+    losses = []
+    for _ in range(steps):
+        loss = model(ids, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.clear_grad()
+        losses.append(loss.item())
+    assert all(np.array_equal(p.numpy(), frozen[name]) for name, p in model.named_parameters() if name in frozen)
+    return losses
+
+
 def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """A batch of prompts of different lengths, padded on the left: (input_ids, attention_mask), int64."""
     width = max(len(p) for p in prompts)

