@@ -29,7 +29,7 @@ def load(args: argparse.Namespace) -> tuple[Engine, GLM4Tokenizer]:
     check_seed(args.seed, "--seed")  # before the model takes its time to load
     return load_engine(args.model, args.engine, args.dtype, args.tokenizer,
                        quantization=args.quantize, group_size=args.group_size,
-                       activation_dtype=args.activation_dtype)
+                       activation_dtype=args.activation_dtype, prefill_chunk=args.prefill_chunk)
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:

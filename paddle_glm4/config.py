@@ -17,6 +17,11 @@ from typing import ClassVar
 
 from .validation import AnyOf, Bool, Int, List, Number, Object, Optional, SchemaError, Str, read_json, validate
 
+# Prompt tokens per forward in a prefill. A forward's activations grow with its tokens (the MLP's intermediate
+# alone is 55 KB a token at GLM-4-9B's width), so a long prompt goes through the cache a chunk at a time; a
+# chunk this long already keeps the matmuls near their full rate (README, "Long prompts").
+DEFAULT_PREFILL_CHUNK = 1024
+
 CONFIG_NAME = "config.json"
 MODEL_TYPE = "glm4"
 # GLM-4 scales a fixed RoPE base by `rope_ratio` (500 for the 128K chat model).

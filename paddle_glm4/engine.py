@@ -12,6 +12,7 @@ import os
 from typing import TYPE_CHECKING
 
 from .cli_errors import UsageError
+from .config import DEFAULT_PREFILL_CHUNK
 from .quantization import add_arguments as add_quantization_arguments
 
 if TYPE_CHECKING:
@@ -41,15 +42,29 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                              "and float32 with Paddle's own (default: bfloat16 for a bf16 checkpoint, else "
                              "float32); on GPU, the compute dtype (default: the checkpoint's). With --engine "
                              "inference: the predictor's precision")
+    parser.add_argument("--prefill-chunk", type=int, metavar="N",
+                        help="prompt tokens per forward of the prefill: a long prompt goes through the KV cache "
+                             "N tokens at a time, which bounds the memory its activations take (default: "
+                             f"{DEFAULT_PREFILL_CHUNK})")
     add_quantization_arguments(parser, "quantize at load")
+
 
 def load_engine(model_dir: str, engine: str = "dynamic", dtype: str | None = None,
                 tokenizer_dir: str | None = None, quantization: str | None = None, group_size: int | None = None,
-                activation_dtype: str = "auto") -> tuple[Engine, GLM4Tokenizer]:
+                activation_dtype: str = "auto",
+                prefill_chunk: int | None = None) -> tuple[Engine, GLM4Tokenizer]:
     """(model, tokenizer) for a converted checkpoint (engine "dynamic") or an export directory ("inference").
     `quantization`, `group_size`, `activation_dtype`: as GLM4ForCausalLM.from_pretrained's (dynamic only: an
-    export holds its weights as it was exported)."""
+    export holds its weights as it was exported). `prefill_chunk`: the engine's default for generate (None:
+    DEFAULT_PREFILL_CHUNK)."""
+    from .generation import check_prefill_chunk
     from .tokenizer import GLM4Tokenizer
+
+    if prefill_chunk is not None:
+        try:
+            check_prefill_chunk(prefill_chunk, "--prefill-chunk")
+        except ValueError as err:
+            raise UsageError(str(err)) from None
 
     if engine not in ENGINES:
         raise UsageError(f"engine must be one of {ENGINES}, got {engine!r}")
@@ -73,6 +88,8 @@ def load_engine(model_dir: str, engine: str = "dynamic", dtype: str | None = Non
         model = GLM4ForCausalLM.from_pretrained(model_dir, dtype=dtype, quantization=quantization,
                                                 group_size=group_size, activation_dtype=activation_dtype)
     check_pair(model, tokenizer, model_dir, tokenizer_dir)
+    if prefill_chunk is not None:
+        model.prefill_chunk = prefill_chunk
     return model, tokenizer
 
 

@@ -1,4 +1,4 @@
-"""Text generation: prefill the prompt once, then one token per step through the KV cache.
+"""Text generation: prefill the prompt through the KV cache in chunks, then one token per step.
 
 The loop is written against a small "session" interface so that the dynamic-graph model and the Paddle
 Inference predictor share it: `prefill(input_ids, attention_mask, position_ids, capacity)` and
@@ -11,14 +11,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 import numpy as np
 import paddle
 
-from .config import EOS, TOKEN_ID, GLM4Config
+from .config import DEFAULT_PREFILL_CHUNK, EOS, TOKEN_ID, GLM4Config
 from .sampling import SamplingParams, choose_tokens
 from .sequences import Sequences
 from .validation import Bool, Int, Number, Object, Optional, check_seed, read_json
@@ -36,6 +36,27 @@ GENERATION_SCHEMA = Object({
     "eos_token_id": Optional(EOS), "pad_token_id": Optional(TOKEN_ID), "do_sample": Optional(Bool()),
     "temperature": Optional(Number(min=0, max=100)), "top_p": Optional(Number(above=0, max=1)),
     "top_k": Optional(Int(0)), "repetition_penalty": Optional(Number(above=0, max=100))})
+
+def check_prefill_chunk(value: Any, name: str = "prefill_chunk") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer (prompt tokens per prefill forward), got {value!r}")
+    return value
+
+
+def prefill_in_chunks(run: Callable[[paddle.Tensor, paddle.Tensor | None, paddle.Tensor | None], paddle.Tensor],
+                      input_ids: paddle.Tensor, attention_mask: paddle.Tensor | None,
+                      position_ids: paddle.Tensor | None, chunk: int) -> paddle.Tensor:
+    """Feed the prompt [b, n] to `run(ids, mask, positions)` (a forward through the cache returning the last
+    token's logits) `chunk` tokens at a time; the last chunk's logits [b, vocab]. The cache's Sequences count
+    positions and padding across chunks, so the result is the one-shot prefill's."""
+    length = input_ids.shape[1]
+    logits = None
+    for begin in range(0, length, chunk):
+        end = min(begin + chunk, length)
+        logits = run(input_ids[:, begin:end], None if attention_mask is None else attention_mask[:, begin:end],
+                     None if position_ids is None else position_ids[:, begin:end])
+    assert logits is not None, "the prompt is not empty"
+    return logits
 
 
 class Session(Protocol):
@@ -111,15 +132,16 @@ class ModelSession:
     """A Session over the dynamic-graph GLM4ForCausalLM and the Sequences of one generation (which decide slots
     and positions, see sequences.py)."""
 
-    def __init__(self, model: GLM4ForCausalLM):
+    def __init__(self, model: GLM4ForCausalLM, prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
         self.model = model
+        self.prefill_chunk = check_prefill_chunk(prefill_chunk)
         self.sequences: Sequences | None = None
 
     def prefill(self, input_ids: paddle.Tensor, attention_mask: paddle.Tensor | None,
                 position_ids: paddle.Tensor | None, capacity: int) -> paddle.Tensor:
         batch = input_ids.shape[0]
         self.sequences = Sequences(batch, capacity, self.model.model.new_cache(batch, capacity))
-        return self._run(input_ids, attention_mask, position_ids)
+        return prefill_in_chunks(self._run, input_ids, attention_mask, position_ids, self.prefill_chunk)
 
     def step(self, tokens: paddle.Tensor) -> paddle.Tensor:
         return self._run(tokens.unsqueeze(-1), None, None)

@@ -181,6 +181,7 @@ class GLM4ForCausalLM(nn.Layer):
         if not config.tie_word_embeddings:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, self.model.kernels)
         self.generation_config = GenerationConfig.from_model(config)
+        self.prefill_chunk = generation.DEFAULT_PREFILL_CHUNK  # generate's default
 
     def forward(self, input_ids: paddle.Tensor, attention_mask: paddle.Tensor | None = None,
                 position_ids: paddle.Tensor | None = None, past_key_values: Sequences | None = None,
@@ -232,7 +233,8 @@ class GLM4ForCausalLM(nn.Layer):
                  repetition_penalty: float | None = None, eos_token_id: int | list[int] | None = None,
                  pad_token_id: int | None = None, seed: int | None = None, streamer: Streamer | None = None,
                  position_ids: Batch | None = None, truncate: bool = False,
-                 vocab_limit: int | None = None) -> tuple[paddle.Tensor, paddle.Tensor]:
+                 vocab_limit: int | None = None,
+                 prefill_chunk: int | None = None) -> tuple[paddle.Tensor, paddle.Tensor]:
         """Generate after each prompt of a (left-padded) batch; returns (ids, scores) as PaddleNLP does.
 
         ids [b, new] int64 holds only the new tokens, rows that stopped early padded with the pad id;
@@ -242,10 +244,12 @@ class GLM4ForCausalLM(nn.Layer):
         `eos_token_id`. `seed` makes sampling reproducible; greedy decoding is deterministic. A prompt longer
         than `context_length` allows is refused, unless `truncate` (then its beginning is dropped). `vocab_limit`:
         ids from there on are never generated; pass `len(tokenizer)`, since the embedding has rows past the
-        tokenizer's last id (GLM-4: 151552 rows, 151343 tokens) that stand for no text.
+        tokenizer's last id (GLM-4: 151552 rows, 151343 tokens) that stand for no text. `prefill_chunk`: prompt
+        tokens per forward of the prefill (default: `self.prefill_chunk`), which bounds its activation memory
+        whatever the prompt's length; the logits are those of one forward over the whole prompt.
         """
         return generation.generate(
-            generation.ModelSession(self), input_ids, context_length=self.context_length,
+            generation.ModelSession(self, self.prefill_chunk if prefill_chunk is None else prefill_chunk), input_ids, context_length=self.context_length,
             vocab_size=self.config.vocab_size, defaults=self.generation_config, attention_mask=attention_mask,
             position_ids=position_ids, max_new_tokens=max_new_tokens, do_sample=do_sample,
             temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,

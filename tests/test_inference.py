@@ -118,8 +118,9 @@ def test_decode_step_k_equals_the_full_forward_at_position_k(built, predictor, m
     for k in range(prompt, capacity):
         logits = session.step(paddle.to_tensor(sequence[k:k + 1]))
         np.testing.assert_allclose(logits.numpy()[0], full[k], atol=1e-4, rtol=0)
-    # every decode step sees the whole preallocated cache: the same shapes, so the same cost, at each step
-    assert shapes[0][1] == prompt and {tuple(s) for s in shapes[1:]} == {(1, capacity, 2, 16)}
+    # every decode step (and the prefill, written in place) sees the whole preallocated cache: the same shapes,
+    # so the same cost, at each step
+    assert {tuple(s) for s in shapes} == {(1, capacity, 2, 16)}
     # the program wrote each step's keys into the caller's buffers, in place
     assert float(session.cache.keys[0][0, capacity - 1].abs().sum()) > 0
 

@@ -47,6 +47,7 @@ class Predictor:
         self.config = self.manifest.config
         self.generation_config = GenerationConfig.from_model(self.config, export_dir)
         self.device, self.precision = device, precision
+        self.prefill_chunk = generation.DEFAULT_PREFILL_CHUNK  # generate's default (GLM4ForCausalLM's too)
         config = paddle_infer.Config(*(os.path.join(export_dir, f"{PROGRAM}.{ext}") for ext in ("json", "pdiparams")))
         if device == "gpu":
             self._use_gpu(config)
@@ -98,18 +99,21 @@ class Predictor:
         """The most tokens (prompt + new) one generation takes: the export's max_seq_len."""
         return self.manifest.max_seq_len
 
-    def session(self) -> PredictorSession:
-        return PredictorSession(self)
+    def session(self, prefill_chunk: int | None = None) -> PredictorSession:
+        return PredictorSession(self, self.prefill_chunk if prefill_chunk is None else prefill_chunk)
 
     def run(self, input_ids: paddle.Tensor, position_ids: paddle.Tensor, start: int, key_valid: paddle.Tensor,
             keys: list, values: list) -> paddle.Tensor:
         """One call of the exported program (see export.StepProgram); writes `keys`/`values` in place."""
+        # the predictor reads a tensor's memory as if it were contiguous: a slice of a batch (a prefill chunk) is not
+        input_ids, position_ids = input_ids.contiguous(), position_ids.contiguous()
         inputs = [input_ids, position_ids, paddle.to_tensor(start, dtype="int64"), key_valid, *keys, *values]
         return self._predictor.run(inputs)[0]
 
-    def generate(self, input_ids: generation.Batch, **kwargs: Any) -> tuple[paddle.Tensor, paddle.Tensor]:
+    def generate(self, input_ids: generation.Batch, prefill_chunk: int | None = None,
+                 **kwargs: Any) -> tuple[paddle.Tensor, paddle.Tensor]:
         """Same arguments and results as GLM4ForCausalLM.generate; the context is the export's max_seq_len."""
-        return generation.generate(self.session(), input_ids, context_length=self.context_length,
+        return generation.generate(self.session(prefill_chunk), input_ids, context_length=self.context_length,
                                    vocab_size=self.config.vocab_size, defaults=self.generation_config, **kwargs)
 
 
@@ -117,8 +121,9 @@ class PredictorSession:
     """A generation.Session over the predictor, holding one generation's KV cache. Its Sequences (those of the
     dynamic model) decide slots and positions; the cache's buffers are what the program writes into."""
 
-    def __init__(self, predictor: Predictor):
+    def __init__(self, predictor: Predictor, prefill_chunk: int = generation.DEFAULT_PREFILL_CHUNK):
         self.predictor = predictor
+        self.prefill_chunk = generation.check_prefill_chunk(prefill_chunk)
         self.cache: KVCache | None = None
         self.sequences: Sequences | None = None
 
@@ -127,27 +132,24 @@ class PredictorSession:
         if capacity > self.predictor.context_length:
             raise ValueError(f"{capacity} tokens (prompt + new) exceed this export's max_seq_len "
                              f"{self.predictor.context_length}; export again with a larger --max-seq-len")
-        config, dtype = self.predictor.config, self.predictor.manifest.compute_dtype
-        batch, length = input_ids.shape
-        self.cache = KVCache(config, batch, capacity, dtype=dtype)
+        batch = input_ids.shape[0]
+        self.cache = KVCache(self.predictor.config, batch, capacity, dtype=self.predictor.manifest.compute_dtype)
         self.sequences = Sequences(batch, capacity, self.cache)
-        step = self.sequences.claim(length, attention_mask)
-        # The prompt's keys and values go to buffers of its own length (attention then covers just the
-        # prompt), and into the cache after: a slice of the cache would not be one contiguous tensor.
-        prompt_cache = KVCache(config, batch, length, dtype=dtype)
-        logits = self.predictor.run(input_ids, step.positions if position_ids is None else position_ids, 0,
-                                    self.sequences.valid[:, :length], prompt_cache.keys, prompt_cache.values)
-        for layer in range(config.num_hidden_layers):
-            self.cache.update(layer, 0, prompt_cache.keys[layer], prompt_cache.values[layer])
-        return logits
+        return generation.prefill_in_chunks(self._run, input_ids, attention_mask, position_ids, self.prefill_chunk)
 
     def step(self, tokens: paddle.Tensor) -> paddle.Tensor:
+        assert self.sequences is not None, "prefill() comes first"
+        return self._run(tokens.unsqueeze(-1), None, None)
+
+    def _run(self, input_ids: paddle.Tensor, attention_mask: paddle.Tensor | None,
+             position_ids: paddle.Tensor | None) -> paddle.Tensor:
         sequences, cache = self.sequences, self.cache
-        assert sequences is not None and cache is not None, "prefill() comes first"
-        step = sequences.claim(1)
-        # every slot of the cache, the unfilled ones masked: the same shapes at every step
-        return self.predictor.run(tokens.unsqueeze(-1), step.positions, step.start, sequences.valid, cache.keys,
-                                  cache.values)
+        assert sequences is not None and cache is not None
+        step = sequences.claim(input_ids.shape[1], attention_mask)
+        # every slot of the cache, those not yet written masked: the program writes the new keys and values in
+        # place, and a slice of the cache would not be one contiguous tensor
+        return self.predictor.run(input_ids, step.positions if position_ids is None else position_ids, step.start,
+                                  sequences.valid, cache.keys, cache.values)
 
 
 def _load_kernels(export_dir: str):

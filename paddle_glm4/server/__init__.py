@@ -61,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         model, tokenizer = load_engine(args.model, args.engine, args.dtype, args.tokenizer,
                                        quantization=args.quantize, group_size=args.group_size,
-                                       activation_dtype=args.activation_dtype)
+                                       activation_dtype=args.activation_dtype,
+                                       prefill_chunk=args.prefill_chunk)
     except BaseException:
         sock.close()
         raise

@@ -1,0 +1,96 @@
+"""Long prompts (issue 15): chunked prefill in the dynamic model and the predictor, its bad arguments."""
+
+import numpy as np
+import paddle
+import pytest
+
+from conftest import left_padded, paddle_model, small_config
+from paddle_glm4.demo import random_weights
+from paddle_glm4.generation import ModelSession
+from paddle_glm4.inference import Predictor, export_model
+from paddle_glm4.small_vocab import write_small_vocabulary
+from paddle_glm4.tokenizer import GLM4Tokenizer
+
+CHUNK = 8
+LENGTHS = (1, CHUNK - 1, CHUNK, CHUNK + 1, CHUNK * 11 // 2)   # 5.5 chunks last
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """(dynamic model, predictor over its float32 export)."""
+    root = tmp_path_factory.mktemp("long_context")
+    checkpoint = str(root / "checkpoint")
+    tokenizer = GLM4Tokenizer.from_pretrained(write_small_vocabulary(checkpoint))
+    config = small_config(vocab_size=tokenizer.vocab_size, rope_ratio=500.0, seq_length=128,
+                          eos_token_id=tokenizer.stop_token_ids, pad_token_id=tokenizer.pad_token_id)
+    model = paddle_model(config, dict(random_weights(config, seed=5)))
+    model.save_pretrained(checkpoint)
+    export_model(checkpoint, str(root / "export"), max_seq_len=64, progress=False)
+    return model, Predictor(str(root / "export"))
+
+
+def prompts(lengths=LENGTHS):
+    # ids below 256 are plain bytes of the small vocabulary: no special token, no stop id
+    return [np.random.RandomState(7 + n).randint(3, 256, n).astype("int64") for n in lengths]
+
+
+def session_logits(session, ids, mask):
+    """Logits [b, 1 + STEPS, vocab]: after the prompt, then after each greedy token."""
+    out = [session.prefill(paddle.to_tensor(ids), None if mask is None else paddle.to_tensor(mask), None,
+                           ids.shape[1] + STEPS).numpy()]
+    for _ in range(STEPS):
+        out.append(session.step(paddle.to_tensor(out[-1].argmax(-1))).numpy())
+    return np.stack(out, axis=1)
+
+
+def sessions(built, chunk):
+    model, predictor = built
+    return {"dynamic": ModelSession(model, prefill_chunk=chunk), "predictor": predictor.session(chunk)}
+
+
+@pytest.mark.parametrize("engine", ["dynamic", "predictor"])
+def test_a_prompt_prefilled_in_chunks_gives_the_one_shot_logits_alone_and_left_padded(built, engine):
+    for p in prompts():
+        chunked = session_logits(sessions(built, CHUNK)[engine], p[None], None)
+        one_shot = session_logits(sessions(built, 1000)[engine], p[None], None)
+        assert np.abs(chunked - one_shot).max() <= 1e-4, len(p)
+    batch, mask = left_padded(prompts(), 0)
+    chunked = session_logits(sessions(built, CHUNK)[engine], batch, mask)
+    one_shot = session_logits(sessions(built, 1000)[engine], batch, mask)
+    assert np.abs(chunked - one_shot).max() <= 1e-4
+    # and each padded row is its prompt alone
+    for row, p in enumerate(prompts()):
+        alone = session_logits(sessions(built, CHUNK)[engine], p[None], None)
+        assert np.abs(chunked[row] - alone[0]).max() <= 1e-4, len(p)
+
+
+def test_the_chunk_is_what_each_prefill_forward_takes(built, monkeypatch):
+    model, _ = built
+    widths = []
+    forward = model.logits
+    monkeypatch.setattr(model, "logits", lambda ids, *args, **kw: widths.append(ids.shape[1]) or forward(ids, *args, **kw))
+    p = prompts((CHUNK * 11 // 2,))[0]
+    model.generate(p, max_new_tokens=2, prefill_chunk=CHUNK, eos_token_id=[])
+    assert widths == [CHUNK] * 5 + [CHUNK // 2, 1]
+    one_shot = model.generate(p, max_new_tokens=8, eos_token_id=[], prefill_chunk=1000)[0].numpy().tolist()
+    assert model.generate(p, max_new_tokens=8, eos_token_id=[], prefill_chunk=3)[0].numpy().tolist() == one_shot
+
+
+@pytest.mark.parametrize("chunk", [0, -4, 2.5, "512", True])
+def test_a_bad_prefill_chunk_is_refused(built, chunk):
+    model, predictor = built
+    for engine in (model, predictor):
+        with pytest.raises(ValueError, match="prefill_chunk must be a positive integer"):
+            engine.generate(prompts((3,))[0], max_new_tokens=2, prefill_chunk=chunk)
+
+
+@pytest.mark.parametrize("argv", [["generate", "--prompt", "hi"], ["chat"]])
+def test_a_bad_prefill_chunk_flag_is_one_line_and_exit_2_before_loading(tmp_path, capsys, argv):
+    from paddle_glm4 import __main__ as glm4_cli
+    from paddle_glm4.server import __main__ as server_cli
+
+    for main, args in ((glm4_cli.main, argv), (server_cli.main, [])):
+        code = main([*args, "--model", str(tmp_path / "missing"), "--prefill-chunk", "0"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and "--prefill-chunk must be a positive integer" in err[0], err
