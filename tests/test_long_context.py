@@ -94,3 +94,26 @@ def test_a_bad_prefill_chunk_flag_is_one_line_and_exit_2_before_loading(tmp_path
         code = main([*args, "--model", str(tmp_path / "missing"), "--prefill-chunk", "0"])
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and "--prefill-chunk must be a positive integer" in err[0], err
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_in_query_blocks_equals_one_call(monkeypatch, causal):
+    import paddle.nn.functional as F
+
+    from paddle_glm4 import ops
+
+    rng = np.random.RandomState(0)
+    b, s, length, h, g, d = 2, 37, 37 if causal else 50, 4, 2, 16
+    q, k, v = (paddle.to_tensor(rng.randn(*shape).astype("float32"))
+               for shape in ((b, s, h, d), (b, length, g, d), (b, length, g, d)))
+    valid = paddle.to_tensor(rng.rand(b, length) > 0.3)
+    mask = None if causal else ops.slot_mask(paddle.arange(length - s, length), paddle.arange(length), valid,
+                                             "float32")
+    whole = ops.attention(q, k, v, mask, causal).numpy()
+    shapes = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, *a, **kw: shapes.append(q.shape[1]) or sdpa(q, *a, **kw))
+    monkeypatch.setattr(ops, "SCORE_BUDGET", b * h * length * 5)         # blocks of 5 queries
+    blocked = ops.attention(q, k, v, mask, causal).numpy()
+    assert shapes == [5] * 7 + [2]
+    assert np.abs(blocked - whole).max() <= 1e-5
