@@ -122,10 +122,17 @@ def attention(q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor, mask: paddle
     SCORE_BUDGET; a decode step (s = 1) is one pass over the cache. A traced program (the export) makes one
     call: its prefill chunks bound s (see generation.prefill_in_chunks).
     """
+    if on_gpu() or not paddle.in_dynamic_mode():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, training=False)
+    return _attention_in_blocks(q, k, v, mask, is_causal)
+
+
+@paddle.jit.not_to_static
+def _attention_in_blocks(q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor, mask: paddle.Tensor | None,
+                         is_causal: bool) -> paddle.Tensor:
     b, s, h, _ = q.shape
-    length = k.shape[1]
-    block = max(1, SCORE_BUDGET // max(1, b * h * length))
-    if s <= block or on_gpu() or not paddle.in_dynamic_mode():
+    block = max(1, SCORE_BUDGET // (b * h * k.shape[1]))
+    if s <= block:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, training=False)
     outs = []
     for lo in range(0, s, block):
