@@ -18,9 +18,10 @@ from typing import ClassVar
 from .validation import AnyOf, Bool, Int, List, Number, Object, Optional, SchemaError, Str, read_json, validate
 
 # Prompt tokens per forward in a prefill. A forward's activations grow with its tokens (the MLP's intermediate
-# alone is 55 KB a token at GLM-4-9B's width), so a long prompt goes through the cache a chunk at a time; a
-# chunk this long already keeps the matmuls near their full rate (README, "Long prompts").
-DEFAULT_PREFILL_CHUNK = 1024
+# alone is 110 KB a token at GLM-4-9B's width, in float32), so a long prompt goes through the cache a chunk at a
+# time. Measured at GLM-4-9B's width (README, "Long prompts"): chunks of 256 to 2048 tokens prefill at the same
+# rate within this machine's noise, so the default is a small one.
+DEFAULT_PREFILL_CHUNK = 512
 
 CONFIG_NAME = "config.json"
 MODEL_TYPE = "glm4"
