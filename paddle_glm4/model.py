@@ -248,8 +248,9 @@ class GLM4ForCausalLM(nn.Layer):
         tokens per forward of the prefill (default: `self.prefill_chunk`), which bounds its activation memory
         whatever the prompt's length; the logits are those of one forward over the whole prompt.
         """
+        chunk = self.prefill_chunk if prefill_chunk is None else prefill_chunk
         return generation.generate(
-            generation.ModelSession(self, self.prefill_chunk if prefill_chunk is None else prefill_chunk), input_ids, context_length=self.context_length,
+            generation.ModelSession(self, chunk), input_ids, context_length=self.context_length,
             vocab_size=self.config.vocab_size, defaults=self.generation_config, attention_mask=attention_mask,
             position_ids=position_ids, max_new_tokens=max_new_tokens, do_sample=do_sample,
             temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,

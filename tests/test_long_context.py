@@ -69,7 +69,8 @@ def test_the_chunk_is_what_each_prefill_forward_takes(built, monkeypatch):
     model, _ = built
     widths = []
     forward = model.logits
-    monkeypatch.setattr(model, "logits", lambda ids, *args, **kw: widths.append(ids.shape[1]) or forward(ids, *args, **kw))
+    monkeypatch.setattr(model, "logits",
+                        lambda ids, *args, **kw: widths.append(ids.shape[1]) or forward(ids, *args, **kw))
     p = prompts((CHUNK * 11 // 2,))[0]
     model.generate(p, max_new_tokens=2, prefill_chunk=CHUNK, eos_token_id=[])
     assert widths == [CHUNK] * 5 + [CHUNK // 2, 1]
@@ -112,7 +113,8 @@ def test_attention_in_query_blocks_equals_one_call(monkeypatch, causal):
     whole = ops.attention(q, k, v, mask, causal).numpy()
     shapes = []
     sdpa = F.scaled_dot_product_attention
-    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, *a, **kw: shapes.append(q.shape[1]) or sdpa(q, *a, **kw))
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda q, *a, **kw: shapes.append(q.shape[1]) or sdpa(q, *a, **kw))
     monkeypatch.setattr(ops, "SCORE_BUDGET", b * h * length * 5)         # blocks of 5 queries
     blocked = ops.attention(q, k, v, mask, causal).numpy()
     assert shapes == [5] * 7 + [2]
