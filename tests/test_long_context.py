@@ -119,3 +119,27 @@ def test_attention_in_query_blocks_equals_one_call(monkeypatch, causal):
     blocked = ops.attention(q, k, v, mask, causal).numpy()
     assert shapes == [5] * 7 + [2]
     assert np.abs(blocked - whole).max() <= 1e-5
+
+
+def test_rotary_angles_near_the_128k_context_match_the_reference():
+    import torch
+    from transformers import GlmConfig
+    from transformers.models.glm.modeling_glm import GlmRotaryEmbedding, apply_rotary_pos_emb
+
+    from paddle_glm4 import ops
+
+    # glm-4-9b-chat's rotary: head_dim 128, half of it rotated, base 10000 * rope_ratio 500, 131072 positions
+    config = small_config(head_dim=128, num_attention_heads=2, num_key_value_heads=2, hidden_size=256,
+                          rope_ratio=500.0, seq_length=131072)
+    positions = np.concatenate([[0, 1, 8191, 8192, 32767, 32768, 65535], np.arange(131072 - 57, 131072)])
+    x = np.random.RandomState(0).randn(1, len(positions), 2, 128).astype("float32")     # [b, s, h, d]
+    rope = GlmRotaryEmbedding(GlmConfig(**config.to_hf_glm_dict()))
+    cos, sin = rope(torch.from_numpy(x), torch.from_numpy(positions[None]))
+    reference, _ = apply_rotary_pos_emb(torch.from_numpy(x), torch.from_numpy(x), cos, sin, unsqueeze_dim=2)
+    inv_freq = ops.inverse_frequencies(config.rotary_dim, config.rope_theta)
+    tables = ops.rotary_tables(paddle.to_tensor(positions[None]), inv_freq, "float32", 131072)
+    ours = ops.apply_rotary(paddle.to_tensor(x), tables).numpy()
+    assert np.abs(ours - reference.numpy()).max() <= 1e-5
+    # the angles themselves, not only their effect: the cosines of the pairs
+    np.testing.assert_allclose(tables[0].numpy()[0, :, 0, ::2], cos.numpy()[0, :, :config.rotary_dim // 2],
+                               atol=1e-6, rtol=0)
