@@ -1,5 +1,5 @@
 # `make demo` and `make test` each work on a fresh machine: they create .venv and install what they need, all of
-# it declared in pyproject.toml (the runtime, and the extras test, lint, paddlenlp).
+# it declared in pyproject.toml (the runtime, and the extras test, lint, paddlenlp, paddleformers).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -29,6 +29,7 @@ demo: $(VENV)/.core
 test: $(VENV)/.test
 	$(PY) -m pytest -q
 	$(MAKE) test-paddlenlp
+	$(MAKE) test-paddleformers
 
 # everything but the tests marked slow (full GLM-4 width, CLIs and servers in subprocesses, the quick benchmark)
 test-fast: $(VENV)/.test
@@ -41,7 +42,7 @@ lint: $(VENV)/.lint
 
 clean:
 	rm -rf $(VENV) .pytest_cache
-	rm -rf $(PADDLENLP_VENV)
+	rm -rf $(PADDLENLP_VENV) $(PADDLEFORMERS_VENV)
 
 # The PaddleNLP integration's tests, in a venv of their own: PaddleNLP's pins (numpy<2, ...) clash with .venv's.
 .PHONY: test-paddlenlp
@@ -62,3 +63,18 @@ TORCH_FREE_TESTS ?= tests/test_converter.py tests/adversarial/test_paths_and_lin
 test-paddlenlp: $(PADDLENLP_VENV)/.installed
 	$(PADDLENLP_PY) -m pytest -q tests/test_paddlenlp.py
 	$(PADDLENLP_PY) -m pytest -q -m torch_free $(TORCH_FREE_TESTS)
+
+# The PaddleFormers integration's tests, in a venv of their own: PaddleFormers pins transformers<5.4 (.venv has the
+# reference's 5.24) and datasets>=3 (.venv-paddlenlp has datasets<3).
+.PHONY: test-paddleformers
+PADDLEFORMERS_VENV ?= .venv-paddleformers
+PADDLEFORMERS_PY := $(PADDLEFORMERS_VENV)/bin/python
+
+$(PADDLEFORMERS_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(PADDLEFORMERS_VENV)
+	$(PADDLEFORMERS_PY) -m pip install -q --upgrade pip
+	$(PADDLEFORMERS_PY) -m pip install -q -e '.[paddleformers,test-runner]'
+	touch $@
+
+test-paddleformers: $(PADDLEFORMERS_VENV)/.installed
+	$(PADDLEFORMERS_PY) -m pytest -q tests/test_paddleformers.py

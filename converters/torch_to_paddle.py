@@ -3,6 +3,7 @@ loads.
 
     glm4-convert --src glm-4-9b-chat --dst glm-4-9b-chat-paddle
     glm4-convert --src glm-4-9b-chat --paddlenlp-name THUDM/glm-4-9b-chat   # for PaddleNLP's from_pretrained
+    glm4-convert --src glm-4-9b-chat --paddleformers-name THUDM/glm-4-9b-chat   # for PaddleFormers' (PF_HOME)
     python -m converters.torch_to_paddle --src SRC --dst DST [--dtype bfloat16] [--max-shard-size 5GB]
 
 The source is the published THUDM layout or transformers' `glm` layout (told apart by the tensor names),
@@ -36,7 +37,7 @@ from paddle_glm4.config import (
     GLM4Config,
     Quantization,
 )
-from paddle_glm4.integrations.paddlenlp_home import cache_dir
+from paddle_glm4.integrations import paddleformers_home, paddlenlp_home
 from paddle_glm4.quantization import add_arguments as add_quantization_arguments
 from paddle_glm4.safetensors_file import SafetensorsReader, to_float32
 from paddle_glm4.source_files import open_source
@@ -240,13 +241,14 @@ def _quantization(scheme: str | None, group_size: int | None) -> Quantization | 
 
 # ---- command line -------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    # --dst or --paddlenlp-name: destination() checks that exactly one is given, rather than argparse, so that a
+    # --dst, --paddlenlp-name or --paddleformers-name: destination() checks that exactly one is given, rather than argparse, so that a
     # mistake there is one `error:` line like any other bad input
     cli.add_source_and_destination(
         parser, source="the torch checkpoint directory: config.json plus model.safetensors, or shards with "
                        "model.safetensors.index.json. The published THUDM layout and transformers' 'glm' layout "
                        "are both detected automatically",
-        destination="the Paddle checkpoint directory to create (outside SRC_DIR); give this or --paddlenlp-name",
+        destination="the Paddle checkpoint directory to create (outside SRC_DIR); give this, --paddlenlp-name or "
+                    "--paddleformers-name",
         dst_required=False)
     parser.add_argument("--paddlenlp-name", metavar="NAME",
                         help="instead of --dst: write the checkpoint where PaddleNLP looks for the model NAME "
@@ -254,16 +256,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "~/.paddlenlp), so that after `import paddle_glm4` PaddleNLP's "
                              "AutoModelForCausalLM.from_pretrained(NAME) and AutoTokenizer.from_pretrained(NAME) "
                              "load it. PaddleNLP need not be installed to convert.")
+    parser.add_argument("--paddleformers-name", metavar="NAME",
+                        help="instead of --dst: write the checkpoint where PaddleFormers looks for the model NAME, "
+                             "$PF_HOME/NAME (PF_HOME defaults to ~/.paddleformers; PaddleFormers 1.2 reads a name "
+                             "from there while the PF_HOME environment variable is set), so that after "
+                             "`import paddle_glm4` PaddleFormers' AutoModelForCausalLM.from_pretrained(NAME) loads "
+                             "it. PaddleFormers need not be installed to convert.")
     cli.add_output_options(parser, max_shard_size="5GB")
     add_quantization_arguments(parser, "store", activations=False)
 
 def destination(args: argparse.Namespace) -> str:
-    """The directory to create: --dst, or where PaddleNLP looks for --paddlenlp-name."""
-    if args.dst is None and args.paddlenlp_name is None:
-        raise UsageError("say where to write the checkpoint: --dst DST_DIR or --paddlenlp-name NAME")
-    if args.dst is not None and args.paddlenlp_name is not None:
-        raise UsageError("--dst and --paddlenlp-name both say where to write the checkpoint; give only one")
-    return args.dst if args.dst is not None else cache_dir(args.paddlenlp_name)
+    """The directory to create: --dst, or where PaddleNLP looks for --paddlenlp-name, or PaddleFormers for
+    --paddleformers-name."""
+    given = [flag for flag, value in (("--dst", args.dst), ("--paddlenlp-name", args.paddlenlp_name),
+                                      ("--paddleformers-name", args.paddleformers_name)) if value is not None]
+    if not given:
+        raise UsageError("say where to write the checkpoint: --dst DST_DIR or --paddlenlp-name NAME or "
+                         "--paddleformers-name NAME")
+    if len(given) > 1:
+        raise UsageError(f"{' and '.join(given)} all say where to write the checkpoint; give only one")
+    if args.paddlenlp_name is not None:
+        return paddlenlp_home.cache_dir(args.paddlenlp_name)
+    if args.paddleformers_name is not None:
+        return paddleformers_home.cache_dir(args.paddleformers_name)
+    return args.dst
 
 
 def run(args: argparse.Namespace) -> int:
@@ -272,6 +288,9 @@ def run(args: argparse.Namespace) -> int:
     if args.paddlenlp_name is not None:
         summary.notes.append(f"PaddleNLP: AutoModelForCausalLM.from_pretrained({args.paddlenlp_name!r}) loads it "
                              "once paddle_glm4 is imported")
+    if args.paddleformers_name is not None:
+        summary.notes.append(f"PaddleFormers: AutoModelForCausalLM.from_pretrained({args.paddleformers_name!r}) "
+                             f"loads it once paddle_glm4 is imported, with PF_HOME={paddleformers_home.model_home()}")
     print(summary.report())
     return 0
 

@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING, Any
 warnings.filterwarnings("ignore", message="No ccache found", category=UserWarning)
 
 from . import device  # noqa: E402, F401 - tunes MKL before Paddle's first GEMM (device.prefer_mkl_avx2_on_amd)
-from .integrations.paddlenlp_hook import register_paddlenlp_when_imported  # noqa: E402
+from .integrations.import_hook import register_when_imported  # noqa: E402
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time, __getattr__ below
     from .config import GLM4Config as GLM4Config
     from .generation import GenerationConfig as GenerationConfig
+    from .integrations.paddleformers import register_paddleformers as register_paddleformers
     from .integrations.paddlenlp import register_paddlenlp as register_paddlenlp
     from .kv_cache import KVCache as KVCache
     from .model import GLM4ForCausalLM as GLM4ForCausalLM
@@ -40,6 +41,7 @@ _EXPORTS = {
     "TextIteratorStreamer": "streamer",
     "TextStreamer": "streamer",
     "register_paddlenlp": "integrations.paddlenlp",
+    "register_paddleformers": "integrations.paddleformers",
 }
 __all__ = list(_EXPORTS)
 __version__ = "0.1.0"
@@ -57,5 +59,6 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *_EXPORTS})
 
 
-# PaddleNLP's Auto classes learn GLM-4 as soon as paddlenlp is imported (now, if it already is); free without it
-register_paddlenlp_when_imported()
+# PaddleNLP's and PaddleFormers' Auto classes learn GLM-4 as soon as the library is imported (now, if it already
+# is); free without them
+register_when_imported()

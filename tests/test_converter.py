@@ -382,12 +382,26 @@ def test_paddlenlp_name_writes_where_paddlenlp_looks(tmp_path, reference, capsys
     assert GLM4Config.from_pretrained(str(dst)).dtype == "bfloat16"
 
 
+def test_paddleformers_name_writes_where_paddleformers_looks(tmp_path, reference, capsys, monkeypatch):
+    config, _, state, expected = reference
+    src = write_published(tmp_path / "src", config, state)
+    monkeypatch.setenv("PF_HOME", str(tmp_path / "pf"))  # PaddleFormers' home, read by its check_repo
+    monkeypatch.chdir(tmp_path)
+    name = "THUDM/glm-4-9b-chat"
+    assert torch_to_paddle.main(["--src", str(src), "--paddleformers-name", name]) == 0
+    dst = tmp_path / "pf" / "THUDM" / "glm-4-9b-chat"
+    assert f"from_pretrained('{name}')" in capsys.readouterr().out
+    assert np.abs(logits_of(dst) - expected).max() <= 1e-4
+
+
 @pytest.mark.parametrize("destinations, message", [
-    ((), "--dst DST_DIR or --paddlenlp-name NAME"),
+    ((), "--dst DST_DIR or --paddlenlp-name NAME or --paddleformers-name NAME"),
     (("--dst", "dst", "--paddlenlp-name", "THUDM/glm-4-9b"), "give only one"),
+    (("--paddlenlp-name", "THUDM/glm-4-9b", "--paddleformers-name", "THUDM/glm-4-9b"), "give only one"),
 ])
 def test_paddlenlp_name_or_dst_exactly_one(tmp_path, template, capsys, monkeypatch, destinations, message):
     monkeypatch.setenv("PPNLP_HOME", str(tmp_path / "ppnlp"))
+    monkeypatch.setenv("PF_HOME", str(tmp_path / "pf"))
     monkeypatch.chdir(tmp_path)
     code = torch_to_paddle.main(["--src", str(template), *destinations])
     stderr = capsys.readouterr().err

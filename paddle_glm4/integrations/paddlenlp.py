@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+from collections.abc import Callable
 from typing import Any
 
 import paddle
@@ -78,12 +79,24 @@ def _glm4_files(directory: str) -> str | None:
     return None
 
 
-def _locate(name_or_path: str, kwargs: dict) -> tuple[str, str | None]:
-    """The directory PaddleNLP would read `name_or_path` from, and which GLM-4 files it holds."""
-    if os.path.isdir(name_or_path):  # PaddleNLP too prefers a local directory to a name
+@dataclasses.dataclass(frozen=True)
+class ModelCache:
+    """How a library finds a model by name: where its cache is, and the glm4-convert flag that writes there."""
+
+    library: str
+    home: Callable[[], str]  # the cache's root: a name's files are in home()/<name>/
+    convert_flag: str
+
+
+PADDLENLP_CACHE = ModelCache("PaddleNLP", model_home, "--paddlenlp-name")
+
+
+def _locate(name_or_path: str, kwargs: dict, cache: ModelCache = PADDLENLP_CACHE) -> tuple[str, str | None]:
+    """The directory the library would read `name_or_path` from, and which GLM-4 files it holds."""
+    if os.path.isdir(name_or_path):  # PaddleNLP and PaddleFormers too prefer a local directory to a name
         directory = name_or_path
     else:
-        directory = os.path.join(kwargs.get("cache_dir") or model_home(), name_or_path)
+        directory = os.path.join(kwargs.get("cache_dir") or cache.home(), name_or_path)
     if kwargs.get("subfolder"):
         directory = os.path.join(directory, kwargs["subfolder"])
     return directory, _glm4_files(directory)
@@ -97,11 +110,12 @@ def is_glm4(name_or_path: object, **kwargs: Any) -> bool:
     return name_or_path in GLM4_NAMES or _locate(name_or_path, kwargs)[1] is not None
 
 
-def checkpoint_dir(name_or_path: str | os.PathLike, *, converted: bool = True, **kwargs: Any) -> str:
+def checkpoint_dir(name_or_path: str | os.PathLike, *, converted: bool = True, cache: ModelCache = PADDLENLP_CACHE,
+                   **kwargs: Any) -> str:
     """The local directory to load GLM-4 from (`converted=False`: THUDM's published files will do too, as they
     do for the tokenizer and config), or CheckpointNotFoundError saying how to make it."""
     name_or_path = os.fspath(name_or_path)
-    directory, files = _locate(name_or_path, kwargs)
+    directory, files = _locate(name_or_path, kwargs, cache)
     if files == "converted" or (files == "published" and not converted):
         return directory
     if files == "published":
@@ -113,15 +127,15 @@ def checkpoint_dir(name_or_path: str | os.PathLike, *, converted: bool = True, *
             f"{directory} holds no converted GLM-4 checkpoint (a config.json with model_type {MODEL_TYPE!r}); "
             f"convert THUDM's PyTorch checkpoint into it:\n  glm4-convert --src <dir> --dst {directory}")
     message = (f"no converted GLM-4 checkpoint for {name_or_path!r} in {directory}. There is no GLM-4 for "
-               f"PaddleNLP to download: convert THUDM's PyTorch checkpoint (e.g. from `huggingface-cli download "
+               f"{cache.library} to download: convert THUDM's PyTorch checkpoint (e.g. from `huggingface-cli download "
                f"{name_or_path} --local-dir <dir>`) into that directory:\n  glm4-convert --src <dir> --dst {directory}")
     if not kwargs.get("cache_dir"):
-        message += f"\nor, the same: glm4-convert --src <dir> --paddlenlp-name {name_or_path}"
+        message += f"\nor, the same: glm4-convert --src <dir> {cache.convert_flag} {name_or_path}"
     raise CheckpointNotFoundError(message)
 
 
-def _refuse_unknown(kwargs: dict, what: str, *accepted: str):
-    unknown = sorted(set(kwargs) - set(LOCATION_ARGS) - set(accepted))
+def _refuse_unknown(kwargs: dict, what: str, *accepted: str, location_args: tuple[str, ...] = LOCATION_ARGS):
+    unknown = sorted(set(kwargs) - set(location_args) - set(accepted))
     if unknown:
         raise TypeError(f"{what} got unsupported argument(s) {', '.join(unknown)}")
 
@@ -139,12 +153,15 @@ def load_config(name_or_path: str | os.PathLike, **kwargs: Any) -> GLM4Config:
 class PaddleNLPGLM4Tokenizer(GLM4Tokenizer):
     """GLM4Tokenizer as AutoTokenizer returns it: it also loads by PaddleNLP name."""
 
+    model_cache = PADDLENLP_CACHE  # where a name's files are (the PaddleFormers subclass says its own)
+    location_args = LOCATION_ARGS
+
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike,
                         **kwargs: Any) -> PaddleNLPGLM4Tokenizer:
         # use_fast: PaddleNLP's switch to a compiled tokenizer; tiktoken already is one
-        _refuse_unknown(kwargs, "AutoTokenizer.from_pretrained for GLM-4", "use_fast")
-        return super().from_pretrained(checkpoint_dir(name_or_path, converted=False, **kwargs))
+        _refuse_unknown(kwargs, "AutoTokenizer.from_pretrained for GLM-4", "use_fast", location_args=cls.location_args)
+        return super().from_pretrained(checkpoint_dir(name_or_path, converted=False, cache=cls.model_cache, **kwargs))
 
 
 class PaddleNLPGLM4ForCausalLM(GLM4ForCausalLM):
@@ -152,12 +169,14 @@ class PaddleNLPGLM4ForCausalLM(GLM4ForCausalLM):
     PaddleNLP's arguments besides this project's (see `generate_arguments`)."""
 
     vocab_limit: int | None = None  # the checkpoint tokenizer's len(): ids from there on have no token
+    model_cache = PADDLENLP_CACHE  # where a name's files are (the PaddleFormers subclass says its own)
+    location_args = LOCATION_ARGS
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, dtype: str | None = None,
                         fused: bool | None = None, **kwargs: Any) -> PaddleNLPGLM4ForCausalLM:
-        _refuse_unknown(kwargs, "AutoModelForCausalLM.from_pretrained for GLM-4")
-        directory = checkpoint_dir(name_or_path, **kwargs)
+        _refuse_unknown(kwargs, "AutoModelForCausalLM.from_pretrained for GLM-4", location_args=cls.location_args)
+        directory = checkpoint_dir(name_or_path, cache=cls.model_cache, **kwargs)
         model = super().from_pretrained(directory, dtype=dtype, fused=fused)
         # The checkpoint's tokenizer says which ids have text: generate never picks the embedding's padding rows.
         if os.path.exists(os.path.join(directory, TOKENIZER_FILE)):

@@ -24,7 +24,13 @@ def model_home() -> str:
 def cache_dir(name: str) -> str:
     """The directory PaddleNLP's `from_pretrained(name)` reads, e.g. ~/.paddlenlp/models/THUDM/glm-4-9b: where
     `glm4-convert --dst` puts the converted checkpoint for that name."""
+    return os.path.join(model_home(), checked_name(name))
+
+
+def checked_name(name: str) -> str:
+    """`name` if it is a model name such as 'THUDM/glm-4-9b' (relative, no empty, '.' or '..' part), else
+    ValueError: it becomes a path inside a model cache."""
     if (not isinstance(name, str) or os.path.isabs(name)
             or any(part in ("", ".", "..") for part in name.replace("\\", "/").split("/"))):
         raise ValueError(f"{name!r} is not a model name such as 'THUDM/glm-4-9b'")
-    return os.path.join(model_home(), name)
+    return name
