@@ -241,8 +241,8 @@ def _quantization(scheme: str | None, group_size: int | None) -> Quantization | 
 
 # ---- command line -------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    # --dst, --paddlenlp-name or --paddleformers-name: destination() checks that exactly one is given, rather than argparse, so that a
-    # mistake there is one `error:` line like any other bad input
+    # --dst, --paddlenlp-name or --paddleformers-name: destination() checks that exactly one is given, rather than
+    # argparse, so that a mistake there is one `error:` line like any other bad input
     cli.add_source_and_destination(
         parser, source="the torch checkpoint directory: config.json plus model.safetensors, or shards with "
                        "model.safetensors.index.json. The published THUDM layout and transformers' 'glm' layout "

@@ -19,7 +19,7 @@ from .integrations.import_hook import register_when_imported  # noqa: E402
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time, __getattr__ below
     from .config import GLM4Config as GLM4Config
     from .generation import GenerationConfig as GenerationConfig
-    from .integrations.paddleformers import register_paddleformers as register_paddleformers
+    from .integrations.import_hook import register_paddleformers as register_paddleformers
     from .integrations.paddlenlp import register_paddlenlp as register_paddlenlp
     from .kv_cache import KVCache as KVCache
     from .model import GLM4ForCausalLM as GLM4ForCausalLM
@@ -41,7 +41,7 @@ _EXPORTS = {
     "TextIteratorStreamer": "streamer",
     "TextStreamer": "streamer",
     "register_paddlenlp": "integrations.paddlenlp",
-    "register_paddleformers": "integrations.paddleformers",
+    "register_paddleformers": "integrations.import_hook",
 }
 __all__ = list(_EXPORTS)
 __version__ = "0.1.0"

@@ -17,17 +17,19 @@ import numpy as np
 import paddle
 import pytest
 
-paddleformers = pytest.importorskip("paddleformers", reason="PaddleFormers is not installed here; `make "
-                                                            "test-paddleformers` runs these tests in .venv-paddleformers")
+paddleformers = pytest.importorskip("paddleformers", reason="PaddleFormers is not installed here; `make test-"
+                                    "paddleformers` runs these tests in .venv-paddleformers")
 
-from paddleformers.transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer,  # noqa: E402
-                                        Qwen2Config)
+from paddleformers.transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, Qwen2Config  # noqa: E402
 
 from conftest import small_config  # noqa: E402
-from paddle_glm4 import GLM4ForCausalLM, GLM4Tokenizer  # noqa: E402
-from paddle_glm4.integrations.paddleformers import (ChatGLM4Tokenizer, PaddleFormersGLM4Config,  # noqa: E402
-                                                    PaddleFormersGLM4ForCausalLM,
-                                                    PaddleFormersPublishedGLM4Config, register_paddleformers)
+from paddle_glm4 import GLM4ForCausalLM, GLM4Tokenizer, register_paddleformers  # noqa: E402
+from paddle_glm4.integrations.paddleformers import (  # noqa: E402
+    ChatGLM4Tokenizer,
+    PaddleFormersGLM4Config,
+    PaddleFormersGLM4ForCausalLM,
+    PaddleFormersPublishedGLM4Config,
+)
 from paddle_glm4.integrations.paddleformers_home import cache_dir  # noqa: E402
 from paddle_glm4.integrations.paddlenlp import CheckpointNotFoundError  # noqa: E402
 from paddle_glm4.small_vocab import write_small_vocabulary  # noqa: E402

@@ -15,8 +15,18 @@ import warnings
 LIBRARIES = {
     "PaddleNLP": ("paddlenlp.transformers", "paddle_glm4.integrations.paddlenlp", "register_paddlenlp"),
     "PaddleFormers": ("paddleformers.transformers", "paddle_glm4.integrations.paddleformers",
-                      "register_paddleformers"),
+                      "register_with_auto_classes"),
 }
+
+
+def register_paddleformers() -> None:
+    """Register GLM-4 with PaddleFormers' AutoConfig, AutoModel, AutoModelForCausalLM and AutoTokenizer
+    (paddleformers.py). Imports PaddleFormers; calling it again does nothing. `import paddle_glm4` already does this
+    when PaddleFormers gets imported, warning if it fails; this call raises instead, so it also shows why. Defined
+    here, not in paddleformers.py, so that the name resolves where PaddleFormers is not installed."""
+    from .paddleformers import register_with_auto_classes
+
+    register_with_auto_classes()
 
 
 def register_when_imported() -> None:

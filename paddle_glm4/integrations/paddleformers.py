@@ -30,8 +30,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from paddleformers.transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer,
-                                        PretrainedConfig)
+from paddleformers.transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 from paddleformers.transformers.tokenizer_utils import PaddleTokenizerMixin
 
 from ..config import MODEL_TYPE, GLM4Config
@@ -89,13 +88,12 @@ class PaddleFormersGLM4ForCausalLM(PaddleNLPGLM4ForCausalLM):
         if config is not None:  # a config object may only restate the checkpoint's: anything else is not loadable
             raise TypeError("AutoModelForCausalLM.from_pretrained for GLM-4 reads the checkpoint's config.json; "
                             "config= is not supported")
-        return super().from_pretrained(name_or_path, **kwargs)  # type: ignore[return-value]
+        return super().from_pretrained(name_or_path, **kwargs)
 
 
-def register_paddleformers() -> None:
+def register_with_auto_classes() -> None:
     """Register GLM-4 with PaddleFormers' AutoConfig, AutoModel, AutoModelForCausalLM and AutoTokenizer (see the
-    module docstring). Imports PaddleFormers; calling it again does nothing. `import paddle_glm4` already does this
-    when PaddleFormers gets imported, warning if it fails; this call raises instead, so it also shows why."""
+    module docstring); calling it again changes nothing. `paddle_glm4.register_paddleformers()` calls it."""
     for config_class in (PaddleFormersGLM4Config, PaddleFormersPublishedGLM4Config):
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
         for auto_class in (AutoModel, AutoModelForCausalLM):

@@ -53,7 +53,7 @@ GLM4_NAMES = ("THUDM/glm-4-9b", "THUDM/glm-4-9b-chat")
 PUBLISHED_TOKENIZER_CLASS = "ChatGLM4Tokenizer"
 # from_pretrained arguments with which PaddleNLP users say where files are. The download switches are accepted
 # and have nothing to do: GLM-4 is only ever read from local files.
-LOCATION_ARGS = ("cache_dir", "subfolder", "from_hf_hub", "from_aistudio")
+LOCATION_ARGS: tuple[str, ...] = ("cache_dir", "subfolder", "from_hf_hub", "from_aistudio")
 
 
 class CheckpointNotFoundError(FileNotFoundError):
