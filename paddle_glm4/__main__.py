@@ -54,7 +54,8 @@ def report_speed(prompt_tokens: int, started: float, streamer: Streamer) -> None
     prefill = first - started
     decode_tokens = streamer.tokens - 1
     decode = last - first
-    line = f"prefill: {prompt_tokens} tokens in {prefill:.2f} s ({prompt_tokens / prefill:.1f} tokens/s)"
+    line = (f"time to first token: {prefill:.2f} s; "
+            f"prefill: {prompt_tokens} tokens in {prefill:.2f} s ({prompt_tokens / prefill:.1f} tokens/s)")
     if decode_tokens > 0 and decode > 0:
         line += f"; decode: {decode_tokens} tokens in {decode:.2f} s ({decode_tokens / decode:.2f} tokens/s)"
     print(line, file=sys.stderr)
@@ -66,7 +67,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     model, tokenizer = load(args)
     ids = tokenizer.encode(args.prompt)
-    streamer = TextStreamer(tokenizer, sys.stdout)
+    streamer = TextStreamer(tokenizer, sys.stdout, prefill_bar=True)
     started = time.perf_counter()
     with ctrl_c_cancels(streamer):
         model.generate([ids], streamer=streamer, vocab_limit=len(tokenizer), **sampling_kwargs(args))
@@ -110,7 +111,7 @@ def _chat(args, model, tokenizer, reader, interactive: bool) -> int:
             continue
         messages.append({"role": "user", "content": text})
         ids = _fit_history(tokenizer, messages, len(system), model.context_length - args.max_new_tokens)
-        streamer = TextStreamer(tokenizer, sys.stdout, lstrip=True)
+        streamer = TextStreamer(tokenizer, sys.stdout, lstrip=True, prefill_bar=True)
         started = time.perf_counter()
         try:
             with ctrl_c_cancels(streamer):

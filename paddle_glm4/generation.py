@@ -45,23 +45,30 @@ def check_prefill_chunk(value: Any, name: str = "prefill_chunk") -> int:
 
 def prefill_in_chunks(run: Callable[[paddle.Tensor, paddle.Tensor | None, paddle.Tensor | None], paddle.Tensor],
                       input_ids: paddle.Tensor, attention_mask: paddle.Tensor | None,
-                      position_ids: paddle.Tensor | None, chunk: int) -> paddle.Tensor:
+                      position_ids: paddle.Tensor | None, chunk: int,
+                      progress: Callable[[int, int], None] | None = None) -> paddle.Tensor:
     """Feed the prompt [b, n] to `run(ids, mask, positions)` (a forward through the cache returning the last
     token's logits) `chunk` tokens at a time; the last chunk's logits [b, vocab]. The cache's Sequences count
-    positions and padding across chunks, so the result is the one-shot prefill's."""
+    positions and padding across chunks, so the result is the one-shot prefill's. `progress(done, n)` is called
+    before the first chunk and after each."""
     length = input_ids.shape[1]
     logits = None
+    if progress is not None:
+        progress(0, length)
     for begin in range(0, length, chunk):
         end = min(begin + chunk, length)
         logits = run(input_ids[:, begin:end], None if attention_mask is None else attention_mask[:, begin:end],
                      None if position_ids is None else position_ids[:, begin:end])
+        if progress is not None:
+            progress(end, length)
     assert logits is not None, "the prompt is not empty"
     return logits
 
 
 class Session(Protocol):
     def prefill(self, input_ids: paddle.Tensor, attention_mask: paddle.Tensor | None,
-                position_ids: paddle.Tensor | None, capacity: int) -> paddle.Tensor: ...
+                position_ids: paddle.Tensor | None, capacity: int,
+                progress: Callable[[int, int], None] | None = None) -> paddle.Tensor: ...
 
     def step(self, tokens: paddle.Tensor) -> paddle.Tensor: ...
 
@@ -138,10 +145,11 @@ class ModelSession:
         self.sequences: Sequences | None = None
 
     def prefill(self, input_ids: paddle.Tensor, attention_mask: paddle.Tensor | None,
-                position_ids: paddle.Tensor | None, capacity: int) -> paddle.Tensor:
+                position_ids: paddle.Tensor | None, capacity: int,
+                progress: Callable[[int, int], None] | None = None) -> paddle.Tensor:
         batch = input_ids.shape[0]
         self.sequences = Sequences(batch, capacity, self.model.model.new_cache(batch, capacity))
-        return prefill_in_chunks(self._run, input_ids, attention_mask, position_ids, self.prefill_chunk)
+        return prefill_in_chunks(self._run, input_ids, attention_mask, position_ids, self.prefill_chunk, progress)
 
     def step(self, tokens: paddle.Tensor) -> paddle.Tensor:
         return self._run(tokens.unsqueeze(-1), None, None)
@@ -241,7 +249,8 @@ def _decode_loop(session, input_ids, attention_mask, position_ids, capacity, max
     scores = paddle.zeros([batch], dtype="float32")
     chosen = []
 
-    logits = session.prefill(input_ids, attention_mask, position_ids, capacity)
+    logits = session.prefill(input_ids, attention_mask, position_ids, capacity,
+                             getattr(streamer, "prefill_progress", None))
     for step in range(max_new_tokens):
         if no_token is not None:
             logits = logits + no_token

@@ -12,7 +12,7 @@ import queue
 import sys
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
     import numpy as np
@@ -41,6 +41,10 @@ class Streamer:
     def end(self) -> None:
         self.on_end()
 
+    def prefill_progress(self, done: int, total: int) -> None:
+        """`generate` calls this before the prompt's prefill (done 0) and after each chunk of it."""
+        self.on_prefill(done, total)
+
     def cancel(self) -> None:
         self.cancelled = True
 
@@ -48,6 +52,9 @@ class Streamer:
         pass
 
     def on_end(self) -> None:
+        pass
+
+    def on_prefill(self, done: int, total: int) -> None:
         pass
 
 
@@ -77,13 +84,28 @@ class _TextStreamer(Streamer):
 
 class TextStreamer(_TextStreamer):
     """Writes text to a stream (stdout by default) as it is generated. `lstrip` drops the whitespace a chat
-    answer starts with (GLM-4 begins each answer with a newline)."""
+    answer starts with (GLM-4 begins each answer with a newline). `prefill_bar`: a progress bar on stderr
+    (prompt tokens done / total, tokens/s) for a prefill that takes more than a second."""
 
     def __init__(self, tokenizer: GLM4Tokenizer, stream: TextIO | None = None, skip_special_tokens: bool = True,
-                 lstrip: bool = False):
+                 lstrip: bool = False, prefill_bar: bool = False):
         super().__init__(tokenizer, skip_special_tokens)
         self.stream = stream or sys.stdout
         self._lstrip = lstrip
+        self._prefill_bar = prefill_bar
+        self._bar: Any = None   # the tqdm bar of the prefill under way
+
+    def on_prefill(self, done: int, total: int) -> None:
+        if not self._prefill_bar:
+            return
+        if self._bar is None:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total, desc="prefill", unit="tok", file=sys.stderr, delay=1.0, leave=False)
+        self._bar.update(done - self._bar.n)
+        if done >= total:
+            self._bar.close()
+            self._bar = None
 
     def on_text(self, text: str) -> None:
         if self._lstrip:

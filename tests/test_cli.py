@@ -77,6 +77,17 @@ def test_generate_streams_the_greedy_continuation_and_reports_speed(checkpoint):
 
 
 @pytest.mark.slow
+def test_generate_prefills_in_chunks_with_the_same_answer_and_reports_time_to_first_token(checkpoint):
+    model_dir, model, tokenizer = checkpoint
+    prompt = "Hello, 你好, a prompt of several chunks"
+    done = glm4("generate", "--model", model_dir, "--prompt", prompt, "--max-new-tokens", "8", "--prefill-chunk", "3")
+    assert done.returncode == 0, done.stderr
+    ids = expected_answer(model, tokenizer, tokenizer.encode(prompt), 8)
+    assert done.stdout == tokenizer.decode(ids, skip_special_tokens=True) + "\n"
+    assert "time to first token:" in done.stderr
+
+
+@pytest.mark.slow
 def test_generate_sampling_flags_are_reproducible(checkpoint):
     model_dir, _, _ = checkpoint
     args = ("generate", "--model", model_dir, "--prompt", "abc", "--max-new-tokens", "10", "--temperature", "1.3",
@@ -125,7 +136,7 @@ def read_until(fd, marker: bytes, timeout: float = 60) -> bytes:
 
 def test_line_reader_splits_lines_across_reads_and_keeps_a_last_line_without_newline():
     read_end, write_end = os.pipe()
-    os.write(write_end, "one\r\ntw".encode())
+    os.write(write_end, b"one\r\ntw")
     with LineReader(read_end) as reader:
         assert reader.readline() == "one"
         os.write(write_end, "o 你好\nthree".encode())

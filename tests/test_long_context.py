@@ -143,3 +143,43 @@ def test_rotary_angles_near_the_128k_context_match_the_reference():
     # the angles themselves, not only their effect: the cosines of the pairs
     np.testing.assert_allclose(tables[0].numpy()[0, :, 0, ::2], cos.numpy()[0, :, :config.rotary_dim // 2],
                                atol=1e-6, rtol=0)
+
+
+def test_a_long_prefill_reports_its_progress_to_the_streamer(built):
+    from paddle_glm4.streamer import Streamer
+
+    class Recorder(Streamer):
+        def __init__(self):
+            super().__init__()
+            self.progress = []
+
+        def on_prefill(self, done, total):
+            self.progress.append((done, total, self.tokens))
+
+    model, predictor = built
+    p = prompts((CHUNK * 11 // 2,))[0]
+    for engine in (model, predictor):
+        recorder = Recorder()
+        engine.generate(p, max_new_tokens=2, prefill_chunk=CHUNK, eos_token_id=[], streamer=recorder)
+        # before the first chunk and after each, all before the first token
+        assert recorder.progress == [(done, 44, 0) for done in (0, 8, 16, 24, 32, 40, 44)]
+
+
+def test_the_server_logs_time_to_first_token(built, caplog):
+    import asyncio
+    import logging
+
+    from paddle_glm4.server.worker import Worker
+
+    model, _ = built
+
+    async def serve_one():
+        worker = Worker(model, 1)
+        job = worker.submit([int(t) for t in prompts((20,))[0]], max_new_tokens=3, eos_token_id=[], prefill_chunk=CHUNK)
+        tokens = [token async for token in job.receive()]
+        worker.close()
+        return tokens
+
+    with caplog.at_level(logging.INFO, logger="paddle_glm4.server"):
+        assert len(asyncio.run(serve_one())) == 3
+    assert any("prompt of 20 tokens: time to first token" in r.getMessage() for r in caplog.records)

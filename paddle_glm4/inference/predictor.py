@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import paddle
@@ -128,14 +129,16 @@ class PredictorSession:
         self.sequences: Sequences | None = None
 
     def prefill(self, input_ids: paddle.Tensor, attention_mask: paddle.Tensor | None,
-                position_ids: paddle.Tensor | None, capacity: int) -> paddle.Tensor:
+                position_ids: paddle.Tensor | None, capacity: int,
+                progress: Callable[[int, int], None] | None = None) -> paddle.Tensor:
         if capacity > self.predictor.context_length:
             raise ValueError(f"{capacity} tokens (prompt + new) exceed this export's max_seq_len "
                              f"{self.predictor.context_length}; export again with a larger --max-seq-len")
         batch = input_ids.shape[0]
         self.cache = KVCache(self.predictor.config, batch, capacity, dtype=self.predictor.manifest.compute_dtype)
         self.sequences = Sequences(batch, capacity, self.cache)
-        return generation.prefill_in_chunks(self._run, input_ids, attention_mask, position_ids, self.prefill_chunk)
+        return generation.prefill_in_chunks(self._run, input_ids, attention_mask, position_ids, self.prefill_chunk,
+                                            progress)
 
     def step(self, tokens: paddle.Tensor) -> paddle.Tensor:
         assert self.sequences is not None, "prefill() comes first"

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -84,7 +85,12 @@ class Worker:
         outcome = _END
         try:
             if not job.cancelled:
+                started = time.perf_counter()
                 self.model.generate([job.prompt], streamer=job, **job.settings)
+                if job.first_token_time is not None:
+                    log.info("prompt of %d tokens: time to first token %.2f s (%.1f prompt tokens/s), %d tokens",
+                             len(job.prompt), job.first_token_time - started,
+                             len(job.prompt) / max(job.first_token_time - started, 1e-9), job.tokens)
         except Exception:  # the request fails, the server goes on
             log.exception("generation failed")
             outcome = APIError(500, INTERNAL_ERROR, code="generation_failed")
