@@ -44,16 +44,21 @@ clean:
 	rm -rf $(VENV) .pytest_cache
 	rm -rf $(PADDLENLP_VENV) $(PADDLEFORMERS_VENV)
 
+# An integration's venv: $(1) its directory, $(2) the extra that installs the library (with test-runner)
+define integration_venv
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade pip
+	$(1)/bin/python -m pip install -q -e '.[$(2),test-runner]'
+	touch $(1)/.installed
+endef
+
 # The PaddleNLP integration's tests, in a venv of their own: PaddleNLP's pins (numpy<2, ...) clash with .venv's.
 .PHONY: test-paddlenlp
 PADDLENLP_VENV ?= .venv-paddlenlp
 PADDLENLP_PY := $(PADDLENLP_VENV)/bin/python
 
 $(PADDLENLP_VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(PADDLENLP_VENV)
-	$(PADDLENLP_PY) -m pip install -q --upgrade pip
-	$(PADDLENLP_PY) -m pip install -q -e '.[paddlenlp,test-runner]'
-	touch $@
+	$(call integration_venv,$(PADDLENLP_VENV),paddlenlp)
 
 # Besides the integration, the tests marked torch_free of these modules run there too: that venv has numpy 1.x
 # (a supported environment) and no torch, like a PaddleNLP user's.
@@ -71,10 +76,7 @@ PADDLEFORMERS_VENV ?= .venv-paddleformers
 PADDLEFORMERS_PY := $(PADDLEFORMERS_VENV)/bin/python
 
 $(PADDLEFORMERS_VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(PADDLEFORMERS_VENV)
-	$(PADDLEFORMERS_PY) -m pip install -q --upgrade pip
-	$(PADDLEFORMERS_PY) -m pip install -q -e '.[paddleformers,test-runner]'
-	touch $@
+	$(call integration_venv,$(PADDLEFORMERS_VENV),paddleformers)
 
 test-paddleformers: $(PADDLEFORMERS_VENV)/.installed
 	$(PADDLEFORMERS_PY) -m pytest -q tests/test_paddleformers.py

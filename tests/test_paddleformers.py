@@ -23,6 +23,7 @@ paddleformers = pytest.importorskip("paddleformers", reason="PaddleFormers is no
 from paddleformers.transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, Qwen2Config  # noqa: E402
 
 from conftest import small_config  # noqa: E402
+from no_network import REFUSE_NETWORK  # noqa: E402
 from paddle_glm4 import GLM4ForCausalLM, GLM4Tokenizer, register_paddleformers  # noqa: E402
 from paddle_glm4.integrations.paddleformers import (  # noqa: E402
     ChatGLM4Tokenizer,
@@ -192,26 +193,8 @@ def test_save_pretrained_round_trip(auto, tmp_path):
 
 # A fresh interpreter with every network connection refused (and recorded): imports in the given order, nothing
 # registered by hand, then loads by name from the PaddleFormers home in PF_HOME.
-NO_NETWORK_SCRIPT = r"""
-import json, socket, sys
-
-attempts = []
-
-def guard(what, real):
-    def guarded(sock, address, *rest):
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            attempts.append(f"{what} {address}")
-            raise OSError("network access in a no-network test")
-        return real(sock, address, *rest)
-    return guarded
-
-def no_lookup(host, *args, **kwargs):
-    attempts.append(f"getaddrinfo {host}")
-    raise socket.gaierror("network access in a no-network test")
-
-socket.socket.connect = guard("connect", socket.socket.connect)
-socket.socket.connect_ex = guard("connect_ex", socket.socket.connect_ex)
-socket.getaddrinfo = no_lookup
+NO_NETWORK_SCRIPT = REFUSE_NETWORK + r"""
+import json, sys
 
 report = {}
 if sys.argv[1] == "paddle_glm4":

@@ -25,6 +25,7 @@ from paddlenlp.transformers import (AutoConfig, AutoModel, AutoModelForCausalLM,
                                     LlamaConfig)
 
 from conftest import small_config, train_steps  # noqa: E402
+from no_network import REFUSE_NETWORK  # noqa: E402
 from paddle_glm4 import GLM4Config, GLM4ForCausalLM, GLM4Tokenizer  # noqa: E402
 from paddle_glm4.integrations.paddlenlp import (PUBLISHED_TOKENIZER_CLASS, CheckpointNotFoundError,  # noqa: E402
                                                 merge_paddlenlp_lora, register_paddlenlp)
@@ -262,26 +263,8 @@ def test_cache_dir_follows_paddlenlp_rule(monkeypatch, tmp_path):
 
 # Run in a fresh interpreter with every network connection refused (and recorded): imports in the given order,
 # nothing registered by hand, then loads by name from the PaddleNLP home in PPNLP_HOME.
-NO_NETWORK_SCRIPT = r"""
-import json, socket, sys
-
-attempts = []
-
-def guard(what, real):
-    def guarded(sock, address, *rest):
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            attempts.append(f"{what} {address}")
-            raise OSError("network access in a no-network test")
-        return real(sock, address, *rest)
-    return guarded
-
-def no_lookup(host, *args, **kwargs):
-    attempts.append(f"getaddrinfo {host}")
-    raise socket.gaierror("network access in a no-network test")
-
-socket.socket.connect = guard("connect", socket.socket.connect)
-socket.socket.connect_ex = guard("connect_ex", socket.socket.connect_ex)
-socket.getaddrinfo = no_lookup
+NO_NETWORK_SCRIPT = REFUSE_NETWORK + r"""
+import json, sys
 
 report = {}
 if sys.argv[1] == "paddle_glm4":
