@@ -32,6 +32,7 @@ from .cli_errors import UsageError
 from .config import IGNORE_INDEX, TARGET_MODULES
 from .output_dir import OutputKind
 from .source_files import open_regular
+from .validation import parse_json
 
 if TYPE_CHECKING:
     from .model import GLM4ForCausalLM
@@ -100,10 +101,7 @@ def read_conversations(path: str, tokenizer: GLM4Tokenizer, max_length: int) -> 
                 raise DataError(f"{where}: not UTF-8 text ({err.reason} at byte {err.start})") from None
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: not valid JSON ({err.msg}, column {err.colno})") from None
+            record = parse_json(line, where, error=DataError)  # no nesting bombs, NaN or repeated keys
             if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
                 raise DataError(f"{where}: expected an object with a \"messages\" list, as in OpenAI's "
                                 "fine-tuning files")

@@ -21,11 +21,13 @@ from sandbox import no_hang, refused  # noqa: F401 (no_hang: an autouse fixture)
 from converters import torch_to_paddle
 from paddle_glm4 import __main__ as glm4_cli
 from paddle_glm4.config import CANONICAL_SCHEMA, GLM4Config
+from paddle_glm4.finetune import DataError, read_conversations
 from paddle_glm4.integrations.paddlenlp import is_glm4
 from paddle_glm4.model import GLM4ForCausalLM
 from paddle_glm4.output_dir import OWNER_FILE
 from paddle_glm4.server.tool_calls import parse_reply
-from paddle_glm4.tokenizer import MAX_TOKENIZER_BYTES
+from paddle_glm4.small_vocab import write_small_vocabulary
+from paddle_glm4.tokenizer import MAX_TOKENIZER_BYTES, GLM4Tokenizer
 from paddle_glm4.validation import MAX_DEPTH, SchemaError, parse_json
 
 pytestmark = pytest.mark.torch_free
@@ -147,3 +149,12 @@ def test_a_bomb_in_a_partial_directorys_owner_file_leaves_it_alone(capsys, tmp_p
     assert torch_to_paddle.main(["--src", str(src), "--dst", str(tmp_path / "dst")]) == 0
     assert f"has no readable {OWNER_FILE}" in capsys.readouterr().err
     assert (partial / OWNER_FILE).read_text() == BOMB
+
+
+def test_a_nesting_bomb_in_finetuning_data_is_an_error_naming_the_line(tmp_path):
+    tokenizer = GLM4Tokenizer.from_pretrained(write_small_vocabulary(tmp_path / "vocab"))
+    data = tmp_path / "data.jsonl"
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    data.write_text(json.dumps({"messages": turns}) + '\n{"messages": ' + BOMB + "}\n")
+    with pytest.raises(DataError, match=r"data\.jsonl:2: not valid JSON for this project \(nested more than 32"):
+        read_conversations(str(data), tokenizer, max_length=64)
