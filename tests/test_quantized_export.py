@@ -61,6 +61,7 @@ def test_predictor_on_a_quantized_export_equals_the_dynamic_quantized_model(chec
         np.testing.assert_allclose(ours, reference, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_cli_quantized_generate_and_export_in_fresh_processes(checkpoint, tmp_path):
     """`--quantize` and `--activation-dtype` in generate and export; a fresh process running the export must
     load the kernels itself before creating its predictor."""
@@ -87,6 +88,7 @@ def test_cli_quantized_generate_and_export_in_fresh_processes(checkpoint, tmp_pa
     assert bad.returncode == 2 and "even group_size" in bad.stderr and bad.stderr.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_cli_help_describes_the_new_flags():
     for args in (("-m", "paddle_glm4", "generate", "--help"), ("-m", "paddle_glm4", "chat", "--help"),
                  ("-m", "paddle_glm4", "serve", "--help"), ("-m", "paddle_glm4.inference", "export", "--help"),
