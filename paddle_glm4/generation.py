@@ -139,16 +139,25 @@ class ModelSession:
     """A Session over the dynamic-graph GLM4ForCausalLM and the Sequences of one generation (which decide slots
     and positions, see sequences.py)."""
 
-    def __init__(self, model: GLM4ForCausalLM, prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
+    def __init__(self, model: GLM4ForCausalLM, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                 kv_cache_dtype: str | None = None):
         self.model = model
         self.prefill_chunk = check_prefill_chunk(prefill_chunk)
+        self.kv_cache_dtype = kv_cache_dtype   # None: memory.cache_dtype's choice
         self.sequences: Sequences | None = None
 
     def prefill(self, input_ids: paddle.Tensor, attention_mask: paddle.Tensor | None,
                 position_ids: paddle.Tensor | None, capacity: int,
                 progress: Callable[[int, int], None] | None = None) -> paddle.Tensor:
+        from . import memory
+        from .device import on_gpu
+
         batch = input_ids.shape[0]
-        self.sequences = Sequences(batch, capacity, self.model.model.new_cache(batch, capacity))
+        # the cache holds the prompt and the new tokens, no more; checked before it is allocated
+        dtype = memory.cache_dtype(self.kv_cache_dtype, capacity, self.model.model.kernels.weights.compute_dtype,
+                                   on_gpu())
+        memory.check_cache_fits(self.model.config, batch, capacity, dtype)
+        self.sequences = Sequences(batch, capacity, self.model.model.new_cache(batch, capacity, dtype))
         return prefill_in_chunks(self._run, input_ids, attention_mask, position_ids, self.prefill_chunk, progress)
 
     def step(self, tokens: paddle.Tensor) -> paddle.Tensor:

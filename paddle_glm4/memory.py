@@ -117,6 +117,39 @@ def check_fits(config: GLM4Config, fmt: WeightFormat, context: int, name: str = 
         f"{available / GB:.1f} GB is available: {advice}")
 
 
+KV_CACHE_DTYPES = ("float32", "bfloat16")
+# Past this many slots (prompt + new tokens) a CPU generation's cache defaults to bfloat16: the 128K model's
+# long contexts, where the cache is gigabytes. Below, it stays in the compute dtype and exact.
+LONG_CONTEXT = DEFAULT_CONTEXT
+
+
+def cache_dtype(requested: str | None, capacity: int, compute_dtype: str, on_gpu: bool) -> str:
+    """The KV cache's dtype for a generation of `capacity` slots: `requested`, else bfloat16 for a long
+    context on CPU, else the compute dtype."""
+    if requested is None:
+        return "bfloat16" if capacity > LONG_CONTEXT and not on_gpu else compute_dtype
+    if requested not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {requested!r}")
+    return requested
+
+
+def check_cache_fits(config: GLM4Config, batch: int, capacity: int, dtype: str,
+                     available: int | None = None) -> None:
+    """Refuse, before any work, a generation whose KV cache (`batch` rows of `capacity` slots in `dtype`)
+    needs more memory than is available (default: `available_bytes()`)."""
+    available = available_bytes() if available is None else available
+    per_slot = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
+    needed = batch * capacity * per_slot * numpy_dtype(dtype).itemsize
+    if available is None or needed <= available:
+        return
+    advice = "lower max_new_tokens, shorten the prompt or the batch"
+    if dtype != "bfloat16":
+        advice += ", or use kv_cache_dtype='bfloat16' (half the bytes)"
+    raise InsufficientMemoryError(
+        f"the KV cache for {batch} x {capacity} tokens (prompt + max_new_tokens) needs {needed / GB:.2f} GB in "
+        f"{dtype}, {available / GB:.2f} GB is available: {advice}")
+
+
 def context_for(config: GLM4Config, max_seq_len: int | None) -> int:
     """The context the memory check plans a KV cache for."""
     if max_seq_len is None:

@@ -97,6 +97,8 @@ class Attention(nn.Layer):
         v = v.reshape([0, 0, g, d])                                                # q [b, s, h, d]; k, v [b, s, g, d]
         if cache is not None:
             k, v = cache.update(self.layer_idx, start, k, v)                       # [b, L, g, d]
+            if k.dtype != q.dtype:  # a compact cache, widened one layer at a time (kv_cache.py)
+                k, v = k.astype(q.dtype), v.astype(q.dtype)
         out = ops.attention(q, k, v, mask, is_causal)                              # [b, s, h, d]
         return self.o_proj(out.reshape([0, 0, h * d]))
 
@@ -145,8 +147,9 @@ class GLM4Model(nn.Layer):
         # again during the backward pass; memory for long sequences, at the cost of a second forward
         self.recompute = False
 
-    def new_cache(self, batch_size: int, capacity: int) -> KVCache:
-        return KVCache(self.config, batch_size, capacity, dtype=self.kernels.weights.compute_dtype)
+    def new_cache(self, batch_size: int, capacity: int, dtype: str | None = None) -> KVCache:
+        """A KV cache holding keys and values in `dtype` (default: the compute dtype)."""
+        return KVCache(self.config, batch_size, capacity, dtype=dtype or self.kernels.weights.compute_dtype)
 
     def forward(self, input_ids: paddle.Tensor, positions: paddle.Tensor, start: Start = 0,
                 key_valid: paddle.Tensor | None = None, cache: Cache | None = None) -> paddle.Tensor:
@@ -234,7 +237,8 @@ class GLM4ForCausalLM(nn.Layer):
                  pad_token_id: int | None = None, seed: int | None = None, streamer: Streamer | None = None,
                  position_ids: Batch | None = None, truncate: bool = False,
                  vocab_limit: int | None = None,
-                 prefill_chunk: int | None = None) -> tuple[paddle.Tensor, paddle.Tensor]:
+                 prefill_chunk: int | None = None,
+                 kv_cache_dtype: str | None = None) -> tuple[paddle.Tensor, paddle.Tensor]:
         """Generate after each prompt of a (left-padded) batch; returns (ids, scores) as PaddleNLP does.
 
         ids [b, new] int64 holds only the new tokens, rows that stopped early padded with the pad id;
@@ -246,11 +250,14 @@ class GLM4ForCausalLM(nn.Layer):
         ids from there on are never generated; pass `len(tokenizer)`, since the embedding has rows past the
         tokenizer's last id (GLM-4: 151552 rows, 151343 tokens) that stand for no text. `prefill_chunk`: prompt
         tokens per forward of the prefill (default: `self.prefill_chunk`), which bounds its activation memory
-        whatever the prompt's length; the logits are those of one forward over the whole prompt.
+        whatever the prompt's length; the logits are those of one forward over the whole prompt. The KV cache
+        holds prompt + max_new_tokens slots in `kv_cache_dtype` ("float32" | "bfloat16"; default: bfloat16 past
+        memory.LONG_CONTEXT slots on CPU, else the compute dtype), and a cache that cannot fit in the available
+        memory is refused before any work (memory.InsufficientMemoryError).
         """
         chunk = self.prefill_chunk if prefill_chunk is None else prefill_chunk
         return generation.generate(
-            generation.ModelSession(self, chunk), input_ids, context_length=self.context_length,
+            generation.ModelSession(self, chunk, kv_cache_dtype), input_ids, context_length=self.context_length,
             vocab_size=self.config.vocab_size, defaults=self.generation_config, attention_mask=attention_mask,
             position_ids=position_ids, max_new_tokens=max_new_tokens, do_sample=do_sample,
             temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,

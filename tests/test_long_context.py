@@ -4,7 +4,7 @@ import numpy as np
 import paddle
 import pytest
 
-from conftest import left_padded, paddle_model, small_config
+from conftest import hf_state, left_padded, paddle_model, paddle_state, reference_model, small_config
 from paddle_glm4.demo import random_weights
 from paddle_glm4.generation import ModelSession
 from paddle_glm4.inference import Predictor, export_model
@@ -183,3 +183,62 @@ def test_the_server_logs_time_to_first_token(built, caplog):
     with caplog.at_level(logging.INFO, logger="paddle_glm4.server"):
         assert len(asyncio.run(serve_one())) == 3
     assert any("prompt of 20 tokens: time to first token" in r.getMessage() for r in caplog.records)
+
+
+def forced_logits(model, sequence, prompt_len, kv_cache_dtype):
+    """Logits [len(sequence) - prompt_len + 1, vocab] after the prompt and after each later token of `sequence`."""
+    session = ModelSession(model, kv_cache_dtype=kv_cache_dtype)
+    out = [session.prefill(paddle.to_tensor(sequence[None, :prompt_len]), None, None, len(sequence) + 1)]
+    out += [session.step(paddle.to_tensor(sequence[k:k + 1])) for k in range(prompt_len, len(sequence))]
+    assert session.sequences.cache.keys[0].dtype == getattr(paddle, kv_cache_dtype)
+    return np.concatenate([o.numpy() for o in out])
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_a_bfloat16_cache_gives_the_greedy_tokens_of_float32_for_32_steps_but_at_near_ties(seed):
+    # the reference-style models of test_generation (logits far from zero); a bf16 cache rounds keys and values
+    # to 8 bits of mantissa, so it may only swap two tokens whose float32 logits are within its error
+    config = small_config(rope_ratio=500.0, seq_length=128)
+    model = paddle_model(config, paddle_state(config, hf_state(reference_model(config, seed=seed))))
+    identical = 0
+    for n in (5, 11, 30):
+        p = np.random.RandomState(n).randint(3, config.vocab_size, n).astype("int64")
+        exact = model.generate(p, max_new_tokens=32, eos_token_id=[], kv_cache_dtype="float32")[0].numpy()[0]
+        compact = model.generate(p, max_new_tokens=32, eos_token_id=[], kv_cache_dtype="bfloat16")[0].numpy()[0]
+        sequence = np.concatenate([p, exact])
+        ref, ours = (forced_logits(model, sequence, n, dtype)[:32] for dtype in ("float32", "bfloat16"))
+        error = np.abs(ours - ref).max()
+        assert error <= 2e-2 * np.abs(ref).max()
+        if (compact == exact).all():
+            identical += 1
+            continue
+        step = int(np.argmax(compact != exact))
+        assert ref[step, exact[step]] - ref[step, compact[step]] <= 2 * error
+    assert identical >= 2
+
+
+def test_the_cache_dtype_defaults_to_bfloat16_for_long_contexts_on_cpu_only():
+    from paddle_glm4 import memory
+
+    assert memory.cache_dtype(None, memory.LONG_CONTEXT, "float32", on_gpu=False) == "float32"
+    assert memory.cache_dtype(None, memory.LONG_CONTEXT + 1, "float32", on_gpu=False) == "bfloat16"
+    assert memory.cache_dtype(None, 131072, "float16", on_gpu=True) == "float16"
+    assert memory.cache_dtype("float32", 131072, "float32", on_gpu=False) == "float32"
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
+        memory.cache_dtype("int8", 10, "float32", on_gpu=False)
+
+
+def test_a_cache_that_cannot_fit_is_refused_before_any_work(built, monkeypatch):
+    from paddle_glm4 import memory
+
+    model, _ = built
+    # 2 layers x 2 x 2 groups x 16 dims: 128 values a slot, 512 bytes in float32; 60 slots = 30720 bytes
+    monkeypatch.setattr(memory, "available_bytes", lambda: 20000)
+    forward = model.logits
+    monkeypatch.setattr(model, "logits", lambda *args, **kwargs: pytest.fail("a forward ran"))
+    with pytest.raises(memory.InsufficientMemoryError, match=r"needs 0\.00 GB in float32.*kv_cache_dtype='bfloat16'"):
+        model.generate(prompts((50,))[0], max_new_tokens=10, kv_cache_dtype="float32")
+    with pytest.raises(memory.InsufficientMemoryError, match="lower max_new_tokens"):
+        model.generate(prompts((50,))[0], max_new_tokens=30, kv_cache_dtype="bfloat16")
+    monkeypatch.setattr(model, "logits", forward)
+    model.generate(prompts((50,))[0], max_new_tokens=10, kv_cache_dtype="bfloat16", eos_token_id=[])  # 15360 bytes
