@@ -21,7 +21,8 @@ draws as alone). A seeded draw here is not the same stream as `generate(seed=...
 
 KV memory: the cache holds (running rows) x (the longest prompt + max_tokens among them) slots, allocated when
 needed and released when the batch empties. A request is admitted only if that bound, with it, stays within
-`kv_cache_tokens`; otherwise it waits. One that could never fit is refused when submitted (ValueError).
+`kv_cache_memory` bytes (default: max_num_seqs full contexts, at most half the memory available now); otherwise
+it waits. One that could never fit is refused when submitted (ValueError).
 
 Faults: a request whose prefill, sampling or streamer raises fails alone (its streamer's `fail(error)` is
 called, if it has one); a failing batched forward fails the rows in it, and the engine goes on.
@@ -38,8 +39,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import paddle
 
-from .generation import GenerationConfig
+from .generation import DEFAULT_PREFILL_CHUNK, GenerationConfig
 from .kv_cache import KVCache
+from .memory import available_bytes
 from .sampling import choose_token
 from .sequences import Sequences
 from .streamer import Streamer
@@ -107,13 +109,21 @@ class BatchCache(KVCache):
 class Scheduler:
     """The engine: `submit` requests (from any thread), `step()` them (from one thread), or `run(requests)`."""
 
-    def __init__(self, model: GLM4ForCausalLM, max_num_seqs: int = 8, kv_cache_tokens: int | None = None,
-                 prefill_chunk: int = 512):
-        if max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be at least 1, got {max_num_seqs}")
+    def __init__(self, model: GLM4ForCausalLM, max_num_seqs: int = 8, kv_cache_memory: int | None = None,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
+        if max_num_seqs < 1 or prefill_chunk < 1:
+            raise ValueError(f"max_num_seqs and prefill_chunk must be at least 1, got {max_num_seqs}, {prefill_chunk}")
+        config = model.config
+        itemsize = paddle.zeros([1], dtype=model.model.kernels.weights.compute_dtype).element_size()
+        self.bytes_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * itemsize
+        if kv_cache_memory is None:
+            kv_cache_memory = max_num_seqs * model.context_length * self.bytes_per_token
+            available = available_bytes()
+            if available is not None:
+                kv_cache_memory = min(kv_cache_memory, available // 2)
         self.model = model
         self.max_num_seqs = max_num_seqs
-        self.kv_cache_tokens = kv_cache_tokens or max_num_seqs * model.context_length
+        self.kv_cache_tokens = kv_cache_memory // self.bytes_per_token   # the pool, in cache slots
         self.prefill_chunk = prefill_chunk
         self.waiting: collections.deque[Request] = collections.deque()
         self.prefilling: list[Request] = []
@@ -133,7 +143,7 @@ class Scheduler:
                              f"exceeds the model's context of {self.model.context_length} tokens")
         if request.need > self.kv_cache_tokens:
             raise ValueError(f"the prompt plus max_tokens ({request.need} tokens) exceeds the KV cache pool of "
-                             f"{self.kv_cache_tokens} tokens")
+                             f"{self.kv_cache_tokens} tokens (--kv-cache-memory)")
         with self.wakeup:
             self.waiting.append(request)
             self.wakeup.notify()
@@ -169,6 +179,16 @@ class Scheduler:
         if not self.busy:
             self.cache, self.length, self.first_slot = None, 0, []  # idle: give the memory back
 
+    def abort(self, error: BaseException) -> None:
+        """Fail every request (the engine itself broke) and start afresh."""
+        with self._lock:
+            requests = [*self.waiting, *self.prefilling, *self.running]
+            self.waiting.clear()
+        self.prefilling, self.running = [], []
+        self.cache, self.length, self.first_slot = None, 0, []
+        for request in requests:
+            self._fail(request, error)
+
     def _admitted(self) -> list[Request]:
         return self.prefilling + self.running
 
@@ -182,6 +202,12 @@ class Scheduler:
                 self.prefilling.append(self.waiting.popleft())
 
     def _drop_cancelled(self) -> None:
+        with self._lock:
+            gone = [r for r in self.waiting if r.cancelled]
+            for request in gone:
+                self.waiting.remove(request)
+        for request in gone:
+            self._finish(request)
         for request in [r for r in self.prefilling if r.cancelled]:
             self.prefilling.remove(request)
             self._finish(request)
@@ -195,10 +221,14 @@ class Scheduler:
             if request.prefill is None:
                 cache = self.model.model.new_cache(1, len(request.prompt))
                 request.prefill = Sequences(1, len(request.prompt), cache)
+                if request.streamer is not None:
+                    request.streamer.prefill_progress(0, len(request.prompt))
             end = min(request.prefilled + self.prefill_chunk, len(request.prompt))
             ids = paddle.to_tensor([request.prompt[request.prefilled:end]], dtype="int64")
             logits = self.model(ids, past_key_values=request.prefill, logits_to_keep=1).logits[:, -1]
             request.prefilled = end
+            if request.streamer is not None:
+                request.streamer.prefill_progress(end, len(request.prompt))
             if end < len(request.prompt):
                 return
             self.prefilling.remove(request)

@@ -27,6 +27,10 @@ def requests(model, count=16):
     return made
 
 
+def bytes_per_token(config):  # keys and values of every layer, float32
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4
+
+
 def alone(model, request):
     twin = Request(request.prompt, request.max_tokens, request.settings, request.seed)
     return Scheduler(model, max_num_seqs=1).run([twin])[0].output
@@ -53,7 +57,8 @@ def test_greedy_equals_generate(model):
 
 def test_rows_are_reused_and_the_cache_is_bounded_and_released(model):
     batch = requests(model, 12)
-    engine = Scheduler(model, max_num_seqs=3, kv_cache_tokens=3 * 64)
+    per_token = bytes_per_token(model.config)
+    engine = Scheduler(model, max_num_seqs=3, kv_cache_memory=3 * 64 * per_token)
     for request in batch:
         engine.submit(request)
     peak = 0
@@ -61,14 +66,13 @@ def test_rows_are_reused_and_the_cache_is_bounded_and_released(model):
         engine.step()
         assert len(engine.running) + len(engine.prefilling) <= 3
         peak = max(peak, engine.kv_bytes)
-    per_token = 2 * model.config.num_hidden_layers * model.config.num_key_value_heads * model.config.head_dim * 4
     assert 0 < peak <= 3 * 64 * per_token
     assert engine.kv_bytes == 0
     assert all(r.output == alone(model, r) for r in batch)
 
 
 def test_a_request_larger_than_the_pool_is_refused(model):
-    engine = Scheduler(model, kv_cache_tokens=16)
+    engine = Scheduler(model, kv_cache_memory=16 * bytes_per_token(model.config))
     with pytest.raises(ValueError, match="KV cache pool of 16"):
         engine.submit(Request([5] * 10, 10, model.generation_config))
 
@@ -98,3 +102,27 @@ def test_a_cancelled_request_leaves_and_a_failing_one_fails_alone(model):
     assert isinstance(batch[2].error, RuntimeError) and batch[2].streamer.failed is batch[2].error
     for request in batch[:1] + batch[3:]:
         assert request.error is None and request.output == alone(model, request)
+
+
+def test_the_offline_batch_call_gives_each_prompt_what_it_gets_alone(model, tmp_path):
+    from paddle_glm4.llm import LLM, Options
+    from paddle_glm4.small_vocab import write_small_vocabulary
+    from paddle_glm4.tokenizer import GLM4Tokenizer
+
+    tokenizer = GLM4Tokenizer.from_pretrained(write_small_vocabulary(tmp_path))
+    llm = LLM(model, tokenizer, max_num_seqs=4)
+    prompts = ["hello there", [5, 9, 33, 41, 7, 8, 100], "a longer prompt than the others, by a few words", "x"]
+    options = [Options(max_tokens=12), Options(max_tokens=5, temperature=0.8, seed=3),
+               Options(max_tokens=9, top_k=5, seed=4), Options(max_tokens=7, repetition_penalty=1.5)]
+    together = llm.generate(prompts, options)
+    for prompt, option, output in zip(prompts, options, together, strict=True):
+        assert output == LLM(model, tokenizer, max_num_seqs=1).generate([prompt], option)[0]
+        assert 1 <= len(output.token_ids) <= option.max_tokens
+    # a stop string cuts the text before it and stops the generation
+    text = together[0].text
+    assert len(text) >= 2, "the greedy answer is too short to test stop strings with"
+    stopped = llm.generate([prompts[0]], Options(max_tokens=12, stop=(text[1:3],)))[0]
+    assert stopped.text == text[:text.find(text[1:3])] and stopped.finish_reason == "stop"
+    assert len(stopped.token_ids) <= len(together[0].token_ids)
+    with pytest.raises(ValueError, match="2 prompts but 1 options"):
+        llm.generate(["a", "b"], [Options()])

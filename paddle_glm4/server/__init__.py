@@ -31,8 +31,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="require 'Authorization: Bearer KEY' on every request (default: $GLM4_API_KEY; "
                              "unset: no key needed; an empty KEY is an error, not 'no key')")
     parser.add_argument("--max-concurrency", type=int, default=8, metavar="N",
-                        help="requests admitted at once, the one generating and those waiting for their turn; "
+                        help="requests admitted at once, those generating and those waiting for their turn; "
                              "more get HTTP 429 (default: 8)")
+    parser.add_argument("--max-num-seqs", type=int, default=8, metavar="N",
+                        help="requests generated together, one batched forward per token for all of them "
+                             "(continuous batching; default: 8)")
+    parser.add_argument("--kv-cache-memory", metavar="SIZE",
+                        help="the most memory the batch's KV cache may take, e.g. 2GB or 512MiB; requests wait "
+                             "for room (default: --max-num-seqs full contexts, at most half the memory available "
+                             "once the model is loaded)")
     parser.add_argument("--served-model-name", metavar="NAME",
                         help="the model id in /v1/models and in responses (default: the --model directory's name)")
     parser.add_argument("--default-max-tokens", type=int, default=1024, metavar="N",
@@ -42,8 +49,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load the model and serve until interrupted. A busy port or a bad flag fails before the (slow) load."""
-    if args.max_concurrency < 1 or args.default_max_tokens < 1:
-        raise UsageError("--max-concurrency and --default-max-tokens must be at least 1")
+    if args.max_concurrency < 1 or args.default_max_tokens < 1 or args.max_num_seqs < 1:
+        raise UsageError("--max-concurrency, --max-num-seqs and --default-max-tokens must be at least 1")
+    kv_cache_memory = None
+    if args.kv_cache_memory is not None:
+        from ..checkpoint import parse_size
+
+        try:
+            kv_cache_memory = parse_size(args.kv_cache_memory)
+        except ValueError as err:
+            raise UsageError(f"--kv-cache-memory: {err}") from None
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be 0..65535, got {args.port}")
     check_api_key(args.api_key)
@@ -67,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
         sock.close()
         raise
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
-    app = create_app(model, tokenizer, name, args.api_key, args.max_concurrency, args.default_max_tokens)
+    app = create_app(model, tokenizer, name, args.api_key, args.max_concurrency, args.default_max_tokens,
+                     args.max_num_seqs, kv_cache_memory)
     return serve(app, sock, name)
 
 

@@ -39,17 +39,20 @@ if TYPE_CHECKING:
 
 
 def create_app(model: Engine, tokenizer: GLM4Tokenizer, model_name: str = "glm-4-9b-chat", api_key: str | None = None,
-               max_concurrency: int = 8, default_max_tokens: int = 1024) -> FastAPI:
+               max_concurrency: int = 8, default_max_tokens: int = 1024, max_num_seqs: int = 8,
+               kv_cache_memory: int | None = None) -> FastAPI:
     """The API over `model` (anything with the engine interface: generate, config, generation_config,
     context_length) and its tokenizer. `api_key`: when not None, every request must send
     `Authorization: Bearer <api_key>` (an empty key is refused, so that an unset variable cannot turn
     authentication off).
-    `max_concurrency`: requests admitted at once (one generates, the others wait), beyond which 429.
+    `max_concurrency`: requests admitted at once (generating or waiting), beyond which 429.
     `default_max_tokens`: the answer length for requests that give none (capped by the room left in the context).
+    `max_num_seqs`: requests generated together in one batch; `kv_cache_memory`: bytes their KV cache may take
+    (None: see scheduler.Scheduler). See worker.py.
     """
     if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
         raise ValueError("api_key must be a non-empty string, or None for no authentication")
-    worker = Worker(model, max_concurrency)
+    worker = Worker(model, max_concurrency, max_num_seqs, kv_cache_memory)
     context = model.context_length
 
     @asynccontextmanager
@@ -78,6 +81,8 @@ def create_app(model: Engine, tokenizer: GLM4Tokenizer, model_name: str = "glm-4
         except Busy:
             raise APIError(429, f"The server is busy: {max_concurrency} requests are being served or are waiting. "
                                 "Retry shortly.", code="server_busy", headers={"Retry-After": "1"}) from None
+        except ValueError as err:  # more than the engine can ever hold (its KV memory)
+            raise APIError(400, str(err), code="context_length_exceeded", param="max_tokens") from None
 
     @app.get("/v1/models", responses=_errors(401))
     async def list_models() -> s.ModelList:
