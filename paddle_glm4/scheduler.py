@@ -63,6 +63,7 @@ class Request:
     seed: int | None = None
     vocab_limit: int | None = None
     streamer: Streamer | None = None
+    prefill_chunk: int | None = None   # prompt tokens per prefill step (None: the engine's)
     output: list[int] = field(default_factory=list)
     error: BaseException | None = None
     # engine state
@@ -110,7 +111,8 @@ class Scheduler:
     """The engine: `submit` requests (from any thread), `step()` them (from one thread), or `run(requests)`."""
 
     def __init__(self, model: GLM4ForCausalLM, max_num_seqs: int = 8, kv_cache_memory: int | None = None,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
+                 prefill_chunk: int | None = None):
+        prefill_chunk = int(prefill_chunk or getattr(model, "prefill_chunk", DEFAULT_PREFILL_CHUNK))
         if max_num_seqs < 1 or prefill_chunk < 1:
             raise ValueError(f"max_num_seqs and prefill_chunk must be at least 1, got {max_num_seqs}, {prefill_chunk}")
         config = model.config
@@ -223,7 +225,7 @@ class Scheduler:
                 request.prefill = Sequences(1, len(request.prompt), cache)
                 if request.streamer is not None:
                     request.streamer.prefill_progress(0, len(request.prompt))
-            end = min(request.prefilled + self.prefill_chunk, len(request.prompt))
+            end = min(request.prefilled + (request.prefill_chunk or self.prefill_chunk), len(request.prompt))
             ids = paddle.to_tensor([request.prompt[request.prefilled:end]], dtype="int64")
             logits = self.model(ids, past_key_values=request.prefill, logits_to_keep=1).logits[:, -1]
             request.prefilled = end
