@@ -112,7 +112,8 @@ class Scheduler:
 
     def __init__(self, model: GLM4ForCausalLM, max_num_seqs: int = 8, kv_cache_memory: int | None = None,
                  prefill_chunk: int | None = None):
-        prefill_chunk = int(prefill_chunk or getattr(model, "prefill_chunk", DEFAULT_PREFILL_CHUNK))
+        if prefill_chunk is None:
+            prefill_chunk = int(getattr(model, "prefill_chunk", DEFAULT_PREFILL_CHUNK))
         if max_num_seqs < 1 or prefill_chunk < 1:
             raise ValueError(f"max_num_seqs and prefill_chunk must be at least 1, got {max_num_seqs}, {prefill_chunk}")
         config = model.config
