@@ -189,6 +189,21 @@ def test_save_pretrained_round_trip(auto, tmp_path):
     assert AutoTokenizer.from_pretrained(str(tmp_path))(TEXTS) == tokenizer(TEXTS)
 
 
+def test_cache_dir_follows_paddleformers_rule(monkeypatch, tmp_path):
+    monkeypatch.setenv("PF_HOME", str(tmp_path))
+    assert cache_dir(NAME) == str(tmp_path / NAME)
+    # what PaddleFormers' own lookup makes of the name while PF_HOME is set: that directory
+    from paddleformers.utils.download.download import check_repo
+    (tmp_path / NAME).mkdir(parents=True)
+    assert check_repo(NAME, "huggingface") == cache_dir(NAME)
+    monkeypatch.delenv("PF_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert cache_dir(NAME) == str(tmp_path / ".paddleformers" / NAME)
+    for bad in ("", "/abs/glm", "../glm", "THUDM//glm", None):
+        with pytest.raises(ValueError):
+            cache_dir(bad)
+
+
 # ---- import order, by name, no network ----------------------------------------------------------------------------
 
 # A fresh interpreter with every network connection refused (and recorded): imports in the given order, nothing
