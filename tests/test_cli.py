@@ -63,7 +63,8 @@ def test_help_explains_every_flag():
                  "--dtype", "--engine", "--tokenizer", "--greedy", "--repetition-penalty"):
         assert flag in done.stdout
     assert all(sub in glm4("--help").stdout for sub in ("generate", "chat", "convert", "demo"))
-    assert all(flag in glm4("convert", "--help").stdout for flag in ("--src", "--dst", "--paddlenlp-name"))
+    assert all(flag in glm4("convert", "--help").stdout for flag in ("--src", "--dst", "--paddlenlp-name",
+                                                                          "--paddleformers-name"))
 
 
 @pytest.mark.slow
