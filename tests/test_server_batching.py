@@ -1,0 +1,63 @@
+"""Continuous batching through a real server process and the official `openai` client: concurrent requests get
+what they get alone; a client that leaves mid-stream leaves the batch and the others go on."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from test_server import KEY, checkpoint, start_server, stop_server  # noqa: F401 - checkpoint is a fixture
+
+pytestmark = pytest.mark.slow  # a server process
+
+
+@pytest.fixture(scope="module")
+def batching_client(checkpoint, tmp_path_factory):  # noqa: F811
+    log = tmp_path_factory.mktemp("logs") / "batching.log"
+    process, url = start_server(["-m", "paddle_glm4.server", "--model", str(checkpoint), "--api-key", KEY,
+                                 "--max-concurrency", "16", "--max-num-seqs", "6", "--kv-cache-memory", "4MB"],
+                                log, {"Authorization": f"Bearer {KEY}"})
+    yield url, openai.OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=120)
+    stop_server(process)
+
+
+def requests():
+    """16 requests: prompts of different lengths, max_tokens, stop strings, greedy and seeded sampling."""
+    made = []
+    for n in range(16):
+        sampling = [{}, {"temperature": 0.9, "seed": n}, {"extra_body": {"top_k": 8}, "seed": 50 + n},
+                    {"extra_body": {"repetition_penalty": 1.4}}]
+        made.append({"model": "m", "max_tokens": 4 + (3 * n) % 13,
+                     "messages": [{"role": "user", "content": "word " * (1 + (5 * n) % 40) + f"number {n}"}],
+                     "stop": ["q"] if n % 5 == 0 else None, **sampling[n % 4]})
+    return made
+
+
+def answer(client, request):
+    choice = client.chat.completions.create(**request).choices[0]
+    return choice.message.content, choice.finish_reason
+
+
+def test_sixteen_concurrent_requests_get_what_each_gets_alone(batching_client):
+    _, client = batching_client
+    alone = [answer(client, request) for request in requests()]
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(lambda request: answer(client, request), requests()))
+    assert together == alone
+    assert len({text for text, _ in alone}) > 8  # the requests really differ
+
+
+def test_a_client_that_leaves_mid_stream_leaves_the_batch(batching_client):
+    url, client = batching_client
+    long = {"model": "m", "max_tokens": 200, "messages": [{"role": "user", "content": "go on"}]}
+    expected = [answer(client, request) for request in requests()[:4]]
+    with ThreadPoolExecutor(4) as pool:
+        others = pool.map(lambda request: answer(client, request), requests()[:4])
+        with httpx.stream("POST", url + "/chat/completions", json={**long, "stream": True}, timeout=60,
+                          headers={"Authorization": f"Bearer {KEY}"}) as stream:
+            assert next(stream.iter_lines()).startswith("data: ")
+        assert list(others) == expected
+    assert answer(client, requests()[0]) == expected[0]  # and the server answers normally afterwards
