@@ -29,7 +29,8 @@ def load(args: argparse.Namespace) -> tuple[Engine, GLM4Tokenizer]:
     check_seed(args.seed, "--seed")  # before the model takes its time to load
     return load_engine(args.model, args.engine, args.dtype, args.tokenizer,
                        quantization=args.quantize, group_size=args.group_size,
-                       activation_dtype=args.activation_dtype, prefill_chunk=args.prefill_chunk)
+                       activation_dtype=args.activation_dtype, prefill_chunk=args.prefill_chunk,
+                       kv_cache_dtype=args.kv_cache_dtype)
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:

@@ -46,17 +46,21 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prompt tokens per forward of the prefill: a long prompt goes through the KV cache "
                              "N tokens at a time, which bounds the memory its activations take (default: "
                              f"{DEFAULT_PREFILL_CHUNK})")
+    parser.add_argument("--kv-cache-dtype", choices=("float32", "bfloat16"),
+                        help="how the KV cache stores keys and values (dynamic engine): bfloat16 takes half the "
+                             "memory (default: bfloat16 for more than 8192 tokens on CPU, else the compute dtype)")
     add_quantization_arguments(parser, "quantize at load")
 
 
 def load_engine(model_dir: str, engine: str = "dynamic", dtype: str | None = None,
                 tokenizer_dir: str | None = None, quantization: str | None = None, group_size: int | None = None,
                 activation_dtype: str = "auto",
-                prefill_chunk: int | None = None) -> tuple[Engine, GLM4Tokenizer]:
+                prefill_chunk: int | None = None,
+                kv_cache_dtype: str | None = None) -> tuple[Engine, GLM4Tokenizer]:
     """(model, tokenizer) for a converted checkpoint (engine "dynamic") or an export directory ("inference").
     `quantization`, `group_size`, `activation_dtype`: as GLM4ForCausalLM.from_pretrained's (dynamic only: an
     export holds its weights as it was exported). `prefill_chunk`: the engine's default for generate (None:
-    DEFAULT_PREFILL_CHUNK)."""
+    DEFAULT_PREFILL_CHUNK). `kv_cache_dtype`: the dynamic model's default for generate (see its docstring)."""
     from .generation import check_prefill_chunk
     from .tokenizer import GLM4Tokenizer
 
@@ -68,6 +72,8 @@ def load_engine(model_dir: str, engine: str = "dynamic", dtype: str | None = Non
 
     if engine not in ENGINES:
         raise UsageError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if engine == "inference" and kv_cache_dtype is not None:
+        raise UsageError("--kv-cache-dtype applies to the dynamic engine; an export's cache is in its compute dtype")
     if engine == "inference" and (quantization or group_size or activation_dtype != "auto"):
         raise UsageError("--quantize, --group-size and --activation-dtype choose how a checkpoint is loaded; an "
                          "export keeps the format it was exported in (export it with --quantize)")
@@ -87,6 +93,7 @@ def load_engine(model_dir: str, engine: str = "dynamic", dtype: str | None = Non
 
         model = GLM4ForCausalLM.from_pretrained(model_dir, dtype=dtype, quantization=quantization,
                                                 group_size=group_size, activation_dtype=activation_dtype)
+        model.kv_cache_dtype = kv_cache_dtype
     check_pair(model, tokenizer, model_dir, tokenizer_dir)
     if prefill_chunk is not None:
         model.prefill_chunk = prefill_chunk

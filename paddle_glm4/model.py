@@ -184,7 +184,8 @@ class GLM4ForCausalLM(nn.Layer):
         if not config.tie_word_embeddings:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, self.model.kernels)
         self.generation_config = GenerationConfig.from_model(config)
-        self.prefill_chunk = generation.DEFAULT_PREFILL_CHUNK  # generate's default
+        self.prefill_chunk = generation.DEFAULT_PREFILL_CHUNK  # generate's defaults
+        self.kv_cache_dtype: str | None = None
 
     def forward(self, input_ids: paddle.Tensor, attention_mask: paddle.Tensor | None = None,
                 position_ids: paddle.Tensor | None = None, past_key_values: Sequences | None = None,
@@ -256,8 +257,9 @@ class GLM4ForCausalLM(nn.Layer):
         memory is refused before any work (memory.InsufficientMemoryError).
         """
         chunk = self.prefill_chunk if prefill_chunk is None else prefill_chunk
+        cache_dtype = self.kv_cache_dtype if kv_cache_dtype is None else kv_cache_dtype
         return generation.generate(
-            generation.ModelSession(self, chunk, kv_cache_dtype), input_ids, context_length=self.context_length,
+            generation.ModelSession(self, chunk, cache_dtype), input_ids, context_length=self.context_length,
             vocab_size=self.config.vocab_size, defaults=self.generation_config, attention_mask=attention_mask,
             position_ids=position_ids, max_new_tokens=max_new_tokens, do_sample=do_sample,
             temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,

@@ -242,3 +242,17 @@ def test_a_cache_that_cannot_fit_is_refused_before_any_work(built, monkeypatch):
         model.generate(prompts((50,))[0], max_new_tokens=30, kv_cache_dtype="bfloat16")
     monkeypatch.setattr(model, "logits", forward)
     model.generate(prompts((50,))[0], max_new_tokens=10, kv_cache_dtype="bfloat16", eos_token_id=[])  # 15360 bytes
+
+
+def test_load_engine_sets_the_cache_dtype_of_the_dynamic_model_and_refuses_it_for_an_export(built, tmp_path):
+    from paddle_glm4.cli_errors import UsageError
+    from paddle_glm4.engine import load_engine
+
+    model, predictor = built
+    checkpoint = str(tmp_path / "checkpoint")
+    model.save_pretrained(checkpoint)
+    write_small_vocabulary(checkpoint)
+    loaded, _ = load_engine(checkpoint, kv_cache_dtype="bfloat16", prefill_chunk=4)
+    assert (loaded.kv_cache_dtype, loaded.prefill_chunk) == ("bfloat16", 4)
+    with pytest.raises(UsageError, match="--kv-cache-dtype applies to the dynamic engine"):
+        load_engine(checkpoint, engine="inference", kv_cache_dtype="bfloat16")

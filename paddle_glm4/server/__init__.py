@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer = load_engine(args.model, args.engine, args.dtype, args.tokenizer,
                                        quantization=args.quantize, group_size=args.group_size,
                                        activation_dtype=args.activation_dtype,
-                                       prefill_chunk=args.prefill_chunk)
+                                       prefill_chunk=args.prefill_chunk, kv_cache_dtype=args.kv_cache_dtype)
     except BaseException:
         sock.close()
         raise
