@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .scheduler import Request, Scheduler
 from .streamer import Streamer
@@ -81,7 +81,7 @@ class LLM:
 
     @classmethod
     def load(cls, model_dir: str, tokenizer_dir: str | None = None, max_num_seqs: int = 8,
-             kv_cache_memory: int | None = None, **load_options) -> LLM:
+             kv_cache_memory: int | None = None, **load_options: Any) -> LLM:
         """A checkpoint directory (and its tokenizer) through engine.load_engine; `load_options`: its dtype,
         quantization, group_size, activation_dtype."""
         from .engine import load_engine

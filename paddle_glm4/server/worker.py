@@ -21,7 +21,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -47,7 +47,8 @@ class Job(Streamer):
     """One admitted generation; the engine feeds it tokens, the request's handler iterates `receive()`.
     It ends once (`end`, or `fail` with the error), which frees its admission slot."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, prompt: list[int], settings: dict, release):
+    def __init__(self, loop: asyncio.AbstractEventLoop, prompt: list[int], settings: dict,
+                 release: Callable[[], None]):
         super().__init__()
         self.prompt, self.settings = prompt, settings
         self._loop = loop
