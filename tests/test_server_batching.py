@@ -3,6 +3,7 @@ what they get alone; a client that leaves mid-stream leaves the batch and the ot
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -61,3 +62,30 @@ def test_a_client_that_leaves_mid_stream_leaves_the_batch(batching_client):
             assert next(stream.iter_lines()).startswith("data: ")
         assert list(others) == expected
     assert answer(client, requests()[0]) == expected[0]  # and the server answers normally afterwards
+
+
+def test_metrics_count_the_requests_tokens_and_latencies(batching_client):
+    url, client = batching_client
+
+    def metrics():
+        response = httpx.get(url.removesuffix("/v1") + "/metrics", headers={"Authorization": f"Bearer {KEY}"})
+        response.raise_for_status()
+        assert response.headers["content-type"].startswith("text/plain")
+        return {line.split()[0]: float(line.split()[1]) for line in response.text.splitlines()
+                if line and not line.startswith("#")}
+
+    before = metrics()
+    answer(client, {**requests()[3], "max_tokens": 6})
+    after = metrics()
+    generated = after["glm4_generated_tokens_total"] - before["glm4_generated_tokens_total"]
+    assert 1 <= generated <= 6
+    assert after["glm4_time_to_first_token_seconds_count"] == before["glm4_time_to_first_token_seconds_count"] + 1
+    assert after["glm4_inter_token_latency_seconds_count"] - before["glm4_inter_token_latency_seconds_count"] \
+        == generated - 1
+    deadline = time.monotonic() + 5  # the engine thread ends its step just after the answer goes out
+    while (after["glm4_requests_running"] or after["glm4_kv_cache_bytes"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        after = metrics()
+    assert after["glm4_requests_running"] == after["glm4_requests_waiting"] == 0  # all answered
+    assert after["glm4_kv_cache_bytes"] == 0                                      # idle: memory given back
+    assert httpx.get(url.removesuffix("/v1") + "/metrics").status_code == 401     # behind the key, like the rest

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any, cast
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
@@ -29,6 +30,7 @@ from ..chat_template import ChatTemplateError
 from ..validation import SchemaError
 from . import schemas as s
 from .errors import ERROR_TYPES, INTERNAL_ERROR, APIError
+from .metrics import Metrics
 from .reply import Reply
 from .tool_calls import active_tools, to_glm_messages
 from .worker import Busy, Job, Worker
@@ -53,6 +55,8 @@ def create_app(model: Engine, tokenizer: GLM4Tokenizer, model_name: str = "glm-4
     if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
         raise ValueError("api_key must be a non-empty string, or None for no authentication")
     worker = Worker(model, max_concurrency, max_num_seqs, kv_cache_memory)
+    metrics = Metrics(worker)
+    worker.on_token = metrics.token
     context = model.context_length
 
     @asynccontextmanager
@@ -83,6 +87,11 @@ def create_app(model: Engine, tokenizer: GLM4Tokenizer, model_name: str = "glm-4
                                 "Retry shortly.", code="server_busy", headers={"Retry-After": "1"}) from None
         except ValueError as err:  # more than the engine can ever hold (its KV memory)
             raise APIError(400, str(err), code="context_length_exceeded", param="max_tokens") from None
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        """Prometheus text format (see metrics.py)."""
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", responses=_errors(401))
     async def list_models() -> s.ModelList:

@@ -56,6 +56,13 @@ class Job(Streamer):
         self._release = release
         self._over = threading.Lock()
         self._admitted = time.perf_counter()
+        self.on_token_timed: Callable[[float, float | None], None] | None = None   # (admitted, previous token)
+
+    def put(self, token_ids: np.ndarray) -> None:
+        previous = self.last_token_time
+        super().put(token_ids)
+        if self.on_token_timed is not None:
+            self.on_token_timed(self._admitted, previous)
 
     def on_tokens(self, token_ids: np.ndarray) -> None:
         self.post(int(token_ids[0]))
@@ -102,6 +109,7 @@ class Worker:
         self._lock = threading.Lock()
         self.engine: Scheduler | None = None
         self._closing = False
+        self.on_token: Callable[[float, float | None], None] | None = None   # each token's timing (metrics)
         if hasattr(model, "logits"):
             self.engine = Scheduler(model, max_num_seqs, kv_cache_memory)  # type: ignore[arg-type]
             self._thread = threading.Thread(target=self._serve, name="engine", daemon=True)
@@ -115,6 +123,7 @@ class Worker:
         if not self._slots.acquire(blocking=False):
             raise Busy()
         job: Job = Job(asyncio.get_running_loop(), prompt, settings, lambda: self._done(job))
+        job.on_token_timed = self.on_token
         with self._lock:
             self._jobs.add(job)
         try:
@@ -126,6 +135,10 @@ class Worker:
             self._done(job)
             raise
         return job
+
+    def admitted(self) -> int:
+        with self._lock:
+            return len(self._jobs)
 
     def _done(self, job: Job) -> None:
         with self._lock:
