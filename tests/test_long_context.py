@@ -248,7 +248,7 @@ def test_load_engine_sets_the_cache_dtype_of_the_dynamic_model_and_refuses_it_fo
     from paddle_glm4.cli_errors import UsageError
     from paddle_glm4.engine import load_engine
 
-    model, predictor = built
+    model, _ = built
     checkpoint = str(tmp_path / "checkpoint")
     model.save_pretrained(checkpoint)
     write_small_vocabulary(checkpoint)
@@ -256,3 +256,29 @@ def test_load_engine_sets_the_cache_dtype_of_the_dynamic_model_and_refuses_it_fo
     assert (loaded.kv_cache_dtype, loaded.prefill_chunk) == ("bfloat16", 4)
     with pytest.raises(UsageError, match="--kv-cache-dtype applies to the dynamic engine"):
         load_engine(checkpoint, engine="inference", kv_cache_dtype="bfloat16")
+
+
+@pytest.mark.slow
+def test_a_16k_token_prompt_matches_the_reference(monkeypatch):
+    # transformers' GlmForCausalLM with sdpa attention (memory-bounded on CPU) against the chunked prefill and
+    # the query-blocked attention, on a small random model with the 128K model's rotary base
+    import torch
+
+    from paddle_glm4 import ops
+
+    length, new = 16384, 16
+    config = small_config(rope_ratio=500.0, seq_length=32768)
+    ref = reference_model(config, seed=4)
+    ref.config._attn_implementation = "sdpa"
+    model = paddle_model(config, paddle_state(config, hf_state(ref)))
+    monkeypatch.setattr(ops, "SCORE_BUDGET", 1 << 22)        # several query blocks per chunk, even here
+    p = np.random.RandomState(0).randint(3, config.vocab_size, length).astype("int64")
+    with torch.no_grad():
+        expected_logits = ref(torch.from_numpy(p[None]), logits_to_keep=1).logits[0, -1].numpy()
+        expected = ref.generate(torch.from_numpy(p[None]), max_new_tokens=new, do_sample=False,
+                                eos_token_id=None, pad_token_id=0)[0, length:].numpy()
+    session = ModelSession(model, prefill_chunk=2048, kv_cache_dtype="float32")
+    logits = session.prefill(paddle.to_tensor(p[None]), None, None, length + 1).numpy()[0]
+    assert np.abs(logits - expected_logits).max() <= 1e-4
+    ids, _ = model.generate(p, max_new_tokens=new, eos_token_id=[], prefill_chunk=2048, kv_cache_dtype="float32")
+    assert ids.numpy()[0].tolist() == expected.tolist()
