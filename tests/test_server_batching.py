@@ -3,6 +3,7 @@ what they get alone; a client that leaves mid-stream leaves the batch and the ot
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -21,7 +22,7 @@ def batching_client(checkpoint, tmp_path_factory):  # noqa: F811
     process, url = start_server(["-m", "paddle_glm4.server", "--model", str(checkpoint), "--api-key", KEY,
                                  "--max-concurrency", "16", "--max-num-seqs", "6", "--kv-cache-memory", "4MB"],
                                 log, {"Authorization": f"Bearer {KEY}"})
-    yield url, openai.OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=120)
+    yield url, openai.OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=120), process.pid
     stop_server(process)
 
 
@@ -43,7 +44,7 @@ def answer(client, request):
 
 
 def test_sixteen_concurrent_requests_get_what_each_gets_alone(batching_client):
-    _, client = batching_client
+    _, client, _ = batching_client
     alone = [answer(client, request) for request in requests()]
     with ThreadPoolExecutor(16) as pool:
         together = list(pool.map(lambda request: answer(client, request), requests()))
@@ -52,7 +53,7 @@ def test_sixteen_concurrent_requests_get_what_each_gets_alone(batching_client):
 
 
 def test_a_client_that_leaves_mid_stream_leaves_the_batch(batching_client):
-    url, client = batching_client
+    url, client, _ = batching_client
     long = {"model": "m", "max_tokens": 200, "messages": [{"role": "user", "content": "go on"}]}
     expected = [answer(client, request) for request in requests()[:4]]
     with ThreadPoolExecutor(4) as pool:
@@ -65,7 +66,7 @@ def test_a_client_that_leaves_mid_stream_leaves_the_batch(batching_client):
 
 
 def test_metrics_count_the_requests_tokens_and_latencies(batching_client):
-    url, client = batching_client
+    url, client, _ = batching_client
 
     def metrics():
         response = httpx.get(url.removesuffix("/v1") + "/metrics", headers={"Authorization": f"Bearer {KEY}"})
@@ -89,3 +90,22 @@ def test_metrics_count_the_requests_tokens_and_latencies(batching_client):
     assert after["glm4_requests_running"] == after["glm4_requests_waiting"] == 0  # all answered
     assert after["glm4_kv_cache_bytes"] == 0                                      # idle: memory given back
     assert httpx.get(url.removesuffix("/v1") + "/metrics").status_code == 401     # behind the key, like the rest
+
+
+def rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) * 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the server's RSS from /proc (Linux)")
+def test_load_64_requests_from_16_clients_all_answered_and_memory_returns(batching_client):
+    _, client, pid = batching_client
+    load = [requests()[n % 16] for n in range(64)]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda request: answer(client, request), load[:16]))  # warm up: the allocator's pools
+        before = rss(pid)
+        answers = list(pool.map(lambda request: answer(client, request), load))
+    assert answers == [answers[n % 16] for n in range(64)]  # every request answered, each as its twin
+    assert all(finish in ("stop", "length") for _, finish in answers)
+    assert rss(pid) <= before * 1.05
+    assert answer(client, requests()[0]) == answers[0]
