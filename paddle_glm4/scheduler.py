@@ -39,9 +39,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import paddle
 
+from .device import on_gpu
 from .generation import DEFAULT_PREFILL_CHUNK, GenerationConfig
 from .kv_cache import KVCache
-from .memory import available_bytes
+from .memory import available_bytes, cache_dtype
 from .sampling import choose_token
 from .sequences import Sequences
 from .streamer import Streamer
@@ -88,8 +89,8 @@ class Request:
 class BatchCache(KVCache):
     """A KVCache whose first `rows` rows are the running batch: the forward writes and reads only those."""
 
-    def __init__(self, model: GLM4ForCausalLM, rows: int, capacity: int):
-        super().__init__(model.config, rows, capacity, dtype=model.model.kernels.weights.compute_dtype)
+    def __init__(self, model: GLM4ForCausalLM, rows: int, capacity: int, dtype: str):
+        super().__init__(model.config, rows, capacity, dtype=dtype)
         self.rows = 0
 
     def update(self, layer: int, start: int, k: paddle.Tensor,
@@ -117,7 +118,11 @@ class Scheduler:
         if max_num_seqs < 1 or prefill_chunk < 1:
             raise ValueError(f"max_num_seqs and prefill_chunk must be at least 1, got {max_num_seqs}, {prefill_chunk}")
         config = model.config
-        itemsize = paddle.zeros([1], dtype=model.model.kernels.weights.compute_dtype).element_size()
+        # one dtype for the prompts' caches and the batch's, so that a joined row holds what it held alone;
+        # --kv-cache-dtype (the model's kv_cache_dtype), else memory.cache_dtype's choice for the context
+        self.cache_dtype = cache_dtype(getattr(model, "kv_cache_dtype", None), model.context_length,
+                                       model.model.kernels.weights.compute_dtype, on_gpu())
+        itemsize = paddle.zeros([1], dtype=self.cache_dtype).element_size()
         self.bytes_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * itemsize
         if kv_cache_memory is None:
             kv_cache_memory = max_num_seqs * model.context_length * self.bytes_per_token
@@ -222,7 +227,7 @@ class Scheduler:
     def _prefill_chunk(self, request: Request) -> None:
         try:
             if request.prefill is None:
-                cache = self.model.model.new_cache(1, len(request.prompt))
+                cache = self.model.model.new_cache(1, len(request.prompt), self.cache_dtype)
                 request.prefill = Sequences(1, len(request.prompt), cache)
                 if request.streamer is not None:
                     request.streamer.prefill_progress(0, len(request.prompt))
@@ -267,7 +272,7 @@ class Scheduler:
 
     def _reallocate(self, rows: int, capacity: int) -> None:
         old = self.cache
-        self.cache = BatchCache(self.model, rows, capacity)
+        self.cache = BatchCache(self.model, rows, capacity, self.cache_dtype)
         if old is not None and self.length:
             for target, source in ((self.cache.keys, old.keys), (self.cache.values, old.values)):
                 for layer in range(old.num_layers):

@@ -126,3 +126,15 @@ def test_the_offline_batch_call_gives_each_prompt_what_it_gets_alone(model, tmp_
     assert len(stopped.token_ids) <= len(together[0].token_ids)
     with pytest.raises(ValueError, match="2 prompts but 1 options"):
         llm.generate(["a", "b"], [Options()])
+
+
+def test_a_bfloat16_cache_is_batch_invariant_too(model):
+    model.kv_cache_dtype = "bfloat16"
+    try:
+        batch = requests(model, 6)
+        engine = Scheduler(model, max_num_seqs=3, prefill_chunk=5)
+        assert engine.cache_dtype == "bfloat16"
+        engine.run(batch)
+        assert all(r.error is None and r.output == alone(model, r) for r in batch)
+    finally:
+        model.kv_cache_dtype = None
