@@ -37,6 +37,7 @@ test-fast: $(VENV)/.test
 
 # ruff's lint rules and mypy, as configured in pyproject.toml (mypy: paddle_glm4/ and converters/)
 lint: $(VENV)/.lint
+	$(VENV)/bin/ruff format --check paddle_glm4 converters
 	$(VENV)/bin/ruff check paddle_glm4 converters
 	$(VENV)/bin/mypy
 

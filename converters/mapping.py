@@ -31,13 +31,13 @@ PUBLISHED_INV_FREQ = "transformer.rotary_pos_emb.inv_freq"  # derived from the c
 
 @dataclass(frozen=True)
 class Rule:
-    paddle: str                       # "{i}" stands for the layer index
+    paddle: str  # "{i}" stands for the layer index
     published: str
-    hf: tuple[tuple[str, str], ...]   # (name, size of its slice of the output axis), concatenated in order
-    shape: tuple[str, ...]            # Paddle-layout shape, in named sizes (see `_sizes`)
-    linear: bool = False              # torch [out, in] <-> Paddle [in, out]
-    per_layer: bool = False           # one tensor per layer ("{i}" in the names), else one in the model
-    present: Callable[[GLM4Config], bool] = lambda config: True   # whether a model of this config has it
+    hf: tuple[tuple[str, str], ...]  # (name, size of its slice of the output axis), concatenated in order
+    shape: tuple[str, ...]  # Paddle-layout shape, in named sizes (see `_sizes`)
+    linear: bool = False  # torch [out, in] <-> Paddle [in, out]
+    per_layer: bool = False  # one tensor per layer ("{i}" in the names), else one in the model
+    present: Callable[[GLM4Config], bool] = lambda config: True  # whether a model of this config has it
 
 
 def _has_bias(config: GLM4Config) -> bool:
@@ -51,28 +51,88 @@ def _untied_head(config: GLM4Config) -> bool:
 _L = "model.layers.{i}"
 _P = "transformer.encoder.layers.{i}"
 RULES: tuple[Rule, ...] = (
-    Rule("model.embed_tokens.weight", "transformer.embedding.word_embeddings.weight",
-         (("model.embed_tokens.weight", "vocab"),), ("vocab", "hidden")),
-    Rule(f"{_L}.input_layernorm.weight", f"{_P}.input_layernorm.weight",
-         ((f"{_L}.input_layernorm.weight", "hidden"),), ("hidden",), per_layer=True),
-    Rule(f"{_L}.self_attn.qkv_proj.weight", f"{_P}.self_attention.query_key_value.weight",
-         ((f"{_L}.self_attn.q_proj.weight", "q"), (f"{_L}.self_attn.k_proj.weight", "kv"),
-          (f"{_L}.self_attn.v_proj.weight", "kv")), ("hidden", "qkv"), linear=True, per_layer=True),
-    Rule(f"{_L}.self_attn.qkv_proj.bias", f"{_P}.self_attention.query_key_value.bias",
-         ((f"{_L}.self_attn.q_proj.bias", "q"), (f"{_L}.self_attn.k_proj.bias", "kv"),
-          (f"{_L}.self_attn.v_proj.bias", "kv")), ("qkv",), per_layer=True, present=_has_bias),
-    Rule(f"{_L}.self_attn.o_proj.weight", f"{_P}.self_attention.dense.weight",
-         ((f"{_L}.self_attn.o_proj.weight", "hidden"),), ("q", "hidden"), linear=True, per_layer=True),
-    Rule(f"{_L}.post_attention_layernorm.weight", f"{_P}.post_attention_layernorm.weight",
-         ((f"{_L}.post_attention_layernorm.weight", "hidden"),), ("hidden",), per_layer=True),
-    Rule(f"{_L}.mlp.gate_up_proj.weight", f"{_P}.mlp.dense_h_to_4h.weight",
-         ((f"{_L}.mlp.gate_up_proj.weight", "ffn2"),), ("hidden", "ffn2"), linear=True, per_layer=True),
-    Rule(f"{_L}.mlp.down_proj.weight", f"{_P}.mlp.dense_4h_to_h.weight",
-         ((f"{_L}.mlp.down_proj.weight", "hidden"),), ("ffn", "hidden"), linear=True, per_layer=True),
-    Rule("model.norm.weight", "transformer.encoder.final_layernorm.weight",
-         (("model.norm.weight", "hidden"),), ("hidden",)),
-    Rule("lm_head.weight", "transformer.output_layer.weight",
-         (("lm_head.weight", "vocab"),), ("hidden", "vocab"), linear=True, present=_untied_head),
+    Rule(
+        "model.embed_tokens.weight",
+        "transformer.embedding.word_embeddings.weight",
+        (("model.embed_tokens.weight", "vocab"),),
+        ("vocab", "hidden"),
+    ),
+    Rule(
+        f"{_L}.input_layernorm.weight",
+        f"{_P}.input_layernorm.weight",
+        ((f"{_L}.input_layernorm.weight", "hidden"),),
+        ("hidden",),
+        per_layer=True,
+    ),
+    Rule(
+        f"{_L}.self_attn.qkv_proj.weight",
+        f"{_P}.self_attention.query_key_value.weight",
+        (
+            (f"{_L}.self_attn.q_proj.weight", "q"),
+            (f"{_L}.self_attn.k_proj.weight", "kv"),
+            (f"{_L}.self_attn.v_proj.weight", "kv"),
+        ),
+        ("hidden", "qkv"),
+        linear=True,
+        per_layer=True,
+    ),
+    Rule(
+        f"{_L}.self_attn.qkv_proj.bias",
+        f"{_P}.self_attention.query_key_value.bias",
+        (
+            (f"{_L}.self_attn.q_proj.bias", "q"),
+            (f"{_L}.self_attn.k_proj.bias", "kv"),
+            (f"{_L}.self_attn.v_proj.bias", "kv"),
+        ),
+        ("qkv",),
+        per_layer=True,
+        present=_has_bias,
+    ),
+    Rule(
+        f"{_L}.self_attn.o_proj.weight",
+        f"{_P}.self_attention.dense.weight",
+        ((f"{_L}.self_attn.o_proj.weight", "hidden"),),
+        ("q", "hidden"),
+        linear=True,
+        per_layer=True,
+    ),
+    Rule(
+        f"{_L}.post_attention_layernorm.weight",
+        f"{_P}.post_attention_layernorm.weight",
+        ((f"{_L}.post_attention_layernorm.weight", "hidden"),),
+        ("hidden",),
+        per_layer=True,
+    ),
+    Rule(
+        f"{_L}.mlp.gate_up_proj.weight",
+        f"{_P}.mlp.dense_h_to_4h.weight",
+        ((f"{_L}.mlp.gate_up_proj.weight", "ffn2"),),
+        ("hidden", "ffn2"),
+        linear=True,
+        per_layer=True,
+    ),
+    Rule(
+        f"{_L}.mlp.down_proj.weight",
+        f"{_P}.mlp.dense_4h_to_h.weight",
+        ((f"{_L}.mlp.down_proj.weight", "hidden"),),
+        ("ffn", "hidden"),
+        linear=True,
+        per_layer=True,
+    ),
+    Rule(
+        "model.norm.weight",
+        "transformer.encoder.final_layernorm.weight",
+        (("model.norm.weight", "hidden"),),
+        ("hidden",),
+    ),
+    Rule(
+        "lm_head.weight",
+        "transformer.output_layer.weight",
+        (("lm_head.weight", "vocab"),),
+        ("hidden", "vocab"),
+        linear=True,
+        present=_untied_head,
+    ),
 )
 
 
@@ -91,13 +151,14 @@ def _sizes(config: GLM4Config) -> dict[str, int]:
 @dataclass(frozen=True)
 class TensorSpec:
     """One concrete tensor of a concrete model."""
+
     paddle: str
     published: str
     hf: tuple[str, ...]
     hf_sizes: tuple[int, ...]
-    shape: tuple[int, ...]   # Paddle layout
+    shape: tuple[int, ...]  # Paddle layout
     linear: bool
-    layer: int | None        # None: not a per-layer tensor
+    layer: int | None  # None: not a per-layer tensor
 
     def source_names(self, layout: str) -> tuple[str, ...]:
         return (self.published,) if layout == "published" else self.hf
@@ -119,10 +180,17 @@ def tensor_specs(config: GLM4Config) -> list[TensorSpec]:
             continue
         layers: list[int | None] = list(range(config.num_hidden_layers)) if rule.per_layer else [None]
         for i in layers:  # (a name without "{i}" formats to itself)
-            specs.append(TensorSpec(
-                paddle=rule.paddle.format(i=i), published=rule.published.format(i=i),
-                hf=tuple(name.format(i=i) for name, _ in rule.hf), hf_sizes=tuple(sizes[s] for _, s in rule.hf),
-                shape=tuple(sizes[s] for s in rule.shape), linear=rule.linear, layer=i))
+            specs.append(
+                TensorSpec(
+                    paddle=rule.paddle.format(i=i),
+                    published=rule.published.format(i=i),
+                    hf=tuple(name.format(i=i) for name, _ in rule.hf),
+                    hf_sizes=tuple(sizes[s] for _, s in rule.hf),
+                    shape=tuple(sizes[s] for s in rule.shape),
+                    linear=rule.linear,
+                    layer=i,
+                )
+            )
     return specs
 
 
@@ -133,10 +201,12 @@ def paddle_shapes(config: GLM4Config) -> dict[str, tuple[int, ...]]:
 def module_order(specs: list[TensorSpec]) -> list[TensorSpec]:
     """`specs` layer by layer: the order in which the models register their parameters (their state_dict
     order), which is the order checkpoints are written and sharded in."""
+
     def layer(spec: TensorSpec) -> float:
         if spec.layer is not None:
             return spec.layer
         return -1 if spec.paddle == RULES[0].paddle else float("inf")  # embedding first, norm and head last
+
     return sorted(specs, key=layer)  # stable: keeps the table's order within a layer
 
 
@@ -147,8 +217,9 @@ def published_order(config: GLM4Config) -> list[str]:
     return [names[0], PUBLISHED_INV_FREQ, *names[1:]]
 
 
-def paddle_rows(spec: TensorSpec, parts: list[np.ndarray], start: int, stop: int,
-                out: np.ndarray | None = None) -> np.ndarray:
+def paddle_rows(
+    spec: TensorSpec, parts: list[np.ndarray], start: int, stop: int, out: np.ndarray | None = None
+) -> np.ndarray:
     """Rows [start, stop) of the Paddle-layout tensor made from the torch-layout `parts`, written into
     `out` (a new array when None) and returned."""
     if not spec.linear:
@@ -157,7 +228,7 @@ def paddle_rows(spec: TensorSpec, parts: list[np.ndarray], start: int, stop: int
         out = np.empty((stop - start, sum(len(part) for part in parts)), parts[0].dtype)
     column = 0
     for part in parts:  # a row of the Paddle weight is a column of the torch weight(s)
-        transpose_into(out[:, column:column + len(part)], part[:, start:stop])
+        transpose_into(out[:, column : column + len(part)], part[:, start:stop])
         column += len(part)
     return out
 
@@ -171,7 +242,7 @@ def concatenated_rows(parts: list[np.ndarray], start: int, stop: int, out: np.nd
     for part in parts:
         lo, hi = max(start - offset, 0), min(stop - offset, len(part))
         if lo < hi:
-            out[offset + lo - start:offset + hi - start] = part[lo:hi]
+            out[offset + lo - start : offset + hi - start] = part[lo:hi]
         offset += len(part)
     return out
 
@@ -184,7 +255,7 @@ def checkpoint_tensors(config: GLM4Config) -> dict[str, tuple[tuple[int, ...], s
     tensors: dict[str, tuple[tuple[int, ...], str | None]] = {}
     for spec in module_order(tensor_specs(config)):
         if spec.linear and config.quantization is not None:
-            prefix = spec.paddle[:-len("weight")]
+            prefix = spec.paddle[: -len("weight")]
             for slot in checkpoint_slots(config.dtype, config.quantization, *spec.shape):
                 tensors[prefix + slot.name] = (slot.shape, slot.dtype)
         else:
@@ -192,20 +263,21 @@ def checkpoint_tensors(config: GLM4Config) -> dict[str, tuple[tuple[int, ...], s
     return tensors
 
 
-def torch_rows(spec: TensorSpec, array: np.ndarray, layout: str, part: int, start: int, stop: int,
-               out: np.ndarray | None = None) -> np.ndarray:
+def torch_rows(
+    spec: TensorSpec, array: np.ndarray, layout: str, part: int, start: int, stop: int, out: np.ndarray | None = None
+) -> np.ndarray:
     """Rows [start, stop) of torch-layout tensor `spec.source_names(layout)[part]`, from the Paddle tensor,
     written into `out` (a new array when None) and returned."""
     offset = sum(spec.hf_sizes[:part]) if layout == "hf" else 0
     if not spec.linear:
-        rows = array[offset + start:offset + stop]
+        rows = array[offset + start : offset + stop]
         if out is None:
             return rows.copy()
         out[...] = rows
         return out
     if out is None:
         out = np.empty((stop - start, array.shape[0]), array.dtype)
-    transpose_into(out, array[:, offset + start:offset + stop])
+    transpose_into(out, array[:, offset + start : offset + stop])
     return out
 
 
@@ -232,8 +304,9 @@ def detect_layout(names: Iterable[str]) -> str:
     if any(n.startswith("model.layers.") and ".self_attn.qkv_proj." in n for n in names):
         raise ValueError("these tensors are already in the Paddle layout of this project; nothing to convert")
     sample = ", ".join(sorted(names)[:3]) or "no tensors"
-    raise ValueError(f"tensor names are neither the published GLM-4 layout nor the transformers 'glm' "
-                     f"layout (first names: {sample})")
+    raise ValueError(
+        f"tensor names are neither the published GLM-4 layout nor the transformers 'glm' layout (first names: {sample})"
+    )
 
 
 def published_inv_freq(config: GLM4Config, dtype: str) -> np.ndarray:
@@ -243,6 +316,7 @@ def published_inv_freq(config: GLM4Config, dtype: str) -> np.ndarray:
     float32 and rounds to `dtype` after every operation, and rounds the base 10000 itself to `dtype` first
     (to 9984 in bf16). Matches torch bit for bit in bf16 and fp16; in fp32 torch's pow may differ by 1 ulp.
     """
+
     def rounded(values) -> np.ndarray:
         return to_float32(cast(np.asarray(values, np.float32), "float32", dtype), dtype)
 

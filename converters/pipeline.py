@@ -62,11 +62,12 @@ class ConversionError(ValueError):
 @dataclass(frozen=True)
 class SourceTensor:
     """One tensor to convert from: where it is (for messages), and how to get it."""
-    where: str                           # its file, or "memory"
+
+    where: str  # its file, or "memory"
     name: str
     dtype: str
     shape: tuple[int, ...]
-    load: Callable[[], np.ndarray]       # the whole tensor, memory-mapped when it is in a file
+    load: Callable[[], np.ndarray]  # the whole tensor, memory-mapped when it is in a file
 
     @classmethod
     def in_file(cls, reader: SafetensorsReader, name: str) -> SourceTensor:
@@ -84,6 +85,7 @@ class SourceTensor:
 @dataclass(frozen=True)
 class OutputTensor:
     """One tensor to write, made from `parts` (which share a dtype) by `forth`."""
+
     name: str
     dtype: str
     shape: tuple[int, ...]
@@ -91,7 +93,7 @@ class OutputTensor:
     # (whole parts, start, stop, out): writes rows start:stop into `out` ([stop - start, *shape[1:]], in
     # `block_dtype`), which is then cast to `dtype`
     forth: Callable[[list[np.ndarray], int, int, np.ndarray], object]
-    block_dtype: str | None = None   # default: the parts' dtype (a transform that only moves values)
+    block_dtype: str | None = None  # default: the parts' dtype (a transform that only moves values)
 
     @property
     def nbytes(self) -> int:
@@ -113,20 +115,22 @@ class OutputFile:
 @dataclass
 class Plan:
     """Everything a conversion writes into the destination directory."""
+
     files: list[OutputFile]
-    config: GLM4Config           # what config.json must read back as
-    texts: dict[str, str]        # config.json, the index, ...: file name -> content
-    copies: dict[str, str]       # file name -> path of a source file copied unchanged
-    manifest: dict               # what the direction records about the conversion
+    config: GLM4Config  # what config.json must read back as
+    texts: dict[str, str]  # config.json, the index, ...: file name -> content
+    copies: dict[str, str]  # file name -> path of a source file copied unchanged
+    manifest: dict  # what the direction records about the conversion
 
 
 @dataclass
 class Summary:
     """What a conversion did; `report()` is the end-of-run screen."""
+
     direction: str
     src: str
     dst: str
-    layout: str                  # the source layout detected
+    layout: str  # the source layout detected
     source_dtype: str
     dtype: str
     tensors: int
@@ -140,13 +144,15 @@ class Summary:
         weights = sum(name.endswith(".safetensors") for name in self.files)
         rate = self.bytes / self.seconds / 1e6 if self.seconds else 0.0
         check = "every tensor re-read and compared with its source" if self.verified else "no (--no-verify)"
-        lines = [f"{self.direction}: done in {self.seconds:.1f} s",
-                 f"  source       {self.src} ({self.layout} layout, {self.source_dtype})",
-                 f"  destination  {self.dst}",
-                 f"  written      {self.tensors} tensors in {self.dtype}: {_size(self.bytes)} in {weights} weight "
-                 f"file{'s' * (weights != 1)} ({rate:.0f} MB/s), and {len(self.files) - weights} other files",
-                 f"  verified     {check}",
-                 f"  manifest     {os.path.join(self.dst, MANIFEST)} (sha256 of every file)"]
+        lines = [
+            f"{self.direction}: done in {self.seconds:.1f} s",
+            f"  source       {self.src} ({self.layout} layout, {self.source_dtype})",
+            f"  destination  {self.dst}",
+            f"  written      {self.tensors} tensors in {self.dtype}: {_size(self.bytes)} in {weights} weight "
+            f"file{'s' * (weights != 1)} ({rate:.0f} MB/s), and {len(self.files) - weights} other files",
+            f"  verified     {check}",
+            f"  manifest     {os.path.join(self.dst, MANIFEST)} (sha256 of every file)",
+        ]
         return "\n".join(lines + [f"  note         {note}" for note in self.notes])
 
 
@@ -169,8 +175,11 @@ def row_blocks(shape: tuple[int, ...], itemsize: int) -> list[tuple[int, int]]:
 # ---- where the output goes --------------------------------------------------------------------------------
 def _listed_files(manifest) -> list[str] | None:
     """The files a conversion manifest says its directory holds (None: not a manifest of ours)."""
-    if (isinstance(manifest, dict) and str(manifest.get("tool", "")).startswith("paddle_glm4 ")
-            and isinstance(manifest.get("sha256"), dict)):
+    if (
+        isinstance(manifest, dict)
+        and str(manifest.get("tool", "")).startswith("paddle_glm4 ")
+        and isinstance(manifest.get("sha256"), dict)
+    ):
         return list(manifest["sha256"])
     return None
 
@@ -184,8 +193,9 @@ def check_destination(dst: str, overwrite: bool, src: str | None = None) -> None
     if src is not None:
         src_real, dst_real = os.path.realpath(src), os.path.realpath(dst)
         if dst_real == src_real or dst_real.startswith(src_real + os.sep):
-            raise ConversionError(f"--dst {dst} is inside --src {src}; the source is never written to, "
-                                  "choose a directory outside it")
+            raise ConversionError(
+                f"--dst {dst} is inside --src {src}; the source is never written to, choose a directory outside it"
+            )
         if src_real.startswith(dst_real + os.sep):
             raise ConversionError(f"--src {src} is inside --dst {dst}; choose a destination outside the source")
     output_dir.check_destination(dst, overwrite, CHECKPOINT)
@@ -198,16 +208,21 @@ def build(dst: str, plan: Plan, overwrite: bool, verify: bool, progress: bool) -
     permission bit that its weight files' sources lack (and a copy none that its own source lacks).
     """
     names = _check_names(plan)
-    sources = {part.where for file in plan.files for tensor in file.tensors for part in tensor.parts
-               if part.where != "memory"}
+    sources = {
+        part.where for file in plan.files for tensor in file.tensors for part in tensor.parts if part.where != "memory"
+    }
     with output_dir.staged(dst, overwrite, CHECKPOINT, mode_limit=permission_bits(sources)) as staging:
         digests, heads = {}, {}
         total = sum(t.nbytes for f in plan.files for t in f.tensors)
-        with tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=not progress or None) as bar, \
-                contextlib.ExitStack() as threads:
+        with (
+            tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=not progress or None) as bar,
+            contextlib.ExitStack() as threads,
+        ):
             # one thread per stage, so that each stage handles the blocks in order
-            stages = {name: threads.enter_context(ThreadPoolExecutor(1, thread_name_prefix=name))
-                      for name in ("write", "hash", "check", "sync")}
+            stages = {
+                name: threads.enter_context(ThreadPoolExecutor(1, thread_name_prefix=name))
+                for name in ("write", "hash", "check", "sync")
+            }
             buffers = _Buffers(plan.files)
             for file in plan.files:
                 digests[file.name], heads[file.name] = _write_file(staging, dst, file, verify, stages, buffers, bar)
@@ -237,8 +252,15 @@ def _check_names(plan: Plan) -> list[str]:
     return sorted(names)
 
 
-def _write_file(directory: str, dst: str, file: OutputFile, verify: bool, stages: dict[str, ThreadPoolExecutor],
-                buffers: _Buffers, bar: tqdm) -> tuple[str, bytes]:
+def _write_file(
+    directory: str,
+    dst: str,
+    file: OutputFile,
+    verify: bool,
+    stages: dict[str, ThreadPoolExecutor],
+    buffers: _Buffers,
+    bar: tqdm,
+) -> tuple[str, bytes]:
     """Stream one weight file; returns its sha256 and the header written.
 
     This thread computes the blocks; each block then goes through the stages, each a thread of its own:
@@ -250,8 +272,9 @@ def _write_file(directory: str, dst: str, file: OutputFile, verify: bool, stages
     digest = hashlib.sha256()
     in_flight: collections.deque[list[futures.Future]] = collections.deque()  # for each block handed on: its jobs
     syncing, unsynced = None, 0
-    with SafetensorsWriter(path, [(t.name, t.dtype, t.shape) for t in file.tensors], file.metadata, file.header,
-                           sync=False) as writer:
+    with SafetensorsWriter(
+        path, [(t.name, t.dtype, t.shape) for t in file.tensors], file.metadata, file.header, sync=False
+    ) as writer:
         try:
             digest.update(writer.head)
             offset = len(writer.head)
@@ -259,8 +282,9 @@ def _write_file(directory: str, dst: str, file: OutputFile, verify: bool, stages
                 writing = stages["write"].submit(_write_block, writer, tensor.name, block)
                 jobs = [writing, stages["hash"].submit(digest.update, block)]
                 if verify:
-                    jobs.append(stages["check"].submit(_check_block, writing, path, shown, offset, block,
-                                                       tensor.name, start))
+                    jobs.append(
+                        stages["check"].submit(_check_block, writing, path, shown, offset, block, tensor.name, start)
+                    )
                 in_flight.append(jobs)
                 offset += block.nbytes
                 bar.update(block.nbytes)
@@ -305,7 +329,7 @@ class _Buffers:
         array = self._arrays[self._turn % len(self._arrays)]
         self._turn += 1
         as_numpy = numpy_dtype(dtype)
-        return array[:int(np.prod(shape, dtype=np.int64)) * as_numpy.itemsize].view(as_numpy).reshape(shape)
+        return array[: int(np.prod(shape, dtype=np.int64)) * as_numpy.itemsize].view(as_numpy).reshape(shape)
 
 
 def _block_bytes(tensor: OutputTensor) -> int:
@@ -326,15 +350,15 @@ def _wait(*pending):
 
 
 # ---- verification -----------------------------------------------------------------------------------------
-def _check_block(writing: futures.Future, path: str, shown: str, offset: int, block: np.ndarray, name: str,
-                 start: int):
+def _check_block(writing: futures.Future, path: str, shown: str, offset: int, block: np.ndarray, name: str, start: int):
     """Once it is written, re-read a block from the file and compare its bytes with the block computed from
     the source."""
     writing.result()
     on_disk = np.memmap(path, np.uint8, mode="r", offset=offset, shape=(block.nbytes,))
     if not _same_bytes(on_disk, block.reshape(-1).view(np.uint8)):
-        raise ConversionError(f"{shown}: tensor {name!r} reads back different from its source "
-                              f"(the block of rows from {start})")
+        raise ConversionError(
+            f"{shown}: tensor {name!r} reads back different from its source (the block of rows from {start})"
+        )
 
 
 def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
@@ -352,7 +376,8 @@ def _verify_files(directory: str, dst: str, plan: Plan, heads: dict[str, bytes])
         with SafetensorsReader(path) as reader:
             header = reader.header_text.encode("utf-8")
         if header != heads[file.name][8:] or os.path.getsize(path) != len(heads[file.name]) + sum(
-                t.nbytes for t in file.tensors):
+            t.nbytes for t in file.tensors
+        ):
             raise ConversionError(f"{shown}: the header or size read back is not what was written")
         where.update({t.name: path for t in file.tensors})
     try:
@@ -360,8 +385,7 @@ def _verify_files(directory: str, dst: str, plan: Plan, heads: dict[str, bytes])
     except CheckpointError as err:
         raise ConversionError(f"the written index does not load: {err}") from None
     if index != where:
-        raise ConversionError(f"{os.path.join(dst, INDEX_FILE)}: does not map the tensors to the files "
-                              "that hold them")
+        raise ConversionError(f"{os.path.join(dst, INDEX_FILE)}: does not map the tensors to the files that hold them")
     written = GLM4Config.from_file(os.path.join(directory, CONFIG_NAME))
     if written != plan.config:
         raise ConversionError(f"{os.path.join(dst, CONFIG_NAME)}: reads back as {written}, expected {plan.config}")

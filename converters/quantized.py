@@ -19,26 +19,41 @@ from . import mapping
 from .pipeline import OutputTensor, SourceTensor
 
 
-def quantized_tensors(spec: mapping.TensorSpec, parts: tuple[SourceTensor, ...],
-                      quantization: Quantization) -> list[OutputTensor]:
+def quantized_tensors(
+    spec: mapping.TensorSpec, parts: tuple[SourceTensor, ...], quantization: Quantization
+) -> list[OutputTensor]:
     """`<layer>.qweight` and `<layer>.scales` for the Linear weight of `spec`, from its torch `parts`."""
     fmt = Packed(quantization.scheme, quantization.group_size)
     k, n = spec.shape
     qweight, scales = fmt.slots(k, n)
     kept = np.empty(scales.shape, np.float32)  # filled by qweight's blocks, then written as scales
-    prefix = spec.paddle[:-len("weight")]
+    prefix = spec.paddle[: -len("weight")]
 
     def quantize(arrays, start, stop, out):
         rows = to_float32(mapping.concatenated_rows(arrays, start, stop), parts[0].dtype)
         fmt.pack({"qweight": out, "scales": kept[start:stop]}, rows, 0)
 
-    return [OutputTensor(prefix + qweight.name, qweight.dtype, qweight.shape, parts, quantize, qweight.dtype),
-            OutputTensor(prefix + scales.name, scales.dtype, scales.shape, parts,
-                         lambda arrays, start, stop, out: np.copyto(out, kept[start:stop]), scales.dtype)]
+    return [
+        OutputTensor(prefix + qweight.name, qweight.dtype, qweight.shape, parts, quantize, qweight.dtype),
+        OutputTensor(
+            prefix + scales.name,
+            scales.dtype,
+            scales.shape,
+            parts,
+            lambda arrays, start, stop, out: np.copyto(out, kept[start:stop]),
+            scales.dtype,
+        ),
+    ]
 
 
-def dequantized_tensor(name: str, spec: mapping.TensorSpec, qweight: SourceTensor, scales: SourceTensor,
-                       quantization: Quantization, dtype: str) -> OutputTensor:
+def dequantized_tensor(
+    name: str,
+    spec: mapping.TensorSpec,
+    qweight: SourceTensor,
+    scales: SourceTensor,
+    quantization: Quantization,
+    dtype: str,
+) -> OutputTensor:
     """The published (torch, [N, K]) weight `name` in `dtype`, dequantized from a Paddle checkpoint's
     `qweight` and `scales`."""
     fmt = Packed(quantization.scheme, quantization.group_size)

@@ -12,17 +12,21 @@ from __future__ import annotations
 
 import numpy as np
 
-_UNIT = np.dtype("V16")   # moved as one opaque item; no alignment required
+_UNIT = np.dtype("V16")  # moved as one opaque item; no alignment required
 _TILE_BYTES = 256 * 1024  # one tile of the source, in units: fits the L2 cache
-_TILE_UNITS = 16          # units per row of a tile: tall tiles write longer runs of each output row
+_TILE_UNITS = 16  # units per row of a tile: tall tiles write longer runs of each output row
 
 
 def transpose_into(out: np.ndarray, matrix: np.ndarray) -> None:
     """Copy `matrix.T` into `out` (shape [cols, rows]). `matrix` may be a column slice of a bigger matrix."""
     rows, cols = matrix.shape
     k = _UNIT.itemsize // matrix.itemsize  # values per unit
-    fast = (matrix.itemsize in (2, 4) and out.dtype == matrix.dtype and matrix.strides[1] == matrix.itemsize
-            and out.strides[1] == out.itemsize)
+    fast = (
+        matrix.itemsize in (2, 4)
+        and out.dtype == matrix.dtype
+        and matrix.strides[1] == matrix.itemsize
+        and out.strides[1] == out.itemsize
+    )
     wide = cols - cols % k if fast else 0  # columns done by whole units; the rest the plain way
     if wide:
         units = matrix[:, :wide].view(_UNIT)  # [rows, wide / k]
@@ -31,10 +35,10 @@ def transpose_into(out: np.ndarray, matrix: np.ndarray) -> None:
         tile_rows = max(256, _TILE_BYTES // (tile_units * _UNIT.itemsize))
         for r in range(0, rows, tile_rows):
             for g in range(0, n_units, tile_units):
-                tile = np.ascontiguousarray(units[r:r + tile_rows, g:g + tile_units].T)  # [units, rows]
+                tile = np.ascontiguousarray(units[r : r + tile_rows, g : g + tile_units].T)  # [units, rows]
                 count, height = tile.shape
                 values = tile.view(matrix.dtype).reshape(count, height, k)
                 # values[u, i, j] = matrix[r + i, (g + u) * k + j], which goes to out[(g + u) * k + j, r + i]
-                out[g * k:(g + count) * k, r:r + height].reshape(count, k, height)[...] = values.transpose(0, 2, 1)
+                out[g * k : (g + count) * k, r : r + height].reshape(count, k, height)[...] = values.transpose(0, 2, 1)
     if wide < cols:
         out[wide:] = matrix[:, wide:].T

@@ -27,10 +27,17 @@ def load(args: argparse.Namespace) -> tuple[Engine, GLM4Tokenizer]:
     from .validation import check_seed
 
     check_seed(args.seed, "--seed")  # before the model takes its time to load
-    return load_engine(args.model, args.engine, args.dtype, args.tokenizer,
-                       quantization=args.quantize, group_size=args.group_size,
-                       activation_dtype=args.activation_dtype, prefill_chunk=args.prefill_chunk,
-                       kv_cache_dtype=args.kv_cache_dtype)
+    return load_engine(
+        args.model,
+        args.engine,
+        args.dtype,
+        args.tokenizer,
+        quantization=args.quantize,
+        group_size=args.group_size,
+        activation_dtype=args.activation_dtype,
+        prefill_chunk=args.prefill_chunk,
+        kv_cache_dtype=args.kv_cache_dtype,
+    )
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
@@ -55,8 +62,10 @@ def report_speed(prompt_tokens: int, started: float, streamer: Streamer) -> None
     prefill = first - started
     decode_tokens = streamer.tokens - 1
     decode = last - first
-    line = (f"time to first token: {prefill:.2f} s; "
-            f"prefill: {prompt_tokens} tokens in {prefill:.2f} s ({prompt_tokens / prefill:.1f} tokens/s)")
+    line = (
+        f"time to first token: {prefill:.2f} s; "
+        f"prefill: {prompt_tokens} tokens in {prefill:.2f} s ({prompt_tokens / prefill:.1f} tokens/s)"
+    )
     if decode_tokens > 0 and decode > 0:
         line += f"; decode: {decode_tokens} tokens in {decode:.2f} s ({decode_tokens / decode:.2f} tokens/s)"
     print(line, file=sys.stderr)
@@ -116,8 +125,13 @@ def _chat(args, model, tokenizer, reader, interactive: bool) -> int:
         started = time.perf_counter()
         try:
             with ctrl_c_cancels(streamer):
-                out, _ = model.generate([ids], eos_token_id=tokenizer.stop_token_ids, streamer=streamer,
-                                        vocab_limit=len(tokenizer), **kwargs)
+                out, _ = model.generate(
+                    [ids],
+                    eos_token_id=tokenizer.stop_token_ids,
+                    streamer=streamer,
+                    vocab_limit=len(tokenizer),
+                    **kwargs,
+                )
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
             messages.pop()
@@ -163,14 +177,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .inference.export import export_model
 
     interrupt_on_termination()
-    manifest = export_model(args.model, args.out, args.dtype, args.max_seq_len, quantization=args.quantize,
-                            group_size=args.group_size, activation_dtype=args.activation_dtype,
-                            overwrite=args.overwrite)
+    manifest = export_model(
+        args.model,
+        args.out,
+        args.dtype,
+        args.max_seq_len,
+        quantization=args.quantize,
+        group_size=args.group_size,
+        activation_dtype=args.activation_dtype,
+        overwrite=args.overwrite,
+    )
     quantized = manifest.config.quantization
     weights = manifest.dtype if quantized is None else f"{quantized} (the rest {manifest.dtype})"
-    print(f"exported to {args.out}: weights {weights}, computes in {manifest.compute_dtype} on "
-          f"{manifest.device}{' with paddle_glm4 kernels' if manifest.kernels else ''}, max_seq_len "
-          f"{manifest.max_seq_len}", file=sys.stderr)
+    print(
+        f"exported to {args.out}: weights {weights}, computes in {manifest.compute_dtype} on "
+        f"{manifest.device}{' with paddle_glm4 kernels' if manifest.kernels else ''}, max_seq_len "
+        f"{manifest.max_seq_len}",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -191,27 +215,46 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ---- argument parsing -----------------------------------------------------------------------------------
 def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser)
-    parser.add_argument("--max-new-tokens", type=int, default=256, metavar="N",
-                        help="most tokens to generate per answer (default: 256)")
-    parser.add_argument("--temperature", type=float, metavar="T",
-                        help="sampling temperature; setting it (or --top-p/--top-k) turns sampling on, 0 means "
-                             "greedy (default: generation_config.json's, else greedy decoding)")
-    parser.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling: keep the most likely tokens "
-                        "that add up to probability P")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=256, metavar="N", help="most tokens to generate per answer (default: 256)"
+    )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        metavar="T",
+        help="sampling temperature; setting it (or --top-p/--top-k) turns sampling on, 0 means "
+        "greedy (default: generation_config.json's, else greedy decoding)",
+    )
+    parser.add_argument(
+        "--top-p",
+        type=float,
+        metavar="P",
+        help="nucleus sampling: keep the most likely tokens that add up to probability P",
+    )
     parser.add_argument("--top-k", type=int, metavar="K", help="sample among the K most likely tokens (0: all)")
-    parser.add_argument("--repetition-penalty", type=float, metavar="R",
-                        help="divide the logits of tokens already present by R (>1 discourages repeats)")
+    parser.add_argument(
+        "--repetition-penalty",
+        type=float,
+        metavar="R",
+        help="divide the logits of tokens already present by R (>1 discourages repeats)",
+    )
     parser.add_argument("--seed", type=int, metavar="S", help="random seed, for reproducible sampling")
-    parser.add_argument("--greedy", action="store_true",
-                        help="always pick the most likely token, whatever generation_config.json says")
-    parser.add_argument("--truncate", action="store_true",
-                        help="when the prompt and --max-new-tokens do not fit the model's context, drop the "
-                             "prompt's beginning instead of stopping with an error")
+    parser.add_argument(
+        "--greedy", action="store_true", help="always pick the most likely token, whatever generation_config.json says"
+    )
+    parser.add_argument(
+        "--truncate",
+        action="store_true",
+        help="when the prompt and --max-new-tokens do not fit the model's context, drop the "
+        "prompt's beginning instead of stopping with an error",
+    )
 
 
-EXPORT_DESCRIPTION = ("Trace the model and save it as a static program (PIR .json + .pdiparams) with its manifest and "
-                      "tokenizer files, for Paddle Inference; generate from it with `glm4 generate --model OUT "
-                      "--engine inference`. Same as python -m paddle_glm4.inference export.")
+EXPORT_DESCRIPTION = (
+    "Trace the model and save it as a static program (PIR .json + .pdiparams) with its manifest and "
+    "tokenizer files, for Paddle Inference; generate from it with `glm4 generate --model OUT "
+    "--engine inference`. Same as python -m paddle_glm4.inference export."
+)
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
@@ -220,90 +263,123 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--model", required=True, metavar="DIR", help="a checkpoint converted with glm4 convert")
     parser.add_argument("--out", required=True, metavar="DIR", help="the export directory to write")
-    parser.add_argument("--dtype", choices=STORAGE_DTYPES,
-                        help="how the weights are stored (default: as in the checkpoint); a CPU program computes "
-                             "in float32 whatever this is, a program exported on a GPU computes in it")
+    parser.add_argument(
+        "--dtype",
+        choices=STORAGE_DTYPES,
+        help="how the weights are stored (default: as in the checkpoint); a CPU program computes "
+        "in float32 whatever this is, a program exported on a GPU computes in it",
+    )
     add_quantization_arguments(parser, "store (and compute with paddle_glm4's C++ kernels)")
-    parser.add_argument("--max-seq-len", type=int, metavar="N",
-                        help="the longest prompt + generation the export accepts (default: the config's "
-                             "seq_length)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace OUT if it is empty or an earlier export (its export.json and the files an "
-                             "export holds, nothing else); anything else is never replaced. The new export is "
-                             "built beside OUT and swapped in only once complete")
+    parser.add_argument(
+        "--max-seq-len",
+        type=int,
+        metavar="N",
+        help="the longest prompt + generation the export accepts (default: the config's seq_length)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUT if it is empty or an earlier export (its export.json and the files an "
+        "export holds, nothing else); anything else is never replaced. The new export is "
+        "built beside OUT and swapped in only once complete",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser = argparse.ArgumentParser(prog="glm4", description="GLM-4-9B in PaddlePaddle.")
-    parser.add_argument("--version", action="version", version=f"paddle_glm4 {__version__}",
-                        help="print the version and exit")
+    parser.add_argument(
+        "--version", action="version", version=f"paddle_glm4 {__version__}", help="print the version and exit"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    generate = commands.add_parser("generate", help="continue a prompt, streaming the text to stdout",
-                                   description="Continue a prompt (after GLM-4's [gMASK]<sop> prefix) and stream "
-                                               "the text to stdout; prefill and decode speed go to stderr.")
+    generate = commands.add_parser(
+        "generate",
+        help="continue a prompt, streaming the text to stdout",
+        description="Continue a prompt (after GLM-4's [gMASK]<sop> prefix) and stream "
+        "the text to stdout; prefill and decode speed go to stderr.",
+    )
     add_generation_arguments(generate)
     generate.add_argument("--prompt", required=True, metavar="TEXT", help="the text to continue")
     generate.set_defaults(handler=cmd_generate)
 
-    chat = commands.add_parser("chat", help="multi-turn chat with the chat template",
-                               description="Chat with the model: one user turn per line on stdin (a terminal or a "
-                                           "pipe); answers stream to stdout. /reset clears the history, /exit or "
-                                           "Ctrl-D quits, Ctrl-C interrupts an answer.")
+    chat = commands.add_parser(
+        "chat",
+        help="multi-turn chat with the chat template",
+        description="Chat with the model: one user turn per line on stdin (a terminal or a "
+        "pipe); answers stream to stdout. /reset clears the history, /exit or "
+        "Ctrl-D quits, Ctrl-C interrupts an answer.",
+    )
     add_generation_arguments(chat)
-    chat.add_argument("--system", metavar="TEXT", help="a system message that starts (and survives /reset in) "
-                      "the conversation")
+    chat.add_argument(
+        "--system", metavar="TEXT", help="a system message that starts (and survives /reset in) the conversation"
+    )
     chat.add_argument("--verbose", action="store_true", help="print the speed of each answer to stderr")
     chat.set_defaults(handler=cmd_chat)
 
-    convert = commands.add_parser("convert", help="convert a published torch checkpoint to Paddle",
-                                  description="Convert GLM-4 torch safetensors (published or transformers layout) "
-                                              "to a Paddle checkpoint; same as glm4-convert.")
+    convert = commands.add_parser(
+        "convert",
+        help="convert a published torch checkpoint to Paddle",
+        description="Convert GLM-4 torch safetensors (published or transformers layout) "
+        "to a Paddle checkpoint; same as glm4-convert.",
+    )
     from converters import torch_to_paddle
 
     torch_to_paddle.add_arguments(convert)
     convert.set_defaults(handler=cmd_convert)
 
-    to_torch = commands.add_parser("to-torch", help="convert a Paddle checkpoint back to the published torch layout",
-                                   description="Convert a paddle_glm4 checkpoint back into the published GLM-4 "
-                                               "torch layout (safetensors); same as python -m "
-                                               "converters.paddle_to_torch.")
+    to_torch = commands.add_parser(
+        "to-torch",
+        help="convert a Paddle checkpoint back to the published torch layout",
+        description="Convert a paddle_glm4 checkpoint back into the published GLM-4 "
+        "torch layout (safetensors); same as python -m "
+        "converters.paddle_to_torch.",
+    )
     from converters import paddle_to_torch
 
     paddle_to_torch.add_arguments(to_torch)
     to_torch.set_defaults(handler=cmd_to_torch)
 
-    export = commands.add_parser("export", help="export a converted checkpoint for Paddle Inference",
-                                 description=EXPORT_DESCRIPTION)
+    export = commands.add_parser(
+        "export", help="export a converted checkpoint for Paddle Inference", description=EXPORT_DESCRIPTION
+    )
     add_export_arguments(export)
     export.set_defaults(handler=cmd_export)
 
     from . import finetune as finetune_module
 
-    finetune = commands.add_parser("finetune", help="LoRA fine-tuning on chat conversations (JSONL)",
-                                   description="Fine-tune with LoRA on a JSONL file of conversations (OpenAI's "
-                                               "fine-tuning layout), the loss on the assistant's tokens only; writes "
-                                               "the merged model, the tokenizer and a loss curve (PNG) to --out.")
+    finetune = commands.add_parser(
+        "finetune",
+        help="LoRA fine-tuning on chat conversations (JSONL)",
+        description="Fine-tune with LoRA on a JSONL file of conversations (OpenAI's "
+        "fine-tuning layout), the loss on the assistant's tokens only; writes "
+        "the merged model, the tokenizer and a loss curve (PNG) to --out.",
+    )
     finetune_module.add_arguments(finetune)
     finetune.set_defaults(handler=cmd_finetune)
 
     from .demo import add_arguments as add_demo_arguments
 
-    demo = commands.add_parser("demo", help="build a small random GLM-4, convert, load and generate",
-                               description="The built-in demo: writes a small GLM-4 checkpoint with deterministic "
-                                           "RANDOM weights in the published torch layout, converts it with the real "
-                                           "converter, loads it, and generates. Needs nothing downloaded.")
+    demo = commands.add_parser(
+        "demo",
+        help="build a small random GLM-4, convert, load and generate",
+        description="The built-in demo: writes a small GLM-4 checkpoint with deterministic "
+        "RANDOM weights in the published torch layout, converts it with the real "
+        "converter, loads it, and generates. Needs nothing downloaded.",
+    )
     add_demo_arguments(demo)
     demo.set_defaults(handler=cmd_demo)
 
     from .server import add_arguments as add_server_arguments
     from .server import run as run_server
 
-    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP API (FastAPI + uvicorn)",
-                                description="Serve GLM-4 over an OpenAI-compatible HTTP API: /v1/models, "
-                                            "/v1/chat/completions (streaming, tools), /v1/completions.")
+    serve = commands.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP API (FastAPI + uvicorn)",
+        description="Serve GLM-4 over an OpenAI-compatible HTTP API: /v1/models, "
+        "/v1/chat/completions (streaming, tools), /v1/completions.",
+    )
     add_server_arguments(serve)
     serve.set_defaults(handler=run_server)
     for command in (parser, *commands.choices.values()):

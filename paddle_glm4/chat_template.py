@@ -67,8 +67,14 @@ class RenderedChat:
     pieces: tuple[tuple[str, bool], ...]
 
 
-def render_chat(template: str, messages: Sequence[Mapping[str, Any]], special_tokens: Iterable[str], *,
-                add_generation_prompt: bool = False, name: str = "the chat template") -> RenderedChat:
+def render_chat(
+    template: str,
+    messages: Sequence[Mapping[str, Any]],
+    special_tokens: Iterable[str],
+    *,
+    add_generation_prompt: bool = False,
+    name: str = "the chat template",
+) -> RenderedChat:
     """Render `messages` with `template` and locate the template's own special tokens in the result. `name` says
     where the template comes from, in errors (e.g. "the chat template of DIR/tokenizer_config.json")."""
     messages = validate_messages(messages)
@@ -81,11 +87,15 @@ def render_chat(template: str, messages: Sequence[Mapping[str, Any]], special_to
     defused = _replace_strings(messages, lambda s: finder.sub(lambda m: sentinels[m.group()], s))
     restore = {sentinel: token for token, sentinel in sentinels.items()}
     restorer = re.compile("|".join(map(re.escape, restore)))
-    pieces = tuple((piece if special else restorer.sub(lambda m: restore[m.group()], piece), special)
-                   for piece, special in _split(_render(template, name, defused, add_generation_prompt), finder))
+    pieces = tuple(
+        (piece if special else restorer.sub(lambda m: restore[m.group()], piece), special)
+        for piece, special in _split(_render(template, name, defused, add_generation_prompt), finder)
+    )
     if "".join(piece for piece, _ in pieces) != text:
-        raise ChatTemplateError(f"{name} treats special-token text inside a message differently from other text, "
-                                "so its own special tokens cannot be told apart from the user's")
+        raise ChatTemplateError(
+            f"{name} treats special-token text inside a message differently from other text, "
+            "so its own special tokens cannot be told apart from the user's"
+        )
     return RenderedChat(text, pieces)
 
 
@@ -106,19 +116,22 @@ def validate_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, A
         if "role" not in message:
             raise ChatTemplateError(f"message {index} has no 'role'; expected one of {', '.join(ROLES)}")
         if message["role"] not in ROLES:
-            raise ChatTemplateError(f"message {index} has unknown role {message['role']!r}; "
-                                    f"expected one of {', '.join(ROLES)}")
+            raise ChatTemplateError(
+                f"message {index} has unknown role {message['role']!r}; expected one of {', '.join(ROLES)}"
+            )
         where = f"message {index} ({message['role']})"
         content = message.get("content")
         if isinstance(content, (list, tuple)):
             content = "".join(_text_part(part, f"{where}: content[{i}]") for i, part in enumerate(content))
         elif content is not None and not isinstance(content, str):
-            raise ChatTemplateError(f"{where}: content must be a string or a list of text parts, "
-                                    f"got {type(content).__name__}")
+            raise ChatTemplateError(
+                f"{where}: content must be a string or a list of text parts, got {type(content).__name__}"
+            )
         if message.get("metadata") is not None and not isinstance(message["metadata"], str):
             raise ChatTemplateError(f"{where}: metadata must be a string, got {type(message['metadata']).__name__}")
-        message = _json_data({**message, "content": content} if "content" in message else message,
-                             f"message {index}", 0)
+        message = _json_data(
+            {**message, "content": content} if "content" in message else message, f"message {index}", 0
+        )
         checked.append(message)
     return checked
 
@@ -152,19 +165,28 @@ def _json_data(value: Any, where: str, depth: int) -> Any:
         return result
     if isinstance(value, (list, tuple)):
         return [_json_data(item, f"{where}[{i}]", depth + 1) for i, item in enumerate(value)]
-    raise ChatTemplateError(f"{where}: {type(value).__name__} is not allowed in a message; use strings, numbers, "
-                            "booleans, None, lists and dicts")
+    raise ChatTemplateError(
+        f"{where}: {type(value).__name__} is not allowed in a message; use strings, numbers, "
+        "booleans, None, lists and dicts"
+    )
 
 
 def _text_part(part: Any, where: str) -> str:
     if not isinstance(part, Mapping) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-        raise ChatTemplateError(f"{where}: content must be a string or a list of text parts, and this part is not "
-                                "{'type': 'text', 'text': <string>} (only text is supported)")
+        raise ChatTemplateError(
+            f"{where}: content must be a string or a list of text parts, and this part is not "
+            "{'type': 'text', 'text': <string>} (only text is supported)"
+        )
     return part["text"]
 
 
-def tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
-           separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+def tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
     """JSON as chat templates expect it: unescaped text, keys in their given order (unlike Jinja's filter)."""
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
@@ -284,8 +306,10 @@ def _environment():
 
     env = LimitedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.filters["tojson"] = tojson
-    env.filters = {name: _limited_filter(name, function, _PassArg.from_obj(function) is not None)
-                   for name, function in env.filters.items()}
+    env.filters = {
+        name: _limited_filter(name, function, _PassArg.from_obj(function) is not None)
+        for name, function in env.filters.items()
+    }
     env.globals["raise_exception"] = _raise_exception
     return env
 
@@ -302,8 +326,10 @@ def compile_template(template: str, name: str = "the chat template") -> jinja2.T
     except TemplateError as err:
         raise ChatTemplateError(f"{name} is not a valid Jinja template: {err}") from None
     for node in tree.find_all((nodes.Import, nodes.FromImport, nodes.Include, nodes.Extends)):
-        raise ChatTemplateError(f"{name} uses '{_FORBIDDEN_TAGS[type(node).__name__]}' (line {node.lineno}); "
-                                "a chat template must be self-contained")
+        raise ChatTemplateError(
+            f"{name} uses '{_FORBIDDEN_TAGS[type(node).__name__]}' (line {node.lineno}); "
+            "a chat template must be self-contained"
+        )
     try:
         return env.from_string(tree)
     except TemplateError as err:
@@ -366,7 +392,7 @@ def _split(text: str, finder: re.Pattern) -> Iterator[tuple[str, bool]]:
     start = 0
     for match in finder.finditer(text):
         if match.start() > start:
-            yield text[start:match.start()], False
+            yield text[start : match.start()], False
         yield match.group(), True
         start = match.end()
     if start < len(text):

@@ -32,8 +32,13 @@ class CheckpointError(SchemaError):
     """A checkpoint directory whose files do not hold the model they claim to."""
 
 
-INDEX_SCHEMA = Object({"metadata": Optional(Object({"total_size": Optional(Int(0))})),
-                       "weight_map": Map(Str(max_len=255), max_len=1 << 20)}, required=("weight_map",))
+INDEX_SCHEMA = Object(
+    {
+        "metadata": Optional(Object({"total_size": Optional(Int(0))})),
+        "weight_map": Map(Str(max_len=255), max_len=1 << 20),
+    },
+    required=("weight_map",),
+)
 
 
 # The config.json model types of GLM-4's torch checkpoints, which Paddle loads only once converted.
@@ -49,9 +54,11 @@ def require_converted(directory: str, error: type[ValueError] = CheckpointError)
         return
     model_type = config.get("model_type") if isinstance(config, dict) else None
     if model_type in TORCH_LAYOUTS:
-        raise error(f"{directory} holds GLM-4 in {TORCH_LAYOUTS[model_type]} (config.json model_type "
-                    f"{model_type!r}), not a Paddle checkpoint; convert it first: glm4-convert --src {directory} "
-                    f"--dst {os.path.normpath(directory)}-paddle")
+        raise error(
+            f"{directory} holds GLM-4 in {TORCH_LAYOUTS[model_type]} (config.json model_type "
+            f"{model_type!r}), not a Paddle checkpoint; convert it first: glm4-convert --src {directory} "
+            f"--dst {os.path.normpath(directory)}-paddle"
+        )
 
 
 # ---- small file helpers ---------------------------------------------------------------------------------
@@ -105,8 +112,10 @@ def weight_map(directory: str) -> dict[str, str]:
         for name, filename in mapping.items():
             plain_name(filename, f"{index_path}: weight_map[{name!r}]")
             if not filename.endswith(".safetensors"):
-                raise CheckpointError(f"{index_path}: tensor {name!r} points to {filename!r}, which is not a "
-                                      ".safetensors file (only safetensors are loaded)")
+                raise CheckpointError(
+                    f"{index_path}: tensor {name!r} points to {filename!r}, which is not a "
+                    ".safetensors file (only safetensors are loaded)"
+                )
             path = os.path.join(directory, filename)
             if not os.path.lexists(path):
                 raise CheckpointError(f"{index_path}: shard {filename} (holding {name!r}) is missing")
@@ -122,7 +131,8 @@ def weight_map(directory: str) -> dict[str, str]:
     if pickles:
         raise CheckpointError(
             f"{os.path.join(directory, pickles[0])} is a pickle file; paddle_glm4 loads only safetensors, because "
-            "unpickling a downloaded file can run arbitrary code. Convert the checkpoint with glm4-convert.")
+            "unpickling a downloaded file can run arbitrary code. Convert the checkpoint with glm4-convert."
+        )
     raise CheckpointError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE} here")
 
 
@@ -134,8 +144,9 @@ class TensorLocation:
     nbytes: int
 
 
-def inspect(directory: str, expected_shapes: dict[str, tuple[int, ...]],
-            expected_dtypes: dict[str, str] | None = None) -> dict[str, TensorLocation]:
+def inspect(
+    directory: str, expected_shapes: dict[str, tuple[int, ...]], expected_dtypes: dict[str, str] | None = None
+) -> dict[str, TensorLocation]:
     """Check every header of the checkpoint against the expected names and shapes; read no tensor data.
     A tensor named in `expected_dtypes` (a quantized weight) must have that dtype, any other a float one."""
     expected_dtypes = expected_dtypes or {}
@@ -157,14 +168,18 @@ def inspect(directory: str, expected_shapes: dict[str, tuple[int, ...]],
                 if name not in expected_shapes:
                     raise CheckpointError(f"{path}: unexpected tensor {name!r} (not part of this model)")
                 if reader.shape(name) != tuple(expected_shapes[name]):
-                    raise CheckpointError(f"{path}: tensor {name!r} has shape {list(reader.shape(name))}, "
-                                          f"the config expects {list(expected_shapes[name])}")
+                    raise CheckpointError(
+                        f"{path}: tensor {name!r} has shape {list(reader.shape(name))}, "
+                        f"the config expects {list(expected_shapes[name])}"
+                    )
                 if name in expected_dtypes and reader.dtype(name) != expected_dtypes[name]:
-                    raise CheckpointError(f"{path}: tensor {name!r} has dtype {reader.dtype(name)}, "
-                                          f"expected {expected_dtypes[name]}")
+                    raise CheckpointError(
+                        f"{path}: tensor {name!r} has dtype {reader.dtype(name)}, expected {expected_dtypes[name]}"
+                    )
                 if name not in expected_dtypes and reader.dtype(name) not in ("float32", "bfloat16", "float16"):
-                    raise CheckpointError(f"{path}: tensor {name!r} has dtype {reader.dtype(name)}, "
-                                          "expected float32, bfloat16 or float16")
+                    raise CheckpointError(
+                        f"{path}: tensor {name!r} has dtype {reader.dtype(name)}, expected float32, bfloat16 or float16"
+                    )
                 locations[name] = TensorLocation(path, reader.dtype(name), reader.shape(name), reader.nbytes(name))
     missing = [name for name in expected_shapes if name not in locations]
     if missing:
@@ -173,8 +188,9 @@ def inspect(directory: str, expected_shapes: dict[str, tuple[int, ...]],
     return locations
 
 
-def read_tensors(locations: dict[str, TensorLocation], dtype: str | dict[str, str | None],
-                 progress: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
+def read_tensors(
+    locations: dict[str, TensorLocation], dtype: str | dict[str, str | None], progress: str | None = None
+) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (name, numpy array in `dtype`) one tensor at a time, file by file (bf16 as uint16 bits).
     `dtype` is one for all, or one per name (None: as stored).
 
@@ -199,8 +215,9 @@ def read_tensors(locations: dict[str, TensorLocation], dtype: str | dict[str, st
 
 
 # ---- writing ------------------------------------------------------------------------------------------
-def plan_shards(sizes: list[tuple[str, int]], max_shard_size: int,
-                transformers_rule: bool = False) -> list[tuple[str, list[str]]]:
+def plan_shards(
+    sizes: list[tuple[str, int]], max_shard_size: int, transformers_rule: bool = False
+) -> list[tuple[str, list[str]]]:
     """Group tensors, in order, into files of at most `max_shard_size` bytes (a bigger tensor gets its own).
 
     With `transformers_rule`, group exactly as huggingface_hub (and so transformers' save_pretrained) does:
@@ -229,22 +246,27 @@ def plan_shards(sizes: list[tuple[str, int]], max_shard_size: int,
 def index_json(shards: list[tuple[str, list[str]]], total_size: int) -> str:
     """`model.safetensors.index.json` for `shards` ([(filename, tensor names)]), formatted as transformers
     writes it (sorted keys, indent 2, final newline), which is how the published GLM-4 index looks."""
-    index = {"metadata": {"total_size": total_size},
-             "weight_map": {name: filename for filename, names in shards for name in names}}
+    index = {
+        "metadata": {"total_size": total_size},
+        "weight_map": {name: filename for filename, names in shards for name in names},
+    }
     return json.dumps(index, indent=2, sort_keys=True) + "\n"
 
 
 def existing_weight_files(directory: str) -> list[str]:
     if not os.path.isdir(directory):
         return []
-    return sorted(f for f in os.listdir(directory)
-                  if f in (SINGLE_FILE, INDEX_FILE) or SHARD_PATTERN.match(f))
+    return sorted(f for f in os.listdir(directory) if f in (SINGLE_FILE, INDEX_FILE) or SHARD_PATTERN.match(f))
 
 
-def write_checkpoint(directory: str, entries: list[tuple[str, str, tuple[int, ...]]],
-                     tensors: Iterator[tuple[str, np.ndarray]],
-                     max_shard_size: int | str = "5GB", metadata: dict | None = None,
-                     progress: str | None = None) -> list[str]:
+def write_checkpoint(
+    directory: str,
+    entries: list[tuple[str, str, tuple[int, ...]]],
+    tensors: Iterator[tuple[str, np.ndarray]],
+    max_shard_size: int | str = "5GB",
+    metadata: dict | None = None,
+    progress: str | None = None,
+) -> list[str]:
     """Write safetensors weights into `directory`, streaming.
 
     `entries` declares (name, dtype, shape) in writing order; `tensors` yields (name, numpy array) in that
@@ -254,13 +276,19 @@ def write_checkpoint(directory: str, entries: list[tuple[str, str, tuple[int, ..
     """
     os.makedirs(directory, exist_ok=True)
     declared = {name: (dtype, tuple(shape)) for name, dtype, shape in entries}
-    sizes = [(name, int(np.prod(shape, dtype=np.int64)) * numpy_dtype(dtype).itemsize)
-             for name, dtype, shape in entries]
+    sizes = [
+        (name, int(np.prod(shape, dtype=np.int64)) * numpy_dtype(dtype).itemsize) for name, dtype, shape in entries
+    ]
     shards = plan_shards(sizes, parse_size(max_shard_size))
     tensors = iter(tensors)
     written = []
-    with tqdm(total=sum(n for _, n in sizes), unit="B", unit_scale=True, desc=progress,
-              disable=True if progress is None else None) as bar:
+    with tqdm(
+        total=sum(n for _, n in sizes),
+        unit="B",
+        unit_scale=True,
+        desc=progress,
+        disable=True if progress is None else None,
+    ) as bar:
         for filename, names in shards:
             final = os.path.join(directory, filename)
             tmp = os.path.join(directory, f".{filename}.tmp")

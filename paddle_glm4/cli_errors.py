@@ -21,9 +21,12 @@ class UsageError(ValueError):
 
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:
     """--debug on `parser` (on a subcommand too: it then keeps a --debug given before the subcommand)."""
-    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                        help=f"on an error, print the full traceback as well as the one-line message (or set "
-                             f"{DEBUG_ENV}=1)")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help=f"on an error, print the full traceback as well as the one-line message (or set {DEBUG_ENV}=1)",
+    )
 
 
 def run_cli(command: Callable[[], int | None], debug: bool = False) -> int:
@@ -54,7 +57,9 @@ def run_cli(command: Callable[[], int | None], debug: bool = False) -> int:
 def interrupt_on_termination() -> None:
     """Let `kill` (SIGTERM) and a closed terminal (SIGHUP) clean up like Ctrl-C does: for commands that write
     output atomically, so that they leave no partial output behind."""
+
     def interrupt(signum, frame):
         raise KeyboardInterrupt
+
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, interrupt)

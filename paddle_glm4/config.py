@@ -53,29 +53,75 @@ EPS = Number(above=0, below=1)
 DTYPE = Str(STORAGE_DTYPES)
 # Weights stored quantized: int8 (group_size null, one scale per output channel) or int4 (one scale per
 # `group_size` input rows); absent: stored as `dtype`. Which scheme takes which group size is the quantizer's rule.
-QUANTIZATION = Object({"scheme": Str(("int8", "int4")), "group_size": Optional(Int(1, 1 << 16))},
-                      required=("scheme",), closed=True)
-CANONICAL_SCHEMA = Object({
-    "vocab_size": VOCAB, "hidden_size": HIDDEN, "intermediate_size": FFN, "num_hidden_layers": LAYERS,
-    "num_attention_heads": HEADS, "num_key_value_heads": HEADS, "head_dim": HEAD_DIM,
-    "partial_rotary_factor": ROPE_FACTOR, "rope_ratio": ROPE_RATIO, "seq_length": SEQ, "rms_norm_eps": EPS,
-    "attention_bias": Bool(), "tie_word_embeddings": Bool(), "pad_token_id": TOKEN_ID, "eos_token_id": EOS,
-    "dtype": DTYPE, "quantization": Optional(QUANTIZATION)})
-PUBLISHED_SCHEMA = Object({
-    "padded_vocab_size": VOCAB, "hidden_size": HIDDEN, "ffn_hidden_size": FFN, "num_layers": LAYERS,
-    "num_hidden_layers": LAYERS, "num_attention_heads": HEADS, "multi_query_attention": Bool(),
-    "multi_query_group_num": HEADS, "kv_channels": HEAD_DIM, "rope_ratio": ROPE_RATIO, "seq_length": SEQ,
-    "layernorm_epsilon": EPS, "add_qkv_bias": Bool(), "tie_word_embeddings": Bool(), "torch_dtype": DTYPE,
-    "eos_token_id": Optional(EOS), "pad_token_id": Optional(TOKEN_ID)})
-HF_SCHEMA = Object({
-    "vocab_size": VOCAB, "hidden_size": HIDDEN, "intermediate_size": FFN, "num_hidden_layers": LAYERS,
-    "num_attention_heads": HEADS, "num_key_value_heads": Optional(HEADS), "head_dim": Optional(HEAD_DIM),
-    "partial_rotary_factor": ROPE_FACTOR, "rope_theta": Number(above=0, max=1e13),
-    "rope_parameters": Optional(Object({"rope_type": Str(), "rope_theta": Number(above=0, max=1e13),
-                                        "partial_rotary_factor": ROPE_FACTOR})),
-    "max_position_embeddings": SEQ, "rms_norm_eps": EPS, "attention_bias": Bool(), "tie_word_embeddings": Bool(),
-    "dtype": Optional(DTYPE), "torch_dtype": Optional(DTYPE), "eos_token_id": Optional(EOS),
-    "pad_token_id": Optional(TOKEN_ID)})
+QUANTIZATION = Object(
+    {"scheme": Str(("int8", "int4")), "group_size": Optional(Int(1, 1 << 16))}, required=("scheme",), closed=True
+)
+CANONICAL_SCHEMA = Object(
+    {
+        "vocab_size": VOCAB,
+        "hidden_size": HIDDEN,
+        "intermediate_size": FFN,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": HEADS,
+        "head_dim": HEAD_DIM,
+        "partial_rotary_factor": ROPE_FACTOR,
+        "rope_ratio": ROPE_RATIO,
+        "seq_length": SEQ,
+        "rms_norm_eps": EPS,
+        "attention_bias": Bool(),
+        "tie_word_embeddings": Bool(),
+        "pad_token_id": TOKEN_ID,
+        "eos_token_id": EOS,
+        "dtype": DTYPE,
+        "quantization": Optional(QUANTIZATION),
+    }
+)
+PUBLISHED_SCHEMA = Object(
+    {
+        "padded_vocab_size": VOCAB,
+        "hidden_size": HIDDEN,
+        "ffn_hidden_size": FFN,
+        "num_layers": LAYERS,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": HEADS,
+        "multi_query_attention": Bool(),
+        "multi_query_group_num": HEADS,
+        "kv_channels": HEAD_DIM,
+        "rope_ratio": ROPE_RATIO,
+        "seq_length": SEQ,
+        "layernorm_epsilon": EPS,
+        "add_qkv_bias": Bool(),
+        "tie_word_embeddings": Bool(),
+        "torch_dtype": DTYPE,
+        "eos_token_id": Optional(EOS),
+        "pad_token_id": Optional(TOKEN_ID),
+    }
+)
+HF_SCHEMA = Object(
+    {
+        "vocab_size": VOCAB,
+        "hidden_size": HIDDEN,
+        "intermediate_size": FFN,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": Optional(HEADS),
+        "head_dim": Optional(HEAD_DIM),
+        "partial_rotary_factor": ROPE_FACTOR,
+        "rope_theta": Number(above=0, max=1e13),
+        "rope_parameters": Optional(
+            Object({"rope_type": Str(), "rope_theta": Number(above=0, max=1e13), "partial_rotary_factor": ROPE_FACTOR})
+        ),
+        "max_position_embeddings": SEQ,
+        "rms_norm_eps": EPS,
+        "attention_bias": Bool(),
+        "tie_word_embeddings": Bool(),
+        "dtype": Optional(DTYPE),
+        "torch_dtype": Optional(DTYPE),
+        "eos_token_id": Optional(EOS),
+        "pad_token_id": Optional(TOKEN_ID),
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -84,6 +130,7 @@ class Quantization:
 
     int8: one float32 scale per output channel (group_size None); int4: one per `group_size` input rows.
     """
+
     scheme: str
     group_size: int | None = None
 
@@ -91,10 +138,15 @@ class Quantization:
         if self.scheme not in QUANTIZATION_SCHEMES:
             raise ConfigError(f"quantization scheme must be one of {QUANTIZATION_SCHEMES}, got {self.scheme!r}")
         if self.scheme == "int8" and self.group_size is not None:
-            raise ConfigError(f"int8 quantization has one scale per output channel; group_size must be null, "
-                              f"got {self.group_size!r}")
-        if self.scheme == "int4" and not (isinstance(self.group_size, int) and not isinstance(self.group_size, bool)
-                                          and self.group_size >= 2 and self.group_size % 2 == 0):
+            raise ConfigError(
+                f"int8 quantization has one scale per output channel; group_size must be null, got {self.group_size!r}"
+            )
+        if self.scheme == "int4" and not (
+            isinstance(self.group_size, int)
+            and not isinstance(self.group_size, bool)
+            and self.group_size >= 2
+            and self.group_size % 2 == 0
+        ):
             raise ConfigError(f"int4 quantization needs an even group_size >= 2, got {self.group_size!r}")
 
     @classmethod
@@ -109,7 +161,7 @@ class Quantization:
     @classmethod
     def from_dict(cls, data: object) -> Quantization:
         if not isinstance(data, dict) or set(data) - {"scheme", "group_size"} or "scheme" not in data:
-            raise ConfigError(f"quantization must be an object {{\"scheme\": ..., \"group_size\": ...}}, got {data!r}")
+            raise ConfigError(f'quantization must be an object {{"scheme": ..., "group_size": ...}}, got {data!r}')
         return cls(data["scheme"], data.get("group_size"))
 
     def __str__(self) -> str:
@@ -152,12 +204,14 @@ class GLM4Config:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                f"num_key_value_heads ({self.num_key_value_heads})")
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
         rotary = self.head_dim * self.partial_rotary_factor
         if rotary != int(rotary) or int(rotary) % 2:
             raise ConfigError(
                 f"partial_rotary_factor {self.partial_rotary_factor} with head_dim {self.head_dim} gives "
-                f"{rotary} rotary dims; it must be an even integer in (0, head_dim]")
+                f"{rotary} rotary dims; it must be an even integer in (0, head_dim]"
+            )
         if self.quantization is not None and not isinstance(self.quantization, Quantization):
             self.quantization = Quantization.from_dict(self.quantization)
         for token in [self.pad_token_id, *self.eos_token_id]:
@@ -196,7 +250,8 @@ class GLM4Config:
             kwargs = _from_hf_glm(data)
         else:
             raise ConfigError(
-                f"{source}: model_type {model_type!r} is not GLM-4 (expected 'chatglm', 'glm' or '{MODEL_TYPE}')")
+                f"{source}: model_type {model_type!r} is not GLM-4 (expected 'chatglm', 'glm' or '{MODEL_TYPE}')"
+            )
         try:
             return cls(**kwargs)
         except ConfigError as err:
@@ -281,8 +336,11 @@ class GLM4Config:
             "tie_word_embeddings": self.tie_word_embeddings,
             "pad_token_id": self.pad_token_id,
             "eos_token_id": self.eos_token_id,
-            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta,
-                                "partial_rotary_factor": self.partial_rotary_factor},
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": self.rope_theta,
+                "partial_rotary_factor": self.partial_rotary_factor,
+            },
         }
 
 
@@ -295,8 +353,13 @@ def _require(data: dict, key: str, source: str):
 def _from_published(data: dict, source: str) -> dict:
     """THUDM's ChatGLM config. Only the GLM-4 variant of that architecture is accepted."""
     # Switches that ChatGLM's code supports but GLM-4 never sets; refuse rather than compute something else.
-    fixed = {"add_bias_linear": False, "rmsnorm": True, "post_layer_norm": True,
-             "apply_residual_connection_post_layernorm": False, "original_rope": True}
+    fixed = {
+        "add_bias_linear": False,
+        "rmsnorm": True,
+        "post_layer_norm": True,
+        "apply_residual_connection_post_layernorm": False,
+        "original_rope": True,
+    }
     for key, expected in fixed.items():
         if key in data and data[key] != expected:
             raise ConfigError(f"{source}: {key}={data[key]!r} is not supported (GLM-4 uses {expected!r})")

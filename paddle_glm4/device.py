@@ -31,7 +31,8 @@ def compute_dtype(requested: str | None, stored: str) -> str:
     if requested in ("bfloat16", "float16"):
         raise ValueError(
             f"dtype={requested!r} cannot compute on CPU: Paddle {paddle.__version__} has no {requested} CPU kernels. "
-            "Use float32 (the CPU default), or the Paddle Inference predictor with precision='bfloat16'.")
+            "Use float32 (the CPU default), or the Paddle Inference predictor with precision='bfloat16'."
+        )
     return "float32"
 
 

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 MANIFEST = "finetune.json"
 LOSS_CURVE = "loss_curve.png"
-MAX_DATA_BYTES = 4 << 30   # a fine-tuning file far larger than anything trained on a CPU: a wrong path, refused
+MAX_DATA_BYTES = 4 << 30  # a fine-tuning file far larger than anything trained on a CPU: a wrong path, refused
 MAX_LINE_BYTES = 64 << 20
 
 
@@ -51,7 +51,7 @@ class DataError(UsageError):
 @dataclass(frozen=True)
 class Example:
     ids: list[int]
-    labels: list[int]   # IGNORE_INDEX where the loss does not count (the labels are the ids, shifted in the loss)
+    labels: list[int]  # IGNORE_INDEX where the loss does not count (the labels are the ids, shifted in the loss)
 
 
 # ---- data ---------------------------------------------------------------------------------------------------
@@ -66,12 +66,14 @@ def encode_conversation(tokenizer: GLM4Tokenizer, messages: list) -> Example:
     for index in taught:
         # the conversation through this answer must extend the one before it (the template only appends)
         start = len(_chat_ids(tokenizer, messages[:index], add_generation_prompt=True))
-        through = _chat_ids(tokenizer, messages[:index + 1])
-        if ids[:len(through)] != through or len(through) <= start:
-            raise ValueError(f"the chat template does not render message {index} as an addition to the ones "
-                             "before it, so its tokens cannot be told apart")
-        labels[start:len(through) + 1] = ids[start:len(through) + 1]  # + 1: the next role token ends the answer
-    if taught and labels[-1] != IGNORE_INDEX:               # the last turn is an answer: it ends with <|endoftext|>
+        through = _chat_ids(tokenizer, messages[: index + 1])
+        if ids[: len(through)] != through or len(through) <= start:
+            raise ValueError(
+                f"the chat template does not render message {index} as an addition to the ones "
+                "before it, so its tokens cannot be told apart"
+            )
+        labels[start : len(through) + 1] = ids[start : len(through) + 1]  # + 1: the next role token ends the answer
+    if taught and labels[-1] != IGNORE_INDEX:  # the last turn is an answer: it ends with <|endoftext|>
         ids.append(tokenizer.eos_token_id)
         labels.append(tokenizer.eos_token_id)
     return Example(ids, labels)
@@ -103,35 +105,36 @@ def read_conversations(path: str, tokenizer: GLM4Tokenizer, max_length: int) -> 
                 continue
             record = parse_json(line, where, error=DataError)  # no nesting bombs, NaN or repeated keys
             if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
-                raise DataError(f"{where}: expected an object with a \"messages\" list, as in OpenAI's "
-                                "fine-tuning files")
+                raise DataError(
+                    f'{where}: expected an object with a "messages" list, as in OpenAI\'s fine-tuning files'
+                )
             try:
                 example = encode_conversation(tokenizer, record["messages"])
             except (ChatTemplateError, ValueError) as err:
                 raise DataError(f"{where}: {err}") from None
             example = Example(example.ids[:max_length], example.labels[:max_length])
             if all(label == IGNORE_INDEX for label in example.labels[1:]):
-                raise DataError(f"{where}: no assistant token within the first {max_length} tokens "
-                                "(--max-length)")
+                raise DataError(f"{where}: no assistant token within the first {max_length} tokens (--max-length)")
             examples.append(example)
     if not examples:
         raise DataError(f"{path}: no conversation in the file")
     return examples
 
 
-def batches(examples: list[Example], batch_size: int, pad_id: int,
-            rng: np.random.RandomState) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def batches(
+    examples: list[Example], batch_size: int, pad_id: int, rng: np.random.RandomState
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """One epoch of left-padded batches in a random order: (input_ids, attention_mask, labels), each [b, s]."""
     order = rng.permutation(len(examples))
     for first in range(0, len(order), batch_size):
-        chosen = [examples[i] for i in order[first:first + batch_size]]
+        chosen = [examples[i] for i in order[first : first + batch_size]]
         width = max(len(e.ids) for e in chosen)
         ids = np.full((len(chosen), width), pad_id, dtype="int64")
         mask = np.zeros((len(chosen), width), dtype="int64")
         labels = np.full((len(chosen), width), IGNORE_INDEX, dtype="int64")
         for row, example in enumerate(chosen):
             n = len(example.ids)
-            ids[row, width - n:], mask[row, width - n:], labels[row, width - n:] = example.ids, 1, example.labels
+            ids[row, width - n :], mask[row, width - n :], labels[row, width - n :] = example.ids, 1, example.labels
         yield ids, mask, labels
 
 
@@ -140,7 +143,7 @@ def batches(examples: list[Example], batch_size: int, pad_id: int,
 class TrainSettings:
     lr: float = 1e-4
     epochs: int = 1
-    steps: int | None = None          # optimizer steps in all; None: `epochs` passes over the data
+    steps: int | None = None  # optimizer steps in all; None: `epochs` passes over the data
     batch_size: int = 1
     max_grad_norm: float = 1.0
     seed: int = 0
@@ -149,8 +152,9 @@ class TrainSettings:
         return self.steps if self.steps is not None else self.epochs * math.ceil(examples / self.batch_size)
 
 
-def train(model: GLM4ForCausalLM, examples: list[Example], settings: TrainSettings,
-          progress: bool = True) -> list[float]:
+def train(
+    model: GLM4ForCausalLM, examples: list[Example], settings: TrainSettings, progress: bool = True
+) -> list[float]:
     """Train the parameters of `model` that are not frozen (see lora.add_lora) with AdamW; returns the loss of
     every step."""
     import paddle
@@ -159,8 +163,9 @@ def train(model: GLM4ForCausalLM, examples: list[Example], settings: TrainSettin
     paddle.seed(settings.seed)
     rng = np.random.RandomState(settings.seed)
     trainable = [p for p in model.parameters() if not p.stop_gradient]
-    optimizer = paddle.optimizer.AdamW(settings.lr, parameters=trainable,
-                                       grad_clip=paddle.nn.ClipGradByGlobalNorm(settings.max_grad_norm))
+    optimizer = paddle.optimizer.AdamW(
+        settings.lr, parameters=trainable, grad_clip=paddle.nn.ClipGradByGlobalNorm(settings.max_grad_norm)
+    )
     pad_id = model.config.pad_token_id
     total = settings.total_steps(len(examples))
     losses: list[float] = []
@@ -168,8 +173,9 @@ def train(model: GLM4ForCausalLM, examples: list[Example], settings: TrainSettin
     with tqdm(total=total, desc="fine-tuning", unit="step", disable=not progress, file=sys.stderr) as bar:
         while len(losses) < total:
             for ids, mask, labels in batches(examples, settings.batch_size, pad_id, rng):
-                loss = model(paddle.to_tensor(ids), attention_mask=paddle.to_tensor(mask),
-                             labels=paddle.to_tensor(labels)).loss
+                loss = model(
+                    paddle.to_tensor(ids), attention_mask=paddle.to_tensor(mask), labels=paddle.to_tensor(labels)
+                ).loss
                 loss.backward()
                 optimizer.step()
                 optimizer.clear_grad()
@@ -198,8 +204,11 @@ def plot_losses(losses: list[float], path: str) -> None:
 
 
 def _listed_files(manifest: object) -> list[str] | None:
-    if isinstance(manifest, dict) and str(manifest.get("tool", "")).startswith("paddle_glm4 ") \
-            and isinstance(manifest.get("files"), list):
+    if (
+        isinstance(manifest, dict)
+        and str(manifest.get("tool", "")).startswith("paddle_glm4 ")
+        and isinstance(manifest.get("files"), list)
+    ):
         return manifest["files"]
     return None
 
@@ -209,41 +218,93 @@ FINETUNED = OutputKind("a fine-tuned model", MANIFEST, _listed_files)
 
 # ---- command line -----------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, metavar="DIR", help="the checkpoint to fine-tune (converted with "
-                        "glm4 convert; loaded in float32, which training needs: GLM-4-9B takes 37.6 GB)")
-    parser.add_argument("--data", required=True, metavar="FILE",
-                        help="JSONL, one {\"messages\": [...]} conversation per line (OpenAI's fine-tuning layout)")
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="DIR",
+        help="the checkpoint to fine-tune (converted with "
+        "glm4 convert; loaded in float32, which training needs: GLM-4-9B takes 37.6 GB)",
+    )
+    parser.add_argument(
+        "--data",
+        required=True,
+        metavar="FILE",
+        help='JSONL, one {"messages": [...]} conversation per line (OpenAI\'s fine-tuning layout)',
+    )
     parser.add_argument("--out", required=True, metavar="DIR", help="the directory to write the merged model into")
     parser.add_argument("--tokenizer", metavar="DIR", help="where the tokenizer files are (default: --model)")
     parser.add_argument("--lora-rank", type=int, default=8, metavar="R", help="rank of each LoRA update (default: 8)")
-    parser.add_argument("--lora-alpha", type=float, metavar="A",
-                        help="LoRA scale numerator: updates are scaled by A / R (default: twice the rank)")
-    parser.add_argument("--lora-dropout", type=float, default=0.0, metavar="P",
-                        help="dropout on the LoRA path's input while training (default: 0)")
-    parser.add_argument("--lora-targets", default=",".join(TARGET_MODULES), metavar="NAMES",
-                        help=f"comma-separated Linear layers to adapt (default: {','.join(TARGET_MODULES)})")
+    parser.add_argument(
+        "--lora-alpha",
+        type=float,
+        metavar="A",
+        help="LoRA scale numerator: updates are scaled by A / R (default: twice the rank)",
+    )
+    parser.add_argument(
+        "--lora-dropout",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="dropout on the LoRA path's input while training (default: 0)",
+    )
+    parser.add_argument(
+        "--lora-targets",
+        default=",".join(TARGET_MODULES),
+        metavar="NAMES",
+        help=f"comma-separated Linear layers to adapt (default: {','.join(TARGET_MODULES)})",
+    )
     parser.add_argument("--epochs", type=int, default=1, metavar="N", help="passes over the data (default: 1)")
     parser.add_argument("--steps", type=int, metavar="N", help="train exactly N optimizer steps instead of --epochs")
     parser.add_argument("--lr", type=float, default=1e-4, metavar="LR", help="AdamW learning rate (default: 1e-4)")
-    parser.add_argument("--batch-size", type=int, default=1, metavar="B",
-                        help="conversations per step, left-padded to the longest (default: 1)")
-    parser.add_argument("--max-length", type=int, default=2048, metavar="N",
-                        help="cut each conversation to its first N tokens (default: 2048)")
-    parser.add_argument("--max-grad-norm", type=float, default=1.0, metavar="G",
-                        help="clip the gradients' global norm to G (default: 1.0)")
-    parser.add_argument("--recompute", action="store_true",
-                        help="recompute each layer's activations in the backward pass: less memory for long "
-                             "conversations, for a second forward pass per layer")
-    parser.add_argument("--seed", type=int, default=0, metavar="S",
-                        help="seed for the LoRA initialisation and the data order (default: 0)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace --out if it is empty or an earlier glm4 finetune output (nothing else)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        metavar="B",
+        help="conversations per step, left-padded to the longest (default: 1)",
+    )
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        default=2048,
+        metavar="N",
+        help="cut each conversation to its first N tokens (default: 2048)",
+    )
+    parser.add_argument(
+        "--max-grad-norm",
+        type=float,
+        default=1.0,
+        metavar="G",
+        help="clip the gradients' global norm to G (default: 1.0)",
+    )
+    parser.add_argument(
+        "--recompute",
+        action="store_true",
+        help="recompute each layer's activations in the backward pass: less memory for long "
+        "conversations, for a second forward pass per layer",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        metavar="S",
+        help="seed for the LoRA initialisation and the data order (default: 0)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out if it is empty or an earlier glm4 finetune output (nothing else)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
-    for flag, value, least in (("--epochs", args.epochs, 1), ("--steps", args.steps, 1),
-                               ("--batch-size", args.batch_size, 1), ("--max-length", args.max_length, 2)):
+    for flag, value, least in (
+        ("--epochs", args.epochs, 1),
+        ("--steps", args.steps, 1),
+        ("--batch-size", args.batch_size, 1),
+        ("--max-length", args.max_length, 2),
+    ):
         if value is not None and value < least:
             raise UsageError(f"{flag} {value}: must be at least {least}")
     for flag, value in (("--lr", args.lr), ("--max-grad-norm", args.max_grad_norm)):
@@ -261,8 +322,12 @@ def run(args: argparse.Namespace) -> int:
 
     _check_numbers(args)
     targets = tuple(name.strip() for name in args.lora_targets.split(",") if name.strip())
-    lora = LoRASettings(args.lora_rank, args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank,
-                        args.lora_dropout, targets)
+    lora = LoRASettings(
+        args.lora_rank,
+        args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank,
+        args.lora_dropout,
+        targets,
+    )
     settings = TrainSettings(args.lr, args.epochs, args.steps, args.batch_size, args.max_grad_norm, args.seed)
     try:
         import matplotlib  # noqa: F401  (before hours of training: the loss curve needs it at the end)
@@ -278,9 +343,11 @@ def run(args: argparse.Namespace) -> int:
     model = GLM4ForCausalLM.from_pretrained(args.model, dtype="float32")
     model.model.recompute = args.recompute
     trainable = add_lora(model, lora)
-    print(f"{args.data}: {len(examples)} conversations, {sum(len(e.ids) for e in examples)} tokens; training "
-          f"{len(trainable)} LoRA matrices (rank {lora.rank}) for {settings.total_steps(len(examples))} steps",
-          file=sys.stderr)
+    print(
+        f"{args.data}: {len(examples)} conversations, {sum(len(e.ids) for e in examples)} tokens; training "
+        f"{len(trainable)} LoRA matrices (rank {lora.rank}) for {settings.total_steps(len(examples))} steps",
+        file=sys.stderr,
+    )
     losses = train(model, examples, settings, progress=not args.no_progress)
     merge_lora(model)
     with staged(args.out, args.overwrite, FINETUNED, "--out") as staging:
@@ -288,9 +355,16 @@ def run(args: argparse.Namespace) -> int:
         tokenizer.save_pretrained(staging)
         plot_losses(losses, os.path.join(staging, LOSS_CURVE))
         files = sorted(name for name in os.listdir(staging) if not name.startswith("."))
-        manifest = {"tool": f"paddle_glm4 {__version__} finetune", "files": files, "base_model": args.model,
-                    "data": args.data, "conversations": len(examples), "lora": asdict(lora),
-                    "training": asdict(settings), "losses": losses}
+        manifest = {
+            "tool": f"paddle_glm4 {__version__} finetune",
+            "files": files,
+            "base_model": args.model,
+            "data": args.data,
+            "conversations": len(examples),
+            "lora": asdict(lora),
+            "training": asdict(settings),
+            "losses": losses,
+        }
         with open(os.path.join(staging, MANIFEST), "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2)
     print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; merged model written to {args.out}", file=sys.stderr)

@@ -32,10 +32,18 @@ Batch: TypeAlias = "paddle.Tensor | np.ndarray | Sequence[Sequence[int]]"
 
 GENERATION_CONFIG_NAME = "generation_config.json"
 # The fields read (transformers writes others too: max_length, transformers_version, ...); null means unset.
-GENERATION_SCHEMA = Object({
-    "eos_token_id": Optional(EOS), "pad_token_id": Optional(TOKEN_ID), "do_sample": Optional(Bool()),
-    "temperature": Optional(Number(min=0, max=100)), "top_p": Optional(Number(above=0, max=1)),
-    "top_k": Optional(Int(0)), "repetition_penalty": Optional(Number(above=0, max=100))})
+GENERATION_SCHEMA = Object(
+    {
+        "eos_token_id": Optional(EOS),
+        "pad_token_id": Optional(TOKEN_ID),
+        "do_sample": Optional(Bool()),
+        "temperature": Optional(Number(min=0, max=100)),
+        "top_p": Optional(Number(above=0, max=1)),
+        "top_k": Optional(Int(0)),
+        "repetition_penalty": Optional(Number(above=0, max=100)),
+    }
+)
+
 
 def check_prefill_chunk(value: Any, name: str = "prefill_chunk") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -43,10 +51,14 @@ def check_prefill_chunk(value: Any, name: str = "prefill_chunk") -> int:
     return value
 
 
-def prefill_in_chunks(run: Callable[[paddle.Tensor, paddle.Tensor | None, paddle.Tensor | None], paddle.Tensor],
-                      input_ids: paddle.Tensor, attention_mask: paddle.Tensor | None,
-                      position_ids: paddle.Tensor | None, chunk: int,
-                      progress: Callable[[int, int], None] | None = None) -> paddle.Tensor:
+def prefill_in_chunks(
+    run: Callable[[paddle.Tensor, paddle.Tensor | None, paddle.Tensor | None], paddle.Tensor],
+    input_ids: paddle.Tensor,
+    attention_mask: paddle.Tensor | None,
+    position_ids: paddle.Tensor | None,
+    chunk: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> paddle.Tensor:
     """Feed the prompt [b, n] to `run(ids, mask, positions)` (a forward through the cache returning the last
     token's logits) `chunk` tokens at a time; the last chunk's logits [b, vocab]. The cache's Sequences count
     positions and padding across chunks, so the result is the one-shot prefill's. `progress(done, n)` is called
@@ -57,8 +69,11 @@ def prefill_in_chunks(run: Callable[[paddle.Tensor, paddle.Tensor | None, paddle
         progress(0, length)
     for begin in range(0, length, chunk):
         end = min(begin + chunk, length)
-        logits = run(input_ids[:, begin:end], None if attention_mask is None else attention_mask[:, begin:end],
-                     None if position_ids is None else position_ids[:, begin:end])
+        logits = run(
+            input_ids[:, begin:end],
+            None if attention_mask is None else attention_mask[:, begin:end],
+            None if position_ids is None else position_ids[:, begin:end],
+        )
         if progress is not None:
             progress(end, length)
     assert logits is not None, "the prompt is not empty"
@@ -66,9 +81,14 @@ def prefill_in_chunks(run: Callable[[paddle.Tensor, paddle.Tensor | None, paddle
 
 
 class Session(Protocol):
-    def prefill(self, input_ids: paddle.Tensor, attention_mask: paddle.Tensor | None,
-                position_ids: paddle.Tensor | None, capacity: int,
-                progress: Callable[[int, int], None] | None = None) -> paddle.Tensor: ...
+    def prefill(
+        self,
+        input_ids: paddle.Tensor,
+        attention_mask: paddle.Tensor | None,
+        position_ids: paddle.Tensor | None,
+        capacity: int,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> paddle.Tensor: ...
 
     def step(self, tokens: paddle.Tensor) -> paddle.Tensor: ...
 
@@ -77,6 +97,7 @@ class Session(Protocol):
 class GenerationConfig:
     """Settings for generation: a checkpoint's defaults (`generation_config.json`), and, merged over them by
     `merged`, those of one call of `generate`."""
+
     eos_token_id: list[int] = field(default_factory=list)
     pad_token_id: int = 0
     do_sample: bool = False
@@ -98,9 +119,17 @@ class GenerationConfig:
                 values["eos_token_id"] = [values["eos_token_id"]]
         return cls(**values)
 
-    def merged(self, *, do_sample: bool | None = None, temperature: float | None = None, top_p: float | None = None,
-               top_k: int | None = None, repetition_penalty: float | None = None,
-               eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None) -> GenerationConfig:
+    def merged(
+        self,
+        *,
+        do_sample: bool | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        repetition_penalty: float | None = None,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+    ) -> GenerationConfig:
         """The settings of one generation: each value given (None: not set) over this config's, the checkpoint's.
 
         The one rule every entry point (generate, the CLI, the server, the PaddleNLP adapter) follows. Sampling is
@@ -117,7 +146,8 @@ class GenerationConfig:
             eos_token_id=[eos] if isinstance(eos, int) else list(eos),
             pad_token_id=self.pad_token_id if pad_token_id is None else pad_token_id,
             do_sample=bool(do_sample),
-            repetition_penalty=self.repetition_penalty if repetition_penalty is None else repetition_penalty)
+            repetition_penalty=self.repetition_penalty if repetition_penalty is None else repetition_penalty,
+        )
         if do_sample:
             settings.temperature = temperature
             settings.top_p = self.top_p if top_p is None else top_p
@@ -139,23 +169,30 @@ class ModelSession:
     """A Session over the dynamic-graph GLM4ForCausalLM and the Sequences of one generation (which decide slots
     and positions, see sequences.py)."""
 
-    def __init__(self, model: GLM4ForCausalLM, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                 kv_cache_dtype: str | None = None):
+    def __init__(
+        self, model: GLM4ForCausalLM, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, kv_cache_dtype: str | None = None
+    ):
         self.model = model
         self.prefill_chunk = check_prefill_chunk(prefill_chunk)
-        self.kv_cache_dtype = kv_cache_dtype   # None: memory.cache_dtype's choice
+        self.kv_cache_dtype = kv_cache_dtype  # None: memory.cache_dtype's choice
         self.sequences: Sequences | None = None
 
-    def prefill(self, input_ids: paddle.Tensor, attention_mask: paddle.Tensor | None,
-                position_ids: paddle.Tensor | None, capacity: int,
-                progress: Callable[[int, int], None] | None = None) -> paddle.Tensor:
+    def prefill(
+        self,
+        input_ids: paddle.Tensor,
+        attention_mask: paddle.Tensor | None,
+        position_ids: paddle.Tensor | None,
+        capacity: int,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> paddle.Tensor:
         from . import memory
         from .device import on_gpu
 
         batch = input_ids.shape[0]
         # the cache holds the prompt and the new tokens, no more; checked before it is allocated
-        dtype = memory.cache_dtype(self.kv_cache_dtype, capacity, self.model.model.kernels.weights.compute_dtype,
-                                   on_gpu())
+        dtype = memory.cache_dtype(
+            self.kv_cache_dtype, capacity, self.model.model.kernels.weights.compute_dtype, on_gpu()
+        )
         memory.check_cache_fits(self.model.config, batch, capacity, dtype)
         self.sequences = Sequences(batch, capacity, self.model.model.new_cache(batch, capacity, dtype))
         return prefill_in_chunks(self._run, input_ids, attention_mask, position_ids, self.prefill_chunk, progress)
@@ -163,10 +200,16 @@ class ModelSession:
     def step(self, tokens: paddle.Tensor) -> paddle.Tensor:
         return self._run(tokens.unsqueeze(-1), None, None)
 
-    def _run(self, input_ids: paddle.Tensor, attention_mask: paddle.Tensor | None,
-             position_ids: paddle.Tensor | None) -> paddle.Tensor:
-        return self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          past_key_values=self.sequences, logits_to_keep=1).logits[:, -1]        # [b, vocab]
+    def _run(
+        self, input_ids: paddle.Tensor, attention_mask: paddle.Tensor | None, position_ids: paddle.Tensor | None
+    ) -> paddle.Tensor:
+        return self.model(
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=self.sequences,
+            logits_to_keep=1,
+        ).logits[:, -1]  # [b, vocab]
 
 
 def _as_ids(value, name: str) -> paddle.Tensor:
@@ -179,24 +222,46 @@ def _as_ids(value, name: str) -> paddle.Tensor:
 
 
 @paddle.no_grad()
-def generate(session: Session, input_ids: Batch, *, context_length: int, vocab_size: int, defaults: GenerationConfig,
-             attention_mask: Batch | None = None, position_ids: Batch | None = None, max_new_tokens: int = 128,
-             do_sample: bool | None = None,
-             temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-             repetition_penalty: float | None = None, eos_token_id: int | list[int] | None = None,
-             pad_token_id: int | None = None, seed: int | None = None, streamer: Streamer | None = None,
-             truncate: bool = False, vocab_limit: int | None = None) -> tuple[paddle.Tensor, paddle.Tensor]:
+def generate(
+    session: Session,
+    input_ids: Batch,
+    *,
+    context_length: int,
+    vocab_size: int,
+    defaults: GenerationConfig,
+    attention_mask: Batch | None = None,
+    position_ids: Batch | None = None,
+    max_new_tokens: int = 128,
+    do_sample: bool | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float | None = None,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    seed: int | None = None,
+    streamer: Streamer | None = None,
+    truncate: bool = False,
+    vocab_limit: int | None = None,
+) -> tuple[paddle.Tensor, paddle.Tensor]:
     """Generate up to `max_new_tokens` after each (left-padded) prompt; see GLM4ForCausalLM.generate.
 
     `context_length`: the most tokens (prompt + new) the engine takes. Settings left None come from `defaults`
     (the checkpoint's generation_config.json) by GenerationConfig.merged.
     """
-    settings = defaults.merged(do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
-                               repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
-                               pad_token_id=pad_token_id)
+    settings = defaults.merged(
+        do_sample=do_sample,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        repetition_penalty=repetition_penalty,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )
     params = settings.sampling_params()
-    if vocab_limit is not None and (isinstance(vocab_limit, bool) or not isinstance(vocab_limit, int)
-                                    or not 0 < vocab_limit <= vocab_size):
+    if vocab_limit is not None and (
+        isinstance(vocab_limit, bool) or not isinstance(vocab_limit, int) or not 0 < vocab_limit <= vocab_size
+    ):
         raise ValueError(f"vocab_limit must be an int in 1..{vocab_size} (the tokenizer's len()), got {vocab_limit!r}")
     input_ids = _as_ids(input_ids, "input_ids")
     attention_mask = _as_ids(attention_mask, "attention_mask") if attention_mask is not None else None
@@ -217,7 +282,8 @@ def generate(session: Session, input_ids: Batch, *, context_length: int, vocab_s
             raise ValueError(
                 f"the prompt ({prompt_len} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the model's "
                 f"context of {context_length} tokens; shorten the prompt, lower max_new_tokens, or ask for truncation "
-                "(--truncate on the command line, truncate=True in Python, keeps the end of the prompt)")
+                "(--truncate on the command line, truncate=True in Python, keeps the end of the prompt)"
+            )
         input_ids = input_ids[:, -keep:]
         attention_mask = attention_mask[:, -keep:] if attention_mask is not None else None
         position_ids = None  # positions are recounted from the kept tokens
@@ -228,38 +294,68 @@ def generate(session: Session, input_ids: Batch, *, context_length: int, vocab_s
     if params.do_sample and seed is not None:
         paddle.seed(seed)
     try:
-        return _decode_loop(session, input_ids, attention_mask, position_ids, prompt_len + max_new_tokens,
-                            max_new_tokens, params, settings.eos_token_id, settings.pad_token_id, vocab_size,
-                            streamer, vocab_limit)
+        return _decode_loop(
+            session,
+            input_ids,
+            attention_mask,
+            position_ids,
+            prompt_len + max_new_tokens,
+            max_new_tokens,
+            params,
+            settings.eos_token_id,
+            settings.pad_token_id,
+            vocab_size,
+            streamer,
+            vocab_limit,
+        )
     finally:
         if rng_state is not None:
             paddle.set_rng_state(rng_state)  # leave the caller's random stream as it was
 
 
-def _decode_loop(session, input_ids, attention_mask, position_ids, capacity, max_new_tokens, params, eos, pad,
-                 vocab_size, streamer, vocab_limit):
+def _decode_loop(
+    session,
+    input_ids,
+    attention_mask,
+    position_ids,
+    capacity,
+    max_new_tokens,
+    params,
+    eos,
+    pad,
+    vocab_size,
+    streamer,
+    vocab_limit,
+):
     batch = input_ids.shape[0]
     # The embedding's rows past the tokenizer's last id (GLM-4: 151552 rows, 151343 tokens) stand for no text;
     # -inf makes them impossible for greedy and sampling alike.
     no_token = None
     if vocab_limit is not None and vocab_limit < vocab_size:
-        no_token = paddle.concat([paddle.zeros([vocab_limit], dtype="float32"),
-                                  paddle.full([vocab_size - vocab_limit], float("-inf"), dtype="float32")])
+        no_token = paddle.concat(
+            [
+                paddle.zeros([vocab_limit], dtype="float32"),
+                paddle.full([vocab_size - vocab_limit], float("-inf"), dtype="float32"),
+            ]
+        )
     seen = None
     if params.repetition_penalty != 1.0:
         # how often each row already holds each token (padding excluded): [b, vocab]
-        real = (paddle.ones_like(input_ids, dtype="float32") if attention_mask is None
-                else attention_mask.astype("float32"))
-        seen = paddle.put_along_axis(paddle.zeros([batch, vocab_size], dtype="float32"), input_ids, real, axis=1,
-                                     reduce="add")
+        real = (
+            paddle.ones_like(input_ids, dtype="float32") if attention_mask is None else attention_mask.astype("float32")
+        )
+        seen = paddle.put_along_axis(
+            paddle.zeros([batch, vocab_size], dtype="float32"), input_ids, real, axis=1, reduce="add"
+        )
     eos_ids = paddle.to_tensor(eos, dtype="int64") if eos else None
     finished = paddle.zeros([batch], dtype="bool")
     finished_host = np.zeros([batch], dtype=bool)
     scores = paddle.zeros([batch], dtype="float32")
     chosen = []
 
-    logits = session.prefill(input_ids, attention_mask, position_ids, capacity,
-                             getattr(streamer, "prefill_progress", None))
+    logits = session.prefill(
+        input_ids, attention_mask, position_ids, capacity, getattr(streamer, "prefill_progress", None)
+    )
     for step in range(max_new_tokens):
         if no_token is not None:
             logits = logits + no_token

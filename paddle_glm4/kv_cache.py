@@ -24,8 +24,10 @@ class KVCache:
 
     def _allocate(self, batch_size: int, capacity: int) -> tuple[list[paddle.Tensor], list[paddle.Tensor]]:
         shape = [batch_size, capacity, *self._kv_shape]
-        return ([paddle.zeros(shape, dtype=self.dtype) for _ in range(self.num_layers)],
-                [paddle.zeros(shape, dtype=self.dtype) for _ in range(self.num_layers)])
+        return (
+            [paddle.zeros(shape, dtype=self.dtype) for _ in range(self.num_layers)],
+            [paddle.zeros(shape, dtype=self.dtype) for _ in range(self.num_layers)],
+        )
 
     @property
     def batch_size(self) -> int:

@@ -39,8 +39,9 @@ class Linear(nn.Linear):
         self.slots = fmt.slots(in_features, out_features)
         for slot in self.slots:
             integer = slot.dtype in ("int8", "uint8")
-            param = self.create_parameter(list(slot.shape), dtype=slot.dtype,
-                                          default_initializer=nn.initializer.Constant(0) if integer else None)
+            param = self.create_parameter(
+                list(slot.shape), dtype=slot.dtype, default_initializer=nn.initializer.Constant(0) if integer else None
+            )
             param.stop_gradient = not isinstance(fmt, Dense)  # only dense weights train
             self.add_parameter(slot.name, param)
         self.bias = self.create_parameter([out_features], dtype=fmt.bias_dtype, is_bias=True) if bias else None
@@ -52,8 +53,9 @@ class Linear(nn.Linear):
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}"
 
 
-def linear(fmt: WeightFormat, x: paddle.Tensor, tensors: list[paddle.Tensor],
-           bias: paddle.Tensor | None) -> paddle.Tensor:
+def linear(
+    fmt: WeightFormat, x: paddle.Tensor, tensors: list[paddle.Tensor], bias: paddle.Tensor | None
+) -> paddle.Tensor:
     """x [..., K] @ the weight held in `tensors` (+ bias) -> [..., N], computed as `fmt` says."""
     if isinstance(fmt, Dense):
         [weight] = tensors
@@ -63,14 +65,22 @@ def linear(fmt: WeightFormat, x: paddle.Tensor, tensors: list[paddle.Tensor],
         return F.linear(x, weight, bias) if fmt.fused else ops.linear(x, weight, bias)
     if isinstance(fmt, Packed):  # the C++ kernels; without a compiler, their portable Paddle path
         weight, scales = (tensors[0], None) if fmt.kind == "bfloat16" else tensors
-        return kernels.linear(x, weight, scales, bias, fmt=KERNEL_FORMATS[fmt.kind],
-                              group_size=fmt.group_size or DEFAULT_GROUP_SIZE, activation_dtype=fmt.activation_dtype)
+        return kernels.linear(
+            x,
+            weight,
+            scales,
+            bias,
+            fmt=KERNEL_FORMATS[fmt.kind],
+            group_size=fmt.group_size or DEFAULT_GROUP_SIZE,
+            activation_dtype=fmt.activation_dtype,
+        )
     if isinstance(fmt, WeightOnlyGPU):  # UNVERIFIED (no GPU here)
         from paddle.nn.quant import weight_only_linear
 
         weight, scales = tensors
-        return weight_only_linear(x, weight, bias=bias, weight_scale=scales, weight_dtype=fmt.scheme,
-                                  group_size=fmt.group_size or -1)
+        return weight_only_linear(
+            x, weight, bias=bias, weight_scale=scales, weight_dtype=fmt.scheme, group_size=fmt.group_size or -1
+        )
     raise TypeError(f"no computation for weight format {fmt!r}")
 
 
@@ -82,7 +92,8 @@ def load_weight(source: WeightFormat, arrays: dict, target: WeightFormat, k: int
         return convert(source, arrays, target, k, n)
     from paddle.nn.quant import weight_quantize
 
-    dense = convert(source, arrays, Dense("float32"), k, n)["weight"]                        # [K, N]
-    qweight, scales = weight_quantize(paddle.to_tensor(dense).astype(target.dtype), algo=target.algo,
-                                      group_size=target.group_size or -1)
+    dense = convert(source, arrays, Dense("float32"), k, n)["weight"]  # [K, N]
+    qweight, scales = weight_quantize(
+        paddle.to_tensor(dense).astype(target.dtype), algo=target.algo, group_size=target.group_size or -1
+    )
     return {"qweight": qweight, "scales": scales}

@@ -29,21 +29,22 @@ if TYPE_CHECKING:
 class Options:
     """One prompt's settings; those left None come from the checkpoint's generation_config
     (GenerationConfig.merged: a temperature, top_p or top_k asks for sampling, temperature 0 is greedy)."""
+
     max_tokens: int = 16
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
     repetition_penalty: float | None = None
     seed: int | None = None
-    stop: tuple[str, ...] = ()        # the text ends before the first of these
+    stop: tuple[str, ...] = ()  # the text ends before the first of these
 
 
 @dataclass
 class Output:
     prompt_token_ids: list[int]
-    token_ids: list[int]             # as generated (a stop string may end the text inside the last ones)
+    token_ids: list[int]  # as generated (a stop string may end the text inside the last ones)
     text: str
-    finish_reason: str               # "stop" (a stop id or string) or "length" (max_tokens)
+    finish_reason: str  # "stop" (a stop id or string) or "length" (max_tokens)
 
 
 class _Text(Streamer):
@@ -65,23 +66,34 @@ class _Text(Streamer):
             self._add(self._detokenizer.flush())
 
     def _add(self, piece: str) -> None:
-        start = max(len(self.text) - self._hold, 0)   # the earliest a stop string ending in `piece` can start
+        start = max(len(self.text) - self._hold, 0)  # the earliest a stop string ending in `piece` can start
         self.text += piece
         hits = [i for i in (self.text.find(stop, start) for stop in self._stops) if i >= 0]
         if hits:
-            self.text, self.stopped = self.text[:min(hits)], True
+            self.text, self.stopped = self.text[: min(hits)], True
             self.cancel()
 
 
 class LLM:
-    def __init__(self, model: GLM4ForCausalLM, tokenizer: GLM4Tokenizer, max_num_seqs: int = 8,
-                 kv_cache_memory: int | None = None):
+    def __init__(
+        self,
+        model: GLM4ForCausalLM,
+        tokenizer: GLM4Tokenizer,
+        max_num_seqs: int = 8,
+        kv_cache_memory: int | None = None,
+    ):
         self.model, self.tokenizer = model, tokenizer
         self.engine = Scheduler(model, max_num_seqs, kv_cache_memory)
 
     @classmethod
-    def load(cls, model_dir: str, tokenizer_dir: str | None = None, max_num_seqs: int = 8,
-             kv_cache_memory: int | None = None, **load_options: Any) -> LLM:
+    def load(
+        cls,
+        model_dir: str,
+        tokenizer_dir: str | None = None,
+        max_num_seqs: int = 8,
+        kv_cache_memory: int | None = None,
+        **load_options: Any,
+    ) -> LLM:
         """A checkpoint directory (and its tokenizer) through engine.load_engine; `load_options`: its dtype,
         quantization, group_size, activation_dtype."""
         from .engine import load_engine
@@ -89,8 +101,9 @@ class LLM:
         model, tokenizer = load_engine(model_dir, tokenizer_dir=tokenizer_dir, **load_options)
         return cls(model, tokenizer, max_num_seqs, kv_cache_memory)  # type: ignore[arg-type]
 
-    def generate(self, prompts: Sequence[str | Sequence[int]],
-                 options: Options | Sequence[Options] | None = None) -> list[Output]:
+    def generate(
+        self, prompts: Sequence[str | Sequence[int]], options: Options | Sequence[Options] | None = None
+    ) -> list[Output]:
         """Generate after every prompt (text, or token ids), all together; one Options for all, or one each.
         A request that fails raises its error once all are done."""
         each = [options or Options()] * len(prompts) if not isinstance(options, Sequence) else list(options)
@@ -101,10 +114,22 @@ class LLM:
         for prompt, option in zip(prompts, each, strict=True):
             ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
             settings = self.model.generation_config.merged(
-                temperature=option.temperature, top_p=option.top_p, top_k=option.top_k,
-                repetition_penalty=option.repetition_penalty, eos_token_id=eos)
-            requests.append(Request(ids, option.max_tokens, settings, option.seed, vocab_limit=len(self.tokenizer),
-                                    streamer=_Text(self.tokenizer, option.stop)))
+                temperature=option.temperature,
+                top_p=option.top_p,
+                top_k=option.top_k,
+                repetition_penalty=option.repetition_penalty,
+                eos_token_id=eos,
+            )
+            requests.append(
+                Request(
+                    ids,
+                    option.max_tokens,
+                    settings,
+                    option.seed,
+                    vocab_limit=len(self.tokenizer),
+                    streamer=_Text(self.tokenizer, option.stop),
+                )
+            )
         self.engine.run(requests)
         for request in requests:
             if request.error is not None:

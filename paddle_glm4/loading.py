@@ -36,17 +36,24 @@ if TYPE_CHECKING:
 Model = TypeVar("Model", bound="GLM4ForCausalLM")
 
 
-def from_pretrained(cls: type[Model], path: str, dtype: str | None = None, fused: bool | None = None,
-                    storage_only: bool = False, quantization: str | None = None, group_size: int | None = None,
-                    activation_dtype: str = "auto", max_seq_len: int | None = None,
-                    check_memory: bool = True) -> Model:
+def from_pretrained(
+    cls: type[Model],
+    path: str,
+    dtype: str | None = None,
+    fused: bool | None = None,
+    storage_only: bool = False,
+    quantization: str | None = None,
+    group_size: int | None = None,
+    activation_dtype: str = "auto",
+    max_seq_len: int | None = None,
+    check_memory: bool = True,
+) -> Model:
     """Load a converted checkpoint directory (safetensors only) as a `cls` (GLM4ForCausalLM or a subclass);
     see GLM4ForCausalLM.from_pretrained."""
     if not os.path.isdir(path):
         raise checkpoint.CheckpointError(f"{path}: not a directory")
     if not os.path.exists(os.path.join(path, CONFIG_NAME)):
-        raise checkpoint.CheckpointError(
-            f"{path}: no {CONFIG_NAME}; is this a checkpoint converted with glm4-convert?")
+        raise checkpoint.CheckpointError(f"{path}: no {CONFIG_NAME}; is this a checkpoint converted with glm4-convert?")
     checkpoint.require_converted(path)
     config = GLM4Config.from_pretrained(path)
     # the headers against the config before anything is built for it: a config whose sizes are not the
@@ -59,8 +66,9 @@ def from_pretrained(cls: type[Model], path: str, dtype: str | None = None, fused
     if storage_only:  # for exporting: held as asked (or stored), whatever this device computes in
         fmt: WeightFormat = Dense(dtype or config.dtype, fused=fused)
     else:
-        fmt = choose_format(config.dtype, config.quantization, dtype, quantization, group_size, activation_dtype,
-                            gpu, fused)
+        fmt = choose_format(
+            config.dtype, config.quantization, dtype, quantization, group_size, activation_dtype, gpu, fused
+        )
     if check_memory and not gpu:
         memory.check_fits(config, fmt, memory.context_for(config, max_seq_len), name=os.path.basename(path))
     use_all_cores()
@@ -72,15 +80,17 @@ def from_pretrained(cls: type[Model], path: str, dtype: str | None = None, fused
     return model
 
 
-def _load_state(model: GLM4ForCausalLM, path: str, config: GLM4Config,
-                locations: dict[str, checkpoint.TensorLocation]):
+def _load_state(model: GLM4ForCausalLM, path: str, config: GLM4Config, locations: dict[str, checkpoint.TensorLocation]):
     """Fill every parameter of `model` from the checkpoint's tensors (as the weight table names them),
     converting Linear weights to the model's format."""
     params = model.state_dict()
     stored = stored_format(config.dtype, config.quantization)
     linears = _linears(model)
-    layer_of = {name: name.rsplit(".", 1)[0] for name in locations
-                if name.rsplit(".", 1)[0] in linears and not name.endswith(".bias")}
+    layer_of = {
+        name: name.rsplit(".", 1)[0]
+        for name in locations
+        if name.rsplit(".", 1)[0] in linears and not name.endswith(".bias")
+    }
     wanted = {name: None if name in layer_of else _dtype_name(params[name].dtype) for name in locations}
     pending: dict[str, dict[str, np.ndarray]] = {}
     for name, array in checkpoint.read_tensors(locations, wanted, progress=f"loading {os.path.basename(path)}"):
@@ -98,8 +108,13 @@ def _load_state(model: GLM4ForCausalLM, path: str, config: GLM4Config,
                 _fill(params[f"{prefix}.{slot}"], value)
 
 
-def save_pretrained(model: GLM4ForCausalLM, directory: str, max_shard_size: int | str = "5GB",
-                    dtype: str | None = None, overwrite: bool = False) -> list[str]:
+def save_pretrained(
+    model: GLM4ForCausalLM,
+    directory: str,
+    max_shard_size: int | str = "5GB",
+    dtype: str | None = None,
+    overwrite: bool = False,
+) -> list[str]:
     """Write `model`'s config.json, generation_config.json and safetensors weights; see
     GLM4ForCausalLM.save_pretrained. Returns the names of the files written. A quantized model writes a
     quantized checkpoint (its Linear weights as they are, everything else in `dtype`)."""
@@ -110,8 +125,10 @@ def save_pretrained(model: GLM4ForCausalLM, directory: str, max_shard_size: int 
         raise FileExistsError(f"{directory} already holds a checkpoint ({existing[0]}); pass overwrite=True")
     held = model.model.kernels.weights
     if isinstance(held, WeightOnlyGPU):
-        raise ValueError("a model quantized on the GPU holds weight_quantize's device layout, which is not saved; "
-                         "quantize the checkpoint with glm4-convert --quantize instead")
+        raise ValueError(
+            "a model quantized on the GPU holds weight_quantize's device layout, which is not saved; "
+            "quantize the checkpoint with glm4-convert --quantize instead"
+        )
     quantization = held.quantization if isinstance(held, Packed) else None
     store = dtype or model.dtype
     target = stored_format(store, quantization)
@@ -125,8 +142,10 @@ def save_pretrained(model: GLM4ForCausalLM, directory: str, max_shard_size: int 
             entries.append((name, store, tuple(tensor.shape)))
         elif name == f"{prefix}.{linears[prefix].slots[0].name}":
             layer = linears[prefix]
-            entries += [(f"{prefix}.{slot.name}", slot.dtype, slot.shape)
-                        for slot in target.slots(layer.in_features, layer.out_features)]
+            entries += [
+                (f"{prefix}.{slot.name}", slot.dtype, slot.shape)
+                for slot in target.slots(layer.in_features, layer.out_features)
+            ]
 
     def tensors() -> Iterator[tuple[str, np.ndarray]]:
         for name, _, _ in entries:

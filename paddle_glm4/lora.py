@@ -44,8 +44,9 @@ class LoRASettings:
             raise TrainingError(f"LoRA dropout {self.dropout}: must be in [0, 1)")
         unknown = sorted(set(self.targets) - set(TARGET_MODULES))
         if unknown or not self.targets:
-            raise TrainingError(f"LoRA targets {', '.join(unknown) or '(none)'}: choose from "
-                                f"{', '.join(TARGET_MODULES)}")
+            raise TrainingError(
+                f"LoRA targets {', '.join(unknown) or '(none)'}: choose from {', '.join(TARGET_MODULES)}"
+            )
 
 
 class LoRALinear(nn.Layer):
@@ -58,10 +59,14 @@ class LoRALinear(nn.Layer):
         self.dropout = settings.dropout
         # A as a Linear's default (Kaiming-uniform) init, B zero: training starts from the base model
         bound = 1.0 / math.sqrt(base.in_features)
-        self.lora_A = self.create_parameter([base.in_features, settings.rank], dtype="float32",
-                                            default_initializer=nn.initializer.Uniform(-bound, bound))
-        self.lora_B = self.create_parameter([settings.rank, base.out_features], dtype="float32",
-                                            default_initializer=nn.initializer.Constant(0.0))
+        self.lora_A = self.create_parameter(
+            [base.in_features, settings.rank],
+            dtype="float32",
+            default_initializer=nn.initializer.Uniform(-bound, bound),
+        )
+        self.lora_B = self.create_parameter(
+            [settings.rank, base.out_features], dtype="float32", default_initializer=nn.initializer.Constant(0.0)
+        )
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         update = F.dropout(x, self.dropout, training=self.training) if self.dropout else x
@@ -79,8 +84,10 @@ def require_float32(model: nn.Layer) -> None:
     weights = model.model.kernels.weights
     if not (isinstance(weights, Dense) and weights.dtype == "float32"):
         held = getattr(weights, "kind", None) or getattr(weights, "dtype", None) or type(weights).__name__
-        raise TrainingError(f"training needs float32 weights, but this model holds its Linear weights as {held}; "
-                            f"load it with from_pretrained(..., dtype='float32') (GLM-4-9B: 37.6 GB)")
+        raise TrainingError(
+            f"training needs float32 weights, but this model holds its Linear weights as {held}; "
+            f"load it with from_pretrained(..., dtype='float32') (GLM-4-9B: 37.6 GB)"
+        )
 
 
 def _targets(model: nn.Layer, cls: type, names: tuple[str, ...]):

@@ -67,9 +67,10 @@ def available_bytes() -> int | None:
 
 def _cgroup_room() -> int | None:
     """The cgroup's limit minus its usage (v2, else v1); None without a limit."""
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
         try:
             with open(limit_file, encoding="ascii") as f:
                 limit = f.read().strip()
@@ -85,8 +86,12 @@ def _cgroup_room() -> int | None:
 
 def cpu_formats(group_size: int | None = None) -> list[WeightFormat]:
     """The formats a CPU model can be loaded in, widest first (what a refusal suggests instead)."""
-    return [Dense("float32"), Packed("bfloat16"), Packed("int8"),
-            Packed("int4", Quantization.of("int4", group_size).group_size)]
+    return [
+        Dense("float32"),
+        Packed("bfloat16"),
+        Packed("int8"),
+        Packed("int4", Quantization.of("int4", group_size).group_size),
+    ]
 
 
 def describe(fmt: WeightFormat) -> str:
@@ -95,8 +100,9 @@ def describe(fmt: WeightFormat) -> str:
     return getattr(fmt, "dtype", type(fmt).__name__)
 
 
-def check_fits(config: GLM4Config, fmt: WeightFormat, context: int, name: str = "the model",
-               available: int | None = None) -> None:
+def check_fits(
+    config: GLM4Config, fmt: WeightFormat, context: int, name: str = "the model", available: int | None = None
+) -> None:
     """Raise InsufficientMemoryError, naming the numbers and the formats that would fit, when `config` in
     `fmt` with a KV cache of `context` tokens needs more than is available (default: `available_bytes()`)."""
     available = available_bytes() if available is None else available
@@ -106,15 +112,22 @@ def check_fits(config: GLM4Config, fmt: WeightFormat, context: int, name: str = 
     if needed <= available:
         return
     group = fmt.group_size if isinstance(fmt, Packed) and fmt.kind == "int4" else None
-    others = [(describe(other), required_bytes(config, other, context)) for other in cpu_formats(group)
-              if describe(other) != describe(fmt)]
+    others = [
+        (describe(other), required_bytes(config, other, context))
+        for other in cpu_formats(group)
+        if describe(other) != describe(fmt)
+    ]
     fitting = [f"{label} needs {size / GB:.1f} GB" for label, size in others if size <= available]
-    advice = (", ".join(fitting) + " (from_pretrained's dtype= / quantization=, the CLI's --dtype / --quantize)"
-              if fitting else "no format fits; free memory or use a machine with more")
+    advice = (
+        ", ".join(fitting) + " (from_pretrained's dtype= / quantization=, the CLI's --dtype / --quantize)"
+        if fitting
+        else "no format fits; free memory or use a machine with more"
+    )
     raise InsufficientMemoryError(
         f"{name} needs {needed / GB:.1f} GB in {describe(fmt)} (weights {weight_bytes(config, fmt) / GB:.1f} GB, "
         f"KV cache for {context} tokens {kv_cache_bytes(config, fmt, context) / GB:.1f} GB), "
-        f"{available / GB:.1f} GB is available: {advice}")
+        f"{available / GB:.1f} GB is available: {advice}"
+    )
 
 
 KV_CACHE_DTYPES = ("float32", "bfloat16")
@@ -133,8 +146,7 @@ def cache_dtype(requested: str | None, capacity: int, compute_dtype: str, on_gpu
     return requested
 
 
-def check_cache_fits(config: GLM4Config, batch: int, capacity: int, dtype: str,
-                     available: int | None = None) -> None:
+def check_cache_fits(config: GLM4Config, batch: int, capacity: int, dtype: str, available: int | None = None) -> None:
     """Refuse, before any work, a generation whose KV cache (`batch` rows of `capacity` slots in `dtype`)
     needs more memory than is available (default: `available_bytes()`)."""
     available = available_bytes() if available is None else available
@@ -147,7 +159,8 @@ def check_cache_fits(config: GLM4Config, batch: int, capacity: int, dtype: str,
         advice += ", or use kv_cache_dtype='bfloat16' (half the bytes)"
     raise InsufficientMemoryError(
         f"the KV cache for {batch} x {capacity} tokens (prompt + max_new_tokens) needs {needed / GB:.2f} GB in "
-        f"{dtype}, {available / GB:.2f} GB is available: {advice}")
+        f"{dtype}, {available / GB:.2f} GB is available: {advice}"
+    )
 
 
 def context_for(config: GLM4Config, max_seq_len: int | None) -> int:
@@ -157,4 +170,3 @@ def context_for(config: GLM4Config, max_seq_len: int | None) -> int:
     if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:
         raise ValueError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
     return min(max_seq_len, config.seq_length)
-

@@ -31,18 +31,19 @@ Start: TypeAlias = "int | paddle.Tensor"
 
 @dataclass
 class CausalLMOutput:
-    logits: paddle.Tensor                       # [b, s, vocab] float32
+    logits: paddle.Tensor  # [b, s, vocab] float32
     past_key_values: Sequences | None = None
-    loss: paddle.Tensor | None = None           # 0-d float32, when labels were given
+    loss: paddle.Tensor | None = None  # 0-d float32, when labels were given
 
 
 def causal_lm_loss(logits: paddle.Tensor, labels: paddle.Tensor) -> paddle.Tensor:
     """Mean cross-entropy of predicting labels[:, t + 1] from logits[:, t], over the labels that are not
     IGNORE_INDEX (transformers' and PaddleNLP's shift). logits [b, s, vocab] float32, labels [b, s] int."""
-    targets = labels[:, 1:].astype("int64")                                          # [b, s-1]
+    targets = labels[:, 1:].astype("int64")  # [b, s-1]
     counted = targets != IGNORE_INDEX
-    per_token = F.cross_entropy(logits[:, :-1], paddle.where(counted, targets, paddle.zeros_like(targets)),
-                                reduction="none", axis=-1).squeeze(-1)                   # [b, s-1]
+    per_token = F.cross_entropy(
+        logits[:, :-1], paddle.where(counted, targets, paddle.zeros_like(targets)), reduction="none", axis=-1
+    ).squeeze(-1)  # [b, s-1]
     weights = counted.astype(per_token.dtype)
     # max(1, .): a batch without a counted label has loss 0, not nan
     return (per_token * weights).sum() / paddle.clip(weights.sum(), min=1.0)
@@ -52,8 +53,9 @@ class Cache(Protocol):
     """Where the forward writes the new keys and values: the dynamic model's KVCache, or the exported program's
     cache inputs. Returns the keys and values attention reads, [b, L, g, d]."""
 
-    def update(self, layer: int, start: Start, k: paddle.Tensor,
-               v: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]: ...
+    def update(
+        self, layer: int, start: Start, k: paddle.Tensor, v: paddle.Tensor
+    ) -> tuple[paddle.Tensor, paddle.Tensor]: ...
 
 
 class Embedding(nn.Layer):
@@ -66,7 +68,7 @@ class Embedding(nn.Layer):
         self.compute_dtype = compute_dtype
 
     def forward(self, ids: paddle.Tensor) -> paddle.Tensor:
-        return F.embedding(ids, self.weight).astype(self.compute_dtype)                   # [b, s, H]
+        return F.embedding(ids, self.weight).astype(self.compute_dtype)  # [b, s, H]
 
 
 class RMSNorm(nn.Layer):
@@ -88,18 +90,25 @@ class Attention(nn.Layer):
         self.qkv_proj = Linear(config.hidden_size, config.qkv_size, kernels, bias=config.attention_bias)
         self.o_proj = Linear(self.heads * self.head_dim, config.hidden_size, kernels)
 
-    def forward(self, x: paddle.Tensor, rope: tuple, mask: paddle.Tensor | None, is_causal: bool,
-                cache: Cache | None, start: Start) -> paddle.Tensor:
+    def forward(
+        self,
+        x: paddle.Tensor,
+        rope: tuple,
+        mask: paddle.Tensor | None,
+        is_causal: bool,
+        cache: Cache | None,
+        start: Start,
+    ) -> paddle.Tensor:
         d, h, g = self.head_dim, self.heads, self.groups
         qk, v = paddle.split(self.qkv_proj(x), [(h + g) * d, g * d], axis=-1)
         # queries and keys rotate together, in one call
         q, k = paddle.split(self.kernels.apply_rotary(qk.reshape([0, 0, h + g, d]), rope), [h, g], axis=2)
-        v = v.reshape([0, 0, g, d])                                                # q [b, s, h, d]; k, v [b, s, g, d]
+        v = v.reshape([0, 0, g, d])  # q [b, s, h, d]; k, v [b, s, g, d]
         if cache is not None:
-            k, v = cache.update(self.layer_idx, start, k, v)                       # [b, L, g, d]
+            k, v = cache.update(self.layer_idx, start, k, v)  # [b, L, g, d]
             if k.dtype != q.dtype:  # a compact cache, widened one layer at a time (kv_cache.py)
                 k, v = k.astype(q.dtype), v.astype(q.dtype)
-        out = ops.attention(q, k, v, mask, is_causal)                              # [b, s, h, d]
+        out = ops.attention(q, k, v, mask, is_causal)  # [b, s, h, d]
         return self.o_proj(out.reshape([0, 0, h * d]))
 
 
@@ -124,8 +133,15 @@ class GLM4Block(nn.Layer):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels)
         self.mlp = MLP(config, kernels)
 
-    def forward(self, x: paddle.Tensor, rope: tuple, mask: paddle.Tensor | None, is_causal: bool,
-                cache: Cache | None, start: Start) -> paddle.Tensor:
+    def forward(
+        self,
+        x: paddle.Tensor,
+        rope: tuple,
+        mask: paddle.Tensor | None,
+        is_causal: bool,
+        cache: Cache | None,
+        start: Start,
+    ) -> paddle.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rope, mask, is_causal, cache, start)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -136,13 +152,17 @@ class GLM4Model(nn.Layer):
         self.config = config
         # fused GPU kernels on GPU, portable ones elsewhere; Linear weights in `weights`; chosen once, here
         self.kernels = ops.kernels(on_gpu() if fused is None else fused, weights)
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size,
-                                      self.kernels.weights.embedding_dtype(config.dtype),
-                                      self.kernels.weights.compute_dtype)
+        self.embed_tokens = Embedding(
+            config.vocab_size,
+            config.hidden_size,
+            self.kernels.weights.embedding_dtype(config.dtype),
+            self.kernels.weights.compute_dtype,
+        )
         self.layers = nn.LayerList([GLM4Block(config, i, self.kernels) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, self.kernels)
-        self.register_buffer("inv_freq", ops.inverse_frequencies(config.rotary_dim, config.rope_theta),
-                             persistable=False)
+        self.register_buffer(
+            "inv_freq", ops.inverse_frequencies(config.rotary_dim, config.rope_theta), persistable=False
+        )
         # recompute (activation checkpointing): in training, keep only each layer's input and run the layer
         # again during the backward pass; memory for long sequences, at the cost of a second forward
         self.recompute = False
@@ -151,8 +171,14 @@ class GLM4Model(nn.Layer):
         """A KV cache holding keys and values in `dtype` (default: the compute dtype)."""
         return KVCache(self.config, batch_size, capacity, dtype=dtype or self.kernels.weights.compute_dtype)
 
-    def forward(self, input_ids: paddle.Tensor, positions: paddle.Tensor, start: Start = 0,
-                key_valid: paddle.Tensor | None = None, cache: Cache | None = None) -> paddle.Tensor:
+    def forward(
+        self,
+        input_ids: paddle.Tensor,
+        positions: paddle.Tensor,
+        start: Start = 0,
+        key_valid: paddle.Tensor | None = None,
+        cache: Cache | None = None,
+    ) -> paddle.Tensor:
         """The network over new tokens: hidden states [b, s, H] after the final norm.
 
         input_ids, positions [b, s]: the tokens and their positions in their rows. start: the cache slot of the
@@ -162,7 +188,7 @@ class GLM4Model(nn.Layer):
         Nothing is decided here: `sequences.Sequences.claim` gives start, positions and key_valid.
         """
         seq_len = ops.size(input_ids, 1)
-        x = self.embed_tokens(input_ids)                                              # [b, s, H]
+        x = self.embed_tokens(input_ids)  # [b, s, H]
         mask, is_causal = ops.attention_mask(key_valid, start, seq_len, x.dtype)
         key_len = start + seq_len if key_valid is None else ops.size(key_valid, 1)
         rope = self.kernels.rotary_tables(positions, self.inv_freq, x.dtype, key_len)
@@ -187,10 +213,16 @@ class GLM4ForCausalLM(nn.Layer):
         self.prefill_chunk = generation.DEFAULT_PREFILL_CHUNK  # generate's defaults
         self.kv_cache_dtype: str | None = None
 
-    def forward(self, input_ids: paddle.Tensor, attention_mask: paddle.Tensor | None = None,
-                position_ids: paddle.Tensor | None = None, past_key_values: Sequences | None = None,
-                use_cache: bool = False, logits_to_keep: int = 0,
-                labels: paddle.Tensor | None = None) -> CausalLMOutput:
+    def forward(
+        self,
+        input_ids: paddle.Tensor,
+        attention_mask: paddle.Tensor | None = None,
+        position_ids: paddle.Tensor | None = None,
+        past_key_values: Sequences | None = None,
+        use_cache: bool = False,
+        logits_to_keep: int = 0,
+        labels: paddle.Tensor | None = None,
+    ) -> CausalLMOutput:
         """The transformers/PaddleNLP call: logits [b, s, vocab] float32 (only the last `logits_to_keep`
         positions when it is > 0) and, with use_cache or past_key_values, the Sequences to pass back.
         With `labels` [b, s] (IGNORE_INDEX where no loss is wanted), also the loss (causal_lm_loss).
@@ -206,19 +238,25 @@ class GLM4ForCausalLM(nn.Layer):
         step = sequences.claim(seq_len, attention_mask[:, -seq_len:] if attention_mask is not None else None)
         positions = step.positions if position_ids is None else position_ids
         logits = self.logits(input_ids, positions, step.start, step.key_valid, sequences.cache, logits_to_keep)
-        loss = None if labels is None else causal_lm_loss(logits, labels[:, -logits.shape[1]:])
+        loss = None if labels is None else causal_lm_loss(logits, labels[:, -logits.shape[1] :])
         return CausalLMOutput(logits, sequences if sequences.cache is not None else None, loss)
 
-    def logits(self, input_ids: paddle.Tensor, positions: paddle.Tensor, start: Start = 0,
-               key_valid: paddle.Tensor | None = None, cache: Cache | None = None,
-               logits_to_keep: int = 0) -> paddle.Tensor:
+    def logits(
+        self,
+        input_ids: paddle.Tensor,
+        positions: paddle.Tensor,
+        start: Start = 0,
+        key_valid: paddle.Tensor | None = None,
+        cache: Cache | None = None,
+        logits_to_keep: int = 0,
+    ) -> paddle.Tensor:
         """The one forward (GLM4Model.forward's arguments), through the head: logits [b, s, vocab] float32, only
         the last `logits_to_keep` positions when it is > 0. The exported program traces this very function."""
-        hidden = self.model(input_ids, positions, start, key_valid, cache)             # [b, s, H]
+        hidden = self.model(input_ids, positions, start, key_valid, cache)  # [b, s, H]
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         if self.config.tie_word_embeddings:
-            weight = self.model.embed_tokens.weight                                      # [vocab, H]
+            weight = self.model.embed_tokens.weight  # [vocab, H]
             if weight.dtype != hidden.dtype:  # stored narrow, computed wider (see inference.export)
                 weight = weight.astype(hidden.dtype)
             logits = paddle.matmul(hidden, weight, transpose_y=True)
@@ -231,15 +269,26 @@ class GLM4ForCausalLM(nn.Layer):
         """The most tokens (prompt + new) one generation takes: the config's seq_length."""
         return self.config.seq_length
 
-    def generate(self, input_ids: Batch, attention_mask: Batch | None = None, max_new_tokens: int = 128,
-                 do_sample: bool | None = None,
-                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                 repetition_penalty: float | None = None, eos_token_id: int | list[int] | None = None,
-                 pad_token_id: int | None = None, seed: int | None = None, streamer: Streamer | None = None,
-                 position_ids: Batch | None = None, truncate: bool = False,
-                 vocab_limit: int | None = None,
-                 prefill_chunk: int | None = None,
-                 kv_cache_dtype: str | None = None) -> tuple[paddle.Tensor, paddle.Tensor]:
+    def generate(
+        self,
+        input_ids: Batch,
+        attention_mask: Batch | None = None,
+        max_new_tokens: int = 128,
+        do_sample: bool | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float | None = None,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        seed: int | None = None,
+        streamer: Streamer | None = None,
+        position_ids: Batch | None = None,
+        truncate: bool = False,
+        vocab_limit: int | None = None,
+        prefill_chunk: int | None = None,
+        kv_cache_dtype: str | None = None,
+    ) -> tuple[paddle.Tensor, paddle.Tensor]:
         """Generate after each prompt of a (left-padded) batch; returns (ids, scores) as PaddleNLP does.
 
         ids [b, new] int64 holds only the new tokens, rows that stopped early padded with the pad id;
@@ -259,12 +308,26 @@ class GLM4ForCausalLM(nn.Layer):
         chunk = self.prefill_chunk if prefill_chunk is None else prefill_chunk
         cache_dtype = self.kv_cache_dtype if kv_cache_dtype is None else kv_cache_dtype
         return generation.generate(
-            generation.ModelSession(self, chunk, cache_dtype), input_ids, context_length=self.context_length,
-            vocab_size=self.config.vocab_size, defaults=self.generation_config, attention_mask=attention_mask,
-            position_ids=position_ids, max_new_tokens=max_new_tokens, do_sample=do_sample,
-            temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-            eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed, streamer=streamer, truncate=truncate,
-            vocab_limit=vocab_limit)
+            generation.ModelSession(self, chunk, cache_dtype),
+            input_ids,
+            context_length=self.context_length,
+            vocab_size=self.config.vocab_size,
+            defaults=self.generation_config,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            seed=seed,
+            streamer=streamer,
+            truncate=truncate,
+            vocab_limit=vocab_limit,
+        )
 
     @property
     def dtype(self) -> str:
@@ -272,10 +335,18 @@ class GLM4ForCausalLM(nn.Layer):
 
     # ---- checkpoints (paddle_glm4.loading) ---------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str, dtype: str | None = None, fused: bool | None = None,
-                        storage_only: bool = False, quantization: str | None = None, group_size: int | None = None,
-                        activation_dtype: str = "auto", max_seq_len: int | None = None,
-                        check_memory: bool = True) -> GLM4ForCausalLM:
+    def from_pretrained(
+        cls,
+        path: str,
+        dtype: str | None = None,
+        fused: bool | None = None,
+        storage_only: bool = False,
+        quantization: str | None = None,
+        group_size: int | None = None,
+        activation_dtype: str = "auto",
+        max_seq_len: int | None = None,
+        check_memory: bool = True,
+    ) -> GLM4ForCausalLM:
         """Load a converted checkpoint directory (safetensors only), one tensor at a time into parameters
         created empty.
 
@@ -291,11 +362,13 @@ class GLM4ForCausalLM(nn.Layer):
         cannot fit is refused with the formats that would (memory.InsufficientMemoryError), unless not
         `check_memory`. `storage_only`: hold the weights densely in `dtype` (None: as stored) whatever this
         device computes in (for exporting)."""
-        return loading.from_pretrained(cls, path, dtype, fused, storage_only, quantization, group_size,
-                                       activation_dtype, max_seq_len, check_memory)
+        return loading.from_pretrained(
+            cls, path, dtype, fused, storage_only, quantization, group_size, activation_dtype, max_seq_len, check_memory
+        )
 
-    def save_pretrained(self, directory: str, max_shard_size: int | str = "5GB", dtype: str | None = None,
-                        overwrite: bool = False) -> list[str]:
+    def save_pretrained(
+        self, directory: str, max_shard_size: int | str = "5GB", dtype: str | None = None, overwrite: bool = False
+    ) -> list[str]:
         """Write config.json and safetensors weights (sharded above `max_shard_size`) in `dtype`
         (default: the model's); a quantized model's Linear weights as they are (config.json records the
         scheme). Refuses a directory that already holds a checkpoint unless `overwrite`."""

@@ -36,7 +36,7 @@ def linear(x: paddle.Tensor, weight: paddle.Tensor, bias: paddle.Tensor | None) 
         rows *= dim
     if threads == 1 or rows > SPLIT_MAX_ROWS or k % threads or not paddle.in_dynamic_mode():
         return F.linear(x, weight, bias)
-    blocks = x.reshape([rows, threads, k // threads]).transpose([1, 0, 2])             # [T, rows, K/T]
+    blocks = x.reshape([rows, threads, k // threads]).transpose([1, 0, 2])  # [T, rows, K/T]
     out = paddle.matmul(blocks, weight.reshape([threads, k // threads, n])).sum(axis=0)  # [rows, N]
     out = out.reshape([*x.shape[:-1], n])
     return out if bias is None else out + bias
@@ -64,8 +64,9 @@ def inverse_frequencies(rotary_dim: int, base: float) -> paddle.Tensor:
     return 1.0 / (paddle.full([], base, dtype="float32") ** exponents)
 
 
-def rotary_tables(position_ids: paddle.Tensor, inv_freq: paddle.Tensor, dtype: str | paddle.dtype,
-                  table_len: int) -> tuple:
+def rotary_tables(
+    position_ids: paddle.Tensor, inv_freq: paddle.Tensor, dtype: str | paddle.dtype, table_len: int
+) -> tuple:
     """position_ids [b, s] -> (cos, signed sin), each [b, s, 1, rotary_dim] (the 1 broadcasts over heads).
 
     Per dim, each pair's angle twice; the sine is negated on even dims, so that a pair (x0, x1) rotates to
@@ -86,8 +87,9 @@ def apply_rotary(x: paddle.Tensor, tables: tuple) -> paddle.Tensor:
     return paddle.concat([x_rot * cos + swapped * signed_sin, x_pass], axis=-1)
 
 
-def fused_rotary_tables(position_ids: paddle.Tensor, inv_freq: paddle.Tensor, dtype: str | paddle.dtype,
-                        table_len: int) -> tuple:
+def fused_rotary_tables(
+    position_ids: paddle.Tensor, inv_freq: paddle.Tensor, dtype: str | paddle.dtype, table_len: int
+) -> tuple:
     # Paddle's kernel looks angles up by position in a [1, table_len, 1, rotary_dim] table holding each
     # pair's angle twice; `table_len` covers every position in the batch (at most the cache length).
     angles = paddle.arange(table_len, dtype="float32").unsqueeze(-1) * inv_freq
@@ -100,8 +102,8 @@ def fused_apply_rotary(x: paddle.Tensor, tables: tuple) -> paddle.Tensor:
     cos, sin, position_ids = tables
     rotary_dim = cos.shape[-1]
     rotated, _, _ = IF.fused_rotary_position_embedding(
-        x[..., :rotary_dim].contiguous(), sin=sin, cos=cos, position_ids=position_ids,
-        use_neox_rotary_style=True)
+        x[..., :rotary_dim].contiguous(), sin=sin, cos=cos, position_ids=position_ids, use_neox_rotary_style=True
+    )
     return paddle.concat([rotated, x[..., rotary_dim:]], axis=-1)
 
 
@@ -112,8 +114,9 @@ def fused_apply_rotary(x: paddle.Tensor, tables: tuple) -> paddle.Tensor:
 SCORE_BUDGET = 1 << 26
 
 
-def attention(q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor, mask: paddle.Tensor | None,
-              is_causal: bool) -> paddle.Tensor:
+def attention(
+    q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor, mask: paddle.Tensor | None, is_causal: bool
+) -> paddle.Tensor:
     """q [b, s, h, d]; k, v [b, L, kv_h, d] with h a multiple of kv_h (GQA, K/V are not repeated here).
 
     `mask` is additive, [b, 1, s, L], or None. Paddle's causal mode aligns the triangle top-left, which is
@@ -128,8 +131,9 @@ def attention(q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor, mask: paddle
 
 
 @paddle.jit.not_to_static
-def _attention_in_blocks(q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor, mask: paddle.Tensor | None,
-                         is_causal: bool) -> paddle.Tensor:
+def _attention_in_blocks(
+    q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor, mask: paddle.Tensor | None, is_causal: bool
+) -> paddle.Tensor:
     b, s, h, _ = q.shape
     block = max(1, SCORE_BUDGET // (b * h * k.shape[1]))
     if s <= block:
@@ -138,18 +142,23 @@ def _attention_in_blocks(q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor, m
     for lo in range(0, s, block):
         hi = min(lo + block, s)
         if is_causal:  # the block's queries see keys 0..hi only: the triangle, offset to the block
-            block_mask = slot_mask(paddle.arange(lo, hi, dtype="int64"), paddle.arange(hi, dtype="int64"), None,
-                                   q.dtype)
-            outs.append(F.scaled_dot_product_attention(q[:, lo:hi], k[:, :hi], v[:, :hi], attn_mask=block_mask,
-                                                       training=False))
+            block_mask = slot_mask(
+                paddle.arange(lo, hi, dtype="int64"), paddle.arange(hi, dtype="int64"), None, q.dtype
+            )
+            outs.append(
+                F.scaled_dot_product_attention(q[:, lo:hi], k[:, :hi], v[:, :hi], attn_mask=block_mask, training=False)
+            )
         else:
-            outs.append(F.scaled_dot_product_attention(q[:, lo:hi], k, v, training=False,
-                                                       attn_mask=None if mask is None else mask[:, :, lo:hi]))
+            outs.append(
+                F.scaled_dot_product_attention(
+                    q[:, lo:hi], k, v, training=False, attn_mask=None if mask is None else mask[:, :, lo:hi]
+                )
+            )
     return paddle.concat(outs, axis=1)
 
 
 class Kernels(NamedTuple):
-    weights: WeightFormat   # how the Linear layers hold and compute their weights (linear.py)
+    weights: WeightFormat  # how the Linear layers hold and compute their weights (linear.py)
     rms_norm: Callable
     rotary_tables: Callable
     apply_rotary: Callable
@@ -174,8 +183,9 @@ def size(x: paddle.Tensor, axis: int) -> int | paddle.Tensor:
 
 
 @paddle.jit.not_to_static
-def attention_mask(key_valid: paddle.Tensor | None, start: int | paddle.Tensor, seq_len: int | paddle.Tensor,
-                   dtype: str | paddle.dtype) -> tuple:
+def attention_mask(
+    key_valid: paddle.Tensor | None, start: int | paddle.Tensor, seq_len: int | paddle.Tensor, dtype: str | paddle.dtype
+) -> tuple:
     """The additive mask for queries at slots start..start+seq_len over the keys at slots 0..L.
 
     key_valid [b, L] marks real tokens (None: all are, L = start + seq_len). A key is visible when it is not
@@ -185,20 +195,21 @@ def attention_mask(key_valid: paddle.Tensor | None, start: int | paddle.Tensor, 
     """
     if key_valid is None:
         if isinstance(start, int) and start == 0:
-            return None, True       # plain causal attention, square
+            return None, True  # plain causal attention, square
         if seq_len == 1:
-            return None, False      # one new token sees every earlier slot
+            return None, False  # one new token sees every earlier slot
         key_slots = paddle.arange(start + seq_len, dtype="int64")
     else:
         key_slots = paddle.arange(size(key_valid, 1), dtype="int64")
     return slot_mask(paddle.arange(start, start + seq_len, dtype="int64"), key_slots, key_valid, dtype), False
 
 
-def slot_mask(query_slots: paddle.Tensor, key_slots: paddle.Tensor, key_valid: paddle.Tensor | None,
-              dtype: str | paddle.dtype) -> paddle.Tensor:
+def slot_mask(
+    query_slots: paddle.Tensor, key_slots: paddle.Tensor, key_valid: paddle.Tensor | None, dtype: str | paddle.dtype
+) -> paddle.Tensor:
     """The rule of `attention_mask`: queries at `query_slots` [s] over keys at `key_slots` [L] -> [b or 1, 1, s, L]."""
     query_slots, key_slots = query_slots.unsqueeze(1), key_slots.unsqueeze(0)
-    allowed = (key_slots <= query_slots).unsqueeze(0)                             # [1, s, L]
+    allowed = (key_slots <= query_slots).unsqueeze(0)  # [1, s, L]
     if key_valid is not None:
         allowed = allowed & (key_valid.unsqueeze(1) | (key_slots == query_slots))  # [b, s, L]
     # shape [1], not 0-d: in a Paddle Inference program `where` broadcasts through oneDNN's add, which fails on 0-d

@@ -28,7 +28,7 @@ from .validation import read_json
 
 PARTIAL_SUFFIX = ".partial"
 OWNER_FILE = ".paddle_glm4-owner.json"  # inside a partial directory, while it is being built
-REPLACED = "replaced"                   # inside a partial directory: the destination being swapped out
+REPLACED = "replaced"  # inside a partial directory: the destination being swapped out
 
 
 class DestinationError(ValueError):
@@ -39,6 +39,7 @@ class DestinationError(ValueError):
 class OutputKind:
     """What the project writes into one kind of directory: `what` names it for messages; `manifest` is the file
     that marks it ours; `listed(manifest's JSON)` gives every file the directory may hold (None: not ours)."""
+
     what: str
     manifest: str
     listed: Callable[[object], Iterable[str] | None]
@@ -60,17 +61,23 @@ def check_destination(dst: str, overwrite: bool, kind: OutputKind, flag: str = "
     manifest = os.path.join(dst, kind.manifest)
     listed = _listed(manifest, kind) if kind.manifest in entries else None
     if listed is None:
-        raise DestinationError(f"{flag} {dst} does not look like {kind.what} written by paddle_glm4 (no valid "
-                               f"{kind.manifest}); not replacing it, even with --overwrite")
+        raise DestinationError(
+            f"{flag} {dst} does not look like {kind.what} written by paddle_glm4 (no valid "
+            f"{kind.manifest}); not replacing it, even with --overwrite"
+        )
     foreign = [name for name in entries if name not in listed and name != kind.manifest]
     if foreign:
-        raise DestinationError(f"{flag} {dst} holds {foreign[0]!r}, which its {kind.manifest} does not list; not "
-                               "replacing a directory with files paddle_glm4 did not write, even with --overwrite")
+        raise DestinationError(
+            f"{flag} {dst} holds {foreign[0]!r}, which its {kind.manifest} does not list; not "
+            "replacing a directory with files paddle_glm4 did not write, even with --overwrite"
+        )
     with os.scandir(dst) as scan:
         for entry in scan:
             if not entry.is_file(follow_symlinks=False):
-                raise DestinationError(f"{flag} {dst} holds {entry.name!r}, which is not a regular file; "
-                                       "not replacing it, even with --overwrite")
+                raise DestinationError(
+                    f"{flag} {dst} holds {entry.name!r}, which is not a regular file; "
+                    "not replacing it, even with --overwrite"
+                )
 
 
 def _listed(path: str, kind: OutputKind) -> set[str] | None:
@@ -82,8 +89,7 @@ def _listed(path: str, kind: OutputKind) -> set[str] | None:
 
 
 @contextlib.contextmanager
-def staged(dst: str, overwrite: bool, kind: OutputKind, flag: str = "--dst",
-           mode_limit: int = 0o777) -> Iterator[str]:
+def staged(dst: str, overwrite: bool, kind: OutputKind, flag: str = "--dst", mode_limit: int = 0o777) -> Iterator[str]:
     """Yield a new empty directory beside `dst` to build the output in; on success, put it in place as `dst`
     (replacing the old one, checked again, when `overwrite`), with its files synced to disk first. Nothing is
     left behind on error or interrupt: neither the directory nor the parents this created. The output gets
@@ -209,7 +215,7 @@ def _owner_gone(owner: dict) -> bool:
     if owner.get("host") != me["host"] or me["boot"] is None or owner.get("started") is None:
         return False  # another machine (a shared filesystem) or no /proc: cannot tell
     if owner.get("boot") != me["boot"]:
-        return True   # the machine rebooted since: every process of that boot is gone
+        return True  # the machine rebooted since: every process of that boot is gone
     pid = owner.get("pid")
     return isinstance(pid, int) and pid > 0 and _start_time(pid) != owner["started"]
 
@@ -232,26 +238,39 @@ def remove_stale_partials(parent: str) -> list[str]:
             if not isinstance(owner, dict):
                 raise ValueError
         except (OSError, ValueError):
-            print(f"note: {path} looks like unfinished output, but has no readable {OWNER_FILE} to prove that "
-                  "paddle_glm4 made it; left alone (remove it yourself if it is)", file=sys.stderr)
+            print(
+                f"note: {path} looks like unfinished output, but has no readable {OWNER_FILE} to prove that "
+                "paddle_glm4 made it; left alone (remove it yourself if it is)",
+                file=sys.stderr,
+            )
             continue
         if not _owner_gone(owner):
             continue  # a run still going on, or one we cannot judge from here
         replaced = os.path.join(path, REPLACED)
         destination = owner.get("destination")
         try:
-            if owner.get("replaces") is True and os.path.isdir(replaced) and isinstance(destination, str) \
-                    and "/" not in destination and destination not in ("", ".", "..") \
-                    and not os.path.lexists(os.path.join(parent, destination)):
+            if (
+                owner.get("replaces") is True
+                and os.path.isdir(replaced)
+                and isinstance(destination, str)
+                and "/" not in destination
+                and destination not in ("", ".", "..")
+                and not os.path.lexists(os.path.join(parent, destination))
+            ):
                 os.rename(replaced, os.path.join(parent, destination))  # killed mid-swap: the old output is back
-                print(f"note: restored {os.path.join(parent, destination)}, which an interrupted run had moved "
-                      "aside", file=sys.stderr)
+                print(
+                    f"note: restored {os.path.join(parent, destination)}, which an interrupted run had moved aside",
+                    file=sys.stderr,
+                )
             shutil.rmtree(path)
         except OSError as err:  # e.g. a parent we may read but not write: say so, and carry on
-            print(f"note: could not remove {path}, left by process {owner.get('pid')} which is gone ({err})",
-                  file=sys.stderr)
+            print(
+                f"note: could not remove {path}, left by process {owner.get('pid')} which is gone ({err})",
+                file=sys.stderr,
+            )
             continue
-        print(f"note: removed {path}, the unfinished output of process {owner.get('pid')}, which is gone",
-              file=sys.stderr)
+        print(
+            f"note: removed {path}, the unfinished output of process {owner.get('pid')}, which is gone", file=sys.stderr
+        )
         removed.append(path)
     return removed

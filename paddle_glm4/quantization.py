@@ -42,6 +42,7 @@ CONVERT_BLOCK_BYTES = 64 << 20  # float32 rows converted at once
 @dataclass(frozen=True)
 class Slot:
     """One tensor of a Linear: `name` is its attribute and the last part of its checkpoint name."""
+
     name: str
     shape: tuple[int, ...]
     dtype: str
@@ -88,6 +89,7 @@ class WeightFormat:
 class Dense(WeightFormat):
     """Paddle's Linear layout, weight [K, N] in `dtype`. `fused`: computed in `dtype` by Paddle's own
     kernels (a GPU), rather than in float32 on the CPU (a narrow dtype is widened where it is used)."""
+
     dtype: str = "float32"
     fused: bool = False
 
@@ -112,12 +114,13 @@ class Dense(WeightFormat):
         return to_float32(block, self.dtype)
 
     def pack(self, arrays: dict[str, np.ndarray], rows: np.ndarray, start: int) -> None:
-        arrays["weight"][:, start:start + len(rows)] = cast(np.ascontiguousarray(rows), "float32", self.dtype).T
+        arrays["weight"][:, start : start + len(rows)] = cast(np.ascontiguousarray(rows), "float32", self.dtype).T
 
 
 @dataclass(frozen=True)
 class Packed(WeightFormat):
     """The CPU kernels' output-major layouts (see the module docstring)."""
+
     kind: str = "bfloat16"
     group_size: int | None = None
     activation_dtype: str = "auto"
@@ -176,6 +179,7 @@ class Packed(WeightFormat):
 class WeightOnlyGPU(WeightFormat):
     """Paddle's weight-only quantized matmul on a GPU (UNVERIFIED; see linear.py). The tensors are made on
     the device by `weight_quantize` at load, from the float32 weight; activations compute in `dtype`."""
+
     scheme: str = "int8"
     group_size: int | None = None
     dtype: str = "bfloat16"
@@ -211,15 +215,20 @@ def checkpoint_slots(dtype: str, quantization: Quantization | None, k: int, n: i
     return stored_format(dtype, quantization).slots(k, n)
 
 
-def convert(source: WeightFormat, arrays: dict[str, np.ndarray], target: WeightFormat, k: int,
-            n: int) -> dict[str, np.ndarray]:
+def convert(
+    source: WeightFormat, arrays: dict[str, np.ndarray], target: WeightFormat, k: int, n: int
+) -> dict[str, np.ndarray]:
     """A Linear's arrays in `source` format -> `target`'s, a block of output rows at a time. When both hold
     the same tensors in the same layout, they are returned as they are (no copy)."""
     if type(source) is type(target) and source.slots(k, n) == target.slots(k, n):
         return arrays
     out = {slot.name: np.empty(slot.shape, numpy_dtype(slot.dtype)) for slot in target.slots(k, n)}
-    if isinstance(source, Dense) and source.dtype == "bfloat16" and isinstance(target, Packed) \
-            and target.kind == "bfloat16":  # the same values, transposed: moved as bits
+    if (
+        isinstance(source, Dense)
+        and source.dtype == "bfloat16"
+        and isinstance(target, Packed)
+        and target.kind == "bfloat16"
+    ):  # the same values, transposed: moved as bits
         transpose_into(out["weight"], arrays["weight"])
         return out
     step = max(1, CONVERT_BLOCK_BYTES // (4 * k))
@@ -228,9 +237,16 @@ def convert(source: WeightFormat, arrays: dict[str, np.ndarray], target: WeightF
     return out
 
 
-def choose_format(stored_dtype: str, stored_quantization: Quantization | None, dtype: str | None,
-                  quantization: str | None, group_size: int | None, activation_dtype: str, gpu: bool,
-                  fused: bool) -> WeightFormat:
+def choose_format(
+    stored_dtype: str,
+    stored_quantization: Quantization | None,
+    dtype: str | None,
+    quantization: str | None,
+    group_size: int | None,
+    activation_dtype: str,
+    gpu: bool,
+    fused: bool,
+) -> WeightFormat:
     """The format a model loaded with these arguments holds its Linear weights in (see from_pretrained):
 
     - `quantization` "int8" | "int4" (+ `group_size`): quantized at load (a checkpoint quantized otherwise
@@ -246,9 +262,11 @@ def choose_format(stored_dtype: str, stored_quantization: Quantization | None, d
     if quantization is not None:
         wanted = Quantization.of(quantization, group_size)
         if stored_quantization is not None and wanted != stored_quantization:
-            raise ConfigError(f"this checkpoint is quantized as {stored_quantization}; re-quantizing it as "
-                              f"{wanted} would compound the rounding. Load it as it is, or quantize from a "
-                              "float checkpoint")
+            raise ConfigError(
+                f"this checkpoint is quantized as {stored_quantization}; re-quantizing it as "
+                f"{wanted} would compound the rounding. Load it as it is, or quantize from a "
+                "float checkpoint"
+            )
     elif group_size is not None:
         raise ConfigError("group_size is for quantization='int4'")
     else:
@@ -260,8 +278,10 @@ def choose_format(stored_dtype: str, stored_quantization: Quantization | None, d
     if wanted is not None:
         return Packed(wanted.scheme, wanted.group_size, activation_dtype)
     if dtype == "float16":
-        raise ValueError("dtype='float16' cannot compute on CPU (Paddle has no float16 CPU kernels); use "
-                         "bfloat16 (computed by paddle_glm4.kernels) or float32")
+        raise ValueError(
+            "dtype='float16' cannot compute on CPU (Paddle has no float16 CPU kernels); use "
+            "bfloat16 (computed by paddle_glm4.kernels) or float32"
+        )
     if dtype == "bfloat16" or (dtype is None and stored_dtype == "bfloat16"):
         return Packed("bfloat16", None, activation_dtype)
     return Dense("float32")
@@ -270,17 +290,28 @@ def choose_format(stored_dtype: str, stored_quantization: Quantization | None, d
 def add_arguments(parser: argparse.ArgumentParser, action: str, activations: bool = True) -> None:
     """--quantize, --group-size and (with `activations`) --activation-dtype, worded once for every command
     that takes them; `action` says what the command does with the weights ("quantize at load", ...)."""
-    parser.add_argument("--quantize", choices=QUANTIZATION_SCHEMES,
-                        help=f"{action} the Linear weights (attention, MLP and the lm_head), weight-only and "
-                             "symmetric: int8 with one float32 scale per output channel (GLM-4-9B: 10.0 GB of "
-                             "weights), int4 with one per --group-size input rows (5.9 GB). The embedding, norms "
-                             "and biases are not quantized. A checkpoint converted with --quantize is quantized "
-                             "already and needs no flag")
-    parser.add_argument("--group-size", type=int, metavar="G",
-                        help=f"with --quantize int4: input rows per scale, an even number (default "
-                             f"{DEFAULT_GROUP_SIZE}; the kernels are tuned for 64 and 128)")
+    parser.add_argument(
+        "--quantize",
+        choices=QUANTIZATION_SCHEMES,
+        help=f"{action} the Linear weights (attention, MLP and the lm_head), weight-only and "
+        "symmetric: int8 with one float32 scale per output channel (GLM-4-9B: 10.0 GB of "
+        "weights), int4 with one per --group-size input rows (5.9 GB). The embedding, norms "
+        "and biases are not quantized. A checkpoint converted with --quantize is quantized "
+        "already and needs no flag",
+    )
+    parser.add_argument(
+        "--group-size",
+        type=int,
+        metavar="G",
+        help=f"with --quantize int4: input rows per scale, an even number (default "
+        f"{DEFAULT_GROUP_SIZE}; the kernels are tuned for 64 and 128)",
+    )
     if activations:
-        parser.add_argument("--activation-dtype", choices=ACTIVATION_DTYPES, default="auto",
-                            help="how activations enter the bf16/int8/int4 kernels' dot products: float32 is "
-                                 "exact; bfloat16, or int8 with one scale per row, rounds them for the CPU's "
-                                 "faster instructions; auto (default) picks per CPU")
+        parser.add_argument(
+            "--activation-dtype",
+            choices=ACTIVATION_DTYPES,
+            default="auto",
+            help="how activations enter the bf16/int8/int4 kernels' dot products: float32 is "
+            "exact; bfloat16, or int8 with one scale per row, rounds them for the CPU's "
+            "faster instructions; auto (default) picks per CPU",
+        )

@@ -46,8 +46,12 @@ def numpy_dtype(dtype: str) -> np.dtype:
     return DTYPES[CODE_OF[dtype]][1]
 
 
-HEADER_SCHEMA = Map(Object({"dtype": Str(), "shape": List(Int(0)), "data_offsets": List(Int(0), 2, 2)},
-                           required=("dtype", "shape", "data_offsets")))  # other fields: ignored, as the library does
+HEADER_SCHEMA = Map(
+    Object(
+        {"dtype": Str(), "shape": List(Int(0)), "data_offsets": List(Int(0), 2, 2)},
+        required=("dtype", "shape", "data_offsets"),
+    )
+)  # other fields: ignored, as the library does
 METADATA_SCHEMA = Optional(Map(Str()))  # the format's metadata: text keys to text values
 
 
@@ -61,34 +65,45 @@ def parse_header(raw: bytes, data_len: int, source: str) -> tuple[dict[str, str]
     header = parse_json(raw, f"{source}: header", error=SafetensorsError)
     if not isinstance(header, dict):
         raise SafetensorsError(f"{source}: corrupted header, not a JSON object")
-    metadata = validate(header.pop("__metadata__", None), METADATA_SCHEMA, f"{source}: header __metadata__",
-                        SafetensorsError) or {}
+    metadata = (
+        validate(header.pop("__metadata__", None), METADATA_SCHEMA, f"{source}: header __metadata__", SafetensorsError)
+        or {}
+    )
     validate(header, HEADER_SCHEMA, f"{source}: header", SafetensorsError)
     entries = {}
     for name, entry in header.items():
         code, (begin, end) = entry["dtype"], entry["data_offsets"]
         shape = tuple(entry["shape"])
         if code not in DTYPES:
-            raise SafetensorsError(f"{source}: tensor {name!r}: unsupported dtype {code!r} "
-                                   f"(supported: {', '.join(DTYPES)})")
+            raise SafetensorsError(
+                f"{source}: tensor {name!r}: unsupported dtype {code!r} (supported: {', '.join(DTYPES)})"
+            )
         expected = math.prod(shape) * DTYPES[code][1].itemsize  # exact: no int64 wrap-around on huge shapes
         if not begin <= end or end - begin != expected:
-            raise SafetensorsError(f"{source}: tensor {name!r}: header offsets {begin}..{end} do not fit shape "
-                                   f"{list(shape)} {code} ({expected} bytes)")
+            raise SafetensorsError(
+                f"{source}: tensor {name!r}: header offsets {begin}..{end} do not fit shape "
+                f"{list(shape)} {code} ({expected} bytes)"
+            )
         entries[name] = (code, shape, begin, end)
     position = 0
     for name, (_, _, begin, end) in sorted(entries.items(), key=lambda item: item[1][2:]):
         if begin != position:
             problem = "overlaps the tensor before it" if begin < position else "leaves a gap before it"
-            raise SafetensorsError(f"{source}: tensor {name!r}: data offsets {begin}..{end} {problem} (the "
-                                   f"previous tensor ends at {position}); tensors must be stored back to back")
+            raise SafetensorsError(
+                f"{source}: tensor {name!r}: data offsets {begin}..{end} {problem} (the "
+                f"previous tensor ends at {position}); tensors must be stored back to back"
+            )
         position = end
     if position != data_len:
         if position > data_len:
-            raise SafetensorsError(f"{source}: truncated: the tensors end at byte {position} of the data, but "
-                                   f"the file holds only {data_len} data bytes")
-        raise SafetensorsError(f"{source}: {data_len - position} bytes after the last tensor's data; the "
-                               "header does not describe the whole file")
+            raise SafetensorsError(
+                f"{source}: truncated: the tensors end at byte {position} of the data, but "
+                f"the file holds only {data_len} data bytes"
+            )
+        raise SafetensorsError(
+            f"{source}: {data_len - position} bytes after the last tensor's data; the "
+            "header does not describe the whole file"
+        )
     return metadata, entries
 
 
@@ -211,8 +226,14 @@ class SafetensorsWriter:
     unchecked) and `close` otherwise.
     """
 
-    def __init__(self, path: str, entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict | None = None,
-                 header: bytes | None = None, sync: bool = True):
+    def __init__(
+        self,
+        path: str,
+        entries: list[tuple[str, str, tuple[int, ...]]],
+        metadata: dict | None = None,
+        header: bytes | None = None,
+        sync: bool = True,
+    ):
         self.path, self._sync = path, sync
         self._order = [(name, dtype, tuple(shape)) for name, dtype, shape in entries]
         if header is None:
@@ -253,10 +274,16 @@ class SafetensorsWriter:
             raise ValueError(f"{self.path}: expected tensor {expected_name!r} next, got {name!r}")
         total = shape[0] if shape else 1
         rows = array.shape[0] if shape and array.ndim else 1
-        if array.dtype != numpy_dtype(dtype) or tuple(array.shape[1:]) != shape[1:] or array.ndim != len(shape) \
-                or self._rows + rows > total:
-            raise ValueError(f"{self.path}: tensor {name!r} declared {dtype} {list(shape)}, got numpy "
-                             f"{array.dtype} {list(array.shape)} after {self._rows} of its rows")
+        if (
+            array.dtype != numpy_dtype(dtype)
+            or tuple(array.shape[1:]) != shape[1:]
+            or array.ndim != len(shape)
+            or self._rows + rows > total
+        ):
+            raise ValueError(
+                f"{self.path}: tensor {name!r} declared {dtype} {list(shape)}, got numpy "
+                f"{array.dtype} {list(array.shape)} after {self._rows} of its rows"
+            )
         self._put(np.ascontiguousarray(array).reshape(-1).data.cast("B"))
         self._rows += rows
         if self._rows == total:
@@ -265,7 +292,7 @@ class SafetensorsWriter:
     def close(self) -> None:
         try:
             if self._next != len(self._order):
-                missing = [name for name, _, _ in self._order[self._next:]]
+                missing = [name for name, _, _ in self._order[self._next :]]
                 raise ValueError(f"{self.path}: closed before writing {len(missing)} tensors (first: {missing[0]!r})")
             self.flush()
             if self._sync:

@@ -16,8 +16,8 @@ import paddle.nn.functional as F
 class SamplingParams:
     do_sample: bool = False
     temperature: float = 1.0
-    top_k: int = 0                 # 0: no top-k cut
-    top_p: float = 1.0             # 1.0: no nucleus cut
+    top_k: int = 0  # 0: no top-k cut
+    top_p: float = 1.0  # 1.0: no nucleus cut
     repetition_penalty: float = 1.0
 
     def __post_init__(self):
@@ -57,8 +57,9 @@ def keep_top_p(logits: paddle.Tensor, p: float) -> paddle.Tensor:
     return paddle.where(logits < threshold, paddle.full_like(logits, float("-inf")), logits)
 
 
-def choose_tokens(logits: paddle.Tensor, params: SamplingParams,
-                  seen: paddle.Tensor | None) -> tuple[paddle.Tensor, paddle.Tensor]:
+def choose_tokens(
+    logits: paddle.Tensor, params: SamplingParams, seen: paddle.Tensor | None
+) -> tuple[paddle.Tensor, paddle.Tensor]:
     """logits [b, vocab] fp32 -> (token ids [b] int64, their log-probabilities [b]).
 
     The log-probabilities are those of the model's distribution after the repetition penalty and before
@@ -76,8 +77,9 @@ def choose_tokens(logits: paddle.Tensor, params: SamplingParams,
     return tokens.astype("int64"), chosen
 
 
-def choose_token(logits: paddle.Tensor, params: SamplingParams, seen: list[int] | None,
-                 rng: np.random.Generator) -> int:
+def choose_token(
+    logits: paddle.Tensor, params: SamplingParams, seen: list[int] | None, rng: np.random.Generator
+) -> int:
     """One sequence's next token from its logits [1, vocab] fp32, drawing from its own generator `rng`.
 
     The continuous-batching engine (scheduler.py) calls this per row, so that what a sequence draws depends on
@@ -86,8 +88,7 @@ def choose_token(logits: paddle.Tensor, params: SamplingParams, seen: list[int] 
     from `rng` on the host instead of paddle's global generator."""
     if params.repetition_penalty != 1.0 and seen:
         ids = paddle.to_tensor(np.asarray(seen, dtype="int64")).unsqueeze(0)
-        mask = paddle.put_along_axis(paddle.zeros_like(logits), ids, paddle.ones(ids.shape, dtype=logits.dtype),
-                                     axis=1)
+        mask = paddle.put_along_axis(paddle.zeros_like(logits), ids, paddle.ones(ids.shape, dtype=logits.dtype), axis=1)
         logits = apply_repetition_penalty(logits, mask, params.repetition_penalty)
     if not params.do_sample:
         return int(paddle.argmax(logits, axis=-1).numpy().item())

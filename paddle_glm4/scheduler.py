@@ -58,13 +58,14 @@ class Request:
     """One generation: `prompt` ids, at most `max_tokens` new ones, `settings` (GenerationConfig.merged: stop ids,
     sampling parameters), `seed` for its own random generator, ids from `vocab_limit` on never generated. Its
     new tokens go to `streamer` (put / end; it stops early when the streamer is cancelled) and to `output`."""
+
     prompt: list[int]
     max_tokens: int
     settings: GenerationConfig
     seed: int | None = None
     vocab_limit: int | None = None
     streamer: Streamer | None = None
-    prefill_chunk: int | None = None   # prompt tokens per prefill step (None: the engine's)
+    prefill_chunk: int | None = None  # prompt tokens per prefill step (None: the engine's)
     output: list[int] = field(default_factory=list)
     error: BaseException | None = None
     # engine state
@@ -93,26 +94,30 @@ class BatchCache(KVCache):
         super().__init__(model.config, rows, capacity, dtype=dtype)
         self.rows = 0
 
-    def update(self, layer: int, start: int, k: paddle.Tensor,
-               v: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
+    def update(self, layer: int, start: int, k: paddle.Tensor, v: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
         end = start + k.shape[1]
-        self.keys[layer][:self.rows, start:end] = k
-        self.values[layer][:self.rows, start:end] = v
-        return self.keys[layer][:self.rows, :end], self.values[layer][:self.rows, :end]
+        self.keys[layer][: self.rows, start:end] = k
+        self.values[layer][: self.rows, start:end] = v
+        return self.keys[layer][: self.rows, :end], self.values[layer][: self.rows, :end]
 
     def move(self, source: slice, target_start: int, rows: slice) -> None:
         """Copy the slots `source` of `rows` to start at `target_start` (the ranges may overlap)."""
         for cache in (self.keys, self.values):
             for layer in range(self.num_layers):
                 block = cache[layer][rows, source].clone()
-                cache[layer][rows, target_start:target_start + block.shape[1]] = block
+                cache[layer][rows, target_start : target_start + block.shape[1]] = block
 
 
 class Scheduler:
     """The engine: `submit` requests (from any thread), `step()` them (from one thread), or `run(requests)`."""
 
-    def __init__(self, model: GLM4ForCausalLM, max_num_seqs: int = 8, kv_cache_memory: int | None = None,
-                 prefill_chunk: int | None = None):
+    def __init__(
+        self,
+        model: GLM4ForCausalLM,
+        max_num_seqs: int = 8,
+        kv_cache_memory: int | None = None,
+        prefill_chunk: int | None = None,
+    ):
         if prefill_chunk is None:
             prefill_chunk = int(getattr(model, "prefill_chunk", DEFAULT_PREFILL_CHUNK))
         if max_num_seqs < 1 or prefill_chunk < 1:
@@ -120,8 +125,12 @@ class Scheduler:
         config = model.config
         # one dtype for the prompts' caches and the batch's, so that a joined row holds what it held alone;
         # --kv-cache-dtype (the model's kv_cache_dtype), else memory.cache_dtype's choice for the context
-        self.cache_dtype = cache_dtype(getattr(model, "kv_cache_dtype", None), model.context_length,
-                                       model.model.kernels.weights.compute_dtype, on_gpu())
+        self.cache_dtype = cache_dtype(
+            getattr(model, "kv_cache_dtype", None),
+            model.context_length,
+            model.model.kernels.weights.compute_dtype,
+            on_gpu(),
+        )
         itemsize = paddle.zeros([1], dtype=self.cache_dtype).element_size()
         self.bytes_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * itemsize
         if kv_cache_memory is None:
@@ -131,14 +140,14 @@ class Scheduler:
                 kv_cache_memory = min(kv_cache_memory, available // 2)
         self.model = model
         self.max_num_seqs = max_num_seqs
-        self.kv_cache_tokens = kv_cache_memory // self.bytes_per_token   # the pool, in cache slots
+        self.kv_cache_tokens = kv_cache_memory // self.bytes_per_token  # the pool, in cache slots
         self.prefill_chunk = prefill_chunk
         self.waiting: collections.deque[Request] = collections.deque()
         self.prefilling: list[Request] = []
         self.running: list[Request] = []
         self.cache: BatchCache | None = None
-        self.length = 0                   # the shared write slot: every row's tokens end here
-        self.first_slot: list[int] = []   # per running row: its first real slot
+        self.length = 0  # the shared write slot: every row's tokens end here
+        self.first_slot: list[int] = []  # per running row: its first real slot
         self._lock = threading.Lock()
         self.wakeup = threading.Condition(self._lock)
 
@@ -147,11 +156,15 @@ class Scheduler:
         if request.max_tokens < 1 or not request.prompt:
             raise ValueError("a request needs a non-empty prompt and max_tokens >= 1")
         if request.need > self.model.context_length:
-            raise ValueError(f"the prompt ({len(request.prompt)} tokens) plus max_tokens ({request.max_tokens}) "
-                             f"exceeds the model's context of {self.model.context_length} tokens")
+            raise ValueError(
+                f"the prompt ({len(request.prompt)} tokens) plus max_tokens ({request.max_tokens}) "
+                f"exceeds the model's context of {self.model.context_length} tokens"
+            )
         if request.need > self.kv_cache_tokens:
-            raise ValueError(f"the prompt plus max_tokens ({request.need} tokens) exceeds the KV cache pool of "
-                             f"{self.kv_cache_tokens} tokens (--kv-cache-memory)")
+            raise ValueError(
+                f"the prompt plus max_tokens ({request.need} tokens) exceeds the KV cache pool of "
+                f"{self.kv_cache_tokens} tokens (--kv-cache-memory)"
+            )
         with self.wakeup:
             self.waiting.append(request)
             self.wakeup.notify()
@@ -232,7 +245,7 @@ class Scheduler:
                 if request.streamer is not None:
                     request.streamer.prefill_progress(0, len(request.prompt))
             end = min(request.prefilled + (request.prefill_chunk or self.prefill_chunk), len(request.prompt))
-            ids = paddle.to_tensor([request.prompt[request.prefilled:end]], dtype="int64")
+            ids = paddle.to_tensor([request.prompt[request.prefilled : end]], dtype="int64")
             logits = self.model(ids, past_key_values=request.prefill, logits_to_keep=1).logits[:, -1]
             request.prefilled = end
             if request.streamer is not None:
@@ -254,8 +267,10 @@ class Scheduler:
         rows = len(self.running)
         capacity = max(r.need for r in [*self.running, request])
         if self.cache is None or self.cache.batch_size < rows + 1 or self.cache.capacity < capacity:
-            self._reallocate(max(rows + 1, self.cache.batch_size if self.cache else 0),
-                             max(capacity, self.cache.capacity if self.cache else 0))
+            self._reallocate(
+                max(rows + 1, self.cache.batch_size if self.cache else 0),
+                max(capacity, self.cache.capacity if self.cache else 0),
+            )
         assert self.cache is not None and prompt is not None and prompt.cache is not None
         if size > self.length:  # the rows move right so that the new one fits before the write slot
             shift = size - self.length
@@ -264,7 +279,7 @@ class Scheduler:
             self.length = size
         for target, source in ((self.cache.keys, prompt.cache.keys), (self.cache.values, prompt.cache.values)):
             for layer in range(self.cache.num_layers):
-                target[layer][rows, self.length - size:self.length] = source[layer][0, :size]
+                target[layer][rows, self.length - size : self.length] = source[layer][0, :size]
         self.first_slot.append(self.length - size)
         self.running.append(request)
         request.prefill = None
@@ -276,7 +291,7 @@ class Scheduler:
         if old is not None and self.length:
             for target, source in ((self.cache.keys, old.keys), (self.cache.values, old.values)):
                 for layer in range(old.num_layers):
-                    target[layer][:old.batch_size, :self.length] = source[layer][:, :self.length]
+                    target[layer][: old.batch_size, : self.length] = source[layer][:, : self.length]
 
     def _decode(self) -> None:
         assert self.cache is not None
@@ -286,10 +301,10 @@ class Scheduler:
             self.first_slot = [slot - shift for slot in self.first_slot]
             self.length -= shift
         rows = len(self.running)
-        tokens = paddle.to_tensor([[r.output[-1]] for r in self.running], dtype="int64")            # [n, 1]
+        tokens = paddle.to_tensor([[r.output[-1]] for r in self.running], dtype="int64")  # [n, 1]
         positions = paddle.to_tensor([[len(r.prompt) + len(r.output) - 1] for r in self.running], dtype="int64")
         slots = np.arange(self.length + 1)
-        key_valid = paddle.to_tensor(slots[None, :] >= np.asarray(self.first_slot)[:, None])      # [n, L]
+        key_valid = paddle.to_tensor(slots[None, :] >= np.asarray(self.first_slot)[:, None])  # [n, L]
         try:
             logits = self.model.logits(tokens, positions, self.length, key_valid, self.cache, 1)[:, -1]
         except Exception as error:  # noqa: BLE001 - no telling which row broke it: all of them fail
@@ -298,7 +313,7 @@ class Scheduler:
                 self._leave(row)
             return
         self.length += 1
-        staying = [self._emit(request, logits[row:row + 1]) for row, request in enumerate(self.running)]
+        staying = [self._emit(request, logits[row : row + 1]) for row, request in enumerate(self.running)]
         for row in reversed(range(rows)):
             if not staying[row]:
                 self._leave(row)
@@ -308,7 +323,7 @@ class Scheduler:
         try:
             if request.vocab_limit is not None and request.vocab_limit < logits.shape[-1]:
                 logits = logits.clone()
-                logits[:, request.vocab_limit:] = float("-inf")
+                logits[:, request.vocab_limit :] = float("-inf")
             token = choose_token(logits, request.params, request.prompt + request.output, request.rng)
             request.output.append(token)
             if request.streamer is not None:
@@ -329,7 +344,7 @@ class Scheduler:
         if row != last:
             for cache in (self.cache.keys, self.cache.values):
                 for layer in range(self.cache.num_layers):
-                    cache[layer][row, :self.length] = cache[layer][last, :self.length]
+                    cache[layer][row, : self.length] = cache[layer][last, : self.length]
             self.running[row], self.first_slot[row] = self.running[last], self.first_slot[last]
         self.running.pop()
         self.first_slot.pop()

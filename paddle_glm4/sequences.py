@@ -26,9 +26,10 @@ GROWTH_STEP = 256
 @dataclass
 class Step:
     """Where `s` new tokens go: what the model's forward takes besides the token ids and the cache."""
-    start: int                              # the cache slot of the first new token
-    positions: paddle.Tensor                # [b, s] int64, each token's position in its row
-    key_valid: paddle.Tensor | None         # [b, start + s] bool, slots holding real tokens (None: all do)
+
+    start: int  # the cache slot of the first new token
+    positions: paddle.Tensor  # [b, s] int64, each token's position in its row
+    key_valid: paddle.Tensor | None  # [b, start + s] bool, slots holding real tokens (None: all do)
 
 
 class Sequences:
@@ -37,10 +38,10 @@ class Sequences:
 
     def __init__(self, batch_size: int, capacity: int, cache: KVCache | None = None):
         self.cache = cache
-        self.length = 0                                                    # slots filled so far (host int)
-        self.has_padding = False                                           # whether any filled slot is padding
-        self.valid = paddle.zeros([batch_size, capacity], dtype="bool")    # [b, capacity]
-        self.seen = paddle.zeros([batch_size], dtype="int64")              # [b] real tokens per row so far
+        self.length = 0  # slots filled so far (host int)
+        self.has_padding = False  # whether any filled slot is padding
+        self.valid = paddle.zeros([batch_size, capacity], dtype="bool")  # [b, capacity]
+        self.seen = paddle.zeros([batch_size], dtype="int64")  # [b] real tokens per row so far
 
     @property
     def batch_size(self) -> int:
@@ -72,7 +73,7 @@ class Sequences:
 
     def _grow(self, capacity: int) -> None:
         valid = paddle.zeros([self.batch_size, capacity], dtype="bool")
-        valid[:, :self.length] = self.valid[:, :self.length]
+        valid[:, : self.length] = self.valid[:, : self.length]
         self.valid = valid
         if self.cache is not None:
             self.cache.grow(capacity, self.length)

@@ -42,8 +42,7 @@ def train_bpe(text: str, num_merges: int | None = None) -> dict[bytes, int]:
     pieces GLM-4's split pattern cuts `text` into, until no pair repeats or after `num_merges` merges."""
     import regex  # tiktoken's own dependency; only training needs the pattern in Python
 
-    words = Counter(tuple(bytes([b]) for b in piece.encode("utf-8"))
-                    for piece in regex.findall(SPLIT_PATTERN, text))
+    words = Counter(tuple(bytes([b]) for b in piece.encode("utf-8")) for piece in regex.findall(SPLIT_PATTERN, text))
     ranks = {bytes([b]): b for b in range(256)}
     for _ in itertools.repeat(None) if num_merges is None else range(num_merges):
         pairs: Counter[tuple[bytes, bytes]] = Counter()
@@ -67,7 +66,7 @@ def _merge(word: tuple[bytes, ...], pair: tuple[bytes, bytes], merged: bytes) ->
     out: list[bytes] = []
     i = 0
     while i < len(word):
-        if word[i:i + 2] == pair:
+        if word[i : i + 2] == pair:
             out.append(merged)
             i += 2
         else:
@@ -76,8 +75,9 @@ def _merge(word: tuple[bytes, ...], pair: tuple[bytes, bytes], merged: bytes) ->
     return tuple(out)
 
 
-def write_small_vocabulary(directory: str | os.PathLike, *, num_merges: int | None = None,
-                           chat_template: bool = True) -> Path:
+def write_small_vocabulary(
+    directory: str | os.PathLike, *, num_merges: int | None = None, chat_template: bool = True
+) -> Path:
     """Write a small GLM-4-style `tokenizer.model` and `tokenizer_config.json` into `directory`; return it.
 
     The base vocabulary is the 256 bytes plus every merge the built-in sample supports (a few hundred tokens),

@@ -18,8 +18,13 @@ import stat
 from collections.abc import Iterable
 from typing import IO, Any
 
-FILE_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device",
-              stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
+FILE_KINDS = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
 MAX_NAME_BYTES = 255  # longest file name on Linux filesystems
 
 
@@ -30,10 +35,15 @@ class UnsafeFileError(ValueError):
 def plain_name(name: object, where: str) -> str:
     """`name`, checked to be a file name within one directory: a non-empty string without a path separator,
     not `.` or `..`. `where` says where the name was read (file and field), for the message."""
-    if (not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\0")
-            or len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES):
-        raise UnsafeFileError(f"{where}: {name!r} is not a plain file name in this directory "
-                              "(no paths, no '..'); refusing it")
+    if (
+        not isinstance(name, str)
+        or name in ("", ".", "..")
+        or any(c in name for c in "/\\\0")
+        or len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES
+    ):
+        raise UnsafeFileError(
+            f"{where}: {name!r} is not a plain file name in this directory (no paths, no '..'); refusing it"
+        )
     return name
 
 
@@ -53,13 +63,13 @@ def check_source_file(path: str, directory: str | None = None) -> None:
     directory = os.path.dirname(os.path.abspath(path)) if directory is None else directory
     real = os.path.realpath(path)
     if not any(_inside(real, root) for root in _allowed_roots(directory)):
-        raise UnsafeFileError(f"{path}: is a link to {real}, outside {directory}; links that leave the "
-                              "directory are not followed")
+        raise UnsafeFileError(
+            f"{path}: is a link to {real}, outside {directory}; links that leave the directory are not followed"
+        )
     _check_regular(path, os.stat(real).st_mode)
 
 
-def open_source(path: str, directory: str | None = None, mode: str = "rb",
-                encoding: str | None = None) -> IO[Any]:
+def open_source(path: str, directory: str | None = None, mode: str = "rb", encoding: str | None = None) -> IO[Any]:
     """`open(path, mode)` for reading a file of a source directory, after `check_source_file`. The file is opened
     without blocking and checked again once open, so that a FIFO swapped in meanwhile cannot hang us."""
     check_source_file(path, directory)

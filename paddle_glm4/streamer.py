@@ -28,7 +28,7 @@ class Streamer:
     def __init__(self):
         self.cancelled = False
         self.tokens = 0
-        self.first_token_time: float | None = None   # time.perf_counter() of the first and the latest token
+        self.first_token_time: float | None = None  # time.perf_counter() of the first and the latest token
         self.last_token_time: float | None = None
 
     def put(self, token_ids: np.ndarray) -> None:
@@ -87,13 +87,19 @@ class TextStreamer(_TextStreamer):
     answer starts with (GLM-4 begins each answer with a newline). `prefill_bar`: a progress bar on stderr
     (prompt tokens done / total, tokens/s) for a prefill that takes more than a second."""
 
-    def __init__(self, tokenizer: GLM4Tokenizer, stream: TextIO | None = None, skip_special_tokens: bool = True,
-                 lstrip: bool = False, prefill_bar: bool = False):
+    def __init__(
+        self,
+        tokenizer: GLM4Tokenizer,
+        stream: TextIO | None = None,
+        skip_special_tokens: bool = True,
+        lstrip: bool = False,
+        prefill_bar: bool = False,
+    ):
         super().__init__(tokenizer, skip_special_tokens)
         self.stream = stream or sys.stdout
         self._lstrip = lstrip
         self._prefill_bar = prefill_bar
-        self._bar: Any = None   # the tqdm bar of the prefill under way
+        self._bar: Any = None  # the tqdm bar of the prefill under way
 
     def on_prefill(self, done: int, total: int) -> None:
         if not self._prefill_bar:
@@ -118,9 +124,9 @@ class TextStreamer(_TextStreamer):
 class TextIteratorStreamer(_TextStreamer):
     """An iterator over text pieces, for a consumer in another thread than `generate`:
 
-        streamer = TextIteratorStreamer(tokenizer)
-        threading.Thread(target=model.generate, args=(ids,), kwargs={"streamer": streamer}).start()
-        for text in streamer: ...
+    streamer = TextIteratorStreamer(tokenizer)
+    threading.Thread(target=model.generate, args=(ids,), kwargs={"streamer": streamer}).start()
+    for text in streamer: ...
     """
 
     _END = object()

@@ -38,12 +38,27 @@ MAX_TOKENIZER_BYTES = 64 << 20  # GLM-4's tokenizer.model is 2.6 MB
 CONFIG_FILE = "tokenizer_config.json"
 
 # GLM-4's pre-tokenizer: BPE never merges across the pieces this pattern cuts text into.
-SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 # In id order, right after the base vocabulary.
-GLM4_SPECIAL_TOKENS = ("<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
-                       "<|assistant|>", "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>",
-                       "<|begin_of_video|>", "<|end_of_video|>")
+GLM4_SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "[MASK]",
+    "[gMASK]",
+    "[sMASK]",
+    "<sop>",
+    "<eop>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|observation|>",
+    "<|begin_of_image|>",
+    "<|end_of_image|>",
+    "<|begin_of_video|>",
+    "<|end_of_video|>",
+)
 # Every encoded prompt starts with these two.
 PREFIX_TOKENS = ("[gMASK]", "<sop>")
 # Besides eos, generation stops where the model hands the turn back to the user or to a tool.
@@ -58,18 +73,27 @@ class TokenizerError(SchemaError):
 
 TOKEN_TEXT = AnyOf(Str(), Object({"content": Str()}, required=("content",)))  # transformers writes either
 # The fields of tokenizer_config.json that are read (transformers writes many more).
-CONFIG_SCHEMA = Object({
-    "added_tokens_decoder": Map(Object({"content": Str(max_len=256)}, required=("content",)),
-                                key=Str(pattern=r"[0-9]{1,9}", what="a token id (decimal digits)"), max_len=1 << 16),
-    "eos_token": TOKEN_TEXT, "pad_token": TOKEN_TEXT, "chat_template": Optional(Str(max_len=1 << 20)),
-    "truncation_side": Str(("left", "right"))})
+CONFIG_SCHEMA = Object(
+    {
+        "added_tokens_decoder": Map(
+            Object({"content": Str(max_len=256)}, required=("content",)),
+            key=Str(pattern=r"[0-9]{1,9}", what="a token id (decimal digits)"),
+            max_len=1 << 16,
+        ),
+        "eos_token": TOKEN_TEXT,
+        "pad_token": TOKEN_TEXT,
+        "chat_template": Optional(Str(max_len=1 << 20)),
+        "truncation_side": Str(("left", "right")),
+    }
+)
 
 
 def glm4_tokenizer_config(base_vocab_size: int, chat_template: str | None = None) -> dict[str, Any]:
     """A tokenizer_config.json for GLM-4's special tokens placed right after a base vocabulary of this size."""
     config: dict[str, Any] = {
-        "added_tokens_decoder": {str(base_vocab_size + i): {"content": token, "special": True}
-                                 for i, token in enumerate(GLM4_SPECIAL_TOKENS)},
+        "added_tokens_decoder": {
+            str(base_vocab_size + i): {"content": token, "special": True} for i, token in enumerate(GLM4_SPECIAL_TOKENS)
+        },
         "eos_token": "<|endoftext|>",
         "pad_token": "<|endoftext|>",
         "padding_side": "left",
@@ -119,12 +143,15 @@ def write_tokenizer_files(directory: str | os.PathLike, tokens: Sequence[bytes],
 def _check_ranks(ranks: Mapping[bytes, int], source: str):
     if set(ranks.values()) != set(range(len(ranks))):
         missing = min(set(range(len(ranks))) - set(ranks.values()))
-        raise TokenizerError(f"{source}: ranks must run from 0 to {len(ranks) - 1} without gaps, "
-                             f"but rank {missing} is missing")
+        raise TokenizerError(
+            f"{source}: ranks must run from 0 to {len(ranks) - 1} without gaps, but rank {missing} is missing"
+        )
     missing_bytes = [b for b in range(256) if bytes([b]) not in ranks]
     if missing_bytes:
-        raise TokenizerError(f"{source}: {len(missing_bytes)} single bytes have no token (first: "
-                             f"0x{missing_bytes[0]:02x}), so some text could not be encoded")
+        raise TokenizerError(
+            f"{source}: {len(missing_bytes)} single bytes have no token (first: "
+            f"0x{missing_bytes[0]:02x}), so some text could not be encoded"
+        )
 
 
 def _special_tokens(config: Mapping[str, Any], base_vocab_size: int, source: str) -> dict[str, int]:
@@ -141,8 +168,10 @@ def _special_tokens(config: Mapping[str, Any], base_vocab_size: int, source: str
     expected = range(base_vocab_size, base_vocab_size + len(specials))
     if sorted(specials.values()) != list(expected):
         wrong = sorted(set(specials.values()) ^ set(expected))[0]
-        raise TokenizerError(f"{source}: special token ids must be {expected.start}..{expected.stop - 1}, right after "
-                             f"the {base_vocab_size} base tokens; id {wrong} breaks that")
+        raise TokenizerError(
+            f"{source}: special token ids must be {expected.start}..{expected.stop - 1}, right after "
+            f"the {base_vocab_size} base tokens; id {wrong} breaks that"
+        )
     return specials
 
 
@@ -158,8 +187,13 @@ Tokenizer = TypeVar("Tokenizer", bound="GLM4Tokenizer")
 class GLM4Tokenizer:
     """GLM-4's tokenizer on tiktoken: encode, decode, batch calls with left padding, chat template, streaming."""
 
-    def __init__(self, mergeable_ranks: Mapping[bytes, int], config: Mapping[str, Any] | None = None, *,
-                 source: str = "tokenizer"):
+    def __init__(
+        self,
+        mergeable_ranks: Mapping[bytes, int],
+        config: Mapping[str, Any] | None = None,
+        *,
+        source: str = "tokenizer",
+    ):
         """`mergeable_ranks`: {token bytes: rank}, ranks 0..n-1; `config`: the tokenizer_config.json content
         (GLM-4's special tokens after the base vocabulary when None); `source` names them in error messages."""
         _check_ranks(mergeable_ranks, source)
@@ -181,13 +215,15 @@ class GLM4Tokenizer:
         self._prefix = [self.special_tokens[t] for t in PREFIX_TOKENS]
 
         self.chat_template: str | None = self.config.get("chat_template")
-        self._template_name = (f"the chat template of {source}" if self.chat_template
-                               else "GLM-4's structural chat template")
+        self._template_name = (
+            f"the chat template of {source}" if self.chat_template else "GLM-4's structural chat template"
+        )
         # The published tokenizer keeps transformers' default: cut the end off sequences that are too long.
         self.truncation_side: str = self.config.get("truncation_side", "right")
 
-        self._encoding = tiktoken.Encoding("glm4", pat_str=SPLIT_PATTERN, mergeable_ranks=dict(mergeable_ranks),
-                                           special_tokens=self.special_tokens)
+        self._encoding = tiktoken.Encoding(
+            "glm4", pat_str=SPLIT_PATTERN, mergeable_ranks=dict(mergeable_ranks), special_tokens=self.special_tokens
+        )
 
     # ---- files ----
 
@@ -210,8 +246,9 @@ class GLM4Tokenizer:
 
     # ---- encoding ----
 
-    def encode(self, text: str, add_special_tokens: bool = True, *,
-               allowed_special: Literal["all"] | Collection[str] = ()) -> list[int]:
+    def encode(
+        self, text: str, add_special_tokens: bool = True, *, allowed_special: Literal["all"] | Collection[str] = ()
+    ) -> list[int]:
         """Token ids of `text`, after `[gMASK]<sop>` when `add_special_tokens`.
 
         Special-token text in `text` is encoded as plain characters unless listed in `allowed_special`
@@ -224,23 +261,36 @@ class GLM4Tokenizer:
             ids = self._encoding.encode_ordinary(text)
         return self._prefix + ids if add_special_tokens else ids
 
-    def encode_batch(self, texts: Iterable[str], add_special_tokens: bool = True, *,
-                     allowed_special: Literal["all"] | Collection[str] = (),
-                     num_threads: int | None = None) -> list[list[int]]:
+    def encode_batch(
+        self,
+        texts: Iterable[str],
+        add_special_tokens: bool = True,
+        *,
+        allowed_special: Literal["all"] | Collection[str] = (),
+        num_threads: int | None = None,
+    ) -> list[list[int]]:
         """`encode` for many texts at once, on `num_threads` threads (default: one per core)."""
         texts = list(texts)
         threads = num_threads or os.cpu_count() or 1
         allowed = self._allowed(allowed_special)
         if allowed:
-            batch = self._encoding.encode_batch(texts, num_threads=threads, allowed_special=allowed,
-                                                disallowed_special=())
+            batch = self._encoding.encode_batch(
+                texts, num_threads=threads, allowed_special=allowed, disallowed_special=()
+            )
         else:
             batch = self._encoding.encode_ordinary_batch(texts, num_threads=threads)
         return [self._prefix + ids for ids in batch] if add_special_tokens else batch
 
-    def __call__(self, text: str | Sequence[str], *, padding: Padding = False, max_length: int | None = None,
-                 truncation: bool = False, return_tensors: Literal["np", "pd"] | None = None,
-                 add_special_tokens: bool = True) -> dict[str, Any]:
+    def __call__(
+        self,
+        text: str | Sequence[str],
+        *,
+        padding: Padding = False,
+        max_length: int | None = None,
+        truncation: bool = False,
+        return_tensors: Literal["np", "pd"] | None = None,
+        add_special_tokens: bool = True,
+    ) -> dict[str, Any]:
         """Encode one text or a batch into `input_ids`, `attention_mask` and `position_ids`.
 
         padding: False (none), True or "longest" (to the longest text), "max_length" (to `max_length`).
@@ -270,7 +320,7 @@ class GLM4Tokenizer:
         if truncation:  # as in transformers, the text is cut and the prefix kept
             room = max(limit - len(prefix), 0)
             left = self.truncation_side == "left"
-            encoded = [ids[max(len(ids) - room, 0):] if left else ids[:room] for ids in encoded]
+            encoded = [ids[max(len(ids) - room, 0) :] if left else ids[:room] for ids in encoded]
         batch = [prefix + ids for ids in encoded]
         if padding == "max_length":
             width = limit
@@ -289,8 +339,7 @@ class GLM4Tokenizer:
             return {key: rows[0] for key, rows in columns.items()} if single else columns
         lengths = {len(row) for row in columns["input_ids"]}
         if len(lengths) > 1:
-            raise TokenizerError(f"cannot make a tensor of sequences with lengths {sorted(lengths)}; "
-                                 f"pass padding=True")
+            raise TokenizerError(f"cannot make a tensor of sequences with lengths {sorted(lengths)}; pass padding=True")
         arrays = {key: np.array(rows, dtype=np.int64).reshape(len(rows), -1) for key, rows in columns.items()}
         if return_tensors == "pd":
             import paddle
@@ -298,14 +347,20 @@ class GLM4Tokenizer:
             return {key: paddle.to_tensor(array) for key, array in arrays.items()}
         return arrays
 
-    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = False,
-                            tokenize: bool = True) -> list[int] | str:
+    def apply_chat_template(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = False, tokenize: bool = True
+    ) -> list[int] | str:
         """Render a conversation with the model's chat template (or GLM-4's bare structure when the config has
         none): token ids when `tokenize`, else the text. Messages are dicts with a `role` (system, user,
         assistant, observation), `content`, and optionally `metadata` and `tools`. Only the template's own
         structure becomes special ids; special-token text inside messages stays text."""
-        rendered = render_chat(self.chat_template or STRUCTURAL_TEMPLATE, messages, tuple(self.special_tokens),
-                               add_generation_prompt=add_generation_prompt, name=self._template_name)
+        rendered = render_chat(
+            self.chat_template or STRUCTURAL_TEMPLATE,
+            messages,
+            tuple(self.special_tokens),
+            add_generation_prompt=add_generation_prompt,
+            name=self._template_name,
+        )
         if not tokenize:
             return rendered.text
         ids: list[int] = []
@@ -368,8 +423,10 @@ class GLM4Tokenizer:
         return self.vocab_size
 
     def __repr__(self) -> str:
-        return (f"GLM4Tokenizer(vocab_size={self.vocab_size}, base={self.base_vocab_size}, "
-                f"chat_template={'model' if self.chat_template else 'structural'})")
+        return (
+            f"GLM4Tokenizer(vocab_size={self.vocab_size}, base={self.base_vocab_size}, "
+            f"chat_template={'model' if self.chat_template else 'structural'})"
+        )
 
     def _allowed(self, allowed_special: Literal["all"] | Collection[str]) -> set[str]:
         if allowed_special == "all":
@@ -392,8 +449,9 @@ class GLM4Tokenizer:
 
     def _check_id(self, token_id: int) -> None:
         if not 0 <= token_id < self.vocab_size:
-            raise TokenizerError(f"token id {token_id} is out of range: this vocabulary has ids "
-                                 f"0..{self.vocab_size - 1}")
+            raise TokenizerError(
+                f"token id {token_id} is out of range: this vocabulary has ids 0..{self.vocab_size - 1}"
+            )
 
 
 ERRORS = ("strict", "replace", "ignore")

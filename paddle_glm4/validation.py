@@ -29,7 +29,7 @@ from .source_files import check_source_file
 # before parsing.
 MAX_JSON_BYTES = 64 << 20
 MAX_DEPTH = 32  # the deepest legitimate file nests 5 levels; deeper is a nesting bomb (RecursionError)
-SEED_LIMIT = 2 ** 63  # seeds are in [0, 2^63): what Paddle's and numpy's generators take
+SEED_LIMIT = 2**63  # seeds are in [0, 2^63): what Paddle's and numpy's generators take
 
 
 class SchemaError(ValueError):
@@ -80,8 +80,11 @@ class Int(Schema):
         self.min, self.max = min, max
 
     def check(self, value: Any, path: str) -> None:
-        if type(value) is not int or (self.min is not None and value < self.min) or (
-                self.max is not None and value > self.max):
+        if (
+            type(value) is not int
+            or (self.min is not None and value < self.min)
+            or (self.max is not None and value > self.max)
+        ):
             self._fail(value, path)
 
     def describe(self) -> str:
@@ -95,20 +98,29 @@ class Int(Schema):
 class Number(Schema):
     """A finite int or float (not a bool) in a range; `above`/`below` make that end exclusive."""
 
-    def __init__(self, min: float | None = None, max: float | None = None, above: float | None = None,
-                 below: float | None = None):
+    def __init__(
+        self, min: float | None = None, max: float | None = None, above: float | None = None, below: float | None = None
+    ):
         self.min, self.max, self.above, self.below = min, max, above, below
 
     def check(self, value: Any, path: str) -> None:
-        if type(value) not in (int, float) or not math.isfinite(value) or (
-                self.min is not None and value < self.min) or (self.max is not None and value > self.max) or (
-                self.above is not None and value <= self.above) or (self.below is not None and value >= self.below):
+        if (
+            type(value) not in (int, float)
+            or not math.isfinite(value)
+            or (self.min is not None and value < self.min)
+            or (self.max is not None and value > self.max)
+            or (self.above is not None and value <= self.above)
+            or (self.below is not None and value >= self.below)
+        ):
             self._fail(value, path)
 
     def describe(self) -> str:
-        parts = [f">= {self.min}" if self.min is not None else None, f"> {self.above}" if self.above is not None
-                 else None, f"<= {self.max}" if self.max is not None else None,
-                 f"< {self.below}" if self.below is not None else None]
+        parts = [
+            f">= {self.min}" if self.min is not None else None,
+            f"> {self.above}" if self.above is not None else None,
+            f"<= {self.max}" if self.max is not None else None,
+            f"< {self.below}" if self.below is not None else None,
+        ]
         bounds = " and ".join(p for p in parts if p)
         return f"a finite number {bounds}" if bounds else "a finite number"
 
@@ -125,15 +137,23 @@ class Bool(Schema):
 class Str(Schema):
     """A string: one of `choices`, or matching `pattern` (whole string), at most `max_len` characters."""
 
-    def __init__(self, choices: tuple[str, ...] | None = None, pattern: str | None = None,
-                 max_len: int | None = None, what: str | None = None):
+    def __init__(
+        self,
+        choices: tuple[str, ...] | None = None,
+        pattern: str | None = None,
+        max_len: int | None = None,
+        what: str | None = None,
+    ):
         self.choices, self.max_len, self.what = choices, max_len, what
         self.pattern = re.compile(pattern) if pattern else None
 
     def check(self, value: Any, path: str) -> None:
-        if not isinstance(value, str) or (self.choices is not None and value not in self.choices) or (
-                self.pattern is not None and not self.pattern.fullmatch(value)) or (
-                self.max_len is not None and len(value) > self.max_len):
+        if (
+            not isinstance(value, str)
+            or (self.choices is not None and value not in self.choices)
+            or (self.pattern is not None and not self.pattern.fullmatch(value))
+            or (self.max_len is not None and len(value) > self.max_len)
+        ):
             self._fail(value, path)
 
     def describe(self) -> str:
@@ -158,8 +178,11 @@ class List(Schema):
         self.item, self.min_len, self.max_len = item, min_len, max_len
 
     def check(self, value: Any, path: str) -> None:
-        if not isinstance(value, list) or len(value) < self.min_len or (
-                self.max_len is not None and len(value) > self.max_len):
+        if (
+            not isinstance(value, list)
+            or len(value) < self.min_len
+            or (self.max_len is not None and len(value) > self.max_len)
+        ):
             self._fail(value, path)
         for i, item in enumerate(value):
             self.item.check(item, f"{path}[{i}]")
@@ -241,7 +264,8 @@ class AnyOf(Schema):
 
 def _same_kind(schema: Schema, value: Any) -> bool:
     return (isinstance(schema, (Object, Map)) and isinstance(value, dict)) or (
-        isinstance(schema, List) and isinstance(value, list))
+        isinstance(schema, List) and isinstance(value, list)
+    )
 
 
 def Optional(schema: Schema) -> Schema:
@@ -301,8 +325,9 @@ def _no_repeats(pairs: list[tuple[str, Any]]) -> dict:
     return result
 
 
-def parse_json(text: str | bytes, source: str, schema: Schema | None = None,
-               error: type[ValueError] = SchemaError) -> Any:
+def parse_json(
+    text: str | bytes, source: str, schema: Schema | None = None, error: type[ValueError] = SchemaError
+) -> Any:
     """Parse untrusted JSON text: UTF-8, nested at most MAX_DEPTH levels, finite numbers (no NaN, Infinity or
     1e999), no key twice in one object; then check `schema`. Every failure is `error` naming `source`."""
     if isinstance(text, bytes):
@@ -346,8 +371,9 @@ def read_bounded(path: str, max_bytes: int, error: type[ValueError] = SchemaErro
     return data
 
 
-def read_json(path: str, schema: Schema | None = None, error: type[ValueError] = SchemaError,
-              max_bytes: int = MAX_JSON_BYTES) -> Any:
+def read_json(
+    path: str, schema: Schema | None = None, error: type[ValueError] = SchemaError, max_bytes: int = MAX_JSON_BYTES
+) -> Any:
     """Read and check the JSON file `path` (see parse_json); FileNotFoundError if it is missing."""
     return parse_json(read_bounded(path, max_bytes, error), path, schema, error)
 

@@ -11,11 +11,13 @@ from ..cli_errors import add_debug_flag, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m paddle_glm4.inference",
-                                     description="Deploy GLM-4 with Paddle Inference.")
+    parser = argparse.ArgumentParser(
+        prog="python -m paddle_glm4.inference", description="Deploy GLM-4 with Paddle Inference."
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    export = commands.add_parser("export", help="export a converted checkpoint as a Paddle Inference program",
-                                 description=EXPORT_DESCRIPTION)
+    export = commands.add_parser(
+        "export", help="export a converted checkpoint as a Paddle Inference program", description=EXPORT_DESCRIPTION
+    )
     add_export_arguments(export)
     add_debug_flag(parser)
     add_debug_flag(export)

@@ -42,8 +42,9 @@ class CacheSlots:
     def __init__(self, keys: list, values: list):
         self.keys, self.values = keys, values
 
-    def update(self, layer: int, start: int | paddle.Tensor, k: paddle.Tensor,
-               v: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
+    def update(
+        self, layer: int, start: int | paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor
+    ) -> tuple[paddle.Tensor, paddle.Tensor]:
         """Write k, v [b, s, g, d] at slots start..start+s of the layer's buffers, in place; return the buffers."""
         end = start + paddle.shape(k)[1]
         self.keys[layer][:, start:end] = k
@@ -63,20 +64,35 @@ class StepProgram(nn.Layer):
         super().__init__()
         self.model, self.compute_dtype = model, compute_dtype
 
-    def forward(self, input_ids: paddle.Tensor, position_ids: paddle.Tensor, start: paddle.Tensor,
-                key_valid: paddle.Tensor, keys: list, values: list) -> paddle.Tensor:
-        logits = self.model.logits(input_ids, position_ids, start, key_valid, CacheSlots(keys, values),
-                                   logits_to_keep=1)                                    # [b, 1, vocab] float32
+    def forward(
+        self,
+        input_ids: paddle.Tensor,
+        position_ids: paddle.Tensor,
+        start: paddle.Tensor,
+        key_valid: paddle.Tensor,
+        keys: list,
+        values: list,
+    ) -> paddle.Tensor:
+        logits = self.model.logits(
+            input_ids, position_ids, start, key_valid, CacheSlots(keys, values), logits_to_keep=1
+        )  # [b, 1, vocab] float32
         return logits[:, -1]
 
     def input_spec(self) -> list:
         config = self.model.config
         layers, names = config.num_hidden_layers, input_names(config.num_hidden_layers)
-        cache = [InputSpec([None, None, config.num_key_value_heads, config.head_dim], self.compute_dtype, name)
-                 for name in names[4:]]
-        return [InputSpec([None, None], "int64", names[0]), InputSpec([None, None], "int64", names[1]),
-                InputSpec([], "int64", names[2]), InputSpec([None, None], "bool", names[3]),
-                cache[:layers], cache[layers:]]
+        cache = [
+            InputSpec([None, None, config.num_key_value_heads, config.head_dim], self.compute_dtype, name)
+            for name in names[4:]
+        ]
+        return [
+            InputSpec([None, None], "int64", names[0]),
+            InputSpec([None, None], "int64", names[1]),
+            InputSpec([], "int64", names[2]),
+            InputSpec([None, None], "bool", names[3]),
+            cache[:layers],
+            cache[layers:],
+        ]
 
 
 def norms_in_float32(model: GLM4ForCausalLM) -> None:
@@ -101,14 +117,24 @@ def check_checkpoint(model_dir: str) -> GLM4Config:
     data = read_json(path, error=ConfigError)
     model_type = data.get("model_type") if isinstance(data, dict) else None
     if model_type != MODEL_TYPE:
-        raise ExportError(f"{model_dir} is not a converted checkpoint ({CONFIG_NAME} has model_type "
-                          f"{model_type!r}); convert it first with glm4 convert")
+        raise ExportError(
+            f"{model_dir} is not a converted checkpoint ({CONFIG_NAME} has model_type "
+            f"{model_type!r}); convert it first with glm4 convert"
+        )
     return GLM4Config.from_dict(data, source=path)
 
 
-def export_model(model_dir: str, out_dir: str, dtype: str | None = None, max_seq_len: int | None = None,
-                 progress: bool = True, quantization: str | None = None, group_size: int | None = None,
-                 activation_dtype: str = "auto", overwrite: bool = False) -> Manifest:
+def export_model(
+    model_dir: str,
+    out_dir: str,
+    dtype: str | None = None,
+    max_seq_len: int | None = None,
+    progress: bool = True,
+    quantization: str | None = None,
+    group_size: int | None = None,
+    activation_dtype: str = "auto",
+    overwrite: bool = False,
+) -> Manifest:
     """Export the converted checkpoint in `model_dir` to `out_dir` (see the module docstring).
 
     `dtype`: how the weights are stored (default: as in the checkpoint). On CPU the program computes in
@@ -128,29 +154,40 @@ def export_model(model_dir: str, out_dir: str, dtype: str | None = None, max_seq
     if type(max_seq_len) is not int or max_seq_len < 1:
         raise ExportError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
     if max_seq_len > config.seq_length:
-        raise ExportError(f"max_seq_len {max_seq_len} exceeds the model's context (seq_length "
-                          f"{config.seq_length} in {CONFIG_NAME})")
+        raise ExportError(
+            f"max_seq_len {max_seq_len} exceeds the model's context (seq_length {config.seq_length} in {CONFIG_NAME})"
+        )
     model_real, out_real = os.path.realpath(model_dir), os.path.realpath(out_dir)
     if out_real == model_real or out_real.startswith(model_real + os.sep):
-        raise ExportError(f"--out {out_dir} is inside the checkpoint {model_dir}, which is never written to; "
-                          "choose a directory outside it")
+        raise ExportError(
+            f"--out {out_dir} is inside the checkpoint {model_dir}, which is never written to; "
+            "choose a directory outside it"
+        )
     check_destination(out_dir, overwrite, EXPORT, "--out")
-    copies = {name: source_path(model_dir, name) for name in TOKENIZER_FILES
-              if os.path.lexists(os.path.join(model_dir, name))}
+    copies = {
+        name: source_path(model_dir, name) for name in TOKENIZER_FILES if os.path.lexists(os.path.join(model_dir, name))
+    }
     sources = weight_map(model_dir).values()  # the copies keep their own sources' modes
     if progress:
         print(f"tracing the model and saving the program to {out_dir}", file=sys.stderr, flush=True)
     with staged(out_dir, overwrite, EXPORT, "--out", mode_limit=permission_bits(sources)) as staging:
-        manifest = _export(model_dir, staging, config, dtype, max_seq_len, quantization, group_size,
-                           activation_dtype)
+        manifest = _export(model_dir, staging, config, dtype, max_seq_len, quantization, group_size, activation_dtype)
         for name, path in copies.items():
             copy_source(path, os.path.join(staging, name))
         write_text_atomic(os.path.join(staging, MANIFEST_NAME), manifest.to_json())
     return manifest
 
 
-def _export(model_dir: str, out_dir: str, config: GLM4Config, dtype: str | None, max_seq_len: int,
-            quantization: str | None, group_size: int | None, activation_dtype: str) -> Manifest:
+def _export(
+    model_dir: str,
+    out_dir: str,
+    config: GLM4Config,
+    dtype: str | None,
+    max_seq_len: int,
+    quantization: str | None,
+    group_size: int | None,
+    activation_dtype: str,
+) -> Manifest:
     """Trace the checkpoint's model and save the program into `out_dir`; the manifest that describes it."""
     device = "gpu" if on_gpu() else "cpu"
     widened = device == "cpu" and dtype == "float16"  # no float16 kernels on CPU: stored so, widened at use
@@ -159,9 +196,14 @@ def _export(model_dir: str, out_dir: str, config: GLM4Config, dtype: str | None,
         if widened:
             norms_in_float32(model)
     else:
-        model = GLM4ForCausalLM.from_pretrained(model_dir, dtype=dtype, quantization=quantization,
-                                                group_size=group_size, activation_dtype=activation_dtype,
-                                                max_seq_len=max_seq_len)
+        model = GLM4ForCausalLM.from_pretrained(
+            model_dir,
+            dtype=dtype,
+            quantization=quantization,
+            group_size=group_size,
+            activation_dtype=activation_dtype,
+            max_seq_len=max_seq_len,
+        )
     weights = model.model.kernels.weights
     compute_dtype = weights.compute_dtype
     uses_kernels = isinstance(weights, Packed) and kernels.available()  # else their portable ops are traced
@@ -174,6 +216,12 @@ def _export(model_dir: str, out_dir: str, config: GLM4Config, dtype: str | None,
         static = paddle.jit.to_static(program, input_spec=program.input_spec(), full_graph=True)
         paddle.jit.save(static, os.path.join(out_dir, PROGRAM))
     quantized = weights.quantization if isinstance(weights, Packed) else None
-    return Manifest(config=dataclasses.replace(config, quantization=quantized), dtype=model.dtype,
-                    compute_dtype=compute_dtype, device=device, max_seq_len=max_seq_len,
-                    inputs=input_names(config.num_hidden_layers), kernels=uses_kernels)
+    return Manifest(
+        config=dataclasses.replace(config, quantization=quantized),
+        dtype=model.dtype,
+        compute_dtype=compute_dtype,
+        device=device,
+        max_seq_len=max_seq_len,
+        inputs=input_names(config.num_hidden_layers),
+        kernels=uses_kernels,
+    )

@@ -32,12 +32,32 @@ class ExportError(SchemaError):
     """An export request, or an export directory, that cannot be used."""
 
 
-MANIFEST_SCHEMA = Object({
-    "format": Str((FORMAT,)), "format_version": Int(), "dtype": DTYPE, "compute_dtype": Str(STORAGE_DTYPES),
-    "device": Str(("cpu", "gpu")), "max_seq_len": SEQ, "paddle_version": Str(max_len=64),
-    "inputs": List(Str(max_len=64), max_len=4 + 2 * 1024), "config": Object({}), "kernels": Bool()},
-    required=("format", "format_version", "dtype", "compute_dtype", "device", "max_seq_len", "paddle_version",
-              "inputs", "config", "kernels"))
+MANIFEST_SCHEMA = Object(
+    {
+        "format": Str((FORMAT,)),
+        "format_version": Int(),
+        "dtype": DTYPE,
+        "compute_dtype": Str(STORAGE_DTYPES),
+        "device": Str(("cpu", "gpu")),
+        "max_seq_len": SEQ,
+        "paddle_version": Str(max_len=64),
+        "inputs": List(Str(max_len=64), max_len=4 + 2 * 1024),
+        "config": Object({}),
+        "kernels": Bool(),
+    },
+    required=(
+        "format",
+        "format_version",
+        "dtype",
+        "compute_dtype",
+        "device",
+        "max_seq_len",
+        "paddle_version",
+        "inputs",
+        "config",
+        "kernels",
+    ),
+)
 
 
 def _export_files(manifest) -> tuple[str, ...] | None:
@@ -52,17 +72,20 @@ EXPORT = OutputKind("an export", MANIFEST_NAME, _export_files)
 
 def input_names(num_layers: int) -> list[str]:
     """The program's inputs, in the order the predictor feeds them (see export.StepProgram)."""
-    return (["input_ids", "position_ids", "start", "key_valid"]
-            + [f"key_{i}" for i in range(num_layers)] + [f"value_{i}" for i in range(num_layers)])
+    return (
+        ["input_ids", "position_ids", "start", "key_valid"]
+        + [f"key_{i}" for i in range(num_layers)]
+        + [f"value_{i}" for i in range(num_layers)]
+    )
 
 
 @dataclass
 class Manifest:
     config: GLM4Config
-    dtype: str             # how the weights are stored in PROGRAM.pdiparams
-    compute_dtype: str     # activations and KV cache
-    device: str            # where the program was traced: "gpu" programs hold the fused GPU kernels
-    max_seq_len: int       # the longest prompt + generation the export accepts
+    dtype: str  # how the weights are stored in PROGRAM.pdiparams
+    compute_dtype: str  # activations and KV cache
+    device: str  # where the program was traced: "gpu" programs hold the fused GPU kernels
+    max_seq_len: int  # the longest prompt + generation the export accepts
     paddle_version: str = paddle.__version__
     format_version: int = FORMAT_VERSION
     inputs: list[str] = field(default_factory=list)
@@ -80,35 +103,47 @@ class Manifest:
             raise ExportError(f"{directory}: no such export directory")
         path = os.path.join(directory, MANIFEST_NAME)
         if not os.path.exists(path):
-            hint = ("it holds a checkpoint; export it first with `python -m paddle_glm4.inference export`"
-                    if os.path.exists(os.path.join(directory, "config.json")) else
-                    "the export is incomplete (interrupted?) or this is not an export directory")
+            hint = (
+                "it holds a checkpoint; export it first with `python -m paddle_glm4.inference export`"
+                if os.path.exists(os.path.join(directory, "config.json"))
+                else "the export is incomplete (interrupted?) or this is not an export directory"
+            )
             raise ExportError(f"{directory}: no {MANIFEST_NAME}; {hint}")
         data = read_json(path, error=ExportError)
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ExportError(f"{path}: not a {FORMAT} manifest")
         version = data.get("format_version")
         if version != FORMAT_VERSION:
-            raise ExportError(f"{path}: export format version {version}, but this paddle_glm4 reads version "
-                              f"{FORMAT_VERSION}; export the checkpoint again with this version")
+            raise ExportError(
+                f"{path}: export format version {version}, but this paddle_glm4 reads version "
+                f"{FORMAT_VERSION}; export the checkpoint again with this version"
+            )
         validate(data, MANIFEST_SCHEMA, path, ExportError)
         written_by = data["paddle_version"]
         if _major_minor(written_by) > _major_minor(paddle.__version__):
-            raise ExportError(f"{path}: exported with Paddle {written_by}, newer than this Paddle "
-                              f"{paddle.__version__}, which may not know its operators; upgrade Paddle or "
-                              "export again with this one")
+            raise ExportError(
+                f"{path}: exported with Paddle {written_by}, newer than this Paddle "
+                f"{paddle.__version__}, which may not know its operators; upgrade Paddle or "
+                "export again with this one"
+            )
         missing = [name for name in PROGRAM_FILES if not os.path.lexists(os.path.join(directory, name))]
         if missing:
             raise ExportError(f"{directory}: {missing[0]} is missing; the export is incomplete")
         for name in PROGRAM_FILES:  # Paddle Inference opens them itself: no link out, no FIFO, before it does
             check_source_file(os.path.join(directory, name), directory)
         config = GLM4Config.from_dict(data["config"], source=f"{path}: config")
-        manifest = cls(config=config, **{k: data[k] for k in ("dtype", "compute_dtype", "device",
-                                                              "max_seq_len", "paddle_version", "inputs",
-                                                              "kernels")})
+        manifest = cls(
+            config=config,
+            **{
+                k: data[k]
+                for k in ("dtype", "compute_dtype", "device", "max_seq_len", "paddle_version", "inputs", "kernels")
+            },
+        )
         if manifest.max_seq_len > config.seq_length:
-            raise ExportError(f"{path}: max_seq_len {manifest.max_seq_len} exceeds the model's context "
-                              f"(seq_length {config.seq_length})")
+            raise ExportError(
+                f"{path}: max_seq_len {manifest.max_seq_len} exceeds the model's context "
+                f"(seq_length {config.seq_length})"
+            )
         if manifest.inputs != input_names(config.num_hidden_layers):
             raise ExportError(f"{path}: the program's inputs are not the ones this version feeds")
         return manifest

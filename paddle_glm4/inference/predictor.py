@@ -78,7 +78,8 @@ class Predictor:
                 raise ValueError(
                     "precision='bfloat16' on this CPU: Paddle's oneDNN bf16 mode needs AVX-512, which this CPU "
                     "lacks. Export with --dtype bfloat16 (weights stored in bf16, computed in float32), or use "
-                    "precision='float32'.")
+                    "precision='float32'."
+                )
             config.enable_mkldnn()
             config.enable_mkldnn_bfloat16()
         else:
@@ -91,8 +92,11 @@ class Predictor:
         # Unverified: this project's machines have no GPU (see the README).
         if not paddle.is_compiled_with_cuda():
             raise ValueError(f"device='gpu' needs a CUDA build of Paddle; this one ({paddle.__version__}) is CPU-only")
-        precision = {"float32": paddle_infer.PrecisionType.Float32, "bfloat16": paddle_infer.PrecisionType.Bfloat16,
-                     "float16": paddle_infer.PrecisionType.Half}[self.precision]
+        precision = {
+            "float32": paddle_infer.PrecisionType.Float32,
+            "bfloat16": paddle_infer.PrecisionType.Bfloat16,
+            "float16": paddle_infer.PrecisionType.Half,
+        }[self.precision]
         config.enable_use_gpu(GPU_POOL_MB, 0, precision)
 
     @property
@@ -103,19 +107,33 @@ class Predictor:
     def session(self, prefill_chunk: int | None = None) -> PredictorSession:
         return PredictorSession(self, self.prefill_chunk if prefill_chunk is None else prefill_chunk)
 
-    def run(self, input_ids: paddle.Tensor, position_ids: paddle.Tensor, start: int, key_valid: paddle.Tensor,
-            keys: list, values: list) -> paddle.Tensor:
+    def run(
+        self,
+        input_ids: paddle.Tensor,
+        position_ids: paddle.Tensor,
+        start: int,
+        key_valid: paddle.Tensor,
+        keys: list,
+        values: list,
+    ) -> paddle.Tensor:
         """One call of the exported program (see export.StepProgram); writes `keys`/`values` in place."""
         # the predictor reads a tensor's memory as if it were contiguous: a slice of a batch (a prefill chunk) is not
         input_ids, position_ids = input_ids.contiguous(), position_ids.contiguous()
         inputs = [input_ids, position_ids, paddle.to_tensor(start, dtype="int64"), key_valid, *keys, *values]
         return self._predictor.run(inputs)[0]
 
-    def generate(self, input_ids: generation.Batch, prefill_chunk: int | None = None,
-                 **kwargs: Any) -> tuple[paddle.Tensor, paddle.Tensor]:
+    def generate(
+        self, input_ids: generation.Batch, prefill_chunk: int | None = None, **kwargs: Any
+    ) -> tuple[paddle.Tensor, paddle.Tensor]:
         """Same arguments and results as GLM4ForCausalLM.generate; the context is the export's max_seq_len."""
-        return generation.generate(self.session(prefill_chunk), input_ids, context_length=self.context_length,
-                                   vocab_size=self.config.vocab_size, defaults=self.generation_config, **kwargs)
+        return generation.generate(
+            self.session(prefill_chunk),
+            input_ids,
+            context_length=self.context_length,
+            vocab_size=self.config.vocab_size,
+            defaults=self.generation_config,
+            **kwargs,
+        )
 
 
 class PredictorSession:
@@ -128,31 +146,46 @@ class PredictorSession:
         self.cache: KVCache | None = None
         self.sequences: Sequences | None = None
 
-    def prefill(self, input_ids: paddle.Tensor, attention_mask: paddle.Tensor | None,
-                position_ids: paddle.Tensor | None, capacity: int,
-                progress: Callable[[int, int], None] | None = None) -> paddle.Tensor:
+    def prefill(
+        self,
+        input_ids: paddle.Tensor,
+        attention_mask: paddle.Tensor | None,
+        position_ids: paddle.Tensor | None,
+        capacity: int,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> paddle.Tensor:
         if capacity > self.predictor.context_length:
-            raise ValueError(f"{capacity} tokens (prompt + new) exceed this export's max_seq_len "
-                             f"{self.predictor.context_length}; export again with a larger --max-seq-len")
+            raise ValueError(
+                f"{capacity} tokens (prompt + new) exceed this export's max_seq_len "
+                f"{self.predictor.context_length}; export again with a larger --max-seq-len"
+            )
         batch = input_ids.shape[0]
         self.cache = KVCache(self.predictor.config, batch, capacity, dtype=self.predictor.manifest.compute_dtype)
         self.sequences = Sequences(batch, capacity, self.cache)
-        return generation.prefill_in_chunks(self._run, input_ids, attention_mask, position_ids, self.prefill_chunk,
-                                            progress)
+        return generation.prefill_in_chunks(
+            self._run, input_ids, attention_mask, position_ids, self.prefill_chunk, progress
+        )
 
     def step(self, tokens: paddle.Tensor) -> paddle.Tensor:
         assert self.sequences is not None, "prefill() comes first"
         return self._run(tokens.unsqueeze(-1), None, None)
 
-    def _run(self, input_ids: paddle.Tensor, attention_mask: paddle.Tensor | None,
-             position_ids: paddle.Tensor | None) -> paddle.Tensor:
+    def _run(
+        self, input_ids: paddle.Tensor, attention_mask: paddle.Tensor | None, position_ids: paddle.Tensor | None
+    ) -> paddle.Tensor:
         sequences, cache = self.sequences, self.cache
         assert sequences is not None and cache is not None
         step = sequences.claim(input_ids.shape[1], attention_mask)
         # every slot of the cache, those not yet written masked: the program writes the new keys and values in
         # place, and a slice of the cache would not be one contiguous tensor
-        return self.predictor.run(input_ids, step.positions if position_ids is None else position_ids, step.start,
-                                  sequences.valid, cache.keys, cache.values)
+        return self.predictor.run(
+            input_ids,
+            step.positions if position_ids is None else position_ids,
+            step.start,
+            sequences.valid,
+            cache.keys,
+            cache.values,
+        )
 
 
 def _load_kernels(export_dir: str):
@@ -160,9 +193,11 @@ def _load_kernels(export_dir: str):
     from .. import kernels
 
     if kernels.load() is None:
-        raise ExportError(f"{export_dir} computes with paddle_glm4's C++ kernels, which cannot be built on this "
-                          "machine (see the warning above); export it again here, where the kernels' portable "
-                          "path is traced instead")
+        raise ExportError(
+            f"{export_dir} computes with paddle_glm4's C++ kernels, which cannot be built on this "
+            "machine (see the warning above); export it again here, where the kernels' portable "
+            "path is traced instead"
+        )
 
 
 @contextlib.contextmanager

@@ -14,8 +14,11 @@ import warnings
 # library -> (the module whose import makes its Auto classes exist, our adapter module, its register function)
 LIBRARIES = {
     "PaddleNLP": ("paddlenlp.transformers", "paddle_glm4.integrations.paddlenlp", "register_paddlenlp"),
-    "PaddleFormers": ("paddleformers.transformers", "paddle_glm4.integrations.paddleformers",
-                      "register_with_auto_classes"),
+    "PaddleFormers": (
+        "paddleformers.transformers",
+        "paddle_glm4.integrations.paddleformers",
+        "register_with_auto_classes",
+    ),
 }
 
 
@@ -35,9 +38,9 @@ def register_when_imported() -> None:
     for library, (module, _, _) in LIBRARIES.items():
         if module in sys.modules:
             _register_or_warn(library)
-        elif (importlib.util.find_spec(module.partition(".")[0]) is not None
-              and not any(isinstance(finder, _RegisterOnImport) and finder.library == library
-                          for finder in sys.meta_path)):
+        elif importlib.util.find_spec(module.partition(".")[0]) is not None and not any(
+            isinstance(finder, _RegisterOnImport) and finder.library == library for finder in sys.meta_path
+        ):
             sys.meta_path.insert(0, _RegisterOnImport(library))
 
 

@@ -41,8 +41,7 @@ PUBLISHED_MODEL_TYPE = "chatglm"  # THUDM's config.json; PaddleFormers (and tran
 PADDLEFORMERS_CACHE = ModelCache("PaddleFormers", model_home, "--paddleformers-name")
 # from_pretrained arguments PaddleFormers passes or its users give to say where files are; GLM-4 is only ever read
 # from local files, so the download switches have nothing to do
-PADDLEFORMERS_LOCATION_ARGS = (*LOCATION_ARGS, "download_hub", "from_modelscope", "_from_auto",
-                               "_commit_hash")
+PADDLEFORMERS_LOCATION_ARGS = (*LOCATION_ARGS, "download_hub", "from_modelscope", "_from_auto", "_commit_hash")
 
 
 class PaddleFormersGLM4Config(PretrainedConfig):
@@ -81,13 +80,20 @@ class PaddleFormersGLM4ForCausalLM(PaddleNLPGLM4ForCausalLM):
     location_args = PADDLEFORMERS_LOCATION_ARGS
 
     @classmethod
-    def from_pretrained(cls, name_or_path: Any, *args: Any, config: Any = None,  # type: ignore[override]
-                        **kwargs: Any) -> PaddleFormersGLM4ForCausalLM:
+    def from_pretrained(  # type: ignore[override]
+        cls,
+        name_or_path: Any,
+        *args: Any,
+        config: Any = None,
+        **kwargs: Any,
+    ) -> PaddleFormersGLM4ForCausalLM:
         if args:  # they would land on PaddleFormers-specific model __init__ arguments
             raise TypeError("AutoModelForCausalLM.from_pretrained for GLM-4 takes keyword arguments only")
         if config is not None:  # a config object may only restate the checkpoint's: anything else is not loadable
-            raise TypeError("AutoModelForCausalLM.from_pretrained for GLM-4 reads the checkpoint's config.json; "
-                            "config= is not supported")
+            raise TypeError(
+                "AutoModelForCausalLM.from_pretrained for GLM-4 reads the checkpoint's config.json; "
+                "config= is not supported"
+            )
         return super().from_pretrained(name_or_path, **kwargs)
 
 

@@ -62,6 +62,7 @@ class CheckpointNotFoundError(FileNotFoundError):
 
 # ---- where checkpoints are -------------------------------------------------------------------------------------
 
+
 def _read_json(path: str) -> dict:
     try:
         data = read_json(path)
@@ -71,7 +72,7 @@ def _read_json(path: str) -> dict:
 
 
 def _glm4_files(directory: str) -> str | None:
-    """"converted" (this project's checkpoint), "published" (THUDM's PyTorch one) or None (not GLM-4)."""
+    """ "converted" (this project's checkpoint), "published" (THUDM's PyTorch one) or None (not GLM-4)."""
     if _read_json(os.path.join(directory, CONFIG_NAME)).get("model_type") == MODEL_TYPE:
         return "converted"
     if _read_json(os.path.join(directory, TOKENIZER_CONFIG_FILE)).get("tokenizer_class") == PUBLISHED_TOKENIZER_CLASS:
@@ -110,8 +111,9 @@ def is_glm4(name_or_path: object, **kwargs: Any) -> bool:
     return name_or_path in GLM4_NAMES or _locate(name_or_path, kwargs)[1] is not None
 
 
-def checkpoint_dir(name_or_path: str | os.PathLike, *, converted: bool = True, cache: ModelCache = PADDLENLP_CACHE,
-                   **kwargs: Any) -> str:
+def checkpoint_dir(
+    name_or_path: str | os.PathLike, *, converted: bool = True, cache: ModelCache = PADDLENLP_CACHE, **kwargs: Any
+) -> str:
     """The local directory to load GLM-4 from (`converted=False`: THUDM's published files will do too, as they
     do for the tokenizer and config), or CheckpointNotFoundError saying how to make it."""
     name_or_path = os.fspath(name_or_path)
@@ -121,14 +123,18 @@ def checkpoint_dir(name_or_path: str | os.PathLike, *, converted: bool = True, c
     if files == "published":
         raise CheckpointNotFoundError(
             f"{directory} holds GLM-4 as THUDM publishes it (PyTorch weights); Paddle loads it once converted:\n"
-            f"  glm4-convert --src {directory} --dst <a new directory>\nthen load that directory.")
+            f"  glm4-convert --src {directory} --dst <a new directory>\nthen load that directory."
+        )
     if os.path.isdir(name_or_path):
         raise CheckpointNotFoundError(
             f"{directory} holds no converted GLM-4 checkpoint (a config.json with model_type {MODEL_TYPE!r}); "
-            f"convert THUDM's PyTorch checkpoint into it:\n  glm4-convert --src <dir> --dst {directory}")
-    message = (f"no converted GLM-4 checkpoint for {name_or_path!r} in {directory}. There is no GLM-4 for "
-               f"{cache.library} to download: convert THUDM's PyTorch checkpoint (e.g. from `huggingface-cli download "
-               f"{name_or_path} --local-dir <dir>`) into that directory:\n  glm4-convert --src <dir> --dst {directory}")
+            f"convert THUDM's PyTorch checkpoint into it:\n  glm4-convert --src <dir> --dst {directory}"
+        )
+    message = (
+        f"no converted GLM-4 checkpoint for {name_or_path!r} in {directory}. There is no GLM-4 for "
+        f"{cache.library} to download: convert THUDM's PyTorch checkpoint (e.g. from `huggingface-cli download "
+        f"{name_or_path} --local-dir <dir>`) into that directory:\n  glm4-convert --src <dir> --dst {directory}"
+    )
     if not kwargs.get("cache_dir"):
         message += f"\nor, the same: glm4-convert --src <dir> {cache.convert_flag} {name_or_path}"
     raise CheckpointNotFoundError(message)
@@ -141,6 +147,7 @@ def _refuse_unknown(kwargs: dict, what: str, *accepted: str, location_args: tupl
 
 
 # ---- what the Auto classes return for GLM-4 --------------------------------------------------------------------
+
 
 def load_config(name_or_path: str | os.PathLike, **kwargs: Any) -> GLM4Config:
     """AutoConfig for GLM-4: the checkpoint's GLM4Config; keyword arguments that name its fields override them."""
@@ -157,8 +164,7 @@ class PaddleNLPGLM4Tokenizer(GLM4Tokenizer):
     location_args = LOCATION_ARGS
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike,
-                        **kwargs: Any) -> PaddleNLPGLM4Tokenizer:
+    def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs: Any) -> PaddleNLPGLM4Tokenizer:
         # use_fast: PaddleNLP's switch to a compiled tokenizer; tiktoken already is one
         _refuse_unknown(kwargs, "AutoTokenizer.from_pretrained for GLM-4", "use_fast", location_args=cls.location_args)
         return super().from_pretrained(checkpoint_dir(name_or_path, converted=False, cache=cls.model_cache, **kwargs))
@@ -173,8 +179,9 @@ class PaddleNLPGLM4ForCausalLM(GLM4ForCausalLM):
     location_args = LOCATION_ARGS
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, dtype: str | None = None,
-                        fused: bool | None = None, **kwargs: Any) -> PaddleNLPGLM4ForCausalLM:
+    def from_pretrained(
+        cls, name_or_path: str | os.PathLike, dtype: str | None = None, fused: bool | None = None, **kwargs: Any
+    ) -> PaddleNLPGLM4ForCausalLM:
         _refuse_unknown(kwargs, "AutoModelForCausalLM.from_pretrained for GLM-4", location_args=cls.location_args)
         directory = checkpoint_dir(name_or_path, cache=cls.model_cache, **kwargs)
         model = super().from_pretrained(directory, dtype=dtype, fused=fused)
@@ -185,8 +192,9 @@ class PaddleNLPGLM4ForCausalLM(GLM4ForCausalLM):
             model.vocab_limit = len(tokenizer)
         return model
 
-    def generate(self, input_ids: Batch, attention_mask: Batch | None = None,
-                 generation_config: Any = None, **options: Any) -> tuple[paddle.Tensor, paddle.Tensor]:
+    def generate(
+        self, input_ids: Batch, attention_mask: Batch | None = None, generation_config: Any = None, **options: Any
+    ) -> tuple[paddle.Tensor, paddle.Tensor]:
         """PaddleNLP's generate(): `ids, scores = model.generate(**tokenizer(texts, return_tensors="pd"), ...)`.
 
         `generation_config` is a paddlenlp GenerationConfig; the options its user set apply, and keyword options
@@ -195,27 +203,44 @@ class PaddleNLPGLM4ForCausalLM(GLM4ForCausalLM):
         if generation_config is not None:  # what its user set, less the version stamps of one read from a file
             chosen = generation_config.to_diff_dict()
             options = {**{k: v for k, v in chosen.items() if not k.endswith("_version")}, **options}
-        arguments, copies = generate_arguments({"vocab_limit": self.vocab_limit, **options},
-                                               self.generation_config)
+        arguments, copies = generate_arguments({"vocab_limit": self.vocab_limit, **options}, self.generation_config)
         if copies > 1:  # PaddleNLP's order: the copies of each prompt are adjacent rows
             position_ids = arguments.pop("position_ids", None)
             input_ids, attention_mask, position_ids = (
                 None if t is None else paddle.repeat_interleave(_as_batch(t), copies, axis=0)
-                for t in (input_ids, attention_mask, position_ids))
+                for t in (input_ids, attention_mask, position_ids)
+            )
             arguments["position_ids"] = position_ids
         return super().generate(input_ids, attention_mask, **arguments)
 
 
 # PaddleNLP generate() options for what generation here does not do, with the value that leaves each off. Another
 # value is refused rather than ignored.
-UNSUPPORTED_OPTIONS = {"num_beams": 1, "num_beam_groups": 1, "length_penalty": 1.0, "diversity_rate": 0.0,
-                       "early_stopping": False, "min_length": 0, "min_new_tokens": 0, "no_repeat_ngram_size": 0,
-                       "forced_bos_token_id": None, "forced_eos_token_id": None}
+UNSUPPORTED_OPTIONS = {
+    "num_beams": 1,
+    "num_beam_groups": 1,
+    "length_penalty": 1.0,
+    "diversity_rate": 0.0,
+    "early_stopping": False,
+    "min_length": 0,
+    "min_new_tokens": 0,
+    "no_repeat_ngram_size": 0,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+}
 # Options passed on to GLM4ForCausalLM.generate as they are, when set; generate takes the unset sampling options
 # from the checkpoint's generation_config.json (GenerationConfig.merged).
 SAMPLING_OPTIONS = ("temperature", "top_k", "top_p", "repetition_penalty")
-PASSED_OPTIONS = (*SAMPLING_OPTIONS, "eos_token_id", "pad_token_id", "seed", "streamer", "position_ids", "truncate",
-                  "vocab_limit")
+PASSED_OPTIONS = (
+    *SAMPLING_OPTIONS,
+    "eos_token_id",
+    "pad_token_id",
+    "seed",
+    "streamer",
+    "position_ids",
+    "truncate",
+    "vocab_limit",
+)
 
 
 def generate_arguments(options: dict, defaults: GenerationConfig) -> tuple[dict, int]:
@@ -257,8 +282,9 @@ def generate_arguments(options: dict, defaults: GenerationConfig) -> tuple[dict,
     copies = options.pop("num_return_sequences", None) or 1
     sampling = {name: arguments.get(name) for name in ("do_sample", *SAMPLING_OPTIONS)}
     if copies > 1 and not defaults.merged(**sampling).do_sample:
-        raise ValueError(f"num_return_sequences={copies} needs decode_strategy='sampling' "
-                         "(greedy copies are identical)")
+        raise ValueError(
+            f"num_return_sequences={copies} needs decode_strategy='sampling' (greedy copies are identical)"
+        )
     options.pop("use_cache", None)
     for name, off in UNSUPPORTED_OPTIONS.items():
         value = options.pop(name, None)

@@ -16,8 +16,9 @@ def model_home() -> str:
     env = sys.modules.get("paddlenlp.utils.env")
     if env is not None:
         return env.MODEL_HOME
-    home = os.environ["PPNLP_HOME"] if "PPNLP_HOME" in os.environ else os.path.join(os.path.expanduser("~"),
-                                                                                      ".paddlenlp")
+    home = (
+        os.environ["PPNLP_HOME"] if "PPNLP_HOME" in os.environ else os.path.join(os.path.expanduser("~"), ".paddlenlp")
+    )
     return os.path.join(home, "models")
 
 
@@ -30,7 +31,10 @@ def cache_dir(name: str) -> str:
 def checked_name(name: str) -> str:
     """`name` if it is a model name such as 'THUDM/glm-4-9b' (relative, no empty, '.' or '..' part), else
     ValueError: it becomes a path inside a model cache."""
-    if (not isinstance(name, str) or os.path.isabs(name)
-            or any(part in ("", ".", "..") for part in name.replace("\\", "/").split("/"))):
+    if (
+        not isinstance(name, str)
+        or os.path.isabs(name)
+        or any(part in ("", ".", "..") for part in name.replace("\\", "/").split("/"))
+    ):
         raise ValueError(f"{name!r} is not a model name such as 'THUDM/glm-4-9b'")
     return name

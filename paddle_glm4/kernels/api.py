@@ -28,9 +28,18 @@ def isa(cap: str = "auto") -> str:
 
 
 @paddle.jit.not_to_static  # the operator is what a traced program records, not this Python
-def linear(x: paddle.Tensor, weight: paddle.Tensor, scales: paddle.Tensor | None = None,
-           bias: paddle.Tensor | None = None, *, fmt: str = "bf16", group_size: int = 128,
-           activation_dtype: str = "auto", isa: str = "auto", threads: int = 0) -> paddle.Tensor:
+def linear(
+    x: paddle.Tensor,
+    weight: paddle.Tensor,
+    scales: paddle.Tensor | None = None,
+    bias: paddle.Tensor | None = None,
+    *,
+    fmt: str = "bf16",
+    group_size: int = 128,
+    activation_dtype: str = "auto",
+    isa: str = "auto",
+    threads: int = 0,
+) -> paddle.Tensor:
     """x float32 [..., K] @ W^T (+ bias) -> float32 [..., N], W stored as `fmt` says (see the package
     docstring).
 

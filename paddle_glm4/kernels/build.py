@@ -59,8 +59,11 @@ def load() -> ModuleType | None:
             _failed = f"no C++ compiler ({compiler} not found): install g++"
         else:
             _failed = f"the build failed ({type(error).__name__}; {compiler}'s errors are printed above)"
-        warnings.warn(f"paddle_glm4 kernels unavailable, linear layers use the slow portable path: {_failed}",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"paddle_glm4 kernels unavailable, linear layers use the slow portable path: {_failed}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return _module
 
 
@@ -82,12 +85,16 @@ def _build_or_import():
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if (directory / _DONE).exists():
             return _import_module_from_library(NAME, str(directory / NAME))
-        print(f"paddle_glm4: building the C++ kernels into {directory} (first use, about a minute)",
-              file=sys.stderr)
+        print(f"paddle_glm4: building the C++ kernels into {directory} (first use, about a minute)", file=sys.stderr)
         directory.mkdir(exist_ok=True)
         # Paddle's builder prints its progress on stdout; a failure is raised and reported by load()
         with contextlib.redirect_stdout(io.StringIO()):
-            module = cpp_load(NAME, [str(HERE / s) for s in SOURCES], extra_cxx_cflags=list(CXX_FLAGS),
-                              extra_include_paths=[str(HERE)], build_directory=str(directory))
+            module = cpp_load(
+                NAME,
+                [str(HERE / s) for s in SOURCES],
+                extra_cxx_cflags=list(CXX_FLAGS),
+                extra_include_paths=[str(HERE)],
+                build_directory=str(directory),
+            )
         (directory / _DONE).write_text(key + "\n")
         return module

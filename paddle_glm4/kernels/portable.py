@@ -7,8 +7,7 @@ from __future__ import annotations
 import paddle
 
 
-def dequantize(weight: paddle.Tensor, scales: paddle.Tensor | None, fmt: str, group_size: int,
-               k: int) -> paddle.Tensor:
+def dequantize(weight: paddle.Tensor, scales: paddle.Tensor | None, fmt: str, group_size: int, k: int) -> paddle.Tensor:
     """The stored weight (see the package docstring) -> float32 [N, K]."""
     if fmt == "bf16":
         return weight.astype("float32")
@@ -16,7 +15,7 @@ def dequantize(weight: paddle.Tensor, scales: paddle.Tensor | None, fmt: str, gr
         raise ValueError(f"{fmt} weights need their scales")
     if fmt == "int8":
         return weight.astype("float32") * scales.unsqueeze(1)
-    packed = weight.astype("int32")                                                # [N, ceil(K/2)]
+    packed = weight.astype("int32")  # [N, ceil(K/2)]
     nibbles = paddle.stack([packed % 16, packed // 16], axis=-1).reshape([packed.shape[0], -1])[:, :k]
     per_element = paddle.repeat_interleave(scales, group_size, axis=1)[:, :k]
     return (nibbles - 8).astype("float32") * per_element
@@ -43,8 +42,15 @@ def round_activations(x: paddle.Tensor, activation_dtype: str) -> paddle.Tensor:
     return x
 
 
-def linear(x: paddle.Tensor, weight: paddle.Tensor, scales: paddle.Tensor | None, bias: paddle.Tensor | None,
-           fmt: str, group_size: int, activation_dtype: str) -> paddle.Tensor:
+def linear(
+    x: paddle.Tensor,
+    weight: paddle.Tensor,
+    scales: paddle.Tensor | None,
+    bias: paddle.Tensor | None,
+    fmt: str,
+    group_size: int,
+    activation_dtype: str,
+) -> paddle.Tensor:
     act = "float32" if activation_dtype == "auto" else activation_dtype
     w = dequantize(weight, scales, fmt, group_size, x.shape[-1])
     y = paddle.matmul(round_activations(x, act), w, transpose_y=True)

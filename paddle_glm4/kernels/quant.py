@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 INT8_MAX = 127
-INT4_LEVELS = 8          # q in [-8, 7]; nibble = q + 8
+INT4_LEVELS = 8  # q in [-8, 7]; nibble = q + 8
 GROUP_SIZES = (64, 128)  # the ones the SIMD paths are built for; any group >= 2 works in the reference path
 
 
@@ -31,7 +31,7 @@ def _as_weight(w: np.ndarray, name: str = "weight") -> np.ndarray:
     w = np.asarray(w)
     if w.ndim != 2 or 0 in w.shape:
         raise ValueError(f"{name} must be a non-empty 2-D [N, K] array, got shape {w.shape}")
-    if w.dtype == np.uint16:          # raw bfloat16 bits, as safetensors readers without bf16 hand them over
+    if w.dtype == np.uint16:  # raw bfloat16 bits, as safetensors readers without bf16 hand them over
         w = bfloat16_bits_to_float32(w)
     w = w.astype(np.float32, copy=False)
     if not np.isfinite(w).all():
@@ -75,7 +75,7 @@ def quantize_int4(w_nk: np.ndarray, group_size: int = 128) -> tuple[np.ndarray, 
     blocks = padded.reshape(n, groups, group_size)
     # the signed element of largest magnitude (the first one on ties, as argmax picks)
     extreme = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=2)[..., None], axis=2)[..., 0]
-    scales = (extreme / np.float32(-INT4_LEVELS)).astype(np.float32)           # [N, groups]
+    scales = (extreme / np.float32(-INT4_LEVELS)).astype(np.float32)  # [N, groups]
     q = np.rint(_divide(blocks, scales[..., None]))
     q = np.clip(q, -INT4_LEVELS, INT4_LEVELS - 1).reshape(n, -1)[:, :k]
     return pack_int4(q.astype(np.int8)), scales

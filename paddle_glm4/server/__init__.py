@@ -22,29 +22,57 @@ if TYPE_CHECKING:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser)
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 opens the "
-                             "server to the network, so set --api-key)")
-    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000; 0: any free "
-                        "port, printed at start)")
-    parser.add_argument("--api-key", metavar="KEY", default=os.environ.get("GLM4_API_KEY"),
-                        help="require 'Authorization: Bearer KEY' on every request (default: $GLM4_API_KEY; "
-                             "unset: no key needed; an empty KEY is an error, not 'no key')")
-    parser.add_argument("--max-concurrency", type=int, default=8, metavar="N",
-                        help="requests admitted at once, those generating and those waiting for their turn; "
-                             "more get HTTP 429 (default: 8)")
-    parser.add_argument("--max-num-seqs", type=int, default=8, metavar="N",
-                        help="requests generated together, one batched forward per token for all of them "
-                             "(continuous batching; default: 8)")
-    parser.add_argument("--kv-cache-memory", metavar="SIZE",
-                        help="the most memory the batch's KV cache may take, e.g. 2GB or 512MiB; requests wait "
-                             "for room (default: --max-num-seqs full contexts, at most half the memory available "
-                             "once the model is loaded)")
-    parser.add_argument("--served-model-name", metavar="NAME",
-                        help="the model id in /v1/models and in responses (default: the --model directory's name)")
-    parser.add_argument("--default-max-tokens", type=int, default=1024, metavar="N",
-                        help="answer length for requests without max_tokens, capped by the room left in the "
-                             "context (default: 1024)")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 opens the "
+        "server to the network, so set --api-key)",
+    )
+    parser.add_argument(
+        "--port", type=int, default=8000, help="port to listen on (default: 8000; 0: any free port, printed at start)"
+    )
+    parser.add_argument(
+        "--api-key",
+        metavar="KEY",
+        default=os.environ.get("GLM4_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on every request (default: $GLM4_API_KEY; "
+        "unset: no key needed; an empty KEY is an error, not 'no key')",
+    )
+    parser.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=8,
+        metavar="N",
+        help="requests admitted at once, those generating and those waiting for their turn; "
+        "more get HTTP 429 (default: 8)",
+    )
+    parser.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=8,
+        metavar="N",
+        help="requests generated together, one batched forward per token for all of them "
+        "(continuous batching; default: 8)",
+    )
+    parser.add_argument(
+        "--kv-cache-memory",
+        metavar="SIZE",
+        help="the most memory the batch's KV cache may take, e.g. 2GB or 512MiB; requests wait "
+        "for room (default: --max-num-seqs full contexts, at most half the memory available "
+        "once the model is loaded)",
+    )
+    parser.add_argument(
+        "--served-model-name",
+        metavar="NAME",
+        help="the model id in /v1/models and in responses (default: the --model directory's name)",
+    )
+    parser.add_argument(
+        "--default-max-tokens",
+        type=int,
+        default=1024,
+        metavar="N",
+        help="answer length for requests without max_tokens, capped by the room left in the context (default: 1024)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,25 +93,46 @@ def run(args: argparse.Namespace) -> int:
     try:
         from .app import create_app
     except ImportError as err:
-        raise UsageError(f"the server needs FastAPI and uvicorn ({err}); install them with "
-                         "`pip install -e '.[serve]'` in the project's directory") from None
+        raise UsageError(
+            f"the server needs FastAPI and uvicorn ({err}); install them with "
+            "`pip install -e '.[serve]'` in the project's directory"
+        ) from None
     from ..engine import load_engine
 
     sock = bind(args.host, args.port)
     if args.api_key is None and not is_loopback(sock):
-        print(f"WARNING: listening on {args.host} without --api-key: anyone who can reach this address can use "
-              "the model. Set --api-key (or $GLM4_API_KEY), or listen on 127.0.0.1.", file=sys.stderr, flush=True)
+        print(
+            f"WARNING: listening on {args.host} without --api-key: anyone who can reach this address can use "
+            "the model. Set --api-key (or $GLM4_API_KEY), or listen on 127.0.0.1.",
+            file=sys.stderr,
+            flush=True,
+        )
     try:
-        model, tokenizer = load_engine(args.model, args.engine, args.dtype, args.tokenizer,
-                                       quantization=args.quantize, group_size=args.group_size,
-                                       activation_dtype=args.activation_dtype,
-                                       prefill_chunk=args.prefill_chunk, kv_cache_dtype=args.kv_cache_dtype)
+        model, tokenizer = load_engine(
+            args.model,
+            args.engine,
+            args.dtype,
+            args.tokenizer,
+            quantization=args.quantize,
+            group_size=args.group_size,
+            activation_dtype=args.activation_dtype,
+            prefill_chunk=args.prefill_chunk,
+            kv_cache_dtype=args.kv_cache_dtype,
+        )
     except BaseException:
         sock.close()
         raise
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
-    app = create_app(model, tokenizer, name, args.api_key, args.max_concurrency, args.default_max_tokens,
-                     args.max_num_seqs, kv_cache_memory)
+    app = create_app(
+        model,
+        tokenizer,
+        name,
+        args.api_key,
+        args.max_concurrency,
+        args.default_max_tokens,
+        args.max_num_seqs,
+        kv_cache_memory,
+    )
     return serve(app, sock, name)
 
 

@@ -10,8 +10,9 @@ from . import add_arguments, run
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m paddle_glm4.server",
-                                     description="Serve GLM-4 over an OpenAI-compatible HTTP API.")
+    parser = argparse.ArgumentParser(
+        prog="python -m paddle_glm4.server", description="Serve GLM-4 over an OpenAI-compatible HTTP API."
+    )
     add_arguments(parser)
     add_debug_flag(parser)
     args = parser.parse_args(argv)

@@ -40,9 +40,16 @@ if TYPE_CHECKING:
     from ..tokenizer import GLM4Tokenizer
 
 
-def create_app(model: Engine, tokenizer: GLM4Tokenizer, model_name: str = "glm-4-9b-chat", api_key: str | None = None,
-               max_concurrency: int = 8, default_max_tokens: int = 1024, max_num_seqs: int = 8,
-               kv_cache_memory: int | None = None) -> FastAPI:
+def create_app(
+    model: Engine,
+    tokenizer: GLM4Tokenizer,
+    model_name: str = "glm-4-9b-chat",
+    api_key: str | None = None,
+    max_concurrency: int = 8,
+    default_max_tokens: int = 1024,
+    max_num_seqs: int = 8,
+    kv_cache_memory: int | None = None,
+) -> FastAPI:
     """The API over `model` (anything with the engine interface: generate, config, generation_config,
     context_length) and its tokenizer. `api_key`: when not None, every request must send
     `Authorization: Bearer <api_key>` (an empty key is refused, so that an unset variable cannot turn
@@ -75,16 +82,25 @@ def create_app(model: Engine, tokenizer: GLM4Tokenizer, model_name: str = "glm-4
         room = context - len(prompt)
         max_tokens = requested or min(default_max_tokens, room)
         if max_tokens < 1 or max_tokens > room:
-            raise APIError(400, f"This model's maximum context length is {context} tokens. However, you requested "
-                                f"{len(prompt) + max(max_tokens, 1)} tokens ({len(prompt)} in the prompt, "
-                                f"{max(max_tokens, 1)} for the answer). Shorten the prompt or lower max_tokens.",
-                           code="context_length_exceeded", param="messages")
+            raise APIError(
+                400,
+                f"This model's maximum context length is {context} tokens. However, you requested "
+                f"{len(prompt) + max(max_tokens, 1)} tokens ({len(prompt)} in the prompt, "
+                f"{max(max_tokens, 1)} for the answer). Shorten the prompt or lower max_tokens.",
+                code="context_length_exceeded",
+                param="messages",
+            )
         try:
-            return worker.submit(prompt, max_new_tokens=max_tokens, eos_token_id=eos, vocab_limit=len(tokenizer),
-                                 **_sampling(body))
+            return worker.submit(
+                prompt, max_new_tokens=max_tokens, eos_token_id=eos, vocab_limit=len(tokenizer), **_sampling(body)
+            )
         except Busy:
-            raise APIError(429, f"The server is busy: {max_concurrency} requests are being served or are waiting. "
-                                "Retry shortly.", code="server_busy", headers={"Retry-After": "1"}) from None
+            raise APIError(
+                429,
+                f"The server is busy: {max_concurrency} requests are being served or are waiting. Retry shortly.",
+                code="server_busy",
+                headers={"Retry-After": "1"},
+            ) from None
         except ValueError as err:  # more than the engine can ever hold (its KV memory)
             raise APIError(400, str(err), code="context_length_exceeded", param="max_tokens") from None
 
@@ -101,23 +117,31 @@ def create_app(model: Engine, tokenizer: GLM4Tokenizer, model_name: str = "glm-4
     async def chat_completions(body: s.ChatCompletionRequest, request: Request):
         tools = active_tools(body.tools, body.tool_choice)
         try:
-            prompt = cast(list[int], tokenizer.apply_chat_template(to_glm_messages(body.messages, tools),
-                                                                   add_generation_prompt=True))  # tokenized
+            prompt = cast(
+                list[int],
+                tokenizer.apply_chat_template(to_glm_messages(body.messages, tools), add_generation_prompt=True),
+            )  # tokenized
         except ChatTemplateError as err:
             raise APIError(400, str(err), param="messages") from None
         eos = tokenizer.stop_token_ids
-        reply = Reply(tokenizer, eos, stop=body.stop_strings(), tool_names=[t.function.name for t in tools],
-                      strip_leading=True)
+        reply = Reply(
+            tokenizer, eos, stop=body.stop_strings(), tool_names=[t.function.name for t in tools], strip_leading=True
+        )
         job = start(prompt, body.max_completion_tokens or body.max_tokens, body, eos)
         answer_id = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
             events = _chat_events(answer_id, model_name, job, reply, len(prompt), body.include_usage())
             return StreamingResponse(events, media_type="text/event-stream")
         content = await _collect(job, reply, request)
-        message = s.AssistantMessage(content=content or (None if reply.tool_calls else ""),
-                                     tool_calls=reply.tool_calls or None)
-        return s.ChatCompletion(id=answer_id, model=model_name, usage=_usage(len(prompt), reply),
-                                choices=[s.ChatChoice(message=message, finish_reason=cast(str, reply.finish_reason))])
+        message = s.AssistantMessage(
+            content=content or (None if reply.tool_calls else ""), tool_calls=reply.tool_calls or None
+        )
+        return s.ChatCompletion(
+            id=answer_id,
+            model=model_name,
+            usage=_usage(len(prompt), reply),
+            choices=[s.ChatChoice(message=message, finish_reason=cast(str, reply.finish_reason))],
+        )
 
     @app.post("/v1/completions", response_model=None, responses=_answers(s.Completion, s.Completion))
     async def completions(body: s.CompletionRequest, request: Request):
@@ -130,8 +154,12 @@ def create_app(model: Engine, tokenizer: GLM4Tokenizer, model_name: str = "glm-4
             events = _completion_events(answer_id, model_name, job, reply, len(prompt), body.include_usage())
             return StreamingResponse(events, media_type="text/event-stream")
         text = await _collect(job, reply, request)
-        return s.Completion(id=answer_id, model=model_name, usage=_usage(len(prompt), reply),
-                            choices=[s.CompletionChoice(text=text, finish_reason=reply.finish_reason)])
+        return s.Completion(
+            id=answer_id,
+            model=model_name,
+            usage=_usage(len(prompt), reply),
+            choices=[s.CompletionChoice(text=text, finish_reason=reply.finish_reason)],
+        )
 
     return app
 
@@ -143,8 +171,9 @@ def _sampling(body: s.SamplingRequest) -> dict:
 
 
 def _usage(prompt_tokens: int, reply: Reply) -> s.Usage:
-    return s.Usage(prompt_tokens=prompt_tokens, completion_tokens=reply.tokens,
-                   total_tokens=prompt_tokens + reply.tokens)
+    return s.Usage(
+        prompt_tokens=prompt_tokens, completion_tokens=reply.tokens, total_tokens=prompt_tokens + reply.tokens
+    )
 
 
 # ---- reading a generation -------------------------------------------------------------------------------
@@ -164,6 +193,7 @@ async def _contents(job: Job, reply: Reply) -> AsyncIterator[str]:
 async def _collect(job: Job, reply: Reply, request: Request) -> str:
     """The whole content, for an answer that is not streamed; stops the generation if the client goes away
     (a streamed answer needs no such watch: Starlette cancels its stream when the client disconnects)."""
+
     async def cancel_on_disconnect():
         while (await request.receive())["type"] != "http.disconnect":
             pass
@@ -194,11 +224,16 @@ async def _stream(job: Job, events: AsyncIterator[BaseModel]) -> AsyncIterator[s
     yield "data: [DONE]\n\n"
 
 
-def _chat_events(answer_id: str, model_name: str, job: Job, reply: Reply, prompt_tokens: int,
-                 include_usage: bool) -> AsyncIterator[str]:
+def _chat_events(
+    answer_id: str, model_name: str, job: Job, reply: Reply, prompt_tokens: int, include_usage: bool
+) -> AsyncIterator[str]:
     def chunk(delta: s.Delta, finish_reason: str | None = None, usage: s.Usage | None = None):
-        return s.ChatCompletionChunk(id=answer_id, model=model_name, usage=usage,
-                                     choices=[s.ChunkChoice(delta=delta, finish_reason=finish_reason)])
+        return s.ChatCompletionChunk(
+            id=answer_id,
+            model=model_name,
+            usage=usage,
+            choices=[s.ChunkChoice(delta=delta, finish_reason=finish_reason)],
+        )
 
     async def events():
         yield chunk(s.Delta(role="assistant", content=""))
@@ -217,11 +252,16 @@ def _chat_events(answer_id: str, model_name: str, job: Job, reply: Reply, prompt
     return _stream(job, events())
 
 
-def _completion_events(answer_id: str, model_name: str, job: Job, reply: Reply, prompt_tokens: int,
-                       include_usage: bool) -> AsyncIterator[str]:
+def _completion_events(
+    answer_id: str, model_name: str, job: Job, reply: Reply, prompt_tokens: int, include_usage: bool
+) -> AsyncIterator[str]:
     def chunk(text: str, finish_reason: str | None = None, usage: s.Usage | None = None):
-        return s.Completion(id=answer_id, model=model_name, usage=usage,
-                            choices=[s.CompletionChoice(text=text, finish_reason=finish_reason)])
+        return s.Completion(
+            id=answer_id,
+            model=model_name,
+            usage=usage,
+            choices=[s.CompletionChoice(text=text, finish_reason=finish_reason)],
+        )
 
     async def events():
         async for text in _contents(job, reply):
@@ -241,9 +281,15 @@ def _errors(*statuses: int) -> dict:
 
 def _answers(whole: type[BaseModel], chunk: type[BaseModel]) -> dict:
     """A generating endpoint's responses: the answer as JSON, or (stream: true) server-sent events of chunks."""
-    events = {"schema": {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}},
-                         "description": f"each server-sent event: `data: <{chunk.__name__} as JSON>` (or an "
-                                        "error), the last one `data: [DONE]`"}}
+    events = {
+        "schema": {
+            "type": "object",
+            "required": ["data"],
+            "properties": {"data": {"type": "string"}},
+            "description": f"each server-sent event: `data: <{chunk.__name__} as JSON>` (or an "
+            "error), the last one `data: [DONE]`",
+        }
+    }
     return {200: {"model": whole, "content": {"text/event-stream": events}}, **_errors(400, 401, 413, 429)}
 
 
@@ -337,11 +383,15 @@ def _add_error_handlers(app: FastAPI) -> None:
         problems = err.errors()
         first: dict[str, Any] = problems[0] if problems else {"loc": (), "msg": "invalid request"}
         if first.get("type") == "json_invalid":
-            return APIError(400, f"the request body is not valid JSON ({first.get('ctx', {}).get('error', '')})",
-                            code="invalid_json").response()
+            return APIError(
+                400,
+                f"the request body is not valid JSON ({first.get('ctx', {}).get('error', '')})",
+                code="invalid_json",
+            ).response()
         # the field's path; pydantic also names the member of a union that failed ("constrained-str"), not a field
-        where = ".".join(str(part) for part in first["loc"]
-                         if part != "body" and (isinstance(part, int) or part.isidentifier()))
+        where = ".".join(
+            str(part) for part in first["loc"] if part != "body" and (isinstance(part, int) or part.isidentifier())
+        )
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
         message = f"{where}: {first['msg']}{more}" if where else f"{first['msg']}{more}"
         return APIError(400, message, param=where or None, code="invalid_request").response()

@@ -21,20 +21,32 @@ class Metrics:
     def __init__(self, worker: Worker):
         self.registry = CollectorRegistry()
         engine = worker.engine
-        Gauge("glm4_requests_admitted", "Requests admitted (generating or waiting)",
-              registry=self.registry).set_function(worker.admitted)
+        Gauge(
+            "glm4_requests_admitted", "Requests admitted (generating or waiting)", registry=self.registry
+        ).set_function(worker.admitted)
         if engine is not None:
-            Gauge("glm4_requests_running", "Requests in the running batch (prefilling included)",
-                  registry=self.registry).set_function(lambda: len(engine.running) + len(engine.prefilling))
-            Gauge("glm4_requests_waiting", "Requests waiting for a row or KV memory",
-                  registry=self.registry).set_function(lambda: len(engine.waiting))
+            Gauge(
+                "glm4_requests_running", "Requests in the running batch (prefilling included)", registry=self.registry
+            ).set_function(lambda: len(engine.running) + len(engine.prefilling))
+            Gauge(
+                "glm4_requests_waiting", "Requests waiting for a row or KV memory", registry=self.registry
+            ).set_function(lambda: len(engine.waiting))
             Gauge("glm4_kv_cache_bytes", "KV cache memory held", registry=self.registry).set_function(
-                lambda: engine.kv_bytes)
+                lambda: engine.kv_bytes
+            )
         self.tokens = Counter("glm4_generated_tokens", "Tokens generated", registry=self.registry)
-        self.ttft = Histogram("glm4_time_to_first_token_seconds", "From admission to the first token",
-                              buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.inter_token = Histogram("glm4_inter_token_latency_seconds", "Between two tokens of one request",
-                                     buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.ttft = Histogram(
+            "glm4_time_to_first_token_seconds",
+            "From admission to the first token",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.inter_token = Histogram(
+            "glm4_inter_token_latency_seconds",
+            "Between two tokens of one request",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
 
     def token(self, admitted: float, previous: float | None) -> None:
         """One token of a request admitted at `admitted`, whose previous token came at `previous`

@@ -25,8 +25,15 @@ PLAIN, UNDECIDED, HELD = "plain", "undecided", "held"
 
 
 class Reply:
-    def __init__(self, tokenizer: GLM4Tokenizer, eos_ids: Iterable[int], *, stop: Iterable[str] = (),
-                 tool_names: Iterable[str] = (), strip_leading: bool = False):
+    def __init__(
+        self,
+        tokenizer: GLM4Tokenizer,
+        eos_ids: Iterable[int],
+        *,
+        stop: Iterable[str] = (),
+        tool_names: Iterable[str] = (),
+        strip_leading: bool = False,
+    ):
         self._detokenizer = tokenizer.detokenizer(skip_special_tokens=True)
         self._segment_token = tokenizer.special_token_id("<|assistant|>")
         self._tokenizer = tokenizer
@@ -37,11 +44,11 @@ class Reply:
         self._strip = strip_leading
         self._mode = UNDECIDED if self._tool_names else PLAIN
         self._breaks: list[int] = []  # where in `text` the model wrote <|assistant|>
-        self._sent = 0                # text[:_sent] has been released (or dropped as leading whitespace)
-        self._started = False         # whether any content has been released
-        self.text = ""                # the answer so far, without special tokens, cut at a stop string
-        self.tokens = 0               # tokens taken, for the usage counts
-        self.stopped = False          # a stop string ended the answer
+        self._sent = 0  # text[:_sent] has been released (or dropped as leading whitespace)
+        self._started = False  # whether any content has been released
+        self.text = ""  # the answer so far, without special tokens, cut at a stop string
+        self.tokens = 0  # tokens taken, for the usage counts
+        self.stopped = False  # a stop string ended the answer
         self.tool_calls: list[ToolCall] = []
         self.finish_reason: str | None = None
         self._last_token: int | None = None
@@ -81,7 +88,7 @@ class Reply:
         self.text += piece
         hits = [i for i in (self.text.find(stop, start) for stop in self._stops) if i >= 0]
         if hits:
-            self.text = self.text[:min(hits)]
+            self.text = self.text[: min(hits)]
             self.stopped = True
 
     def _release(self, end: int) -> str:
@@ -92,7 +99,7 @@ class Reply:
             self._mode = HELD if self.text[:newline].strip() else PLAIN
         if self._mode == HELD or end <= self._sent:
             return ""
-        piece = self.text[self._sent:end]
+        piece = self.text[self._sent : end]
         self._sent = end
         if self._strip and not self._started:
             piece = piece.lstrip()

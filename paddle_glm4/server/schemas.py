@@ -70,6 +70,7 @@ class StreamOptions(BaseModel):
 
 class SamplingRequest(BaseModel):
     """What the chat and the completions endpoints share."""
+
     model: str | None = None  # this server serves one model, whatever the client names
     max_tokens: int | None = Field(None, gt=0)
     temperature: float | None = Field(None, ge=0, le=2)  # 0: greedy
@@ -78,8 +79,11 @@ class SamplingRequest(BaseModel):
     top_k: int | None = Field(None, ge=0)  # 0: no top-k cut
     repetition_penalty: float | None = Field(None, gt=0)
     # Up to 16 stop strings of up to 1000 characters (OpenAI allows 4): each is looked for after every token.
-    stop: Annotated[str, Field(max_length=1000)] | Annotated[list[Annotated[str, Field(max_length=1000)]],
-                                                             Field(max_length=16)] | None = None
+    stop: (
+        Annotated[str, Field(max_length=1000)]
+        | Annotated[list[Annotated[str, Field(max_length=1000)]], Field(max_length=16)]
+        | None
+    ) = None
     seed: int | None = Field(None, ge=0, lt=SEED_LIMIT, strict=True)  # not true, not "7": as generate() checks
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -174,6 +178,7 @@ class CompletionChoice(BaseModel):
 
 class Completion(BaseModel):
     """A whole completion, or one chunk of a streamed one (OpenAI uses the same object for both)."""
+
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=_now)
@@ -191,6 +196,7 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     """Every error the server answers with (errors.APIError)."""
+
     error: ErrorDetail
 
 

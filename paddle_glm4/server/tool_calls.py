@@ -31,8 +31,11 @@ def active_tools(tools: list[Tool] | None, tool_choice: str | NamedToolChoice | 
     if isinstance(tool_choice, NamedToolChoice):
         chosen = [tool for tool in tools if tool.function.name == tool_choice.function.name]
         if not chosen:
-            raise APIError(400, f"tool_choice names function {tool_choice.function.name!r}, which is not in tools",
-                           param="tool_choice")
+            raise APIError(
+                400,
+                f"tool_choice names function {tool_choice.function.name!r}, which is not in tools",
+                param="tool_choice",
+            )
         return chosen
     return tools
 
@@ -73,8 +76,9 @@ def parse_reply(segments: list[str], tool_names: set[str]) -> tuple[str, list[To
             return None
         if name not in tool_names or not isinstance(parsed, dict):
             return None
-        calls.append(ToolCall(id=f"call_{uuid.uuid4().hex[:24]}",
-                              function=FunctionCall(name=name, arguments=arguments.strip())))
+        calls.append(
+            ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=FunctionCall(name=name, arguments=arguments.strip()))
+        )
     if not calls:
         return None
     return "".join(content).strip(), calls

@@ -47,8 +47,7 @@ class Job(Streamer):
     """One admitted generation; the engine feeds it tokens, the request's handler iterates `receive()`.
     It ends once (`end`, or `fail` with the error), which frees its admission slot."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, prompt: list[int], settings: dict,
-                 release: Callable[[], None]):
+    def __init__(self, loop: asyncio.AbstractEventLoop, prompt: list[int], settings: dict, release: Callable[[], None]):
         super().__init__()
         self.prompt, self.settings = prompt, settings
         self._loop = loop
@@ -56,7 +55,7 @@ class Job(Streamer):
         self._release = release
         self._over = threading.Lock()
         self._admitted = time.perf_counter()
-        self.on_token_timed: Callable[[float, float | None], None] | None = None   # (admitted, previous token)
+        self.on_token_timed: Callable[[float, float | None], None] | None = None  # (admitted, previous token)
 
     def put(self, token_ids: np.ndarray) -> None:
         previous = self.last_token_time
@@ -81,8 +80,13 @@ class Job(Streamer):
         self._release()
         if outcome is _END and self.first_token_time is not None:
             waited = self.first_token_time - self._admitted
-            log.info("prompt of %d tokens: time to first token %.2f s (%.1f prompt tokens/s), %d tokens",
-                     len(self.prompt), waited, len(self.prompt) / max(waited, 1e-9), self.tokens)
+            log.info(
+                "prompt of %d tokens: time to first token %.2f s (%.1f prompt tokens/s), %d tokens",
+                len(self.prompt),
+                waited,
+                len(self.prompt) / max(waited, 1e-9),
+                self.tokens,
+            )
         self.post(outcome)
 
     def post(self, item: object) -> None:
@@ -99,17 +103,16 @@ class Job(Streamer):
 
 
 class Worker:
-    def __init__(self, model: Engine, max_concurrency: int, max_num_seqs: int = 8,
-                 kv_cache_memory: int | None = None):
+    def __init__(self, model: Engine, max_concurrency: int, max_num_seqs: int = 8, kv_cache_memory: int | None = None):
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
         self.model = model
         self._slots = threading.BoundedSemaphore(max_concurrency)
-        self._jobs: set[Job] = set()   # admitted and not over
+        self._jobs: set[Job] = set()  # admitted and not over
         self._lock = threading.Lock()
         self.engine: Scheduler | None = None
         self._closing = False
-        self.on_token: Callable[[float, float | None], None] | None = None   # each token's timing (metrics)
+        self.on_token: Callable[[float, float | None], None] | None = None  # each token's timing (metrics)
         if hasattr(model, "logits"):
             self.engine = Scheduler(model, max_num_seqs, kv_cache_memory)  # type: ignore[arg-type]
             self._thread = threading.Thread(target=self._serve, name="engine", daemon=True)
@@ -148,11 +151,21 @@ class Worker:
     def _request(self, job: Job) -> Request:
         options = dict(job.settings)
         generation = self.model.generation_config.merged(
-            temperature=options.pop("temperature", None), top_p=options.pop("top_p", None),
-            top_k=options.pop("top_k", None), repetition_penalty=options.pop("repetition_penalty", None),
-            eos_token_id=options.pop("eos_token_id", None))
-        return Request(job.prompt, options.pop("max_new_tokens"), generation, seed=options.pop("seed", None),
-                       vocab_limit=options.pop("vocab_limit", None), streamer=job, **options)
+            temperature=options.pop("temperature", None),
+            top_p=options.pop("top_p", None),
+            top_k=options.pop("top_k", None),
+            repetition_penalty=options.pop("repetition_penalty", None),
+            eos_token_id=options.pop("eos_token_id", None),
+        )
+        return Request(
+            job.prompt,
+            options.pop("max_new_tokens"),
+            generation,
+            seed=options.pop("seed", None),
+            vocab_limit=options.pop("vocab_limit", None),
+            streamer=job,
+            **options,
+        )
 
     def _serve(self) -> None:
         """The engine thread: step while there is work, sleep while there is none."""
