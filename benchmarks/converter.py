@@ -55,7 +55,7 @@ def synthetic_checkpoint(directory: str, config, shard_size: str = "2GB") -> int
     def noise(shape):  # a tensor of random bits that takes no memory: row r is the pool from element 7r on
         return np.lib.stride_tricks.as_strided(pool, shape, (14, 2) if len(shape) == 2 else (2,), writeable=False)
 
-    sources = {spec.paddle: SourceTensor("noise", spec.paddle, "bfloat16", spec.shape, lambda s=spec.shape: noise(s))
+    sources = {spec.paddle: SourceTensor("memory", spec.paddle, "bfloat16", spec.shape, lambda s=spec.shape: noise(s))
                for spec in mapping.tensor_specs(config)}
     tensors = published_tensors(config, sources, "bfloat16")
     files, texts = canonical_plan(config, tensors, parse_size(shard_size))
