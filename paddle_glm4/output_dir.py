@@ -100,10 +100,12 @@ def staged(dst: str, overwrite: bool, kind: OutputKind, flag: str = "--dst", mod
     try:
         staging = _partial_directory(dst)
         yield staging
+        # again: the destination may have changed meanwhile (while the owner file still marks the staging
+        # directory as this live run's, so that the check's look for stale partials passes over it)
+        check_destination(dst, overwrite, kind, flag)
         os.unlink(os.path.join(staging, OWNER_FILE))
         _limit_modes(staging, mode_limit)
         _sync_directory(staging)
-        check_destination(dst, overwrite, kind, flag)  # again: the destination may have changed meanwhile
         _publish(staging, dst)
     except BaseException:
         if staging is not None:

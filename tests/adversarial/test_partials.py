@@ -104,6 +104,14 @@ def owned_partial(parent: Path, name: str, owner: dict | None) -> Path:
     return path
 
 
+def test_a_clean_run_reports_no_partial_of_its_own(tmp_path, templates, capsys):
+    """The last check before the rename looks for stale partials beside the destination: the run's own staging
+    directory is not one of them, so a plain conversion prints no note about it."""
+    assert torch_to_paddle.main(["--src", str(templates[0]), "--dst", str(tmp_path / "out" / "dst")]) == 0
+    assert "looks like unfinished output" not in capsys.readouterr().err
+    assert not list((tmp_path / "out").glob(".*.partial"))
+
+
 @pytest.mark.parametrize("case", ["no owner file", "owner file not JSON", "a live process", "another machine",
                                   "no start time"])
 def test_partials_not_provably_stale_are_kept(tmp_path, templates, capsys, case):
