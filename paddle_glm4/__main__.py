@@ -23,21 +23,11 @@ if TYPE_CHECKING:
 
 # ---- helpers ------------------------------------------------------------------------------------------
 def load(args: argparse.Namespace) -> tuple[Engine, GLM4Tokenizer]:
-    from .engine import load_engine
+    from .engine import load_engine_from_args
     from .validation import check_seed
 
     check_seed(args.seed, "--seed")  # before the model takes its time to load
-    return load_engine(
-        args.model,
-        args.engine,
-        args.dtype,
-        args.tokenizer,
-        quantization=args.quantize,
-        group_size=args.group_size,
-        activation_dtype=args.activation_dtype,
-        prefill_chunk=args.prefill_chunk,
-        kv_cache_dtype=args.kv_cache_dtype,
-    )
+    return load_engine_from_args(args)
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:

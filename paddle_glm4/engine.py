@@ -130,6 +130,21 @@ def load_engine(
     return model, tokenizer
 
 
+def load_engine_from_args(args: argparse.Namespace) -> tuple[Engine, GLM4Tokenizer]:
+    """`load_engine` with the flags `add_engine_arguments` defined (`glm4 generate`, `chat` and `serve`)."""
+    return load_engine(
+        args.model,
+        args.engine,
+        args.dtype,
+        args.tokenizer,
+        quantization=args.quantize,
+        group_size=args.group_size,
+        activation_dtype=args.activation_dtype,
+        prefill_chunk=args.prefill_chunk,
+        kv_cache_dtype=args.kv_cache_dtype,
+    )
+
+
 def check_pair(model: Engine, tokenizer: GLM4Tokenizer, model_dir: str, tokenizer_dir: str) -> None:
     """Refuse a tokenizer that does not belong to the model: more tokens than the model has rows, or stop ids
     (the model's generation_config / config eos_token_id) that are not the tokenizer's special tokens, with

@@ -113,3 +113,35 @@ def test_the_demo_says_when_it_stopped_at_an_end_of_sequence_id(capsys, seed):
     else:
         assert not stopped and len(new) == 16
     assert max(new) < 432  # never an id past the tokenizer's
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "serve"])
+def test_every_engine_flag_reaches_load_engine(command, monkeypatch):
+    """generate, chat and serve load through one mapping of the engine flags (engine.load_engine_from_args):
+    each flag, given a value other than its default, arrives in load_engine's arguments."""
+    import argparse
+    import inspect
+
+    from paddle_glm4 import engine
+
+    flags = ["--model", "m", "--tokenizer", "t", "--engine", "inference", "--dtype", "bfloat16",
+             "--prefill-chunk", "7", "--kv-cache-dtype", "bfloat16", "--quantize", "int4", "--group-size", "32",
+             "--activation-dtype", "float32"]
+    parser = argparse.ArgumentParser()
+    engine.add_engine_arguments(parser)
+    args = parser.parse_args(flags)
+    defaults = vars(parser.parse_args(["--model", "m"]))
+    assert all(value != defaults[name] for name, value in vars(args).items() if name != "model")  # all set
+
+    seen, signature = {}, inspect.signature(engine.load_engine)
+
+    def record(*positional, **keywords):
+        seen.update(signature.bind(*positional, **keywords).arguments)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(engine, "load_engine", record)
+    extra = {"generate": ["--prompt", "hi"], "chat": [], "serve": ["--port", "0"]}[command]
+    with pytest.raises(SystemExit):
+        main([command, *flags, *extra])
+    names = {"model_dir": "model", "tokenizer_dir": "tokenizer", "quantization": "quantize"}
+    assert {names.get(key, key): value for key, value in seen.items()} == vars(args)

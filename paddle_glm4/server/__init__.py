@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
             f"the server needs FastAPI and uvicorn ({err}); install them with "
             "`pip install -e '.[serve]'` in the project's directory"
         ) from None
-    from ..engine import load_engine
+    from ..engine import load_engine_from_args
 
     sock = bind(args.host, args.port)
     if args.api_key is None and not is_loopback(sock):
@@ -108,17 +108,7 @@ def run(args: argparse.Namespace) -> int:
             flush=True,
         )
     try:
-        model, tokenizer = load_engine(
-            args.model,
-            args.engine,
-            args.dtype,
-            args.tokenizer,
-            quantization=args.quantize,
-            group_size=args.group_size,
-            activation_dtype=args.activation_dtype,
-            prefill_chunk=args.prefill_chunk,
-            kv_cache_dtype=args.kv_cache_dtype,
-        )
+        model, tokenizer = load_engine_from_args(args)
     except BaseException:
         sock.close()
         raise
