@@ -45,11 +45,12 @@ clean:
 	rm -rf $(VENV) .pytest_cache
 	rm -rf $(PADDLENLP_VENV) $(PADDLEFORMERS_VENV)
 
-# An integration's venv: $(1) its directory, $(2) the extra that installs the library (with test-runner)
+# An integration's venv: $(1) its directory, $(2) the extra that installs the library (with test-runner, and
+# finetune: `glm4 finetune --trainer` runs there)
 define integration_venv
 	$(PYTHON) -m venv $(1)
 	$(1)/bin/python -m pip install -q --upgrade pip
-	$(1)/bin/python -m pip install -q -e '.[$(2),test-runner]'
+	$(1)/bin/python -m pip install -q -e '.[$(2),finetune,test-runner]'
 	touch $(1)/.installed
 endef
 
@@ -67,11 +68,12 @@ TORCH_FREE_TESTS ?= tests/test_converter.py tests/adversarial/test_paths_and_lin
 	tests/adversarial/test_deletion.py tests/adversarial/test_partials.py tests/adversarial/test_resource_limits.py
 
 test-paddlenlp: $(PADDLENLP_VENV)/.installed
-	$(PADDLENLP_PY) -m pytest -q tests/test_paddlenlp.py
+	$(PADDLENLP_PY) -m pytest -q tests/test_paddlenlp.py tests/test_finetune.py
 	$(PADDLENLP_PY) -m pytest -q -m torch_free $(TORCH_FREE_TESTS)
 
 # The PaddleFormers integration's tests, in a venv of their own: PaddleFormers pins transformers<5.4 (.venv has the
-# reference's 5.24) and datasets>=3 (.venv-paddlenlp has datasets<3).
+# reference's 5.24) and datasets>=3 (.venv-paddlenlp has datasets<3). test_finetune.py runs in both: `glm4 finetune
+# --trainer paddlenlp|paddleformers` there.
 .PHONY: test-paddleformers
 PADDLEFORMERS_VENV ?= .venv-paddleformers
 PADDLEFORMERS_PY := $(PADDLEFORMERS_VENV)/bin/python
@@ -80,4 +82,4 @@ $(PADDLEFORMERS_VENV)/.installed: pyproject.toml
 	$(call integration_venv,$(PADDLEFORMERS_VENV),paddleformers)
 
 test-paddleformers: $(PADDLEFORMERS_VENV)/.installed
-	$(PADDLEFORMERS_PY) -m pytest -q tests/test_paddleformers.py
+	$(PADDLEFORMERS_PY) -m pytest -q tests/test_paddleformers.py tests/test_finetune.py

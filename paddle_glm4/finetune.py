@@ -12,6 +12,9 @@ The output directory (written aside and moved into place whole, see output_dir.p
 (config.json, safetensors: load it like any converted checkpoint, or turn it into the published torch layout with
 `glm4 to-torch`), the tokenizer files, loss_curve.png, and finetune.json (the settings, the loss of every step,
 and the list of files, which marks the directory as ours).
+
+`--trainer paddlenlp` or `--trainer paddleformers` runs the same training (data, LoRA, settings, output) through
+that library's `Trainer` where it is installed (integrations/trainer.py); the default is this module's loop.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ if TYPE_CHECKING:
     from .tokenizer import GLM4Tokenizer
 
 MANIFEST = "finetune.json"
+TRAINER_CHOICES = ("builtin", "paddlenlp", "paddleformers")
 LOSS_CURVE = "loss_curve.png"
 MAX_DATA_BYTES = 4 << 30  # a fine-tuning file far larger than anything trained on a CPU: a wrong path, refused
 MAX_LINE_BYTES = 64 << 20
@@ -127,15 +131,19 @@ def batches(
     """One epoch of left-padded batches in a random order: (input_ids, attention_mask, labels), each [b, s]."""
     order = rng.permutation(len(examples))
     for first in range(0, len(order), batch_size):
-        chosen = [examples[i] for i in order[first : first + batch_size]]
-        width = max(len(e.ids) for e in chosen)
-        ids = np.full((len(chosen), width), pad_id, dtype="int64")
-        mask = np.zeros((len(chosen), width), dtype="int64")
-        labels = np.full((len(chosen), width), IGNORE_INDEX, dtype="int64")
-        for row, example in enumerate(chosen):
-            n = len(example.ids)
-            ids[row, width - n :], mask[row, width - n :], labels[row, width - n :] = example.ids, 1, example.labels
-        yield ids, mask, labels
+        yield pad_batch([examples[i] for i in order[first : first + batch_size]], pad_id)
+
+
+def pad_batch(chosen: list[Example], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Examples left-padded to the longest: (input_ids, attention_mask, labels), each [b, s]."""
+    width = max(len(e.ids) for e in chosen)
+    ids = np.full((len(chosen), width), pad_id, dtype="int64")
+    mask = np.zeros((len(chosen), width), dtype="int64")
+    labels = np.full((len(chosen), width), IGNORE_INDEX, dtype="int64")
+    for row, example in enumerate(chosen):
+        n = len(example.ids)
+        ids[row, width - n :], mask[row, width - n :], labels[row, width - n :] = example.ids, 1, example.labels
+    return ids, mask, labels
 
 
 # ---- training ---------------------------------------------------------------------------------------------
@@ -295,6 +303,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="replace --out if it is empty or an earlier glm4 finetune output (nothing else)",
     )
+    parser.add_argument(
+        "--trainer",
+        choices=TRAINER_CHOICES,
+        default="builtin",
+        help="the training loop: builtin (this module's), or the Trainer of PaddleNLP or PaddleFormers, where that "
+        "library is installed (same data, LoRA, settings and output; default: builtin)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -315,6 +330,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     """The command: check everything the user gave, load, train, merge, write."""
     from . import __version__
+    from .integrations.trainer import model_class, train_with_trainer, trainer_module
     from .lora import LoRASettings, add_lora, merge_lora
     from .model import GLM4ForCausalLM
     from .output_dir import check_destination, staged
@@ -333,6 +349,8 @@ def run(args: argparse.Namespace) -> int:
         import matplotlib  # noqa: F401  (before hours of training: the loss curve needs it at the end)
     except ImportError:
         raise UsageError("the loss curve needs matplotlib: pip install 'paddle-glm4[finetune]'") from None
+    if args.trainer != "builtin":  # before hours of loading: the library must import
+        trainer_module(args.trainer)
     check_destination(args.out, args.overwrite, FINETUNED, "--out")
     tokenizer = GLM4Tokenizer.from_pretrained(args.tokenizer or args.model)
     examples = read_conversations(args.data, tokenizer, args.max_length)
@@ -340,7 +358,8 @@ def run(args: argparse.Namespace) -> int:
     import paddle
 
     paddle.seed(args.seed)
-    model = GLM4ForCausalLM.from_pretrained(args.model, dtype="float32")
+    loaded_as = GLM4ForCausalLM if args.trainer == "builtin" else model_class(args.trainer)
+    model = loaded_as.from_pretrained(args.model, dtype="float32")
     model.model.recompute = args.recompute
     trainable = add_lora(model, lora)
     print(
@@ -348,7 +367,10 @@ def run(args: argparse.Namespace) -> int:
         f"{len(trainable)} LoRA matrices (rank {lora.rank}) for {settings.total_steps(len(examples))} steps",
         file=sys.stderr,
     )
-    losses = train(model, examples, settings, progress=not args.no_progress)
+    if args.trainer == "builtin":
+        losses = train(model, examples, settings, progress=not args.no_progress)
+    else:
+        losses = train_with_trainer(args.trainer, model, examples, settings, progress=not args.no_progress)
     merge_lora(model)
     with staged(args.out, args.overwrite, FINETUNED, "--out") as staging:
         model.save_pretrained(staging)
@@ -363,6 +385,7 @@ def run(args: argparse.Namespace) -> int:
             "conversations": len(examples),
             "lora": asdict(lora),
             "training": asdict(settings),
+            "trainer": args.trainer,
             "losses": losses,
         }
         with open(os.path.join(staging, MANIFEST), "w", encoding="utf-8") as f:

@@ -102,7 +102,7 @@ def test_help_explains_every_flag(capsys):
     text = capsys.readouterr().out
     for flag in ("--model", "--data", "--out", "--tokenizer", "--lora-rank", "--lora-alpha", "--lora-dropout",
                  "--lora-targets", "--epochs", "--steps", "--lr", "--batch-size", "--max-length", "--max-grad-norm",
-                 "--recompute", "--seed", "--overwrite", "--no-progress", "--debug"):
+                 "--recompute", "--seed", "--overwrite", "--trainer", "--no-progress", "--debug"):
         assert flag in text
     finetune = build_parser()._subparsers._group_actions[0].choices["finetune"]
     assert all(action.help for action in finetune._actions)
@@ -160,3 +160,53 @@ def test_finetune_learns_the_answers_and_writes_a_merged_model(tmp_path, checkpo
     assert main([*args, "--overwrite"]) == 0 and len(json.loads((out / MANIFEST).read_text())["losses"]) == 1
     (out / "notes.txt").write_text("mine")
     assert main([*args, "--overwrite"]) == 2 and "notes.txt" in capsys.readouterr().err
+
+
+# ---- through PaddleNLP's or PaddleFormers' Trainer ------------------------------------------------------------------
+# `make test-paddlenlp` and `make test-paddleformers` run this module in their environments, where each library is
+# installed; elsewhere the library's case is skipped and its absence is tested instead.
+TRAINER_LIBRARIES = ["paddlenlp", "paddleformers"]
+
+
+def installed(library):
+    import importlib.util
+    return importlib.util.find_spec(library) is not None
+
+
+@pytest.mark.parametrize("library", TRAINER_LIBRARIES)
+def test_finetune_through_the_librarys_trainer_equals_the_builtin_loop(library, tmp_path, checkpoint, capsys):
+    if not installed(library):
+        pytest.skip(f"{library} is not installed here; `make test-{library}` runs this in its environment")
+    data = write_jsonl(tmp_path / "train.jsonl", [{"messages": c} for c in CONVERSATIONS])
+    common = ["finetune", "--model", str(checkpoint), "--data", data, "--lora-rank", "4", "--steps", "8",
+              "--batch-size", "2", "--lr", "1e-2", "--no-progress"]
+    assert main([*common, "--out", str(tmp_path / "builtin")]) == 0
+    assert main([*common, "--out", str(tmp_path / library), "--trainer", library]) == 0
+    assert "merged model written" in capsys.readouterr().err
+
+    manifest = json.loads((tmp_path / library / MANIFEST).read_text())
+    builtin = json.loads((tmp_path / "builtin" / MANIFEST).read_text())
+    assert manifest["trainer"] == library and builtin["trainer"] == "builtin"
+    # one batch holds both conversations: the same steps, whichever loop runs them
+    losses = manifest["losses"]
+    assert len(losses) == 8 and losses[-1] < 0.8 * losses[0], losses
+    np.testing.assert_allclose(losses, builtin["losses"], rtol=1e-5)
+    assert (tmp_path / library / LOSS_CURVE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ids = paddle.to_tensor(np.random.RandomState(0).randint(3, 500, (2, 12)).astype("int64"))
+    tuned, reference = (GLM4ForCausalLM.from_pretrained(str(tmp_path / name))(ids).logits.numpy()
+                        for name in (library, "builtin"))
+    np.testing.assert_allclose(tuned, reference, atol=1e-4, rtol=0)
+
+
+def test_a_trainer_whose_library_is_missing_is_a_one_line_error(tmp_path, checkpoint, capsys):
+    missing = [library for library in TRAINER_LIBRARIES if not installed(library)]
+    if not missing:
+        pytest.skip("both PaddleNLP and PaddleFormers are installed here")
+    data = write_jsonl(tmp_path / "train.jsonl", [{"messages": CONVERSATIONS[1]}])
+    for library in missing:
+        out = tmp_path / library
+        assert main(["finetune", "--model", str(checkpoint), "--data", data, "--out", str(out),
+                     "--trainer", library]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"--trainer {library}" in err and "--trainer builtin" in err, err
+        assert not out.exists()

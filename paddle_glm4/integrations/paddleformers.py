@@ -96,6 +96,11 @@ class PaddleFormersGLM4ForCausalLM(PaddleNLPGLM4ForCausalLM):
             )
         return super().from_pretrained(name_or_path, **kwargs)
 
+    def get_hardware_flops(self) -> float:
+        """PaddleFormers' Trainer asks every model for its FLOPs per token, to log throughput; NotImplementedError
+        is its convention (PretrainedModel's own) for a model that does not count them, and it logs none."""
+        raise NotImplementedError("GLM-4 does not count its FLOPs per token for PaddleFormers' throughput log")
+
 
 def register_with_auto_classes() -> None:
     """Register GLM-4 with PaddleFormers' AutoConfig, AutoModel, AutoModelForCausalLM and AutoTokenizer (see the
