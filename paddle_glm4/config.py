@@ -190,8 +190,10 @@ class GLM4Config:
     dtype: str = "bfloat16"
     # Weight-only quantization of the Linear weights; None: they are stored in `dtype` like the rest.
     quantization: Quantization | None = None
-    # Asked by PaddleNLP's peft (LoRAModel): this model never splits its layers across devices.
+    # Asked by PaddleNLP's and PaddleFormers' peft (LoRAModel; PaddleFormers renamed the degree
+    # tensor_model_parallel_size): this model never splits its layers across devices.
     tensor_parallel_degree: ClassVar[int] = 1
+    tensor_model_parallel_size: ClassVar[int] = 1
     tensor_parallel_rank: ClassVar[int] = 0
 
     def __post_init__(self):

@@ -22,7 +22,7 @@ paddleformers = pytest.importorskip("paddleformers", reason="PaddleFormers is no
 
 from paddleformers.transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, Qwen2Config  # noqa: E402
 
-from conftest import small_config  # noqa: E402
+from conftest import small_config, train_steps  # noqa: E402
 from no_network import REFUSE_NETWORK  # noqa: E402
 from paddle_glm4 import GLM4ForCausalLM, GLM4Tokenizer, register_paddleformers  # noqa: E402
 from paddle_glm4.integrations.paddleformers import (  # noqa: E402
@@ -30,6 +30,7 @@ from paddle_glm4.integrations.paddleformers import (  # noqa: E402
     PaddleFormersGLM4Config,
     PaddleFormersGLM4ForCausalLM,
     PaddleFormersPublishedGLM4Config,
+    merge_paddleformers_lora,
 )
 from paddle_glm4.integrations.paddleformers_home import cache_dir  # noqa: E402
 from paddle_glm4.integrations.paddlenlp import CheckpointNotFoundError  # noqa: E402
@@ -216,6 +217,9 @@ if sys.argv[1] == "paddle_glm4":
     import paddle_glm4
     report["paddleformers imported by paddle_glm4"] = "paddleformers" in sys.modules
     import paddleformers.transformers as transformers
+elif sys.argv[1] == "adapter":  # the adapter module imports PaddleFormers itself
+    import paddle_glm4.integrations.paddleformers
+    import paddleformers.transformers as transformers
 else:
     import paddleformers.transformers as transformers
     import paddle_glm4
@@ -233,12 +237,13 @@ print(json.dumps(report))
 """
 
 
-@pytest.mark.parametrize("first", ["paddle_glm4", "paddleformers"])
+@pytest.mark.parametrize("first", ["paddle_glm4", "paddleformers", "adapter"])
 def test_registration_in_either_import_order_without_network(first, home):
     env = {**os.environ, "PF_HOME": str(home), "DOWNLOAD_SOURCE": "aistudio"}
     run = subprocess.run([sys.executable, "-c", NO_NETWORK_SCRIPT, first, NAME], env=env, capture_output=True,
                          text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
+    assert "could not register" not in run.stderr
     report = json.loads(run.stdout.strip().splitlines()[-1])
     assert report["network attempts"] == []
     if first == "paddle_glm4":
@@ -246,3 +251,31 @@ def test_registration_in_either_import_order_without_network(first, home):
     assert report["classes"] == ["PaddleFormersGLM4Config", "PaddleFormersGLM4ForCausalLM",
                                  "PaddleFormersGLM4ForCausalLM", "ChatGLM4Tokenizer"]
     assert report["generated"] == [1, 3]
+
+
+# ---- fine-tuning with PaddleFormers' LoRA --------------------------------------------------------------------------
+def test_paddleformers_lora_model_wraps_glm4_trains_and_merges_into_a_checkpoint(checkpoint, tmp_path):
+    from paddleformers.peft import LoRAConfig, LoRAModel
+
+    from paddle_glm4.lora import TARGET_MODULES
+
+    paddle.seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype="float32")
+    lora = LoRAModel(model, LoRAConfig(target_modules=[f".*{name}" for name in TARGET_MODULES], r=4, lora_alpha=8))
+    trainable = [name for name, p in lora.named_parameters() if not p.stop_gradient]
+    layers = model.config.num_hidden_layers
+    assert len(trainable) == 2 * len(TARGET_MODULES) * layers and all("lora_" in name for name in trainable)
+
+    lora.train()
+    ids = paddle.to_tensor(np.random.RandomState(1).randint(3, model.config.vocab_size, (2, 10)).astype("int64"))
+    losses = train_steps(lora, ids, ids, steps=4)
+    assert losses[-1] < losses[0], losses
+
+    lora.eval()
+    adapted = logits(lora, ids)
+    merged = merge_paddleformers_lora(lora)
+    assert set(dict(merged.named_parameters())) == set(dict(GLM4ForCausalLM(merged.config).named_parameters()))
+    merged.save_pretrained(str(tmp_path / "merged"))
+    np.testing.assert_allclose(logits(GLM4ForCausalLM.from_pretrained(str(tmp_path / "merged")), ids), adapted,
+                               atol=1e-4, rtol=0)
+    assert not np.allclose(logits(GLM4ForCausalLM.from_pretrained(str(checkpoint)), ids), adapted, atol=1e-3)

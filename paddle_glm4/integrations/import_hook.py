@@ -47,6 +47,9 @@ def register_when_imported() -> None:
 def _register_or_warn(library: str) -> None:
     # a failure here must not break the library's import or `import paddle_glm4`; register_*() shows it
     _, adapter, register = LIBRARIES[library]
+    partial = sys.modules.get(adapter)
+    if partial is not None and not hasattr(partial, register):
+        return  # the adapter's own import brought the library in; the adapter registers when it is complete
     try:
         getattr(importlib.import_module(adapter), register)()  # imports Paddle and the model: only now
     except Exception as err:  # noqa: BLE001

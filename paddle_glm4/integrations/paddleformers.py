@@ -34,8 +34,9 @@ from paddleformers.transformers import AutoConfig, AutoModel, AutoModelForCausal
 from paddleformers.transformers.tokenizer_utils import PaddleTokenizerMixin
 
 from ..config import MODEL_TYPE, GLM4Config
+from ..model import GLM4ForCausalLM
 from .paddleformers_home import model_home
-from .paddlenlp import LOCATION_ARGS, ModelCache, PaddleNLPGLM4ForCausalLM, PaddleNLPGLM4Tokenizer
+from .paddlenlp import LOCATION_ARGS, ModelCache, PaddleNLPGLM4ForCausalLM, PaddleNLPGLM4Tokenizer, merge_peft_lora
 
 PUBLISHED_MODEL_TYPE = "chatglm"  # THUDM's config.json; PaddleFormers (and transformers) have no such model_type
 PADDLEFORMERS_CACHE = ModelCache("PaddleFormers", model_home, "--paddleformers-name")
@@ -102,6 +103,15 @@ class PaddleFormersGLM4ForCausalLM(PaddleNLPGLM4ForCausalLM):
         raise NotImplementedError("GLM-4 does not count its FLOPs per token for PaddleFormers' throughput log")
 
 
+def merge_paddleformers_lora(lora_model: Any) -> GLM4ForCausalLM:
+    """The GLM-4 model inside a `paddleformers.peft.LoRAModel`, every LoRA update added into its weight and this
+    project's Linear layers back in place, ready for `save_pretrained` (see merge_paddlenlp_lora: PaddleFormers'
+    `restore_original_model` would likewise put back nn.Linear layers with new biases)."""
+    from paddleformers.peft.lora import LoRALinear
+
+    return merge_peft_lora(lora_model, LoRALinear)
+
+
 def register_with_auto_classes() -> None:
     """Register GLM-4 with PaddleFormers' AutoConfig, AutoModel, AutoModelForCausalLM and AutoTokenizer (see the
     module docstring); calling it again changes nothing. `paddle_glm4.register_paddleformers()` calls it."""
@@ -110,3 +120,8 @@ def register_with_auto_classes() -> None:
         for auto_class in (AutoModel, AutoModelForCausalLM):
             auto_class.register(config_class, PaddleFormersGLM4ForCausalLM, exist_ok=True)
         AutoTokenizer.register(config_class, slow_tokenizer_class=ChatGLM4Tokenizer, exist_ok=True)
+
+
+# Importing this module imports PaddleFormers, whose import hook (import_hook.py) then finds this module incomplete
+# and leaves the registration to it: whichever comes first, GLM-4 is registered once both are imported.
+register_with_auto_classes()

@@ -317,15 +317,23 @@ def merge_paddlenlp_lora(lora_model: Any) -> GLM4ForCausalLM:
     would put back plain nn.Linear layers, each with a new bias that GLM-4's o_proj and MLP do not have."""
     from paddlenlp.peft.lora import LoRALinear as PaddleNLPLoRALinear
 
+    return merge_peft_lora(lora_model, PaddleNLPLoRALinear)
+
+
+def merge_peft_lora(lora_model: Any, lora_layer_class: Any) -> GLM4ForCausalLM:
+    """merge_paddlenlp_lora for the LoRAModel of a peft whose LoRA layers are `lora_layer_class`: PaddleNLP's, or
+    PaddleFormers', which kept its weight, bias, lora_A, lora_B, scaling, merged and disable_lora."""
     model = lora_model.model
     for name, layer in list(model.named_sublayers()):
-        if not isinstance(layer, PaddleNLPLoRALinear):
+        if not isinstance(layer, lora_layer_class):
             continue
         *path, attribute = name.split(".")
         parent = functools.reduce(getattr, path, model)
         linear = Linear(layer.weight.shape[0], layer.weight.shape[1], model.model.kernels, bias=layer.bias is not None)
         with paddle.no_grad():
-            update = 0 if layer.merged else paddle.matmul(layer.lora_A, layer.lora_B) * layer.scaling
+            # the model as it computes now: an update merged already, or switched off, is not added (again)
+            off = layer.merged or getattr(layer, "disable_lora", False)
+            update = 0 if off else paddle.matmul(layer.lora_A, layer.lora_B) * layer.scaling
             linear.weight.set_value(layer.weight + update)
             if linear.bias is not None:
                 linear.bias.set_value(layer.bias)
