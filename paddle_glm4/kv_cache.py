@@ -14,11 +14,14 @@ from .config import GLM4Config
 class KVCache:
     """Per layer, keys and values [b, capacity, g, d], in `dtype`. A bfloat16 cache holds half the bytes of a
     float32 one (GLM-4-9B's 128K context: 5.4 GB, not 10.7 GB); attention widens one layer's keys and values
-    at a time, so the float32 copy in flight is one layer's."""
+    at a time, so the float32 copy in flight is one layer's. `groups`: the key/value groups held (default all;
+    a tensor-parallel rank holds its share)."""
 
-    def __init__(self, config: GLM4Config, batch_size: int, capacity: int, dtype: str = "float32"):
+    def __init__(
+        self, config: GLM4Config, batch_size: int, capacity: int, dtype: str = "float32", groups: int | None = None
+    ):
         self.num_layers = config.num_hidden_layers
-        self._kv_shape = [config.num_key_value_heads, config.head_dim]
+        self._kv_shape = [config.num_key_value_heads if groups is None else groups, config.head_dim]
         self.dtype = dtype
         self.keys, self.values = self._allocate(batch_size, capacity)
 

@@ -31,6 +31,7 @@ from .linear import Linear, load_weight
 from .quantization import Dense, Packed, WeightFormat, WeightOnlyGPU, choose_format, convert, stored_format
 
 if TYPE_CHECKING:
+    from . import tensor_parallel
     from .model import GLM4ForCausalLM
 
 Model = TypeVar("Model", bound="GLM4ForCausalLM")
@@ -47,9 +48,11 @@ def from_pretrained(
     activation_dtype: str = "auto",
     max_seq_len: int | None = None,
     check_memory: bool = True,
+    tensor_parallel_degree: int = 1,
 ) -> Model:
     """Load a converted checkpoint directory (safetensors only) as a `cls` (GLM4ForCausalLM or a subclass);
-    see GLM4ForCausalLM.from_pretrained."""
+    see GLM4ForCausalLM.from_pretrained. With `tensor_parallel_degree` > 1, this rank's slices only
+    (tensor_parallel.py); the degree is checked against the model and the launch before anything is read."""
     if not os.path.isdir(path):
         raise checkpoint.CheckpointError(f"{path}: not a directory")
     if not os.path.exists(os.path.join(path, CONFIG_NAME)):
@@ -69,20 +72,36 @@ def from_pretrained(
         fmt = choose_format(
             config.dtype, config.quantization, dtype, quantization, group_size, activation_dtype, gpu, fused
         )
+    layout = None
+    if tensor_parallel_degree != 1:  # checked (and the process group joined) before anything is read
+        from . import tensor_parallel
+
+        layout = tensor_parallel.prepare(config, fmt, tensor_parallel_degree, storage_only)
     if check_memory and not gpu:
         memory.check_fits(config, fmt, memory.context_for(config, max_seq_len), name=os.path.basename(path))
     use_all_cores()
     with paddle.LazyGuard(), _default_dtype(fmt.bias_dtype):  # norms and biases; Linear weights as `fmt` says
         model = cls(config, fused, fmt)
-    _load_state(model, path, config, locations)
+        if layout is not None:
+            tensor_parallel.shard(model, layout)
+    _load_state(model, path, config, locations, None if layout is None else tensor_parallel.Shard(layout))
+    if layout is not None:
+        tensor_parallel.wait_for_all(layout.degree)
     model.generation_config = GenerationConfig.from_model(config, path)
     model.eval()
     return model
 
 
-def _load_state(model: GLM4ForCausalLM, path: str, config: GLM4Config, locations: dict[str, checkpoint.TensorLocation]):
+def _load_state(
+    model: GLM4ForCausalLM,
+    path: str,
+    config: GLM4Config,
+    locations: dict[str, checkpoint.TensorLocation],
+    shard: tensor_parallel.Shard | None = None,
+):
     """Fill every parameter of `model` from the checkpoint's tensors (as the weight table names them),
-    converting Linear weights to the model's format."""
+    converting Linear weights to the model's format. With a tensor-parallel `shard`, each tensor's slice that
+    this rank holds (read as stored, then converted: a slice, never the whole tensor)."""
     params = model.state_dict()
     stored = stored_format(config.dtype, config.quantization)
     linears = _linears(model)
@@ -92,14 +111,20 @@ def _load_state(model: GLM4ForCausalLM, path: str, config: GLM4Config, locations
         if name.rsplit(".", 1)[0] in linears and not name.endswith(".bias")
     }
     wanted = {name: None if name in layer_of else _dtype_name(params[name].dtype) for name in locations}
+    if shard is not None:
+        wanted = {name: None if shard.splits_tensor(name) else dtype for name, dtype in wanted.items()}
     pending: dict[str, dict[str, np.ndarray]] = {}
     for name, array in checkpoint.read_tensors(locations, wanted, progress=f"loading {os.path.basename(path)}"):
+        source = stored if config.quantization is not None else Dense(locations[name].dtype)
+        if shard is not None and shard.splits_tensor(name):
+            array = shard.take(name, array, source)
+            if name not in layer_of:  # read as stored: cast only the slice
+                array = _cast(array, locations[name].dtype, _dtype_name(params[name].dtype))
         if name not in layer_of:
             _fill(params[name], array)
             continue
         prefix = layer_of[name]
         layer = linears[prefix]
-        source = stored if config.quantization is not None else Dense(locations[name].dtype)
         arrays = pending.setdefault(prefix, {})
         arrays[name.rsplit(".", 1)[1]] = array
         if len(arrays) == len(source.slots(layer.in_features, layer.out_features)):  # the layer's last tensor

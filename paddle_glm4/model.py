@@ -24,6 +24,7 @@ from .sequences import GROWTH_STEP, Sequences
 
 if TYPE_CHECKING:
     from .streamer import Streamer
+    from .tensor_parallel import TensorParallel
 
 # The slot of the first new token: an int in the dynamic graph, a 0-d int64 tensor in the exported program
 Start: TypeAlias = "int | paddle.Tensor"
@@ -159,6 +160,7 @@ class GLM4Model(nn.Layer):
             self.kernels.weights.compute_dtype,
         )
         self.layers = nn.LayerList([GLM4Block(config, i, self.kernels) for i in range(config.num_hidden_layers)])
+        self.kv_groups = config.num_key_value_heads  # those this process holds (tensor_parallel.shard: its share)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, self.kernels)
         self.register_buffer(
             "inv_freq", ops.inverse_frequencies(config.rotary_dim, config.rope_theta), persistable=False
@@ -169,7 +171,9 @@ class GLM4Model(nn.Layer):
 
     def new_cache(self, batch_size: int, capacity: int, dtype: str | None = None) -> KVCache:
         """A KV cache holding keys and values in `dtype` (default: the compute dtype)."""
-        return KVCache(self.config, batch_size, capacity, dtype=dtype or self.kernels.weights.compute_dtype)
+        return KVCache(
+            self.config, batch_size, capacity, dtype=dtype or self.kernels.weights.compute_dtype, groups=self.kv_groups
+        )
 
     def forward(
         self,
@@ -212,6 +216,7 @@ class GLM4ForCausalLM(nn.Layer):
         self.generation_config = GenerationConfig.from_model(config)
         self.prefill_chunk = generation.DEFAULT_PREFILL_CHUNK  # generate's defaults
         self.kv_cache_dtype: str | None = None
+        self.tensor_parallel: TensorParallel | None = None  # this rank's part of a split model (tensor_parallel.py)
 
     def forward(
         self,
@@ -262,6 +267,8 @@ class GLM4ForCausalLM(nn.Layer):
             logits = paddle.matmul(hidden, weight, transpose_y=True)
         else:
             logits = self.lm_head(hidden)
+        if self.tensor_parallel is not None:  # each rank computed its slice of the vocabulary
+            logits = self.tensor_parallel.gather_vocab(logits)
         return logits if logits.dtype == paddle.float32 else logits.astype("float32")
 
     @property
@@ -307,8 +314,11 @@ class GLM4ForCausalLM(nn.Layer):
         """
         chunk = self.prefill_chunk if prefill_chunk is None else prefill_chunk
         cache_dtype = self.kv_cache_dtype if kv_cache_dtype is None else kv_cache_dtype
+        session = generation.ModelSession(self, chunk, cache_dtype)
+        if self.tensor_parallel is not None:  # rank 0 of the command line leads the other ranks' forwards
+            session = self.tensor_parallel.session(session)
         return generation.generate(
-            generation.ModelSession(self, chunk, cache_dtype),
+            session,
             input_ids,
             context_length=self.context_length,
             vocab_size=self.config.vocab_size,
@@ -346,6 +356,7 @@ class GLM4ForCausalLM(nn.Layer):
         activation_dtype: str = "auto",
         max_seq_len: int | None = None,
         check_memory: bool = True,
+        tensor_parallel_degree: int = 1,
     ) -> GLM4ForCausalLM:
         """Load a converted checkpoint directory (safetensors only), one tensor at a time into parameters
         created empty.
@@ -361,9 +372,21 @@ class GLM4ForCausalLM(nn.Layer):
         `max_seq_len` tokens, default min(seq_length, 8192)) is compared with what is available; a model that
         cannot fit is refused with the formats that would (memory.InsufficientMemoryError), unless not
         `check_memory`. `storage_only`: hold the weights densely in `dtype` (None: as stored) whatever this
-        device computes in (for exporting)."""
+        device computes in (for exporting). `tensor_parallel_degree` N > 1: this process is one of N ranks
+        started by `python -m paddle.distributed.launch --nproc_per_node N` and loads only its slice of the
+        weights (see tensor_parallel.py); call the model alike on every rank."""
         return loading.from_pretrained(
-            cls, path, dtype, fused, storage_only, quantization, group_size, activation_dtype, max_seq_len, check_memory
+            cls,
+            path,
+            dtype,
+            fused,
+            storage_only,
+            quantization,
+            group_size,
+            activation_dtype,
+            max_seq_len,
+            check_memory,
+            tensor_parallel_degree,
         )
 
     def save_pretrained(

@@ -91,7 +91,7 @@ class BatchCache(KVCache):
     """A KVCache whose first `rows` rows are the running batch: the forward writes and reads only those."""
 
     def __init__(self, model: GLM4ForCausalLM, rows: int, capacity: int, dtype: str):
-        super().__init__(model.config, rows, capacity, dtype=dtype)
+        super().__init__(model.config, rows, capacity, dtype=dtype, groups=model.model.kv_groups)
         self.rows = 0
 
     def update(self, layer: int, start: int, k: paddle.Tensor, v: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:

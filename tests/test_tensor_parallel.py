@@ -1,0 +1,203 @@
+"""Tensor parallelism (paddle_glm4/tensor_parallel.py): a model split across 2 (and 4) processes on CPU, over
+gloo, launched for real by `python -m paddle.distributed.launch`, against the same model in one process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import paddle
+import pytest
+
+from conftest import hf_state, left_padded, paddle_model, paddle_state, reference_model, small_config
+from paddle_glm4 import GLM4ForCausalLM
+from paddle_glm4.config import Quantization
+from paddle_glm4.quantization import Dense, Packed
+from paddle_glm4.tensor_parallel import Layout, TensorParallelError, check_degree, prepare
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "tensor_parallel_worker.py"
+NEW_TOKENS = 8
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PADDLE_", "FLAGS_selected"))}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env["GLOG_minloglevel"] = "2"
+    return env
+
+
+def launch(degree: int, tmp: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run the worker on `degree` ranks through paddle.distributed.launch; its rank logs in tmp/log."""
+    command = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", str(degree),
+               "--log_dir", str(tmp / "log"), str(WORKER), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=_env(), cwd=ROOT)
+
+
+def rank_logs(tmp: Path) -> str:
+    return "\n".join(p.read_text(errors="replace") for p in sorted((tmp / "log").glob("workerlog.*")))
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """A small random GLM-4 checkpoint, prompts (one alone, a left-padded batch) and what one process makes of
+    them: logits of the prompt, greedy tokens alone and in the batch."""
+    tmp = tmp_path_factory.mktemp("tp")
+    config = small_config()
+    model = paddle_model(config, paddle_state(config, hf_state(reference_model(config))))
+    model.save_pretrained(str(tmp / "model"))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, config.vocab_size, (1, 7))
+    batch_ids, batch_mask = left_padded([list(rng.integers(3, config.vocab_size, 4)), list(ids[0])], 0)
+    np.savez(tmp / "inputs.npz", ids=ids, batch_ids=batch_ids, batch_mask=batch_mask)
+    return tmp, config, ids, batch_ids, batch_mask
+
+
+def one_process(model: GLM4ForCausalLM, ids, batch_ids, batch_mask) -> dict[str, np.ndarray]:
+    with paddle.no_grad():
+        logits = model(paddle.to_tensor(ids)).logits.numpy()
+    alone = model.generate(ids, max_new_tokens=NEW_TOKENS)[0].numpy()
+    batch = model.generate(batch_ids, attention_mask=batch_mask, max_new_tokens=NEW_TOKENS)[0].numpy()
+    return {"logits": logits, "alone": alone, "batch": batch}
+
+
+def split_run(small, degree: int, tmp: Path, *args: str) -> list[dict[str, np.ndarray]]:
+    model_dir = small[0] / "model"
+    (tmp / "out").mkdir(parents=True, exist_ok=True)
+    done = launch(degree, tmp, "--model", str(model_dir), "--out", str(tmp / "out"), "--degree", str(degree),
+                  "--inputs", str(small[0] / "inputs.npz"), "--max-new-tokens", str(NEW_TOKENS), *args)
+    assert done.returncode == 0, done.stderr[-2000:] + rank_logs(tmp)[-4000:]
+    return [dict(np.load(tmp / "out" / f"rank{r}.npz", allow_pickle=False)) for r in range(degree)]
+
+
+@pytest.mark.parametrize("degree, groups_per_rank", [(2, 1), (4, 1)])
+def test_split_model_computes_what_one_process_does(small, tmp_path, degree, groups_per_rank):
+    """Degree 2 gives each rank one of the 2 key/value groups; degree 4 replicates each group on 2 ranks."""
+    tmp, config, ids, batch_ids, batch_mask = small
+    expected = one_process(GLM4ForCausalLM.from_pretrained(str(tmp / "model")), ids, batch_ids, batch_mask)
+    ranks = split_run(small, degree, tmp_path)
+    for rank in ranks:
+        assert rank["kv_groups"] == groups_per_rank  # each rank's cache holds its groups only
+        assert np.abs(rank["logits"] - expected["logits"]).max() <= 1e-4
+        assert rank["logits"].shape == (1, ids.shape[1], config.vocab_size)  # gathered: the whole vocabulary
+        np.testing.assert_array_equal(rank["alone"], expected["alone"])
+        np.testing.assert_array_equal(rank["batch"], expected["batch"])
+    np.testing.assert_array_equal(expected["batch"][1], expected["alone"][0])  # the batch's padding is inert
+
+
+@pytest.mark.parametrize("load, flags", [
+    ({"dtype": "bfloat16"}, ["--dtype", "bfloat16"]),  # the bf16 kernels
+    # row splits of 32 and 48 rows fall on groups of 16; float32 activations, since int8 ones take their scale
+    # over the rank's slice of a row (as rounded as one process's, not the same rounding)
+    ({"quantization": "int4", "group_size": 16, "activation_dtype": "float32"},
+     ["--quantize", "int4", "--group-size", "16", "--activation-dtype", "float32"]),
+])
+def test_split_model_with_the_kernels_matches_one_process(small, tmp_path, load, flags):
+    """bf16 and int4 (quantized after splitting, on the groups one process has) are the same weights split:
+    only the order of the additions differs."""
+    tmp, _config, ids, batch_ids, batch_mask = small
+    expected = one_process(GLM4ForCausalLM.from_pretrained(str(tmp / "model"), **load), ids, batch_ids, batch_mask)
+    for rank in split_run(small, 2, tmp_path, *flags):
+        assert np.abs(rank["logits"] - expected["logits"]).max() <= 2e-3
+        np.testing.assert_array_equal(rank["alone"], expected["alone"])
+        np.testing.assert_array_equal(rank["batch"], expected["batch"])
+
+
+# ---- refused before loading ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("overrides, degree, names", [
+    ({}, 3, "num_attention_heads"),
+    ({"num_attention_heads": 6, "num_key_value_heads": 3}, 2, "key/value groups"),
+    ({"intermediate_size": 98}, 4, "intermediate_size"),
+    ({"vocab_size": 510}, 4, "vocab_size"),
+    ({}, 0, "positive integer"),
+])
+def test_a_degree_that_does_not_split_the_model_is_refused(overrides, degree, names):
+    with pytest.raises(TensorParallelError, match=names):
+        check_degree(small_config(**overrides), degree)
+
+
+def test_int4_groups_must_fall_on_the_row_splits(tmp_path):
+    config = small_config()  # o_proj: 64 input rows, down_proj: 96; split in 2: 32 and 48
+    with pytest.raises(TensorParallelError, match=r"groups of 32 .* down_proj's 96 input rows into 48"):
+        prepare(config, Packed("int4", 32), 2, storage_only=False)
+    quantized = small_config(quantization=Quantization("int4", 32))
+    with pytest.raises(TensorParallelError, match="checkpoint is quantized as int4 with groups of 32"):
+        prepare(quantized, Dense("float32"), 2, storage_only=False)
+    with pytest.raises(TensorParallelError, match="dynamic-graph only"):
+        prepare(config, Dense("float32"), 2, storage_only=True)
+
+
+def test_a_launch_of_another_size_is_refused(small, monkeypatch):
+    monkeypatch.delenv("PADDLE_TRAINERS_NUM", raising=False)
+    with pytest.raises(TensorParallelError, match=r"needs 2 processes.*has 1.*--nproc_per_node 2"):
+        GLM4ForCausalLM.from_pretrained(str(small[0] / "model"), tensor_parallel_degree=2)
+
+
+def test_layout_of_glm4_9b_with_two_and_four_ranks():
+    config = small_config(vocab_size=151552, hidden_size=4096, intermediate_size=13696, num_attention_heads=32,
+                          num_key_value_heads=2, head_dim=128, pad_token_id=151329, eos_token_id=[151329])
+    two = Layout(config, 2, 1)
+    assert (two.heads, two.groups, two.ffn, two.vocab) == (range(16, 32), range(1, 2), range(6848, 13696),
+                                                             range(75776, 151552))
+    assert two.qkv_columns() == [range(2048, 4096), range(4096 + 128, 4096 + 256), range(4352 + 128, 4352 + 256)]
+    assert two.gate_up_columns() == [range(6848, 13696), range(13696 + 6848, 2 * 13696)]
+    assert [Layout(config, 4, r).groups for r in range(4)] == [range(0, 1), range(0, 1), range(1, 2), range(1, 2)]
+    assert [Layout(config, 4, r).heads for r in range(4)][2] == range(16, 24)  # group 1's heads are 16..31
+
+
+# ---- a rank that dies or hangs ---------------------------------------------------------------------------
+def _spawn_ranks(small, tmp: Path, port: int, *args: str) -> list[subprocess.Popen]:
+    """The two ranks started by hand, as on two machines where no launcher watches the other: their own
+    collectives must notice a dead peer."""
+    procs = []
+    endpoints = [f"127.0.0.1:{port + 1}", f"127.0.0.1:{port + 2}"]
+    (tmp / "out").mkdir(parents=True, exist_ok=True)
+    for rank in range(2):
+        env = _env() | {
+            "PADDLE_TRAINER_ID": str(rank), "PADDLE_TRAINERS_NUM": "2", "PADDLE_DISTRI_BACKEND": "gloo",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PADDLE_TRAINER_ENDPOINTS": ",".join(endpoints),
+            "PADDLE_CURRENT_ENDPOINT": endpoints[rank],
+        }
+        command = [sys.executable, str(WORKER), "--model", str(small[0] / "model"), "--out", str(tmp / "out"),
+                   "--degree", "2", "--inputs", str(small[0] / "inputs.npz"), *args]
+        procs.append(subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    return procs
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_a_rank_killed_mid_generation_ends_the_other_with_an_error(small, tmp_path):
+    procs = _spawn_ranks(small, tmp_path, _free_port(), "--die-at-step", "3")
+    started = time.monotonic()
+    outputs = [p.communicate(timeout=90) for p in procs]
+    assert procs[1].returncode == 9  # it died at step 3 as asked
+    assert procs[0].returncode not in (0, None), outputs[0][1][-2000:]
+    assert time.monotonic() - started < 60
+    assert "Connection reset by peer" in outputs[0][1] or "Connection closed by peer" in outputs[0][1]
+
+
+@pytest.mark.slow
+def test_a_rank_that_hangs_ends_the_other_with_an_error_after_the_gloo_timeout(small, tmp_path):
+    """A rank stopped (SIGSTOP: alive, its sockets open) mid-generation: the other's collective times out."""
+    procs = _spawn_ranks(small, tmp_path, _free_port(), "--die-at-step", "3", "--hang")
+    try:
+        started = time.monotonic()
+        _, err = procs[0].communicate(timeout=120)
+        assert procs[0].returncode not in (0, None)
+        assert 25 < time.monotonic() - started < 90
+        assert "TIMEOUT" in err or "Timed out" in err, err[-2000:]
+    finally:
+        procs[1].send_signal(signal.SIGKILL)
+        procs[1].communicate()
