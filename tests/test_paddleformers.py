@@ -23,6 +23,7 @@ paddleformers = pytest.importorskip("paddleformers", reason="PaddleFormers is no
 from paddleformers.transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, Qwen2Config  # noqa: E402
 
 from conftest import small_config, train_steps  # noqa: E402
+from hub_stand_in import hub_stand_in  # noqa: E402
 from no_network import REFUSE_NETWORK  # noqa: E402
 from paddle_glm4 import GLM4ForCausalLM, GLM4Tokenizer, register_paddleformers  # noqa: E402
 from paddle_glm4.integrations.paddleformers import (  # noqa: E402
@@ -140,6 +141,7 @@ def test_a_missing_checkpoint_says_how_to_convert_it(pf_home, tmp_path):
         PaddleFormersGLM4ForCausalLM.from_pretrained(name)
     assert f"glm4-convert --src <dir> --dst {cache_dir(name)}\n" in str(err.value)
     assert f"glm4-convert --src <dir> --paddleformers-name {name}" in str(err.value)
+    assert "export PF_HOME" not in str(err.value)  # it is set: PaddleFormers reads names from it
     assert cache_dir(name) == str(pf_home / name)
 
 
@@ -279,3 +281,62 @@ def test_paddleformers_lora_model_wraps_glm4_trains_and_merges_into_a_checkpoint
     np.testing.assert_allclose(logits(GLM4ForCausalLM.from_pretrained(str(tmp_path / "merged")), ids), adapted,
                                atol=1e-4, rtol=0)
     assert not np.allclose(logits(GLM4ForCausalLM.from_pretrained(str(checkpoint)), ids), adapted, atol=1e-3)
+
+
+# ---- by name, where PaddleFormers may reach the hub ------------------------------------------------------------------
+
+# PaddleFormers 1.2 resolves a name it does not find in $PF_HOME on a hub before it consults any registered class:
+# offline, a GLM-4 name with nothing converted (or PF_HOME unset) ends in the hub client's connection error, which
+# no public API lets this project replace. Online, the hub gives THUDM's small config.json and tokenizer_config.json,
+# which pick this project's classes, and they read the name from PaddleFormers' home. A stand-in hub on 127.0.0.1
+# plays THUDM's repositories here (every other connection refused); PF_HOME is unset, HOME a temporary directory.
+HUB_SCRIPT = REFUSE_NETWORK + r"""
+import json, sys
+allowed.add("127.0.0.1")
+
+import paddle
+import paddle_glm4
+import paddleformers.transformers as transformers
+from paddle_glm4.integrations.paddlenlp import CheckpointNotFoundError
+
+report = {}
+converted, missing = sys.argv[1:3]
+try:
+    transformers.AutoModelForCausalLM.from_pretrained(missing)
+except CheckpointNotFoundError as err:
+    report["missing"] = str(err)
+model = transformers.AutoModelForCausalLM.from_pretrained(converted)
+tokenizer = transformers.AutoTokenizer.from_pretrained(converted)
+report["classes"] = [type(model).__name__, type(tokenizer).__name__]
+report["ids"] = tokenizer("hello")["input_ids"]
+report["logits"] = model(paddle.to_tensor([report["ids"]])).logits.numpy().tolist()
+report["network attempts"] = attempts
+print(json.dumps(report))
+"""
+
+
+def test_by_name_with_a_hub_the_cache_is_read_and_a_missing_checkpoint_says_how_to_convert(checkpoint, reference,
+                                                                                          tmp_path):
+    home = tmp_path / "user"
+    shutil.copytree(checkpoint, home / ".paddleformers" / NAME)  # where glm4-convert --paddleformers-name writes
+    published = {"config.json": json.dumps(reference[0].config.to_published_dict()).encode(),
+                 "tokenizer_config.json": (checkpoint / "tokenizer_config.json").read_bytes()}
+    missing = NAME + "-chat"
+    with hub_stand_in({NAME: published, missing: published}) as (url, requests):
+        env = {key: value for key, value in os.environ.items() if key not in ("PF_HOME", "DOWNLOAD_SOURCE")}
+        env.update(HOME=str(home), HF_ENDPOINT=url, HF_HUB_CACHE=str(tmp_path / "hf-cache"))
+        run = subprocess.run([sys.executable, "-c", HUB_SCRIPT, NAME, missing], env=env, capture_output=True,
+                             text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert report["network attempts"] == []
+    assert f"glm4-convert --src <dir> --paddleformers-name {missing}" in report["missing"]
+    assert f"export PF_HOME={home / '.paddleformers'}" in report["missing"]
+    assert report["classes"] == ["PaddleFormersGLM4ForCausalLM", "ChatGLM4Tokenizer"]
+    assert report["ids"] == reference[1]("hello")["input_ids"]
+    np.testing.assert_array_equal(np.array(report["logits"], dtype="float32"),
+                                  logits(reference[0], np.array([report["ids"]])))
+    # the hub gave the two small files that pick the classes; no weights were asked of it
+    resolved = {request.split("/resolve/main/")[-1] for request in requests if "/resolve/main/" in request}
+    assert {"config.json", "tokenizer_config.json"} <= resolved
+    assert not [name for name in resolved if name.endswith((".safetensors", ".bin", ".pdparams", ".model"))], resolved

@@ -3,8 +3,8 @@
     import paddle_glm4                                  # or: paddle_glm4.register_paddleformers()
     from paddleformers.transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained("THUDM/glm-4-9b-chat")      # with PF_HOME set (paddleformers_home.py)
-    model = AutoModelForCausalLM.from_pretrained("THUDM/glm-4-9b-chat")
+    tokenizer = AutoTokenizer.from_pretrained("THUDM/glm-4-9b-chat")      # offline: PF_HOME set, download_hub=
+    model = AutoModelForCausalLM.from_pretrained("THUDM/glm-4-9b-chat")   # "aistudio" (README, paddleformers_home)
     ids, scores = model.generate(**tokenizer("Hello", return_tensors="pd"), max_new_tokens=32,
                                  decode_strategy="sampling", top_p=0.8, temperature=0.8)
 
@@ -35,11 +35,11 @@ from paddleformers.transformers.tokenizer_utils import PaddleTokenizerMixin
 
 from ..config import MODEL_TYPE, GLM4Config
 from ..model import GLM4ForCausalLM
-from .paddleformers_home import model_home
+from .paddleformers_home import model_home, reads_names
 from .paddlenlp import LOCATION_ARGS, ModelCache, PaddleNLPGLM4ForCausalLM, PaddleNLPGLM4Tokenizer, merge_peft_lora
 
 PUBLISHED_MODEL_TYPE = "chatglm"  # THUDM's config.json; PaddleFormers (and transformers) have no such model_type
-PADDLEFORMERS_CACHE = ModelCache("PaddleFormers", model_home, "--paddleformers-name")
+PADDLEFORMERS_CACHE = ModelCache("PaddleFormers", model_home, "--paddleformers-name", reads_names)
 # from_pretrained arguments PaddleFormers passes or its users give to say where files are; GLM-4 is only ever read
 # from local files, so the download switches have nothing to do
 PADDLEFORMERS_LOCATION_ARGS = (*LOCATION_ARGS, "download_hub", "from_modelscope", "_from_auto", "_commit_hash")

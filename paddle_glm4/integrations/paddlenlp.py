@@ -87,6 +87,8 @@ class ModelCache:
     library: str
     home: Callable[[], str]  # the cache's root: a name's files are in home()/<name>/
     convert_flag: str
+    # what else the library needs before it reads a name from the cache, if anything (said after the command)
+    reads_names: Callable[[], str | None] = lambda: None
 
 
 PADDLENLP_CACHE = ModelCache("PaddleNLP", model_home, "--paddlenlp-name")
@@ -137,6 +139,8 @@ def checkpoint_dir(
     )
     if not kwargs.get("cache_dir"):
         message += f"\nor, the same: glm4-convert --src <dir> {cache.convert_flag} {name_or_path}"
+    if cache.reads_names():
+        message += f"\n{cache.reads_names()}"
     raise CheckpointNotFoundError(message)
 
 
