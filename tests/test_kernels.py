@@ -84,10 +84,28 @@ FORMATS = [("bf16", 0), ("int8", 0), ("int4", 128), ("int4", 64)]
 
 
 @pytest.mark.parametrize("fmt, group", FORMATS)
-@pytest.mark.parametrize("m", [1, 3, 16, 17, 512])
+@pytest.mark.parametrize("m", [1, 3, 6, 16, 17, 512])
 def test_awkward_shapes(fmt, group, m):
     # K = 300: not a multiple of either group size, of 16, 32 or 64 (SIMD widths); N odd
     check_all(m, 300, 37, fmt, group or 128, seed=m)
+
+
+@pytest.mark.parametrize("fmt, group", [("int8", 0), ("int4", 128)])
+def test_int8_activations_round_half_to_even(fmt, group):
+    # x / scale lands exactly on halves (scale = 1): every path rounds them to even, as the reference does
+    halves = np.array([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, -126.5], np.float32)
+    x = np.zeros((2, 256), np.float32)
+    x[:, 0] = 127.0
+    x[0, 1:1 + halves.size] = halves
+    x[1, 200:200 + halves.size] = -halves
+    assert (quant.quantize_activations_int8(x)[1] == 1.0).all()
+    rng = np.random.default_rng(11)
+    weight, scales, dequantized = stored(rng.standard_normal((24, 256)).astype(np.float32), fmt, group or 128)
+    ref = reference(x, dequantized, "int8")
+    for path in paths():
+        y = kernels.linear(paddle.to_tensor(x), weight, scales, fmt=fmt, group_size=group or 128,
+                           activation_dtype="int8", isa=path)
+        assert_close(y.numpy(), ref, f"{fmt} {path} ties")
 
 
 @pytest.mark.parametrize("fmt, group", FORMATS)

@@ -175,7 +175,7 @@ const char* linear(const float* x, int64_t M, const Weights& w, const float* bia
                    bool use_gemm, bool int_weights, int threads, Planner planner) {
   const Plan plan = planner(isa, act, use_gemm, w.group);
   const Acts acts = prepare_acts(x, M, w.K, act, use_gemm ? plan.gemm.bf16_tile : plan.bf16_bits,
-                                 use_gemm ? 0 : plan.perm, int_weights ? w.group : 0);
+                                 use_gemm ? 0 : plan.perm, int_weights ? w.group : 0, !use_gemm && plan.biased);
   if (use_gemm)
     gemm(w, acts, plan.gemm, bias, y, threads);
   else

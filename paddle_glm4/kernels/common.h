@@ -228,56 +228,92 @@ struct Acts {
   std::vector<int8_t> q;       // int8 values, per-row scale in `scale`
   std::vector<float> scale;    // [M]
   std::vector<int32_t> gsum;   // [M, groups]: sum of q over each weight group (int4 needs it)
+  std::vector<float> gsum8;    // the same times 8, as float32 (exact: |8 sum| < 2^24)
   // SIMD int4 paths read each chunk of `perm` elements as its even elements then its odd ones: the order of
   // the low and high nibbles of its packed weights. 0 = natural order.
   int64_t perm = 0;
+  // The VNNI dots read q + 128 (unsigned bytes, as vpdpbusd's first operand must be; padding 0 + 128 too)
+  // and subtract 128 times the weights' sum, which every row shares.
+  bool biased = false;
 };
 
-// Element k of a row stored in `perm` order sits at this index.
-inline int64_t permuted_index(int64_t k, int64_t perm) {
-  if (perm == 0) return k;
-  int64_t base = k - k % perm, j = k % perm;
-  return base + (j % 2) * (perm / 2) + j / 2;
+// A row of n values (n a multiple of perm) from natural order into `perm` order.
+template <class T>
+inline void permute_row(const T* in, int64_t n, int64_t perm, T* out) {
+  if (perm == 0) {
+    std::copy(in, in + n, out);
+    return;
+  }
+  const int64_t half = perm / 2;
+  for (int64_t base = 0; base < n; base += perm)
+    for (int64_t j = 0; j < half; ++j) {
+      out[base + j] = in[base + 2 * j];
+      out[base + half + j] = in[base + 2 * j + 1];
+    }
+}
+
+// Round to the nearest integer, half to even, for |v| < 2^22: adding 1.5 * 2^23 leaves no fraction bits, and
+// the addition rounds as the FPU does by default (half to even). Unlike std::nearbyint it compiles to plain
+// vector adds on every x86-64 (no libm call per element).
+inline float round_half_even(float v) {
+  constexpr float kMagic = 12582912.f;
+  return (v + kMagic) - kMagic;
 }
 
 inline Acts prepare_acts(const float* x, int64_t M, int64_t K, int act, bool want_bf16_bits, int64_t perm,
-                         int64_t group) {
+                         int64_t group, bool biased) {
   Acts a;
-  a.M = M, a.K = K, a.Kp = padded(K), a.perm = perm;
+  a.M = M, a.K = K, a.Kp = padded(K), a.perm = perm, a.biased = biased && act == kI8;
   if (act == kI8) {
-    a.q.assign(M * a.Kp, 0);
+    const uint8_t bias = a.biased ? 0x80 : 0;  // q + 128 in two's complement bits: q with its sign bit flipped
+    a.q.resize(M * a.Kp);
     a.scale.resize(M);
     int64_t groups = group > 0 ? (K + group - 1) / group : 0;
     a.gsum.assign(M * groups, 0);
+    a.gsum8.assign(M * groups, 0.f);
+    std::vector<int8_t> natural(a.Kp, 0);  // one row in natural order, zero beyond K
     for (int64_t m = 0; m < M; ++m) {
       const float* row = x + m * K;
       float absmax = 0.f;
       for (int64_t k = 0; k < K; ++k) absmax = std::max(absmax, std::fabs(row[k]));
       // as quant.quantize_activations_int8: scale = absmax / 127, q = round-half-even(x / scale) in float32
-      float s = absmax / 127.f;
+      // (|x / scale| <= 127 here, NaN clamps to -127 as before)
+      const float s = absmax / 127.f;
       a.scale[m] = s;
-      int8_t* out = a.q.data() + m * a.Kp;
       for (int64_t k = 0; k < K; ++k) {
-        float v = s != 0.f ? std::nearbyint(row[k] / s) : 0.f;
-        int8_t qv = static_cast<int8_t>(std::min(127.f, std::max(-127.f, v)));
-        out[permuted_index(k, perm)] = qv;
-        if (groups) a.gsum[m * groups + k / group] += qv;
+        const float v = s != 0.f ? round_half_even(row[k] / s) : 0.f;
+        natural[k] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, v)));
       }
+      for (int64_t g = 0; g < groups; ++g) {
+        int32_t sum = 0;
+        for (int64_t k = g * group; k < std::min(K, (g + 1) * group); ++k) sum += natural[k];
+        a.gsum[m * groups + g] = sum;
+        a.gsum8[m * groups + g] = 8.f * static_cast<float>(sum);
+      }
+      int8_t* out = a.q.data() + m * a.Kp;
+      permute_row(natural.data(), a.Kp, perm, out);
+      for (int64_t k = 0; k < a.Kp; ++k) out[k] = static_cast<int8_t>(static_cast<uint8_t>(out[k]) ^ bias);
     }
     return a;
   }
   if (want_bf16_bits) {
-    a.b.assign(M * a.Kp, 0);
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t k = 0; k < K; ++k) a.b[m * a.Kp + permuted_index(k, perm)] = float_to_bf16(x[m * K + k]);
+    a.b.resize(M * a.Kp);
+    std::vector<uint16_t> natural(a.Kp, 0);
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t k = 0; k < K; ++k) natural[k] = float_to_bf16(x[m * K + k]);
+      permute_row(natural.data(), a.Kp, perm, a.b.data() + m * a.Kp);
+    }
     return a;
   }
-  a.f.assign(M * a.Kp, 0.f);
-  for (int64_t m = 0; m < M; ++m)
+  a.f.resize(M * a.Kp);
+  std::vector<float> natural(a.Kp, 0.f);
+  for (int64_t m = 0; m < M; ++m) {
     for (int64_t k = 0; k < K; ++k) {
-      float v = x[m * K + k];
-      a.f[m * a.Kp + permuted_index(k, perm)] = act == kBf16 ? bf16_to_float(float_to_bf16(v)) : v;
+      const float v = x[m * K + k];
+      natural[k] = act == kBf16 ? bf16_to_float(float_to_bf16(v)) : v;
     }
+    permute_row(natural.data(), a.Kp, perm, a.f.data() + m * a.Kp);
+  }
   return a;
 }
 
@@ -323,11 +359,12 @@ GLM4_AVX2 inline int32_t hsum_epi32_avx2(__m256i v) {
 
 // ---- GEMV driver -----------------------------------------------------------------------------------------
 // dot(w, n, acts, m0, out) writes out[0..MR) = row n of W dotted with activation rows m0..m0+MR (scales,
-// activation scales applied; no bias). Each format provides one per path, for MR = 1..4.
+// activation scales applied; no bias). Each format provides one per path, for MR = 1..rows (at most 8).
 using DotFn = void (*)(const Weights&, int64_t, const Acts&, int64_t, float*);
+constexpr int kMaxDotRows = 8;
 struct DotKernels {
-  DotFn mr[4];
-  int rows = 4;  // rows per pass: their activations and the weights streaming past share L1
+  DotFn mr[kMaxDotRows];
+  int rows = 4;  // rows per pass: each weight chunk is decoded once for all of them; their activations share L1
 };
 
 constexpr int64_t kGemvChannels = 16;  // channels per task: their weights stay in L2 while every row passes
@@ -340,7 +377,7 @@ inline void gemv(const Weights& w, const Acts& a, const DotKernels& dots, const 
     for (int64_t m0 = 0; m0 < a.M; m0 += dots.rows) {
       const int mr = static_cast<int>(std::min<int64_t>(dots.rows, a.M - m0));
       for (int64_t n = t * kGemvChannels; n < n_end; ++n) {
-        float out[4];
+        float out[kMaxDotRows];
         dots.mr[mr - 1](w, n, a, m0, out);
         for (int i = 0; i < mr; ++i) y[(m0 + i) * w.N + n] = out[i] + (bias ? bias[n] : 0.f);
       }
@@ -445,6 +482,7 @@ struct Plan {
   DotKernels dots;         // GEMV
   int64_t perm = 0;        // activation order the dots read (see Acts)
   bool bf16_bits = false;  // the dots read bfloat16 bits
+  bool biased = false;     // the dots read int8 activations as q + 128 (see Acts)
   GemmPlan gemm;
   const char* name = "";   // the path that runs, for the benchmark
 };

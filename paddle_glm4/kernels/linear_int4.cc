@@ -112,7 +112,11 @@ GLM4_AVX2 void dot_i8_avx2(const Weights& w, int64_t n, const Acts& a, int64_t m
   for (int i = 0; i < MR; ++i) out[i] = hsum_avx2(total[i]) * a.scale[m0 + i];
 }
 
-// The same with vpdpbusd on 128 weights (64 bytes) per step, low and high nibbles in separate chains.
+// With vpdpbusd, 128 weights (64 bytes) per step: unsigned nibbles times signed activations, low and high
+// nibbles in one chain: nibble . x = q . x + 8 sum(x). Each chunk is decoded once for all MR rows; per row
+// and group, two vpdpbusd, a conversion and an FMA into a float vector. The 8 sum(x) terms are taken off
+// once per row at the end: a vector dot of the channel's group scales with the row's group sums (Acts::gsum8,
+// 8 sum(x) per group, exact in float32), so the loop over groups does nothing per group but the dots.
 template <int MR>
 GLM4_VNNI void dot_i8_vnni(const Weights& w, int64_t n, const Acts& a, int64_t m0, float* out) {
   const int8_t* xs[MR];
@@ -124,24 +128,26 @@ GLM4_VNNI void dot_i8_vnni(const Weights& w, int64_t n, const Acts& a, int64_t m
   alignas(64) uint8_t buf[64];
   const RowChunks rc = row_chunks(w, n, 64, buf);
   for (int64_t g = 0; g < w.groups; ++g) {
-    __m512i even[MR], odd[MR];
-    for (int i = 0; i < MR; ++i) even[i] = odd[i] = _mm512_setzero_si512();
+    __m512i acc[MR];
+    for (int i = 0; i < MR; ++i) acc[i] = _mm512_setzero_si512();
     const int64_t end = std::min((g + 1) * w.group / 2, w.row_bytes);
     for (int64_t at = g * w.group / 2; at < end; at += 64) {
       const __m512i b = _mm512_loadu_si512(rc.at(at));
       const __m512i lo = _mm512_and_si512(b, low), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), low);
       for (int i = 0; i < MR; ++i) {
         const int8_t* x = xs[i] + at * 2;
-        even[i] = _mm512_dpbusd_epi32(even[i], lo, _mm512_loadu_si512(x));
-        odd[i] = _mm512_dpbusd_epi32(odd[i], hi, _mm512_loadu_si512(x + 64));
+        acc[i] = _mm512_dpbusd_epi32(acc[i], lo, _mm512_loadu_si512(x));
+        acc[i] = _mm512_dpbusd_epi32(acc[i], hi, _mm512_loadu_si512(x + 64));
       }
     }
     const __m512 s = _mm512_set1_ps(scales[g]);
-    for (int i = 0; i < MR; ++i) {
-      const __m512i offset = _mm512_zextsi128_si512(_mm_cvtsi32_si128(8 * a.gsum[(m0 + i) * w.groups + g]));
-      const __m512i sum = _mm512_sub_epi32(_mm512_add_epi32(even[i], odd[i]), offset);
-      total[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), s, total[i]);
-    }
+    for (int i = 0; i < MR; ++i) total[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i]), s, total[i]);
+  }
+  for (int64_t g = 0; g < w.groups; g += 16) {
+    const __mmask16 mask = w.groups - g >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (w.groups - g)) - 1);
+    const __m512 s = _mm512_maskz_loadu_ps(mask, scales + g);
+    for (int i = 0; i < MR; ++i)
+      total[i] = _mm512_fnmadd_ps(s, _mm512_maskz_loadu_ps(mask, a.gsum8.data() + (m0 + i) * w.groups + g), total[i]);
   }
   for (int i = 0; i < MR; ++i) out[i] = _mm512_reduce_add_ps(total[i]) * a.scale[m0 + i];
 }
@@ -156,7 +162,9 @@ Plan plan_int4(int isa, int act, bool use_gemm, int64_t group) {
   p.name = "scalar";
 #if GLM4_X86
   if (act == kI8 && isa >= kAvx512Vnni && group % 128 == 0) {
-    p.dots = {{dot_i8_vnni<1>, dot_i8_vnni<2>, dot_i8_vnni<3>, dot_i8_vnni<4>}};
+    p.dots = {{dot_i8_vnni<1>, dot_i8_vnni<2>, dot_i8_vnni<3>, dot_i8_vnni<4>, dot_i8_vnni<5>, dot_i8_vnni<6>,
+               dot_i8_vnni<7>, dot_i8_vnni<8>},
+              8};
     p.perm = 128;
     p.name = "avx512vnni";
   } else if (isa >= kAvx2 && group % 64 == 0) {

@@ -72,8 +72,9 @@ GLM4_AVX2 void dot_i8_avx2(const Weights& w, int64_t n, const Acts& a, int64_t m
     out[i] = static_cast<float>(hsum_epi32_avx2(acc[i])) * w.scales[n] * a.scale[m0 + i];
 }
 
-// vpdpbusd wants unsigned x signed bytes: (x + 128) . q = x . q + 128 * sum(q), and sum(q) costs one more
-// vpdpbusd per 64 weights, shared by every row.
+// vpdpbusd wants unsigned x signed bytes: the activations come as x + 128 (Acts::biased), and
+// (x + 128) . q = x . q + 128 * sum(q), sum(q) one more vpdpbusd per 64 weights shared by every row. Each
+// weight chunk is loaded once for all MR rows: per row and 64 weights, one vpdpbusd.
 template <int MR>
 GLM4_VNNI void dot_i8_vnni(const Weights& w, int64_t n, const Acts& a, int64_t m0, float* out) {
   const int8_t* xs[MR];
@@ -81,16 +82,13 @@ GLM4_VNNI void dot_i8_vnni(const Weights& w, int64_t n, const Acts& a, int64_t m
   __m512i acc[MR];
   for (int i = 0; i < MR; ++i) acc[i] = _mm512_setzero_si512();
   __m512i qsum = _mm512_setzero_si512();
-  const __m512i ones = _mm512_set1_epi8(1), bias = _mm512_set1_epi8(static_cast<char>(0x80));
+  const __m512i ones = _mm512_set1_epi8(1);
   alignas(64) uint8_t buf[64];
   const RowChunks rc = row_chunks(w, n, 64, buf);
   for (int64_t at = 0; at < w.row_bytes; at += 64) {
     const __m512i q = _mm512_loadu_si512(rc.at(at));
     qsum = _mm512_dpbusd_epi32(qsum, ones, q);
-    for (int i = 0; i < MR; ++i) {
-      const __m512i x = _mm512_loadu_si512(xs[i] + at);
-      acc[i] = _mm512_dpbusd_epi32(acc[i], _mm512_xor_si512(x, bias), q);
-    }
+    for (int i = 0; i < MR; ++i) acc[i] = _mm512_dpbusd_epi32(acc[i], _mm512_loadu_si512(xs[i] + at), q);
   }
   const int32_t offset = 128 * _mm512_reduce_add_epi32(qsum);
   for (int i = 0; i < MR; ++i)
@@ -107,7 +105,10 @@ Plan plan_int8(int isa, int act, bool use_gemm, int64_t) {
   p.name = "scalar";
 #if GLM4_X86
   if (act == kI8 && isa >= kAvx512Vnni) {
-    p.dots = {{dot_i8_vnni<1>, dot_i8_vnni<2>, dot_i8_vnni<3>, dot_i8_vnni<4>}};
+    p.dots = {{dot_i8_vnni<1>, dot_i8_vnni<2>, dot_i8_vnni<3>, dot_i8_vnni<4>, dot_i8_vnni<5>, dot_i8_vnni<6>,
+               dot_i8_vnni<7>, dot_i8_vnni<8>},
+              8};
+    p.biased = true;
     p.name = "avx512vnni";
   } else if (act == kI8 && isa >= kAvx2) {
     p.dots = {{dot_i8_avx2<1>, dot_i8_avx2<2>, dot_i8_avx2<3>, dot_i8_avx2<4>}};
