@@ -327,6 +327,17 @@ struct RowChunks {
   const uint8_t* at(int64_t offset) const { return offset < full ? row + offset : last; }
 };
 
+// How far ahead of the dots the weight stream is prefetched (into L1): the hardware prefetchers alone left a
+// one-row GEMV of K = 13696 int4 at 2.0-2.3 ms, 1.75 ms with this (one thread, benchmarks/NOTES.md).
+constexpr int64_t kPrefetchBytes = 2048;
+
+#if GLM4_X86
+// Prefetching past the end of the weights is harmless: a prefetch never faults.
+inline void prefetch_weights(const RowChunks& rc, int64_t at) {
+  _mm_prefetch(reinterpret_cast<const char*>(rc.row + at + kPrefetchBytes), _MM_HINT_T0);
+}
+#endif
+
 inline RowChunks row_chunks(const Weights& w, int64_t n, int64_t chunk, uint8_t* buf) {
   const uint8_t* row = w.data + n * w.row_bytes;
   const int64_t full = w.row_bytes - w.row_bytes % chunk;

@@ -132,6 +132,7 @@ GLM4_VNNI void dot_i8_vnni(const Weights& w, int64_t n, const Acts& a, int64_t m
     for (int i = 0; i < MR; ++i) acc[i] = _mm512_setzero_si512();
     const int64_t end = std::min((g + 1) * w.group / 2, w.row_bytes);
     for (int64_t at = g * w.group / 2; at < end; at += 64) {
+      prefetch_weights(rc, at);
       const __m512i b = _mm512_loadu_si512(rc.at(at));
       const __m512i lo = _mm512_and_si512(b, low), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), low);
       for (int i = 0; i < MR; ++i) {
