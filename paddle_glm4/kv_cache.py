@@ -13,9 +13,9 @@ from .config import GLM4Config
 
 class KVCache:
     """Per layer, keys and values [b, capacity, g, d], in `dtype`. A bfloat16 cache holds half the bytes of a
-    float32 one (GLM-4-9B's 128K context: 5.4 GB, not 10.7 GB); attention widens one layer's keys and values
-    at a time, so the float32 copy in flight is one layer's. `groups`: the key/value groups held (default all;
-    a tensor-parallel rank holds its share)."""
+    float32 one (GLM-4-9B's 128K context: 5.4 GB, not 10.7 GB); attention reads it as stored, widening a block
+    of keys at a time (ops.attention). `groups`: the key/value groups held (default all; a tensor-parallel rank
+    holds its share)."""
 
     def __init__(
         self, config: GLM4Config, batch_size: int, capacity: int, dtype: str = "float32", groups: int | None = None

@@ -95,8 +95,7 @@ class Attention(nn.Layer):
         self,
         x: paddle.Tensor,
         rope: tuple,
-        mask: paddle.Tensor | None,
-        is_causal: bool,
+        mask: ops.Mask,
         cache: Cache | None,
         start: Start,
     ) -> paddle.Tensor:
@@ -106,10 +105,8 @@ class Attention(nn.Layer):
         q, k = paddle.split(self.kernels.apply_rotary(qk.reshape([0, 0, h + g, d]), rope), [h, g], axis=2)
         v = v.reshape([0, 0, g, d])  # q [b, s, h, d]; k, v [b, s, g, d]
         if cache is not None:
-            k, v = cache.update(self.layer_idx, start, k, v)  # [b, L, g, d]
-            if k.dtype != q.dtype:  # a compact cache, widened one layer at a time (kv_cache.py)
-                k, v = k.astype(q.dtype), v.astype(q.dtype)
-        out = ops.attention(q, k, v, mask, is_causal)  # [b, s, h, d]
+            k, v = cache.update(self.layer_idx, start, k, v)  # [b, L, g, d], in the cache's dtype
+        out = ops.attention(q, k, v, mask)  # [b, s, h, d]
         return self.o_proj(out.reshape([0, 0, h * d]))
 
 
@@ -138,12 +135,11 @@ class GLM4Block(nn.Layer):
         self,
         x: paddle.Tensor,
         rope: tuple,
-        mask: paddle.Tensor | None,
-        is_causal: bool,
+        mask: ops.Mask,
         cache: Cache | None,
         start: Start,
     ) -> paddle.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, is_causal, cache, start)
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, start)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -193,16 +189,16 @@ class GLM4Model(nn.Layer):
         """
         seq_len = ops.size(input_ids, 1)
         x = self.embed_tokens(input_ids)  # [b, s, H]
-        mask, is_causal = ops.attention_mask(key_valid, start, seq_len, x.dtype)
+        mask = ops.attention_mask(key_valid, start, seq_len)
         key_len = start + seq_len if key_valid is None else ops.size(key_valid, 1)
         rope = self.kernels.rotary_tables(positions, self.inv_freq, x.dtype, key_len)
         for layer in self.layers:
             if self.recompute and self.training and cache is None and paddle.in_dynamic_mode():
                 from paddle.distributed.fleet.utils import recompute
 
-                x = recompute(layer, x, rope, mask, is_causal, cache, start, use_reentrant=False)
+                x = recompute(layer, x, rope, mask, cache, start, use_reentrant=False)
             else:
-                x = layer(x, rope, mask, is_causal, cache, start)
+                x = layer(x, rope, mask, cache, start)
         return self.norm(x)
 
 

@@ -15,6 +15,7 @@ import paddle
 import paddle.incubate.nn.functional as IF
 import paddle.nn.functional as F
 
+from . import kernels as cpu_kernels
 from .device import cpu_threads, on_gpu
 from .quantization import Dense, WeightFormat
 
@@ -109,25 +110,55 @@ def fused_apply_rotary(x: paddle.Tensor, tables: tuple) -> paddle.Tensor:
 
 # ---- Attention -----------------------------------------------------------------------------------------
 # On CPU, scaled_dot_product_attention computes the whole score matrix [b, h, s, L] in float32: 137 GB for a
-# 32K-token prompt at GLM-4-9B's 32 heads. Queries are independent of one another, so they go in blocks small
-# enough that one block's scores stay under this many floats (256 MB); each block reads every key it may see.
+# 32K-token prompt at GLM-4-9B's 32 heads. So a CPU forward attends through paddle_glm4.kernels' operator,
+# which walks the keys in blocks with an online softmax and reads a bf16 cache as stored (its memory does not
+# grow with s or L; see kernels/attention.cc); it runs in the dynamic graph and in an exported program alike.
+# Where the operator cannot serve (no C++ compiler, or a gradient is wanted: it has none), queries go in blocks
+# small enough that one block's scores stay under this many floats (256 MB); each block reads every key it may
+# see. On GPU, Paddle's flash kernel.
 SCORE_BUDGET = 1 << 26
 
 
-def attention(
-    q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor, mask: paddle.Tensor | None, is_causal: bool
-) -> paddle.Tensor:
-    """q [b, s, h, d]; k, v [b, L, kv_h, d] with h a multiple of kv_h (GQA, K/V are not repeated here).
+class Mask(NamedTuple):
+    """Which keys each new token's query sees: query i sits at cache slot start + i and sees slot j <= start + i
+    that holds a real token (key_valid [b, L] bool; None: every slot up to L = start + s does) or is its own
+    (so that padding rows stay finite, and unused). `start` is an int, or a 0-d tensor in a static program
+    (which always passes key_valid); `start_slot` is it as an int64 tensor, for the kernel."""
 
-    `mask` is additive, [b, 1, s, L], or None. Paddle's causal mode aligns the triangle top-left, which is
-    only right when s == L, so callers pass is_causal=True only then and an explicit mask otherwise.
-    On GPU this selects the flash kernel. On CPU (the math kernel), queries go in blocks whose scores fit
-    SCORE_BUDGET; a decode step (s = 1) is one pass over the cache. A traced program (the export) makes one
-    call: its prefill chunks bound s (see generation.prefill_in_chunks).
-    """
+    start: int | paddle.Tensor
+    seq_len: int | paddle.Tensor
+    key_valid: paddle.Tensor | None
+    start_slot: paddle.Tensor
+
+
+@paddle.jit.not_to_static
+def attention_mask(key_valid: paddle.Tensor | None, start: int | paddle.Tensor, seq_len: int | paddle.Tensor) -> Mask:
+    """The Mask of a forward over `seq_len` new tokens at slots start.. (computed once, shared by the layers)."""
+    start_slot = start if isinstance(start, paddle.Tensor) else paddle.to_tensor(start, dtype="int64")
+    return Mask(start, seq_len, key_valid, start_slot)
+
+
+def attention(q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor, mask: Mask) -> paddle.Tensor:
+    """q [b, s, h, d]; k, v [b, L, g, d] (the cache's first L slots, float32 or bfloat16) with h a multiple of
+    g (GQA: K/V are not repeated here) -> [b, s, h, d] in q's dtype."""
+    if _kernel_serves(q):
+        return cpu_kernels.attention(q, k, v, mask.start_slot, mask.key_valid)
+    if k.dtype != q.dtype:  # a compact cache, widened one layer at a time on this path
+        k, v = k.astype(q.dtype), v.astype(q.dtype)
+    additive, is_causal = additive_mask(mask, q.dtype)
     if on_gpu() or not paddle.in_dynamic_mode():
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, training=False)
-    return _attention_in_blocks(q, k, v, mask, is_causal)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=additive, is_causal=is_causal, training=False)
+    return _attention_in_blocks(q, k, v, additive, is_causal)
+
+
+@paddle.jit.not_to_static
+def _kernel_serves(q: paddle.Tensor) -> bool:
+    """Whether the kernel computes this call: on CPU, where it could be built, when no gradient is wanted."""
+    if on_gpu() or q.dtype != paddle.float32:
+        return False
+    if paddle.in_dynamic_mode() and paddle.is_grad_enabled() and not q.stop_gradient:
+        return False
+    return cpu_kernels.available()
 
 
 @paddle.jit.not_to_static
@@ -183,16 +214,10 @@ def size(x: paddle.Tensor, axis: int) -> int | paddle.Tensor:
 
 
 @paddle.jit.not_to_static
-def attention_mask(
-    key_valid: paddle.Tensor | None, start: int | paddle.Tensor, seq_len: int | paddle.Tensor, dtype: str | paddle.dtype
-) -> tuple:
-    """The additive mask for queries at slots start..start+seq_len over the keys at slots 0..L.
-
-    key_valid [b, L] marks real tokens (None: all are, L = start + seq_len). A key is visible when it is not
-    later than the query and is real; a query always sees its own slot, so that padding rows stay finite (and
-    unused). `start` and `seq_len` are ints, or tensors in a static program (which always passes key_valid).
-    Returns (mask [b or 1, 1, s, L] or None, is_causal) for `attention`.
-    """
+def additive_mask(mask: Mask, dtype: str | paddle.dtype) -> tuple:
+    """`mask` as scaled_dot_product_attention takes it: (additive [b or 1, 1, s, L] or None, is_causal).
+    Paddle's causal mode aligns the triangle top-left, which is only right when s == L."""
+    key_valid, start, seq_len = mask.key_valid, mask.start, mask.seq_len
     if key_valid is None:
         if isinstance(start, int) and start == 0:
             return None, True  # plain causal attention, square
@@ -207,7 +232,7 @@ def attention_mask(
 def slot_mask(
     query_slots: paddle.Tensor, key_slots: paddle.Tensor, key_valid: paddle.Tensor | None, dtype: str | paddle.dtype
 ) -> paddle.Tensor:
-    """The rule of `attention_mask`: queries at `query_slots` [s] over keys at `key_slots` [L] -> [b or 1, 1, s, L]."""
+    """The rule of `Mask`: queries at `query_slots` [s] over keys at `key_slots` [L] -> [b or 1, 1, s, L]."""
     query_slots, key_slots = query_slots.unsqueeze(1), key_slots.unsqueeze(0)
     allowed = (key_slots <= query_slots).unsqueeze(0)  # [1, s, L]
     if key_valid is not None:

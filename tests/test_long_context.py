@@ -17,9 +17,13 @@ STEPS = 4
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """(dynamic model, predictor over its float32 export)."""
-    root = tmp_path_factory.mktemp("long_context")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("long_context")
+
+
+@pytest.fixture(scope="module")
+def built(root):
+    """(dynamic model, predictor over its float32 export in root / "export")."""
     checkpoint = str(root / "checkpoint")
     tokenizer = GLM4Tokenizer.from_pretrained(write_small_vocabulary(checkpoint))
     config = small_config(vocab_size=tokenizer.vocab_size, rope_ratio=500.0, seq_length=128,
@@ -65,6 +69,16 @@ def test_a_prompt_prefilled_in_chunks_gives_the_one_shot_logits_alone_and_left_p
         assert np.abs(chunked[row] - alone[0]).max() <= 1e-4, len(p)
 
 
+def test_the_exported_program_attends_through_the_kernel_where_it_is_built(built, root):
+    # the operator walks keys in blocks, so the program's memory is bounded by the chunk, not chunk x context
+    from paddle_glm4 import kernels
+
+    _, predictor = built
+    program = (root / "export" / "glm4.json").read_text(encoding="utf-8")
+    assert ("glm4_attention" in program) == kernels.available() == predictor.manifest.kernels
+    assert ("scaled_dot_product_attention" in program or "softmax" in program) != kernels.available()
+
+
 def test_the_chunk_is_what_each_prefill_forward_takes(built, monkeypatch):
     model, _ = built
     widths = []
@@ -97,26 +111,53 @@ def test_a_bad_prefill_chunk_flag_is_one_line_and_exit_2_before_loading(tmp_path
         assert code == 2 and len(err) == 1 and "--prefill-chunk must be a positive integer" in err[0], err
 
 
+def attention_case(rng, b, s, length, h=4, g=2, d=16, padded=True):
+    """q [b, s, h, d] at slots length - s.. over k, v [b, length, g, d] and a Mask (some slots padding)."""
+    from paddle_glm4 import ops
+
+    q, k, v = (paddle.to_tensor(rng.randn(*shape).astype("float32"))
+               for shape in ((b, s, h, d), (b, length, g, d), (b, length, g, d)))
+    valid = paddle.to_tensor(rng.rand(b, length) > 0.3) if padded else None
+    return q, k, v, ops.attention_mask(valid, length - s, s)
+
+
+def attention_reference(q, k, v, mask):
+    """Plain softmax attention in numpy, the Mask's rule spelled out: [b, s, h, d]."""
+    q, k, v = (t.astype("float32").numpy() for t in (q, k, v))
+    b, s, h, d = q.shape
+    g, length = k.shape[2], k.shape[1]
+    valid = np.ones((b, length), bool) if mask.key_valid is None else mask.key_valid.numpy()
+    out = np.zeros_like(q)
+    for row in range(b):
+        for i in range(s):
+            slot = int(mask.start) + i
+            seen = (np.arange(length) <= slot) & (valid[row] | (np.arange(length) == slot))
+            for head in range(h):
+                scores = k[row, :, head // (h // g)] @ q[row, i, head] / np.sqrt(d)
+                p = np.exp(np.where(seen, scores - scores[seen].max(), -np.inf))
+                out[row, i, head] = (p / p.sum()) @ v[row, :, head // (h // g)]
+    return out
+
+
 @pytest.mark.parametrize("causal", [True, False])
-def test_attention_in_query_blocks_equals_one_call(monkeypatch, causal):
+def test_attention_without_the_kernel_in_query_blocks_equals_one_call(monkeypatch, causal):
+    # the path of training (a gradient is wanted) and of machines without a C++ compiler
     import paddle.nn.functional as F
 
     from paddle_glm4 import ops
 
     rng = np.random.RandomState(0)
-    b, s, length, h, g, d = 2, 37, 37 if causal else 50, 4, 2, 16
-    q, k, v = (paddle.to_tensor(rng.randn(*shape).astype("float32"))
-               for shape in ((b, s, h, d), (b, length, g, d), (b, length, g, d)))
-    valid = paddle.to_tensor(rng.rand(b, length) > 0.3)
-    mask = None if causal else ops.slot_mask(paddle.arange(length - s, length), paddle.arange(length), valid,
-                                             "float32")
-    whole = ops.attention(q, k, v, mask, causal).numpy()
+    b, s, length, h = 2, 37, 37 if causal else 50, 4
+    q, k, v, mask = attention_case(rng, b, s, length, h=h, padded=not causal)
+    q.stop_gradient = False                                            # a gradient is wanted: no kernel
+    whole = ops.attention(q, k, v, mask).numpy()
+    assert np.abs(whole - attention_reference(q, k, v, mask)).max() <= 1e-5
     shapes = []
     sdpa = F.scaled_dot_product_attention
     monkeypatch.setattr(F, "scaled_dot_product_attention",
                         lambda q, *a, **kw: shapes.append(q.shape[1]) or sdpa(q, *a, **kw))
     monkeypatch.setattr(ops, "SCORE_BUDGET", b * h * length * 5)         # blocks of 5 queries
-    blocked = ops.attention(q, k, v, mask, causal).numpy()
+    blocked = ops.attention(q, k, v, mask).numpy()
     assert shapes == [5] * 7 + [2]
     assert np.abs(blocked - whole).max() <= 1e-5
 

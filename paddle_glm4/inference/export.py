@@ -206,7 +206,9 @@ def _export(
         )
     weights = model.model.kernels.weights
     compute_dtype = weights.compute_dtype
-    uses_kernels = isinstance(weights, Packed) and kernels.available()  # else their portable ops are traced
+    # the program calls the kernels' operators (attention on CPU; low-bit Linear weights) wherever they were built,
+    # else their portable ops are traced
+    uses_kernels = device == "cpu" and kernels.available()
     program = StepProgram(model, compute_dtype)
     program.eval()
     with warnings.catch_warnings():

@@ -60,6 +60,31 @@ def linear(
     return ops.glm4_linear_int4(x, weight, scales, bias, activation_dtype, isa, threads, group_size)
 
 
+@paddle.jit.not_to_static  # the operator is what a traced program records, not this Python
+def attention(
+    q: paddle.Tensor,
+    k: paddle.Tensor,
+    v: paddle.Tensor,
+    start: paddle.Tensor,
+    key_valid: paddle.Tensor | None = None,
+    *,
+    isa: str = "auto",
+    threads: int = 0,
+) -> paddle.Tensor:
+    """Causal attention of q float32 [b, s, h, d] over a KV cache k, v [b, C, g, d] (float32 or bfloat16, read
+    as stored): query i at slot start + i sees slot j <= start + i that holds a real token (`key_valid` [b, L]
+    bool; None: every slot up to L = start + s does) or is its own. `start` is an int64 tensor of one value.
+    -> float32 [b, s, h, d]. Memory does not grow with s or L (see attention.cc). Needs the built operators."""
+    if isa != "auto" and isa not in PATHS:
+        raise ValueError(f"isa must be 'auto' or one of {PATHS}, got {isa!r}")
+    ops = load()
+    if ops is None:
+        raise RuntimeError(f"paddle_glm4 kernels unavailable: {build.failure()}")
+    if paddle.in_dynamic_mode() and not q.is_contiguous():
+        q = q.contiguous()
+    return ops.glm4_attention(q, k, v, start, key_valid, isa, threads)
+
+
 def _check(fmt, activation_dtype, isa, scales, group_size) -> None:
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")

@@ -1,8 +1,9 @@
-// The Paddle operators: glm4_linear_bf16, glm4_linear_int8, glm4_linear_int4 and glm4_kernel_path. Inputs
-// are checked here, then glm4::linear does the work. The only file that includes Paddle's headers (they
+// The Paddle operators: glm4_linear_bf16, glm4_linear_int8, glm4_linear_int4, glm4_attention and
+// glm4_kernel_path. Inputs are checked here, then glm4::linear or glm4::attention does the work. The only file that includes Paddle's headers (they
 // take ~40 s to compile; the kernels, a few).
 #include "paddle/extension.h"
 
+#include "attention.h"
 #include "common.h"
 
 namespace {
@@ -167,3 +168,70 @@ PD_BUILD_OP(glm4_kernel_path)
     .SetKernelFn(PD_KERNEL(KernelPath))
     .SetInferShapeFn(PD_INFER_SHAPE(PathShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(PathDtype));
+
+// ---- Attention -------------------------------------------------------------------------------------------
+// Q float32 [b, s, h, d]; K, V float32 or bfloat16 [b, C, g, d], read in their first L slots (L: KeyValid's
+// length, else start + s); Start int64, one value; KeyValid bool [b, L] (optional). See attention.h.
+std::vector<paddle::Tensor> Attention(const paddle::Tensor& q, const paddle::Tensor& k, const paddle::Tensor& v,
+                                      const paddle::Tensor& start, const paddle::optional<paddle::Tensor>& key_valid,
+                                      const std::string& isa, int threads) {
+  PD_CHECK(q.is_cpu() && k.is_cpu() && v.is_cpu(), "glm4_attention runs on CPU only");
+  PD_CHECK(q.dtype() == paddle::DataType::FLOAT32 && q.shape().size() == 4, "glm4_attention: q must be float32 "
+           "[b, s, h, d]");
+  const bool bf16 = k.dtype() == paddle::DataType::BFLOAT16;
+  PD_CHECK((bf16 || k.dtype() == paddle::DataType::FLOAT32) && v.dtype() == k.dtype(),
+           "glm4_attention: k and v must both be float32 or both bfloat16");
+  PD_CHECK(k.shape().size() == 4 && k.shape() == v.shape(), "glm4_attention: k and v must be [b, C, g, d] alike");
+  const auto &qs = q.shape(), &ks = k.shape();
+  const int64_t b = qs[0], s = qs[1], h = qs[2], d = qs[3], capacity = ks[1], g = ks[2];
+  PD_CHECK(ks[0] == b && ks[3] == d && g > 0 && h % g == 0, "glm4_attention: q [", b, ", ", s, ", ", h, ", ", d,
+           "] does not fit k [", ks[0], ", ", capacity, ", ", g, ", ", ks[3], "] (h a multiple of g)");
+  PD_CHECK(start.dtype() == paddle::DataType::INT64 && start.numel() == 1, "glm4_attention: start must be one int64");
+  const int64_t first = start.data<int64_t>()[0];
+  const int64_t length = key_valid ? key_valid->shape().back() : first + s;
+  PD_CHECK(first >= 0 && first + s <= length && length <= capacity, "glm4_attention: queries at slots ", first,
+           "..", first + s, " over ", length, " keys do not fit a cache of ", capacity, " slots");
+  const auto contiguous_tail = [&](const paddle::Tensor& t) {
+    return t.strides()[3] == 1 && t.strides()[2] == t.shape()[3];
+  };
+  PD_CHECK(contiguous_tail(q) && contiguous_tail(k) && contiguous_tail(v),
+           "glm4_attention: the last two dimensions of q, k and v must be contiguous");
+  glm4::AttentionArgs a{};
+  a.q = q.data<float>(), a.q_stride_b = q.strides()[0], a.q_stride_s = q.strides()[1];
+  a.k = bf16 ? static_cast<const void*>(k.data<paddle::bfloat16>()) : k.data<float>();
+  a.v = bf16 ? static_cast<const void*>(v.data<paddle::bfloat16>()) : v.data<float>();
+  a.bf16 = bf16;
+  a.k_stride_b = k.strides()[0], a.k_stride_s = k.strides()[1];
+  a.v_stride_b = v.strides()[0], a.v_stride_s = v.strides()[1];
+  if (key_valid) {
+    PD_CHECK(key_valid->dtype() == paddle::DataType::BOOL && key_valid->shape().size() == 2 &&
+                 key_valid->shape()[0] == b && key_valid->strides()[1] == 1,
+             "glm4_attention: key_valid must be bool [b, L] with contiguous rows");
+    a.key_valid = key_valid->data<bool>(), a.valid_stride_b = key_valid->strides()[0];
+  }
+  auto out = paddle::empty(qs, paddle::DataType::FLOAT32, q.place());
+  a.out = out.data<float>();
+  a.b = b, a.s = s, a.h = h, a.g = g, a.d = d, a.L = length, a.start = first;
+  glm4::attention(a, checked_isa(isa), threads > 0 ? threads : glm4::ThreadPool::default_threads());
+  return {out};
+}
+
+std::vector<std::vector<int64_t>> AttentionShape(const std::vector<int64_t>& q, const std::vector<int64_t>&,
+                                                 const std::vector<int64_t>&, const std::vector<int64_t>&,
+                                                 const paddle::optional<std::vector<int64_t>>&) {
+  return {q};
+}
+
+std::vector<paddle::DataType> AttentionDtype(const paddle::DataType&, const paddle::DataType&,
+                                             const paddle::DataType&, const paddle::DataType&,
+                                             const paddle::optional<paddle::DataType>&) {
+  return {paddle::DataType::FLOAT32};
+}
+
+PD_BUILD_OP(glm4_attention)
+    .Inputs({"Q", "K", "V", "Start", paddle::Optional("KeyValid")})
+    .Outputs({"Out"})
+    .Attrs({"isa: std::string", "threads: int"})
+    .SetKernelFn(PD_KERNEL(Attention))
+    .SetInferShapeFn(PD_INFER_SHAPE(AttentionShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(AttentionDtype));
