@@ -1,7 +1,7 @@
 """`python -m benchmarks run [--quick] [--only SECTION ...] [--readme]`
 
-Runs the benchmark sections (model, converter, tokenizer, lowbit; full-depth and lowbit-full-depth only when
-named with --only), writes
+Runs the benchmark sections (model, converter, tokenizer, lowbit; full-depth, lowbit-full-depth and long-context
+only when named with --only), writes
 benchmarks/results.json and prints one markdown table; with --readme it also replaces the table in README.md's
 "Performance" section. Each figure is measured side
 by side with its peer in the same run and reported with the ratio ours / peer. Not a test: nothing here
@@ -23,13 +23,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results.json")
 README = os.path.join(ROOT, "README.md")
 SECTIONS = ("model", "converter", "tokenizer", "lowbit")  # the default run
-# run only when asked (--only full-depth): GLM-4-9B's 40 layers in bf16 need ~40 GB of disk (lowbit-full-depth:
+# run only when asked (--only full-depth): GLM-4-9B's 40 layers in bf16 need ~40 GB of disk (long-context: ~10
+# minutes of prefill up to 32K tokens; lowbit-full-depth:
 # ~55 GB, with llama.cpp's files) and most of the RAM of a 24 GB machine, and take a while
-ALL_SECTIONS = (*SECTIONS, "full-depth", "lowbit-full-depth")
+ALL_SECTIONS = (*SECTIONS, "full-depth", "lowbit-full-depth", "long-context")
 # section -> (module, its run's keywords); the others are the module of their own name
 VARIANTS = {"lowbit-full-depth": ("lowbit", {"layers": 40})}
 # sections measured against this machine's bounds, and those that leave notes (a skipped peer, the CPU flags)
-USE_MACHINE = ("model", "full-depth")
+USE_MACHINE = ("model", "full-depth", "long-context")
 WRITE_NOTES = ("lowbit", "lowbit-full-depth")
 TABLE_BEGIN, TABLE_END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
 
@@ -123,8 +124,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for CI: checks that every figure is "
                         "produced and finite (a few minutes); the real figures need the full run")
     parser.add_argument("--only", nargs="+", choices=ALL_SECTIONS, metavar="SECTION",
-                        help=f"run only these sections (of {', '.join(ALL_SECTIONS)}; full-depth and "
-                        "lowbit-full-depth run only when named here); the other sections' figures are kept from the "
+                        help=f"run only these sections (of {', '.join(ALL_SECTIONS)}; full-depth, "
+                        "lowbit-full-depth and long-context run only when named here); the other sections' figures are kept from the "
                         "previous results")
     parser.add_argument("--readme", action="store_true", help="also put the table into README.md's Performance "
                         "section")

@@ -259,8 +259,9 @@ GLM4_AVX2 void attend_rows(const AttentionArgs& a, int64_t bi, int64_t group, in
     for (int64_t r = 0; r < rows; ++r) {
       float* row = w.scores.data() + r * kKeyBlock;
       const int64_t slot = a.start + i0 + r / per_group;
-      for (int64_t jj = 0; jj < kKeyBlock; ++jj)
-        if (jj >= nb || (!whole && !visible(a, bi, slot, j0 + jj))) row[jj] = -INFINITY;
+      if (!whole || nb < kKeyBlock)
+        for (int64_t jj = 0; jj < kKeyBlock; ++jj)
+          if (jj >= nb || (!whole && !visible(a, bi, slot, j0 + jj))) row[jj] = -INFINITY;
       // online softmax: the new running maximum rescales what was summed so far
       __m256 m8 = _mm256_set1_ps(-INFINITY);
       for (int64_t jj = 0; jj < kKeyBlock; jj += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(row + jj));
