@@ -11,8 +11,10 @@
 namespace glm4 {
 namespace {
 
-constexpr int64_t kKeyBlock = 2 * kPanel;  // keys per block: two micro-kernel panels
-constexpr int64_t kTaskRows = 96;          // (query, head) rows per task: enough to reuse each key tile
+constexpr int64_t kKeyBlock = 4 * kPanel;  // keys per block: four micro-kernel panels
+// (query, head) rows per task: each key tile is made once per task, so the more rows, the fewer tiles per
+// FLOP; at 192 (and 128 keys a block) a task's scratch is ~300 KB, within a core's L2
+constexpr int64_t kTaskRows = 192;
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -240,9 +242,9 @@ GLM4_AVX2 void attend_rows(const AttentionArgs& a, int64_t bi, int64_t group, in
   w.top.assign(rows, -INFINITY);
   w.total.assign(rows, 0.f);
   w.rows.assign(kKeyBlock * dp, 0.f);
-  w.key_tiles.resize(2 * dp * kPanel);
+  w.key_tiles.resize(kKeyBlock * dp);
   w.value_tiles.resize(kKeyBlock * kPanel);
-  w.key_tiles16.resize(2 * a.d * kPanel);
+  w.key_tiles16.resize(kKeyBlock * a.d);
   w.value_tiles16.resize(kKeyBlock * kPanel);
   const float scale = 1.f / std::sqrt(static_cast<float>(a.d));
   for (int64_t r = 0; r < rows; ++r)
@@ -273,7 +275,7 @@ GLM4_AVX2 void attend_rows(const AttentionArgs& a, int64_t bi, int64_t group, in
         continue;
       }
       const float top = std::max(w.top[r], block_top);
-      const float carry = w.top[r] == -INFINITY ? 0.f : std::exp(w.top[r] - top);
+      const float carry = w.top[r] == top ? 1.f : w.top[r] == -INFINITY ? 0.f : std::exp(w.top[r] - top);
       const __m256 top8 = _mm256_set1_ps(top);
       __m256 sum8 = _mm256_setzero_ps();
       for (int64_t jj = 0; jj < kKeyBlock; jj += 8) {
