@@ -57,7 +57,7 @@ def plot(results: str, output: str) -> str:
     fig, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4.2))
     for label, _, style in SERIES:
         if data[label]:
-            x, y = zip(*data[label])
+            x, y = zip(*data[label], strict=True)
             speed.plot(x, y, style, label=label)
     speed.axhline(0.5, color="gray", lw=0.8, ls=":")
     speed.axhline(0.7, color="gray", lw=0.8, ls=":")
@@ -66,7 +66,7 @@ def plot(results: str, output: str) -> str:
     speed.set(xscale="log", xlabel="context (tokens)", ylabel="tokens/s relative to 512 tokens",
               title="Speed against the context", ylim=(0, None))
     speed.legend(fontsize=8)
-    x, y = zip(*data["peak RSS / bound"])
+    x, y = zip(*data["peak RSS / bound"], strict=True)
     memory.plot(x, y, "o-", color="tab:red")
     memory.axhline(1.0, color="gray", lw=0.8, ls=":")
     memory.set(xscale="log", xlabel="context (tokens)", ylabel="peak RSS / (weights + KV cache + 1.5 GB)",
@@ -88,7 +88,8 @@ def plot(results: str, output: str) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.plot_long_context", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.plot_long_context",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", default=RESULTS, help="the benchmark results (default: %(default)s)")
     parser.add_argument("--output", default=OUTPUT, help="the PNG to write (default: %(default)s)")
     args = parser.parse_args(argv)

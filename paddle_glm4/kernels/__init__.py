@@ -1,4 +1,5 @@
-"""CPU kernels for GLM-4's linear layers: y = x @ W^T (+ bias) with W in bfloat16, int8 or int4.
+"""CPU kernels for GLM-4's linear layers: y = x @ W^T (+ bias) with W in bfloat16, int8 or int4; and its
+attention over a float32 or bfloat16 KV cache in bounded memory (`attention`, see attention.cc).
 
 THE CONTRACT (shared with the loader, converter and export; quant.py writes and reads these formats):
 
