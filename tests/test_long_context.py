@@ -283,6 +283,11 @@ def test_a_cache_that_cannot_fit_is_refused_before_any_work(built, monkeypatch):
         model.generate(prompts((50,))[0], max_new_tokens=30, kv_cache_dtype="bfloat16")
     monkeypatch.setattr(model, "logits", forward)
     model.generate(prompts((50,))[0], max_new_tokens=10, kv_cache_dtype="bfloat16", eos_token_id=[])  # 15360 bytes
+    # the predictor's cache (the export's float32) is checked the same way, before it runs the program
+    _, predictor = built
+    monkeypatch.setattr(predictor, "run", lambda *args: pytest.fail("the program ran"))
+    with pytest.raises(memory.InsufficientMemoryError, match=r"needs 0\.00 GB in float32"):
+        predictor.generate(prompts((50,))[0], max_new_tokens=10)
 
 
 def test_load_engine_sets_the_cache_dtype_of_the_dynamic_model_and_refuses_it_for_an_export(built, tmp_path):
@@ -301,8 +306,9 @@ def test_load_engine_sets_the_cache_dtype_of_the_dynamic_model_and_refuses_it_fo
 
 @pytest.mark.slow
 def test_a_16k_token_prompt_matches_the_reference(monkeypatch):
-    # transformers' GlmForCausalLM with sdpa attention (memory-bounded on CPU) against the chunked prefill and
-    # the query-blocked attention, on a small random model with the 128K model's rotary base
+    # transformers' GlmForCausalLM with sdpa attention (memory-bounded on CPU) against the chunked prefill, through
+    # the attention kernel and through the query-blocked portable path, on a small random model with the 128K
+    # model's rotary base
     import torch
 
     from paddle_glm4 import ops
@@ -318,8 +324,12 @@ def test_a_16k_token_prompt_matches_the_reference(monkeypatch):
         expected_logits = ref(torch.from_numpy(p[None]), logits_to_keep=1).logits[0, -1].numpy()
         expected = ref.generate(torch.from_numpy(p[None]), max_new_tokens=new, do_sample=False,
                                 eos_token_id=None, pad_token_id=0)[0, length:].numpy()
-    session = ModelSession(model, prefill_chunk=2048, kv_cache_dtype="float32")
-    logits = session.prefill(paddle.to_tensor(p[None]), None, None, length + 1).numpy()[0]
-    assert np.abs(logits - expected_logits).max() <= 1e-4
+    # generate attends through the kernel where it is built; a forward that may want gradients, through
+    # Paddle's ops on blocks of queries
     ids, _ = model.generate(p, max_new_tokens=new, eos_token_id=[], prefill_chunk=2048, kv_cache_dtype="float32")
     assert ids.numpy()[0].tolist() == expected.tolist()
+    for gradients in (False, True):
+        with paddle.set_grad_enabled(gradients):
+            session = ModelSession(model, prefill_chunk=2048, kv_cache_dtype="float32")
+            logits = session.prefill(paddle.to_tensor(p[None]), None, None, length + 1).numpy()[0]
+        assert np.abs(logits - expected_logits).max() <= 1e-4, gradients

@@ -16,7 +16,7 @@ from typing import Any
 import paddle
 import paddle.inference as paddle_infer
 
-from .. import generation
+from .. import generation, memory
 from ..device import use_all_cores
 from ..generation import GenerationConfig
 from ..kv_cache import KVCache
@@ -160,7 +160,9 @@ class PredictorSession:
                 f"{self.predictor.context_length}; export again with a larger --max-seq-len"
             )
         batch = input_ids.shape[0]
-        self.cache = KVCache(self.predictor.config, batch, capacity, dtype=self.predictor.manifest.compute_dtype)
+        dtype = self.predictor.manifest.compute_dtype
+        memory.check_cache_fits(self.predictor.config, batch, capacity, dtype)  # before it is allocated
+        self.cache = KVCache(self.predictor.config, batch, capacity, dtype=dtype)
         self.sequences = Sequences(batch, capacity, self.cache)
         return generation.prefill_in_chunks(
             self._run, input_ids, attention_mask, position_ids, self.prefill_chunk, progress
