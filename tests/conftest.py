@@ -140,3 +140,38 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def check_peft_lora(model, lora_config_class, lora_model_class, merge, base_checkpoint, out) -> None:
+    """A peft's LoRAModel (PaddleNLP's or PaddleFormers', the same API) on `model`, a float32 GLM4ForCausalLM loaded
+    from `base_checkpoint`: it wraps the four Linear targets of every layer and only those train; a few steps lower
+    the loss; `merge` (the adapter's merge_*_lora) gives a GLM4ForCausalLM with the base model's tensors, which saves
+    to `out` as a checkpoint computing the adapted logits."""
+    import paddle
+
+    from paddle_glm4 import GLM4ForCausalLM
+    from paddle_glm4.lora import TARGET_MODULES
+
+    def logits(layer, ids):
+        return layer(ids).logits.numpy()
+
+    paddle.seed(0)
+    lora = lora_model_class(model, lora_config_class(target_modules=[f".*{name}" for name in TARGET_MODULES], r=4,
+                                                     lora_alpha=8))
+    trainable = [name for name, p in lora.named_parameters() if not p.stop_gradient]
+    layers = model.config.num_hidden_layers
+    assert len(trainable) == 2 * len(TARGET_MODULES) * layers and all("lora_" in name for name in trainable)
+
+    lora.train()
+    ids = paddle.to_tensor(np.random.RandomState(1).randint(3, model.config.vocab_size, (2, 10)).astype("int64"))
+    losses = train_steps(lora, ids, ids, steps=4)
+    assert losses[-1] < losses[0], losses
+
+    adapted = logits(lora, ids)
+    lora.eval()  # PaddleNLP adds each update into its weight here
+    np.testing.assert_allclose(logits(lora, ids), adapted, atol=1e-4, rtol=0)
+    merged = merge(lora)
+    assert set(dict(merged.named_parameters())) == set(dict(GLM4ForCausalLM(merged.config).named_parameters()))
+    merged.save_pretrained(str(out))
+    np.testing.assert_allclose(logits(GLM4ForCausalLM.from_pretrained(str(out)), ids), adapted, atol=1e-4, rtol=0)
+    assert not np.allclose(logits(GLM4ForCausalLM.from_pretrained(str(base_checkpoint)), ids), adapted, atol=1e-3)

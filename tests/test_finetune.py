@@ -135,6 +135,9 @@ def test_finetune_learns_the_answers_and_writes_a_merged_model(tmp_path, checkpo
     assert len(losses) == 12 and losses[-1] < 0.8 * losses[0], losses
     assert set(manifest["files"]) | {MANIFEST} == set(os.listdir(out))
     assert (out / LOSS_CURVE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from matplotlib.image import imread
+    curve = imread(out / LOSS_CURVE)
+    assert curve.shape[:2] == (400, 700) and curve.std() > 0.05  # the 7 x 4 inch figure at 100 dpi, not blank
 
     # the merged model is an ordinary checkpoint whose loss on the data is the lowered one
     examples = read_conversations(data, tokenizer, 2048)

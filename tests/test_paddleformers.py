@@ -22,7 +22,7 @@ paddleformers = pytest.importorskip("paddleformers", reason="PaddleFormers is no
 
 from paddleformers.transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, Qwen2Config  # noqa: E402
 
-from conftest import small_config, train_steps  # noqa: E402
+from conftest import check_peft_lora, small_config  # noqa: E402
 from hub_stand_in import hub_stand_in  # noqa: E402
 from no_network import REFUSE_NETWORK  # noqa: E402
 from paddle_glm4 import GLM4ForCausalLM, GLM4Tokenizer, register_paddleformers  # noqa: E402
@@ -259,28 +259,8 @@ def test_registration_in_either_import_order_without_network(first, home):
 def test_paddleformers_lora_model_wraps_glm4_trains_and_merges_into_a_checkpoint(checkpoint, tmp_path):
     from paddleformers.peft import LoRAConfig, LoRAModel
 
-    from paddle_glm4.lora import TARGET_MODULES
-
-    paddle.seed(0)
     model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype="float32")
-    lora = LoRAModel(model, LoRAConfig(target_modules=[f".*{name}" for name in TARGET_MODULES], r=4, lora_alpha=8))
-    trainable = [name for name, p in lora.named_parameters() if not p.stop_gradient]
-    layers = model.config.num_hidden_layers
-    assert len(trainable) == 2 * len(TARGET_MODULES) * layers and all("lora_" in name for name in trainable)
-
-    lora.train()
-    ids = paddle.to_tensor(np.random.RandomState(1).randint(3, model.config.vocab_size, (2, 10)).astype("int64"))
-    losses = train_steps(lora, ids, ids, steps=4)
-    assert losses[-1] < losses[0], losses
-
-    lora.eval()
-    adapted = logits(lora, ids)
-    merged = merge_paddleformers_lora(lora)
-    assert set(dict(merged.named_parameters())) == set(dict(GLM4ForCausalLM(merged.config).named_parameters()))
-    merged.save_pretrained(str(tmp_path / "merged"))
-    np.testing.assert_allclose(logits(GLM4ForCausalLM.from_pretrained(str(tmp_path / "merged")), ids), adapted,
-                               atol=1e-4, rtol=0)
-    assert not np.allclose(logits(GLM4ForCausalLM.from_pretrained(str(checkpoint)), ids), adapted, atol=1e-3)
+    check_peft_lora(model, LoRAConfig, LoRAModel, merge_paddleformers_lora, checkpoint, tmp_path / "merged")
 
 
 # ---- by name, where PaddleFormers may reach the hub ------------------------------------------------------------------

@@ -24,7 +24,7 @@ from paddlenlp.generation import GenerationConfig as PaddleNLPGenerationConfig  
 from paddlenlp.transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer,  # noqa: E402
                                     LlamaConfig)
 
-from conftest import small_config, train_steps  # noqa: E402
+from conftest import check_peft_lora, small_config  # noqa: E402
 from no_network import REFUSE_NETWORK  # noqa: E402
 from paddle_glm4 import GLM4Config, GLM4ForCausalLM, GLM4Tokenizer  # noqa: E402
 from paddle_glm4.integrations.paddlenlp import (PUBLISHED_TOKENIZER_CLASS, CheckpointNotFoundError,  # noqa: E402
@@ -322,25 +322,5 @@ def test_registration_in_either_import_order_without_network(first, home):
 def test_paddlenlp_lora_model_wraps_glm4_trains_and_merges_into_a_checkpoint(checkpoint, tmp_path):
     from paddlenlp.peft import LoRAConfig, LoRAModel
 
-    from paddle_glm4.lora import TARGET_MODULES
-
-    paddle.seed(0)
     model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype="float32")
-    lora = LoRAModel(model, LoRAConfig(target_modules=[f".*{name}" for name in TARGET_MODULES], r=4, lora_alpha=8))
-    trainable = [name for name, p in lora.named_parameters() if not p.stop_gradient]
-    layers = model.config.num_hidden_layers
-    assert len(trainable) == 2 * len(TARGET_MODULES) * layers and all("lora_" in name for name in trainable)
-
-    lora.train()
-    ids = paddle.to_tensor(np.random.RandomState(1).randint(3, model.config.vocab_size, (2, 10)).astype("int64"))
-    losses = train_steps(lora, ids, ids, steps=4)
-    assert losses[-1] < losses[0], losses
-
-    adapted = logits(lora, ids)
-    lora.eval()  # PaddleNLP adds each update into its weight here
-    np.testing.assert_allclose(logits(lora, ids), adapted, atol=1e-4, rtol=0)
-    merged = merge_paddlenlp_lora(lora)
-    merged.save_pretrained(str(tmp_path / "merged"))
-    np.testing.assert_allclose(logits(GLM4ForCausalLM.from_pretrained(str(tmp_path / "merged")), ids), adapted,
-                               atol=1e-4, rtol=0)
-    assert not np.allclose(logits(GLM4ForCausalLM.from_pretrained(str(checkpoint)), ids), adapted, atol=1e-3)
+    check_peft_lora(model, LoRAConfig, LoRAModel, merge_paddlenlp_lora, checkpoint, tmp_path / "merged")
