@@ -39,9 +39,13 @@ def weight_bytes(config: GLM4Config, fmt: WeightFormat) -> int:
     return total
 
 
+def kv_bytes_per_token(config: GLM4Config, dtype: str) -> int:
+    """The keys and values of one token, every layer's, in `dtype`."""
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * numpy_dtype(dtype).itemsize
+
+
 def kv_cache_bytes(config: GLM4Config, fmt: WeightFormat, context: int) -> int:
-    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
-    return per_token * context * numpy_dtype(fmt.compute_dtype).itemsize
+    return kv_bytes_per_token(config, fmt.compute_dtype) * context
 
 
 def required_bytes(config: GLM4Config, fmt: WeightFormat, context: int) -> int:
@@ -150,8 +154,7 @@ def check_cache_fits(config: GLM4Config, batch: int, capacity: int, dtype: str, 
     """Refuse, before any work, a generation whose KV cache (`batch` rows of `capacity` slots in `dtype`)
     needs more memory than is available (default: `available_bytes()`)."""
     available = available_bytes() if available is None else available
-    per_slot = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
-    needed = batch * capacity * per_slot * numpy_dtype(dtype).itemsize
+    needed = batch * capacity * kv_bytes_per_token(config, dtype)
     if available is None or needed <= available:
         return
     advice = "lower max_new_tokens, shorten the prompt or the batch"
@@ -161,6 +164,14 @@ def check_cache_fits(config: GLM4Config, batch: int, capacity: int, dtype: str, 
         f"the KV cache for {batch} x {capacity} tokens (prompt + max_new_tokens) needs {needed / GB:.2f} GB in "
         f"{dtype}, {available / GB:.2f} GB is available: {advice}"
     )
+
+
+def kv_pool_bytes(config: GLM4Config, dtype: str, sequences: int, context: int, available: int | None = None) -> int:
+    """The KV cache memory a continuous-batching engine takes by default: `sequences` full contexts, at most half
+    the memory available now (default: `available_bytes()`), the rest left for activations and the machine."""
+    full = sequences * context * kv_bytes_per_token(config, dtype)
+    available = available_bytes() if available is None else available
+    return full if available is None else min(full, available // 2)
 
 
 def context_for(config: GLM4Config, max_seq_len: int | None) -> int:

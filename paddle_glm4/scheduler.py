@@ -40,9 +40,9 @@ import numpy as np
 import paddle
 
 from .device import on_gpu
-from .generation import DEFAULT_PREFILL_CHUNK, GenerationConfig
+from .generation import DEFAULT_PREFILL_CHUNK, GenerationConfig, check_prefill_chunk
 from .kv_cache import KVCache
-from .memory import available_bytes, cache_dtype
+from .memory import cache_dtype, check_cache_fits, kv_bytes_per_token, kv_pool_bytes
 from .sampling import choose_token
 from .sequences import Sequences
 from .streamer import Streamer
@@ -118,11 +118,11 @@ class Scheduler:
         kv_cache_memory: int | None = None,
         prefill_chunk: int | None = None,
     ):
-        if prefill_chunk is None:
-            prefill_chunk = int(getattr(model, "prefill_chunk", DEFAULT_PREFILL_CHUNK))
-        if max_num_seqs < 1 or prefill_chunk < 1:
-            raise ValueError(f"max_num_seqs and prefill_chunk must be at least 1, got {max_num_seqs}, {prefill_chunk}")
-        config = model.config
+        if max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be at least 1, got {max_num_seqs}")
+        self.prefill_chunk = check_prefill_chunk(
+            getattr(model, "prefill_chunk", DEFAULT_PREFILL_CHUNK) if prefill_chunk is None else prefill_chunk
+        )
         # one dtype for the prompts' caches and the batch's, so that a joined row holds what it held alone;
         # --kv-cache-dtype (the model's kv_cache_dtype), else memory.cache_dtype's choice for the context
         self.cache_dtype = cache_dtype(
@@ -131,17 +131,12 @@ class Scheduler:
             model.model.kernels.weights.compute_dtype,
             on_gpu(),
         )
-        itemsize = paddle.zeros([1], dtype=self.cache_dtype).element_size()
-        self.bytes_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * itemsize
+        self.bytes_per_token = kv_bytes_per_token(model.config, self.cache_dtype)
         if kv_cache_memory is None:
-            kv_cache_memory = max_num_seqs * model.context_length * self.bytes_per_token
-            available = available_bytes()
-            if available is not None:
-                kv_cache_memory = min(kv_cache_memory, available // 2)
+            kv_cache_memory = kv_pool_bytes(model.config, self.cache_dtype, max_num_seqs, model.context_length)
         self.model = model
         self.max_num_seqs = max_num_seqs
         self.kv_cache_tokens = kv_cache_memory // self.bytes_per_token  # the pool, in cache slots
-        self.prefill_chunk = prefill_chunk
         self.waiting: collections.deque[Request] = collections.deque()
         self.prefilling: list[Request] = []
         self.running: list[Request] = []
@@ -155,6 +150,8 @@ class Scheduler:
     def submit(self, request: Request) -> None:
         if request.max_tokens < 1 or not request.prompt:
             raise ValueError("a request needs a non-empty prompt and max_tokens >= 1")
+        if request.prefill_chunk is not None:
+            check_prefill_chunk(request.prefill_chunk)
         if request.need > self.model.context_length:
             raise ValueError(
                 f"the prompt ({len(request.prompt)} tokens) plus max_tokens ({request.max_tokens}) "
@@ -286,6 +283,9 @@ class Scheduler:
         self.cache.rows = len(self.running)
 
     def _reallocate(self, rows: int, capacity: int) -> None:
+        # within the pool, but the machine's free memory may have shrunk since: a clear error for the request
+        # that joins (it fails alone) rather than the process killed for want of memory
+        check_cache_fits(self.model.config, rows, capacity, self.cache_dtype)
         old = self.cache
         self.cache = BatchCache(self.model, rows, capacity, self.cache_dtype)
         if old is not None and self.length:

@@ -27,7 +27,7 @@ def requests(model, count=16):
     return made
 
 
-def bytes_per_token(config):  # keys and values of every layer, float32
+def bytes_per_token(config):  # keys and values of every layer, float32 (written out: memory.py's is under test)
     return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4
 
 
@@ -75,6 +75,46 @@ def test_a_request_larger_than_the_pool_is_refused(model):
     engine = Scheduler(model, kv_cache_memory=16 * bytes_per_token(model.config))
     with pytest.raises(ValueError, match="KV cache pool of 16"):
         engine.submit(Request([5] * 10, 10, model.generation_config))
+
+
+def test_the_default_pool_is_max_num_seqs_full_contexts_within_half_the_available_memory(model, monkeypatch):
+    from paddle_glm4 import memory
+
+    full = 3 * model.context_length * bytes_per_token(model.config)
+    monkeypatch.setattr(memory, "available_bytes", lambda: 10 * full)
+    assert Scheduler(model, max_num_seqs=3).kv_cache_tokens == 3 * model.context_length
+    monkeypatch.setattr(memory, "available_bytes", lambda: full)
+    assert Scheduler(model, max_num_seqs=3).kv_cache_tokens == full // 2 // bytes_per_token(model.config)
+    monkeypatch.setattr(memory, "available_bytes", lambda: None)  # not Linux: the full contexts
+    assert Scheduler(model, max_num_seqs=3).kv_cache_tokens == 3 * model.context_length
+
+
+def test_bad_settings_are_refused_with_their_name(model):
+    with pytest.raises(ValueError, match="max_num_seqs must be at least 1, got 0"):
+        Scheduler(model, max_num_seqs=0)
+    with pytest.raises(ValueError, match="prefill_chunk must be a positive integer.*got 0"):
+        Scheduler(model, prefill_chunk=0)
+    request = Request([5, 6], 2, model.generation_config)
+    request.prefill_chunk = 2.5
+    with pytest.raises(ValueError, match="prefill_chunk must be a positive integer.*got 2.5"):
+        Scheduler(model).submit(request)
+
+
+def test_a_batch_cache_the_machine_has_no_room_for_fails_its_request_alone(model, monkeypatch):
+    """Within the pool, but the machine's free memory shrank since: the request that would grow the cache
+    fails with the memory check's error (not the process killed); the engine serves the next ones."""
+    from paddle_glm4 import memory
+
+    engine = Scheduler(model, max_num_seqs=2, kv_cache_memory=2 * 64 * bytes_per_token(model.config))
+    monkeypatch.setattr(memory, "available_bytes", lambda: 1024)
+    starved = requests(model, 2)
+    engine.run(starved)
+    assert all(isinstance(r.error, memory.InsufficientMemoryError) and not r.output[1:] for r in starved)
+    assert "KV cache" in str(starved[0].error) and engine.kv_bytes == 0
+    monkeypatch.setattr(memory, "available_bytes", lambda: None)
+    fed = requests(model, 2)
+    engine.run(fed)
+    assert all(r.error is None and r.output == alone(model, r) for r in fed)
 
 
 def test_a_cancelled_request_leaves_and_a_failing_one_fails_alone(model):
