@@ -186,13 +186,10 @@ class ModelSession:
         progress: Callable[[int, int], None] | None = None,
     ) -> paddle.Tensor:
         from . import memory
-        from .device import on_gpu
 
         batch = input_ids.shape[0]
         # the cache holds the prompt and the new tokens, no more; checked before it is allocated
-        dtype = memory.cache_dtype(
-            self.kv_cache_dtype, capacity, self.model.model.kernels.weights.compute_dtype, on_gpu()
-        )
+        dtype = self.model.cache_dtype(capacity, self.kv_cache_dtype)
         memory.check_cache_fits(self.model.config, batch, capacity, dtype)
         self.sequences = Sequences(batch, capacity, self.model.model.new_cache(batch, capacity, dtype))
         return prefill_in_chunks(self._run, input_ids, attention_mask, position_ids, self.prefill_chunk, progress)

@@ -13,7 +13,7 @@ import paddle
 import paddle.nn.functional as F
 from paddle import nn
 
-from . import generation, loading, ops
+from . import generation, loading, memory, ops
 from .config import IGNORE_INDEX, GLM4Config
 from .device import on_gpu
 from .generation import Batch, GenerationConfig
@@ -271,6 +271,17 @@ class GLM4ForCausalLM(nn.Layer):
     def context_length(self) -> int:
         """The most tokens (prompt + new) one generation takes: the config's seq_length."""
         return self.config.seq_length
+
+    def new_cache(self, batch_size: int, capacity: int, dtype: str | None = None) -> KVCache:
+        """A KV cache for this model's generations (GLM4Model.new_cache)."""
+        return self.model.new_cache(batch_size, capacity, dtype)
+
+    def cache_dtype(self, capacity: int, requested: str | None = None) -> str:
+        """The KV cache's dtype for a generation of `capacity` slots: `requested`, else `kv_cache_dtype`, else
+        memory.cache_dtype's choice (bfloat16 for a long context on CPU, else the compute dtype)."""
+        return memory.cache_dtype(
+            requested or self.kv_cache_dtype, capacity, self.model.kernels.weights.compute_dtype, on_gpu()
+        )
 
     def generate(
         self,

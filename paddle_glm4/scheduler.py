@@ -5,7 +5,8 @@ The scheduler keeps a running batch. Each `step()`:
   2. prefills one chunk (`prefill_chunk` tokens) of the oldest admitted prompt, in a cache of its own, so that
      a long prompt delays the running streams by one chunk per step, not by its whole length; a prompt whose
      last chunk is done draws its first token and joins the batch at this token boundary;
-  3. decodes one token for every running sequence in ONE batched forward (`GLM4ForCausalLM.logits`);
+  3. decodes one token for every running sequence in ONE batched forward (`GLM4ForCausalLM.logits`, or the
+     Paddle Inference predictor's `logits`, which runs the exported program that traces it);
   4. drops the sequences that finished (a stop id, max_tokens) or were cancelled; their row is reused.
 
 Layout of the batch cache: row r holds sequence r's keys and values, right-aligned at the shared write slot
@@ -39,16 +40,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 import paddle
 
-from .device import on_gpu
 from .generation import DEFAULT_PREFILL_CHUNK, GenerationConfig, check_prefill_chunk
 from .kv_cache import KVCache
-from .memory import cache_dtype, check_cache_fits, kv_bytes_per_token, kv_pool_bytes
+from .memory import check_cache_fits, kv_bytes_per_token, kv_pool_bytes
 from .sampling import choose_token
 from .sequences import Sequences
 from .streamer import Streamer
 
 if TYPE_CHECKING:
-    from .model import GLM4ForCausalLM
+    from .engine import Engine
 
 log = logging.getLogger("paddle_glm4.scheduler")
 
@@ -90,8 +90,8 @@ class Request:
 class BatchCache(KVCache):
     """A KVCache whose first `rows` rows are the running batch: the forward writes and reads only those."""
 
-    def __init__(self, model: GLM4ForCausalLM, rows: int, capacity: int, dtype: str):
-        super().__init__(model.config, rows, capacity, dtype=dtype, groups=model.model.kv_groups)
+    def __init__(self, cache: KVCache):
+        vars(self).update(vars(cache))  # the buffers of the engine's cache (its new_cache: a rank holds its share)
         self.rows = 0
 
     def update(self, layer: int, start: int, k: paddle.Tensor, v: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
@@ -113,7 +113,7 @@ class Scheduler:
 
     def __init__(
         self,
-        model: GLM4ForCausalLM,
+        model: Engine,
         max_num_seqs: int = 8,
         kv_cache_memory: int | None = None,
         prefill_chunk: int | None = None,
@@ -123,14 +123,8 @@ class Scheduler:
         self.prefill_chunk = check_prefill_chunk(
             getattr(model, "prefill_chunk", DEFAULT_PREFILL_CHUNK) if prefill_chunk is None else prefill_chunk
         )
-        # one dtype for the prompts' caches and the batch's, so that a joined row holds what it held alone;
-        # --kv-cache-dtype (the model's kv_cache_dtype), else memory.cache_dtype's choice for the context
-        self.cache_dtype = cache_dtype(
-            getattr(model, "kv_cache_dtype", None),
-            model.context_length,
-            model.model.kernels.weights.compute_dtype,
-            on_gpu(),
-        )
+        # one dtype for the prompts' caches and the batch's, so that a joined row holds what it held alone
+        self.cache_dtype = model.cache_dtype(model.context_length)
         self.bytes_per_token = kv_bytes_per_token(model.config, self.cache_dtype)
         if kv_cache_memory is None:
             kv_cache_memory = kv_pool_bytes(model.config, self.cache_dtype, max_num_seqs, model.context_length)
@@ -237,13 +231,16 @@ class Scheduler:
     def _prefill_chunk(self, request: Request) -> None:
         try:
             if request.prefill is None:
-                cache = self.model.model.new_cache(1, len(request.prompt), self.cache_dtype)
+                cache = self.model.new_cache(1, len(request.prompt), self.cache_dtype)
                 request.prefill = Sequences(1, len(request.prompt), cache)
                 if request.streamer is not None:
                     request.streamer.prefill_progress(0, len(request.prompt))
+            prompt = request.prefill
+            assert prompt.cache is not None
             end = min(request.prefilled + (request.prefill_chunk or self.prefill_chunk), len(request.prompt))
             ids = paddle.to_tensor([request.prompt[request.prefilled : end]], dtype="int64")
-            logits = self.model(ids, past_key_values=request.prefill, logits_to_keep=1).logits[:, -1]
+            step = prompt.claim(ids.shape[1])
+            logits = self.model.logits(ids, step.positions, step.start, step.key_valid, prompt.cache, 1)[:, -1]
             request.prefilled = end
             if request.streamer is not None:
                 request.streamer.prefill_progress(end, len(request.prompt))
@@ -287,7 +284,7 @@ class Scheduler:
         # that joins (it fails alone) rather than the process killed for want of memory
         check_cache_fits(self.model.config, rows, capacity, self.cache_dtype)
         old = self.cache
-        self.cache = BatchCache(self.model, rows, capacity, self.cache_dtype)
+        self.cache = BatchCache(self.model.new_cache(rows, capacity, self.cache_dtype))
         if old is not None and self.length:
             for target, source in ((self.cache.keys, old.keys), (self.cache.values, old.values)):
                 for layer in range(old.num_layers):

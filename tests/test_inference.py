@@ -314,3 +314,35 @@ def test_an_exports_max_seq_len_is_the_context_for_the_cli_and_the_server_alike(
         refused = complete(MAX_SEQ_LEN - len(prompt) + 1)
         assert refused.status_code == 400 and refused.json()["error"]["code"] == "context_length_exceeded"
         assert f"maximum context length is {MAX_SEQ_LEN} tokens" in refused.json()["error"]["message"]
+
+
+def test_the_batching_engine_drives_the_predictor_as_it_drives_the_dynamic_model(built, predictor):
+    """The continuous-batching scheduler over the exported program (which takes a batch and a cache): prompts
+    prefilled in chunks join a running batch; each request gets what it gets alone through the predictor, and,
+    greedy, what the dynamic model and predictor.generate give."""
+    from paddle_glm4.scheduler import Request, Scheduler
+
+    _, model, *_ = built
+
+    def made():
+        kinds = [{}, {"temperature": 0.9, "top_p": 0.9}, {"temperature": 1.1, "top_k": 20}, {"repetition_penalty": 1.3}]
+        return [Request(p.tolist(), 3 + (5 * n) % 14, model.generation_config.merged(eos_token_id=[], **kinds[n % 4]),
+                        seed=40 + n) for n, p in enumerate(prompts((5, 11, 1, 8, 23, 2, 17, 9)))]
+
+    together = Scheduler(predictor, max_num_seqs=3, prefill_chunk=4).run(made())
+    alone = [Scheduler(predictor, max_num_seqs=1).run([r])[0] for r in made()]
+    dynamic = Scheduler(model, max_num_seqs=3, prefill_chunk=4).run(made())
+    for request, single, reference in zip(together, alone, dynamic, strict=True):
+        assert request.error is None and len(request.output) == request.max_tokens
+        assert request.output == single.output == reference.output
+    for request in together[::4]:  # the greedy ones
+        ids, _ = predictor.generate(np.array(request.prompt), max_new_tokens=request.max_tokens, eos_token_id=[])
+        assert request.output == ids.numpy()[0].tolist()
+    # and the server's worker batches through it (rather than one generate at a time)
+    from paddle_glm4.server.worker import Worker
+
+    worker = Worker(predictor, max_concurrency=4, max_num_seqs=3)
+    try:
+        assert isinstance(worker.engine, Scheduler) and worker.engine.max_num_seqs == 3
+    finally:
+        worker.close()

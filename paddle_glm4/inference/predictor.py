@@ -107,6 +107,37 @@ class Predictor:
     def session(self, prefill_chunk: int | None = None) -> PredictorSession:
         return PredictorSession(self, self.prefill_chunk if prefill_chunk is None else prefill_chunk)
 
+    def cache_dtype(self, capacity: int) -> str:
+        """The KV cache's dtype: the program's cache inputs are in the export's compute dtype, whatever the context."""
+        return self.manifest.compute_dtype
+
+    def new_cache(self, batch_size: int, capacity: int, dtype: str | None = None) -> KVCache:
+        """A KV cache the program takes (`dtype`: None or the export's compute dtype, the only one it takes)."""
+        if dtype not in (None, self.manifest.compute_dtype):
+            raise ValueError(f"this export's cache is in {self.manifest.compute_dtype}, not {dtype}")
+        return KVCache(self.config, batch_size, capacity, dtype=self.manifest.compute_dtype)
+
+    def logits(
+        self,
+        input_ids: paddle.Tensor,
+        positions: paddle.Tensor,
+        start: int,
+        key_valid: paddle.Tensor | None,
+        cache: KVCache,
+        logits_to_keep: int = 1,
+    ) -> paddle.Tensor:
+        """GLM4ForCausalLM.logits through the program that traces it: the same arguments (key_valid [b, start + s],
+        None: all real), the last token's logits [b, 1, vocab]. The program reads every slot of the cache (those
+        past the new tokens masked) and writes the new keys and values into the cache's first b rows."""
+        if logits_to_keep != 1:
+            raise ValueError(f"an export returns the last token's logits only (logits_to_keep=1), not {logits_to_keep}")
+        batch, end = input_ids.shape[0], start + input_ids.shape[1]
+        valid = paddle.zeros([batch, cache.capacity], dtype="bool")
+        valid[:, :end] = True if key_valid is None else key_valid
+        # the first b rows of each buffer: a view, which the program writes through (a copy would lose the writes)
+        keys, values = [k[:batch] for k in cache.keys], [v[:batch] for v in cache.values]
+        return self.run(input_ids, positions, start, valid, keys, values).unsqueeze(1)
+
     def run(
         self,
         input_ids: paddle.Tensor,
@@ -160,9 +191,8 @@ class PredictorSession:
                 f"{self.predictor.context_length}; export again with a larger --max-seq-len"
             )
         batch = input_ids.shape[0]
-        dtype = self.predictor.manifest.compute_dtype
-        memory.check_cache_fits(self.predictor.config, batch, capacity, dtype)  # before it is allocated
-        self.cache = KVCache(self.predictor.config, batch, capacity, dtype=dtype)
+        memory.check_cache_fits(self.predictor.config, batch, capacity, self.predictor.cache_dtype(capacity))
+        self.cache = self.predictor.new_cache(batch, capacity)  # after the check: the cache is allocated here
         self.sequences = Sequences(batch, capacity, self.cache)
         return generation.prefill_in_chunks(
             self._run, input_ids, attention_mask, position_ids, self.prefill_chunk, progress
@@ -178,16 +208,8 @@ class PredictorSession:
         sequences, cache = self.sequences, self.cache
         assert sequences is not None and cache is not None
         step = sequences.claim(input_ids.shape[1], attention_mask)
-        # every slot of the cache, those not yet written masked: the program writes the new keys and values in
-        # place, and a slice of the cache would not be one contiguous tensor
-        return self.predictor.run(
-            input_ids,
-            step.positions if position_ids is None else position_ids,
-            step.start,
-            sequences.valid,
-            cache.keys,
-            cache.values,
-        )
+        positions = step.positions if position_ids is None else position_ids
+        return self.predictor.logits(input_ids, positions, step.start, step.key_valid, cache)[:, -1]
 
 
 def _load_kernels(export_dir: str):

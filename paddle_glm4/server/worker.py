@@ -3,9 +3,9 @@
 Paddle's dynamic-graph model must not run from several threads at once, and the event loop must never wait
 for it. So one engine thread runs every step of the Scheduler: each step decodes one token for all running
 requests in one batched forward, and lets new ones join. Each token goes from there to the request's asyncio
-queue (`loop.call_soon_threadsafe`), which the request's handler reads without blocking the loop. An engine
-that cannot batch (the Paddle Inference predictor, test doubles: anything without the dynamic model's
-`logits`) runs its `generate` one request at a time on that thread instead, in arrival order.
+queue (`loop.call_soon_threadsafe`), which the request's handler reads without blocking the loop. Both engines
+batch (the dynamic model's `logits`, the Paddle Inference predictor's over its exported program); an engine
+with `generate` only (a test double) runs it one request at a time on that thread instead, in arrival order.
 
 At most `max_concurrency` requests are admitted at a time, running and waiting together; one more is refused
 with Busy (the server answers 429) rather than queued without bound. Of those, at most `max_num_seqs` run in
@@ -114,7 +114,7 @@ class Worker:
         self._closing = False
         self.on_token: Callable[[float, float | None], None] | None = None  # each token's timing (metrics)
         if hasattr(model, "logits"):
-            self.engine = Scheduler(model, max_num_seqs, kv_cache_memory)  # type: ignore[arg-type]
+            self.engine = Scheduler(model, max_num_seqs, kv_cache_memory)
             self._thread = threading.Thread(target=self._serve, name="engine", daemon=True)
             self._thread.start()
         else:
