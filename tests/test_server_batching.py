@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from test_server import KEY, checkpoint, start_server, stop_server  # noqa: F401 - checkpoint is a fixture
+from test_server import KEY, checkpoint, engine, start_server, stop_server  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.slow  # a server process
 
@@ -109,3 +109,48 @@ def test_load_64_requests_from_16_clients_all_answered_and_memory_returns(batchi
     assert all(finish in ("stop", "length") for _, finish in answers)
     assert rss(pid) <= before * 1.05
     assert answer(client, requests()[0]) == answers[0]
+
+
+def test_a_generation_that_raises_mid_batch_fails_that_request_only(engine, monkeypatch):  # noqa: F811
+    """In the batching engine (in process, so that one request can be made to fail): a request whose sampling
+    raises at its third token, while others run beside it, gets 500 with OpenAI's error shape (streamed: an error
+    event), the log keeps the cause; the others get their alone answers and the server serves afterwards."""
+    from fastapi.testclient import TestClient
+
+    from paddle_glm4 import scheduler
+    from paddle_glm4.server.app import create_app
+
+    model, tokenizer = engine
+    bad = tokenizer.encode("explode now")
+    real_choose, real_decode, rows = scheduler.choose_token, scheduler.Scheduler._decode, []
+
+    def choose(logits, params, context, rng):
+        if context[: len(bad)] == bad and len(context) >= len(bad) + 2:
+            raise RuntimeError("fails on purpose")
+        return real_choose(logits, params, context, rng)
+
+    def decode(self):
+        rows.append(len(self.running))
+        real_decode(self)
+
+    monkeypatch.setattr(scheduler, "choose_token", choose)
+    monkeypatch.setattr(scheduler.Scheduler, "_decode", decode)
+    good = [{"model": "m", "prompt": "word " * (1 + 3 * n) + str(n), "max_tokens": 12, "temperature": 0}
+            for n in range(4)]
+    with TestClient(create_app(model, tokenizer, max_num_seqs=6)) as client:
+        def complete(body):
+            return client.post("/v1/completions", json=body)
+
+        alone = [complete(body).json()["choices"][0]["text"] for body in good]
+        failing = {"model": "m", "prompt": "explode now", "max_tokens": 12}
+        with ThreadPoolExecutor(6) as pool:
+            together = pool.map(complete, good)
+            failed = pool.submit(complete, failing)
+            streamed = pool.submit(complete, {**failing, "stream": True})
+            assert [answer.json()["choices"][0]["text"] for answer in together] == alone
+            assert failed.result().status_code == 500
+            assert failed.result().json()["error"]["code"] == "generation_failed"
+            assert "fails on purpose" not in failed.result().text  # the cause goes to the log only
+            assert '"code":"generation_failed"' in streamed.result().text.replace(" ", "")
+        assert max(rows) >= 3  # the failures happened in a batch, beside other requests
+        assert complete(good[0]).json()["choices"][0]["text"] == alone[0]
