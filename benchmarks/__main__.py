@@ -1,6 +1,6 @@
 """`python -m benchmarks run [--quick] [--only SECTION ...] [--readme]`
 
-Runs the benchmark sections (model, converter, tokenizer, lowbit; full-depth, lowbit-full-depth and long-context
+Runs the benchmark sections (model, converter, tokenizer, lowbit, serving; full-depth, lowbit-full-depth and long-context
 only when named with --only), writes
 benchmarks/results.json and prints one markdown table; with --readme it also replaces the table in README.md's
 "Performance" section. Each figure is measured side
@@ -22,7 +22,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results.json")
 README = os.path.join(ROOT, "README.md")
-SECTIONS = ("model", "converter", "tokenizer", "lowbit")  # the default run
+SECTIONS = ("model", "converter", "tokenizer", "lowbit", "serving")  # the default run
 # run only when asked (--only full-depth): GLM-4-9B's 40 layers in bf16 need ~40 GB of disk (long-context: ~10
 # minutes of prefill up to 32K tokens; lowbit-full-depth:
 # ~55 GB, with llama.cpp's files) and most of the RAM of a 24 GB machine, and take a while

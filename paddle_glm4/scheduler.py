@@ -2,9 +2,11 @@
 
 The scheduler keeps a running batch. Each `step()`:
   1. admits waiting requests while there is a free row (`max_num_seqs`) and KV memory for them;
-  2. prefills one chunk (`prefill_chunk` tokens) of the oldest admitted prompt, in a cache of its own, so that
-     a long prompt delays the running streams by one chunk per step, not by its whole length; a prompt whose
-     last chunk is done draws its first token and joins the batch at this token boundary;
+  2. prefills up to `prefill_chunk` prompt tokens, from the oldest admitted prompts on, each prompt in a cache
+     and a forward of its own: several short prompts in one step (so that a burst of requests all get their
+     first token before the next decode step), a long one a chunk per step (so that it delays the running
+     streams by one chunk per step, not by its whole length); a prompt whose last chunk is done draws its
+     first token and joins the batch at this token boundary;
   3. decodes one token for every running sequence in ONE batched forward (`GLM4ForCausalLM.logits`, or the
      Paddle Inference predictor's `logits`, which runs the exported program that traces it);
   4. drops the sequences that finished (a stop id, max_tokens) or were cancelled; their row is reused.
@@ -184,8 +186,11 @@ class Scheduler:
     def step(self) -> None:
         self._admit()
         self._drop_cancelled()
-        if self.prefilling:
-            self._prefill_chunk(self.prefilling[0])
+        budget = self.prefill_chunk  # prompt tokens this step, from the oldest prompts on
+        for request in list(self.prefilling):
+            budget -= self._prefill_chunk(request, budget)
+            if budget <= 0:
+                break
         if self.running:
             self._decode()
         if not self.busy:
@@ -228,7 +233,9 @@ class Scheduler:
                 self._finish(self.running[row])
                 self._leave(row)
 
-    def _prefill_chunk(self, request: Request) -> None:
+    def _prefill_chunk(self, request: Request, budget: int) -> int:
+        """Prefill `request`'s next chunk (at most `budget` tokens); the tokens it took."""
+        taken = 0
         try:
             if request.prefill is None:
                 cache = self.model.new_cache(1, len(request.prompt), self.cache_dtype)
@@ -237,22 +244,23 @@ class Scheduler:
                     request.streamer.prefill_progress(0, len(request.prompt))
             prompt = request.prefill
             assert prompt.cache is not None
-            end = min(request.prefilled + (request.prefill_chunk or self.prefill_chunk), len(request.prompt))
+            end = min(request.prefilled + min(request.prefill_chunk or budget, budget), len(request.prompt))
             ids = paddle.to_tensor([request.prompt[request.prefilled : end]], dtype="int64")
+            taken = end - request.prefilled
             step = prompt.claim(ids.shape[1])
             logits = self.model.logits(ids, step.positions, step.start, step.key_valid, prompt.cache, 1)[:, -1]
             request.prefilled = end
             if request.streamer is not None:
                 request.streamer.prefill_progress(end, len(request.prompt))
-            if end < len(request.prompt):
-                return
-            self.prefilling.remove(request)
-            if self._emit(request, logits):
-                self._join(request)
+            if end == len(request.prompt):
+                self.prefilling.remove(request)
+                if self._emit(request, logits):
+                    self._join(request)
         except Exception as error:  # noqa: BLE001 - this request fails, the others go on
             if request in self.prefilling:
                 self.prefilling.remove(request)
             self._fail(request, error)
+        return taken
 
     def _join(self, request: Request) -> None:
         """Copy the prefilled prompt into a new row of the batch cache, right-aligned at `length`."""

@@ -20,11 +20,13 @@ def test_quick_benchmark_run_produces_every_figure(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(output.read_text())
-    assert set(report["sections"]) == {"model", "converter", "tokenizer", "lowbit"}
+    assert set(report["sections"]) == {"model", "converter", "tokenizer", "lowbit", "serving"}
     assert report["machine"]["read_bandwidth_gbps"] > 0 and report["machine"]["fp32_matmul_gflops"] > 0
     figures = [row["figure"] for rows in report["sections"].values() for row in rows]
     for expected in ("decode tokens/s, batch 1 (ours, dynamic graph)", "decode tokens/s, batch 8 (ours, dynamic graph)",
-                     "peak RSS", "bandwidth bound", "fp32 matmul rate", "Paddle Inference"):
+                     "peak RSS", "bandwidth bound", "fp32 matmul rate", "Paddle Inference",
+                     "aggregate decode tokens/s, 8 concurrent streams", "time to first token p50, 16 streams",
+                     "time to first token p99, 4 streams", "8 streams vs an idle server"):
         assert any(expected in figure for figure in figures), expected
     for rows in report["sections"].values():
         for row in rows:

@@ -77,6 +77,29 @@ def test_a_request_larger_than_the_pool_is_refused(model):
         engine.submit(Request([5] * 10, 10, model.generation_config))
 
 
+def test_a_step_prefills_several_short_prompts_and_a_long_one_a_chunk_at_a_time(model):
+    """Each step prefills up to prefill_chunk prompt tokens: a burst of short prompts all join at once (their
+    first tokens come before the next decode step), a long prompt takes a chunk per step; both as alone."""
+    short = [Request([7 + n] * (3 + n), 6, model.generation_config.merged(eos_token_id=[])) for n in range(4)]
+    engine = Scheduler(model, max_num_seqs=8, prefill_chunk=20)  # 3 + 4 + 5 + 6 = 18 tokens: all in one step
+    for request in short:
+        engine.submit(request)
+    engine.step()
+    assert len(engine.running) == 4 and not engine.prefilling
+    assert all(len(r.output) == 2 for r in short)  # the first token from the prefill, the second from the decode
+    long = Request(list(range(3, 53)), 4, model.generation_config.merged(eos_token_id=[]))
+    engine.submit(long)
+    engine.step()
+    assert long.prefilled == 20 and not long.output  # one chunk, and the others decoded on
+    assert all(len(r.output) == 3 for r in short)
+    engine.step()
+    assert long.prefilled == 40
+    while engine.busy:
+        engine.step()
+    for request in [*short, long]:
+        assert request.output == alone(model, request)
+
+
 def test_the_default_pool_is_max_num_seqs_full_contexts_within_half_the_available_memory(model, monkeypatch):
     from paddle_glm4 import memory
 
