@@ -32,15 +32,18 @@ VARIANTS = {"lowbit-full-depth": ("lowbit", {"layers": 40})}
 # sections measured against this machine's bounds, and those that leave notes (a skipped peer, the CPU flags)
 USE_MACHINE = ("model", "full-depth", "long-context")
 WRITE_NOTES = ("lowbit", "lowbit-full-depth")
+FORMATS = ("bf16", "int8", "int4")  # the lowbit sections' weight formats (--formats)
 TABLE_BEGIN, TABLE_END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
 
 
-def run_sections(sections, quick: bool) -> dict:
+def run_sections(sections, quick: bool, formats=None) -> dict:
+    """`formats`: the weight formats the lowbit sections measure (None: all); a section run with some of them
+    is marked partial, so that merge_previous keeps the other formats' rows."""
     from benchmarks import machine
 
     measured = machine.measure(quick)
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "quick": quick,
-              "machine": measured, "sections": {}, "section_dates": {}, "notes": {}}
+              "machine": measured, "sections": {}, "section_dates": {}, "notes": {}, "partial": []}
     for name in sections:
         report["section_dates"][name] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         started = time.perf_counter()
@@ -51,7 +54,13 @@ def run_sections(sections, quick: bool) -> dict:
             keywords = {**keywords, "machine": measured}
         if name in WRITE_NOTES:
             keywords = {**keywords, "notes": report["notes"].setdefault(name, [])}
+        if module_name == "lowbit" and formats:
+            keywords = {**keywords, "formats": formats}
+            if set(formats) != set(FORMATS):
+                report["partial"].append(name)
         report["sections"][name] = module.run(quick=quick, **keywords)
+        for row in report["sections"][name]:  # a partial rerun's rows sit beside older ones: each says when
+            row["date"] = report["section_dates"][name]
         print(f"benchmark {name}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     return report
 
@@ -66,6 +75,10 @@ def merge_previous(report: dict, path: str) -> dict:
     if previous.get("quick") != report["quick"]:
         return report
     sections = {**previous.get("sections", {}), **report["sections"]}
+    for name in report["partial"]:  # the rows of the formats not run this time stay
+        figures = {row["figure"] for row in report["sections"][name]}
+        kept = [row for row in previous.get("sections", {}).get(name, []) if row["figure"] not in figures]
+        sections[name] = kept + report["sections"][name]
     dates = {**previous.get("section_dates", {}), **report["section_dates"]}
     # a section's notes go with its figures: a section run again replaces them
     notes = {**{name: lines for name, lines in previous.get("notes", {}).items() if name not in report["sections"]},
@@ -98,8 +111,11 @@ def markdown(report: dict) -> str:
     lines += ["",
              "| section | figure | ours | peer | ours / peer |", "|---|---|---:|---:|---:|"]
     for name, rows in report["sections"].items():
+        section_date = report.get("section_dates", {}).get(name)
         for row in rows:
-            lines.append(f"| {name} | {row['figure']} | {row['ours']:.3g} {row['unit']} | "
+            # a row kept from an earlier partial run (--formats) says when it was measured
+            when = f" (measured {row['date'][:16].replace('T', ' ')})" if row.get("date", section_date) != section_date else ""
+            lines.append(f"| {name} | {row['figure']}{when} | {row['ours']:.3g} {row['unit']} | "
                          f"{row['peer']:.3g} ({row['peer_name']}) | {row['ratio']:.2f}x |")
     notes = [f"- {name}: {note}" for name, section_notes in report.get("notes", {}).items() for note in section_notes]
     if notes:
@@ -127,11 +143,14 @@ def main(argv=None) -> int:
                         help=f"run only these sections (of {', '.join(ALL_SECTIONS)}; full-depth, "
                         "lowbit-full-depth and long-context run only when named here); the other sections' figures are kept from the "
                         "previous results")
+    parser.add_argument("--formats", nargs="+", choices=FORMATS, metavar="FORMAT",
+                        help="the weight formats the lowbit sections measure (of bf16, int8, int4; default all); "
+                        "with --only, the previous results' rows of the other formats are kept")
     parser.add_argument("--readme", action="store_true", help="also put the table into README.md's Performance "
                         "section")
     parser.add_argument("--output", default=RESULTS, help="where to write the JSON results (default: %(default)s)")
     args = parser.parse_args(argv)
-    report = run_sections(args.only or SECTIONS, args.quick)
+    report = run_sections(args.only or SECTIONS, args.quick, args.formats)
     check(report)
     if args.only:
         report = merge_previous(report, args.output)

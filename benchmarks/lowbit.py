@@ -132,8 +132,9 @@ def _run(mode: str, args: list[str], quick: bool, layers: int) -> dict:
 
 
 # ---- the run --------------------------------------------------------------------------------------------
-def _prepare(workdir: str, config, peer_binaries, notes: list[str], quick: bool) -> dict:
-    """Our checkpoint and, when the peer is there, llama.cpp's three GGUF files of the same weights."""
+def _prepare(workdir: str, config, peer_binaries, notes: list[str], quick: bool, formats: tuple) -> dict:
+    """Our checkpoint and, when the peer is there, llama.cpp's GGUF files of the same weights (BF16, and the
+    quantized kinds of `formats`)."""
     from benchmarks import gguf_peer
     from benchmarks.full_depth import write_random_checkpoint
 
@@ -146,17 +147,22 @@ def _prepare(workdir: str, config, peer_binaries, notes: list[str], quick: bool)
     # GLM-4's real tokenizer where the reference files are (the tokenizer benchmark's), else the small one
     vocab = gguf_peer.write_gguf(checkpoint, files["BF16"], str(REFERENCE) if not quick else None, progress=False)
     notes.append(f"llama.cpp's GGUF tokenizer: {vocab.source}")
-    for _, _, kind in FORMATS[1:]:
+    for _, quantization, kind in formats:
+        if quantization is None:
+            continue
         files[kind] = os.path.join(workdir, f"model-{kind.lower()}.gguf")
         gguf_peer.quantize(str(peer_binaries.quantize), files["BF16"], files[kind], kind)
     return files
 
 
-def run(quick: bool = False, layers: int = 2, notes: list[str] | None = None) -> list[dict]:
+def run(quick: bool = False, layers: int = 2, notes: list[str] | None = None,
+        formats: list[str] | None = None) -> list[dict]:
+    """`formats`: which of bf16, int8, int4 to measure (default all)."""
     from benchmarks import gguf_peer, llamacpp
     from converters import mapping
 
     notes = notes if notes is not None else []
+    chosen = tuple(f for f in FORMATS if formats is None or f[0] in formats)
     config = lowbit_config(quick, layers)
     try:  # a full run builds the peer when it is missing; a quick one (CI) never does
         peer_binaries = llamacpp.find_or_build(build=not quick)
@@ -174,22 +180,22 @@ def run(quick: bool = False, layers: int = 2, notes: list[str] | None = None) ->
         if free < needed:
             raise RuntimeError(f"lowbit needs {needed / 1e9:.0f} GB free under {workdir}, has {free / 1e9:.0f} GB "
                                "(set TMPDIR elsewhere)")
-        files = _prepare(workdir, config, peer_binaries, notes, quick)
-        for fmt, _, kind in FORMATS:  # each pair back to back
+        files = _prepare(workdir, config, peer_binaries, notes, quick, chosen)
+        for fmt, _, kind in chosen:  # each pair back to back
             results[fmt] = _run("ours", [files["checkpoint"], fmt], quick, layers)
             if peer_binaries is not None:
                 results[kind] = _run("peer", [str(peer_binaries.bench), files[kind]], quick, layers)
                 results[kind]["bytes_per_token"] = sum(
                     size for name, size in gguf_peer.tensor_bytes(files[kind]).items() if name != "token_embd.weight")
-    return _rows(results, config, quick, flags)
+    return _rows(results, config, quick, flags, chosen)
 
 
-def _rows(results: dict, config, quick: bool, flags: str) -> list[dict]:
+def _rows(results: dict, config, quick: bool, flags: str, formats: tuple) -> list[dict]:
     s = settings(quick, config.num_hidden_layers)
     model = f"{'tiny' if quick else 'GLM-4-9B'}, {config.num_hidden_layers} layers"
     prefill = f"prefill tokens/s, {s['prefill']}-token prompt"
     rows = []
-    for fmt, _, kind in FORMATS:
+    for fmt, _, kind in formats:
         mine, theirs = results[fmt], results.get(kind)
         label = f"ours {fmt}, {mine['kernel']} kernels, {model}"
         details = {"kernel": mine["kernel"], "cpu_flags": flags, "load_before": mine["load_before"],

@@ -90,3 +90,31 @@ def test_quick_lowbit_full_depth_runs_40_layers_and_keeps_its_own_notes(tmp_path
     _check_lowbit(report, "lowbit-full-depth")
     assert all("40 layers" in row["figure"] for row in report["sections"]["lowbit-full-depth"])
     assert "- lowbit-full-depth: CPU flags:" in done.stdout
+
+
+def test_quick_lowbit_with_some_formats_keeps_the_other_formats_rows(tmp_path):
+    """`--formats int4` reruns only int4's rows: the previous bf16 row stays (with its own date), the previous
+    int4 row of the same figure is replaced, and every new row says when it was measured."""
+    from paddle_glm4 import kernels
+
+    output = tmp_path / "results.json"
+    old = "2026-01-01T00:00:00+00:00"
+
+    def row(fmt):
+        return {"figure": f"decode tokens/s, batch 1 (ours {fmt}, {kernels.isa()} kernels, tiny, 2 layers)", "ours": 1.0, "peer": 1.0,
+                "peer_name": "x", "unit": "tokens/s", "ratio": 1.0, "date": old}
+
+    previous = {"date": old, "quick": True, "machine": {}, "notes": {}, "section_dates": {"lowbit": old},
+                "sections": {"lowbit": [row("bf16"), row("int4")]}}
+    output.write_text(json.dumps(previous))
+    done = subprocess.run([sys.executable, "-m", "benchmarks", "run", "--quick", "--only", "lowbit", "--formats",
+                           "int4", "--output", str(output)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(output.read_text())["sections"]["lowbit"]
+    assert rows[0] == row("bf16")
+    assert row("int4") not in rows
+    new = rows[1:]
+    assert new and all("ours int4" in r["figure"] or "Q4_0" in r["figure"] for r in new), [r["figure"] for r in new]
+    assert all(r["date"] != old for r in new)
+    assert not any(f"ours {fmt}," in r["figure"] for r in new for fmt in ("bf16", "int8"))
+    assert "(measured 2026-01-01 00:00)" in done.stdout
