@@ -231,9 +231,20 @@ model = transformers.AutoModelForCausalLM.from_pretrained(name)
 tokenizer = transformers.AutoTokenizer.from_pretrained(name)
 report["classes"] = [type(transformers.AutoConfig.from_pretrained(name)).__name__, type(model).__name__,
                      type(transformers.AutoModel.from_pretrained(name)).__name__, type(tokenizer).__name__]
-ids, scores = model.generate(**tokenizer("hello", return_tensors="pd"), decode_strategy="greedy_search",
-                             max_new_tokens=3)
+inputs = tokenizer(["hello", "你好，世界"], padding=True, return_tensors="pd")
+ids, scores = model.generate(**inputs, decode_strategy="greedy_search", max_new_tokens=3)
 report["generated"] = list(ids.shape)
+
+# the same as this project's own classes on the same files
+from paddle_glm4 import GLM4ForCausalLM, GLM4Tokenizer
+directory = sys.argv[3]
+own_model, own_tokenizer = GLM4ForCausalLM.from_pretrained(directory), GLM4Tokenizer.from_pretrained(directory)
+report["same ids"] = tokenizer(["hello", "你好，世界"]) == own_tokenizer(["hello", "你好，世界"])
+chat = [{"role": "user", "content": "你好"}]
+report["same chat template"] = (tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+                                == own_tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True))
+report["same logits"] = bool((model(inputs["input_ids"]).logits == own_model(inputs["input_ids"]).logits).all())
+report["same greedy tokens"] = bool((ids == own_model.generate(**inputs, max_new_tokens=3)[0]).all())
 report["network attempts"] = attempts
 print(json.dumps(report))
 """
@@ -242,8 +253,8 @@ print(json.dumps(report))
 @pytest.mark.parametrize("first", ["paddle_glm4", "paddleformers", "adapter"])
 def test_registration_in_either_import_order_without_network(first, home):
     env = {**os.environ, "PF_HOME": str(home), "DOWNLOAD_SOURCE": "aistudio"}
-    run = subprocess.run([sys.executable, "-c", NO_NETWORK_SCRIPT, first, NAME], env=env, capture_output=True,
-                         text=True, timeout=600)
+    run = subprocess.run([sys.executable, "-c", NO_NETWORK_SCRIPT, first, NAME, str(home / NAME)], env=env,
+                         capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "could not register" not in run.stderr
     report = json.loads(run.stdout.strip().splitlines()[-1])
@@ -252,7 +263,9 @@ def test_registration_in_either_import_order_without_network(first, home):
         assert report["paddleformers imported by paddle_glm4"] is False
     assert report["classes"] == ["PaddleFormersGLM4Config", "PaddleFormersGLM4ForCausalLM",
                                  "PaddleFormersGLM4ForCausalLM", "ChatGLM4Tokenizer"]
-    assert report["generated"] == [1, 3]
+    assert report["generated"] == [2, 3]
+    assert report["same ids"] and report["same chat template"]
+    assert report["same logits"] and report["same greedy tokens"]
 
 
 # ---- fine-tuning with PaddleFormers' LoRA --------------------------------------------------------------------------
