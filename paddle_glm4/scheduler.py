@@ -67,7 +67,7 @@ class Request:
     seed: int | None = None
     vocab_limit: int | None = None
     streamer: Streamer | None = None
-    prefill_chunk: int | None = None  # prompt tokens per prefill step (None: the engine's)
+    prefill_chunk: int | None = None  # at most this many prompt tokens per forward (within the engine's)
     output: list[int] = field(default_factory=list)
     error: BaseException | None = None
     # engine state
