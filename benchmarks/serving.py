@@ -6,9 +6,10 @@ processes on loopback, both up for the whole run:
 - batching:      `glm4 serve --max-num-seqs 16` (each step decodes one token for every running stream);
 - one-at-a-time: the same server with `--max-num-seqs 1`, today's behaviour before continuous batching.
 For each of 1, 4, 8 and 16 concurrent streams, one server then the other (so that the shared machine's changing
-speed falls on both alike): each stream is a client sending ROUNDS streamed completions one after the other (a
-different prompt of ~32 tokens each, 16 new tokens, greedy), the clients' first requests spread evenly over the
-time one request takes on an idle server (users arrive independently, not in one burst). Measured:
+speed falls on both alike): each stream is a client sending 3 streamed completions one after the other (a
+different prompt of ~32 tokens each, answers of 8 to 24 tokens, 16 on average, greedy), the clients' first
+requests spread evenly over the time one request takes on an idle server (users arrive independently, not in
+one burst). Measured:
 - aggregate decode tokens/s: the tokens every stream got / the time from the first request to the last answer;
 - time to first token (TTFT) p50 and p99: from a request to its first streamed token.
 Figures: batching vs one-at-a-time for each, and the batching server's p50 TTFT under load vs an idle server's
@@ -37,7 +38,7 @@ import time
 from benchmarks.model import ROOT, _row, benchmark_config
 
 STREAMS = (1, 4, 8, 16)
-ROUNDS = 2  # requests per client, one after the other
+ROUNDS = 3  # requests per client, one after the other
 SERVERS = {"batching": ["--max-num-seqs", str(max(STREAMS))], "one-at-a-time": ["--max-num-seqs", "1"]}
 
 
@@ -126,7 +127,10 @@ def load(url: str, streams: int, prompt: int, new_tokens: int, spread: float) ->
         time.sleep(index * spread / streams)
         for round_ in range(ROUNDS):
             text = " ".join(f"w{index}x{round_}x{n}" for n in range(prompt // 2))  # a different prompt each
-            result = stream(url, text, new_tokens, time.perf_counter())
+            # answers of different lengths (new_tokens/2 .. 3 new_tokens/2, new_tokens on average), as users'
+            # are: equal ones would end together and keep every client's next request in one burst
+            length = new_tokens // 2 + (7 * index + 3 * round_) % (new_tokens + 1)
+            result = stream(url, text, length, time.perf_counter())
             with lock:
                 results.append(result)
 
@@ -165,7 +169,7 @@ def run(quick: bool = False) -> list[dict]:
             load(url, 1, s["prompt"], 2, 0)  # warm-up: the kernels' first calls, the allocator's pools
         started = time.perf_counter()
         load(urls["batching"], 1, s["prompt"], s["new_tokens"], 0)
-        idle_request = (time.perf_counter() - started) / ROUNDS  # one request on an idle server
+        idle_request = (time.perf_counter() - started) / ROUNDS  # one request on an idle server, about
         # both servers in turn at each load, so that a change in the machine's speed (a shared machine) falls
         # on both alike
         results: dict[str, dict] = {name: {} for name in SERVERS}
