@@ -6,6 +6,7 @@ our model through converters.mapping, the same table the converter uses.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -175,3 +176,12 @@ def check_peft_lora(model, lora_config_class, lora_model_class, merge, base_chec
     merged.save_pretrained(str(out))
     np.testing.assert_allclose(logits(GLM4ForCausalLM.from_pretrained(str(out)), ids), adapted, atol=1e-4, rtol=0)
     assert not np.allclose(logits(GLM4ForCausalLM.from_pretrained(str(base_checkpoint)), ids), adapted, atol=1e-3)
+
+    # the converter turns it into the published torch layout and back, the adapted logits intact (torch-free)
+    from converters import paddle_to_torch, torch_to_paddle
+
+    paddle_to_torch.export(str(out), f"{out}-torch", progress=False)
+    assert json.loads(Path(f"{out}-torch", "config.json").read_text())["model_type"] == "chatglm"
+    torch_to_paddle.convert(f"{out}-torch", f"{out}-again", dtype="float32", progress=False)
+    np.testing.assert_allclose(logits(GLM4ForCausalLM.from_pretrained(f"{out}-again"), ids), adapted, atol=1e-4,
+                               rtol=0)
