@@ -21,7 +21,7 @@ from .streamer import Streamer
 if TYPE_CHECKING:
     import numpy as np
 
-    from .model import GLM4ForCausalLM
+    from .engine import Engine
     from .tokenizer import GLM4Tokenizer
 
 
@@ -77,7 +77,7 @@ class _Text(Streamer):
 class LLM:
     def __init__(
         self,
-        model: GLM4ForCausalLM,
+        model: Engine,
         tokenizer: GLM4Tokenizer,
         max_num_seqs: int = 8,
         kv_cache_memory: int | None = None,
@@ -95,11 +95,11 @@ class LLM:
         **load_options: Any,
     ) -> LLM:
         """A checkpoint directory (and its tokenizer) through engine.load_engine; `load_options`: its dtype,
-        quantization, group_size, activation_dtype."""
+        quantization, group_size, activation_dtype; engine="inference" for a Paddle Inference export directory."""
         from .engine import load_engine
 
         model, tokenizer = load_engine(model_dir, tokenizer_dir=tokenizer_dir, **load_options)
-        return cls(model, tokenizer, max_num_seqs, kv_cache_memory)  # type: ignore[arg-type]
+        return cls(model, tokenizer, max_num_seqs, kv_cache_memory)
 
     def generate(
         self, prompts: Sequence[str | Sequence[int]], options: Options | Sequence[Options] | None = None

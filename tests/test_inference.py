@@ -346,3 +346,17 @@ def test_the_batching_engine_drives_the_predictor_as_it_drives_the_dynamic_model
         assert isinstance(worker.engine, Scheduler) and worker.engine.max_num_seqs == 3
     finally:
         worker.close()
+
+
+def test_the_offline_batch_call_runs_an_export(built, predictor):
+    """LLM.load(export_dir, engine="inference"): the offline batch call over the predictor gives the dynamic
+    model's answers."""
+    from paddle_glm4.llm import LLM, Options
+
+    _, model, checkpoint, f32_dir, _ = built
+    prompts_ = ["hello there", "a longer prompt than the other one", [5, 9, 33, 41]]
+    options = [Options(max_tokens=9), Options(max_tokens=5, temperature=0.8, seed=3), Options(max_tokens=7)]
+    exported = LLM.load(f32_dir, engine="inference", max_num_seqs=2).generate(prompts_, options)
+    tokenizer = GLM4Tokenizer.from_pretrained(checkpoint)
+    assert exported == LLM(model, tokenizer, max_num_seqs=3).generate(prompts_, options)
+    assert all(output.token_ids for output in exported)
