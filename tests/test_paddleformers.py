@@ -316,8 +316,10 @@ def test_by_name_with_a_hub_the_cache_is_read_and_a_missing_checkpoint_says_how_
                  "tokenizer_config.json": (checkpoint / "tokenizer_config.json").read_bytes()}
     missing = NAME + "-chat"
     with hub_stand_in({NAME: published, missing: published}) as (url, requests):
-        env = {key: value for key, value in os.environ.items() if key not in ("PF_HOME", "DOWNLOAD_SOURCE")}
-        env.update(HOME=str(home), HF_ENDPOINT=url, HF_HUB_CACHE=str(tmp_path / "hf-cache"))
+        # nothing of the caller's setup may send the client elsewhere: no offline switch, no proxy, no PF_HOME
+        unset = ("PF_HOME", "DOWNLOAD_SOURCE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN")
+        env = {key: value for key, value in os.environ.items() if key not in unset and "proxy" not in key.lower()}
+        env.update(HOME=str(home), HF_ENDPOINT=url, HF_HUB_CACHE=str(tmp_path / "hf-cache"), NO_PROXY="127.0.0.1")
         run = subprocess.run([sys.executable, "-c", HUB_SCRIPT, NAME, missing], env=env, capture_output=True,
                              text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
