@@ -167,6 +167,8 @@ def test_generate_with_paddleformers_sampling_arguments_equals_ours(auto, refere
     ids, scores = model.generate(**inputs, decode_strategy="greedy_search", max_new_tokens=8)
     np.testing.assert_array_equal(ids.numpy(), expected_ids.numpy())
     np.testing.assert_allclose(scores.numpy(), expected_scores.numpy(), rtol=1e-6)
+    whole = model.generate(**inputs, decode_strategy="greedy_search", max_new_tokens=8, trunc_input=False)[0]
+    np.testing.assert_array_equal(whole.numpy(), np.concatenate([inputs["input_ids"].numpy(), expected_ids.numpy()], 1))
 
     sampling = dict(top_p=0.9, top_k=20, temperature=0.7, repetition_penalty=1.2)
     expected = reference[0].generate(**inputs, do_sample=True, max_new_tokens=8, seed=5, **sampling)[0].numpy()

@@ -173,6 +173,11 @@ def test_generate_as_paddlenlp_users_write_it_equals_greedy_generate(auto, refer
     # as GenerationConfig.from_pretrained reads THUDM's generation_config.json, version stamp included
     config = PaddleNLPGenerationConfig(decode_strategy="greedy_search", max_new_tokens=8, transformers_version="4.40.2")
     np.testing.assert_array_equal(model.generate(**inputs, generation_config=config)[0].numpy(), expected_ids.numpy())
+    # trunc_input=False: the prompt (padding included) before the new tokens, as PaddleNLP returns it
+    prompt = inputs["input_ids"].numpy()
+    for keep in (dict(trunc_input=False), dict(generation_config=PaddleNLPGenerationConfig(trunc_input=False))):
+        whole = model.generate(**inputs, max_new_tokens=8, **keep)[0].numpy()
+        np.testing.assert_array_equal(whole, np.concatenate([prompt, expected_ids.numpy()], axis=1))
 
 
 def test_sampling_arguments_are_honoured(auto, reference):

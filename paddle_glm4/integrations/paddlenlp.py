@@ -202,11 +202,13 @@ class PaddleNLPGLM4ForCausalLM(GLM4ForCausalLM):
         """PaddleNLP's generate(): `ids, scores = model.generate(**tokenizer(texts, return_tensors="pd"), ...)`.
 
         `generation_config` is a paddlenlp GenerationConfig; the options its user set apply, and keyword options
-        override them. ids [b * num_return_sequences, new] holds only the new tokens, as in PaddleNLP.
+        override them. ids [b * num_return_sequences, new] holds only the new tokens, as in PaddleNLP; with
+        `trunc_input=False`, the prompt's ids (padding included) before them, [b * num_return_sequences, s + new].
         """
         if generation_config is not None:  # what its user set, less the version stamps of one read from a file
             chosen = generation_config.to_diff_dict()
             options = {**{k: v for k, v in chosen.items() if not k.endswith("_version")}, **options}
+        keep_prompt = not options.pop("trunc_input", True)
         arguments, copies = generate_arguments({"vocab_limit": self.vocab_limit, **options}, self.generation_config)
         if copies > 1:  # PaddleNLP's order: the copies of each prompt are adjacent rows
             position_ids = arguments.pop("position_ids", None)
@@ -215,7 +217,10 @@ class PaddleNLPGLM4ForCausalLM(GLM4ForCausalLM):
                 for t in (input_ids, attention_mask, position_ids)
             )
             arguments["position_ids"] = position_ids
-        return super().generate(input_ids, attention_mask, **arguments)
+        ids, scores = super().generate(input_ids, attention_mask, **arguments)
+        if keep_prompt:
+            ids = paddle.concat([_as_batch(input_ids).astype(ids.dtype), ids], axis=1)
+        return ids, scores
 
 
 # PaddleNLP generate() options for what generation here does not do, with the value that leaves each off. Another
