@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from paddle_glm4.config import GLM4Config
+from paddle_glm4.config import GLM4Config, Quantization
 from paddle_glm4.quantization import checkpoint_slots
 from paddle_glm4.safetensors_file import cast, to_float32
 
@@ -160,6 +160,13 @@ class TensorSpec:
     linear: bool
     layer: int | None  # None: not a per-layer tensor
 
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        """(K, N) of the tensor read as a weight of N output rows: a Linear's Paddle shape [K, N]; the
+        embedding table [vocab, hidden] has N = vocab rows of K = hidden (stored quantized as such)."""
+        k, n = self.shape if self.linear else self.shape[::-1]
+        return k, n
+
     def source_names(self, layout: str) -> tuple[str, ...]:
         return (self.published,) if layout == "published" else self.hf
 
@@ -247,16 +254,25 @@ def concatenated_rows(parts: list[np.ndarray], start: int, stop: int, out: np.nd
     return out
 
 
+def quantized(spec: TensorSpec, quantization: Quantization | None) -> bool:
+    """Whether a checkpoint quantized as `quantization` stores `spec` as quantized tensors: every Linear
+    weight, and the embedding table when quantization.embedding."""
+    if quantization is None:
+        return False
+    return spec.linear or (spec.paddle == RULES[0].paddle and quantization.embedding)
+
+
 def checkpoint_tensors(config: GLM4Config) -> dict[str, tuple[tuple[int, ...], str | None]]:
     """Every tensor of a Paddle checkpoint of `config`, by name, in module order: as `paddle_shapes`, but
-    when `config.quantization` is set each Linear weight `<layer>.weight` is stored as its quantized
-    tensors `<layer>.qweight` and `<layer>.scales` (see paddle_glm4.quantization). Values: (shape, dtype),
+    when `config.quantization` is set each Linear weight `<layer>.weight` (and the embedding table, when
+    quantization.embedding) is stored as its quantized tensors `<layer>.qweight` and `<layer>.scales` (see
+    paddle_glm4.quantization). Values: (shape, dtype),
     the dtype only where it is fixed (the quantized tensors), else None (any float dtype)."""
     tensors: dict[str, tuple[tuple[int, ...], str | None]] = {}
     for spec in module_order(tensor_specs(config)):
-        if spec.linear and config.quantization is not None:
+        if quantized(spec, config.quantization):
             prefix = spec.paddle[: -len("weight")]
-            for slot in checkpoint_slots(config.dtype, config.quantization, *spec.shape):
+            for slot in checkpoint_slots(config.dtype, config.quantization, *spec.weight_shape):
                 tensors[prefix + slot.name] = (slot.shape, slot.dtype)
         else:
             tensors[spec.paddle] = (spec.shape, None)

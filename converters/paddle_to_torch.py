@@ -101,7 +101,7 @@ def published_tensors(
 def _published_tensor(
     spec: mapping.TensorSpec, sources: Mapping[str, SourceTensor], dtype: str, quantization: Quantization | None
 ) -> OutputTensor:
-    if spec.linear and quantization is not None:
+    if quantization is not None and mapping.quantized(spec, quantization):
         prefix = spec.paddle[: -len("weight")]
         return quantized.dequantized_tensor(
             spec.published, spec, sources[prefix + "qweight"], sources[prefix + "scales"], quantization, dtype

@@ -22,9 +22,10 @@ from .pipeline import OutputTensor, SourceTensor
 def quantized_tensors(
     spec: mapping.TensorSpec, parts: tuple[SourceTensor, ...], quantization: Quantization
 ) -> list[OutputTensor]:
-    """`<layer>.qweight` and `<layer>.scales` for the Linear weight of `spec`, from its torch `parts`."""
+    """`<layer>.qweight` and `<layer>.scales` for the Linear weight (or embedding table) of `spec`, from its
+    torch `parts` (output rows first, as both are)."""
     fmt = Packed(quantization.scheme, quantization.group_size)
-    k, n = spec.shape
+    k, n = spec.weight_shape
     qweight, scales = fmt.slots(k, n)
     kept = np.empty(scales.shape, np.float32)  # filled by qweight's blocks, then written as scales
     prefix = spec.paddle[: -len("weight")]
@@ -57,7 +58,7 @@ def dequantized_tensor(
     """The published (torch, [N, K]) weight `name` in `dtype`, dequantized from a Paddle checkpoint's
     `qweight` and `scales`."""
     fmt = Packed(quantization.scheme, quantization.group_size)
-    k, n = spec.shape
+    k, n = spec.weight_shape
 
     def dequantize(arrays, start, stop, out):
         out[...] = fmt.rows({"qweight": arrays[0], "scales": arrays[1]}, k, start, stop)

@@ -185,6 +185,8 @@ def _check_inv_freq(tensor: SourceTensor, config: GLM4Config, config_path: str):
 def plan_paddle_checkpoint(
     source: TorchCheckpoint, dtype: str, max_shard_size: int, quantization: Quantization | None = None
 ) -> Plan:
+    if quantization is not None:  # the embedding table in the same scheme, unless the lm_head shares it
+        quantization = dataclasses.replace(quantization, embedding=not source.config.tie_word_embeddings)
     config = dataclasses.replace(source.config, dtype=dtype, quantization=quantization)
     tensors = [
         tensor
@@ -224,7 +226,7 @@ def _paddle_tensors(
 ) -> list[OutputTensor]:
     """The Paddle tensor(s) of `spec`: one in `dtype`, or a Linear weight's quantized ones."""
     parts = tuple(source.tensors[name] for name in spec.source_names(source.layout))
-    if spec.linear and quantization is not None:
+    if quantization is not None and mapping.quantized(spec, quantization):
         return quantized.quantized_tensors(spec, parts, quantization)
     return [
         OutputTensor(
@@ -251,9 +253,10 @@ def convert(
     """Convert the torch checkpoint in `src` into a new Paddle checkpoint directory `dst`.
 
     `dtype` None keeps the source's. `quantize` "int8" | "int4" stores the Linear weights quantized (int4:
-    one scale per `group_size` input rows, default 128; see paddle_glm4.quantization); the embedding, norms
-    and biases stay in `dtype`. Raises ValueError (ConversionError, ConfigError, ...) for bad input
-    and OSError for I/O failures; either way `dst` is untouched (or, with `overwrite`, the old one kept).
+    one scale per `group_size` input rows, default 128; see paddle_glm4.quantization), and the embedding
+    table in the same scheme (unless the lm_head shares it); norms and biases stay in `dtype`. Raises
+    ValueError (ConversionError, ConfigError, ...) for bad input and OSError for I/O failures; either way
+    `dst` is untouched (or, with `overwrite`, the old one kept).
     """
     started = time.perf_counter()
     if dtype is not None and dtype not in STORAGE_DTYPES:

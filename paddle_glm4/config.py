@@ -53,8 +53,11 @@ EPS = Number(above=0, below=1)
 DTYPE = Str(STORAGE_DTYPES)
 # Weights stored quantized: int8 (group_size null, one scale per output channel) or int4 (one scale per
 # `group_size` input rows); absent: stored as `dtype`. Which scheme takes which group size is the quantizer's rule.
+# "embedding": the token embedding table is stored quantized too (absent: false, as checkpoints written before).
 QUANTIZATION = Object(
-    {"scheme": Str(("int8", "int4")), "group_size": Optional(Int(1, 1 << 16))}, required=("scheme",), closed=True
+    {"scheme": Str(("int8", "int4")), "group_size": Optional(Int(1, 1 << 16)), "embedding": Bool()},
+    required=("scheme",),
+    closed=True,
 )
 CANONICAL_SCHEMA = Object(
     {
@@ -126,13 +129,17 @@ HF_SCHEMA = Object(
 
 @dataclass(frozen=True)
 class Quantization:
-    """How a checkpoint's Linear weights are stored: `config.json`'s {"quantization": {"scheme", "group_size"}}.
+    """How a checkpoint's Linear weights are stored: `config.json`'s {"quantization": {"scheme", "group_size",
+    "embedding"}}.
 
     int8: one float32 scale per output channel (group_size None); int4: one per `group_size` input rows.
+    `embedding`: the token embedding table [vocab, hidden] is stored in the same scheme (its rows are the
+    output channels), as llama.cpp stores it; checkpoints quantized before it existed keep it dense.
     """
 
     scheme: str
     group_size: int | None = None
+    embedding: bool = False
 
     def __post_init__(self):
         if self.scheme not in QUANTIZATION_SCHEMES:
@@ -160,9 +167,18 @@ class Quantization:
 
     @classmethod
     def from_dict(cls, data: object) -> Quantization:
-        if not isinstance(data, dict) or set(data) - {"scheme", "group_size"} or "scheme" not in data:
-            raise ConfigError(f'quantization must be an object {{"scheme": ..., "group_size": ...}}, got {data!r}')
-        return cls(data["scheme"], data.get("group_size"))
+        if not isinstance(data, dict) or set(data) - {"scheme", "group_size", "embedding"} or "scheme" not in data:
+            raise ConfigError(
+                f'quantization must be an object {{"scheme": ..., "group_size": ..., "embedding": ...}}, got {data!r}'
+            )
+        embedding = data.get("embedding", False)
+        if not isinstance(embedding, bool):
+            raise ConfigError(f"quantization.embedding must be true or false, got {embedding!r}")
+        return cls(data["scheme"], data.get("group_size"), embedding)
+
+    def same_rounding(self, other: Quantization) -> bool:
+        """The same scheme and groups (whether or not the embedding is quantized too)."""
+        return (self.scheme, self.group_size) == (other.scheme, other.group_size)
 
     def __str__(self) -> str:
         return self.scheme if self.group_size is None else f"{self.scheme} (group size {self.group_size})"
@@ -216,6 +232,8 @@ class GLM4Config:
             )
         if self.quantization is not None and not isinstance(self.quantization, Quantization):
             self.quantization = Quantization.from_dict(self.quantization)
+        if self.quantization is not None and self.quantization.embedding and self.tie_word_embeddings:
+            raise ConfigError("quantization.embedding needs an untied lm_head (tie_word_embeddings is true)")
         for token in [self.pad_token_id, *self.eos_token_id]:
             if not token < self.vocab_size:
                 raise ConfigError(f"special token id {token!r} is outside the vocabulary [0, {self.vocab_size})")

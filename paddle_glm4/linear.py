@@ -17,7 +17,7 @@ from paddle import nn
 
 from . import kernels, ops
 from .config import DEFAULT_GROUP_SIZE
-from .quantization import Dense, Packed, WeightFormat, WeightOnlyGPU, convert
+from .quantization import Dense, Packed, Rows, WeightFormat, WeightOnlyGPU, convert
 
 KERNEL_FORMATS = {"bfloat16": "bf16", "int8": "int8", "int4": "int4"}  # paddle_glm4.kernels' names
 
@@ -82,6 +82,28 @@ def linear(
             x, weight, bias=bias, weight_scale=scales, weight_dtype=fmt.scheme, group_size=fmt.group_size or -1
         )
     raise TypeError(f"no computation for weight format {fmt!r}")
+
+
+def lookup(fmt: WeightFormat, ids: paddle.Tensor, tensors: list[paddle.Tensor], k: int) -> paddle.Tensor:
+    """Rows `ids` [...] of a table of K columns held in `tensors` as `fmt` -> [..., K]: a dense table's rows as
+    stored, a quantized one's dequantized exactly as quantization.Packed.rows does (q as float32 times its
+    scale, one multiplication), only the rows looked up."""
+    if isinstance(fmt, Rows):
+        [weight] = tensors
+        return F.embedding(ids, weight)
+    if not (isinstance(fmt, Packed) and fmt.kind in ("int8", "int4")):
+        raise TypeError(f"no lookup for table format {fmt!r}")
+    qweight, scales = tensors
+    flat = ids.reshape([-1])
+    q = paddle.gather(qweight, flat).astype("int32")  # [t, K] int8, or [t, ceil(K/2)] bytes
+    s = paddle.gather(scales, flat)  # [t] or [t, groups]
+    if fmt.kind == "int8":
+        rows = q.astype("float32") * s.unsqueeze(-1)
+    else:  # element 2j in the low nibble of byte j, 2j+1 in the high one, each stored as q + 8
+        nibbles = paddle.stack([q % 16, q // 16], axis=-1).reshape([q.shape[0], -1])[:, :k] - 8
+        rows = nibbles.astype("float32") * paddle.repeat_interleave(s, fmt.group, axis=-1)[:, :k]
+    # back to ids' shape: a tensor, so that an exported program keeps its dynamic batch and length
+    return rows.reshape(paddle.concat([paddle.shape(ids), paddle.full([1], k, dtype=paddle.shape(ids).dtype)]))
 
 
 def load_weight(source: WeightFormat, arrays: dict, target: WeightFormat, k: int, n: int) -> dict:

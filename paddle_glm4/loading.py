@@ -28,13 +28,23 @@ from .config import CONFIG_NAME, GLM4Config
 from .device import on_gpu, use_all_cores
 from .generation import GENERATION_CONFIG_NAME, GenerationConfig
 from .linear import Linear, load_weight
-from .quantization import Dense, Packed, WeightFormat, WeightOnlyGPU, choose_format, convert, stored_format
+from .quantization import (
+    Dense,
+    Packed,
+    WeightFormat,
+    WeightOnlyGPU,
+    choose_format,
+    convert,
+    stored_embedding_format,
+    stored_format,
+)
 
 if TYPE_CHECKING:
     from . import tensor_parallel
     from .model import GLM4ForCausalLM
 
 Model = TypeVar("Model", bound="GLM4ForCausalLM")
+TABLE = "model.embed_tokens"  # the token embedding's parameters: TABLE.weight, or TABLE.qweight and TABLE.scales
 
 
 def from_pretrained(
@@ -104,11 +114,20 @@ def _load_state(
     this rank holds (read as stored, then converted: a slice, never the whole tensor)."""
     params = model.state_dict()
     stored = stored_format(config.dtype, config.quantization)
-    linears = _linears(model)
+    # the weights converted on their way in (held format, K, N): every Linear, and the embedding table when
+    # it is stored or held quantized (else it is a plain tensor, cast if need be)
+    converted = {
+        prefix: (layer.format, layer.in_features, layer.out_features) for prefix, layer in _linears(model).items()
+    }
+    table = model.model.embed_tokens
+    dense_table = locations.get(f"{TABLE}.weight")
+    stored_table = stored_embedding_format(dense_table.dtype if dense_table else config.dtype, config.quantization)
+    if isinstance(stored_table, Packed) or isinstance(table.format, Packed):
+        converted[TABLE] = (table.format, table.hidden_size, table.vocab_size)
     layer_of = {
         name: name.rsplit(".", 1)[0]
         for name in locations
-        if name.rsplit(".", 1)[0] in linears and not name.endswith(".bias")
+        if name.rsplit(".", 1)[0] in converted and not name.endswith(".bias")
     }
     wanted = {name: None if name in layer_of else _dtype_name(params[name].dtype) for name in locations}
     if shard is not None:
@@ -124,12 +143,13 @@ def _load_state(
             _fill(params[name], array)
             continue
         prefix = layer_of[name]
-        layer = linears[prefix]
+        target, k, n = converted[prefix]
+        if prefix == TABLE:
+            source = stored_table
         arrays = pending.setdefault(prefix, {})
         arrays[name.rsplit(".", 1)[1]] = array
-        if len(arrays) == len(source.slots(layer.in_features, layer.out_features)):  # the layer's last tensor
-            held = load_weight(source, pending.pop(prefix), layer.format, layer.in_features, layer.out_features)
-            for slot, value in held.items():
+        if len(arrays) == len(source.slots(k, n)):  # the weight's last tensor
+            for slot, value in load_weight(source, pending.pop(prefix), target, k, n).items():
                 _fill(params[f"{prefix}.{slot}"], value)
 
 
@@ -142,7 +162,8 @@ def save_pretrained(
 ) -> list[str]:
     """Write `model`'s config.json, generation_config.json and safetensors weights; see
     GLM4ForCausalLM.save_pretrained. Returns the names of the files written. A quantized model writes a
-    quantized checkpoint (its Linear weights as they are, everything else in `dtype`)."""
+    quantized checkpoint (its Linear weights and a quantized embedding table as they are, everything else
+    in `dtype`)."""
     existing = checkpoint.existing_weight_files(directory)
     if os.path.exists(os.path.join(directory, CONFIG_NAME)):
         existing.append(CONFIG_NAME)
@@ -155,6 +176,10 @@ def save_pretrained(
             "quantize the checkpoint with glm4-convert --quantize instead"
         )
     quantization = held.quantization if isinstance(held, Packed) else None
+    table = model.model.embed_tokens
+    quantized_table = {f"{TABLE}.{slot.name}": slot for slot in table.slots} if isinstance(table.format, Packed) else {}
+    if quantization is not None and quantized_table:
+        quantization = dataclasses.replace(quantization, embedding=True)
     store = dtype or model.dtype
     target = stored_format(store, quantization)
     state = model.state_dict()
@@ -163,7 +188,9 @@ def save_pretrained(
     entries = []  # (name, dtype, shape) of every tensor written, in order; a Linear's where its first one was
     for name, tensor in state.items():
         prefix = layer_of.get(name)
-        if prefix is None:
+        if name in quantized_table:
+            entries.append((name, quantized_table[name].dtype, quantized_table[name].shape))
+        elif prefix is None:
             entries.append((name, store, tuple(tensor.shape)))
         elif name == f"{prefix}.{linears[prefix].slots[0].name}":
             layer = linears[prefix]
@@ -177,6 +204,8 @@ def save_pretrained(
             prefix, slot = name.rsplit(".", 1)
             if prefix in linears and slot != "bias":  # a Linear's weight, in the stored format
                 yield name, _stored_arrays(linears[prefix], target)[slot]
+            elif name in quantized_table:
+                yield name, _numpy(state[name])
             else:
                 yield name, _cast(_numpy(state[name]), _dtype_name(state[name].dtype), store)
 

@@ -9,7 +9,7 @@ minutes of swapping. So from_pretrained compares first, and says which formats w
 from __future__ import annotations
 
 from .config import GLM4Config, Quantization
-from .quantization import Dense, Packed, WeightFormat
+from .quantization import Dense, Packed, WeightFormat, embedding_format
 from .safetensors_file import numpy_dtype
 
 # The context a model is checked for when the caller names none: the base model's, capped for the 128K one,
@@ -32,7 +32,7 @@ def weight_bytes(config: GLM4Config, fmt: WeightFormat) -> int:
         if spec.linear:
             total += fmt.nbytes(*spec.shape)
         elif spec.paddle == "model.embed_tokens.weight":
-            total += spec.shape[0] * spec.shape[1] * numpy_dtype(fmt.embedding_dtype(config.dtype)).itemsize
+            total += embedding_format(fmt, config.dtype, config.tie_word_embeddings).nbytes(*spec.weight_shape)
         else:  # norms and biases
             dtype = fmt.bias_dtype if spec.paddle.endswith(".bias") else fmt.compute_dtype
             total += spec.shape[0] * numpy_dtype(dtype).itemsize

@@ -18,8 +18,8 @@ from .config import IGNORE_INDEX, GLM4Config
 from .device import on_gpu
 from .generation import Batch, GenerationConfig
 from .kv_cache import KVCache
-from .linear import Linear
-from .quantization import WeightFormat
+from .linear import Linear, lookup
+from .quantization import WeightFormat, embedding_format
 from .sequences import GROWTH_STEP, Sequences
 
 if TYPE_CHECKING:
@@ -60,16 +60,29 @@ class Cache(Protocol):
 
 
 class Embedding(nn.Layer):
-    """The token embedding table [vocab, H], held in `dtype` (bf16 beside low-bit Linear weights: it is looked
-    up, not multiplied, so it is never widened as a whole), its rows widened to `compute_dtype` after lookup."""
+    """The token embedding table [vocab, H], held in `fmt` (quantization.embedding_format): dense (bf16 beside
+    bf16 Linear weights: it is looked up, not multiplied, so it is never widened as a whole), or quantized
+    beside int8 / int4 Linear weights, as a weight of vocab output rows (only the looked-up rows are
+    dequantized). Its parameters are named as the format's slots (`weight`, or `qweight` and `scales`), which
+    are their checkpoint names. Rows come out in `compute_dtype`; `dtype` is the table's dense dtype."""
 
-    def __init__(self, vocab_size: int, hidden_size: int, dtype: str, compute_dtype: str):
+    def __init__(self, vocab_size: int, hidden_size: int, fmt: WeightFormat, dtype: str, compute_dtype: str):
         super().__init__()
-        self.weight = self.create_parameter([vocab_size, hidden_size], dtype=dtype)
-        self.compute_dtype = compute_dtype
+        self.vocab_size, self.hidden_size, self.format = vocab_size, hidden_size, fmt
+        self.slots = fmt.slots(hidden_size, vocab_size)
+        for slot in self.slots:
+            integer = slot.dtype in ("int8", "uint8")
+            param = self.create_parameter(
+                list(slot.shape), dtype=slot.dtype, default_initializer=nn.initializer.Constant(0) if integer else None
+            )
+            param.stop_gradient = integer or slot.name == "scales"  # a quantized table does not train
+            self.add_parameter(slot.name, param)
+        self.dtype, self.compute_dtype = dtype, compute_dtype
 
     def forward(self, ids: paddle.Tensor) -> paddle.Tensor:
-        return F.embedding(ids, self.weight).astype(self.compute_dtype)  # [b, s, H]
+        return lookup(self.format, ids, [getattr(self, slot.name) for slot in self.slots], self.hidden_size).astype(
+            self.compute_dtype
+        )  # [b, s, H]
 
 
 class RMSNorm(nn.Layer):
@@ -149,11 +162,13 @@ class GLM4Model(nn.Layer):
         self.config = config
         # fused GPU kernels on GPU, portable ones elsewhere; Linear weights in `weights`; chosen once, here
         self.kernels = ops.kernels(on_gpu() if fused is None else fused, weights)
+        weights = self.kernels.weights
         self.embed_tokens = Embedding(
             config.vocab_size,
             config.hidden_size,
-            self.kernels.weights.embedding_dtype(config.dtype),
-            self.kernels.weights.compute_dtype,
+            embedding_format(weights, config.dtype, config.tie_word_embeddings),
+            weights.embedding_dtype(config.dtype),
+            weights.compute_dtype,
         )
         self.layers = nn.LayerList([GLM4Block(config, i, self.kernels) for i in range(config.num_hidden_layers)])
         self.kv_groups = config.num_key_value_heads  # those this process holds (tensor_parallel.shard: its share)
@@ -348,7 +363,7 @@ class GLM4ForCausalLM(nn.Layer):
 
     @property
     def dtype(self) -> str:
-        return str(self.model.embed_tokens.weight.dtype).replace("paddle.", "")
+        return self.model.embed_tokens.dtype
 
     # ---- checkpoints (paddle_glm4.loading) ---------------------------------------------------------
     @classmethod

@@ -204,7 +204,42 @@ class WeightOnlyGPU(WeightFormat):
         return [Slot("qweight", (rows, k), "int8"), Slot("scales", scales, "float32")]
 
 
+@dataclass(frozen=True)
+class Rows(WeightFormat):
+    """A dense table stored row by row, [N, K] in `dtype`: the token embedding [vocab, hidden] when it is not
+    quantized (quantized, it is `Packed`: its vocab rows are the output channels)."""
+
+    dtype: str = "float32"
+
+    def slots(self, k: int, n: int) -> list[Slot]:
+        return [Slot("weight", (n, k), self.dtype)]
+
+    def rows(self, arrays: dict[str, np.ndarray], k: int, start: int, stop: int) -> np.ndarray:
+        return to_float32(arrays["weight"][start:stop], self.dtype)
+
+    def pack(self, arrays: dict[str, np.ndarray], rows: np.ndarray, start: int) -> None:
+        arrays["weight"][start : start + len(rows)] = cast(np.ascontiguousarray(rows), "float32", self.dtype)
+
+
+def embedding_format(weights: WeightFormat, dtype: str, tied: bool) -> WeightFormat:
+    """The format the token embedding is held in beside Linear weights held in `weights` (checkpoint dtype
+    `dtype`): quantized with int8 / int4 CPU weights, as llama.cpp does (only the looked-up rows are
+    dequantized: GLM-4-9B's table is 1.24 GB in bf16, 0.62 GB int8, 0.35 GB int4), unless the lm_head shares
+    it (`tied`: it is multiplied whole); else dense in `weights.embedding_dtype(dtype)`."""
+    if isinstance(weights, Packed) and weights.kind != "bfloat16" and not tied:
+        return Packed(weights.kind, weights.group_size)
+    return Rows(weights.embedding_dtype(dtype))
+
+
 # ---- checkpoints ---------------------------------------------------------------------------------------
+def stored_embedding_format(dtype: str, quantization: Quantization | None) -> WeightFormat:
+    """The format of a checkpoint's embedding table: quantized when config.json says so, else dense in the
+    stored tensor's `dtype`."""
+    if quantization is not None and quantization.embedding:
+        return Packed(quantization.scheme, quantization.group_size)
+    return Rows(dtype)
+
+
 def stored_format(dtype: str, quantization: Quantization | None) -> WeightFormat:
     """The format of a checkpoint's Linear weights: dense in `dtype` (Paddle's layout), or quantized."""
     return Dense(dtype) if quantization is None else Packed(quantization.scheme, quantization.group_size)
@@ -261,7 +296,7 @@ def choose_format(
     wanted: Quantization | None
     if quantization is not None:
         wanted = Quantization.of(quantization, group_size)
-        if stored_quantization is not None and wanted != stored_quantization:
+        if stored_quantization is not None and not wanted.same_rounding(stored_quantization):
             raise ConfigError(
                 f"this checkpoint is quantized as {stored_quantization}; re-quantizing it as "
                 f"{wanted} would compound the rounding. Load it as it is, or quantize from a "
@@ -294,10 +329,10 @@ def add_arguments(parser: argparse.ArgumentParser, action: str, activations: boo
         "--quantize",
         choices=QUANTIZATION_SCHEMES,
         help=f"{action} the Linear weights (attention, MLP and the lm_head), weight-only and "
-        "symmetric: int8 with one float32 scale per output channel (GLM-4-9B: 10.0 GB of "
-        "weights), int4 with one per --group-size input rows (5.9 GB). The embedding, norms "
-        "and biases are not quantized. A checkpoint converted with --quantize is quantized "
-        "already and needs no flag",
+        "symmetric: int8 with one float32 scale per output channel (GLM-4-9B: 9.4 GB of "
+        "weights), int4 with one per --group-size input rows (5.0 GB). The token embedding is "
+        "stored in the same scheme (unless the lm_head shares it); norms and biases are not "
+        "quantized. A checkpoint converted with --quantize is quantized already and needs no flag",
     )
     parser.add_argument(
         "--group-size",

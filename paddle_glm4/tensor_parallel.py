@@ -45,7 +45,7 @@ import paddle
 from .config import GLM4Config
 from .linear import Linear
 from .model import MLP, Attention, Embedding
-from .quantization import Dense, Packed, WeightFormat
+from .quantization import Dense, Packed, WeightFormat, embedding_format
 
 HEARTBEAT_SECONDS = 10.0  # well inside gloo's 30 s collective timeout
 LOAD_TIMEOUT_SECONDS = 3600.0  # how long a rank waits for the others to finish loading
@@ -277,13 +277,13 @@ class VocabParallelEmbedding(Embedding):
     """This rank's rows of the table: an id it does not hold looks up zeros, and the sum over the ranks is
     every id's row."""
 
-    def __init__(self, rows: range, hidden_size: int, dtype: str, compute_dtype: str):
-        super().__init__(len(rows), hidden_size, dtype, compute_dtype)
+    def __init__(self, rows: range, hidden_size: int, fmt: WeightFormat, dtype: str, compute_dtype: str):
+        super().__init__(len(rows), hidden_size, fmt, dtype, compute_dtype)
         self.first = rows.start
 
     def forward(self, ids: paddle.Tensor) -> paddle.Tensor:
         local = ids - self.first
-        held = (local >= 0) & (local < self.weight.shape[0])
+        held = (local >= 0) & (local < self.vocab_size)
         x = super().forward(paddle.where(held, local, paddle.zeros_like(local)))  # [b, s, H]
         return _all_reduce(x * held.unsqueeze(-1).astype(x.dtype))
 
@@ -304,7 +304,11 @@ def shard(model, layout: Layout) -> None:
         mlp.down_proj = RowParallelLinear(ffn, hidden, kernels)
     weights = kernels.weights
     inner.embed_tokens = VocabParallelEmbedding(
-        layout.vocab, hidden, weights.embedding_dtype(config.dtype), weights.compute_dtype
+        layout.vocab,
+        hidden,
+        embedding_format(weights, config.dtype, config.tie_word_embeddings),  # quantized as one process's rows
+        weights.embedding_dtype(config.dtype),
+        weights.compute_dtype,
     )
     if not config.tie_word_embeddings:
         model.lm_head = Linear(hidden, len(layout.vocab), kernels)

@@ -43,7 +43,7 @@ def test_quantized_conversion_loads_as_the_model_quantized_at_load(tmp_path, pub
     assert torch_to_paddle.main(argv) == 0
     config = json.loads((tmp_path / "q" / "config.json").read_text())
     expected_group = None if scheme == "int8" else group_size or 128
-    assert config["quantization"] == {"scheme": scheme, "group_size": expected_group}
+    assert config["quantization"] == {"scheme": scheme, "group_size": expected_group, "embedding": True}
     assert config["dtype"] == "bfloat16"
     manifest = json.loads((tmp_path / "q" / "conversion_manifest.json").read_text())
     assert manifest["verified"] and manifest["output"]["quantization"]["scheme"] == scheme
@@ -51,10 +51,13 @@ def test_quantized_conversion_loads_as_the_model_quantized_at_load(tmp_path, pub
     qdtype = "int8" if scheme == "int8" else "uint8"
     assert tensors["model.layers.0.mlp.down_proj.qweight"] == (qdtype, (64, 96 if scheme == "int8" else 48))
     assert tensors["lm_head.scales"][0] == "float32"
-    assert tensors["model.embed_tokens.weight"] == ("bfloat16", (512, 64))
-    assert not any(name.endswith("proj.weight") or name == "lm_head.weight" for name in tensors)
+    # the embedding table in the same scheme: 512 rows of 64
+    assert tensors["model.embed_tokens.qweight"] == (qdtype, (512, 64 if scheme == "int8" else 32))
+    assert tensors["model.embed_tokens.scales"] == ("float32", (512,) if scheme == "int8" else (512, -(-64 // expected_group)))
+    assert not any(name.endswith("proj.weight") or name in ("lm_head.weight", "model.embed_tokens.weight")
+                   for name in tensors)
     assert set(tensors) == set(mapping.checkpoint_tensors(small_config(dtype="bfloat16", quantization={
-        "scheme": scheme, "group_size": expected_group})))
+        "scheme": scheme, "group_size": expected_group, "embedding": True})))
 
     # the same bytes as quantizing at load from the unquantized conversion
     torch_to_paddle.convert(str(published), str(tmp_path / "bf16"), progress=False)
@@ -126,3 +129,37 @@ def test_transformers_layout_quantizes_its_concatenated_qkv(tmp_path):
                                               activation_dtype="float32")
     for name, tensor in at_load.state_dict().items():
         assert np.array_equal(_bits(converted.state_dict()[name]), _bits(tensor)), name
+
+
+def test_a_checkpoint_quantized_before_its_embedding_was_still_loads(tmp_path, published):
+    """Checkpoints quantized before the embedding table was (a bf16 table; config.json's quantization without
+    "embedding") load as they did, the table quantized at load: the same model a conversion gives today."""
+    from paddle_glm4 import checkpoint
+
+    torch_to_paddle.convert(str(published), str(tmp_path / "q"), quantize="int4", group_size=32, progress=False)
+    torch_to_paddle.convert(str(published), str(tmp_path / "bf16"), progress=False)
+    sources = {}
+    for directory in ("q", "bf16"):
+        for path in sorted((tmp_path / directory).glob("*.safetensors")):
+            with SafetensorsReader(str(path)) as reader:
+                sources.update({name: (reader.dtype(name), reader.read(name)) for name in reader.names()
+                                if directory == "q" or name == "model.embed_tokens.weight"})
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    del config["quantization"]["embedding"]
+    old = small_config(dtype="bfloat16", quantization=config["quantization"])
+    names = list(mapping.checkpoint_tensors(old))
+    assert "model.embed_tokens.weight" in names and "model.embed_tokens.qweight" not in names
+    entries = [(name, sources[name][0], sources[name][1].shape) for name in names]
+    checkpoint.write_checkpoint(str(tmp_path / "old"), entries, ((name, sources[name][1]) for name in names),
+                                metadata={"format": "pd"})
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+
+    loaded = GLM4ForCausalLM.from_pretrained(str(tmp_path / "old"), activation_dtype="float32")
+    today = GLM4ForCausalLM.from_pretrained(str(tmp_path / "q"), activation_dtype="float32")
+    assert loaded.model.embed_tokens.qweight.dtype == paddle.uint8
+    for name, tensor in today.state_dict().items():
+        assert np.array_equal(_bits(loaded.state_dict()[name]), _bits(tensor)), name
+    # and it converts back to torch as it did: its table as stored
+    assert paddle_to_torch.main(["--src", str(tmp_path / "old"), "--dst", str(tmp_path / "torch")]) == 0
+    written = tensors_in(tmp_path / "torch")
+    assert written["transformer.embedding.word_embeddings.weight"] == ("bfloat16", (512, 64))

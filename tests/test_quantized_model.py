@@ -13,7 +13,7 @@ from conftest import hf_state, paddle_model, paddle_state, reference_model, smal
 from paddle_glm4 import GLM4ForCausalLM, memory
 from paddle_glm4.config import ConfigError, GLM4Config, Quantization
 from paddle_glm4.linear import Linear
-from paddle_glm4.quantization import Dense, Packed, convert
+from paddle_glm4.quantization import Dense, Packed, Rows, convert
 
 FORMATS = [("bfloat16", None), ("int8", None), ("int4", 32), ("int4", 64)]
 
@@ -46,6 +46,11 @@ def dequantized_float_model(model: GLM4ForCausalLM) -> GLM4ForCausalLM:
             held = {slot.name: _numpy(getattr(layer, slot.name)) for slot in layer.slots}
             state[f"{prefix}.weight"] = convert(layer.format, held, Dense("float32"), layer.in_features,
                                                 layer.out_features)["weight"]
+    table = model.model.embed_tokens
+    if isinstance(table.format, Packed):  # int8 / int4: the table is quantized too
+        held = {slot.name: _numpy(getattr(table, slot.name)) for slot in table.slots}
+        state["model.embed_tokens.weight"] = convert(table.format, held, Rows("float32"), table.hidden_size,
+                                                     table.vocab_size)["weight"]
     for name, tensor in model.state_dict().items():
         if not name.endswith(("qweight", "scales")) and name not in state:
             state[name] = _numpy(tensor).astype(np.float32) if tensor.dtype != paddle.bfloat16 else \
@@ -72,6 +77,13 @@ def test_exact_activations_give_the_float_model_of_the_dequantized_weights(float
                          "scales": ((64, -(-96 // (group_size or 1))), "paddle.float32")}}[kind]
     assert held == expected
     assert isinstance(model.lm_head.format, Packed) and model.lm_head.format.kind == kind  # the head too
+    table = model.model.embed_tokens  # [512, 64]: quantized with the Linears (bf16 Linears: kept bf16)
+    held = {slot.name: (tuple(getattr(table, slot.name).shape), str(getattr(table, slot.name).dtype))
+            for slot in table.slots}
+    assert held == {"bfloat16": {"weight": ((512, 64), "paddle.bfloat16")},
+                    "int8": {"qweight": ((512, 64), "paddle.int8"), "scales": ((512,), "paddle.float32")},
+                    "int4": {"qweight": ((512, 32), "paddle.uint8"),
+                             "scales": ((512, -(-64 // (group_size or 1))), "paddle.float32")}}[kind]
     assert model.model.norm.weight.dtype == paddle.float32
     ids = ids_for(model.config)
     ours = model(ids).logits.numpy()
@@ -102,12 +114,13 @@ def test_quantized_checkpoint_saves_and_loads_as_it_is(float_checkpoint, tmp_pat
     model = load(directory, "int4", 32, activation_dtype="float32")
     model.save_pretrained(str(tmp_path / "q"))
     config = json.loads((tmp_path / "q" / "config.json").read_text())
-    assert config["quantization"] == {"scheme": "int4", "group_size": 32}
+    assert config["quantization"] == {"scheme": "int4", "group_size": 32, "embedding": True}
     from safetensors.numpy import load_file
 
     tensors = load_file(str(tmp_path / "q" / "model.safetensors"))
     assert tensors["model.layers.1.mlp.gate_up_proj.qweight"].dtype == np.uint8
     assert tensors["lm_head.scales"].shape == (512, 2)
+    assert tensors["model.embed_tokens.qweight"].shape == (512, 32) and "model.embed_tokens.weight" not in tensors
     assert "model.layers.1.mlp.gate_up_proj.weight" not in tensors
     reloaded = GLM4ForCausalLM.from_pretrained(str(tmp_path / "q"), activation_dtype="float32")
     assert isinstance(reloaded.lm_head.format, Packed) and reloaded.lm_head.format.group_size == 32
@@ -151,7 +164,8 @@ def test_glm4_9b_memory_figures():
           [("float32", Dense("float32")), ("bfloat16", Packed("bfloat16")), ("int8", Packed("int8")),
            ("int4", Packed("int4", 128))]}
     assert 37.5 < gb["float32"] < 37.7 and 18.7 < gb["bfloat16"] < 18.9  # 9.4B parameters
-    assert 9.5 < gb["int8"] < 10.2 and 5.3 < gb["int4"] < 6.0
+    # the embedding table quantized with them: 1.24 GB in bf16, 0.62 GB int8 (+ scales), 0.35 GB int4
+    assert 9.3 < gb["int8"] < 9.5 and 4.9 < gb["int4"] < 5.1
     with pytest.raises(memory.InsufficientMemoryError) as err:
         memory.check_fits(config, Dense("float32"), 8192, "GLM-4-9B", available=int(21.8e9))
     message = str(err.value)
