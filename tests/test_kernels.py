@@ -216,7 +216,7 @@ def test_to_static_save_and_predictor(tmp_path):
     from paddle import inference
 
     model = ThreeLinears(300, 45, 128)
-    x = np.random.default_rng(8).standard_normal((5, 300)).astype(np.float32)
+    x = np.random.default_rng(8).standard_normal((9, 300)).astype(np.float32)
     eager = model(paddle.to_tensor(x)).numpy()
     static = paddle.jit.to_static(model, input_spec=[paddle.static.InputSpec([None, 300], "float32", "x")],
                                   full_graph=True)
@@ -227,7 +227,7 @@ def test_to_static_save_and_predictor(tmp_path):
     config.disable_glog_info()
     kernels.load()
     predictor = inference.create_predictor(config)
-    for rows in (5, 1):  # the program runs again with another row count (GEMM, then GEMV)
+    for rows in (9, 1):  # the program runs again with another row count (GEMM, then GEMV)
         handle = predictor.get_input_handle(predictor.get_input_names()[0])
         handle.copy_from_cpu(x[:rows])
         predictor.run()
