@@ -65,28 +65,51 @@ def test_a_client_that_leaves_mid_stream_leaves_the_batch(batching_client):
     assert answer(client, requests()[0]) == expected[0]  # and the server answers normally afterwards
 
 
+def test_a_client_that_leaves_a_whole_answer_leaves_the_batch(batching_client):
+    """Not streamed: the server sees the connection close, the request leaves the batch after the current step
+    (its tokens stop short of max_tokens) and its KV memory goes back."""
+    url, client, _ = batching_client
+    long = {"model": "m", "max_tokens": 200, "messages": [{"role": "user", "content": "go on"}]}
+    started = time.perf_counter()
+    assert answer(client, long)[1] == "length"  # alone, it runs all 200 tokens
+    whole = time.perf_counter() - started
+    before = metrics(url)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/chat/completions", json=long, timeout=whole / 4, headers={"Authorization": f"Bearer {KEY}"})
+    after = wait_idle(url)
+    assert after["glm4_generated_tokens_total"] - before["glm4_generated_tokens_total"] < 200
+    assert after["glm4_kv_cache_bytes"] == 0
+
+
+def metrics(url: str) -> dict[str, float]:
+    response = httpx.get(url.removesuffix("/v1") + "/metrics", headers={"Authorization": f"Bearer {KEY}"})
+    response.raise_for_status()
+    assert response.headers["content-type"].startswith("text/plain")
+    return {line.split()[0]: float(line.split()[1]) for line in response.text.splitlines()
+            if line and not line.startswith("#")}
+
+
+def wait_idle(url: str) -> dict[str, float]:
+    """The metrics once nothing runs and the cache is given back (the engine thread ends its step just after
+    the last answer goes out), or after 5 s."""
+    deadline, now = time.monotonic() + 5, metrics(url)
+    while (now["glm4_requests_running"] or now["glm4_kv_cache_bytes"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = metrics(url)
+    return now
+
+
 def test_metrics_count_the_requests_tokens_and_latencies(batching_client):
     url, client, _ = batching_client
-
-    def metrics():
-        response = httpx.get(url.removesuffix("/v1") + "/metrics", headers={"Authorization": f"Bearer {KEY}"})
-        response.raise_for_status()
-        assert response.headers["content-type"].startswith("text/plain")
-        return {line.split()[0]: float(line.split()[1]) for line in response.text.splitlines()
-                if line and not line.startswith("#")}
-
-    before = metrics()
+    before = metrics(url)
     answer(client, {**requests()[3], "max_tokens": 6})
-    after = metrics()
+    after = metrics(url)
     generated = after["glm4_generated_tokens_total"] - before["glm4_generated_tokens_total"]
     assert 1 <= generated <= 6
     assert after["glm4_time_to_first_token_seconds_count"] == before["glm4_time_to_first_token_seconds_count"] + 1
     assert after["glm4_inter_token_latency_seconds_count"] - before["glm4_inter_token_latency_seconds_count"] \
         == generated - 1
-    deadline = time.monotonic() + 5  # the engine thread ends its step just after the answer goes out
-    while (after["glm4_requests_running"] or after["glm4_kv_cache_bytes"]) and time.monotonic() < deadline:
-        time.sleep(0.05)
-        after = metrics()
+    after = wait_idle(url)
     assert after["glm4_requests_running"] == after["glm4_requests_waiting"] == 0  # all answered
     assert after["glm4_kv_cache_bytes"] == 0                                      # idle: memory given back
     assert httpx.get(url.removesuffix("/v1") + "/metrics").status_code == 401     # behind the key, like the rest
