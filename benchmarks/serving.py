@@ -11,7 +11,9 @@ different prompt of ~32 tokens each, answers of 8 to 24 tokens, 16 on average, g
 requests spread evenly over the time one request takes on an idle server (users arrive independently, not in
 one burst). Measured:
 - aggregate decode tokens/s: the tokens every stream got / the time from the first request to the last answer;
-- time to first token (TTFT) p50 and p99: from a request to its first streamed token.
+- time to first token (TTFT) p50 and p99: from a request to its first streamed token, over the requests after
+  each client's first (the steady state: the first ones arrive within one idle request's time, a burst whose
+  prompts all wait for each other's compute-bound prefill; see benchmarks/NOTES.md section 12).
 Figures: batching vs one-at-a-time for each, and the batching server's p50 TTFT under load vs an idle server's
 (its own with 1 stream). Both servers generate the same tokens for the same prompt (batch invariance), so
 they do the same work.
@@ -36,6 +38,7 @@ import threading
 import time
 
 from benchmarks.model import ROOT, _row, benchmark_config
+from paddle_glm4.tokenizer import GLM4Tokenizer
 
 STREAMS = (1, 4, 8, 16)
 ROUNDS = 3  # requests per client, one after the other
@@ -52,7 +55,6 @@ def write_checkpoint(directory: str, quick: bool) -> None:
     """Random bf16 weights at the model benchmark's geometry, with the small vocabulary's tokenizer files."""
     from benchmarks.full_depth import write_random_checkpoint
     from paddle_glm4.small_vocab import write_small_vocabulary
-    from paddle_glm4.tokenizer import GLM4Tokenizer
 
     tokenizer = GLM4Tokenizer.from_pretrained(write_small_vocabulary(directory))
     config = dataclasses.replace(benchmark_config(quick), dtype="bfloat16", eos_token_id=tokenizer.stop_token_ids,
@@ -117,22 +119,22 @@ def stream(url: str, prompt: str, new_tokens: int, started: float) -> dict:
     return {"ttft": first - started, "tokens": tokens, "done": time.perf_counter()}
 
 
-def load(url: str, streams: int, prompt: int, new_tokens: int, spread: float) -> dict:
+def load(url: str, streams: int, prompt: int, new_tokens: int, spread: float, tokenizer) -> dict:
     """`streams` clients, each sending ROUNDS streamed completions one after the other, the clients' first
-    requests spread evenly over `spread` seconds; aggregate tokens/s and the TTFT percentiles."""
+    requests spread evenly over `spread` seconds; aggregate tokens/s, and the TTFT percentiles of the requests
+    after each client's first (the load in its steady state, not its ramp-up)."""
     results: list[dict] = []
     lock = threading.Lock()
 
     def client(index: int) -> None:
         time.sleep(index * spread / streams)
         for round_ in range(ROUNDS):
-            text = " ".join(f"w{index}x{round_}x{n}" for n in range(prompt // 2))  # a different prompt each
             # answers of different lengths (new_tokens/2 .. 3 new_tokens/2, new_tokens on average), as users'
             # are: equal ones would end together and keep every client's next request in one burst
             length = new_tokens // 2 + (7 * index + 3 * round_) % (new_tokens + 1)
-            result = stream(url, text, length, time.perf_counter())
+            result = stream(url, prompt_text(tokenizer, prompt, f"{index}.{round_}"), length, time.perf_counter())
             with lock:
-                results.append(result)
+                results.append({**result, "round": round_})
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(streams)]
     started = time.perf_counter()
@@ -142,10 +144,18 @@ def load(url: str, streams: int, prompt: int, new_tokens: int, spread: float) ->
         thread.join()
     if len(results) != streams * ROUNDS:
         raise RuntimeError(f"a stream of {streams} failed (see the server's log)")
-    ttfts = sorted(result["ttft"] for result in results)
+    ttfts = sorted(result["ttft"] for result in results if result["round"] > 0)
     elapsed = max(result["done"] for result in results) - started
     return {"tokens_per_s": sum(result["tokens"] for result in results) / elapsed,
             "ttft_p50": statistics.median(ttfts), "ttft_p99": _percentile(ttfts, 0.99)}
+
+
+def prompt_text(tokenizer, tokens: int, tag: str) -> str:
+    """A prompt of about `tokens` tokens, unlike any other (`tag`)."""
+    text = f"Request {tag}:"
+    while len(tokenizer.encode(text)) < tokens:
+        text += " and so on"
+    return text
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
@@ -165,10 +175,11 @@ def run(quick: bool = False) -> list[dict]:
             raise RuntimeError(f"writing the serving benchmark's checkpoint failed:\n{done.stderr[-3000:]}")
         urls = {name: servers.enter_context(Server(model_dir, flags, os.path.join(workdir, f"{name}.log")))
                 for name, flags in SERVERS.items()}
+        tokenizer = GLM4Tokenizer.from_pretrained(model_dir)
         for url in urls.values():
-            load(url, 1, s["prompt"], 2, 0)  # warm-up: the kernels' first calls, the allocator's pools
+            load(url, 1, s["prompt"], 2, 0, tokenizer)  # warm-up: the kernels' first calls, the allocator's pools
         started = time.perf_counter()
-        load(urls["batching"], 1, s["prompt"], s["new_tokens"], 0)
+        load(urls["batching"], 1, s["prompt"], s["new_tokens"], 0, tokenizer)
         idle_request = (time.perf_counter() - started) / ROUNDS  # one request on an idle server, about
         # both servers in turn at each load, so that a change in the machine's speed (a shared machine) falls
         # on both alike
@@ -176,7 +187,7 @@ def run(quick: bool = False) -> list[dict]:
         for streams in STREAMS:
             for name, url in urls.items():
                 print(f"  serving: {streams} streams, {name} server ...", file=sys.stderr, flush=True)
-                results[name][streams] = load(url, streams, s["prompt"], s["new_tokens"], idle_request)
+                results[name][streams] = load(url, streams, s["prompt"], s["new_tokens"], idle_request, tokenizer)
     batching, alone = results["batching"], results["one-at-a-time"]
     label = f"{'tiny' if quick else 'GLM-4-9B width'}, 2 layers, bf16"
     peer = "one-at-a-time (--max-num-seqs 1)"
