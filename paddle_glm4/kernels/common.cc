@@ -89,6 +89,47 @@ void micro_bf16_avx512(const uint16_t* a, int64_t lda, int mr, const uint16_t* t
     rows[r - 1](a + i * lda, lda, tile, kb, colscale, c + i * ldc, ldc);
   }
 }
+
+// 8 rows x 32 columns (16 accumulators of 16 int32); each step takes four k (vpdpbusd: four unsigned
+// activation bytes times four signed weights, summed into each lane).
+template <int MR>
+GLM4_VNNI static void micro_i8_rows(const int8_t* a, int64_t lda, const int8_t* tile, int64_t kb,
+                                    const float* colscale, const int32_t* colsum, float* c, int64_t ldc) {
+  __m512i acc[MR][2];
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_si512();
+  const int64_t quads = tile_units<int8_t>(kb);
+  for (int64_t q = 0; q < quads; ++q) {
+    const __m512i b0 = _mm512_loadu_si512(tile + q * kPanel * 4);
+    const __m512i b1 = _mm512_loadu_si512(tile + q * kPanel * 4 + 64);
+    for (int i = 0; i < MR; ++i) {
+      int32_t quad;
+      std::memcpy(&quad, a + i * lda + 4 * q, 4);
+      const __m512i av = _mm512_set1_epi32(quad);
+      acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], av, b0);
+      acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], av, b1);
+    }
+  }
+  const __m512i off0 = _mm512_slli_epi32(_mm512_loadu_si512(colsum), 7);
+  const __m512i off1 = _mm512_slli_epi32(_mm512_loadu_si512(colsum + 16), 7);
+  const __m512 s0 = _mm512_loadu_ps(colscale), s1 = _mm512_loadu_ps(colscale + 16);
+  for (int i = 0; i < MR; ++i) {
+    float* ci = c + i * ldc;
+    _mm512_storeu_ps(ci, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][0], off0)), s0, _mm512_loadu_ps(ci)));
+    _mm512_storeu_ps(ci + 16,
+                     _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][1], off1)), s1, _mm512_loadu_ps(ci + 16)));
+  }
+}
+
+void micro_i8_vnni(const int8_t* a, int64_t lda, int mr, const int8_t* tile, int64_t kb, const float* colscale,
+                   const int32_t* colsum, float* c, int64_t ldc) {
+  static void (*const rows[])(const int8_t*, int64_t, const int8_t*, int64_t, const float*, const int32_t*, float*,
+                              int64_t) = {micro_i8_rows<1>, micro_i8_rows<2>, micro_i8_rows<3>, micro_i8_rows<4>,
+                                          micro_i8_rows<5>, micro_i8_rows<6>, micro_i8_rows<7>, micro_i8_rows<8>};
+  for (int i = 0; i < mr; i += 8) {
+    const int r = std::min(8, mr - i);
+    rows[r - 1](a + i * lda, lda, tile, kb, colscale, colsum, c + i * ldc, ldc);
+  }
+}
 #endif
 
 // ---- Tiles ---------------------------------------------------------------------------------------------
@@ -126,56 +167,101 @@ GLM4_AVX2 void transpose32_avx2(const uint32_t* rows, int64_t stride, int64_t nr
 #endif
 
 // ---- GEMM driver -----------------------------------------------------------------------------------------
-constexpr int kGemmRows = 48;  // rows per micro-kernel call: a multiple of both kernels' register blocks
+constexpr int kGemmRows = 24;         // rows per pass over a task's tiles: a multiple of every register block
+constexpr int64_t kTaskPanels = 4;    // panels per task: each block's activation rows are reused from L1 this
+                                      // many times
 
-void gemm(const Weights& w, const Acts& a, const GemmPlan& plan, const float* bias, float* y, int threads) {
-  const int64_t tasks = (w.N + kPanel - 1) / kPanel;
+// The driver's micro-kernel: the float ones take no column sums.
+template <class T>
+using MicroFn = void (*)(const T* a, int64_t lda, int mr, const T* tile, int64_t kb, const float* colscale,
+                         const int32_t* colsum, float* c, int64_t ldc);
+
+template <class T, void (*Micro)(const T*, int64_t, int, const T*, int64_t, const float*, float*, int64_t)>
+static void without_colsum(const T* a, int64_t lda, int mr, const T* tile, int64_t kb, const float* colscale,
+                           const int32_t*, float* c, int64_t ldc) {
+  Micro(a, lda, mr, tile, kb, colscale, c, ldc);
+}
+
+template <class T>
+static void gemm_tiles(const Weights& w, const Acts& a, const T* acts, int64_t block, DecodeFn<T> decode,
+                       MicroFn<T> micro, const float* bias, float* y, int threads) {
+  const int64_t panels = (w.N + kPanel - 1) / kPanel, tasks = (panels + kTaskPanels - 1) / kTaskPanels;
+  const int64_t tile_size = tile_units<T>(block) * kPerUnit<T> * kPanel;
+  const bool int8 = !a.q.empty();  // outputs are scaled by the row's activation scale at the end
   ThreadPool::instance().run(threads, tasks, [&](int64_t t) {
-    const int64_t n0 = t * kPanel, nr = std::min(kPanel, w.N - n0);
-    const int64_t block = std::min(plan.block, w.K);
-    std::vector<float> tile_f32(plan.bf16_tile ? 0 : block * kPanel);
-    std::vector<uint16_t> tile_bf16(plan.bf16_tile ? (block + 1) / 2 * 2 * kPanel : 0);
-    float colscale[kPanel];
-    // a whole panel when it fits in y; the last, narrower one goes through a full-width scratch
-    std::vector<float> scratch(nr < kPanel ? a.M * kPanel : 0, 0.f);
-    float* c = nr < kPanel ? scratch.data() : y + n0;
-    const int64_t ldc = nr < kPanel ? kPanel : w.N;
-    for (int64_t m = 0; m < a.M; ++m)
-      for (int64_t j = 0; j < nr; ++j) c[m * ldc + j] = bias ? bias[n0 + j] : 0.f;
+    const int64_t p0 = t * kTaskPanels, np = std::min(kTaskPanels, panels - p0);
+    thread_local std::vector<T> tiles;
+    tiles.resize(np * tile_size);
+    float colscale[kTaskPanels][kPanel];
+    int32_t colsum[kTaskPanels][kPanel] = {};
+    // each panel's outputs go straight to y; the last, narrower one through a full-width scratch
+    std::vector<float> scratch;
+    float* c[kTaskPanels];
+    int64_t ldc[kTaskPanels], n0[kTaskPanels], nr[kTaskPanels];
+    for (int64_t p = 0; p < np; ++p) {
+      n0[p] = (p0 + p) * kPanel, nr[p] = std::min(kPanel, w.N - n0[p]);
+      if (nr[p] < kPanel) scratch.assign(a.M * kPanel, 0.f);
+      c[p] = nr[p] < kPanel ? scratch.data() : y + n0[p];
+      ldc[p] = nr[p] < kPanel ? kPanel : w.N;
+      for (int64_t m = 0; m < a.M; ++m)
+        for (int64_t j = 0; j < nr[p]; ++j) c[p][m * ldc[p] + j] = bias && !int8 ? bias[n0[p] + j] : 0.f;
+    }
     for (int64_t k0 = 0; k0 < w.K; k0 += block) {
       const int64_t kb = std::min(block, w.K - k0);
-      if (plan.bf16_tile)
-        plan.decode_bf16(w, n0, nr, k0, kb, tile_bf16.data(), colscale);
-      else
-        plan.decode_f32(w, n0, nr, k0, kb, tile_f32.data(), colscale);
+      for (int64_t p = 0; p < np; ++p) {
+        T* tile = tiles.data() + p * tile_size;
+        decode(w, n0[p], nr[p], k0, kb, tile, colscale[p]);
+        if (int8) {
+          const int8_t* bytes = reinterpret_cast<const int8_t*>(tile);
+          for (int64_t j = 0; j < kPanel; ++j) colsum[p][j] = 0;
+          for (int64_t u = 0; u < tile_units<T>(kb); ++u)
+            for (int64_t j = 0; j < kPanel; ++j)
+              for (int b = 0; b < 4; ++b) colsum[p][j] += bytes[(u * kPanel + j) * 4 + b];
+        }
+      }
       for (int64_t m0 = 0; m0 < a.M; m0 += kGemmRows) {
         const int mr = static_cast<int>(std::min<int64_t>(kGemmRows, a.M - m0));
-        float* cm = c + m0 * ldc;
-#if GLM4_X86
-        if (plan.bf16_tile) {
-          micro_bf16_avx512(a.b.data() + m0 * a.Kp + k0, a.Kp, mr, tile_bf16.data(), kb, colscale, cm, ldc);
-          continue;
-        }
-        if (plan.isa >= kAvx2) {
-          micro_f32_avx2(a.f.data() + m0 * a.Kp + k0, a.Kp, mr, tile_f32.data(), kb, colscale, cm, ldc);
-          continue;
-        }
-#endif
-        micro_f32_scalar(a.f.data() + m0 * a.Kp + k0, a.Kp, mr, tile_f32.data(), kb, colscale, cm, ldc);
+        const T* rows = acts + a.block_start(m0, k0);
+        for (int64_t p = 0; p < np; ++p)
+          micro(rows, a.bstride, mr, tiles.data() + p * tile_size, kb, colscale[p], colsum[p], c[p] + m0 * ldc[p],
+                ldc[p]);
       }
     }
-    if (nr < kPanel)
+    for (int64_t p = 0; p < np; ++p) {
+      if (!int8 && nr[p] == kPanel) continue;
       for (int64_t m = 0; m < a.M; ++m)
-        for (int64_t j = 0; j < nr; ++j) y[m * w.N + n0 + j] = c[m * ldc + j];
+        for (int64_t j = 0; j < nr[p]; ++j) {
+          const float v = c[p][m * ldc[p] + j];
+          y[m * w.N + n0[p] + j] = int8 ? v * a.scale[m] + (bias ? bias[n0[p] + j] : 0.f) : v;
+        }
+    }
   });
+}
+
+void gemm(const Weights& w, const Acts& a, const GemmPlan& plan, const float* bias, float* y, int threads) {
+  const int64_t block = gemm_block(plan, w.K);
+#if GLM4_X86
+  if (plan.tile == kTileI8)
+    return gemm_tiles<int8_t>(w, a, a.q.data(), block, plan.decode_i8, micro_i8_vnni, bias, y, threads);
+  if (plan.tile == kTileBf16)
+    return gemm_tiles<uint16_t>(w, a, a.b.data(), block, plan.decode_bf16,
+                                without_colsum<uint16_t, micro_bf16_avx512>, bias, y, threads);
+  if (plan.isa >= kAvx2)
+    return gemm_tiles<float>(w, a, a.f.data(), block, plan.decode_f32, without_colsum<float, micro_f32_avx2>,
+                             bias, y, threads);
+#endif
+  gemm_tiles<float>(w, a, a.f.data(), block, plan.decode_f32, without_colsum<float, micro_f32_scalar>,
+                    bias, y, threads);
 }
 
 // ---- One linear ------------------------------------------------------------------------------------------
 const char* linear(const float* x, int64_t M, const Weights& w, const float* bias, float* y, int isa, int act,
                    bool use_gemm, bool int_weights, int threads, Planner planner) {
   const Plan plan = planner(isa, act, use_gemm, w.group);
-  const Acts acts = prepare_acts(x, M, w.K, act, use_gemm ? plan.gemm.bf16_tile : plan.bf16_bits,
-                                 use_gemm ? 0 : plan.perm, int_weights ? w.group : 0, !use_gemm && plan.biased);
+  const Acts acts = use_gemm ? prepare_acts(x, M, w.K, act, plan.gemm.tile == kTileBf16, 0, 0, true,
+                                            gemm_block(plan.gemm, w.K), isa, threads)
+                             : prepare_acts(x, M, w.K, act, plan.bf16_bits, plan.perm, int_weights ? w.group : 0,
+                                            plan.biased, 0, isa, threads);
   if (use_gemm)
     gemm(w, acts, plan.gemm, bias, y, threads);
   else

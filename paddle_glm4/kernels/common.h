@@ -17,10 +17,12 @@
 #include <cstring>
 #include <functional>
 #include <mutex>
+#include <new>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include <pthread.h>
 #include <unistd.h>
 #if defined(__linux__)
 #include <sched.h>
@@ -124,7 +126,6 @@ class ThreadPool {
     std::lock_guard<std::mutex> one_job_at_a_time(run_mutex_);
     {
       std::unique_lock<std::mutex> lock(mutex_);
-      if (owner_ != getpid()) forget_workers();
       while (static_cast<int>(workers_.size()) < threads - 1) {
         int index = static_cast<int>(workers_.size());
         workers_.emplace_back([this, index] { work(index); });
@@ -146,19 +147,25 @@ class ThreadPool {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       stop_ = true;
-      if (owner_ != getpid()) forget_workers();
     }
     wake_.notify_all();
     for (auto& w : workers_) w.join();
   }
 
  private:
-  // A forked child has the pool's memory but none of its threads: it starts its own (the parent's thread
-  // handles are left alone; joining or destroying them in the child would be undefined).
-  void forget_workers() {
+  ThreadPool() { pthread_atfork(nullptr, nullptr, [] { instance().after_fork(); }); }
+
+  // A forked child has the pool's memory but none of its threads: it starts its own when it needs them.
+  // The parent's thread handles are left alone (joining or destroying them in the child would be undefined),
+  // and the locks and condition variables start afresh: their state counts threads the child does not have
+  // (a parent's worker waiting on `wake_` made the child's first notify wait forever).
+  void after_fork() {
     new std::vector<std::thread>(std::move(workers_));  // never freed: those threads are not this process's
     workers_.clear();
-    owner_ = getpid();
+    new (&run_mutex_) std::mutex;
+    new (&mutex_) std::mutex;
+    new (&wake_) std::condition_variable;
+    new (&done_) std::condition_variable;
   }
 
   void take_tasks(const std::function<void(int64_t)>& fn) {
@@ -190,7 +197,6 @@ class ThreadPool {
   int64_t tasks_ = 0, generation_ = 0;
   int helpers_ = 0, pending_ = 0;
   bool stop_ = false;
-  pid_t owner_ = getpid();
 };
 
 // ---- Numbers ---------------------------------------------------------------------------------------------
@@ -220,37 +226,39 @@ constexpr int64_t kPad = 128;  // activation rows are zero-padded to a multiple 
 
 inline int64_t padded(int64_t k) { return (k + kPad - 1) / kPad * kPad; }
 
-// Activations as the chosen path reads them: rows of stride Kp (= padded(K)), zero beyond K.
+// Activations as the chosen path reads them, in one of two layouts:
+// - GEMV (block 0): rows of stride Kp (= padded(K)), zero beyond K, in `perm` order;
+// - GEMM (block > 0): the k-blocks the GEMM multiplies one after another, each stored as M rows of
+//   `bstride` (block rounded up to 4: the tiles' 32-bit units) — so that a micro-kernel's rows are a few KB
+//   apart, not K elements (rows 8 KB apart all fall in one L1 set and evict each other).
 struct Acts {
   int64_t M = 0, K = 0, Kp = 0;
+  int64_t block = 0, bstride = 0;
   std::vector<float> f;        // float32 (already rounded to bf16 for Act kBf16 on paths without BF16)
   std::vector<uint16_t> b;     // bfloat16 bits
-  std::vector<int8_t> q;       // int8 values, per-row scale in `scale`
+  std::vector<int8_t> q;       // int8 values, per-row scale in `scale` (GEMM layout: q + 128, vpdpbusd's
+                               // unsigned operand)
   std::vector<float> scale;    // [M]
-  std::vector<int32_t> gsum;   // [M, groups]: sum of q over each weight group (int4 needs it)
+  std::vector<int32_t> gsum;   // [M, groups]: sum of q over each weight group (int4's GEMV needs it)
   std::vector<float> gsum8;    // the same times 8, as float32 (exact: |8 sum| < 2^24)
-  // SIMD int4 paths read each chunk of `perm` elements as its even elements then its odd ones: the order of
-  // the low and high nibbles of its packed weights. 0 = natural order.
+  // SIMD int4 GEMV paths read each chunk of `perm` elements as its even elements then its odd ones: the
+  // order of the low and high nibbles of its packed weights. 0 = natural order.
   int64_t perm = 0;
-  // The VNNI dots read q + 128 (unsigned bytes, as vpdpbusd's first operand must be; padding 0 + 128 too)
-  // and subtract 128 times the weights' sum, which every row shares.
+  // The VNNI dots and the GEMM's int8 tiles read q + 128 (unsigned bytes, as vpdpbusd's first operand must
+  // be; GEMV padding 0 + 128 too) and subtract 128 times the weights' sum, which every row shares.
   bool biased = false;
-};
 
-// A row of n values (n a multiple of perm) from natural order into `perm` order.
-template <class T>
-inline void permute_row(const T* in, int64_t n, int64_t perm, T* out) {
-  if (perm == 0) {
-    std::copy(in, in + n, out);
-    return;
+  int64_t size() const { return block ? (K + block - 1) / block * M * bstride : M * Kp; }
+  // Where element (m, k) is stored.
+  int64_t index(int64_t m, int64_t k) const {
+    if (block) return (k / block) * M * bstride + m * bstride + k % block;
+    if (perm == 0) return m * Kp + k;
+    const int64_t base = k - k % perm, j = k % perm;
+    return m * Kp + base + (j % 2) * (perm / 2) + j / 2;
   }
-  const int64_t half = perm / 2;
-  for (int64_t base = 0; base < n; base += perm)
-    for (int64_t j = 0; j < half; ++j) {
-      out[base + j] = in[base + 2 * j];
-      out[base + half + j] = in[base + 2 * j + 1];
-    }
-}
+  // Row m of the GEMM block starting at k0 (rows of stride bstride follow).
+  int64_t block_start(int64_t m, int64_t k0) const { return (k0 / block) * M * bstride + m * bstride; }
+};
 
 // Round to the nearest integer, half to even, for |v| < 2^22: adding 1.5 * 2^23 leaves no fraction bits, and
 // the addition rounds as the FPU does by default (half to even). Unlike std::nearbyint it compiles to plain
@@ -260,60 +268,147 @@ inline float round_half_even(float v) {
   return (v + kMagic) - kMagic;
 }
 
+// Stores row m's values (natural order) where the layout puts them: whole runs at once where they are
+// contiguous.
+template <class T>
+void store_row(const Acts& a, std::vector<T>& data, int64_t m, const T* values) {
+  if (a.block) {
+    for (int64_t k0 = 0; k0 < a.K; k0 += a.block)
+      std::memcpy(data.data() + a.block_start(m, k0), values + k0, sizeof(T) * std::min(a.block, a.K - k0));
+  } else if (a.perm == 0) {
+    std::memcpy(data.data() + m * a.Kp, values, sizeof(T) * a.K);
+  } else {
+    for (int64_t k = 0; k < a.K; ++k) data[a.index(m, k)] = values[k];
+  }
+}
+
+// One row rounded as each activation dtype says, in natural order: scalar references, and SIMD versions
+// that round identically (division, round-half-even and bf16's round-to-nearest-even are exact IEEE
+// operations whatever the instruction).
+inline float quantize_row_scalar(const float* x, int64_t K, int8_t* q) {
+  float absmax = 0.f;
+  for (int64_t k = 0; k < K; ++k) absmax = std::max(absmax, std::fabs(x[k]));
+  // as quant.quantize_activations_int8: scale = absmax / 127, q = round-half-even(x / scale) in float32
+  const float s = absmax / 127.f;
+  for (int64_t k = 0; k < K; ++k) {
+    const float v = s != 0.f ? round_half_even(x[k] / s) : 0.f;
+    q[k] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, v)));
+  }
+  return s;
+}
+
+inline void bf16_row_scalar(const float* x, int64_t K, uint16_t* out) {
+  for (int64_t k = 0; k < K; ++k) out[k] = float_to_bf16(x[k]);
+}
+
+#if GLM4_X86
+GLM4_AVX2 inline float quantize_row_avx2(const float* x, int64_t K, int8_t* q) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 vmax = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k)));
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  float absmax = std::max(_mm_cvtss_f32(m4), _mm_cvtss_f32(_mm_movehdup_ps(m4)));
+  for (; k < K; ++k) absmax = std::max(absmax, std::fabs(x[k]));
+  const float s = absmax / 127.f;
+  if (s == 0.f) {
+    std::memset(q, 0, K);
+    return s;
+  }
+  const __m256 vs = _mm256_set1_ps(s), hi = _mm256_set1_ps(127.f), lo = _mm256_set1_ps(-127.f);
+  for (k = 0; k + 8 <= K; k += 8) {
+    __m256 v = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + k), vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256i i = _mm256_cvtps_epi32(_mm256_min_ps(hi, _mm256_max_ps(lo, v)));
+    const __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(q + k), _mm_packs_epi16(i16, i16));
+  }
+  for (; k < K; ++k) q[k] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, round_half_even(x[k] / s))));
+  return s;
+}
+
+// bf16 = the float's high half after adding 0x7FFF + its lowest kept bit (round to nearest, ties to even);
+// NaNs keep a quiet payload as float_to_bf16 does.
+GLM4_AVX2 inline void bf16_row_avx2(const float* x, int64_t K, uint16_t* out) {
+  const __m256i bias = _mm256_set1_epi32(0x7FFF), one = _mm256_set1_epi32(1), quiet = _mm256_set1_epi32(0x400000);
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m256i h[2];
+    for (int i = 0; i < 2; ++i) {
+      const __m256 v = _mm256_loadu_ps(x + k + 8 * i);
+      const __m256i u = _mm256_castps_si256(v);
+      const __m256i rounded = _mm256_add_epi32(u, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(u, 16), one)));
+      const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      h[i] = _mm256_srli_epi32(_mm256_blendv_epi8(rounded, _mm256_or_si256(u, quiet), nan), 16);
+    }
+    // packus works within 128-bit lanes: restore the order after
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k),
+                        _mm256_permute4x64_epi64(_mm256_packus_epi32(h[0], h[1]), 0xD8));
+  }
+  bf16_row_scalar(x + k, K - k, out + k);
+}
+#endif
+
+// Rows are prepared in parallel (at 512 rows of K = 13696 the serial loop took as long as a tenth of the
+// GEMM). `gemm_block` > 0 asks for the GEMM layout with k-blocks of that size (perm is then 0).
 inline Acts prepare_acts(const float* x, int64_t M, int64_t K, int act, bool want_bf16_bits, int64_t perm,
-                         int64_t group, bool biased) {
+                         int64_t group, bool biased, int64_t gemm_block, int isa, int threads) {
   Acts a;
-  a.M = M, a.K = K, a.Kp = padded(K), a.perm = perm, a.biased = biased && act == kI8;
+  a.M = M, a.K = K, a.Kp = padded(K), a.perm = perm, a.biased = (biased || gemm_block) && act == kI8;
+  a.block = gemm_block, a.bstride = (gemm_block + 3) / 4 * 4;
+  const bool simd = GLM4_X86 && isa >= kAvx2;
+  const int64_t groups = group > 0 ? (K + group - 1) / group : 0;
   if (act == kI8) {
-    const uint8_t bias = a.biased ? 0x80 : 0;  // q + 128 in two's complement bits: q with its sign bit flipped
-    a.q.resize(M * a.Kp);
+    a.q.assign(a.size(), static_cast<int8_t>(a.biased && !gemm_block ? 0x80 : 0));
     a.scale.resize(M);
-    int64_t groups = group > 0 ? (K + group - 1) / group : 0;
-    a.gsum.assign(M * groups, 0);
-    a.gsum8.assign(M * groups, 0.f);
-    std::vector<int8_t> natural(a.Kp, 0);  // one row in natural order, zero beyond K
-    for (int64_t m = 0; m < M; ++m) {
-      const float* row = x + m * K;
-      float absmax = 0.f;
-      for (int64_t k = 0; k < K; ++k) absmax = std::max(absmax, std::fabs(row[k]));
-      // as quant.quantize_activations_int8: scale = absmax / 127, q = round-half-even(x / scale) in float32
-      // (|x / scale| <= 127 here, NaN clamps to -127 as before)
-      const float s = absmax / 127.f;
-      a.scale[m] = s;
-      for (int64_t k = 0; k < K; ++k) {
-        const float v = s != 0.f ? round_half_even(row[k] / s) : 0.f;
-        natural[k] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, v)));
+    if (!gemm_block) a.gsum.assign(M * groups, 0), a.gsum8.assign(M * groups, 0.f);
+  } else if (want_bf16_bits) {
+    a.b.assign(a.size(), 0);
+  } else {
+    a.f.assign(a.size(), 0.f);
+  }
+  ThreadPool::instance().run(threads, M, [&](int64_t m) {
+    const float* row = x + m * K;
+    thread_local std::vector<int8_t> q;
+    thread_local std::vector<uint16_t> bits;
+    thread_local std::vector<float> rounded;
+    if (act == kI8) {
+      q.resize(K);
+#if GLM4_X86
+      a.scale[m] = simd ? quantize_row_avx2(row, K, q.data()) : quantize_row_scalar(row, K, q.data());
+#else
+      a.scale[m] = quantize_row_scalar(row, K, q.data());
+#endif
+      if (!gemm_block)
+        for (int64_t g = 0; g < groups; ++g) {
+          int32_t sum = 0;
+          for (int64_t k = g * group; k < std::min(K, (g + 1) * group); ++k) sum += q[k];
+          a.gsum[m * groups + g] = sum;
+          a.gsum8[m * groups + g] = 8.f * static_cast<float>(sum);
+        }
+      if (a.biased)  // q + 128 in two's complement bits: q with its sign bit flipped
+        for (int64_t k = 0; k < K; ++k) q[k] = static_cast<int8_t>(static_cast<uint8_t>(q[k]) ^ 0x80);
+      store_row(a, a.q, m, q.data());
+      return;
+    }
+    if (want_bf16_bits || act == kBf16) {
+      bits.resize(K);
+#if GLM4_X86
+      if (simd)
+        bf16_row_avx2(row, K, bits.data());
+      else
+#endif
+        bf16_row_scalar(row, K, bits.data());
+      if (want_bf16_bits) {
+        store_row(a, a.b, m, bits.data());
+        return;
       }
-      for (int64_t g = 0; g < groups; ++g) {
-        int32_t sum = 0;
-        for (int64_t k = g * group; k < std::min(K, (g + 1) * group); ++k) sum += natural[k];
-        a.gsum[m * groups + g] = sum;
-        a.gsum8[m * groups + g] = 8.f * static_cast<float>(sum);
-      }
-      int8_t* out = a.q.data() + m * a.Kp;
-      permute_row(natural.data(), a.Kp, perm, out);
-      for (int64_t k = 0; k < a.Kp; ++k) out[k] = static_cast<int8_t>(static_cast<uint8_t>(out[k]) ^ bias);
+      rounded.resize(K);
+      for (int64_t k = 0; k < K; ++k) rounded[k] = bf16_to_float(bits[k]);
+      row = rounded.data();
     }
-    return a;
-  }
-  if (want_bf16_bits) {
-    a.b.resize(M * a.Kp);
-    std::vector<uint16_t> natural(a.Kp, 0);
-    for (int64_t m = 0; m < M; ++m) {
-      for (int64_t k = 0; k < K; ++k) natural[k] = float_to_bf16(x[m * K + k]);
-      permute_row(natural.data(), a.Kp, perm, a.b.data() + m * a.Kp);
-    }
-    return a;
-  }
-  a.f.resize(M * a.Kp);
-  std::vector<float> natural(a.Kp, 0.f);
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t k = 0; k < K; ++k) {
-      const float v = x[m * K + k];
-      natural[k] = act == kBf16 ? bf16_to_float(float_to_bf16(v)) : v;
-    }
-    permute_row(natural.data(), a.Kp, perm, a.f.data() + m * a.Kp);
-  }
+    store_row(a, a.f, m, row);
+  });
   return a;
 }
 
@@ -397,19 +492,29 @@ inline void gemv(const Weights& w, const Acts& a, const DotKernels& dots, const 
 }
 
 // ---- GEMM driver -----------------------------------------------------------------------------------------
-// The weight is cut into panels of kPanel channels x a block of k; each panel is decoded by the format's
-// `decode` into a k-major tile (float32, or bfloat16 pairs for vdpbf16ps) together with one scale per
-// channel for the block (int4: the group's, so k blocks are the groups; int8: the channel's; bf16: 1), then
-// every activation row passes through it: y[m, panel] += scale * (x[m, block] . tile).
+// The weight is cut into panels of kPanel channels x a block of k; each panel is decoded by the format into
+// a k-major tile of 32-bit units — one float32, a pair of bfloat16 (vdpbf16ps) or four int8 (vpdpbusd) —
+// with one scale per channel for the block (int4: the group's, so k blocks are the groups; int8: the
+// channel's; bf16: 1). A task takes a few neighbouring panels and walks k: each block's tiles are decoded
+// once, then every activation row passes through them in register blocks (the rows' block of activations
+// stays in L1 while it meets each tile): y[m, panel] += scale * (x[m, block] . tile).
 constexpr int64_t kPanel = 32;       // channels per panel (two 16-float vectors per row in the micro-kernels)
-constexpr int64_t kBlockK = 256;     // k per block for bf16/int8: a 32 KB float panel, L1-sized
+constexpr int64_t kBlockK = 256;     // k per block for bf16/int8: a 16-32 KB tile, L1-sized
+enum Tile { kTileF32 = 0, kTileBf16 = 1, kTileI8 = 2 };
 
-// decode(w, n0, nr, k0, kb, tile, colscale): tile float [kb][kPanel] (kBf16Tile: uint16 [kb/2][kPanel][2],
-// kb rounded up to even), columns >= nr zero; colscale [kPanel].
-using DecodeF32 = void (*)(const Weights&, int64_t, int64_t, int64_t, int64_t, float*, float*);
-using DecodeBf16 = void (*)(const Weights&, int64_t, int64_t, int64_t, int64_t, uint16_t*, float*);
+// A tile of T holds tile_units(kb) units of kPanel columns x (4 / sizeof(T)) consecutive k; columns past the
+// panel's channels and k past kb are zero.
+template <class T>
+constexpr int64_t kPerUnit = 4 / sizeof(T);
+template <class T>
+inline int64_t tile_units(int64_t kb) { return (kb + kPerUnit<T> - 1) / kPerUnit<T>; }
 
-// Micro-kernels: C[MR rows, kPanel] (row stride ldc) += colscale * (A[MR, kb] . tile), A rows of stride lda.
+// decode(w, n0, nr, k0, kb, tile, colscale): channels n0..n0+nr, k0..k0+kb into tile; colscale [kPanel].
+template <class T>
+using DecodeFn = void (*)(const Weights&, int64_t, int64_t, int64_t, int64_t, T*, float*);
+
+// Micro-kernels: C[mr rows, kPanel] (row stride ldc) += colscale * (A[mr, kb] . tile), A rows of stride
+// lda (attention.cc uses them too).
 void micro_f32_scalar(const float* a, int64_t lda, int mr, const float* tile, int64_t kb, const float* colscale,
                       float* c, int64_t ldc);
 #if GLM4_X86
@@ -417,15 +522,23 @@ void micro_f32_avx2(const float* a, int64_t lda, int mr, const float* tile, int6
                     float* c, int64_t ldc);
 void micro_bf16_avx512(const uint16_t* a, int64_t lda, int mr, const uint16_t* tile, int64_t kb,
                        const float* colscale, float* c, int64_t ldc);
+// int8 tiles meet activations stored as q + 128 (vpdpbusd multiplies unsigned by signed bytes): colsum[j],
+// the sum of the tile's column j, takes the 128 back out, exactly, in integers.
+void micro_i8_vnni(const int8_t* a, int64_t lda, int mr, const int8_t* tile, int64_t kb, const float* colscale,
+                   const int32_t* colsum, float* c, int64_t ldc);
 #endif
 
 struct GemmPlan {
-  int isa;
-  bool bf16_tile;         // vdpbf16ps micro-kernel (activations as bf16 bits)
-  int64_t block;          // k per block
-  DecodeF32 decode_f32;
-  DecodeBf16 decode_bf16;
+  int isa = kScalar;
+  int tile = kTileF32;
+  int64_t block = kBlockK;  // k per block
+  DecodeFn<float> decode_f32 = nullptr;
+  DecodeFn<uint16_t> decode_bf16 = nullptr;
+  DecodeFn<int8_t> decode_i8 = nullptr;
 };
+
+// The k-block size a call uses (the activations are laid out for it).
+inline int64_t gemm_block(const GemmPlan& plan, int64_t K) { return std::max<int64_t>(1, std::min(plan.block, K)); }
 
 void gemm(const Weights& w, const Acts& a, const GemmPlan& plan, const float* bias, float* y, int threads);
 
@@ -464,8 +577,8 @@ DotKernels scalar_dots() {
   return {{dot_scalar<F, 1>, dot_scalar<F, 2>, dot_scalar<F, 3>, dot_scalar<F, 4>}};
 }
 
-// The GEMM tiles decoded one weight at a time (F::value and F::scale inline here), k by k so that the
-// tile is written in order; columns past nr stay zero.
+// The GEMM's float32 tiles decoded one weight at a time (F::value and F::scale inline here), k by k so that
+// the tile is written in order; columns past nr stay zero.
 template <class F>
 void decode_scalar_f32(const Weights& w, int64_t n0, int64_t nr, int64_t k0, int64_t kb, float* tile,
                        float* colscale) {
@@ -473,17 +586,6 @@ void decode_scalar_f32(const Weights& w, int64_t n0, int64_t nr, int64_t k0, int
   if (nr < kPanel) std::memset(tile, 0, sizeof(float) * kb * kPanel);
   for (int64_t k = 0; k < kb; ++k)
     for (int64_t j = 0; j < nr; ++j) tile[k * kPanel + j] = F::value(w, n0 + j, k0 + k);
-}
-
-template <class F>
-void decode_scalar_bf16(const Weights& w, int64_t n0, int64_t nr, int64_t k0, int64_t kb, uint16_t* tile,
-                        float* colscale) {
-  for (int64_t j = 0; j < kPanel; ++j) colscale[j] = j < nr ? F::scale(w, n0 + j, k0) : 0.f;
-  const int64_t kb2 = (kb + 1) / 2 * 2;
-  if (nr < kPanel || kb2 != kb) std::memset(tile, 0, sizeof(uint16_t) * kb2 * kPanel);
-  for (int64_t k = 0; k < kb; ++k)
-    for (int64_t j = 0; j < nr; ++j)
-      tile[(k / 2) * kPanel * 2 + j * 2 + k % 2] = float_to_bf16(F::value(w, n0 + j, k0 + k));
 }
 
 // ---- Choosing a path -------------------------------------------------------------------------------------
@@ -504,61 +606,58 @@ struct Plan {
 // A format's planner: the kernels for (path, activation dtype, GEMM or GEMV, group size).
 using Planner = Plan (*)(int isa, int act, bool use_gemm, int64_t group);
 
-// The GEMM plan any format gets from its scalar decode: bf16 tiles where vdpbf16ps exists, else float32.
 #if GLM4_X86
-// SIMD decodes: each of the panel's rows decoded along k (F::row_f32, natural order, vectorized), then
-// transposed 8 x 8 at a time into the tile. A bf16 tile's unit is a pair of bf16 (32 bits), so the same
-// transpose serves both; integer weights are exact in bf16 (at most 8 significant bits).
+// SIMD decodes: each of the panel's rows decoded along k (Row: natural order, vectorized, kb values of T),
+// then transposed 8 x 8 units at a time into the tile; one transpose serves every tile type, its unit being
+// 32 bits. Integer weights are exact in bf16 (at most 8 significant bits).
 void transpose32_avx2(const uint32_t* rows, int64_t stride, int64_t nr, int64_t units, uint32_t* tile);
 
-template <class F>
-GLM4_AVX2 void decode_avx2_f32(const Weights& w, int64_t n0, int64_t nr, int64_t k0, int64_t kb, float* tile,
-                               float* colscale) {
-  thread_local std::vector<float> rows;
-  rows.resize(kPanel * kb);
-  for (int64_t j = 0; j < kPanel; ++j) colscale[j] = j < nr ? F::scale(w, n0 + j, k0) : 0.f;
-  for (int64_t j = 0; j < nr; ++j) F::row_f32(w, n0 + j, k0, kb, rows.data() + j * kb);
-  transpose32_avx2(reinterpret_cast<const uint32_t*>(rows.data()), kb, nr, kb, reinterpret_cast<uint32_t*>(tile));
-}
-
-template <class F>
-GLM4_BF16 void decode_avx512_bf16(const Weights& w, int64_t n0, int64_t nr, int64_t k0, int64_t kb,
-                                  uint16_t* tile, float* colscale) {
-  const int64_t units = (kb + 1) / 2;
-  thread_local std::vector<float> row;
-  thread_local std::vector<uint16_t> rows;
-  row.resize(units * 2 + 16);
-  rows.resize(kPanel * units * 2);
+template <class F, class T, void (*Row)(const Weights&, int64_t, int64_t, int64_t, T*)>
+void decode_rows(const Weights& w, int64_t n0, int64_t nr, int64_t k0, int64_t kb, T* tile, float* colscale) {
+  const int64_t units = tile_units<T>(kb), len = units * kPerUnit<T>;
+  thread_local std::vector<T> rows;
+  rows.resize(kPanel * len);
   for (int64_t j = 0; j < kPanel; ++j) colscale[j] = j < nr ? F::scale(w, n0 + j, k0) : 0.f;
   for (int64_t j = 0; j < nr; ++j) {
-    uint16_t* out = rows.data() + j * units * 2;
-    if (F::kBf16Rows) {  // the stored row is already bf16
-      std::memcpy(out, w.data + (n0 + j) * w.row_bytes + 2 * k0, 2 * kb);
-      if (kb % 2) out[kb] = 0;
-      continue;
-    }
-    F::row_f32(w, n0 + j, k0, kb, row.data());
-    std::fill(row.begin() + kb, row.end(), 0.f);
-    for (int64_t k = 0; k < units * 2; k += 16)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k),
-                          (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(row.data() + k)));
+    T* out = rows.data() + j * len;
+    Row(w, n0 + j, k0, kb, out);
+    std::fill(out + kb, out + len, T(0));
   }
   transpose32_avx2(reinterpret_cast<const uint32_t*>(rows.data()), units, nr, units,
                    reinterpret_cast<uint32_t*>(tile));
 }
+
+// A row as bfloat16: the stored one where it is bf16, else its float32 decode rounded.
+template <class F>
+GLM4_BF16 void row_bf16_avx512(const Weights& w, int64_t n, int64_t k0, int64_t kb, uint16_t* out) {
+  if (F::kBf16Rows) {
+    std::memcpy(out, w.data + n * w.row_bytes + 2 * k0, 2 * kb);
+    return;
+  }
+  thread_local std::vector<float> row;
+  row.resize(kb);
+  F::row_f32(w, n, k0, kb, row.data());
+  int64_t k = 0;
+  for (; k + 16 <= kb; k += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(row.data() + k)));
+  for (; k < kb; ++k) out[k] = float_to_bf16(row[k]);
+}
 #endif
 
+// The GEMM plan of a format: int8 tiles for int8 activations on VNNI, bf16 tiles where vdpbf16ps exists,
+// else float32 tiles (activations float32, or rounded to bf16 and widened).
 template <class F>
 GemmPlan gemm_plan(int isa, int act, int64_t block) {
   GemmPlan g;
   g.isa = isa;
-  g.bf16_tile = act == kBf16 && isa >= kAvx512Bf16;
   g.block = block;
+  g.tile = act == kI8 && isa >= kAvx512Vnni ? kTileI8 : act == kBf16 && isa >= kAvx512Bf16 ? kTileBf16 : kTileF32;
   g.decode_f32 = decode_scalar_f32<F>;
-  g.decode_bf16 = decode_scalar_bf16<F>;
 #if GLM4_X86
-  if (isa >= kAvx2) g.decode_f32 = decode_avx2_f32<F>;
-  if (g.bf16_tile) g.decode_bf16 = decode_avx512_bf16<F>;
+  if (isa >= kAvx2) g.decode_f32 = decode_rows<F, float, F::row_f32>;
+  if (g.tile == kTileBf16) g.decode_bf16 = decode_rows<F, uint16_t, row_bf16_avx512<F>>;
+  if constexpr (!F::kBf16Rows)  // the integer formats
+    if (g.tile == kTileI8) g.decode_i8 = decode_rows<F, int8_t, F::row_i8>;
 #endif
   return g;
 }

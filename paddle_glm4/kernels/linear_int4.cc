@@ -35,6 +35,19 @@ struct Int4Format {
     }
     for (; k < kb; ++k) out[k] = value(w, n, k0 + k);
   }
+  // the same as int8 values (nibble - 8), for the VNNI GEMM's tiles
+  GLM4_AVX2 static void row_i8(const Weights& w, int64_t n, int64_t k0, int64_t kb, int8_t* out) {
+    const uint8_t* row = w.data + n * w.row_bytes + k0 / 2;
+    const __m128i low = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
+    int64_t k = 0;
+    for (; k + 32 <= kb; k += 32) {
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2));
+      const __m128i lo = _mm_and_si128(b, low), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k), _mm_sub_epi8(_mm_unpacklo_epi8(lo, hi), eight));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k + 16), _mm_sub_epi8(_mm_unpackhi_epi8(lo, hi), eight));
+    }
+    for (; k < kb; ++k) out[k] = static_cast<int8_t>(value(w, n, k0 + k));
+  }
 #endif
 };
 

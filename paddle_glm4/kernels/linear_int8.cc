@@ -23,6 +23,9 @@ struct Int8Format {
     }
     for (; k < kb; ++k) out[k] = static_cast<float>(row[k]);
   }
+  static void row_i8(const Weights& w, int64_t n, int64_t k0, int64_t kb, int8_t* out) {
+    std::memcpy(out, w.data + n * w.row_bytes + k0, kb);
+  }
 #endif
 };
 
