@@ -140,13 +140,14 @@ def test_batched_input_and_auto_choice():
     assert y.shape == [2, 3, 40]
     flat = kernels.linear(paddle.to_tensor(x.reshape(6, 256)), weight, scales, fmt="int4")
     np.testing.assert_array_equal(y.numpy().reshape(6, 40), flat.numpy())
-    # "auto" is the documented choice, bit for bit: int8 activations for up to 16 rows of integer weights
-    # (on AVX2 and better), bfloat16 on AVX-512 BF16 CPUs, float32 otherwise
+    # "auto" is the documented choice, bit for bit: int8 activations for integer weights at any row count on
+    # AVX-512 VNNI and up to 16 rows on AVX2, bfloat16 on AVX-512 BF16 CPUs, float32 otherwise
     best = kernels.isa()
-    for rows, fmt in [(1, "int4"), (1, "bf16"), (16, "int8"), (17, "int4"), (6, "bf16")]:
+    vnni = best in ("avx512vnni", "avx512bf16")
+    for rows, fmt in [(1, "int4"), (1, "bf16"), (16, "int8"), (17, "int4"), (40, "int8"), (6, "bf16")]:
         w, s, _ = stored(rng.standard_normal((24, 256)).astype(np.float32), fmt, 128)
         xr = paddle.to_tensor(rng.standard_normal((rows, 256)).astype(np.float32))
-        if fmt != "bf16" and rows <= 16 and best != "scalar":
+        if fmt != "bf16" and best != "scalar" and (rows <= 16 or vnni):
             expected = "int8"
         else:
             expected = "bfloat16" if best == "avx512bf16" else "float32"

@@ -662,14 +662,15 @@ GemmPlan gemm_plan(int isa, int act, int64_t block) {
   return g;
 }
 
-// activation_dtype "auto", by measurement (benchmarks/NOTES.md): int8 for up to kInt8AutoRows rows of
-// integer weights on AVX2 and better (their integer dots read the packed weights with the fewest
-// instructions; up to 16 rows they beat decoding tiles for the GEMM), else bfloat16 where vdpbf16ps exists
+// activation_dtype "auto", by measurement (benchmarks/NOTES.md): int8 for integer weights on AVX-512 VNNI at
+// every row count (their GEMM's vpdpbusd tiles did 1.6x the bf16 tiles' rate at 512 rows, and beat them at 17
+// and 64), and up to kInt8AutoRows rows on AVX2 (their integer dots read the packed weights with the fewest
+// instructions; up to 16 rows they beat decoding tiles for the GEMM); else bfloat16 where vdpbf16ps exists
 // (twice the float32 rate), else float32.
 constexpr int64_t kInt8AutoRows = 16;
 
 inline int auto_act(int isa, bool int_weights, int64_t rows) {
-  if (int_weights && rows <= kInt8AutoRows && isa >= kAvx2) return kI8;
+  if (int_weights && (isa >= kAvx512Vnni || (rows <= kInt8AutoRows && isa >= kAvx2))) return kI8;
   return isa >= kAvx512Bf16 ? kBf16 : kF32;
 }
 
