@@ -98,7 +98,10 @@ def load_engine(
     if engine not in ENGINES:
         raise UsageError(f"engine must be one of {ENGINES}, got {engine!r}")
     if engine == "inference" and kv_cache_dtype is not None:
-        raise UsageError("--kv-cache-dtype applies to the dynamic engine; an export's cache is in its compute dtype")
+        raise UsageError(
+            "--kv-cache-dtype applies to the dynamic engine; an export's cache dtype is chosen when it is exported "
+            "(glm4 export --kv-cache-dtype)"
+        )
     if engine == "inference" and (quantization or group_size or activation_dtype != "auto"):
         raise UsageError(
             "--quantize, --group-size and --activation-dtype choose how a checkpoint is loaded; an "

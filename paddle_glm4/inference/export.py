@@ -47,6 +47,8 @@ class CacheSlots:
     ) -> tuple[paddle.Tensor, paddle.Tensor]:
         """Write k, v [b, s, g, d] at slots start..start+s of the layer's buffers, in place; return the buffers."""
         end = start + paddle.shape(k)[1]
+        if k.dtype != self.keys[layer].dtype:  # a compact cache (bf16) rounds what it stores
+            k, v = k.astype(self.keys[layer].dtype), v.astype(self.values[layer].dtype)
         self.keys[layer][:, start:end] = k
         self.values[layer][:, start:end] = v
         return self.keys[layer], self.values[layer]
@@ -60,9 +62,9 @@ class StepProgram(nn.Layer):
     place at slots start..start+s. Returns the float32 logits of the last new token [b, vocab].
     """
 
-    def __init__(self, model: GLM4ForCausalLM, compute_dtype: str):
+    def __init__(self, model: GLM4ForCausalLM, kv_cache_dtype: str):
         super().__init__()
-        self.model, self.compute_dtype = model, compute_dtype
+        self.model, self.kv_cache_dtype = model, kv_cache_dtype
 
     def forward(
         self,
@@ -82,7 +84,7 @@ class StepProgram(nn.Layer):
         config = self.model.config
         layers, names = config.num_hidden_layers, input_names(config.num_hidden_layers)
         cache = [
-            InputSpec([None, None, config.num_key_value_heads, config.head_dim], self.compute_dtype, name)
+            InputSpec([None, None, config.num_key_value_heads, config.head_dim], self.kv_cache_dtype, name)
             for name in names[4:]
         ]
         return [
@@ -134,6 +136,7 @@ def export_model(
     group_size: int | None = None,
     activation_dtype: str = "auto",
     overwrite: bool = False,
+    kv_cache_dtype: str | None = None,
 ) -> Manifest:
     """Export the converted checkpoint in `model_dir` to `out_dir` (see the module docstring).
 
@@ -142,7 +145,9 @@ def export_model(
     checkpoint) through paddle_glm4.kernels' operators, which the program calls (`activation_dtype` as in
     from_pretrained); float16 ones are widened where they are used. On a GPU it computes in `dtype` with the
     fused kernels and flash attention. `max_seq_len`: the longest prompt + generation the export accepts
-    (default: the config's seq_length). The export is built in a temporary directory beside `out_dir` and
+    (default: the config's seq_length). `kv_cache_dtype`: how the predictor's KV cache holds keys and values,
+    the compute dtype (default) or, on CPU, "bfloat16" (half the memory; the attention operator reads it as
+    stored). The export is built in a temporary directory beside `out_dir` and
     renamed into place when complete; an existing `out_dir` is replaced only with `overwrite`, and only if it
     is empty or an export.
     """
@@ -163,6 +168,10 @@ def export_model(
             f"--out {out_dir} is inside the checkpoint {model_dir}, which is never written to; "
             "choose a directory outside it"
         )
+    if kv_cache_dtype not in (None, "float32", "bfloat16"):
+        raise ExportError(f"kv_cache_dtype must be float32 or bfloat16, got {kv_cache_dtype!r}")
+    if kv_cache_dtype == "bfloat16" and on_gpu():
+        raise ExportError("kv_cache_dtype='bfloat16' is for CPU exports; a GPU program's cache is in its compute dtype")
     check_destination(out_dir, overwrite, EXPORT, "--out")
     copies = {
         name: source_path(model_dir, name) for name in TOKENIZER_FILES if os.path.lexists(os.path.join(model_dir, name))
@@ -171,7 +180,9 @@ def export_model(
     if progress:
         print(f"tracing the model and saving the program to {out_dir}", file=sys.stderr, flush=True)
     with staged(out_dir, overwrite, EXPORT, "--out", mode_limit=permission_bits(sources)) as staging:
-        manifest = _export(model_dir, staging, config, dtype, max_seq_len, quantization, group_size, activation_dtype)
+        manifest = _export(
+            model_dir, staging, config, dtype, max_seq_len, quantization, group_size, activation_dtype, kv_cache_dtype
+        )
         for name, path in copies.items():
             copy_source(path, os.path.join(staging, name))
         write_text_atomic(os.path.join(staging, MANIFEST_NAME), manifest.to_json())
@@ -187,6 +198,7 @@ def _export(
     quantization: str | None,
     group_size: int | None,
     activation_dtype: str,
+    kv_cache_dtype: str | None,
 ) -> Manifest:
     """Trace the checkpoint's model and save the program into `out_dir`; the manifest that describes it."""
     device = "gpu" if on_gpu() else "cpu"
@@ -209,7 +221,8 @@ def _export(
     # the program calls the kernels' operators (attention on CPU; low-bit Linear weights) wherever they were built,
     # else their portable ops are traced
     uses_kernels = device == "cpu" and kernels.available()
-    program = StepProgram(model, compute_dtype)
+    kv_cache_dtype = kv_cache_dtype or compute_dtype
+    program = StepProgram(model, kv_cache_dtype)
     program.eval()
     with warnings.catch_warnings():
         # Paddle remarks on its own calls while tracing (`contiguous`, `place` have no meaning in a static
@@ -226,4 +239,5 @@ def _export(
         max_seq_len=max_seq_len,
         inputs=input_names(config.num_hidden_layers),
         kernels=uses_kernels,
+        kv_cache_dtype=kv_cache_dtype,
     )

@@ -19,7 +19,9 @@ from ..validation import Bool, Int, List, Object, SchemaError, Str, read_json, v
 
 FORMAT = "paddle_glm4.inference"
 # Bump when the program's inputs, outputs or meaning change: a predictor only runs its own version.
-FORMAT_VERSION = 2  # 2: programs may call paddle_glm4.kernels' operators ("kernels"); config.quantization
+# 2: programs may call paddle_glm4.kernels' operators ("kernels"); config.quantization. 3: CPU programs attend
+# through the kernels' glm4_attention; the KV cache's dtype (kv_cache_dtype)
+FORMAT_VERSION = 3
 MANIFEST_NAME = "export.json"
 # `paddle.jit.save` prefix: PROGRAM.json holds the PIR program, PROGRAM.pdiparams the weights.
 PROGRAM = "glm4"
@@ -44,6 +46,7 @@ MANIFEST_SCHEMA = Object(
         "inputs": List(Str(max_len=64), max_len=4 + 2 * 1024),
         "config": Object({}),
         "kernels": Bool(),
+        "kv_cache_dtype": Str(STORAGE_DTYPES),
     },
     required=(
         "format",
@@ -56,6 +59,7 @@ MANIFEST_SCHEMA = Object(
         "inputs",
         "config",
         "kernels",
+        "kv_cache_dtype",
     ),
 )
 
@@ -83,13 +87,14 @@ def input_names(num_layers: int) -> list[str]:
 class Manifest:
     config: GLM4Config
     dtype: str  # how the weights are stored in PROGRAM.pdiparams
-    compute_dtype: str  # activations and KV cache
+    compute_dtype: str  # activations
     device: str  # where the program was traced: "gpu" programs hold the fused GPU kernels
     max_seq_len: int  # the longest prompt + generation the export accepts
     paddle_version: str = paddle.__version__
     format_version: int = FORMAT_VERSION
     inputs: list[str] = field(default_factory=list)
     kernels: bool = False  # the program calls paddle_glm4.kernels' operators: load them before the predictor
+    kv_cache_dtype: str = "float32"  # the program's cache inputs (the compute dtype, or bfloat16 on CPU)
 
     def to_json(self) -> str:
         data = {"format": FORMAT, **asdict(self), "config": self.config.to_dict()}
@@ -136,7 +141,16 @@ class Manifest:
             config=config,
             **{
                 k: data[k]
-                for k in ("dtype", "compute_dtype", "device", "max_seq_len", "paddle_version", "inputs", "kernels")
+                for k in (
+                    "dtype",
+                    "compute_dtype",
+                    "device",
+                    "max_seq_len",
+                    "paddle_version",
+                    "inputs",
+                    "kernels",
+                    "kv_cache_dtype",
+                )
             },
         )
         if manifest.max_seq_len > config.seq_length:

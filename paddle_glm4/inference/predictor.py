@@ -108,14 +108,15 @@ class Predictor:
         return PredictorSession(self, self.prefill_chunk if prefill_chunk is None else prefill_chunk)
 
     def cache_dtype(self, capacity: int) -> str:
-        """The KV cache's dtype: the program's cache inputs are in the export's compute dtype, whatever the context."""
-        return self.manifest.compute_dtype
+        """The KV cache's dtype: the program's cache inputs are in the export's kv_cache_dtype (chosen when it was
+        exported), whatever the context."""
+        return self.manifest.kv_cache_dtype
 
     def new_cache(self, batch_size: int, capacity: int, dtype: str | None = None) -> KVCache:
-        """A KV cache the program takes (`dtype`: None or the export's compute dtype, the only one it takes)."""
-        if dtype not in (None, self.manifest.compute_dtype):
-            raise ValueError(f"this export's cache is in {self.manifest.compute_dtype}, not {dtype}")
-        return KVCache(self.config, batch_size, capacity, dtype=self.manifest.compute_dtype)
+        """A KV cache the program takes (`dtype`: None or the export's kv_cache_dtype, the only one it takes)."""
+        if dtype not in (None, self.manifest.kv_cache_dtype):
+            raise ValueError(f"this export's cache is in {self.manifest.kv_cache_dtype}, not {dtype}")
+        return KVCache(self.config, batch_size, capacity, dtype=self.manifest.kv_cache_dtype)
 
     def logits(
         self,
