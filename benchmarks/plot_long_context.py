@@ -1,6 +1,7 @@
-"""The long-context curve: benchmarks/results.json's long-context section drawn as benchmarks/long_context.png.
+"""The long-context curve: benchmarks/results.json's long-context section drawn as benchmarks/long_context.png,
+and as a table (printed; with --readme also put into README.md's "Long prompts" section).
 
-    python -m benchmarks.plot_long_context [--results FILE] [--output PNG]
+    python -m benchmarks.plot_long_context [--results FILE] [--output PNG] [--readme]
 
 Left: prefill and decode tokens/s against the context, each relative to its 512-token figure, with the issue's
 targets at 32K (prefill >= 0.5x, decode >= 0.7x). Right: peak RSS against its bound (weights + KV cache + 1.5 GB).
@@ -13,9 +14,10 @@ import os
 import re
 import sys
 
-from benchmarks.__main__ import RESULTS, ROOT
+from benchmarks.__main__ import README, RESULTS, ROOT
 
 OUTPUT = os.path.join(ROOT, "benchmarks", "long_context.png")
+TABLE_BEGIN, TABLE_END = "<!-- long-context:begin -->", "<!-- long-context:end -->"
 SERIES = (  # (label, what the figure's name starts with, marker)
     ("prefill, whole prompt", "prefill tokens/s, whole prompt", "o-"),
     ("prefill, last chunk", "prefill tokens/s, last chunk", "s--"),
@@ -40,19 +42,53 @@ def curves(rows: list[dict]) -> dict:
     return {label: sorted(points.items()) for label, points in out.items()}
 
 
-def plot(results: str, output: str) -> str:
+def load_rows(results: str) -> tuple[dict, list[dict]]:
     import json
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     with open(results, encoding="utf-8") as f:
         report = json.load(f)
     rows = report.get("sections", {}).get("long-context")
     if not rows:
         raise ValueError(f"{results} has no long-context section: run python -m benchmarks run --only long-context")
+    return report, rows
+
+
+def table(rows: list[dict]) -> str:
+    """One line per context reached: tokens/s and peak RSS, each with its ratio to its peer."""
+    lines = ["| context | how | prefill, whole prompt | prefill, last chunk | decode | peak RSS (bound) |",
+             "|---:|---|---:|---:|---:|---:|"]
+    cells: dict[tuple, dict] = {}
+    for row in rows:
+        how = "stored K/V + last chunk" if "after stored" in row["figure"] else "real prefill"
+        cell = cells.setdefault((_context(row), how), {})
+        for label, prefix, _ in SERIES:
+            if row["figure"].startswith(prefix):
+                cell[label] = f"{row['ours']:.3g} tok/s ({row['ratio']:.2f}x)"
+        if row["figure"].startswith("peak RSS"):
+            cell["rss"] = f"{row['ours']:.2f} GB ({row['peer']:.2f})"
+    for (context, how), cell in cells.items():
+        lines.append(f"| {context} | {how} | {cell.get('prefill, whole prompt', '—')} | "
+                     f"{cell.get('prefill, last chunk', '—')} | {cell.get('decode', '—')} | {cell.get('rss', '—')} |")
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(text: str) -> None:
+    from paddle_glm4.checkpoint import write_text_atomic
+
+    with open(README, encoding="utf-8") as f:
+        readme = f.read()
+    pattern = re.compile(re.escape(TABLE_BEGIN) + ".*?" + re.escape(TABLE_END), re.DOTALL)
+    if not pattern.search(readme):
+        raise ValueError(f"README.md has no {TABLE_BEGIN} ... {TABLE_END} block to replace")
+    write_text_atomic(README, pattern.sub(lambda _: f"{TABLE_BEGIN}\n{text}{TABLE_END}", readme))
+
+
+def plot(report: dict, rows: list[dict], output: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     data = curves(rows)
     fig, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4.2))
     for label, _, style in SERIES:
@@ -92,9 +128,15 @@ def main(argv=None) -> int:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", default=RESULTS, help="the benchmark results (default: %(default)s)")
     parser.add_argument("--output", default=OUTPUT, help="the PNG to write (default: %(default)s)")
+    parser.add_argument("--readme", action="store_true", help="also put the table into README.md's Long prompts "
+                        "section")
     args = parser.parse_args(argv)
     try:
-        print(plot(args.results, args.output))
+        report, rows = load_rows(args.results)
+        text = table(rows)
+        print(text + plot(report, rows, args.output))
+        if args.readme:
+            update_readme(text)
     except (OSError, ValueError, KeyError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
