@@ -118,3 +118,33 @@ def test_quick_lowbit_with_some_formats_keeps_the_other_formats_rows(tmp_path):
     assert all(r["date"] != old for r in new)
     assert not any(f"ours {fmt}," in r["figure"] for r in new for fmt in ("bf16", "int8"))
     assert "(measured 2026-01-01 00:00)" in done.stdout
+
+
+def test_quick_long_context_run_reaches_every_context_and_is_plotted(tmp_path):
+    """The opt-in long-context section: every planned context reached (a real prefill, or stored keys/values and a
+    real last chunk), each figure finite; the plot script draws it and tabulates it."""
+    from benchmarks import long_context
+
+    output, png = tmp_path / "results.json", tmp_path / "long_context.png"
+    done = subprocess.run([sys.executable, "-m", "benchmarks", "run", "--quick", "--only", "long-context",
+                           "--output", str(output)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(output.read_text())["sections"]["long-context"]
+    for length, mode in long_context.QUICK_PLAN:
+        how = "after a real prefill" if mode == "prefill" else "after stored keys/values"
+        mine = [row for row in rows if f"({length} tokens," in row["figure"] and row["details"]["mode"] == mode]
+        assert any(row["figure"].startswith("decode tokens/s") and how in row["figure"] for row in mine), length
+        assert any(row["figure"].startswith("prefill tokens/s, last chunk") for row in mine), length
+        assert any(row["figure"].startswith("prefill tokens/s, whole prompt") for row in mine) == (mode == "prefill")
+        rss = next(row for row in mine if row["figure"].startswith("peak RSS"))
+        assert 0 < rss["ours"] and rss["peer"] > 1.5  # the bound: weights + cache + 1.5 GB
+    assert all(math.isfinite(row[key]) and row[key] > 0 for row in rows for key in ("ours", "peer", "ratio"))
+    done = subprocess.run([sys.executable, "-m", "benchmarks.plot_long_context", "--results", str(output),
+                           "--output", str(png)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + len(long_context.QUICK_PLAN)  # the header, then one line per context reached
+    done = subprocess.run([sys.executable, "-m", "benchmarks.plot_long_context", "--results", str(tmp_path / "none")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
