@@ -19,10 +19,12 @@ def paths():
 
 
 # (b, s, L, h, g, d, padded): a causal prompt, a chunk at start > 0, decode steps, head dims that are not a
-# multiple of the tiles', more keys than one block, more queries than one task
+# multiple of the tiles', more keys than one block, more queries than one task, keys split over tasks
 CASES = [(1, 37, 37, 4, 2, 16, False), (2, 5, 200, 4, 2, 16, True), (1, 1, 300, 32, 2, 128, False),
          (2, 1, 70, 8, 2, 40, True), (2, 70, 150, 8, 2, 40, True), (1, 130, 130, 32, 2, 128, False),
-         (3, 9, 65, 6, 3, 8, True)]
+         (3, 9, 65, 6, 3, 8, True),
+         # decode steps over thousands of keys: each unit's keys split over several tasks, then merged
+         (1, 1, 2500, 8, 2, 32, True), (2, 3, 3000, 4, 2, 16, False)]
 
 
 @pytest.mark.parametrize("case", CASES)

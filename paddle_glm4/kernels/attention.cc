@@ -228,9 +228,19 @@ struct Dots {
   void (*accumulate)(Task&, int64_t, int64_t);
 };
 
-// Rows r = (query i0 + r / per_group, head group * per_group + r % per_group) of batch row bi.
+// A part's unnormalized result, when a unit's keys are split over several tasks: acc [rows, dp], and per row
+// the running maximum and the sum of exp(score - maximum).
+struct Partial {
+  float* acc;
+  float* top;
+  float* total;
+};
+
+// Rows r = (query i0 + r / per_group, head group * per_group + r % per_group) of batch row bi, over the keys
+// key_begin..key_end (a multiple of kKeyBlock..) that they may see: the output rows, or, with `part`, their
+// unnormalized partial result.
 GLM4_AVX2 void attend_rows(const AttentionArgs& a, int64_t bi, int64_t group, int64_t i0, int64_t i1,
-                           const Dots& dots, Scratch& w) {
+                           int64_t key_begin, int64_t key_end, const Dots& dots, Scratch& w, const Partial* part) {
   const int64_t per_group = a.h / a.g, rows = (i1 - i0) * per_group;
   Task t{a, bi, group, rows, round_up(a.d, kPanel), w};  // dp: the head dim padded to whole panels
   const int64_t dp = t.dp;
@@ -251,8 +261,8 @@ GLM4_AVX2 void attend_rows(const AttentionArgs& a, int64_t bi, int64_t group, in
     dots.pack_q(t, r, a.q + bi * a.q_stride_b + (i0 + r / per_group) * a.q_stride_s +
                           (group * per_group + r % per_group) * a.d, scale);
   // the last query sees slots up to start + i1 - 1; every query sees at least its own slot
-  const int64_t keys = std::min(a.L, a.start + i1);
-  for (int64_t j0 = 0; j0 < keys; j0 += kKeyBlock) {
+  const int64_t keys = std::min({a.L, a.start + i1, key_end});
+  for (int64_t j0 = key_begin; j0 < keys; j0 += kKeyBlock) {
     const int64_t nb = std::min(kKeyBlock, keys - j0);
     std::fill(w.scores.begin(), w.scores.end(), 0.f);
     dots.scores(t, j0, nb);  // scores [rows, kKeyBlock] = q . keys^T
@@ -293,6 +303,12 @@ GLM4_AVX2 void attend_rows(const AttentionArgs& a, int64_t bi, int64_t group, in
     }
     dots.accumulate(t, j0, nb);  // acc [rows, dp] += p [rows, nb] . values [nb, dp]
   }
+  if (part) {
+    std::copy(w.acc.begin(), w.acc.begin() + rows * dp, part->acc);
+    std::copy(w.top.begin(), w.top.begin() + rows, part->top);
+    std::copy(w.total.begin(), w.total.begin() + rows, part->total);
+    return;
+  }
   for (int64_t r = 0; r < rows; ++r) {
     float* out = a.out + ((bi * a.s + i0 + r / per_group) * a.h + group * per_group + r % per_group) * a.d;
     const float inv = 1.f / w.total[r];
@@ -308,12 +324,62 @@ void attention_blocked(const AttentionArgs& a, int isa, int threads) {
   const int64_t per_group = a.h / a.g;
   const int64_t queries = std::max<int64_t>(1, kTaskRows / per_group);  // per task
   const int64_t blocks = (a.s + queries - 1) / queries;
-  // the last query blocks see the most keys: handed out first, so that no thread is left with a long one
-  ThreadPool::instance().run(threads, a.b * a.g * blocks, [&](int64_t t) {
+  const int64_t units = a.b * a.g * blocks;
+  // Few units (a decode step: batch x groups) over many keys: each unit's keys are split into parts, so that
+  // every thread has work and a core slowed by other work on the machine does not hold the step up; the parts'
+  // partial softmaxes are merged below. Parts of at least kSplitKeys keys, at most kPartsPerThread per thread.
+  constexpr int64_t kSplitKeys = 8 * kKeyBlock, kPartsPerThread = 4;
+  const int64_t span = std::min(a.L, a.start + a.s);
+  const int64_t parts = std::max<int64_t>(1, std::min((kPartsPerThread * threads + units - 1) / units,
+                                                      span / kSplitKeys));
+  if (parts == 1) {
+    // the last query blocks see the most keys: handed out first, so that no thread is left with a long one
+    ThreadPool::instance().run(threads, units, [&](int64_t t) {
+      thread_local Scratch scratch;
+      const int64_t block = blocks - 1 - t / (a.b * a.g), bi = t % (a.b * a.g) / a.g, group = t % a.g;
+      attend_rows(a, bi, group, block * queries, std::min(a.s, (block + 1) * queries), 0, a.L, dots, scratch,
+                  nullptr);
+    });
+    return;
+  }
+  const int64_t rows = queries * per_group, dp = round_up(a.d, kPanel);
+  const int64_t part_keys = round_up((span + parts - 1) / parts, kKeyBlock);
+  std::vector<float> acc(units * parts * rows * dp), top(units * parts * rows), total(units * parts * rows);
+  const auto partial = [&](int64_t unit, int64_t p) {
+    const int64_t at = unit * parts + p;
+    return Partial{acc.data() + at * rows * dp, top.data() + at * rows, total.data() + at * rows};
+  };
+  ThreadPool::instance().run(threads, units * parts, [&](int64_t t) {
     thread_local Scratch scratch;
-    const int64_t block = blocks - 1 - t / (a.b * a.g), bi = t % (a.b * a.g) / a.g, group = t % a.g;
-    attend_rows(a, bi, group, block * queries, std::min(a.s, (block + 1) * queries), dots, scratch);
+    const int64_t unit = t / parts, p = t % parts;
+    const int64_t block = unit / (a.b * a.g), bi = unit % (a.b * a.g) / a.g, group = unit % a.g;
+    const Partial out = partial(unit, p);
+    std::fill(out.top, out.top + rows, -INFINITY);  // a part past a unit's last key stays empty
+    std::fill(out.total, out.total + rows, 0.f);
+    std::fill(out.acc, out.acc + rows * dp, 0.f);
+    attend_rows(a, bi, group, block * queries, std::min(a.s, (block + 1) * queries), p * part_keys,
+                (p + 1) * part_keys, dots, scratch, &out);
   });
+  // merged: out = sum_p acc_p e^(top_p - top) / sum_p total_p e^(top_p - top), top the largest top_p
+  for (int64_t unit = 0; unit < units; ++unit) {
+    const int64_t block = unit / (a.b * a.g), bi = unit % (a.b * a.g) / a.g, group = unit % a.g;
+    const int64_t i0 = block * queries, n = (std::min(a.s, i0 + queries) - i0) * per_group;
+    for (int64_t r = 0; r < n; ++r) {
+      float best = -INFINITY;
+      for (int64_t p = 0; p < parts; ++p) best = std::max(best, partial(unit, p).top[r]);
+      float sum = 0.f;
+      float* out = a.out + ((bi * a.s + i0 + r / per_group) * a.h + group * per_group + r % per_group) * a.d;
+      std::fill(out, out + a.d, 0.f);
+      for (int64_t p = 0; p < parts; ++p) {
+        const Partial part = partial(unit, p);
+        if (part.top[r] == -INFINITY) continue;
+        const float weight = std::exp(part.top[r] - best);
+        sum += part.total[r] * weight;
+        for (int64_t e = 0; e < a.d; ++e) out[e] += part.acc[r * dp + e] * weight;
+      }
+      for (int64_t e = 0; e < a.d; ++e) out[e] /= sum;
+    }
+  }
 }
 #endif
 
