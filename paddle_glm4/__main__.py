@@ -11,7 +11,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from .cli_errors import add_debug_flag, interrupt_on_termination, run_cli
+from .cli_errors import UsageError, add_debug_flag, interrupt_on_termination, run_cli
 from .console import LineReader, ctrl_c_cancels
 from .engine import add_engine_arguments
 
@@ -166,6 +166,11 @@ def cmd_to_torch(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .inference.export import export_model
 
+    if args.tensor_parallel != 1:
+        raise UsageError(
+            "--tensor-parallel: a split model is dynamic-graph only for now (one program per rank is not "
+            "exported); export the whole model, or run it split with `glm4 generate|chat|serve --tensor-parallel`"
+        )
     interrupt_on_termination()
     manifest = export_model(
         args.model,
@@ -279,6 +284,14 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         help="replace OUT if it is empty or an earlier export (its export.json and the files an "
         "export holds, nothing else); anything else is never replaced. The new export is "
         "built beside OUT and swapped in only once complete",
+    )
+    parser.add_argument(
+        "--tensor-parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="NOT SUPPORTED YET: tensor parallelism is dynamic-graph only (N other than 1 is refused "
+        "with that message; the export is one program for one process)",
     )
 
 

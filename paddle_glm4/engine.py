@@ -8,6 +8,7 @@ smaller max_seq_len), so the CLI and the server do not care which one they hold.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 from typing import TYPE_CHECKING
 
@@ -69,6 +70,16 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         "memory (default: bfloat16 for more than 8192 tokens on CPU, else the compute dtype)",
     )
     add_quantization_arguments(parser, "quantize at load")
+    parser.add_argument(
+        "--tensor-parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="split the model across N processes, each holding about 1/N of the weights (dynamic engine; "
+        "start them with `python -m paddle.distributed.launch --nproc_per_node N glm4 ...`, N per machine "
+        "with --ips for several): rank 0 reads the input, prints and serves, the others run its forwards "
+        "(default: 1, one process)",
+    )
 
 
 def load_engine(
@@ -81,11 +92,15 @@ def load_engine(
     activation_dtype: str = "auto",
     prefill_chunk: int | None = None,
     kv_cache_dtype: str | None = None,
+    tensor_parallel: int = 1,
 ) -> tuple[Engine, GLM4Tokenizer]:
     """(model, tokenizer) for a converted checkpoint (engine "dynamic") or an export directory ("inference").
     `quantization`, `group_size`, `activation_dtype`: as GLM4ForCausalLM.from_pretrained's (dynamic only: an
     export holds its weights as it was exported). `prefill_chunk`: the engine's default for generate (None:
-    DEFAULT_PREFILL_CHUNK). `kv_cache_dtype`: the dynamic model's default for generate (see its docstring)."""
+    DEFAULT_PREFILL_CHUNK). `kv_cache_dtype`: the dynamic model's default for generate (see its docstring).
+    `tensor_parallel` N > 1: this process is one of N ranks (tensor_parallel.py); rank 0 gets the engine, whose
+    generate has the other ranks run its forwards; on the other ranks this call does not return: they follow
+    rank 0 until it ends, then exit."""
     from .generation import check_prefill_chunk
     from .tokenizer import GLM4Tokenizer
 
@@ -97,6 +112,8 @@ def load_engine(
 
     if engine not in ENGINES:
         raise UsageError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if engine == "inference" and tensor_parallel != 1:
+        raise UsageError("--tensor-parallel runs the dynamic engine only: an export is one program for one process")
     if engine == "inference" and kv_cache_dtype is not None:
         raise UsageError(
             "--kv-cache-dtype applies to the dynamic engine; an export's cache dtype is chosen when it is exported "
@@ -122,14 +139,31 @@ def load_engine(
         model: Engine = Predictor(model_dir, precision=dtype or "float32")
     else:
         from .model import GLM4ForCausalLM
+        from .tensor_parallel import TensorParallelError
 
-        model = GLM4ForCausalLM.from_pretrained(
-            model_dir, dtype=dtype, quantization=quantization, group_size=group_size, activation_dtype=activation_dtype
-        )
+        try:
+            model = GLM4ForCausalLM.from_pretrained(
+                model_dir,
+                dtype=dtype,
+                quantization=quantization,
+                group_size=group_size,
+                activation_dtype=activation_dtype,
+                tensor_parallel_degree=tensor_parallel,
+            )
+        except TensorParallelError as err:
+            raise UsageError(f"--tensor-parallel: {err}") from None
         model.kv_cache_dtype = kv_cache_dtype
     check_pair(model, tokenizer, model_dir, tokenizer_dir)
     if prefill_chunk is not None:
         model.prefill_chunk = prefill_chunk
+    ranks = getattr(model, "tensor_parallel", None)
+    if ranks is not None:
+        from .tensor_parallel import follow, lead
+
+        if ranks.rank != 0:  # a follower: rank 0 runs the command
+            follow(model)
+            raise SystemExit(0)
+        atexit.register(lead(model).close)
     return model, tokenizer
 
 
@@ -145,6 +179,7 @@ def load_engine_from_args(args: argparse.Namespace) -> tuple[Engine, GLM4Tokeniz
         activation_dtype=args.activation_dtype,
         prefill_chunk=args.prefill_chunk,
         kv_cache_dtype=args.kv_cache_dtype,
+        tensor_parallel=args.tensor_parallel,
     )
 
 

@@ -34,9 +34,11 @@ the same code runs over NCCL on GPUs, UNVERIFIED (no GPU here).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,6 +56,20 @@ _LOADED_KEY = "paddle_glm4/tensor_parallel/loaded"
 
 class TensorParallelError(ValueError):
     """A degree the model or the launch cannot take."""
+
+
+class RankLost(ConnectionError):
+    """Another rank died or stopped answering: a collective failed, or waited past gloo's timeout."""
+
+
+@contextlib.contextmanager
+def _peers() -> Iterator[None]:
+    """Collectives with the other ranks: their failure (a RuntimeError from gloo) as a RankLost, one line."""
+    try:
+        yield
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RankLost(f"tensor parallel: another rank died or stopped answering ({first})") from err
 
 
 # ---- which part a rank holds ----------------------------------------------------------------------------
@@ -380,7 +396,10 @@ class Leader:
         while not self.closed.wait(HEARTBEAT_SECONDS / 4):
             with self.lock:
                 if not self.closed.is_set() and time.monotonic() - self.last_sent > HEARTBEAT_SECONDS:
-                    self.send(_HEARTBEAT)
+                    try:
+                        self.send(_HEARTBEAT)
+                    except RuntimeError:  # a follower is gone: the next forward reports it (RankLost)
+                        return
 
     def send(self, *header: int, tensors: tuple[paddle.Tensor, ...] = ()) -> None:
         """Broadcast a command (hold `lock`)."""
@@ -393,7 +412,8 @@ class Leader:
         with self.lock:
             if not self.closed.is_set():
                 self.closed.set()
-                self.send(_STOP)
+                with contextlib.suppress(RuntimeError):  # followers already gone have nothing to stop
+                    self.send(_STOP)
 
 
 class LeaderSession:
@@ -408,14 +428,14 @@ class LeaderSession:
         extras = [t.astype("int64") for t in (attention_mask, position_ids) if t is not None]
         header = (_PREFILL, b, n, capacity, attention_mask is not None, position_ids is not None)
         cache_dtype = _CACHE_DTYPES.index(self.session.kv_cache_dtype)
-        with self.leader.lock:
+        with self.leader.lock, _peers():
             self.leader.send(
                 *header, self.session.prefill_chunk, cache_dtype, tensors=(input_ids.astype("int64"), *extras)
             )
             return self.session.prefill(input_ids, attention_mask, position_ids, capacity, progress)
 
     def step(self, tokens):
-        with self.leader.lock:
+        with self.leader.lock, _peers():
             self.leader.send(_STEP, tokens.shape[0], tensors=(tokens.astype("int64"),))
             return self.session.step(tokens)
 
@@ -431,6 +451,11 @@ def lead(model) -> Leader:
 @paddle.no_grad()
 def follow(model) -> None:
     """A follower's loop: run the forwards rank 0 sends, on this rank's slices, until it says stop."""
+    with _peers():
+        _follow(model)
+
+
+def _follow(model) -> None:
     from .generation import ModelSession
 
     session: ModelSession | None = None

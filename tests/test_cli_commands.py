@@ -126,7 +126,7 @@ def test_every_engine_flag_reaches_load_engine(command, monkeypatch):
 
     flags = ["--model", "m", "--tokenizer", "t", "--engine", "inference", "--dtype", "bfloat16",
              "--prefill-chunk", "7", "--kv-cache-dtype", "bfloat16", "--quantize", "int4", "--group-size", "32",
-             "--activation-dtype", "float32"]
+             "--activation-dtype", "float32", "--tensor-parallel", "2"]
     parser = argparse.ArgumentParser()
     engine.add_engine_arguments(parser)
     args = parser.parse_args(flags)

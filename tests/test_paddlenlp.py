@@ -151,8 +151,11 @@ def test_the_published_checkpoint_loads_its_tokenizer_and_config_and_asks_to_con
 
 
 def test_loading_arguments_glm4_cannot_honour_are_refused(checkpoint):
-    with pytest.raises(TypeError, match="tensor_parallel_degree"):
+    # a split model needs its ranks: one process is not a launch of 2 (tests/test_tensor_parallel.py splits it)
+    with pytest.raises(ValueError, match="tensor_parallel_degree 2 needs 2 processes"):
         AutoModelForCausalLM.from_pretrained(str(checkpoint), tensor_parallel_degree=2)
+    with pytest.raises(ValueError, match="tensor_parallel_rank 1 is not this process's rank, 0"):
+        AutoModelForCausalLM.from_pretrained(str(checkpoint), tensor_parallel_rank=1)
     with pytest.raises(TypeError, match="keyword arguments only"):
         AutoModel.from_pretrained(str(checkpoint), "ForCausalLM")
     with pytest.raises(TypeError, match="colour"):

@@ -151,11 +151,12 @@ def test_layout_of_glm4_9b_with_two_and_four_ranks():
 
 
 # ---- a rank that dies or hangs ---------------------------------------------------------------------------
-def _spawn_ranks(small, tmp: Path, port: int, *args: str) -> list[subprocess.Popen]:
+def _spawn_ranks(small, tmp: Path, *args: str) -> list[subprocess.Popen]:
     """The two ranks started by hand, as on two machines where no launcher watches the other: their own
     collectives must notice a dead peer."""
     procs = []
-    endpoints = [f"127.0.0.1:{port + 1}", f"127.0.0.1:{port + 2}"]
+    port, *ends = _free_ports(3)
+    endpoints = [f"127.0.0.1:{end}" for end in ends]
     (tmp / "out").mkdir(parents=True, exist_ok=True)
     for rank in range(2):
         env = _env() | {
@@ -170,28 +171,32 @@ def _spawn_ranks(small, tmp: Path, port: int, *args: str) -> list[subprocess.Pop
     return procs
 
 
-def _free_port() -> int:
+def _free_ports(count: int) -> list[int]:
     import socket
 
-    with socket.socket() as sock:
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:  # all open at once: distinct ports
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
 
 
 def test_a_rank_killed_mid_generation_ends_the_other_with_an_error(small, tmp_path):
-    procs = _spawn_ranks(small, tmp_path, _free_port(), "--die-at-step", "3")
+    procs = _spawn_ranks(small, tmp_path, "--die-at-step", "3")
     started = time.monotonic()
     outputs = [p.communicate(timeout=90) for p in procs]
-    assert procs[1].returncode == 9  # it died at step 3 as asked
+    assert procs[1].returncode == 9, outputs[1][1][-2000:]  # it died at step 3 as asked
     assert procs[0].returncode not in (0, None), outputs[0][1][-2000:]
     assert time.monotonic() - started < 60
-    assert "Connection reset by peer" in outputs[0][1] or "Connection closed by peer" in outputs[0][1]
+    assert "Connection reset by peer" in outputs[0][1] or "Connection closed by peer" in outputs[0][1], outputs[0][1][-2000:]
 
 
 @pytest.mark.slow
 def test_a_rank_that_hangs_ends_the_other_with_an_error_after_the_gloo_timeout(small, tmp_path):
     """A rank stopped (SIGSTOP: alive, its sockets open) mid-generation: the other's collective times out."""
-    procs = _spawn_ranks(small, tmp_path, _free_port(), "--die-at-step", "3", "--hang")
+    procs = _spawn_ranks(small, tmp_path, "--die-at-step", "3", "--hang")
     try:
         started = time.monotonic()
         _, err = procs[0].communicate(timeout=120)
@@ -201,3 +206,123 @@ def test_a_rank_that_hangs_ends_the_other_with_an_error_after_the_gloo_timeout(s
     finally:
         procs[1].send_signal(signal.SIGKILL)
         procs[1].communicate()
+
+
+# ---- the command line: rank 0 leads, the other ranks follow ----------------------------------------------------
+GLM4 = str(Path(sys.executable).parent / "glm4")
+
+
+@pytest.fixture(scope="module")
+def cli_checkpoint(tmp_path_factory):
+    from test_cli import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("tp_cli"))
+
+
+def launch_glm4(tmp: Path, *args: str, stdin: str | None = None, timeout: float = 180) -> tuple[int, str]:
+    """`python -m paddle.distributed.launch --nproc_per_node 2 glm4 ARGS --tensor-parallel 2`; (exit code, what
+    rank 0 printed). The launcher echoes rank 0's output among its own lines; the log file holds it alone."""
+    command = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir",
+               str(tmp / "log"), GLM4, *args, "--tensor-parallel", "2"]
+    done = subprocess.run(command, input=stdin, capture_output=True, text=True, timeout=timeout, env=_env(),
+                          cwd=ROOT)
+    return done.returncode, (tmp / "log" / "workerlog.0").read_text(errors="replace")
+
+
+@pytest.mark.slow
+def test_glm4_generate_split_in_two_prints_what_one_process_does(cli_checkpoint, tmp_path):
+    from test_cli import expected_answer
+
+    model_dir, model, tokenizer = cli_checkpoint
+    code, out = launch_glm4(tmp_path, "generate", "--model", model_dir, "--prompt", "Hello, 你好",
+                            "--max-new-tokens", "12")
+    assert code == 0, out[-3000:]
+    ids = expected_answer(model, tokenizer, tokenizer.encode("Hello, 你好"), 12)
+    assert tokenizer.decode(ids, skip_special_tokens=True) + "\n" in out
+    assert "decode:" in out  # rank 0 reports the speed
+    assert "tokens/s" not in (tmp_path / "log" / "workerlog.1").read_text(errors="replace")  # rank 1 prints nothing
+
+
+@pytest.mark.slow
+def test_glm4_chat_split_in_two_survives_a_pause_longer_than_the_gloo_timeout(cli_checkpoint, tmp_path):
+    """The follower waits for rank 0's next turn longer than gloo's 30 s collective timeout: the leader's
+    heartbeat keeps it waiting. The answers are one process's."""
+    model_dir, model, tokenizer = cli_checkpoint
+    reader, writer = os.pipe()
+    command = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir",
+               str(tmp_path / "log"), GLM4, "chat", "--model", model_dir, "--max-new-tokens", "6",
+               "--tensor-parallel", "2"]
+    process = subprocess.Popen(command, stdin=reader, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env=_env(), cwd=ROOT)
+    os.close(reader)
+    try:
+        os.write(writer, "Hello\n".encode())
+        time.sleep(40)
+        os.write(writer, "Again\n".encode())
+        os.close(writer)
+        assert process.wait(timeout=120) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    out = (tmp_path / "log" / "workerlog.0").read_text(errors="replace")
+    messages = []
+    for turn in ("Hello", "Again"):
+        messages.append({"role": "user", "content": turn})
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        answer, _ = model.generate([ids], max_new_tokens=6, eos_token_id=tokenizer.stop_token_ids,
+                                   vocab_limit=len(tokenizer))
+        new = [t for t in answer.numpy()[0].tolist() if t not in tokenizer.stop_token_ids]
+        text = tokenizer.decode(new, skip_special_tokens=True).strip()
+        messages.append({"role": "assistant", "content": text})
+        assert text in out
+    assert "error" not in out.lower()
+
+
+@pytest.mark.slow
+def test_glm4_serve_split_in_two_answers_as_one_process(cli_checkpoint, tmp_path):
+    import re
+
+    import httpx
+
+    from test_cli import expected_answer
+
+    model_dir, model, tokenizer = cli_checkpoint
+    command = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir",
+               str(tmp_path / "log"), GLM4, "serve", "--model", model_dir, "--port", "0", "--tensor-parallel", "2"]
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env=_env(), cwd=ROOT)
+    log = tmp_path / "log" / "workerlog.0"
+    try:
+        deadline, url = time.monotonic() + 120, None
+        while url is None and time.monotonic() < deadline:
+            assert process.poll() is None, log.read_text(errors="replace")[-3000:]
+            found = re.search(r"serving \S+ at (http://\S+/v1)", log.read_text(errors="replace")) if log.exists() else None
+            url = found.group(1) if found else None
+            time.sleep(0.2)
+        assert url is not None, "the server did not start"
+        prompt = "The weather today"
+        for _ in range(2):  # two requests, one after the other: the followers run both
+            reply = httpx.post(f"{url}/completions", json={"model": "m", "prompt": prompt, "max_tokens": 10,
+                                                            "temperature": 0}, timeout=60)
+            reply.raise_for_status()
+            expected = expected_answer(model, tokenizer, tokenizer.encode(prompt), 10)
+            assert reply.json()["choices"][0]["text"] == tokenizer.decode(expected, skip_special_tokens=True)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["export", "--out", "OUT", "--tensor-parallel", "2"], "dynamic-graph only for now"),
+    (["generate", "--prompt", "hi", "--tensor-parallel", "2"], "needs 2 processes, one per rank; this launch has 1"),
+    (["generate", "--prompt", "hi", "--tensor-parallel", "2", "--engine", "inference"], "dynamic engine only"),
+    (["serve", "--port", "0", "--tensor-parallel", "3"], "3 does not divide the model's num_attention_heads, 4"),
+])
+def test_the_command_line_refuses_what_it_cannot_split_in_one_line(cli_checkpoint, monkeypatch, capsys, args,
+                                                                     message):
+    from paddle_glm4.__main__ import main
+
+    monkeypatch.delenv("PADDLE_TRAINERS_NUM", raising=False)
+    assert main([*args, "--model", cli_checkpoint[0]]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1

@@ -184,11 +184,26 @@ class PaddleNLPGLM4ForCausalLM(GLM4ForCausalLM):
 
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str | os.PathLike, dtype: str | None = None, fused: bool | None = None, **kwargs: Any
+        cls,
+        name_or_path: str | os.PathLike,
+        dtype: str | None = None,
+        fused: bool | None = None,
+        tensor_parallel_degree: int = 1,
+        tensor_parallel_rank: int | None = None,
+        **kwargs: Any,
     ) -> PaddleNLPGLM4ForCausalLM:
+        """`tensor_parallel_degree` N > 1 (PaddleNLP's argument): this process is one of N ranks started by
+        `python -m paddle.distributed.launch --nproc_per_node N`, holding its slices of the model
+        (paddle_glm4.tensor_parallel); every rank runs the same calls. `tensor_parallel_rank`, if given, must
+        be the launch's rank for this process."""
         _refuse_unknown(kwargs, "AutoModelForCausalLM.from_pretrained for GLM-4", location_args=cls.location_args)
         directory = checkpoint_dir(name_or_path, cache=cls.model_cache, **kwargs)
-        model = super().from_pretrained(directory, dtype=dtype, fused=fused)
+        model = super().from_pretrained(
+            directory, dtype=dtype, fused=fused, tensor_parallel_degree=tensor_parallel_degree
+        )
+        rank = 0 if model.tensor_parallel is None else model.tensor_parallel.rank
+        if tensor_parallel_rank is not None and tensor_parallel_rank != rank:
+            raise ValueError(f"tensor_parallel_rank {tensor_parallel_rank} is not this process's rank, {rank}")
         # The checkpoint's tokenizer says which ids have text: generate never picks the embedding's padding rows.
         if os.path.exists(os.path.join(directory, TOKENIZER_FILE)):
             tokenizer = GLM4Tokenizer.from_pretrained(directory)

@@ -99,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
         ) from None
     from ..engine import load_engine_from_args
 
+    if args.tensor_parallel != 1 and os.environ.get("PADDLE_TRAINER_ID", "0") != "0":
+        load_engine_from_args(args)  # another rank than 0: runs rank 0's forwards, never listens, then exits
     sock = bind(args.host, args.port)
     if args.api_key is None and not is_loopback(sock):
         print(

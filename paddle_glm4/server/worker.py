@@ -113,7 +113,8 @@ class Worker:
         self.engine: Scheduler | None = None
         self._closing = False
         self.on_token: Callable[[float, float | None], None] | None = None  # each token's timing (metrics)
-        if hasattr(model, "logits"):
+        # a split model's other ranks run generate's forwards only (tensor_parallel.lead): one request at a time
+        if hasattr(model, "logits") and getattr(model, "tensor_parallel", None) is None:
             self.engine = Scheduler(model, max_num_seqs, kv_cache_memory)
             self._thread = threading.Thread(target=self._serve, name="engine", daemon=True)
             self._thread.start()
