@@ -5,6 +5,7 @@ OUT/rank<r>.npz with this rank's peak RSS (compared with the single-process mode
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 
 import numpy as np
@@ -26,16 +27,30 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--die-at-step", type=int, help="rank 1 exits abruptly at this decode step")
     parser.add_argument("--hang", action="store_true", help="with --die-at-step: rank 1 stops (SIGSTOP) instead")
+    parser.add_argument("--paddlenlp", action="store_true", help="load through PaddleNLP's AutoModelForCausalLM")
     args = parser.parse_args()
 
-    model = GLM4ForCausalLM.from_pretrained(
-        args.model,
-        dtype=args.dtype,
-        quantization=args.quantize,
-        group_size=args.group_size,
-        activation_dtype=args.activation_dtype,
-        tensor_parallel_degree=args.degree,
-    )
+    if args.paddlenlp:  # as a PaddleNLP user splits a model: the degree, and the launch's rank
+        from paddlenlp.transformers import AutoModelForCausalLM
+
+        from paddle_glm4.integrations.paddlenlp import register_paddlenlp
+
+        register_paddlenlp()
+        model = AutoModelForCausalLM.from_pretrained(
+            args.model,
+            dtype=args.dtype,
+            tensor_parallel_degree=args.degree,
+            tensor_parallel_rank=int(os.environ["PADDLE_TRAINER_ID"]),
+        )
+    else:
+        model = GLM4ForCausalLM.from_pretrained(
+            args.model,
+            dtype=args.dtype,
+            quantization=args.quantize,
+            group_size=args.group_size,
+            activation_dtype=args.activation_dtype,
+            tensor_parallel_degree=args.degree,
+        )
     rank = model.tensor_parallel.rank
     loaded_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     inputs = np.load(args.inputs, allow_pickle=False)
@@ -59,7 +74,6 @@ def main() -> None:
 
 def _die_mid_generation(model, ids: np.ndarray, step: int, hang: bool) -> None:
     """Rank 1 exits (as if killed), or stops, at decode step `step`; the other ranks must fail, not wait forever."""
-    import os
     import signal
 
     from paddle_glm4.streamer import Streamer

@@ -150,6 +150,28 @@ def test_the_published_checkpoint_loads_its_tokenizer_and_config_and_asks_to_con
         AutoModelForCausalLM.from_pretrained(str(tmp_path))
 
 
+def test_tensor_parallel_degree_2_splits_the_model_across_two_processes(checkpoint, tmp_path):
+    """PaddleNLP's way: every rank loads with tensor_parallel_degree and its rank, and runs the same calls; the
+    logits and greedy tokens are one process's."""
+    from test_tensor_parallel import WORKER, _env
+
+    ids = np.array([[5, 9, 17, 3, 40, 2]], dtype="int64")
+    np.savez(tmp_path / "inputs.npz", ids=ids, batch_ids=ids, batch_mask=np.ones_like(ids))
+    (tmp_path / "out").mkdir()
+    done = subprocess.run([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir",
+                           str(tmp_path / "log"), str(WORKER), "--paddlenlp", "--model", str(checkpoint), "--out",
+                           str(tmp_path / "out"), "--degree", "2", "--inputs", str(tmp_path / "inputs.npz")],
+                          capture_output=True, text=True, timeout=180, env=_env())
+    assert done.returncode == 0, done.stdout[-3000:]
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint))
+    expected = logits(model, ids)
+    alone, _ = model.generate(paddle.to_tensor(ids), max_new_tokens=8)
+    for rank in range(2):
+        result = np.load(tmp_path / "out" / f"rank{rank}.npz", allow_pickle=False)
+        assert np.abs(result["logits"] - expected).max() <= 1e-4
+        np.testing.assert_array_equal(result["alone"], alone.numpy())
+
+
 def test_loading_arguments_glm4_cannot_honour_are_refused(checkpoint):
     # a split model needs its ranks: one process is not a launch of 2 (tests/test_tensor_parallel.py splits it)
     with pytest.raises(ValueError, match="tensor_parallel_degree 2 needs 2 processes"):
