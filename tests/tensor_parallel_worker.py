@@ -1,6 +1,7 @@
 """Run by tests/test_tensor_parallel.py under `python -m paddle.distributed.launch --nproc_per_node N`: one rank of
 a tensor-parallel model. Loads the checkpoint split N ways, computes what the test asks and writes it to
-OUT/rank<r>.npz with this rank's peak RSS (compared with the single-process model by the test)."""
+OUT/rank<r>.npz with its RSS before loading and its peak once loaded. With --degree 1 (no launch needed), the
+model in one process, for comparison."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ def main() -> None:
     parser.add_argument("--hang", action="store_true", help="with --die-at-step: rank 1 stops (SIGSTOP) instead")
     parser.add_argument("--paddlenlp", action="store_true", help="load through PaddleNLP's AutoModelForCausalLM")
     args = parser.parse_args()
+    before_rss = _rss_bytes()
 
     if args.paddlenlp:  # as a PaddleNLP user splits a model: the degree, and the launch's rank
         from paddlenlp.transformers import AutoModelForCausalLM
@@ -51,7 +53,7 @@ def main() -> None:
             activation_dtype=args.activation_dtype,
             tensor_parallel_degree=args.degree,
         )
-    rank = model.tensor_parallel.rank
+    rank = 0 if model.tensor_parallel is None else model.tensor_parallel.rank
     loaded_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     inputs = np.load(args.inputs, allow_pickle=False)
     if args.die_at_step is not None:
@@ -67,9 +69,15 @@ def main() -> None:
         logits=logits,
         alone=alone.numpy(),
         batch=batch.numpy(),
+        before_rss=before_rss,
         loaded_rss=loaded_rss,
         kv_groups=model.model.kv_groups,
     )
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
 
 
 def _die_mid_generation(model, ids: np.ndarray, step: int, hang: bool) -> None:

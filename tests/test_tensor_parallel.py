@@ -108,6 +108,39 @@ def test_split_model_with_the_kernels_matches_one_process(small, tmp_path, load,
         np.testing.assert_array_equal(rank["batch"], expected["batch"])
 
 
+@pytest.mark.slow
+def test_each_rank_holds_half_the_weights(tmp_path):
+    """A model whose weights (~630 MB in float32) dwarf the process's own memory: what loading adds to a rank's
+    peak RSS is about half of what it adds to one process's."""
+    config = small_config(vocab_size=65536, hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
+                          num_key_value_heads=2, head_dim=64)
+    paddle.seed(0)
+    model = GLM4ForCausalLM(config)
+    model.save_pretrained(str(tmp_path / "model"))
+    weights = (tmp_path / "model" / "model.safetensors").stat().st_size
+    del model
+    ids = np.arange(3, 10)[None]
+    np.savez(tmp_path / "inputs.npz", ids=ids, batch_ids=ids, batch_mask=np.ones_like(ids))
+    args = ["--model", str(tmp_path / "model"), "--inputs", str(tmp_path / "inputs.npz"), "--max-new-tokens", "2"]
+    (tmp_path / "one").mkdir()
+    alone = subprocess.run([sys.executable, str(WORKER), *args, "--out", str(tmp_path / "one"), "--degree", "1"],
+                           capture_output=True, text=True, timeout=300, env=_env(), cwd=ROOT)
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    (tmp_path / "two").mkdir()
+    split = launch(2, tmp_path, *args, "--out", str(tmp_path / "two"), "--degree", "2", timeout=300)
+    assert split.returncode == 0, rank_logs(tmp_path)[-3000:]
+
+    def added(result) -> int:
+        return int(result["loaded_rss"]) - int(result["before_rss"])
+
+    one = added(np.load(tmp_path / "one" / "rank0.npz"))
+    ranks = [added(np.load(tmp_path / "two" / f"rank{r}.npz")) for r in range(2)]
+    print(f"weights {weights / 2**20:.0f} MiB; loading added {one / 2**20:.0f} MiB to one process, "
+          f"{', '.join(f'{r / 2**20:.0f}' for r in ranks)} MiB to each of 2 ranks")
+    assert one > 0.9 * weights
+    assert all(0.4 * one < rank < 0.62 * one for rank in ranks)
+
+
 # ---- refused before loading ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("overrides, degree, names", [
     ({}, 3, "num_attention_heads"),
