@@ -4,8 +4,9 @@ Paddle's dynamic-graph model must not run from several threads at once, and the 
 for it. So one engine thread runs every step of the Scheduler: each step decodes one token for all running
 requests in one batched forward, and lets new ones join. Each token goes from there to the request's asyncio
 queue (`loop.call_soon_threadsafe`), which the request's handler reads without blocking the loop. Both engines
-batch (the dynamic model's `logits`, the Paddle Inference predictor's over its exported program); an engine
-with `generate` only (a test double) runs it one request at a time on that thread instead, in arrival order.
+batch (the dynamic model's `logits`, the Paddle Inference predictor's over its exported program); a model split
+over ranks (whose other ranks follow generate's forwards only) and an engine with `generate` only (a test
+double) run `generate` one request at a time on that thread instead, in arrival order.
 
 At most `max_concurrency` requests are admitted at a time, running and waiting together; one more is refused
 with Busy (the server answers 429) rather than queued without bound. Of those, at most `max_num_seqs` run in
