@@ -1,6 +1,6 @@
 """`python -m benchmarks run [--quick] [--only SECTION ...] [--readme]`
 
-Runs the benchmark sections (model, converter, tokenizer, lowbit, serving; full-depth, lowbit-full-depth and long-context
+Runs the benchmark sections (model, converter, tokenizer, lowbit, serving; full-depth, lowbit-full-depth, long-context and tensor-parallel
 only when named with --only), writes
 benchmarks/results.json and prints one markdown table; with --readme it also replaces the table in README.md's
 "Performance" section. Each figure is measured side
@@ -26,7 +26,7 @@ SECTIONS = ("model", "converter", "tokenizer", "lowbit", "serving")  # the defau
 # run only when asked (--only full-depth): GLM-4-9B's 40 layers in bf16 need ~40 GB of disk (long-context: ~10
 # minutes of prefill up to 32K tokens; lowbit-full-depth:
 # ~55 GB, with llama.cpp's files) and most of the RAM of a 24 GB machine, and take a while
-ALL_SECTIONS = (*SECTIONS, "full-depth", "lowbit-full-depth", "long-context")
+ALL_SECTIONS = (*SECTIONS, "full-depth", "lowbit-full-depth", "long-context", "tensor-parallel")
 # section -> (module, its run's keywords); the others are the module of their own name
 VARIANTS = {"lowbit-full-depth": ("lowbit", {"layers": 40})}
 # sections measured against this machine's bounds, and those that leave notes (a skipped peer, the CPU flags)
@@ -141,7 +141,7 @@ def main(argv=None) -> int:
                         "produced and finite (a few minutes); the real figures need the full run")
     parser.add_argument("--only", nargs="+", choices=ALL_SECTIONS, metavar="SECTION",
                         help=f"run only these sections (of {', '.join(ALL_SECTIONS)}; full-depth, "
-                        "lowbit-full-depth and long-context run only when named here); the other sections' figures are kept from the "
+                        "lowbit-full-depth, long-context and tensor-parallel run only when named here); the other sections' figures are kept from the "
                         "previous results")
     parser.add_argument("--formats", nargs="+", choices=FORMATS, metavar="FORMAT",
                         help="the weight formats the lowbit sections measure (of bf16, int8, int4; default all); "

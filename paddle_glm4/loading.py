@@ -89,7 +89,7 @@ def from_pretrained(
         layout = tensor_parallel.prepare(config, fmt, tensor_parallel_degree, storage_only)
     if check_memory and not gpu:
         memory.check_fits(config, fmt, memory.context_for(config, max_seq_len), name=os.path.basename(path))
-    use_all_cores()
+    use_all_cores(None if layout is None else tensor_parallel.cores_per_rank())
     with paddle.LazyGuard(), _default_dtype(fmt.bias_dtype):  # norms and biases; Linear weights as `fmt` says
         model = cls(config, fused, fmt)
         if layout is not None:

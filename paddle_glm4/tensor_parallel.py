@@ -260,6 +260,13 @@ def init(degree: int) -> int:
     return dist.get_rank()
 
 
+def cores_per_rank() -> int:
+    """The CPU threads a rank computes on: the ranks the launch started on this machine share its cores
+    (more threads than cores would have them fight over each core)."""
+    local = int(os.environ.get("PADDLE_LOCAL_SIZE", "1"))
+    return max(1, len(os.sched_getaffinity(0)) // max(1, local))
+
+
 def wait_for_all(degree: int, timeout: float = LOAD_TIMEOUT_SECONDS) -> None:
     """Meet the other ranks through the launch's TCP store, which waits without gloo's 30 s timeout (one
     rank may load for minutes longer than another)."""
