@@ -3,9 +3,10 @@
 // Why a kernel: Paddle's CPU scaled_dot_product_attention builds the whole score matrix [b, h, s, L] and
 // repeats each key/value group for its query heads, and a bfloat16 cache had to be widened whole before it.
 // Here a task takes one key/value group and a few queries, i.e. all (query, head) rows that read the same
-// keys, and walks the keys in blocks: each block is widened to float32 into a small tile, multiplied by the
-// micro-kernels of the linear GEMM (common.cc), and folded into the running output by an online softmax.
-// Memory is a few tiles per thread whatever s and L are; each key is read once per task.
+// keys, and walks the keys in blocks: each block is laid out as a small tile (widened to float32, or, for a
+// bf16 cache on CPUs with vdpbf16ps, its bf16 pairs as stored), multiplied by the micro-kernels of the linear
+// GEMM (common.cc), and folded into the running output by an online softmax. Memory is a few tiles per
+// thread whatever s and L are; each key is read once per task. A decode step's keys are split over tasks.
 #include "attention.h"
 
 namespace glm4 {
@@ -18,7 +19,11 @@ constexpr int64_t kTaskRows = 192;
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// Row j of one group of keys or values, as float32.
+// The micro-kernels' per-column scales (attention has none).
+constexpr float kOnes[kPanel] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+                                 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
+
+// A bf16 cache's elements from `offset` (in elements) on.
 inline const uint16_t* bf16_row(const void* base, int64_t offset) {
   return static_cast<const uint16_t*>(base) + offset;
 }
@@ -127,8 +132,6 @@ GLM4_AVX2 void pack_q_f32(Task& t, int64_t r, const float* q, float scale) {
 }
 
 GLM4_AVX2 void scores_f32(Task& t, int64_t j0, int64_t nb) {
-  static const float ones[kPanel] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
-                                     1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
   const AttentionArgs& a = t.a;
   const int64_t d8 = a.d / 8 * 8;
   for (int64_t jj = 0; jj < nb; ++jj) {  // the block's keys widened: rows [nb][dp], zero past d
@@ -142,14 +145,12 @@ GLM4_AVX2 void scores_f32(Task& t, int64_t j0, int64_t nb) {
     float* tile = t.w.key_tiles.data() + p * t.dp * kPanel;
     transpose32_avx2(reinterpret_cast<const uint32_t*>(t.w.rows.data() + p * kPanel * t.dp), t.dp,
                      std::min(kPanel, nb - p * kPanel), t.dp, reinterpret_cast<uint32_t*>(tile));
-    micro_f32_avx2(t.w.q.data(), t.dp, static_cast<int>(t.rows), tile, t.dp, ones, t.w.scores.data() + p * kPanel,
+    micro_f32_avx2(t.w.q.data(), t.dp, static_cast<int>(t.rows), tile, t.dp, kOnes, t.w.scores.data() + p * kPanel,
                    kKeyBlock);
   }
 }
 
 GLM4_AVX2 void accumulate_f32(Task& t, int64_t j0, int64_t nb) {
-  static const float ones[kPanel] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
-                                     1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
   const AttentionArgs& a = t.a;
   float* tile = t.w.value_tiles.data();
   for (int64_t c = 0; c < t.dp; c += kPanel) {  // one 32-column panel of values at a time
@@ -161,7 +162,7 @@ GLM4_AVX2 void accumulate_f32(Task& t, int64_t j0, int64_t nb) {
       for (int64_t e = n8; e < kPanel; ++e)
         out[e] = e >= n ? 0.f : a.bf16 ? bf16_to_float(bf16_row(a.v, offset)[e]) : static_cast<const float*>(a.v)[offset + e];
     }
-    micro_f32_avx2(t.w.scores.data(), kKeyBlock, static_cast<int>(t.rows), tile, nb, ones, t.w.acc.data() + c,
+    micro_f32_avx2(t.w.scores.data(), kKeyBlock, static_cast<int>(t.rows), tile, nb, kOnes, t.w.acc.data() + c,
                    t.dp);
   }
 }
@@ -172,8 +173,6 @@ GLM4_BF16 void pack_q_bf16(Task& t, int64_t r, const float* q, float scale) {
 }
 
 GLM4_BF16 void scores_bf16(Task& t, int64_t j0, int64_t nb) {
-  static const float ones[kPanel] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
-                                     1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
   const AttentionArgs& a = t.a;
   for (int p = 0; p * kPanel < nb; ++p) {
     // a key row's pairs of bf16 are 32-bit units: the cache's rows transposed unit by unit are the tile
@@ -181,14 +180,12 @@ GLM4_BF16 void scores_bf16(Task& t, int64_t j0, int64_t nb) {
     uint16_t* tile = t.w.key_tiles16.data() + p * a.d * kPanel;
     transpose32_avx2(reinterpret_cast<const uint32_t*>(keys), a.k_stride_s / 2, std::min(kPanel, nb - p * kPanel),
                      a.d / 2, reinterpret_cast<uint32_t*>(tile));
-    micro_bf16_avx512(t.w.q16.data(), a.d, static_cast<int>(t.rows), tile, a.d, ones,
+    micro_bf16_avx512(t.w.q16.data(), a.d, static_cast<int>(t.rows), tile, a.d, kOnes,
                       t.w.scores.data() + p * kPanel, kKeyBlock);
   }
 }
 
 GLM4_BF16 void accumulate_bf16(Task& t, int64_t j0, int64_t nb) {
-  static const float ones[kPanel] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
-                                     1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
   const AttentionArgs& a = t.a;
   for (int64_t r = 0; r < t.rows; ++r)
     for (int64_t jj = 0; jj < kKeyBlock; jj += 16)
@@ -217,7 +214,7 @@ GLM4_BF16 void accumulate_bf16(Task& t, int64_t j0, int64_t nb) {
         out[2 * e + 1] = second ? second[e] : 0;
       }
     }
-    micro_bf16_avx512(t.w.p16.data(), kKeyBlock, static_cast<int>(t.rows), tile, nb, ones, t.w.acc.data() + c,
+    micro_bf16_avx512(t.w.p16.data(), kKeyBlock, static_cast<int>(t.rows), tile, nb, kOnes, t.w.acc.data() + c,
                       t.dp);
   }
 }
