@@ -130,6 +130,7 @@ def test_glm4_shapes(fmt, group, k, n):
     # GLM-4-9B's fused qkv projection and FFN down projection (K = 13696 = 107 x 128), decoding and prefill
     check_all(1, k, n, fmt, group or 128, threads=(2,))
     check_all(6, k, n, fmt, group or 128, threads=(2,), seed=1)
+    check_all(17, k, n, fmt, group or 128, threads=(2,), seed=2)  # the GEMM (tiles, k-blocked activations)
 
 
 def test_batched_input_and_auto_choice():
