@@ -593,6 +593,10 @@ void decode_scalar_f32(const Weights& w, int64_t n0, int64_t nr, int64_t k0, int
 // rows the GEMV beat the GEMM on every float-activation path (bf16 vdpbf16ps 25-32 vs 37-55 ms, AVX2 bf16 /
 // int8 / int4 float32 41-56 / 41 / 29-36 vs 63-73 ms); at 16 rows they tie (bf16 52 vs 50 ms).
 constexpr int64_t kGemvMaxRows = 8;
+// Integer activations stay on the GEMV dots up to this many rows, then take the vpdpbusd GEMM (VNNI only):
+// gate_up, 2 threads, GEMV / GEMM ms: int8 16 rows 22.7 / 39.9, 32 rows 37.9 / 49.4, 64 rows 105 / 68;
+// int4 16 rows 28.3 / 41.4, 32 rows 38.8 / 51.4, 64 rows 77 / 75, 128 rows 158 / 125.
+constexpr int64_t kInt8GemvMaxRows = 32;
 
 struct Plan {
   DotKernels dots;         // GEMV

@@ -51,7 +51,7 @@ std::vector<paddle::Tensor> forward(const paddle::Tensor& x, const glm4::Weights
   bool use_gemm = M > glm4::kGemvMaxRows;
   if (act_name == "auto") act = glm4::auto_act(isa, int_weights, M);
   // integer activations have a GEMM on VNNI only (vpdpbusd); elsewhere their GEMV dots serve every row count
-  if (act == glm4::kI8 && isa < glm4::kAvx512Vnni) use_gemm = false;
+  if (act == glm4::kI8 && (isa < glm4::kAvx512Vnni || M <= glm4::kInt8GemvMaxRows)) use_gemm = false;
   glm4::linear(x.data<float>(), M, w, bias_data, y.data<float>(), isa, act, use_gemm, int_weights,
                threads > 0 ? threads : glm4::ThreadPool::default_threads(), planner);
   return {y};
