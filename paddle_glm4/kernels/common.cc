@@ -120,6 +120,18 @@ GLM4_VNNI static void micro_i8_rows(const int8_t* a, int64_t lda, const int8_t* 
   }
 }
 
+// colsum[j] = sum of the int8 tile's column j (units of four k): one vpdpbusd with ones per 16 columns and unit.
+GLM4_VNNI void tile_colsum_vnni(const int8_t* tile, int64_t units, int32_t* colsum) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+  for (int64_t u = 0; u < units; ++u) {
+    s0 = _mm512_dpbusd_epi32(s0, ones, _mm512_loadu_si512(tile + u * kPanel * 4));
+    s1 = _mm512_dpbusd_epi32(s1, ones, _mm512_loadu_si512(tile + u * kPanel * 4 + 64));
+  }
+  _mm512_storeu_si512(colsum, s0);
+  _mm512_storeu_si512(colsum + 16, s1);
+}
+
 void micro_i8_vnni(const int8_t* a, int64_t lda, int mr, const int8_t* tile, int64_t kb, const float* colscale,
                    const int32_t* colsum, float* c, int64_t ldc) {
   static void (*const rows[])(const int8_t*, int64_t, const int8_t*, int64_t, const float*, const int32_t*, float*,
@@ -211,13 +223,9 @@ static void gemm_tiles(const Weights& w, const Acts& a, const T* acts, int64_t b
       for (int64_t p = 0; p < np; ++p) {
         T* tile = tiles.data() + p * tile_size;
         decode(w, n0[p], nr[p], k0, kb, tile, colscale[p]);
-        if (int8) {
-          const int8_t* bytes = reinterpret_cast<const int8_t*>(tile);
-          for (int64_t j = 0; j < kPanel; ++j) colsum[p][j] = 0;
-          for (int64_t u = 0; u < tile_units<T>(kb); ++u)
-            for (int64_t j = 0; j < kPanel; ++j)
-              for (int b = 0; b < 4; ++b) colsum[p][j] += bytes[(u * kPanel + j) * 4 + b];
-        }
+#if GLM4_X86
+        if (int8) tile_colsum_vnni(reinterpret_cast<const int8_t*>(tile), tile_units<T>(kb), colsum[p]);
+#endif
       }
       for (int64_t m0 = 0; m0 < a.M; m0 += kGemmRows) {
         const int mr = static_cast<int>(std::min<int64_t>(kGemmRows, a.M - m0));

@@ -526,6 +526,7 @@ void micro_bf16_avx512(const uint16_t* a, int64_t lda, int mr, const uint16_t* t
 // the sum of the tile's column j, takes the 128 back out, exactly, in integers.
 void micro_i8_vnni(const int8_t* a, int64_t lda, int mr, const int8_t* tile, int64_t kb, const float* colscale,
                    const int32_t* colsum, float* c, int64_t ldc);
+void tile_colsum_vnni(const int8_t* tile, int64_t units, int32_t* colsum);
 #endif
 
 struct GemmPlan {
