@@ -175,11 +175,9 @@ def save_pretrained(
             "a model quantized on the GPU holds weight_quantize's device layout, which is not saved; "
             "quantize the checkpoint with glm4-convert --quantize instead"
         )
-    quantization = held.quantization if isinstance(held, Packed) else None
+    quantization = model.quantization
     table = model.model.embed_tokens
     quantized_table = {f"{TABLE}.{slot.name}": slot for slot in table.slots} if isinstance(table.format, Packed) else {}
-    if quantization is not None and quantized_table:
-        quantization = dataclasses.replace(quantization, embedding=True)
     store = dtype or model.dtype
     target = stored_format(store, quantization)
     state = model.state_dict()

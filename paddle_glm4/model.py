@@ -6,6 +6,7 @@ g = key/value heads (groups), d = head_dim, H = hidden size. Linear weights: see
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, TypeAlias
 
@@ -14,12 +15,12 @@ import paddle.nn.functional as F
 from paddle import nn
 
 from . import generation, loading, memory, ops
-from .config import IGNORE_INDEX, GLM4Config
+from .config import IGNORE_INDEX, GLM4Config, Quantization
 from .device import on_gpu
 from .generation import Batch, GenerationConfig
 from .kv_cache import KVCache
 from .linear import Linear, lookup
-from .quantization import WeightFormat, embedding_format
+from .quantization import Packed, WeightFormat, embedding_format
 from .sequences import GROWTH_STEP, Sequences
 
 if TYPE_CHECKING:
@@ -364,6 +365,15 @@ class GLM4ForCausalLM(nn.Layer):
     @property
     def dtype(self) -> str:
         return self.model.embed_tokens.dtype
+
+    @property
+    def quantization(self) -> Quantization | None:
+        """How the weights are held quantized, as a checkpoint's config.json records it (the embedding table
+        with them or not); None when the Linear weights are not int8 / int4 CPU weights."""
+        held = self.model.kernels.weights.quantization if isinstance(self.model.kernels.weights, Packed) else None
+        if held is None:
+            return None
+        return dataclasses.replace(held, embedding=isinstance(self.model.embed_tokens.format, Packed))
 
     # ---- checkpoints (paddle_glm4.loading) ---------------------------------------------------------
     @classmethod

@@ -42,7 +42,9 @@ def test_predictor_on_a_quantized_export_equals_the_dynamic_quantized_model(chec
                             **args)
     assert manifest.kernels == kernels.available()
     assert manifest.config.quantization == (None if case == "bfloat16" else
-                                            GLM4ForCausalLM.from_pretrained(checkpoint, **args).lm_head.format.quantization)
+                                            GLM4ForCausalLM.from_pretrained(checkpoint, **args).quantization)
+    if case != "bfloat16":  # the embedding table is quantized with the Linear weights
+        assert manifest.config.quantization.embedding
     program = open(os.path.join(out, "glm4.json"), encoding="utf-8").read()
     operator = {"int8": "glm4_linear_int8", "int4": "glm4_linear_int4", "bfloat16": "glm4_linear_bf16"}[case]
     assert (operator in program) == manifest.kernels
@@ -75,7 +77,7 @@ def test_cli_quantized_generate_and_export_in_fresh_processes(checkpoint, tmp_pa
     assert export.returncode == 0, export.stderr
     assert "weights int4 (group size 32)" in export.stderr
     assert json.loads(open(os.path.join(out, "export.json")).read())["config"]["quantization"] == {
-        "scheme": "int4", "group_size": 32}
+        "scheme": "int4", "group_size": 32, "embedding": True}
     served = run_python("-m", "paddle_glm4", "generate", "--model", out, "--engine", "inference", *prompt)
     assert served.returncode == 0, served.stderr
     assert served.stdout == dynamic.stdout and dynamic.stdout.strip()

@@ -30,7 +30,6 @@ from ..config import CONFIG_NAME, MODEL_TYPE, STORAGE_DTYPES, ConfigError, GLM4C
 from ..device import on_gpu
 from ..model import GLM4ForCausalLM, RMSNorm
 from ..output_dir import check_destination, staged
-from ..quantization import Packed
 from ..source_files import copy_source, permission_bits, source_path
 from ..validation import read_json
 from .manifest import EXPORT, MANIFEST_NAME, PROGRAM, TOKENIZER_FILES, ExportError, Manifest, input_names
@@ -230,9 +229,8 @@ def _export(
         warnings.filterwarnings("ignore", category=UserWarning, module="paddle")
         static = paddle.jit.to_static(program, input_spec=program.input_spec(), full_graph=True)
         paddle.jit.save(static, os.path.join(out_dir, PROGRAM))
-    quantized = weights.quantization if isinstance(weights, Packed) else None
     return Manifest(
-        config=dataclasses.replace(config, quantization=quantized),
+        config=dataclasses.replace(config, quantization=model.quantization),
         dtype=model.dtype,
         compute_dtype=compute_dtype,
         device=device,

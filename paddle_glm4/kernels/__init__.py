@@ -23,7 +23,8 @@ activation_dtype says how activations enter the dot products:
   dot products per weight group (VNNI / vpmaddubsw), scaled in float32. Integer weights only.
 - "auto" (default): chosen per CPU, format and row count by measurement (benchmarks/NOTES.md): int8 for
   int8/int4 weights on AVX-512 VNNI at every row count, and at up to 16 rows (decoding) on AVX2; else
-  bfloat16 on CPUs with AVX-512 BF16; else float32. Resolved inside the operator, so an exported program picks for the CPU it runs on.
+  bfloat16 on CPUs with AVX-512 BF16; else float32. Resolved inside the operator, so an exported program
+  picks for the CPU it runs on.
 
 Paths, chosen at run time from the CPU's flags: "avx512bf16" > "avx512vnni" > "avx2" (AVX2 + FMA) >
 "scalar" (plain C++, any CPU). GLM4_KERNELS_ISA=<path> (or linear(..., isa=<path>)) caps the path, so
