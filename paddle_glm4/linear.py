@@ -17,7 +17,7 @@ from paddle import nn
 
 from . import kernels, ops
 from .config import DEFAULT_GROUP_SIZE
-from .quantization import Dense, Packed, Rows, WeightFormat, WeightOnlyGPU, convert
+from .quantization import Dense, Packed, Rows, Slot, WeightFormat, WeightOnlyGPU, convert
 
 KERNEL_FORMATS = {"bfloat16": "bf16", "int8": "int8", "int4": "int4"}  # paddle_glm4.kernels' names
 
@@ -37,13 +37,7 @@ class Linear(nn.Linear):
         fmt = kernels.weights
         self.in_features, self.out_features, self.format = in_features, out_features, fmt
         self.slots = fmt.slots(in_features, out_features)
-        for slot in self.slots:
-            integer = slot.dtype in ("int8", "uint8")
-            param = self.create_parameter(
-                list(slot.shape), dtype=slot.dtype, default_initializer=nn.initializer.Constant(0) if integer else None
-            )
-            param.stop_gradient = not isinstance(fmt, Dense)  # only dense weights train
-            self.add_parameter(slot.name, param)
+        add_slot_parameters(self, self.slots, trainable=isinstance(fmt, Dense))  # only dense weights train
         self.bias = self.create_parameter([out_features], dtype=fmt.bias_dtype, is_bias=True) if bias else None
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
@@ -51,6 +45,17 @@ class Linear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}"
+
+
+def add_slot_parameters(layer: nn.Layer, slots: list[Slot], trainable: bool) -> None:
+    """`layer`'s parameters for a weight format's `slots`, named as the slots (integer ones start at zero)."""
+    for slot in slots:
+        integer = slot.dtype in ("int8", "uint8")
+        param = layer.create_parameter(
+            list(slot.shape), dtype=slot.dtype, default_initializer=nn.initializer.Constant(0) if integer else None
+        )
+        param.stop_gradient = not trainable
+        layer.add_parameter(slot.name, param)
 
 
 def linear(

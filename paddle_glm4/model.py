@@ -19,7 +19,7 @@ from .config import IGNORE_INDEX, GLM4Config, Quantization
 from .device import on_gpu
 from .generation import Batch, GenerationConfig
 from .kv_cache import KVCache
-from .linear import Linear, lookup
+from .linear import Linear, add_slot_parameters, lookup
 from .quantization import Packed, WeightFormat, embedding_format
 from .sequences import GROWTH_STEP, Sequences
 
@@ -71,13 +71,7 @@ class Embedding(nn.Layer):
         super().__init__()
         self.vocab_size, self.hidden_size, self.format = vocab_size, hidden_size, fmt
         self.slots = fmt.slots(hidden_size, vocab_size)
-        for slot in self.slots:
-            integer = slot.dtype in ("int8", "uint8")
-            param = self.create_parameter(
-                list(slot.shape), dtype=slot.dtype, default_initializer=nn.initializer.Constant(0) if integer else None
-            )
-            param.stop_gradient = integer or slot.name == "scales"  # a quantized table does not train
-            self.add_parameter(slot.name, param)
+        add_slot_parameters(self, self.slots, trainable=not isinstance(fmt, Packed))  # a quantized table does not train
         self.dtype, self.compute_dtype = dtype, compute_dtype
 
     def forward(self, ids: paddle.Tensor) -> paddle.Tensor:
