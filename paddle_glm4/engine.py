@@ -157,7 +157,7 @@ def load_engine(
     if prefill_chunk is not None:
         model.prefill_chunk = prefill_chunk
     ranks = getattr(model, "tensor_parallel", None)
-    if ranks is not None:
+    if ranks is not None and isinstance(model, GLM4ForCausalLM):  # an export refuses tensor parallelism
         from .tensor_parallel import follow, lead
 
         if ranks.rank != 0:  # a follower: rank 0 runs the command

@@ -332,10 +332,10 @@ class GLM4ForCausalLM(nn.Layer):
         chunk = self.prefill_chunk if prefill_chunk is None else prefill_chunk
         cache_dtype = self.kv_cache_dtype if kv_cache_dtype is None else kv_cache_dtype
         session = generation.ModelSession(self, chunk, cache_dtype)
-        if self.tensor_parallel is not None:  # rank 0 of the command line leads the other ranks' forwards
-            session = self.tensor_parallel.session(session)
+        # rank 0 of the command line leads the other ranks' forwards
+        led = session if self.tensor_parallel is None else self.tensor_parallel.session(session)
         return generation.generate(
-            session,
+            led,
             input_ids,
             context_length=self.context_length,
             vocab_size=self.config.vocab_size,

@@ -38,8 +38,9 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import paddle
@@ -48,6 +49,10 @@ from .config import GLM4Config
 from .linear import Linear
 from .model import MLP, Attention, Embedding
 from .quantization import Dense, Packed, WeightFormat, embedding_format
+
+if TYPE_CHECKING:
+    from .generation import ModelSession
+    from .model import GLM4ForCausalLM
 
 HEARTBEAT_SECONDS = 10.0  # well inside gloo's 30 s collective timeout
 LOAD_TIMEOUT_SECONDS = 3600.0  # how long a rank waits for the others to finish loading
@@ -311,7 +316,7 @@ class VocabParallelEmbedding(Embedding):
         return _all_reduce(x * held.unsqueeze(-1).astype(x.dtype))
 
 
-def shard(model, layout: Layout) -> None:
+def shard(model: GLM4ForCausalLM, layout: Layout) -> None:
     """Swap `model`'s (a GLM4ForCausalLM built under paddle.LazyGuard, nothing allocated yet) layers for this
     rank's slices of them, with the collectives; the parameters keep their names."""
     config, inner = model.config, model.model
@@ -362,7 +367,7 @@ class TensorParallel:
         dist.all_gather(parts, logits)
         return paddle.concat(parts, axis=-1)
 
-    def session(self, session):
+    def session(self, session: ModelSession) -> ModelSession | LeaderSession:
         """The generation session `model.generate` uses: rank 0's, when it leads, sends its forwards."""
         return session if self.leader is None else LeaderSession(session, self.leader)
 
@@ -427,10 +432,17 @@ class LeaderSession:
     """A generation Session on rank 0 that has the followers run the same forwards (generation.ModelSession's
     prefill and step, with the same arguments) on their slices."""
 
-    def __init__(self, session, leader: Leader):
+    def __init__(self, session: ModelSession, leader: Leader):
         self.session, self.leader = session, leader
 
-    def prefill(self, input_ids, attention_mask, position_ids, capacity, progress=None):
+    def prefill(
+        self,
+        input_ids: paddle.Tensor,
+        attention_mask: paddle.Tensor | None,
+        position_ids: paddle.Tensor | None,
+        capacity: int,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> paddle.Tensor:
         b, n = input_ids.shape
         extras = [t.astype("int64") for t in (attention_mask, position_ids) if t is not None]
         header = (_PREFILL, b, n, capacity, attention_mask is not None, position_ids is not None)
@@ -441,13 +453,13 @@ class LeaderSession:
             )
             return self.session.prefill(input_ids, attention_mask, position_ids, capacity, progress)
 
-    def step(self, tokens):
+    def step(self, tokens: paddle.Tensor) -> paddle.Tensor:
         with self.leader.lock, _peers():
             self.leader.send(_STEP, tokens.shape[0], tensors=(tokens.astype("int64"),))
             return self.session.step(tokens)
 
 
-def lead(model) -> Leader:
+def lead(model: GLM4ForCausalLM) -> Leader:
     """Make rank 0's `model.generate` drive the followers; returns the Leader (close it when done)."""
     assert model.tensor_parallel is not None and model.tensor_parallel.rank == 0
     leader = Leader()
@@ -456,13 +468,13 @@ def lead(model) -> Leader:
 
 
 @paddle.no_grad()
-def follow(model) -> None:
+def follow(model: GLM4ForCausalLM) -> None:
     """A follower's loop: run the forwards rank 0 sends, on this rank's slices, until it says stop."""
     with _peers():
         _follow(model)
 
 
-def _follow(model) -> None:
+def _follow(model: GLM4ForCausalLM) -> None:
     from .generation import ModelSession
 
     session: ModelSession | None = None
