@@ -18,24 +18,8 @@ struct Int4Format {
   static float scale(const Weights& w, int64_t n, int64_t k) { return w.scales[n * w.groups + k / w.group]; }
   static constexpr bool kBf16Rows = false;
 #if GLM4_X86
-  // k0 is even (groups are): 16 bytes give 32 weights, low and high nibbles interleaved back into order
-  GLM4_AVX2 static void row_f32(const Weights& w, int64_t n, int64_t k0, int64_t kb, float* out) {
-    const uint8_t* row = w.data + n * w.row_bytes + k0 / 2;
-    const __m128i low = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
-    int64_t k = 0;
-    for (; k + 32 <= kb; k += 32) {
-      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2));
-      const __m128i lo = _mm_and_si128(b, low), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low);
-      const __m128i first = _mm_sub_epi8(_mm_unpacklo_epi8(lo, hi), eight);
-      const __m128i second = _mm_sub_epi8(_mm_unpackhi_epi8(lo, hi), eight);
-      _mm256_storeu_ps(out + k, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(first)));
-      _mm256_storeu_ps(out + k + 8, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(first, 8))));
-      _mm256_storeu_ps(out + k + 16, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(second)));
-      _mm256_storeu_ps(out + k + 24, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(second, 8))));
-    }
-    for (; k < kb; ++k) out[k] = value(w, n, k0 + k);
-  }
-  // the same as int8 values (nibble - 8), for the VNNI GEMM's tiles
+  // Weights k0..k0+kb of row n as int8 (nibble - 8), in order. k0 is even (groups are): 16 bytes give 32
+  // weights, low and high nibbles interleaved back into order. (The VNNI GEMM's tiles take these.)
   GLM4_AVX2 static void row_i8(const Weights& w, int64_t n, int64_t k0, int64_t kb, int8_t* out) {
     const uint8_t* row = w.data + n * w.row_bytes + k0 / 2;
     const __m128i low = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
@@ -47,6 +31,17 @@ struct Int4Format {
       _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k + 16), _mm_sub_epi8(_mm_unpackhi_epi8(lo, hi), eight));
     }
     for (; k < kb; ++k) out[k] = static_cast<int8_t>(value(w, n, k0 + k));
+  }
+  // the same widened to float32
+  GLM4_AVX2 static void row_f32(const Weights& w, int64_t n, int64_t k0, int64_t kb, float* out) {
+    thread_local std::vector<int8_t> q;
+    q.resize(kb + 16);
+    row_i8(w, n, k0, kb, q.data());
+    int64_t k = 0;
+    for (; k + 8 <= kb; k += 8)
+      _mm256_storeu_ps(out + k, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                                    reinterpret_cast<const __m128i*>(q.data() + k)))));
+    for (; k < kb; ++k) out[k] = static_cast<float>(q[k]);
   }
 #endif
 };
