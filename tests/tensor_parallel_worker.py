@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 
 import numpy as np
 import paddle
@@ -54,7 +53,6 @@ def main() -> None:
             tensor_parallel_degree=args.degree,
         )
     rank = 0 if model.tensor_parallel is None else model.tensor_parallel.rank
-    loaded_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     inputs = np.load(args.inputs, allow_pickle=False)
     if args.die_at_step is not None:
         _die_mid_generation(model, inputs["ids"], args.die_at_step, args.hang)
@@ -64,6 +62,9 @@ def main() -> None:
     batch, _ = model.generate(
         inputs["batch_ids"], attention_mask=inputs["batch_mask"], max_new_tokens=args.max_new_tokens
     )
+    # this process's peak once every weight was used (a mapped checkpoint is resident only where read);
+    # not ru_maxrss, which counts the memory of the parent this process was forked from
+    loaded_rss = _rss_bytes("VmHWM:")
     np.savez(
         f"{args.out}/rank{rank}.npz",
         logits=logits,
@@ -75,9 +76,9 @@ def main() -> None:
     )
 
 
-def _rss_bytes() -> int:
+def _rss_bytes(field: str = "VmRSS:") -> int:
     with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith(field))
 
 
 def _die_mid_generation(model, ids: np.ndarray, step: int, hang: bool) -> None:

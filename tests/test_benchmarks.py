@@ -101,7 +101,8 @@ def test_quick_lowbit_with_some_formats_keeps_the_other_formats_rows(tmp_path):
     old = "2026-01-01T00:00:00+00:00"
 
     def row(fmt):
-        return {"figure": f"decode tokens/s, batch 1 (ours {fmt}, {kernels.isa()} kernels, tiny, 2 layers)", "ours": 1.0, "peer": 1.0,
+        # a figure measured with or without the llama.cpp peer
+        return {"figure": f"decode batch 1 vs the bandwidth bound (ours {fmt}, {kernels.isa()} kernels, tiny, 2 layers)", "ours": 1.0, "peer": 1.0,
                 "peer_name": "x", "unit": "tokens/s", "ratio": 1.0, "date": old}
 
     previous = {"date": old, "quick": True, "machine": {}, "notes": {}, "section_dates": {"lowbit": old},

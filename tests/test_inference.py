@@ -256,7 +256,9 @@ def test_what_paddle_prints_while_preparing_a_program_goes_to_stderr(built):
     # oneDNN (used for its bf16 mode) prints kernel checks to C's stdout at a program's first run
     code = f"""
 import paddle, paddle.inference as pi
+from paddle_glm4 import kernels
 from paddle_glm4.inference.predictor import _stdout_to_stderr
+kernels.load()  # the program calls the kernels' operators (attention, linear), found only once loaded
 config = pi.Config({os.path.join(built[3], "glm4.json")!r}, {os.path.join(built[3], "glm4.pdiparams")!r})
 config.enable_mkldnn()
 config.disable_glog_info()

@@ -110,8 +110,8 @@ def test_split_model_with_the_kernels_matches_one_process(small, tmp_path, load,
 
 @pytest.mark.slow
 def test_each_rank_holds_half_the_weights(tmp_path):
-    """A model whose weights (~630 MB in float32) dwarf the process's own memory: what loading adds to a rank's
-    peak RSS is about half of what it adds to one process's."""
+    """A model whose weights (~630 MB in float32) dwarf the process's own memory: what loading and generating
+    add to a rank's peak RSS is about half of the weights."""
     config = small_config(vocab_size=65536, hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
                           num_key_value_heads=2, head_dim=64)
     paddle.seed(0)
@@ -137,8 +137,11 @@ def test_each_rank_holds_half_the_weights(tmp_path):
     ranks = [added(np.load(tmp_path / "two" / f"rank{r}.npz")) for r in range(2)]
     print(f"weights {weights / 2**20:.0f} MiB; loading added {one / 2**20:.0f} MiB to one process, "
           f"{', '.join(f'{r / 2**20:.0f}' for r in ranks)} MiB to each of 2 ranks")
-    assert one > 0.9 * weights
-    assert all(0.4 * one < rank < 0.62 * one for rank in ranks)
+    # one process maps its float32 checkpoint: what it never reads (the embedding rows not looked up) stays
+    # on disk, so its growth is no yardstick; a rank copies its slices, so it holds its half of every weight,
+    # plus the distributed runtime (gloo, the launch's environment: ~120 MiB here)
+    assert one < 0.9 * weights
+    assert all(0.45 * weights < rank < 0.5 * weights + 160 * 2**20 for rank in ranks)
 
 
 # ---- refused before loading ----------------------------------------------------------------------------------
