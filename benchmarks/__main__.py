@@ -123,15 +123,16 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_readme(table: str):
+def update_readme(table: str, begin: str = TABLE_BEGIN, end: str = TABLE_END):
+    """Replace what README.md holds between the markers `begin` and `end` with `table`."""
     with open(README, encoding="utf-8") as f:
         text = f.read()
-    pattern = re.compile(re.escape(TABLE_BEGIN) + ".*?" + re.escape(TABLE_END), re.DOTALL)
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.DOTALL)
     if not pattern.search(text):
-        raise ValueError(f"README.md has no {TABLE_BEGIN} ... {TABLE_END} block to replace")
+        raise ValueError(f"README.md has no {begin} ... {end} block to replace")
     from paddle_glm4.checkpoint import write_text_atomic
 
-    write_text_atomic(README, pattern.sub(lambda _: f"{TABLE_BEGIN}\n{table}{TABLE_END}", text))
+    write_text_atomic(README, pattern.sub(lambda _: f"{begin}\n{table}{end}", text))
 
 
 def main(argv=None) -> int:

@@ -14,7 +14,7 @@ import os
 import re
 import sys
 
-from benchmarks.__main__ import README, RESULTS, ROOT
+from benchmarks.__main__ import RESULTS, ROOT, update_readme
 
 OUTPUT = os.path.join(ROOT, "benchmarks", "long_context.png")
 TABLE_BEGIN, TABLE_END = "<!-- long-context:begin -->", "<!-- long-context:end -->"
@@ -72,17 +72,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_readme(text: str) -> None:
-    from paddle_glm4.checkpoint import write_text_atomic
-
-    with open(README, encoding="utf-8") as f:
-        readme = f.read()
-    pattern = re.compile(re.escape(TABLE_BEGIN) + ".*?" + re.escape(TABLE_END), re.DOTALL)
-    if not pattern.search(readme):
-        raise ValueError(f"README.md has no {TABLE_BEGIN} ... {TABLE_END} block to replace")
-    write_text_atomic(README, pattern.sub(lambda _: f"{TABLE_BEGIN}\n{text}{TABLE_END}", readme))
-
-
 def plot(report: dict, rows: list[dict], output: str) -> str:
     import matplotlib
 
@@ -136,7 +125,7 @@ def main(argv=None) -> int:
         text = table(rows)
         print(text + plot(report, rows, args.output))
         if args.readme:
-            update_readme(text)
+            update_readme(text, TABLE_BEGIN, TABLE_END)
     except (OSError, ValueError, KeyError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
