@@ -77,7 +77,12 @@ def merge_previous(report: dict, path: str) -> dict:
     sections = {**previous.get("sections", {}), **report["sections"]}
     for name in report["partial"]:  # the rows of the formats not run this time stay
         figures = {row["figure"] for row in report["sections"][name]}
-        kept = [row for row in previous.get("sections", {}).get(name, []) if row["figure"] not in figures]
+        since = previous.get("section_dates", {}).get(name, previous.get("date"))  # rows from before rows had dates
+        kept = [
+            {**row, "date": row.get("date", since)}
+            for row in previous.get("sections", {}).get(name, [])
+            if row["figure"] not in figures
+        ]
         sections[name] = kept + report["sections"][name]
     dates = {**previous.get("section_dates", {}), **report["section_dates"]}
     # a section's notes go with its figures: a section run again replaces them

@@ -105,16 +105,18 @@ def test_quick_lowbit_with_some_formats_keeps_the_other_formats_rows(tmp_path):
         return {"figure": f"decode batch 1 vs the bandwidth bound (ours {fmt}, {kernels.isa()} kernels, tiny, 2 layers)", "ours": 1.0, "peer": 1.0,
                 "peer_name": "x", "unit": "tokens/s", "ratio": 1.0, "date": old}
 
+    undated = {**row("int8"), "date": None}
+    del undated["date"]  # a row from before rows were dated: it takes its section's date
     previous = {"date": old, "quick": True, "machine": {}, "notes": {}, "section_dates": {"lowbit": old},
-                "sections": {"lowbit": [row("bf16"), row("int4")]}}
+                "sections": {"lowbit": [row("bf16"), undated, row("int4")]}}
     output.write_text(json.dumps(previous))
     done = subprocess.run([sys.executable, "-m", "benchmarks", "run", "--quick", "--only", "lowbit", "--formats",
                            "int4", "--output", str(output)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(output.read_text())["sections"]["lowbit"]
-    assert rows[0] == row("bf16")
+    assert rows[:2] == [row("bf16"), row("int8")]
     assert row("int4") not in rows
-    new = rows[1:]
+    new = rows[2:]
     assert new and all("ours int4" in r["figure"] or "Q4_0" in r["figure"] for r in new), [r["figure"] for r in new]
     assert all(r["date"] != old for r in new)
     assert not any(f"ours {fmt}," in r["figure"] for r in new for fmt in ("bf16", "int8"))
