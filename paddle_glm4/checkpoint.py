@@ -17,7 +17,14 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm.auto import tqdm
 
-from .safetensors_file import SafetensorsError, SafetensorsReader, SafetensorsWriter, cast, numpy_dtype
+from .safetensors_file import (
+    SafetensorsError,
+    SafetensorsReader,
+    SafetensorsWriter,
+    StoredTensor,
+    cast,
+    numpy_dtype,
+)
 from .source_files import check_source_file, plain_name
 from .validation import Int, Map, Object, Optional, SchemaError, Str, read_json
 
@@ -189,14 +196,18 @@ def inspect(
 
 
 def read_tensors(
-    locations: dict[str, TensorLocation], dtype: str | dict[str, str | None], progress: str | None = None
-) -> Iterator[tuple[str, np.ndarray]]:
+    locations: dict[str, TensorLocation],
+    dtype: str | dict[str, str | None],
+    progress: str | None = None,
+    unread: frozenset[str] = frozenset(),
+) -> Iterator[tuple[str, np.ndarray | StoredTensor]]:
     """Yield (name, numpy array in `dtype`) one tensor at a time, file by file (bf16 as uint16 bits).
     `dtype` is one for all, or one per name (None: as stored).
 
     A tensor already stored in `dtype` comes memory-mapped (copy-on-write), not read: its pages are the
     page cache's, loaded when first touched (an embedding table's unused rows never are) and shared by
-    every process that maps the file. A cast needs the data, so those tensors are read."""
+    every process that maps the file. A cast needs the data, so those tensors are read. The tensors named
+    in `unread` (as stored) come as a StoredTensor, read by the caller a block at a time."""
     by_file: dict[str, list[str]] = {}
     for name, loc in locations.items():
         by_file.setdefault(loc.path, []).append(name)
@@ -207,7 +218,9 @@ def read_tensors(
                 for name in names:
                     stored = locations[name].dtype
                     wanted = dtype.get(name) if isinstance(dtype, dict) else dtype
-                    if wanted is None or stored == wanted:
+                    if name in unread:
+                        yield name, reader.unread(name)
+                    elif wanted is None or stored == wanted:
                         yield name, reader.view(name, private=True)
                     else:
                         yield name, cast(reader.read(name), stored, wanted)

@@ -31,10 +31,12 @@ from .linear import Linear, load_weight
 from .quantization import (
     Dense,
     Packed,
+    Rows,
     WeightFormat,
     WeightOnlyGPU,
     choose_format,
     convert,
+    same_layout,
     stored_embedding_format,
     stored_format,
 )
@@ -132,9 +134,26 @@ def _load_state(
     wanted = {name: None if name in layer_of else _dtype_name(params[name].dtype) for name in locations}
     if shard is not None:
         wanted = {name: None if shard.splits_tensor(name) else dtype for name, dtype in wanted.items()}
+
+    def source_of(name: str) -> WeightFormat:
+        if layer_of.get(name) == TABLE:
+            return stored_table
+        return stored if config.quantization is not None else Dense(locations[name].dtype)
+
+    # a dense weight converted on its way in is read from the file a block at a time, not mapped: mapped, the
+    # page cache would make the whole source resident beside its converted copy (see StoredTensor)
+    unread = frozenset(
+        name
+        for name, prefix in layer_of.items()
+        if isinstance(source_of(name), (Dense, Rows))
+        and not same_layout(source_of(name), *converted[prefix])
+        and not (shard is not None and shard.splits_tensor(name))
+    )
     pending: dict[str, dict[str, np.ndarray]] = {}
-    for name, array in checkpoint.read_tensors(locations, wanted, progress=f"loading {os.path.basename(path)}"):
-        source = stored if config.quantization is not None else Dense(locations[name].dtype)
+    for name, array in checkpoint.read_tensors(
+        locations, wanted, progress=f"loading {os.path.basename(path)}", unread=unread
+    ):
+        source = source_of(name)
         if shard is not None and shard.splits_tensor(name):
             array = shard.take(name, array, source)
             if name not in layer_of:  # read as stored: cast only the slice
@@ -144,8 +163,6 @@ def _load_state(
             continue
         prefix = layer_of[name]
         target, k, n = converted[prefix]
-        if prefix == TABLE:
-            source = stored_table
         arrays = pending.setdefault(prefix, {})
         arrays[name.rsplit(".", 1)[1]] = array
         if len(arrays) == len(source.slots(k, n)):  # the weight's last tensor

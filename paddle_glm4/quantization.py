@@ -250,12 +250,18 @@ def checkpoint_slots(dtype: str, quantization: Quantization | None, k: int, n: i
     return stored_format(dtype, quantization).slots(k, n)
 
 
+def same_layout(source: WeightFormat, target: WeightFormat, k: int, n: int) -> bool:
+    """Whether `target` holds `source`'s tensors as they are (`convert` hands them over without a copy)."""
+    return type(source) is type(target) and source.slots(k, n) == target.slots(k, n)
+
+
 def convert(
     source: WeightFormat, arrays: dict[str, np.ndarray], target: WeightFormat, k: int, n: int
 ) -> dict[str, np.ndarray]:
     """A Linear's arrays in `source` format -> `target`'s, a block of output rows at a time. When both hold
-    the same tensors in the same layout, they are returned as they are (no copy)."""
-    if type(source) is type(target) and source.slots(k, n) == target.slots(k, n):
+    the same tensors in the same layout, they are returned as they are (no copy). A source array may be a
+    safetensors_file.StoredTensor: then only the block being converted is read."""
+    if same_layout(source, target, k, n):
         return arrays
     out = {slot.name: np.empty(slot.shape, numpy_dtype(slot.dtype)) for slot in target.slots(k, n)}
     if (
@@ -263,8 +269,10 @@ def convert(
         and source.dtype == "bfloat16"
         and isinstance(target, Packed)
         and target.kind == "bfloat16"
-    ):  # the same values, transposed: moved as bits
-        transpose_into(out["weight"], arrays["weight"])
+    ):  # the same values, transposed: moved as bits, a block of columns at a time
+        step = max(1, CONVERT_BLOCK_BYTES // (2 * k))
+        for start in range(0, n, step):
+            transpose_into(out["weight"][start : start + step], arrays["weight"][:, start : start + step])
         return out
     step = max(1, CONVERT_BLOCK_BYTES // (4 * k))
     for start in range(0, n, step):

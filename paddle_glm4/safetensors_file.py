@@ -15,6 +15,7 @@ import math
 import mmap
 import os
 import struct
+import weakref
 from typing import Any
 
 import numpy as np
@@ -191,6 +192,12 @@ class SafetensorsReader:
         mapped = mmap.mmap(self._file.fileno(), skip + end - begin, offset=first - skip, access=access)
         return np.frombuffer(mapped, dtype, count=(end - begin) // dtype.itemsize, offset=skip).reshape(shape)
 
+    def unread(self, name: str) -> StoredTensor:
+        """The tensor left in the file, to be read a block at a time (StoredTensor); it stays readable
+        after this reader is closed."""
+        code, shape, begin, _ = self._entry(name)
+        return StoredTensor(self.path, self._file.fileno(), self._data_start + begin, shape, DTYPES[code][1])
+
     def close(self) -> None:
         self._file.close()
 
@@ -199,6 +206,45 @@ class SafetensorsReader:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class StoredTensor:
+    """A tensor not read yet: `tensor[rows, cols]` (plain slices) reads that block from the file with pread
+    into a new array, so converting a weight a block at a time holds one block, not the tensor. (Mapped,
+    a column block of a [K, N] weight touches every row, and the page cache's large folios are mapped whole
+    around each fault: the first block made GLM-4-9B's whole 1.24 GB lm_head resident.)
+
+    `offset`, `shape` and `dtype` come from a header that SafetensorsReader checked against the file's size;
+    a file that shrinks meanwhile gives a short read, which is an error."""
+
+    def __init__(self, path: str, fd: int, offset: int, shape: tuple[int, ...], dtype: np.dtype):
+        self.path, self.shape, self.dtype, self.ndim = path, tuple(shape), np.dtype(dtype), len(shape)
+        self._offset, self._fd = offset, os.dup(fd)  # its own descriptor: the reader may close first
+        weakref.finalize(self, os.close, self._fd)
+
+    def __getitem__(self, key) -> np.ndarray:
+        rows, cols = key if isinstance(key, tuple) else (key, slice(None))
+        if self.ndim != 2 or not all(isinstance(k, slice) and k.step in (None, 1) for k in (rows, cols)):
+            raise TypeError(f"{self.path}: a stored tensor reads 2-D blocks of plain slices, got {key!r}")
+        (r0, r1, _), (c0, c1, _) = rows.indices(self.shape[0]), cols.indices(self.shape[1])
+        block = np.empty((max(0, r1 - r0), max(0, c1 - c0)), self.dtype)
+        width = self.shape[1]
+        if block.shape[1] == width:  # whole rows: one run of the file
+            self._read_into(block, r0 * width)
+        else:  # a run per row
+            for i, row in enumerate(range(r0, r1)):
+                self._read_into(block[i], row * width + c0)
+        return block
+
+    def _read_into(self, buffer: np.ndarray, element: int) -> None:
+        """Fill the contiguous `buffer` from the tensor's element number `element` on."""
+        data = buffer.reshape(-1).view(np.uint8)
+        done = 0
+        while done < data.size:  # a single read returns at most ~2 GB
+            got = os.preadv(self._fd, [data[done:]], self._offset + element * self.dtype.itemsize + done)
+            if got <= 0:
+                raise SafetensorsError(f"{self.path}: truncated while reading (the file shrank after it was opened)")
+            done += got
 
 
 def encode_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict | None = None) -> bytes:
