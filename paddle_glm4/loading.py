@@ -40,6 +40,7 @@ from .quantization import (
     stored_embedding_format,
     stored_format,
 )
+from .safetensors_file import StoredTensor
 
 if TYPE_CHECKING:
     from . import tensor_parallel
@@ -149,12 +150,13 @@ def _load_state(
         and not same_layout(source_of(name), *converted[prefix])
         and not (shard is not None and shard.splits_tensor(name))
     )
-    pending: dict[str, dict[str, np.ndarray]] = {}
+    pending: dict[str, dict[str, np.ndarray | StoredTensor]] = {}
     for name, array in checkpoint.read_tensors(
         locations, wanted, progress=f"loading {os.path.basename(path)}", unread=unread
     ):
         source = source_of(name)
         if shard is not None and shard.splits_tensor(name):
+            assert isinstance(array, np.ndarray)  # mapped: a split tensor is not in `unread`
             array = shard.take(name, array, source)
             if name not in layer_of:  # read as stored: cast only the slice
                 array = _cast(array, locations[name].dtype, _dtype_name(params[name].dtype))

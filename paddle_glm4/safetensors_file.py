@@ -238,9 +238,9 @@ class StoredTensor:
 
     def _read_into(self, buffer: np.ndarray, element: int) -> None:
         """Fill the contiguous `buffer` from the tensor's element number `element` on."""
-        data = buffer.reshape(-1).view(np.uint8)
+        data = buffer.reshape(-1).data.cast("B")
         done = 0
-        while done < data.size:  # a single read returns at most ~2 GB
+        while done < len(data):  # a single read returns at most ~2 GB
             got = os.preadv(self._fd, [data[done:]], self._offset + element * self.dtype.itemsize + done)
             if got <= 0:
                 raise SafetensorsError(f"{self.path}: truncated while reading (the file shrank after it was opened)")

@@ -81,8 +81,8 @@ def test_converting_from_the_file_gives_what_converting_the_array_gives(tmp_path
         assert np.array_equal(from_file[name], from_array[name]), name
     # and a table stored row by row, quantized
     with SafetensorsReader(path) as reader:
-        table = convert(Rows("bfloat16"), {"weight": reader.unread("w")}, Packed("int8"), n, k)
-    assert np.array_equal(table["qweight"], convert(Rows("bfloat16"), {"weight": weight}, Packed("int8"), n, k)["qweight"])
+        table = convert(Rows("bfloat16"), {"weight": reader.unread("w")}, Packed("int8"), n, k)["qweight"]
+    assert np.array_equal(table, convert(Rows("bfloat16"), {"weight": weight}, Packed("int8"), n, k)["qweight"])
 
 
 LOAD = """
