@@ -146,8 +146,13 @@ class GLM4Block(nn.Layer):
         mask: ops.Mask,
         cache: Cache | None,
         start: Start,
+        keep: int = 0,
     ) -> paddle.Tensor:
+        """[b, s, H] -> [b, s, H], or only the last `keep` positions when keep > 0 (the MLP then runs on
+        those alone: its positions do not mix, and attention has already written every key and value)."""
         x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, start)
+        if keep:
+            x = x[:, -keep:]
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -188,8 +193,10 @@ class GLM4Model(nn.Layer):
         start: Start = 0,
         key_valid: paddle.Tensor | None = None,
         cache: Cache | None = None,
+        keep: int = 0,
     ) -> paddle.Tensor:
-        """The network over new tokens: hidden states [b, s, H] after the final norm.
+        """The network over new tokens: hidden states [b, s, H] after the final norm (only the last `keep`
+        positions when keep > 0: the last layer's MLP runs on those alone, as llama.cpp's graphs do).
 
         input_ids, positions [b, s]: the tokens and their positions in their rows. start: the cache slot of the
         first new token (an int; a 0-d int64 tensor in a static program). key_valid [b, L] bool: which slots
@@ -202,13 +209,14 @@ class GLM4Model(nn.Layer):
         mask = ops.attention_mask(key_valid, start, seq_len)
         key_len = start + seq_len if key_valid is None else ops.size(key_valid, 1)
         rope = self.kernels.rotary_tables(positions, self.inv_freq, x.dtype, key_len)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
+            layer_keep = keep if i == len(self.layers) - 1 else 0
             if self.recompute and self.training and cache is None and paddle.in_dynamic_mode():
                 from paddle.distributed.fleet.utils import recompute
 
-                x = recompute(layer, x, rope, mask, cache, start, use_reentrant=False)
+                x = recompute(layer, x, rope, mask, cache, start, layer_keep, use_reentrant=False)
             else:
-                x = layer(x, rope, mask, cache, start)
+                x = layer(x, rope, mask, cache, start, layer_keep)
         return self.norm(x)
 
 
@@ -263,9 +271,7 @@ class GLM4ForCausalLM(nn.Layer):
     ) -> paddle.Tensor:
         """The one forward (GLM4Model.forward's arguments), through the head: logits [b, s, vocab] float32, only
         the last `logits_to_keep` positions when it is > 0. The exported program traces this very function."""
-        hidden = self.model(input_ids, positions, start, key_valid, cache)  # [b, s, H]
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
+        hidden = self.model(input_ids, positions, start, key_valid, cache, logits_to_keep)  # [b, s or keep, H]
         if self.config.tie_word_embeddings:
             weight = self.model.embed_tokens.weight  # [vocab, H]
             if weight.dtype != hidden.dtype:  # stored narrow, computed wider (see inference.export)

@@ -140,6 +140,22 @@ def test_logits_to_keep_returns_the_last_positions_only():
     assert np.abs(last[:, 0] - logits(model, ids)[:, -1]).max() <= 1e-5
 
 
+def test_last_layer_mlp_runs_on_the_kept_positions_only():
+    # the positions whose logits are dropped need no last-layer MLP (llama.cpp's graphs skip it too); every
+    # other layer, and the keys and values the last one caches, still see all of them
+    config = small_config()
+    _, model = build(config)
+    ids = random_ids(config, (2, 11))
+    seen = []
+    hooks = [layer.mlp.register_forward_pre_hook(lambda _, inputs: seen.append(inputs[0].shape[1]))
+             for layer in model.model.layers]
+    kept = logits(model, ids, logits_to_keep=3)
+    for hook in hooks:
+        hook.remove()
+    assert seen == [11] * (config.num_hidden_layers - 1) + [3]
+    assert np.abs(kept - logits(model, ids)[:, -3:]).max() <= 1e-5
+
+
 def test_linear_split_across_threads_equals_one_matmul():
     from paddle_glm4.device import cpu_threads
 
