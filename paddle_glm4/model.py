@@ -86,8 +86,11 @@ class RMSNorm(nn.Layer):
         self.weight = self.create_parameter([dim], default_initializer=nn.initializer.Constant(1.0))
         self.eps, self.kernels = eps, kernels
 
-    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        return self.kernels.rms_norm(x, self.weight, self.eps)
+    def forward(self, x: paddle.Tensor, residual: paddle.Tensor | None = None):
+        """norm(x); with `residual`: (norm(x + residual), x + residual), in one pass where the kernels serve."""
+        if residual is None:
+            return self.kernels.rms_norm(x, self.weight, self.eps)
+        return self.kernels.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class Attention(nn.Layer):
@@ -108,10 +111,7 @@ class Attention(nn.Layer):
         start: Start,
     ) -> paddle.Tensor:
         d, h, g = self.head_dim, self.heads, self.groups
-        qk, v = paddle.split(self.qkv_proj(x), [(h + g) * d, g * d], axis=-1)
-        # queries and keys rotate together, in one call
-        q, k = paddle.split(self.kernels.apply_rotary(qk.reshape([0, 0, h + g, d]), rope), [h, g], axis=2)
-        v = v.reshape([0, 0, g, d])  # q [b, s, h, d]; k, v [b, s, g, d]
+        q, k, v = self.kernels.split_rotary(self.qkv_proj(x), rope, h, g, d)  # q [b, s, h, d]; k, v [b, s, g, d]
         if cache is not None:
             k, v = cache.update(self.layer_idx, start, k, v)  # [b, L, g, d], in the cache's dtype
         out = ops.attention(q, k, v, mask)  # [b, s, h, d]
@@ -121,12 +121,13 @@ class Attention(nn.Layer):
 class MLP(nn.Layer):
     def __init__(self, config: GLM4Config, kernels: ops.Kernels):
         super().__init__()
+        self.kernels = kernels
         self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, kernels)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, kernels)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         # [H] -> [gate | up], silu(gate) * up -> [H]
-        return self.down_proj(F.swiglu(self.gate_up_proj(x)))
+        return self.down_proj(self.kernels.swiglu(self.gate_up_proj(x)))
 
 
 class GLM4Block(nn.Layer):
@@ -150,10 +151,11 @@ class GLM4Block(nn.Layer):
     ) -> paddle.Tensor:
         """[b, s, H] -> [b, s, H], or only the last `keep` positions when keep > 0 (the MLP then runs on
         those alone: its positions do not mix, and attention has already written every key and value)."""
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, start)
+        attended = self.self_attn(self.input_layernorm(x), rope, mask, cache, start)
         if keep:
-            x = x[:, -keep:]
-        return x + self.mlp(self.post_attention_layernorm(x))
+            attended, x = attended[:, -keep:], x[:, -keep:]
+        normed, x = self.post_attention_layernorm(attended, x)  # the residual add and the norm, in one pass
+        return x + self.mlp(normed)
 
 
 class GLM4Model(nn.Layer):

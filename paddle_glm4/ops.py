@@ -2,12 +2,14 @@
 
 `kernels(fused)` is the one switch between them; the model picks once, at construction. Paddle 3.3's
 `fused_rotary_position_embedding` has no CPU kernel and its `fused_rms_norm` CPU kernel dies with SIGILL
-on CPUs without AVX-512 (this project's machines), so the fused set is for GPUs. SwiGLU needs no switch:
-`F.swiglu` has kernels everywhere.
+on CPUs without AVX-512 (this project's machines), so the fused set is for GPUs. On CPU the norms, rotary
+and SwiGLU are paddle_glm4.kernels' operators (one multi-threaded pass each, where Paddle runs several
+single-threaded ops) wherever those serve the call (`_kernel_serves`), else these Paddle forms.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -55,6 +57,32 @@ def fused_rms_norm(x: paddle.Tensor, weight: paddle.Tensor, eps: float) -> paddl
     return IF.fused_rms_norm(x, weight, None, eps, begin_norm_axis=x.ndim - 1)[0]
 
 
+def add_rms_norm(
+    x: paddle.Tensor, residual: paddle.Tensor, weight: paddle.Tensor, eps: float, norm: Callable = rms_norm
+) -> tuple[paddle.Tensor, paddle.Tensor]:
+    """A block's residual add and the norm after it: (norm(x + residual), x + residual)."""
+    total = x + residual
+    return norm(total, weight, eps), total
+
+
+def cpu_rms_norm(x: paddle.Tensor, weight: paddle.Tensor, eps: float) -> paddle.Tensor:
+    return cpu_kernels.rms_norm(x, weight, eps) if _kernel_serves(x, weight) else rms_norm(x, weight, eps)
+
+
+def cpu_add_rms_norm(
+    x: paddle.Tensor, residual: paddle.Tensor, weight: paddle.Tensor, eps: float
+) -> tuple[paddle.Tensor, paddle.Tensor]:
+    if _kernel_serves(x, residual, weight):
+        return cpu_kernels.add_rms_norm(x, residual, weight, eps)
+    return add_rms_norm(x, residual, weight, eps)
+
+
+# ---- SwiGLU --------------------------------------------------------------------------------------------
+def cpu_swiglu(x: paddle.Tensor) -> paddle.Tensor:
+    """x [..., 2F] (gate, then up) -> silu(gate) * up [..., F]."""
+    return cpu_kernels.swiglu(x) if _kernel_serves(x) else F.swiglu(x)
+
+
 # ---- Rotary position embedding -------------------------------------------------------------------------
 # GLM-4 rotates the first `rotary_dim` dims of each head, on interleaved pairs (x[2i], x[2i+1]) by the angle
 # position * theta_i, theta_i = base^(-2i / rotary_dim); the rest of the head passes through unchanged.
@@ -86,6 +114,26 @@ def apply_rotary(x: paddle.Tensor, tables: tuple) -> paddle.Tensor:
     # each pair swapped: (x0, x1) -> (x1, x0); 0 in a shape keeps that dim as it is (dynamic b, s)
     swapped = x_rot.reshape([0, 0, 0, rotary_dim // 2, 2]).flip(-1).reshape([0, 0, 0, rotary_dim])
     return paddle.concat([x_rot * cos + swapped * signed_sin, x_pass], axis=-1)
+
+
+def split_rotary(
+    qkv: paddle.Tensor, tables: tuple, heads: int, groups: int, head_dim: int, apply: Callable = apply_rotary
+) -> tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor]:
+    """The fused projection's output [b, s, (h + 2g) d] -> q [b, s, h, d], k, v [b, s, g, d], queries and keys
+    rotated (together, in one `apply` call)."""
+    h, g, d = heads, groups, head_dim
+    qk, v = paddle.split(qkv, [(h + g) * d, g * d], axis=-1)
+    q, k = paddle.split(apply(qk.reshape([0, 0, h + g, d]), tables), [h, g], axis=2)
+    return q, k, v.reshape([0, 0, g, d])
+
+
+def cpu_split_rotary(
+    qkv: paddle.Tensor, tables: tuple, heads: int, groups: int, head_dim: int
+) -> tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor]:
+    cos, signed_sin = tables
+    if _kernel_serves(qkv, cos, signed_sin):
+        return cpu_kernels.split_rotary(qkv, cos, signed_sin, heads, groups, head_dim)
+    return split_rotary(qkv, tables, heads, groups, head_dim)
 
 
 def fused_rotary_tables(
@@ -141,7 +189,7 @@ def attention_mask(key_valid: paddle.Tensor | None, start: int | paddle.Tensor, 
 def attention(q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor, mask: Mask) -> paddle.Tensor:
     """q [b, s, h, d]; k, v [b, L, g, d] (the cache's first L slots, float32 or bfloat16) with h a multiple of
     g (GQA: K/V are not repeated here) -> [b, s, h, d] in q's dtype."""
-    if _kernel_serves(q):
+    if _kernel_serves(q, k, v):
         return cpu_kernels.attention(q, k, v, mask.start_slot, mask.key_valid)
     if k.dtype != q.dtype:  # a compact cache, widened one layer at a time on this path
         k, v = k.astype(q.dtype), v.astype(q.dtype)
@@ -152,11 +200,13 @@ def attention(q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor, mask: Mask) 
 
 
 @paddle.jit.not_to_static
-def _kernel_serves(q: paddle.Tensor) -> bool:
-    """Whether the kernel computes this call: on CPU, where it could be built, when no gradient is wanted."""
-    if on_gpu() or q.dtype != paddle.float32:
+def _kernel_serves(first: paddle.Tensor, *others: paddle.Tensor) -> bool:
+    """Whether paddle_glm4.kernels computes a call on these tensors: on CPU, where the operators could be built,
+    `first` in float32 (the others in float32 too, but attention's cache may be bf16), when no gradient is
+    wanted (the operators have none)."""
+    if on_gpu() or first.dtype != paddle.float32:
         return False
-    if paddle.in_dynamic_mode() and paddle.is_grad_enabled() and not q.stop_gradient:
+    if paddle.in_dynamic_mode() and paddle.is_grad_enabled() and not all(t.stop_gradient for t in (first, *others)):
         return False
     return cpu_kernels.available()
 
@@ -190,18 +240,27 @@ def _attention_in_blocks(
 
 class Kernels(NamedTuple):
     weights: WeightFormat  # how the Linear layers hold and compute their weights (linear.py)
-    rms_norm: Callable
-    rotary_tables: Callable
-    apply_rotary: Callable
+    rms_norm: Callable  # (x, weight, eps) -> norm
+    add_rms_norm: Callable  # (x, residual, weight, eps) -> (norm of x + residual, x + residual)
+    rotary_tables: Callable  # (positions, inv_freq, dtype, table_len) -> tables
+    split_rotary: Callable  # (qkv, tables, heads, groups, head_dim) -> q, k, v
+    swiglu: Callable  # [..., 2F] -> [..., F]
 
 
 def kernels(fused: bool, weights: WeightFormat | None = None) -> Kernels:
-    """The fused set (GPU) or the portable one; Linear weights in `weights` (default: dense, in Paddle's
+    """The fused set (GPU) or the CPU one; Linear weights in `weights` (default: dense, in Paddle's
     default dtype)."""
     weights = weights or Dense(paddle.get_default_dtype(), fused=fused)
     if fused:
-        return Kernels(weights, fused_rms_norm, fused_rotary_tables, fused_apply_rotary)
-    return Kernels(weights, rms_norm, rotary_tables, apply_rotary)
+        return Kernels(
+            weights,
+            fused_rms_norm,
+            functools.partial(add_rms_norm, norm=fused_rms_norm),
+            fused_rotary_tables,
+            functools.partial(split_rotary, apply=fused_apply_rotary),
+            F.swiglu,
+        )
+    return Kernels(weights, cpu_rms_norm, cpu_add_rms_norm, rotary_tables, cpu_split_rotary, cpu_swiglu)
 
 
 # The two below decide with Python conditions on what is known while tracing; converting them to graph

@@ -39,7 +39,7 @@ from __future__ import annotations
 FORMATS = ("bf16", "int8", "int4")
 ACTIVATION_DTYPES = ("auto", "float32", "bfloat16", "int8")
 PATHS = ("scalar", "avx2", "avx512vnni", "avx512bf16")
-_API = ("attention", "available", "isa", "linear", "load")
+_API = ("add_rms_norm", "attention", "available", "isa", "linear", "load", "rms_norm", "split_rotary", "swiglu")
 
 
 def __getattr__(name: str):

@@ -75,14 +75,68 @@ def attention(
     as stored): query i at slot start + i sees slot j <= start + i that holds a real token (`key_valid` [b, L]
     bool; None: every slot up to L = start + s does) or is its own. `start` is an int64 tensor of one value.
     -> float32 [b, s, h, d]. Memory does not grow with s or L (see attention.cc). Needs the built operators."""
-    if isa != "auto" and isa not in PATHS:
-        raise ValueError(f"isa must be 'auto' or one of {PATHS}, got {isa!r}")
+    return _ops_for(isa).glm4_attention(_contiguous(q), k, v, start, key_valid, isa, threads)
+
+
+# ---- Between the linear layers (elementwise.cc): float32 in, float32 out, no gradient ------------------------
+def _ops_for(isa: str) -> ModuleType:
+    _check_isa(isa)
     ops = load()
     if ops is None:
         raise RuntimeError(f"paddle_glm4 kernels unavailable: {build.failure()}")
-    if paddle.in_dynamic_mode() and not q.is_contiguous():
-        q = q.contiguous()
-    return ops.glm4_attention(q, k, v, start, key_valid, isa, threads)
+    return ops
+
+
+def _contiguous(x: paddle.Tensor) -> paddle.Tensor:
+    return x.contiguous() if paddle.in_dynamic_mode() and not x.is_contiguous() else x
+
+
+@paddle.jit.not_to_static  # the operator is what a traced program records, not this Python
+def swiglu(x: paddle.Tensor, *, isa: str = "auto", threads: int = 0) -> paddle.Tensor:
+    """x [..., 2F] (gate, then up) -> silu(gate) * up [..., F], as F.swiglu. Needs the built operators."""
+    return _ops_for(isa).glm4_swiglu(_contiguous(x), isa, threads)
+
+
+@paddle.jit.not_to_static
+def rms_norm(x: paddle.Tensor, weight: paddle.Tensor, eps: float, *, isa: str = "auto", threads: int = 0):
+    """x [..., H] * rsqrt(mean(x^2) + eps) * weight [H], as ops.rms_norm. Needs the built operators."""
+    return _ops_for(isa).glm4_rms_norm(_contiguous(x), weight, eps, isa, threads)
+
+
+@paddle.jit.not_to_static
+def add_rms_norm(
+    x: paddle.Tensor, residual: paddle.Tensor, weight: paddle.Tensor, eps: float, *, isa: str = "auto", threads: int = 0
+) -> tuple[paddle.Tensor, paddle.Tensor]:
+    """(rms_norm(x + residual, weight, eps), x + residual) in one pass. Needs the built operators."""
+    out, total = _ops_for(isa).glm4_add_rms_norm(_contiguous(x), _contiguous(residual), weight, eps, isa, threads)
+    return out, total
+
+
+@paddle.jit.not_to_static
+def split_rotary(
+    qkv: paddle.Tensor,
+    cos: paddle.Tensor,
+    signed_sin: paddle.Tensor,
+    heads: int,
+    groups: int,
+    head_dim: int,
+    *,
+    isa: str = "auto",
+    threads: int = 0,
+) -> tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor]:
+    """The fused projection's output qkv [b, s, (heads + 2 groups) head_dim] -> q [b, s, heads, head_dim],
+    k and v [b, s, groups, head_dim], the first r dims of q and k rotated by ops.rotary_tables' cos and
+    signed sine [b, s, 1, r] (as ops.apply_rotary). Needs the built operators."""
+    ops = _ops_for(isa)
+    q, k, v = ops.glm4_split_rotary(
+        _contiguous(qkv), _contiguous(cos), _contiguous(signed_sin), heads, groups, head_dim, isa, threads
+    )
+    return q, k, v
+
+
+def _check_isa(isa: str) -> None:
+    if isa != "auto" and isa not in PATHS:
+        raise ValueError(f"isa must be 'auto' or one of {PATHS}, got {isa!r}")
 
 
 def _check(fmt, activation_dtype, isa, scales, group_size) -> None:
@@ -92,8 +146,7 @@ def _check(fmt, activation_dtype, isa, scales, group_size) -> None:
         raise ValueError(f"activation_dtype must be one of {ACTIVATION_DTYPES}, got {activation_dtype!r}")
     if activation_dtype == "int8" and fmt == "bf16":
         raise ValueError("activation_dtype='int8' needs int8 or int4 weights, not bf16")
-    if isa != "auto" and isa not in PATHS:
-        raise ValueError(f"isa must be 'auto' or one of {PATHS}, got {isa!r}")
+    _check_isa(isa)
     if (scales is None) != (fmt == "bf16"):
         raise ValueError(f"fmt={fmt!r} {'takes no' if fmt == 'bf16' else 'needs'} scales")
     if fmt == "int4" and (group_size < 2 or group_size % 2):

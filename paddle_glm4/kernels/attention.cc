@@ -8,6 +8,7 @@
 // GEMM (common.cc), and folded into the running output by an online softmax. Memory is a few tiles per
 // thread whatever s and L are; each key is read once per task. A decode step's keys are split over tasks.
 #include "attention.h"
+#include "elementwise.h"
 
 namespace glm4 {
 namespace {
@@ -75,26 +76,6 @@ void attention_reference(const AttentionArgs& a, int threads) {
 
 #if GLM4_X86
 // ---- The blocked path -----------------------------------------------------------------------------------
-// exp(x) for float32 lanes: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by its degree-6 minimax polynomial (Cephes'
-// expf constants), 2^n put in the exponent bits. About 1 ulp; lanes below -87.3 (and -inf) give exactly 0.
-GLM4_AVX2 inline __m256 exp_avx2(__m256 x) {
-  const __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.33654f), _CMP_LT_OQ);
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.33654f)), _mm256_set1_ps(88.37626f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_andnot_ps(underflow, _mm256_mul_ps(y, _mm256_castsi256_ps(bits)));
-}
-
 // n values of a key or value row as float32 (n a multiple of 8; bf16 widened by a shift into the high half).
 GLM4_AVX2 inline void widen_row_avx2(const AttentionArgs& a, const void* base, int64_t offset, int64_t n,
                                      float* out) {

@@ -1,10 +1,12 @@
-// The Paddle operators: glm4_linear_bf16, glm4_linear_int8, glm4_linear_int4, glm4_attention and
-// glm4_kernel_path. Inputs are checked here, then glm4::linear or glm4::attention does the work. The only file that includes Paddle's headers (they
+// The Paddle operators: glm4_linear_bf16, glm4_linear_int8, glm4_linear_int4, glm4_attention, the elementwise
+// ones (glm4_swiglu, glm4_rms_norm, glm4_add_rms_norm, glm4_split_rotary) and glm4_kernel_path. Inputs are
+// checked here, then glm4::linear, glm4::attention or elementwise.cc does the work. The only file that includes Paddle's headers (they
 // take ~40 s to compile; the kernels, a few).
 #include "paddle/extension.h"
 
 #include "attention.h"
 #include "common.h"
+#include "elementwise.h"
 
 namespace {
 
@@ -236,3 +238,165 @@ PD_BUILD_OP(glm4_attention)
     .SetKernelFn(PD_KERNEL(Attention))
     .SetInferShapeFn(PD_INFER_SHAPE(AttentionShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(AttentionDtype));
+
+// ---- Elementwise: SwiGLU, RMSNorm, rotary (elementwise.cc) ------------------------------------------------
+namespace {
+
+void check_float_input(const paddle::Tensor& t, const char* op, const char* name) {
+  PD_CHECK(t.is_cpu(), op, " runs on CPU only");
+  PD_CHECK(t.dtype() == paddle::DataType::FLOAT32, op, ": ", name, " must be float32");
+  PD_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+int threads_or_default(int threads) { return threads > 0 ? threads : glm4::ThreadPool::default_threads(); }
+
+}  // namespace
+
+// X float32 [..., 2F] (gate, then up) -> silu(gate) * up, [..., F].
+std::vector<paddle::Tensor> Swiglu(const paddle::Tensor& x, const std::string& isa, int threads) {
+  check_float_input(x, "glm4_swiglu", "x");
+  const auto& shape = x.shape();
+  PD_CHECK(!shape.empty() && shape.back() % 2 == 0, "glm4_swiglu: x's last dimension must be even (gate | up)");
+  std::vector<int64_t> out_shape(shape);
+  const int64_t F = out_shape.back() / 2;
+  out_shape.back() = F;
+  auto y = paddle::empty(out_shape, paddle::DataType::FLOAT32, x.place());
+  if (F > 0) glm4::swiglu(x.data<float>(), x.numel() / (2 * F), F, y.data<float>(), checked_isa(isa),
+                          threads_or_default(threads));
+  return {y};
+}
+
+std::vector<std::vector<int64_t>> SwigluShape(const std::vector<int64_t>& x) {
+  std::vector<int64_t> out(x);
+  PD_CHECK(!out.empty(), "glm4_swiglu: x must have at least one dimension");
+  out.back() /= 2;
+  return {out};
+}
+
+std::vector<paddle::DataType> FloatDtype(const paddle::DataType&) { return {paddle::DataType::FLOAT32}; }
+
+PD_BUILD_OP(glm4_swiglu)
+    .Inputs({"X"})
+    .Outputs({"Out"})
+    .Attrs({"isa: std::string", "threads: int"})
+    .SetKernelFn(PD_KERNEL(Swiglu))
+    .SetInferShapeFn(PD_INFER_SHAPE(SwigluShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(FloatDtype));
+
+// X float32 [..., H] (+ Residual, same shape), Weight float32 [H] -> the norm [..., H] (and the sum).
+namespace {
+
+std::vector<paddle::Tensor> norm(const paddle::Tensor& x, const paddle::Tensor* residual, const paddle::Tensor& weight,
+                                 float eps, const std::string& isa, int threads, const char* op) {
+  check_float_input(x, op, "x");
+  check_float_input(weight, op, "weight");
+  const auto& shape = x.shape();
+  PD_CHECK(!shape.empty() && weight.numel() == shape.back(), op, ": weight [", weight.numel(),
+           "] must match x's last dimension (", shape.empty() ? 0 : shape.back(), ")");
+  if (residual) {
+    check_float_input(*residual, op, "residual");
+    PD_CHECK(residual->shape() == shape, op, ": residual must have x's shape");
+  }
+  auto y = paddle::empty(shape, paddle::DataType::FLOAT32, x.place());
+  auto sum = residual ? paddle::empty(shape, paddle::DataType::FLOAT32, x.place()) : paddle::Tensor();
+  const int64_t H = shape.back();
+  if (H > 0)
+    glm4::rms_norm(x.data<float>(), residual ? residual->data<float>() : nullptr, weight.data<float>(),
+                   x.numel() / H, H, eps, y.data<float>(), residual ? sum.data<float>() : nullptr, checked_isa(isa),
+                   threads_or_default(threads));
+  if (residual) return {y, sum};
+  return {y};
+}
+
+}  // namespace
+
+std::vector<paddle::Tensor> RmsNorm(const paddle::Tensor& x, const paddle::Tensor& weight, float eps,
+                                    const std::string& isa, int threads) {
+  return norm(x, nullptr, weight, eps, isa, threads, "glm4_rms_norm");
+}
+
+std::vector<std::vector<int64_t>> RmsNormShape(const std::vector<int64_t>& x, const std::vector<int64_t>&) {
+  return {x};
+}
+
+std::vector<paddle::DataType> RmsNormDtype(const paddle::DataType&, const paddle::DataType&) {
+  return {paddle::DataType::FLOAT32};
+}
+
+PD_BUILD_OP(glm4_rms_norm)
+    .Inputs({"X", "Weight"})
+    .Outputs({"Out"})
+    .Attrs({"eps: float", "isa: std::string", "threads: int"})
+    .SetKernelFn(PD_KERNEL(RmsNorm))
+    .SetInferShapeFn(PD_INFER_SHAPE(RmsNormShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(RmsNormDtype));
+
+// Out = rms_norm(X + Residual) * Weight, Sum = X + Residual: a block's residual add and the next norm.
+std::vector<paddle::Tensor> AddRmsNorm(const paddle::Tensor& x, const paddle::Tensor& residual,
+                                       const paddle::Tensor& weight, float eps, const std::string& isa, int threads) {
+  return norm(x, &residual, weight, eps, isa, threads, "glm4_add_rms_norm");
+}
+
+std::vector<std::vector<int64_t>> AddRmsNormShape(const std::vector<int64_t>& x, const std::vector<int64_t>&,
+                                                  const std::vector<int64_t>&) {
+  return {x, x};
+}
+
+std::vector<paddle::DataType> AddRmsNormDtype(const paddle::DataType&, const paddle::DataType&,
+                                              const paddle::DataType&) {
+  return {paddle::DataType::FLOAT32, paddle::DataType::FLOAT32};
+}
+
+PD_BUILD_OP(glm4_add_rms_norm)
+    .Inputs({"X", "Residual", "Weight"})
+    .Outputs({"Out", "Sum"})
+    .Attrs({"eps: float", "isa: std::string", "threads: int"})
+    .SetKernelFn(PD_KERNEL(AddRmsNorm))
+    .SetInferShapeFn(PD_INFER_SHAPE(AddRmsNormShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(AddRmsNormDtype));
+
+// QKV float32 [b, s, (h + 2g) d]; Cos, SignedSin float32 [b, s, 1, r] (ops.rotary_tables) -> Q [b, s, h, d],
+// K [b, s, g, d] with their first r dims rotated, V [b, s, g, d].
+std::vector<paddle::Tensor> SplitRotary(const paddle::Tensor& qkv, const paddle::Tensor& cos,
+                                        const paddle::Tensor& sin, int heads, int groups, int head_dim,
+                                        const std::string& isa, int threads) {
+  const char* op = "glm4_split_rotary";
+  check_float_input(qkv, op, "qkv");
+  check_float_input(cos, op, "cos");
+  check_float_input(sin, op, "sin");
+  const auto& shape = qkv.shape();
+  PD_CHECK(shape.size() == 3 && heads > 0 && groups > 0 && head_dim > 0 &&
+               shape[2] == (heads + 2 * static_cast<int64_t>(groups)) * head_dim,
+           op, ": qkv must be [b, s, (heads + 2 groups) head_dim] = [b, s, ", (heads + 2 * groups) * head_dim, "]");
+  const int64_t r = cos.shape().empty() ? 0 : cos.shape().back();
+  PD_CHECK(cos.shape().size() == 4 && cos.shape()[0] == shape[0] && cos.shape()[1] == shape[1] &&
+               cos.shape()[2] == 1 && r % 2 == 0 && r <= head_dim && sin.shape() == cos.shape(),
+           op, ": cos and sin must be [b, s, 1, r] alike, r even and at most head_dim");
+  const int64_t b = shape[0], s = shape[1];
+  auto q = paddle::empty({b, s, heads, head_dim}, paddle::DataType::FLOAT32, qkv.place());
+  auto k = paddle::empty({b, s, groups, head_dim}, paddle::DataType::FLOAT32, qkv.place());
+  auto v = paddle::empty({b, s, groups, head_dim}, paddle::DataType::FLOAT32, qkv.place());
+  const glm4::RotaryArgs a{qkv.data<float>(), cos.data<float>(), sin.data<float>(), q.data<float>(), k.data<float>(),
+                           v.data<float>(), b * s, heads, groups, head_dim, r};
+  if (b * s > 0) glm4::split_rotary(a, checked_isa(isa), threads_or_default(threads));
+  return {q, k, v};
+}
+
+std::vector<std::vector<int64_t>> SplitRotaryShape(const std::vector<int64_t>& qkv, const std::vector<int64_t>&,
+                                                   const std::vector<int64_t>&, int heads, int groups, int head_dim) {
+  const int64_t b = qkv.size() > 0 ? qkv[0] : -1, s = qkv.size() > 1 ? qkv[1] : -1;
+  return {{b, s, heads, head_dim}, {b, s, groups, head_dim}, {b, s, groups, head_dim}};
+}
+
+std::vector<paddle::DataType> SplitRotaryDtype(const paddle::DataType&, const paddle::DataType&,
+                                               const paddle::DataType&) {
+  return {paddle::DataType::FLOAT32, paddle::DataType::FLOAT32, paddle::DataType::FLOAT32};
+}
+
+PD_BUILD_OP(glm4_split_rotary)
+    .Inputs({"QKV", "Cos", "SignedSin"})
+    .Outputs({"Q", "K", "V"})
+    .Attrs({"heads: int", "groups: int", "head_dim: int", "isa: std::string", "threads: int"})
+    .SetKernelFn(PD_KERNEL(SplitRotary))
+    .SetInferShapeFn(PD_INFER_SHAPE(SplitRotaryShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(SplitRotaryDtype));

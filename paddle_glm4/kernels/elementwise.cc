@@ -1,0 +1,174 @@
+// The operators between the linear layers (see elementwise.h): glm4_swiglu, glm4_rms_norm, glm4_add_rms_norm
+// and glm4_split_rotary.
+//
+// Why kernels: Paddle runs each of these as several single-threaded ops (its swiglu alone took ~24 ms per layer
+// of a 512-token prefill at GLM-4-9B's width, on one core), and in a decode step every op is a dispatch of a
+// few microseconds for a few microseconds of work, 10-20 of them per layer. Here each is one call, one pass
+// over its rows, rows split over the cores when there are enough of them.
+//
+// The SIMD paths are AVX2 only: these passes read and write each element once, so wider vectors would not
+// make them faster than the memory (the linear kernels' AVX-512 paths are for their dot products).
+#include "elementwise.h"
+
+namespace glm4 {
+namespace {
+
+// Rows per task: at least this many elements, so that a decode step's single row is not split (waking a
+// thread costs more than the row).
+constexpr int64_t kTaskElements = 1 << 15;
+
+// fn(first, last) over the rows [0, M) of `width` elements each, in tasks over `threads` threads.
+template <class Fn>
+void for_rows(int64_t M, int64_t width, int threads, const Fn& fn) {
+  const int64_t per_task = std::max<int64_t>(1, kTaskElements / std::max<int64_t>(1, width));
+  const int64_t tasks = (M + per_task - 1) / per_task;
+  ThreadPool::instance().run(threads, tasks,
+                             [&](int64_t t) { fn(t * per_task, std::min(M, (t + 1) * per_task)); });
+}
+
+// ---- SwiGLU ---------------------------------------------------------------------------------------------
+inline float silu(float g) { return g / (1.f + std::exp(-g)); }
+
+void swiglu_row_scalar(const float* x, int64_t F, float* y) {
+  for (int64_t j = 0; j < F; ++j) y[j] = silu(x[j]) * x[F + j];
+}
+
+// ---- RMSNorm --------------------------------------------------------------------------------------------
+// The sum of squares in double (so that both paths, and any order, give the same float mean); the rest in
+// float, as ops.rms_norm: x * rsqrt(mean + eps), then times the weight.
+inline float inverse_rms(double squares, int64_t H, float eps) {
+  return 1.f / std::sqrt(static_cast<float>(squares / static_cast<double>(H)) + eps);
+}
+
+// The row to normalize: x itself, or x + residual written to `sum`.
+const float* add_row_scalar(const float* x, const float* residual, int64_t H, float* sum) {
+  if (residual == nullptr) return x;
+  for (int64_t j = 0; j < H; ++j) sum[j] = x[j] + residual[j];
+  return sum;
+}
+
+void rms_norm_row_scalar(const float* x, const float* residual, const float* weight, int64_t H, float eps,
+                         float* y, float* sum) {
+  const float* s = add_row_scalar(x, residual, H, sum);
+  double squares = 0.0;
+  for (int64_t j = 0; j < H; ++j) squares += static_cast<double>(s[j]) * s[j];
+  const float inv = inverse_rms(squares, H, eps);
+  for (int64_t j = 0; j < H; ++j) y[j] = s[j] * inv * weight[j];
+}
+
+// ---- Rotary ---------------------------------------------------------------------------------------------
+// One head of d values: pairs (x0, x1) of the first r dims -> (x0 cos0 + x1 sin0, x1 cos1 + x0 sin1) with
+// the tables' signed sine (sin0 = -sin, sin1 = +sin), the rest copied.
+void rotate_head_scalar(const float* x, const float* cos, const float* sin, int64_t d, int64_t r, float* out) {
+  for (int64_t j = 0; j < r; ++j) out[j] = x[j] * cos[j] + x[j ^ 1] * sin[j];
+  std::copy(x + r, x + d, out + r);
+}
+
+using RotateHead = void (*)(const float*, const float*, const float*, int64_t, int64_t, float*);
+
+void split_rotary_rows(const RotaryArgs& a, int64_t first, int64_t last, RotateHead rotate) {
+  const int64_t width = (a.h + 2 * a.g) * a.d;
+  for (int64_t m = first; m < last; ++m) {
+    const float* row = a.qkv + m * width;
+    const float *cos = a.cos + m * a.r, *sin = a.sin + m * a.r;
+    for (int64_t i = 0; i < a.h; ++i) rotate(row + i * a.d, cos, sin, a.d, a.r, a.q + (m * a.h + i) * a.d);
+    for (int64_t i = 0; i < a.g; ++i)
+      rotate(row + (a.h + i) * a.d, cos, sin, a.d, a.r, a.k + (m * a.g + i) * a.d);
+    std::copy(row + (a.h + a.g) * a.d, row + width, a.v + m * a.g * a.d);
+  }
+}
+
+#if GLM4_X86
+// ---- AVX2 -----------------------------------------------------------------------------------------------
+GLM4_AVX2 void swiglu_row_avx2(const float* x, int64_t F, float* y) {
+  const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= F; j += 8) {
+    const __m256 g = _mm256_loadu_ps(x + j);
+    const __m256 e = exp_avx2(_mm256_sub_ps(zero, g));  // exp(-g)
+    _mm256_storeu_ps(y + j, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), _mm256_loadu_ps(x + F + j)));
+  }
+  for (; j < F; ++j) y[j] = silu(x[j]) * x[F + j];
+}
+
+GLM4_AVX2 inline double sum_pd(__m256d v) {
+  const __m128d pair = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+  return _mm_cvtsd_f64(_mm_add_sd(pair, _mm_unpackhi_pd(pair, pair)));
+}
+
+GLM4_AVX2 void rms_norm_row_avx2(const float* x, const float* residual, const float* weight, int64_t H, float eps,
+                                 float* y, float* sum) {
+  const float* s = x;
+  if (residual != nullptr) {
+    int64_t j = 0;
+    for (; j + 8 <= H; j += 8)
+      _mm256_storeu_ps(sum + j, _mm256_add_ps(_mm256_loadu_ps(x + j), _mm256_loadu_ps(residual + j)));
+    for (; j < H; ++j) sum[j] = x[j] + residual[j];
+    s = sum;
+  }
+  __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
+  int64_t j = 0;
+  for (; j + 8 <= H; j += 8) {
+    const __m256 v = _mm256_loadu_ps(s + j);
+    const __m256d a = _mm256_cvtps_pd(_mm256_castps256_ps128(v)), b = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+    lo = _mm256_fmadd_pd(a, a, lo);
+    hi = _mm256_fmadd_pd(b, b, hi);
+  }
+  double squares = sum_pd(_mm256_add_pd(lo, hi));
+  for (; j < H; ++j) squares += static_cast<double>(s[j]) * s[j];
+  const float inv = inverse_rms(squares, H, eps);
+  const __m256 inv8 = _mm256_set1_ps(inv);
+  for (j = 0; j + 8 <= H; j += 8)
+    _mm256_storeu_ps(y + j, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(s + j), inv8), _mm256_loadu_ps(weight + j)));
+  for (; j < H; ++j) y[j] = s[j] * inv * weight[j];
+}
+
+// Multiplies and adds kept apart (no FMA), as the scalar path and Paddle's ops round them.
+GLM4_AVX2 void rotate_head_avx2(const float* x, const float* cos, const float* sin, int64_t d, int64_t r,
+                                float* out) {
+  int64_t j = 0;
+  for (; j + 8 <= r; j += 8) {
+    const __m256 v = _mm256_loadu_ps(x + j);
+    const __m256 swapped = _mm256_permute_ps(v, 0xB1);  // (x1, x0, x3, x2, ...)
+    _mm256_storeu_ps(out + j, _mm256_add_ps(_mm256_mul_ps(v, _mm256_loadu_ps(cos + j)),
+                                            _mm256_mul_ps(swapped, _mm256_loadu_ps(sin + j))));
+  }
+  for (; j < r; ++j) out[j] = x[j] * cos[j] + x[j ^ 1] * sin[j];
+  std::copy(x + r, x + d, out + r);
+}
+#endif
+
+}  // namespace
+
+void swiglu(const float* x, int64_t M, int64_t F, float* y, int isa, int threads) {
+  auto row = swiglu_row_scalar;
+#if GLM4_X86
+  if (isa >= kAvx2) row = swiglu_row_avx2;
+#endif
+  for_rows(M, 3 * F, threads, [&](int64_t first, int64_t last) {
+    for (int64_t m = first; m < last; ++m) row(x + m * 2 * F, F, y + m * F);
+  });
+}
+
+void rms_norm(const float* x, const float* residual, const float* weight, int64_t M, int64_t H, float eps,
+              float* y, float* sum, int isa, int threads) {
+  auto row = rms_norm_row_scalar;
+#if GLM4_X86
+  if (isa >= kAvx2) row = rms_norm_row_avx2;
+#endif
+  for_rows(M, 3 * H, threads, [&](int64_t first, int64_t last) {
+    for (int64_t m = first; m < last; ++m)
+      row(x + m * H, residual ? residual + m * H : nullptr, weight, H, eps, y + m * H, sum ? sum + m * H : nullptr);
+  });
+}
+
+void split_rotary(const RotaryArgs& a, int isa, int threads) {
+  RotateHead rotate = rotate_head_scalar;
+#if GLM4_X86
+  if (isa >= kAvx2) rotate = rotate_head_avx2;
+#endif
+  for_rows(a.M, 2 * (a.h + 2 * a.g) * a.d, threads,
+           [&](int64_t first, int64_t last) { split_rotary_rows(a, first, last, rotate); });
+}
+
+}  // namespace glm4

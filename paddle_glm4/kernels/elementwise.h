@@ -1,0 +1,54 @@
+// The operators outside the linear layers and attention (elementwise.cc): SwiGLU, RMSNorm with an optional
+// residual add before it, and the rotary embedding of the fused qkv projection's queries and keys. Each is
+// one pass over its rows, on every core; the SIMD path (AVX2) beside a scalar reference that computes the
+// same operations in the same order as the model's Paddle ops (ops.py), so that they agree to the last bit
+// where the order allows it (swiglu's exp is the exception: about 1 ulp).
+#pragma once
+
+#include "common.h"
+
+namespace glm4 {
+
+#if GLM4_X86
+// exp(x) for float32 lanes: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by its degree-6 minimax polynomial (Cephes'
+// expf constants), 2^n put in the exponent bits. About 1 ulp; lanes below -87.3 (and -inf) give exactly 0.
+GLM4_AVX2 inline __m256 exp_avx2(__m256 x) {
+  const __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.33654f), _CMP_LT_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.33654f)), _mm256_set1_ps(88.37626f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(underflow, _mm256_mul_ps(y, _mm256_castsi256_ps(bits)));
+}
+#endif
+
+// y [M, F] = silu(x[:, :F]) * x[:, F:] for x [M, 2F] (GLM-4's gate_up projection: gate, then up).
+void swiglu(const float* x, int64_t M, int64_t F, float* y, int isa, int threads);
+
+// sum = x + residual (residual may be null: then the norm is of x and sum is not written);
+// y = sum * rsqrt(mean(sum^2) + eps) * weight, per row of H. x, residual, y, sum [M, H] contiguous.
+void rms_norm(const float* x, const float* residual, const float* weight, int64_t M, int64_t H, float eps,
+              float* y, float* sum, int isa, int threads);
+
+// The fused qkv projection's output [M, (h + 2g) d] split into q [M, h, d], k [M, g, d], v [M, g, d], the
+// first r dims of every query and key head rotated on interleaved pairs by the row's tables cos, signed_sin
+// [M, r] (ops.rotary_tables: x * cos + pair-swapped x * signed_sin).
+struct RotaryArgs {
+  const float* qkv;
+  const float* cos;
+  const float* sin;
+  float *q, *k, *v;
+  int64_t M, h, g, d, r;
+};
+void split_rotary(const RotaryArgs& a, int isa, int threads);
+
+}  // namespace glm4
