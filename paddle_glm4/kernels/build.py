@@ -20,7 +20,15 @@ from pathlib import Path
 from types import ModuleType
 
 NAME = "glm4_kernels"
-SOURCES = ("ops.cc", "common.cc", "linear_bf16.cc", "linear_int8.cc", "linear_int4.cc", "attention.cc", "elementwise.cc")
+SOURCES = (
+    "ops.cc",
+    "common.cc",
+    "linear_bf16.cc",
+    "linear_int8.cc",
+    "linear_int4.cc",
+    "attention.cc",
+    "elementwise.cc",
+)
 HEADERS = ("common.h", "attention.h", "elementwise.h")
 # -O3 without -ffast-math: the kernels round exactly as documented; -march stays generic (see above)
 CXX_FLAGS = ["-O3", "-std=c++17", "-pthread"]

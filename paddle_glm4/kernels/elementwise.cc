@@ -10,6 +10,10 @@
 // make them faster than the memory (the linear kernels' AVX-512 paths are for their dot products).
 #include "elementwise.h"
 
+// A product and a sum stay two roundings (GCC would fuse them into an FMA in the AVX2 functions), as in the
+// scalar path and in Paddle's ops: the rotary embedding then equals ops.apply_rotary's to the bit.
+#pragma GCC optimize("fp-contract=off")
+
 namespace glm4 {
 namespace {
 
@@ -123,7 +127,6 @@ GLM4_AVX2 void rms_norm_row_avx2(const float* x, const float* residual, const fl
   for (; j < H; ++j) y[j] = s[j] * inv * weight[j];
 }
 
-// Multiplies and adds kept apart (no FMA), as the scalar path and Paddle's ops round them.
 GLM4_AVX2 void rotate_head_avx2(const float* x, const float* cos, const float* sin, int64_t d, int64_t r,
                                 float* out) {
   int64_t j = 0;
