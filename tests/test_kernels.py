@@ -123,6 +123,14 @@ def test_group_sizes_without_simd_chunks(fmt, group):
         check_all(7, 50, 9, fmt, 6)
 
 
+@pytest.mark.parametrize("fmt, group", [("int8", 0), ("int4", 128), ("int4", 64)])
+def test_int8_tiles_with_several_groups_per_block(fmt, group):
+    # past 32 rows int8 activations take the GEMM's int8 tiles, whose k-blocks hold several int4 groups (256 k):
+    # K = 428 ends in a block of 172 = 128 + 44 (64 + 64 + 44), a short last group inside a block
+    check_all(40, 428, 37, fmt, group or 128, seed=5)
+    check_all(33, 256 + 4, 5, fmt, group or 128, seed=6, threads=(2,))  # a last block of one unit
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt, group", FORMATS)
 @pytest.mark.parametrize("k, n", [(4096, 4608), (13696, 4096)], ids=["qkv", "down"])
@@ -131,6 +139,7 @@ def test_glm4_shapes(fmt, group, k, n):
     check_all(1, k, n, fmt, group or 128, threads=(2,))
     check_all(6, k, n, fmt, group or 128, threads=(2,), seed=1)
     check_all(17, k, n, fmt, group or 128, threads=(2,), seed=2)  # the GEMM (tiles, k-blocked activations)
+    check_all(40, k, n, fmt, group or 128, threads=(2,), seed=3)  # and int8 activations' GEMM (int8 tiles)
 
 
 def test_batched_input_and_auto_choice():

@@ -90,56 +90,69 @@ void micro_bf16_avx512(const uint16_t* a, int64_t lda, int mr, const uint16_t* t
   }
 }
 
+// vpdpbusd as inline assembly: with the intrinsic, GCC 12 copied each accumulator through another register
+// around every vpdpbusd in the micro-kernel's loop and kept two of the sixteen on the stack (perf annotate:
+// ~34 moves and two spills per 16 vpdpbusd); the assembly updates the accumulator in place.
+GLM4_VNNI static inline __m512i dpbusd(__m512i acc, __m512i u8, __m512i s8) {
+  __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "vm"(s8));
+  return acc;
+}
+
 // 8 rows x 32 columns (16 accumulators of 16 int32); each step takes four k (vpdpbusd: four unsigned
-// activation bytes times four signed weights, summed into each lane).
+// activation bytes times four signed weights, summed into each lane). The block holds groups of `group` k,
+// each with its own column scales (int4's groups; int8's block is one group): each group's integer sums
+// start at its column offsets (-128 times the column's sum: the activations' + 128 taken back out), and
+// are scaled into C when the group ends.
 template <int MR>
-GLM4_VNNI static void micro_i8_rows(const int8_t* a, int64_t lda, const int8_t* tile, int64_t kb,
-                                    const float* colscale, const int32_t* colsum, float* c, int64_t ldc) {
-  __m512i acc[MR][2];
-  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_si512();
-  const int64_t quads = tile_units<int8_t>(kb);
-  for (int64_t q = 0; q < quads; ++q) {
-    const __m512i b0 = _mm512_loadu_si512(tile + q * kPanel * 4);
-    const __m512i b1 = _mm512_loadu_si512(tile + q * kPanel * 4 + 64);
-    for (int i = 0; i < MR; ++i) {
-      int32_t quad;
-      std::memcpy(&quad, a + i * lda + 4 * q, 4);
-      const __m512i av = _mm512_set1_epi32(quad);
-      acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], av, b0);
-      acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], av, b1);
+GLM4_VNNI static void micro_i8_rows(const int8_t* a, int64_t lda, const int8_t* tile, int64_t kb, int64_t group,
+                                    const float* colscale, const int32_t* coloff, float* c, int64_t ldc) {
+  for (int64_t g0 = 0; g0 < kb; g0 += group, colscale += kPanel, coloff += kPanel) {
+    const __m512i off0 = _mm512_loadu_si512(coloff), off1 = _mm512_loadu_si512(coloff + 16);
+    __m512i acc[MR][2];
+    for (int i = 0; i < MR; ++i) acc[i][0] = off0, acc[i][1] = off1;
+    const int64_t q1 = g0 / 4 + tile_units<int8_t>(std::min(group, kb - g0));
+    for (int64_t q = g0 / 4; q < q1; ++q) {
+      const __m512i b0 = _mm512_loadu_si512(tile + q * kPanel * 4);
+      const __m512i b1 = _mm512_loadu_si512(tile + q * kPanel * 4 + 64);
+      for (int i = 0; i < MR; ++i) {
+        int32_t quad;
+        std::memcpy(&quad, a + i * lda + 4 * q, 4);
+        const __m512i av = _mm512_set1_epi32(quad);
+        acc[i][0] = dpbusd(acc[i][0], av, b0);
+        acc[i][1] = dpbusd(acc[i][1], av, b1);
+      }
     }
-  }
-  const __m512i off0 = _mm512_slli_epi32(_mm512_loadu_si512(colsum), 7);
-  const __m512i off1 = _mm512_slli_epi32(_mm512_loadu_si512(colsum + 16), 7);
-  const __m512 s0 = _mm512_loadu_ps(colscale), s1 = _mm512_loadu_ps(colscale + 16);
-  for (int i = 0; i < MR; ++i) {
-    float* ci = c + i * ldc;
-    _mm512_storeu_ps(ci, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][0], off0)), s0, _mm512_loadu_ps(ci)));
-    _mm512_storeu_ps(ci + 16,
-                     _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][1], off1)), s1, _mm512_loadu_ps(ci + 16)));
+    const __m512 s0 = _mm512_loadu_ps(colscale), s1 = _mm512_loadu_ps(colscale + 16);
+    for (int i = 0; i < MR; ++i) {
+      float* ci = c + i * ldc;
+      _mm512_storeu_ps(ci, _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][0]), s0, _mm512_loadu_ps(ci)));
+      _mm512_storeu_ps(ci + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][1]), s1, _mm512_loadu_ps(ci + 16)));
+    }
   }
 }
 
-// colsum[j] = sum of the int8 tile's column j (units of four k): one vpdpbusd with ones per 16 columns and unit.
-GLM4_VNNI void tile_colsum_vnni(const int8_t* tile, int64_t units, int32_t* colsum) {
+// coloff[j] = -128 times the sum of the int8 tile's column j (units of four k): one vpdpbusd with ones per
+// 16 columns and unit.
+GLM4_VNNI void tile_offsets_vnni(const int8_t* tile, int64_t units, int32_t* coloff) {
   const __m512i ones = _mm512_set1_epi8(1);
   __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
   for (int64_t u = 0; u < units; ++u) {
-    s0 = _mm512_dpbusd_epi32(s0, ones, _mm512_loadu_si512(tile + u * kPanel * 4));
-    s1 = _mm512_dpbusd_epi32(s1, ones, _mm512_loadu_si512(tile + u * kPanel * 4 + 64));
+    s0 = dpbusd(s0, ones, _mm512_loadu_si512(tile + u * kPanel * 4));
+    s1 = dpbusd(s1, ones, _mm512_loadu_si512(tile + u * kPanel * 4 + 64));
   }
-  _mm512_storeu_si512(colsum, s0);
-  _mm512_storeu_si512(colsum + 16, s1);
+  _mm512_storeu_si512(coloff, _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(s0, 7)));
+  _mm512_storeu_si512(coloff + 16, _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(s1, 7)));
 }
 
-void micro_i8_vnni(const int8_t* a, int64_t lda, int mr, const int8_t* tile, int64_t kb, const float* colscale,
-                   const int32_t* colsum, float* c, int64_t ldc) {
-  static void (*const rows[])(const int8_t*, int64_t, const int8_t*, int64_t, const float*, const int32_t*, float*,
-                              int64_t) = {micro_i8_rows<1>, micro_i8_rows<2>, micro_i8_rows<3>, micro_i8_rows<4>,
-                                          micro_i8_rows<5>, micro_i8_rows<6>, micro_i8_rows<7>, micro_i8_rows<8>};
+void micro_i8_vnni(const int8_t* a, int64_t lda, int mr, const int8_t* tile, int64_t kb, int64_t group,
+                   const float* colscale, const int32_t* coloff, float* c, int64_t ldc) {
+  static void (*const rows[])(const int8_t*, int64_t, const int8_t*, int64_t, int64_t, const float*,
+                              const int32_t*, float*, int64_t) = {
+      micro_i8_rows<1>, micro_i8_rows<2>, micro_i8_rows<3>, micro_i8_rows<4>,
+      micro_i8_rows<5>, micro_i8_rows<6>, micro_i8_rows<7>, micro_i8_rows<8>};
   for (int i = 0; i < mr; i += 8) {
     const int r = std::min(8, mr - i);
-    rows[r - 1](a + i * lda, lda, tile, kb, colscale, colsum, c + i * ldc, ldc);
+    rows[r - 1](a + i * lda, lda, tile, kb, group, colscale, coloff, c + i * ldc, ldc);
   }
 }
 #endif
@@ -183,14 +196,14 @@ constexpr int kGemmRows = 24;         // rows per pass over a task's tiles: a mu
 constexpr int64_t kTaskPanels = 4;    // panels per task: each block's activation rows are reused from L1 this
                                       // many times
 
-// The driver's micro-kernel: the float ones take no column sums.
+// The driver's micro-kernel: the float ones take one scale group per block and no column offsets.
 template <class T>
-using MicroFn = void (*)(const T* a, int64_t lda, int mr, const T* tile, int64_t kb, const float* colscale,
-                         const int32_t* colsum, float* c, int64_t ldc);
+using MicroFn = void (*)(const T* a, int64_t lda, int mr, const T* tile, int64_t kb, int64_t group,
+                         const float* colscale, const int32_t* coloff, float* c, int64_t ldc);
 
 template <class T, void (*Micro)(const T*, int64_t, int, const T*, int64_t, const float*, float*, int64_t)>
-static void without_colsum(const T* a, int64_t lda, int mr, const T* tile, int64_t kb, const float* colscale,
-                           const int32_t*, float* c, int64_t ldc) {
+static void one_group(const T* a, int64_t lda, int mr, const T* tile, int64_t kb, int64_t, const float* colscale,
+                      const int32_t*, float* c, int64_t ldc) {
   Micro(a, lda, mr, tile, kb, colscale, c, ldc);
 }
 
@@ -200,12 +213,16 @@ static void gemm_tiles(const Weights& w, const Acts& a, const T* acts, int64_t b
   const int64_t panels = (w.N + kPanel - 1) / kPanel, tasks = (panels + kTaskPanels - 1) / kTaskPanels;
   const int64_t tile_size = tile_units<T>(block) * kPerUnit<T> * kPanel;
   const bool int8 = !a.q.empty();  // outputs are scaled by the row's activation scale at the end
+  // scale groups of a block (see gemm_block): int4's groups where the block holds several, else the block
+  const int64_t group = std::min(w.group, block), block_groups = (block + group - 1) / group;
   ThreadPool::instance().run(threads, tasks, [&](int64_t t) {
     const int64_t p0 = t * kTaskPanels, np = std::min(kTaskPanels, panels - p0);
     thread_local std::vector<T> tiles;
     tiles.resize(np * tile_size);
-    float colscale[kTaskPanels][kPanel];
-    int32_t colsum[kTaskPanels][kPanel] = {};
+    thread_local std::vector<float> colscale;  // [panel][group of the block][kPanel]
+    thread_local std::vector<int32_t> coloff;
+    colscale.resize(np * block_groups * kPanel);
+    coloff.resize(np * block_groups * kPanel);
     // the task's outputs accumulate in a buffer of its own, rows of np panels: in y, rows are N floats apart
     // (107 KB for gate_up), and 512 of them spread over as many pages
     const int64_t ldc = np * kPanel;
@@ -222,16 +239,21 @@ static void gemm_tiles(const Weights& w, const Acts& a, const T* acts, int64_t b
       const int64_t kb = std::min(block, w.K - k0);
       for (int64_t p = 0; p < np; ++p) {
         T* tile = tiles.data() + p * tile_size;
-        decode(w, n0[p], nr[p], k0, kb, tile, colscale[p]);
+        decode(w, n0[p], nr[p], k0, kb, tile, colscale.data() + p * block_groups * kPanel);
 #if GLM4_X86
-        if (int8) tile_colsum_vnni(reinterpret_cast<const int8_t*>(tile), tile_units<T>(kb), colsum[p]);
+        if (int8)
+          for (int64_t g0 = 0; g0 < kb; g0 += group)
+            tile_offsets_vnni(reinterpret_cast<const int8_t*>(tile) + g0 * kPanel,
+                              tile_units<int8_t>(std::min(group, kb - g0)),
+                              coloff.data() + (p * block_groups + g0 / group) * kPanel);
 #endif
       }
       for (int64_t m0 = 0; m0 < a.M; m0 += kGemmRows) {
         const int mr = static_cast<int>(std::min<int64_t>(kGemmRows, a.M - m0));
         const T* rows = acts + a.block_start(m0, k0);
         for (int64_t p = 0; p < np; ++p)
-          micro(rows, a.bstride, mr, tiles.data() + p * tile_size, kb, colscale[p], colsum[p],
+          micro(rows, a.bstride, mr, tiles.data() + p * tile_size, kb, group,
+                colscale.data() + p * block_groups * kPanel, coloff.data() + p * block_groups * kPanel,
                 out.data() + m0 * ldc + p * kPanel, ldc);
       }
     }
@@ -255,12 +277,12 @@ void gemm(const Weights& w, const Acts& a, const GemmPlan& plan, const float* bi
     return gemm_tiles<int8_t>(w, a, a.q.data(), block, plan.decode_i8, micro_i8_vnni, bias, y, threads);
   if (plan.tile == kTileBf16)
     return gemm_tiles<uint16_t>(w, a, a.b.data(), block, plan.decode_bf16,
-                                without_colsum<uint16_t, micro_bf16_avx512>, bias, y, threads);
+                                one_group<uint16_t, micro_bf16_avx512>, bias, y, threads);
   if (plan.isa >= kAvx2)
-    return gemm_tiles<float>(w, a, a.f.data(), block, plan.decode_f32, without_colsum<float, micro_f32_avx2>,
+    return gemm_tiles<float>(w, a, a.f.data(), block, plan.decode_f32, one_group<float, micro_f32_avx2>,
                              bias, y, threads);
 #endif
-  gemm_tiles<float>(w, a, a.f.data(), block, plan.decode_f32, without_colsum<float, micro_f32_scalar>,
+  gemm_tiles<float>(w, a, a.f.data(), block, plan.decode_f32, one_group<float, micro_f32_scalar>,
                     bias, y, threads);
 }
 

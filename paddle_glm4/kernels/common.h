@@ -509,7 +509,8 @@ constexpr int64_t kPerUnit = 4 / sizeof(T);
 template <class T>
 inline int64_t tile_units(int64_t kb) { return (kb + kPerUnit<T> - 1) / kPerUnit<T>; }
 
-// decode(w, n0, nr, k0, kb, tile, colscale): channels n0..n0+nr, k0..k0+kb into tile; colscale [kPanel].
+// decode(w, n0, nr, k0, kb, tile, colscale): channels n0..n0+nr, k0..k0+kb into tile; colscale [kPanel] for
+// each scale group in the block (groups of w.group k: one where w.group >= kb).
 template <class T>
 using DecodeFn = void (*)(const Weights&, int64_t, int64_t, int64_t, int64_t, T*, float*);
 
@@ -522,11 +523,13 @@ void micro_f32_avx2(const float* a, int64_t lda, int mr, const float* tile, int6
                     float* c, int64_t ldc);
 void micro_bf16_avx512(const uint16_t* a, int64_t lda, int mr, const uint16_t* tile, int64_t kb,
                        const float* colscale, float* c, int64_t ldc);
-// int8 tiles meet activations stored as q + 128 (vpdpbusd multiplies unsigned by signed bytes): colsum[j],
-// the sum of the tile's column j, takes the 128 back out, exactly, in integers.
-void micro_i8_vnni(const int8_t* a, int64_t lda, int mr, const int8_t* tile, int64_t kb, const float* colscale,
-                   const int32_t* colsum, float* c, int64_t ldc);
-void tile_colsum_vnni(const int8_t* tile, int64_t units, int32_t* colsum);
+// int8 tiles meet activations stored as q + 128 (vpdpbusd multiplies unsigned by signed bytes): coloff[j],
+// -128 times the sum of the tile's column j, takes the 128 back out, exactly, in integers. The block is cut
+// into scale groups of `group` k (a multiple of 4 where there are several): colscale and coloff hold kPanel
+// values per group.
+void micro_i8_vnni(const int8_t* a, int64_t lda, int mr, const int8_t* tile, int64_t kb, int64_t group,
+                   const float* colscale, const int32_t* coloff, float* c, int64_t ldc);
+void tile_offsets_vnni(const int8_t* tile, int64_t units, int32_t* coloff);
 #endif
 
 struct GemmPlan {
@@ -578,12 +581,19 @@ DotKernels scalar_dots() {
   return {{dot_scalar<F, 1>, dot_scalar<F, 2>, dot_scalar<F, 3>, dot_scalar<F, 4>}};
 }
 
+// A panel's scales for a k-block: kPanel per scale group (0 past nr).
+template <class F>
+void column_scales(const Weights& w, int64_t n0, int64_t nr, int64_t k0, int64_t kb, float* colscale) {
+  for (int64_t g0 = 0; g0 < kb; g0 += w.group, colscale += kPanel)
+    for (int64_t j = 0; j < kPanel; ++j) colscale[j] = j < nr ? F::scale(w, n0 + j, k0 + g0) : 0.f;
+}
+
 // The GEMM's float32 tiles decoded one weight at a time (F::value and F::scale inline here), k by k so that
 // the tile is written in order; columns past nr stay zero.
 template <class F>
 void decode_scalar_f32(const Weights& w, int64_t n0, int64_t nr, int64_t k0, int64_t kb, float* tile,
                        float* colscale) {
-  for (int64_t j = 0; j < kPanel; ++j) colscale[j] = j < nr ? F::scale(w, n0 + j, k0) : 0.f;
+  column_scales<F>(w, n0, nr, k0, kb, colscale);
   if (nr < kPanel) std::memset(tile, 0, sizeof(float) * kb * kPanel);
   for (int64_t k = 0; k < kb; ++k)
     for (int64_t j = 0; j < nr; ++j) tile[k * kPanel + j] = F::value(w, n0 + j, k0 + k);
@@ -622,7 +632,7 @@ void decode_rows(const Weights& w, int64_t n0, int64_t nr, int64_t k0, int64_t k
   const int64_t units = tile_units<T>(kb), len = units * kPerUnit<T>;
   thread_local std::vector<T> rows;
   rows.resize(kPanel * len);
-  for (int64_t j = 0; j < kPanel; ++j) colscale[j] = j < nr ? F::scale(w, n0 + j, k0) : 0.f;
+  column_scales<F>(w, n0, nr, k0, kb, colscale);
   for (int64_t j = 0; j < nr; ++j) {
     T* out = rows.data() + j * len;
     Row(w, n0 + j, k0, kb, out);

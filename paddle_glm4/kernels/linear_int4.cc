@@ -166,7 +166,11 @@ GLM4_VNNI void dot_i8_vnni(const Weights& w, int64_t n, const Acts& a, int64_t m
 
 Plan plan_int4(int isa, int act, bool use_gemm, int64_t group) {
   Plan p;
-  p.gemm = gemm_plan<Int4Format>(isa, act, group);  // k blocks are the groups: one scale per column each
+  // The float tiles' micro-kernels take one scale per column and block: their blocks are the groups. The int8
+  // tiles' one scales each group of a block (groups of whole 4-k units): blocks as large as int8's, so that
+  // the per-block work (tile column offsets, the rows' passes) comes as seldom as int8's.
+  p.gemm = gemm_plan<Int4Format>(isa, act, group);
+  if (p.gemm.tile == kTileI8 && group % 4 == 0) p.gemm.block = group * std::max<int64_t>(1, kBlockK / group);
   p.dots = scalar_dots<Int4Format>();
   p.name = "scalar";
 #if GLM4_X86
