@@ -32,7 +32,9 @@ def weight_bytes(config: GLM4Config, fmt: WeightFormat) -> int:
         if spec.linear:
             total += fmt.nbytes(*spec.shape)
         elif spec.paddle == "model.embed_tokens.weight":
-            total += embedding_format(fmt, config.dtype, config.tie_word_embeddings).nbytes(*spec.weight_shape)
+            total += embedding_format(fmt, config.dtype, config.tie_word_embeddings, config.quantization).nbytes(
+                *spec.weight_shape
+            )
         else:  # norms and biases
             dtype = fmt.bias_dtype if spec.paddle.endswith(".bias") else fmt.compute_dtype
             total += spec.shape[0] * numpy_dtype(dtype).itemsize

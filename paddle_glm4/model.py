@@ -168,7 +168,7 @@ class GLM4Model(nn.Layer):
         self.embed_tokens = Embedding(
             config.vocab_size,
             config.hidden_size,
-            embedding_format(weights, config.dtype, config.tie_word_embeddings),
+            embedding_format(weights, config.dtype, config.tie_word_embeddings, config.quantization),
             weights.embedding_dtype(config.dtype),
             weights.compute_dtype,
         )

@@ -221,14 +221,21 @@ class Rows(WeightFormat):
         arrays["weight"][start : start + len(rows)] = cast(np.ascontiguousarray(rows), "float32", self.dtype)
 
 
-def embedding_format(weights: WeightFormat, dtype: str, tied: bool) -> WeightFormat:
-    """The format the token embedding is held in beside Linear weights held in `weights` (checkpoint dtype
-    `dtype`): quantized with int8 / int4 CPU weights, as llama.cpp does (only the looked-up rows are
-    dequantized: GLM-4-9B's table is 1.24 GB in bf16, 0.62 GB int8, 0.35 GB int4), unless the lm_head shares
-    it (`tied`: it is multiplied whole); else dense in `weights.embedding_dtype(dtype)`."""
-    if isinstance(weights, Packed) and weights.kind != "bfloat16" and not tied:
+def embedding_format(weights: WeightFormat, dtype: str, tied: bool, quantization: Quantization | None) -> WeightFormat:
+    """The format the token embedding is held in beside Linear weights held in `weights`, from a checkpoint
+    whose table is stored in `dtype`, or quantized when config.json's `quantization` says so.
+
+    With int8 / int4 CPU weights (and an lm_head that does not share the table, `tied`), a quantized table is
+    held quantized (only the looked-up rows are dequantized; GLM-4-9B's table is 1.24 GB in bf16, 0.62 GB int8,
+    0.35 GB int4), and a dense one stays as stored where it can be looked up as stored (bf16, float32):
+    memory-mapped, only the rows looked up are ever read, and they stay the page cache's (reclaimable, shared),
+    where quantizing it at load would make all of it the process's own memory. A float16 table, which would be
+    widened, is quantized with the weights. Otherwise dense in `weights.embedding_dtype(dtype)`."""
+    dense = weights.embedding_dtype(dtype)
+    integer = isinstance(weights, Packed) and weights.kind != "bfloat16" and not tied
+    if integer and ((quantization is not None and quantization.embedding) or dense != dtype):
         return Packed(weights.kind, weights.group_size)
-    return Rows(weights.embedding_dtype(dtype))
+    return Rows(dense)
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------------

@@ -334,7 +334,7 @@ def shard(model: GLM4ForCausalLM, layout: Layout) -> None:
     inner.embed_tokens = VocabParallelEmbedding(
         layout.vocab,
         hidden,
-        embedding_format(weights, config.dtype, config.tie_word_embeddings),  # quantized as one process's rows
+        embedding_format(weights, config.dtype, config.tie_word_embeddings, config.quantization),  # as one process
         weights.embedding_dtype(config.dtype),
         weights.compute_dtype,
     )

@@ -15,6 +15,7 @@ from paddle_glm4 import GLM4ForCausalLM, kernels, memory
 from paddle_glm4.demo import random_weights
 from paddle_glm4.generation import ModelSession
 from paddle_glm4.inference import Predictor, export_model
+from paddle_glm4.loading import quantize_embedding
 from paddle_glm4.small_vocab import write_small_vocabulary
 from paddle_glm4.tokenizer import GLM4Tokenizer
 from test_inference import run_python, session_logits
@@ -41,16 +42,17 @@ def test_predictor_on_a_quantized_export_equals_the_dynamic_quantized_model(chec
     manifest = export_model(checkpoint, out, max_seq_len=MAX_SEQ_LEN, progress=False, activation_dtype="float32",
                             **args)
     assert manifest.kernels == kernels.available()
-    assert manifest.config.quantization == (None if case == "bfloat16" else
-                                            GLM4ForCausalLM.from_pretrained(checkpoint, **args).quantization)
-    if case != "bfloat16":  # the embedding table is quantized with the Linear weights
-        assert manifest.config.quantization.embedding
+    dynamic = GLM4ForCausalLM.from_pretrained(checkpoint, activation_dtype="float32", **args)
+    if case != "bfloat16":  # the dynamic model keeps the dense table mapped; a predictor would hold it all
+        assert dynamic.quantization is not None and not dynamic.quantization.embedding
+        quantize_embedding(dynamic)
+        assert manifest.config.quantization.embedding  # so the export quantizes it with the Linear weights
+    assert manifest.config.quantization == dynamic.quantization
     program = open(os.path.join(out, "glm4.json"), encoding="utf-8").read()
     operator = {"int8": "glm4_linear_int8", "int4": "glm4_linear_int4", "bfloat16": "glm4_linear_bf16"}[case]
     assert (operator in program) == manifest.kernels
-    dynamic = GLM4ForCausalLM.from_pretrained(checkpoint, activation_dtype="float32", **args)
     # the weights are stored as the dynamic model holds them (bf16, or int8 / int4 and their scales)
-    held = memory.weight_bytes(dynamic.config, dynamic.model.kernels.weights)
+    held = memory.weight_bytes(manifest.config, dynamic.model.kernels.weights)
     assert abs(os.path.getsize(os.path.join(out, "glm4.pdiparams")) - held) < 0.02 * held
 
     predictor = Predictor(out)

@@ -3,6 +3,7 @@ exactness against the float32 model of the same (dequantized) weights, saving, a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -13,6 +14,7 @@ from conftest import hf_state, paddle_model, paddle_state, reference_model, smal
 from paddle_glm4 import GLM4ForCausalLM, memory
 from paddle_glm4.config import ConfigError, GLM4Config, Quantization
 from paddle_glm4.linear import Linear
+from paddle_glm4.loading import quantize_embedding
 from paddle_glm4.quantization import Dense, Packed, Rows, convert
 
 FORMATS = [("bfloat16", None), ("int8", None), ("int4", 32), ("int4", 64)]
@@ -77,13 +79,11 @@ def test_exact_activations_give_the_float_model_of_the_dequantized_weights(float
                          "scales": ((64, -(-96 // (group_size or 1))), "paddle.float32")}}[kind]
     assert held == expected
     assert isinstance(model.lm_head.format, Packed) and model.lm_head.format.kind == kind  # the head too
-    table = model.model.embed_tokens  # [512, 64]: quantized with the Linears (bf16 Linears: kept bf16)
+    table = model.model.embed_tokens  # [512, 64]: a dense checkpoint's table stays as stored, mapped (float32
+    # here); bf16 Linears hold it in bf16
     held = {slot.name: (tuple(getattr(table, slot.name).shape), str(getattr(table, slot.name).dtype))
             for slot in table.slots}
-    assert held == {"bfloat16": {"weight": ((512, 64), "paddle.bfloat16")},
-                    "int8": {"qweight": ((512, 64), "paddle.int8"), "scales": ((512,), "paddle.float32")},
-                    "int4": {"qweight": ((512, 32), "paddle.uint8"),
-                             "scales": ((512, -(-64 // (group_size or 1))), "paddle.float32")}}[kind]
+    assert held == {"weight": ((512, 64), "paddle.bfloat16" if kind == "bfloat16" else "paddle.float32")}
     assert model.model.norm.weight.dtype == paddle.float32
     ids = ids_for(model.config)
     ours = model(ids).logits.numpy()
@@ -112,6 +112,15 @@ def test_rounded_activations_stay_close(float_checkpoint, activation_dtype):
 def test_quantized_checkpoint_saves_and_loads_as_it_is(float_checkpoint, tmp_path):
     _, directory = float_checkpoint
     model = load(directory, "int4", 32, activation_dtype="float32")
+    model.save_pretrained(str(tmp_path / "dense_table"))  # the table as loaded: dense
+    config = json.loads((tmp_path / "dense_table" / "config.json").read_text())
+    assert config["quantization"] == {"scheme": "int4", "group_size": 32, "embedding": False}
+    reloaded = GLM4ForCausalLM.from_pretrained(str(tmp_path / "dense_table"), activation_dtype="float32")
+    assert reloaded.model.embed_tokens.weight.dtype == paddle.float32
+    for name, tensor in model.state_dict().items():
+        assert np.array_equal(_numpy(reloaded.state_dict()[name]), _numpy(tensor)), name
+
+    quantize_embedding(model)  # as glm4-convert --quantize and an export hold it
     model.save_pretrained(str(tmp_path / "q"))
     config = json.loads((tmp_path / "q" / "config.json").read_text())
     assert config["quantization"] == {"scheme": "int4", "group_size": 32, "embedding": True}
@@ -164,8 +173,13 @@ def test_glm4_9b_memory_figures():
           [("float32", Dense("float32")), ("bfloat16", Packed("bfloat16")), ("int8", Packed("int8")),
            ("int4", Packed("int4", 128))]}
     assert 37.5 < gb["float32"] < 37.7 and 18.7 < gb["bfloat16"] < 18.9  # 9.4B parameters
-    # the embedding table quantized with them: 1.24 GB in bf16, 0.62 GB int8 (+ scales), 0.35 GB int4
-    assert 9.3 < gb["int8"] < 9.5 and 4.9 < gb["int4"] < 5.1
+    # quantized at load, the bf16 checkpoint's table stays bf16 (1.24 GB, mapped); a checkpoint quantized by
+    # glm4-convert stores it quantized with them: 0.62 GB int8 (+ scales), 0.35 GB int4
+    assert 10.0 < gb["int8"] < 10.1 and 5.8 < gb["int4"] < 6.0
+    stored = {kind: memory.weight_bytes(dataclasses.replace(config, quantization=Quantization(
+        fmt.kind, fmt.group_size, embedding=True)), fmt) / 1e9 for kind, fmt in
+        [("int8", Packed("int8")), ("int4", Packed("int4", 128))]}
+    assert 9.3 < stored["int8"] < 9.5 and 4.9 < stored["int4"] < 5.1
     with pytest.raises(memory.InsufficientMemoryError) as err:
         memory.check_fits(config, Dense("float32"), 8192, "GLM-4-9B", available=int(21.8e9))
     message = str(err.value)
