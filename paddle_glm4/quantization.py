@@ -345,9 +345,11 @@ def add_arguments(parser: argparse.ArgumentParser, action: str, activations: boo
         choices=QUANTIZATION_SCHEMES,
         help=f"{action} the Linear weights (attention, MLP and the lm_head), weight-only and "
         "symmetric: int8 with one float32 scale per output channel (GLM-4-9B: 9.4 GB of "
-        "weights), int4 with one per --group-size input rows (5.0 GB). The token embedding is "
-        "stored in the same scheme (unless the lm_head shares it); norms and biases are not "
-        "quantized. A checkpoint converted with --quantize is quantized already and needs no flag",
+        "weights), int4 with one per --group-size input rows (5.0 GB). A converted or exported "
+        "model stores the token embedding in the same scheme (unless the lm_head shares it); "
+        "quantizing at load keeps a bf16 or float32 table as stored, memory-mapped; norms and "
+        "biases are not quantized. A checkpoint converted with --quantize is quantized already "
+        "and needs no flag",
     )
     parser.add_argument(
         "--group-size",
