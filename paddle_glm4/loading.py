@@ -36,7 +36,6 @@ from .quantization import (
     WeightOnlyGPU,
     choose_format,
     convert,
-    embedding_format,
     same_layout,
     stored_embedding_format,
     stored_format,
@@ -104,29 +103,6 @@ def from_pretrained(
     model.generation_config = GenerationConfig.from_model(config, path)
     model.eval()
     return model
-
-
-def quantize_embedding(model: GLM4ForCausalLM) -> None:
-    """Hold `model`'s embedding table quantized in its int8 / int4 Linear weights' scheme, as a checkpoint
-    quantized by glm4-convert stores it, where from_pretrained keeps a dense checkpoint's table as stored
-    (quantization.embedding_format); nothing to do otherwise. For exports: a predictor loads every parameter
-    into its own memory, where the dynamic model's mapped table is read only where looked up."""
-    from .model import Embedding
-
-    weights, table = model.model.kernels.weights, model.model.embed_tokens
-    if not isinstance(weights, Packed) or weights.quantization is None:
-        return
-    quantized = dataclasses.replace(weights.quantization, embedding=True)
-    target = embedding_format(weights, table.dtype, model.config.tie_word_embeddings, quantized)
-    if target == table.format:
-        return
-    held = {slot.name: _numpy(getattr(table, slot.name)) for slot in table.slots}
-    with paddle.LazyGuard():
-        model.model.embed_tokens = Embedding(
-            table.vocab_size, table.hidden_size, target, table.dtype, table.compute_dtype
-        )
-    for slot, value in convert(table.format, held, target, table.hidden_size, table.vocab_size).items():
-        _fill(getattr(model.model.embed_tokens, slot), value)
 
 
 def _load_state(

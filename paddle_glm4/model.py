@@ -64,8 +64,9 @@ class Embedding(nn.Layer):
     """The token embedding table [vocab, H], held in `fmt` (quantization.embedding_format): dense (bf16 beside
     bf16 Linear weights: it is looked up, not multiplied, so it is never widened as a whole; and as a dense
     checkpoint stores it beside int8 / int4 ones), or quantized beside int8 / int4 Linear weights, as a weight
-    of vocab output rows (only the looked-up rows are dequantized). Its parameters are named as the format's slots (`weight`, or `qweight` and `scales`), which
-    are their checkpoint names. Rows come out in `compute_dtype`; `dtype` is the table's dense dtype."""
+    of vocab output rows (only the looked-up rows are dequantized). Its parameters are named as the format's
+    slots (`weight`, or `qweight` and `scales`), which are their checkpoint names. Rows come out in
+    `compute_dtype`; `dtype` is the table's dense dtype."""
 
     def __init__(self, vocab_size: int, hidden_size: int, fmt: WeightFormat, dtype: str, compute_dtype: str):
         super().__init__()

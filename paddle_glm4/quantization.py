@@ -232,8 +232,8 @@ def embedding_format(weights: WeightFormat, dtype: str, tied: bool, quantization
     where quantizing it at load would make all of it the process's own memory. A float16 table, which would be
     widened, is quantized with the weights. Otherwise dense in `weights.embedding_dtype(dtype)`."""
     dense = weights.embedding_dtype(dtype)
-    integer = isinstance(weights, Packed) and weights.kind != "bfloat16" and not tied
-    if integer and ((quantization is not None and quantization.embedding) or dense != dtype):
+    stored_quantized = quantization is not None and quantization.embedding
+    if isinstance(weights, Packed) and weights.kind != "bfloat16" and not tied and (stored_quantized or dense != dtype):
         return Packed(weights.kind, weights.group_size)
     return Rows(dense)
 
@@ -345,8 +345,8 @@ def add_arguments(parser: argparse.ArgumentParser, action: str, activations: boo
         choices=QUANTIZATION_SCHEMES,
         help=f"{action} the Linear weights (attention, MLP and the lm_head), weight-only and "
         "symmetric: int8 with one float32 scale per output channel (GLM-4-9B: 9.4 GB of "
-        "weights), int4 with one per --group-size input rows (5.0 GB). A converted or exported "
-        "model stores the token embedding in the same scheme (unless the lm_head shares it); "
+        "weights), int4 with one per --group-size input rows (5.0 GB). A converted checkpoint "
+        "stores the token embedding in the same scheme (unless the lm_head shares it); "
         "quantizing at load keeps a bf16 or float32 table as stored, memory-mapped; norms and "
         "biases are not quantized. A checkpoint converted with --quantize is quantized already "
         "and needs no flag",

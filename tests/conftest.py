@@ -70,6 +70,30 @@ def paddle_state(config: GLM4Config, hf: dict[str, np.ndarray]) -> dict[str, np.
             for spec in mapping.tensor_specs(config)}
 
 
+def quantize_table(model) -> None:
+    """Quantize `model`'s dense embedding table in the scheme of its int8 / int4 Linear weights, as
+    `glm4-convert --quantize` stores it (quantizing at load keeps a dense checkpoint's table as stored): the
+    model that a quantized checkpoint of the same weights loads as."""
+    import dataclasses
+
+    import paddle
+
+    from paddle_glm4.model import Embedding
+    from paddle_glm4.quantization import convert, embedding_format
+
+    weights, table = model.model.kernels.weights, model.model.embed_tokens
+    target = embedding_format(weights, table.dtype, model.config.tie_word_embeddings,
+                              dataclasses.replace(weights.quantization, embedding=True))
+    dense = table.weight
+    held = {"weight": dense.view(paddle.int16).numpy().view(np.uint16) if dense.dtype == paddle.bfloat16
+            else dense.numpy()}
+    with paddle.LazyGuard():
+        model.model.embed_tokens = Embedding(table.vocab_size, table.hidden_size, target, table.dtype,
+                                             table.compute_dtype)
+    for slot, value in convert(table.format, held, target, table.hidden_size, table.vocab_size).items():
+        getattr(model.model.embed_tokens, slot).set_value(value)
+
+
 def paddle_model(config: GLM4Config, state: dict[str, np.ndarray], fused: bool | None = None):
     """Our GLM4ForCausalLM holding exactly `state`."""
     import paddle

@@ -11,10 +11,9 @@ import paddle
 import pytest
 
 from checkpoint_builders import write_published
-from conftest import hf_state, paddle_state, reference_model, small_config
+from conftest import hf_state, paddle_state, quantize_table, reference_model, small_config
 from converters import mapping, paddle_to_torch, torch_to_paddle
 from paddle_glm4 import GLM4ForCausalLM
-from paddle_glm4.loading import quantize_embedding
 from paddle_glm4.safetensors_file import SafetensorsReader, to_float32
 
 IDS = np.array([[1, 17, 42, 99, 256, 300, 511, 7]])
@@ -65,7 +64,7 @@ def test_quantized_conversion_loads_as_the_model_quantized_at_load(tmp_path, pub
     at_load = GLM4ForCausalLM.from_pretrained(str(tmp_path / "bf16"), quantization=scheme, group_size=group_size,
                                               activation_dtype="float32")
     assert at_load.model.embed_tokens.weight.dtype == paddle.bfloat16  # kept as stored, mapped
-    quantize_embedding(at_load)  # then quantized as the conversion stores it
+    quantize_table(at_load)  # then quantized as the conversion stores it
     loaded = GLM4ForCausalLM.from_pretrained(str(tmp_path / "q"), activation_dtype="float32")
     for name, tensor in at_load.state_dict().items():
         other = loaded.state_dict()[name]
@@ -130,7 +129,7 @@ def test_transformers_layout_quantizes_its_concatenated_qkv(tmp_path):
     converted = GLM4ForCausalLM.from_pretrained(str(tmp_path / "q"), activation_dtype="float32")
     at_load = GLM4ForCausalLM.from_pretrained(str(tmp_path / "f"), quantization="int4", group_size=32,
                                               activation_dtype="float32")
-    quantize_embedding(at_load)  # as the conversion stores the table
+    quantize_table(at_load)  # as the conversion stores the table
     for name, tensor in at_load.state_dict().items():
         assert np.array_equal(_bits(converted.state_dict()[name]), _bits(tensor)), name
 
@@ -161,7 +160,7 @@ def test_a_checkpoint_quantized_before_its_embedding_was_still_loads(tmp_path, p
     loaded = GLM4ForCausalLM.from_pretrained(str(tmp_path / "old"), activation_dtype="float32")
     today = GLM4ForCausalLM.from_pretrained(str(tmp_path / "q"), activation_dtype="float32")
     assert np.array_equal(_bits(loaded.model.embed_tokens.weight).view(np.uint16), sources["model.embed_tokens.weight"][1])
-    quantize_embedding(loaded)
+    quantize_table(loaded)
     assert loaded.model.embed_tokens.qweight.dtype == paddle.uint8
     for name, tensor in today.state_dict().items():
         assert np.array_equal(_bits(loaded.state_dict()[name]), _bits(tensor)), name

@@ -15,7 +15,6 @@ from paddle_glm4 import GLM4ForCausalLM, kernels, memory
 from paddle_glm4.demo import random_weights
 from paddle_glm4.generation import ModelSession
 from paddle_glm4.inference import Predictor, export_model
-from paddle_glm4.loading import quantize_embedding
 from paddle_glm4.small_vocab import write_small_vocabulary
 from paddle_glm4.tokenizer import GLM4Tokenizer
 from test_inference import run_python, session_logits
@@ -43,16 +42,14 @@ def test_predictor_on_a_quantized_export_equals_the_dynamic_quantized_model(chec
                             **args)
     assert manifest.kernels == kernels.available()
     dynamic = GLM4ForCausalLM.from_pretrained(checkpoint, activation_dtype="float32", **args)
-    if case != "bfloat16":  # the dynamic model keeps the dense table mapped; a predictor would hold it all
-        assert dynamic.quantization is not None and not dynamic.quantization.embedding
-        quantize_embedding(dynamic)
-        assert manifest.config.quantization.embedding  # so the export quantizes it with the Linear weights
     assert manifest.config.quantization == dynamic.quantization
+    if case != "bfloat16":  # quantized at load, the dense checkpoint's table is kept as stored, here as there
+        assert not manifest.config.quantization.embedding
     program = open(os.path.join(out, "glm4.json"), encoding="utf-8").read()
     operator = {"int8": "glm4_linear_int8", "int4": "glm4_linear_int4", "bfloat16": "glm4_linear_bf16"}[case]
     assert (operator in program) == manifest.kernels
     # the weights are stored as the dynamic model holds them (bf16, or int8 / int4 and their scales)
-    held = memory.weight_bytes(manifest.config, dynamic.model.kernels.weights)
+    held = memory.weight_bytes(dynamic.config, dynamic.model.kernels.weights)
     assert abs(os.path.getsize(os.path.join(out, "glm4.pdiparams")) - held) < 0.02 * held
 
     predictor = Predictor(out)
@@ -79,7 +76,7 @@ def test_cli_quantized_generate_and_export_in_fresh_processes(checkpoint, tmp_pa
     assert export.returncode == 0, export.stderr
     assert "weights int4 (group size 32)" in export.stderr
     assert json.loads(open(os.path.join(out, "export.json")).read())["config"]["quantization"] == {
-        "scheme": "int4", "group_size": 32, "embedding": True}
+        "scheme": "int4", "group_size": 32, "embedding": False}  # the table as stored, as the dynamic model's
     served = run_python("-m", "paddle_glm4", "generate", "--model", out, "--engine", "inference", *prompt)
     assert served.returncode == 0, served.stderr
     assert served.stdout == dynamic.stdout and dynamic.stdout.strip()

@@ -10,11 +10,10 @@ import numpy as np
 import paddle
 import pytest
 
-from conftest import hf_state, paddle_model, paddle_state, reference_model, small_config
+from conftest import hf_state, paddle_model, paddle_state, quantize_table, reference_model, small_config
 from paddle_glm4 import GLM4ForCausalLM, memory
 from paddle_glm4.config import ConfigError, GLM4Config, Quantization
 from paddle_glm4.linear import Linear
-from paddle_glm4.loading import quantize_embedding
 from paddle_glm4.quantization import Dense, Packed, Rows, convert
 
 FORMATS = [("bfloat16", None), ("int8", None), ("int4", 32), ("int4", 64)]
@@ -120,7 +119,7 @@ def test_quantized_checkpoint_saves_and_loads_as_it_is(float_checkpoint, tmp_pat
     for name, tensor in model.state_dict().items():
         assert np.array_equal(_numpy(reloaded.state_dict()[name]), _numpy(tensor)), name
 
-    quantize_embedding(model)  # as glm4-convert --quantize and an export hold it
+    quantize_table(model)  # as glm4-convert --quantize stores it
     model.save_pretrained(str(tmp_path / "q"))
     config = json.loads((tmp_path / "q" / "config.json").read_text())
     assert config["quantization"] == {"scheme": "int4", "group_size": 32, "embedding": True}

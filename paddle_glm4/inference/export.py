@@ -28,7 +28,6 @@ from .. import kernels
 from ..checkpoint import require_converted, weight_map, write_text_atomic
 from ..config import CONFIG_NAME, MODEL_TYPE, STORAGE_DTYPES, ConfigError, GLM4Config
 from ..device import on_gpu
-from ..loading import quantize_embedding
 from ..model import GLM4ForCausalLM, RMSNorm
 from ..output_dir import check_destination, staged
 from ..source_files import copy_source, permission_bits, source_path
@@ -216,7 +215,6 @@ def _export(
             activation_dtype=activation_dtype,
             max_seq_len=max_seq_len,
         )
-        quantize_embedding(model)  # the predictor holds every parameter in memory: a dense table would be all of it
     weights = model.model.kernels.weights
     compute_dtype = weights.compute_dtype
     # the program calls the kernels' operators (attention on CPU; low-bit Linear weights) wherever they were built,
