@@ -84,9 +84,10 @@ FORMATS = [("bf16", 0), ("int8", 0), ("int4", 128), ("int4", 64)]
 
 
 @pytest.mark.parametrize("fmt, group", FORMATS)
-@pytest.mark.parametrize("m", [1, 3, 6, 16, 17, 40, 512])
+@pytest.mark.parametrize("m", [1, 3, 6, 13, 16, 17, 40, 512])
 def test_awkward_shapes(fmt, group, m):
-    # K = 300: not a multiple of either group size, of 16, 32 or 64 (SIMD widths); N odd
+    # K = 300: not a multiple of either group size, of 16, 32 or 64 (SIMD widths); N odd; 13, 17 and 40 rows:
+    # the GEMM's register blocks (12 rows for bf16, 8 for int8) and a remainder
     check_all(m, 300, 37, fmt, group or 128, seed=m)
 
 
