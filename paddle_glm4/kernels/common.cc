@@ -52,9 +52,7 @@ void micro_f32_avx2(const float* a, int64_t lda, int mr, const float* tile, int6
   }
 }
 
-// 12 rows x 32 columns (24 accumulators of 16 floats); each step takes a pair of k (vdpbf16ps): per two
-// tile loads, 12 broadcasts and 24 vdpbf16ps. Hot, one thread: 99% of vdpbf16ps's rate (one per cycle),
-// 96% with 8 rows (benchmarks/NOTES.md).
+// 8 rows x 32 columns (16 accumulators of 16 floats); each step takes a pair of k (vdpbf16ps).
 template <int MR>
 GLM4_BF16 static void micro_bf16_rows(const uint16_t* a, int64_t lda, const uint16_t* tile, int64_t kb,
                                       const float* colscale, float* c, int64_t ldc) {
@@ -85,10 +83,9 @@ void micro_bf16_avx512(const uint16_t* a, int64_t lda, int mr, const uint16_t* t
   static void (*const rows[])(const uint16_t*, int64_t, const uint16_t*, int64_t, const float*, float*,
                               int64_t) = {micro_bf16_rows<1>, micro_bf16_rows<2>, micro_bf16_rows<3>,
                                           micro_bf16_rows<4>, micro_bf16_rows<5>, micro_bf16_rows<6>,
-                                          micro_bf16_rows<7>, micro_bf16_rows<8>, micro_bf16_rows<9>,
-                                          micro_bf16_rows<10>, micro_bf16_rows<11>, micro_bf16_rows<12>};
-  for (int i = 0; i < mr; i += 12) {
-    const int r = std::min(12, mr - i);
+                                          micro_bf16_rows<7>, micro_bf16_rows<8>};
+  for (int i = 0; i < mr; i += 8) {
+    const int r = std::min(8, mr - i);
     rows[r - 1](a + i * lda, lda, tile, kb, colscale, c + i * ldc, ldc);
   }
 }
