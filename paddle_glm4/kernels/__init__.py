@@ -1,5 +1,6 @@
-"""CPU kernels for GLM-4's linear layers: y = x @ W^T (+ bias) with W in bfloat16, int8 or int4; and its
-attention over a float32 or bfloat16 KV cache in bounded memory (`attention`, see attention.cc).
+"""CPU kernels for GLM-4's linear layers: y = x @ W^T (+ bias) with W in bfloat16, int8 or int4; its
+attention over a float32 or bfloat16 KV cache in bounded memory (`attention`, see attention.cc); and the
+float32 passes between them (`swiglu`, `rms_norm`, `add_rms_norm`, `split_rotary`, see elementwise.cc).
 
 THE CONTRACT (shared with the loader, converter and export; quant.py writes and reads these formats):
 
