@@ -280,3 +280,19 @@ def test_forked_child_runs_the_kernels():
     """
     done = run_python(code, {})
     assert done.returncode == 0 and done.stdout.split()[-1] == "0", (done.stdout, done.stderr[-2000:])
+
+
+def test_back_to_back_calls_with_changing_thread_counts():
+    """The pool's workers spin briefly between jobs: calls that follow each other at once, with a different
+    number of threads each time (a worker left out of one job must not take it, nor miss the next), each
+    compute every output."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((40, 256)).astype(np.float32)
+    weight, scales, as_float = stored(w, "int8", 128)
+    x = rng.standard_normal((2, 256)).astype(np.float32)
+    ref = reference(x, as_float, "int8")
+    xs = paddle.to_tensor(x)
+    for call in range(600):
+        threads = (1, 2, 3, 4, 3)[call % 5]
+        y = kernels.linear(xs, weight, scales, fmt="int8", activation_dtype="int8", threads=threads)
+        assert_close(y.numpy(), ref, f"call {call}, {threads} threads")
