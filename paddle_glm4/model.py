@@ -87,7 +87,9 @@ class RMSNorm(nn.Layer):
         self.weight = self.create_parameter([dim], default_initializer=nn.initializer.Constant(1.0))
         self.eps, self.kernels = eps, kernels
 
-    def forward(self, x: paddle.Tensor, residual: paddle.Tensor | None = None):
+    def forward(
+        self, x: paddle.Tensor, residual: paddle.Tensor | None = None
+    ) -> paddle.Tensor | tuple[paddle.Tensor, paddle.Tensor]:
         """norm(x); with `residual`: (norm(x + residual), x + residual), in one pass where the kernels serve."""
         if residual is None:
             return self.kernels.rms_norm(x, self.weight, self.eps)

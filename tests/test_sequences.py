@@ -69,4 +69,4 @@ def test_the_layer_loop_is_written_once():
                 with open(os.path.join(directory, name), encoding="utf-8") as f:
                     loops += [(name, line.strip()) for line in f if line.strip().startswith("for ")
                               and ".layers" in line]
-    assert loops == [("model.py", "for layer in self.layers:")]
+    assert loops == [("model.py", "for i, layer in enumerate(self.layers):")]

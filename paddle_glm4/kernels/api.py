@@ -98,7 +98,9 @@ def swiglu(x: paddle.Tensor, *, isa: str = "auto", threads: int = 0) -> paddle.T
 
 
 @paddle.jit.not_to_static
-def rms_norm(x: paddle.Tensor, weight: paddle.Tensor, eps: float, *, isa: str = "auto", threads: int = 0):
+def rms_norm(
+    x: paddle.Tensor, weight: paddle.Tensor, eps: float, *, isa: str = "auto", threads: int = 0
+) -> paddle.Tensor:
     """x [..., H] * rsqrt(mean(x^2) + eps) * weight [H], as ops.rms_norm. Needs the built operators."""
     return _ops_for(isa).glm4_rms_norm(_contiguous(x), weight, eps, isa, threads)
 
