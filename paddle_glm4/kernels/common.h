@@ -446,8 +446,9 @@ struct RowChunks {
 };
 
 // How far ahead of the dots the weight stream is prefetched (into L1): the hardware prefetchers alone left a
-// one-row GEMV of K = 13696 int4 at 2.0-2.3 ms, 1.75 ms with this (one thread, benchmarks/NOTES.md).
-constexpr int64_t kPrefetchBytes = 2048;
+// one-row GEMV of K = 13696 int4 at 2.0-2.3 ms, 1.75 ms 2 KB ahead (one thread); on two threads streaming from
+// memory 4 KB beat 2 KB in 7 of 8 alternated pairs (lm_head int8 25 vs 28-37 ms; benchmarks/NOTES.md).
+constexpr int64_t kPrefetchBytes = 4096;
 
 #if GLM4_X86
 // Prefetching past the end of the weights is harmless: a prefetch never faults.
