@@ -252,24 +252,39 @@ def test_gpu_predictor_generates_what_the_cpu_one_does(built):
 
 
 @pytest.mark.slow
-def test_what_paddle_prints_while_preparing_a_program_goes_to_stderr(built):
-    # oneDNN (used for its bf16 mode) prints kernel checks to C's stdout at a program's first run
+def test_what_paddle_prints_while_preparing_a_program_goes_to_stderr(built, tmp_path):
+    # oneDNN (used for its bf16 mode) prints kernel checks to C's stdout at a program's first run, e.g.
+    # ReduceMeanCheckIfOneDNNSupport for a mean. Our exports now compute their norms with the kernels'
+    # operators, so a one-op program with a mean makes Paddle print, beside the bf16 export's first run.
     code = f"""
 import paddle, paddle.inference as pi
 from paddle_glm4 import kernels
 from paddle_glm4.inference.predictor import _stdout_to_stderr
-kernels.load()  # the program calls the kernels' operators (attention, linear), found only once loaded
-config = pi.Config({os.path.join(built[3], "glm4.json")!r}, {os.path.join(built[3], "glm4.pdiparams")!r})
-config.enable_mkldnn()
-config.disable_glog_info()
+
+class Mean(paddle.nn.Layer):
+    def forward(self, x):
+        return x.mean(-1, keepdim=True)
+
+paddle.jit.save(Mean(), {str(tmp_path / "mean")!r}, input_spec=[paddle.static.InputSpec([None, 8], "float32")])
+kernels.load()  # the export calls the kernels' operators (attention, linear, norms), found only once loaded
+
+def predictor(model, params):
+    config = pi.Config(model, params)
+    config.enable_mkldnn()
+    config.disable_glog_info()
+    return pi.create_predictor(config)
+
 empty = [paddle.zeros([1, 1, 2, 16]) for _ in range(4)]
 with _stdout_to_stderr():
-    predictor = pi.create_predictor(config)
-    predictor.run([paddle.zeros([1, 1], dtype="int64"), paddle.zeros([1, 1], dtype="int64"),
-                   paddle.to_tensor(0, dtype="int64"), paddle.ones([1, 1], dtype="bool"), *empty])
+    glm4 = predictor({os.path.join(built[3], "glm4.json")!r}, {os.path.join(built[3], "glm4.pdiparams")!r})
+    glm4.run([paddle.zeros([1, 1], dtype="int64"), paddle.zeros([1, 1], dtype="int64"),
+              paddle.to_tensor(0, dtype="int64"), paddle.ones([1, 1], dtype="bool"), *empty])
+    predictor({str(tmp_path / "mean.json")!r}, {str(tmp_path / "mean.pdiparams")!r}).run([paddle.ones([2, 8])])
 print("generated text")
 """
-    done = run_python("-c", code)
+    script = tmp_path / "prints.py"  # a file: to_static reads the Layer's source
+    script.write_text(code, encoding="utf-8")
+    done = run_python(str(script))
     assert done.returncode == 0, done.stderr
     assert done.stdout == "generated text\n"
     assert "OneDNN" in done.stderr  # it was printed, to stderr
