@@ -42,8 +42,15 @@ def run_sections(sections, quick: bool, formats=None) -> dict:
     from benchmarks import machine
 
     measured = machine.measure(quick)
-    report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "quick": quick,
-              "machine": measured, "sections": {}, "section_dates": {}, "notes": {}, "partial": []}
+    report = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "quick": quick,
+        "machine": measured,
+        "sections": {},
+        "section_dates": {},
+        "notes": {},
+        "partial": [],
+    }
     for name in sections:
         report["section_dates"][name] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         started = time.perf_counter()
@@ -86,11 +93,16 @@ def merge_previous(report: dict, path: str) -> dict:
         sections[name] = kept + report["sections"][name]
     dates = {**previous.get("section_dates", {}), **report["section_dates"]}
     # a section's notes go with its figures: a section run again replaces them
-    notes = {**{name: lines for name, lines in previous.get("notes", {}).items() if name not in report["sections"]},
-             **report["notes"]}
-    return {**report, "sections": {name: sections[name] for name in ALL_SECTIONS if name in sections},
-            "section_dates": {name: dates[name] for name in ALL_SECTIONS if name in dates},
-            "notes": {name: notes[name] for name in ALL_SECTIONS if name in notes}}
+    notes = {
+        **{name: lines for name, lines in previous.get("notes", {}).items() if name not in report["sections"]},
+        **report["notes"],
+    }
+    return {
+        **report,
+        "sections": {name: sections[name] for name in ALL_SECTIONS if name in sections},
+        "section_dates": {name: dates[name] for name in ALL_SECTIONS if name in dates},
+        "notes": {name: notes[name] for name in ALL_SECTIONS if name in notes},
+    }
 
 
 def check(report: dict):
@@ -106,22 +118,32 @@ def check(report: dict):
 
 def markdown(report: dict) -> str:
     m = report["machine"]
-    lines = [f"Measured {report['date'][:10]} on {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB RAM "
-             f"(read bandwidth {m['read_bandwidth_gbps']:.1f} GB/s, fp32 matmul {m['fp32_matmul_gflops']:.0f} "
-             f"GFLOP/s, both measured with torch){' — QUICK run, tiny sizes' if report['quick'] else ''}."]
+    lines = [
+        f"Measured {report['date'][:10]} on {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB RAM "
+        f"(read bandwidth {m['read_bandwidth_gbps']:.1f} GB/s, fp32 matmul {m['fp32_matmul_gflops']:.0f} "
+        f"GFLOP/s, both measured with torch){' — QUICK run, tiny sizes' if report['quick'] else ''}."
+    ]
     dates = {date[:10] for date in report.get("section_dates", {}).values()}
     if len(dates) > 1:
-        lines[0] += " Sections measured on: " + ", ".join(
-            f"{name} {date[:10]}" for name, date in report["section_dates"].items()) + "."
-    lines += ["",
-             "| section | figure | ours | peer | ours / peer |", "|---|---|---:|---:|---:|"]
+        lines[0] += (
+            " Sections measured on: "
+            + ", ".join(f"{name} {date[:10]}" for name, date in report["section_dates"].items())
+            + "."
+        )
+    lines += ["", "| section | figure | ours | peer | ours / peer |", "|---|---|---:|---:|---:|"]
     for name, rows in report["sections"].items():
         section_date = report.get("section_dates", {}).get(name)
         for row in rows:
             # a row kept from an earlier partial run (--formats) says when it was measured
-            when = f" (measured {row['date'][:16].replace('T', ' ')})" if row.get("date", section_date) != section_date else ""
-            lines.append(f"| {name} | {row['figure']}{when} | {row['ours']:.3g} {row['unit']} | "
-                         f"{row['peer']:.3g} ({row['peer_name']}) | {row['ratio']:.2f}x |")
+            when = (
+                f" (measured {row['date'][:16].replace('T', ' ')})"
+                if row.get("date", section_date) != section_date
+                else ""
+            )
+            lines.append(
+                f"| {name} | {row['figure']}{when} | {row['ours']:.3g} {row['unit']} | "
+                f"{row['peer']:.3g} ({row['peer_name']}) | {row['ratio']:.2f}x |"
+            )
     notes = [f"- {name}: {note}" for name, section_notes in report.get("notes", {}).items() for note in section_notes]
     if notes:
         lines += ["", "Notes:", *notes]
@@ -143,17 +165,30 @@ def update_readme(table: str, begin: str = TABLE_BEGIN, end: str = TABLE_END):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[1])
     parser.add_argument("command", choices=["run"], help="run the benchmarks")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, for CI: checks that every figure is "
-                        "produced and finite (a few minutes); the real figures need the full run")
-    parser.add_argument("--only", nargs="+", choices=ALL_SECTIONS, metavar="SECTION",
-                        help=f"run only these sections (of {', '.join(ALL_SECTIONS)}; full-depth, "
-                        "lowbit-full-depth, long-context and tensor-parallel run only when named here); the other sections' figures are kept from the "
-                        "previous results")
-    parser.add_argument("--formats", nargs="+", choices=FORMATS, metavar="FORMAT",
-                        help="the weight formats the lowbit sections measure (of bf16, int8, int4; default all); "
-                        "with --only, the previous results' rows of the other formats are kept")
-    parser.add_argument("--readme", action="store_true", help="also put the table into README.md's Performance "
-                        "section")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny sizes, for CI: checks that every figure is "
+        "produced and finite (a few minutes); the real figures need the full run",
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=ALL_SECTIONS,
+        metavar="SECTION",
+        help=f"run only these sections (of {', '.join(ALL_SECTIONS)}; full-depth, "
+        "lowbit-full-depth, long-context and tensor-parallel run only when named here); the other sections' figures are kept from the "
+        "previous results",
+    )
+    parser.add_argument(
+        "--formats",
+        nargs="+",
+        choices=FORMATS,
+        metavar="FORMAT",
+        help="the weight formats the lowbit sections measure (of bf16, int8, int4; default all); "
+        "with --only, the previous results' rows of the other formats are kept",
+    )
+    parser.add_argument("--readme", action="store_true", help="also put the table into README.md's Performance section")
     parser.add_argument("--output", default=RESULTS, help="where to write the JSON results (default: %(default)s)")
     args = parser.parse_args(argv)
     report = run_sections(args.only or SECTIONS, args.quick, args.formats)

@@ -55,8 +55,10 @@ def synthetic_checkpoint(directory: str, config, shard_size: str = "2GB") -> int
     def noise(shape):  # a tensor of random bits that takes no memory: row r is the pool from element 7r on
         return np.lib.stride_tricks.as_strided(pool, shape, (14, 2) if len(shape) == 2 else (2,), writeable=False)
 
-    sources = {spec.paddle: SourceTensor("memory", spec.paddle, "bfloat16", spec.shape, lambda s=spec.shape: noise(s))
-               for spec in mapping.tensor_specs(config)}
+    sources = {
+        spec.paddle: SourceTensor("memory", spec.paddle, "bfloat16", spec.shape, lambda s=spec.shape: noise(s))
+        for spec in mapping.tensor_specs(config)
+    }
     tensors = published_tensors(config, sources, "bfloat16")
     files, texts = canonical_plan(config, tensors, parse_size(shard_size))
     build(directory, Plan(files, config, texts, {}, {}), overwrite=False, verify=False, progress=False)
@@ -70,9 +72,14 @@ def _timed(command: list[str]) -> float:
 
 
 def _convert(src: str, dst: str, verify: bool) -> dict:
-    result = subprocess.run([sys.executable, "-c", _CHILD, src, dst, "verify" if verify else "no-verify"],
-                            cwd=ROOT, check=True, capture_output=True, text=True,
-                            env={**os.environ, "GLOG_minloglevel": "2"})
+    result = subprocess.run(
+        [sys.executable, "-c", _CHILD, src, dst, "verify" if verify else "no-verify"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "GLOG_minloglevel": "2"},
+    )
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -84,9 +91,18 @@ def run(quick: bool = False) -> list[dict]:
     from paddle_glm4 import GLM4Config
 
     if quick:
-        config = GLM4Config(vocab_size=8192, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
-                            num_attention_heads=8, num_key_value_heads=2, head_dim=32, pad_token_id=0,
-                            eos_token_id=[1], dtype="bfloat16")
+        config = GLM4Config(
+            vocab_size=8192,
+            hidden_size=256,
+            intermediate_size=688,
+            num_hidden_layers=2,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            head_dim=32,
+            pad_token_id=0,
+            eos_token_id=[1],
+            dtype="bfloat16",
+        )
     else:
         config = GLM4Config(num_hidden_layers=3, dtype="bfloat16")  # GLM-4-9B's width
     work = tempfile.mkdtemp(prefix="glm4-convert-bench-", dir=os.environ.get("BENCH_DIR"))
@@ -94,8 +110,9 @@ def run(quick: bool = False) -> list[dict]:
     try:
         largest = synthetic_checkpoint(src, config, "2GB" if not quick else "4MB")
         total = _size(src)
-        subprocess.run(["cat", *(os.path.join(src, f) for f in os.listdir(src))], stdout=subprocess.DEVNULL,
-                       check=True)  # warm the page cache for both contenders
+        subprocess.run(
+            ["cat", *(os.path.join(src, f) for f in os.listdir(src))], stdout=subprocess.DEVNULL, check=True
+        )  # warm the page cache for both contenders
         cp_times, ours, unverified = [], [], []
         for _ in range(3):
             subprocess.run(["sync"], check=True)
@@ -115,18 +132,44 @@ def run(quick: bool = False) -> list[dict]:
     peak = max(r["peak_rss"] for r in ours + unverified)
     size = f"{total / 1e9:.2f} GB, {config.num_hidden_layers} layers, hidden {config.hidden_size}"
     rows = [
-        {"figure": f"torch -> Paddle conversion throughput, verified ({size})",
-         "ours": total / best["seconds"] / 1e6, "peer": cp_rate, "peer_name": "cp -r + sync", "unit": "MB/s"},
-        {"figure": f"torch -> Paddle conversion throughput, --no-verify ({size})",
-         "ours": total / fast["seconds"] / 1e6, "peer": cp_rate, "peer_name": "cp -r + sync", "unit": "MB/s"},
-        {"figure": "converter peak RSS, as a multiple of the largest tensor", "ours": peak / largest,
-         "peer": 2.5, "peer_name": "target", "unit": "x"},
-        {"figure": "converter peak RSS", "ours": peak / 1e6, "peer": largest / 1e6,
-         "peer_name": "largest tensor", "unit": "MB"},
-        {"figure": "converter RSS before converting (interpreter, numpy, Paddle)", "ours": best["baseline_rss"] / 1e6,
-         "peer": largest / 1e6, "peer_name": "largest tensor", "unit": "MB"},
+        {
+            "figure": f"torch -> Paddle conversion throughput, verified ({size})",
+            "ours": total / best["seconds"] / 1e6,
+            "peer": cp_rate,
+            "peer_name": "cp -r + sync",
+            "unit": "MB/s",
+        },
+        {
+            "figure": f"torch -> Paddle conversion throughput, --no-verify ({size})",
+            "ours": total / fast["seconds"] / 1e6,
+            "peer": cp_rate,
+            "peer_name": "cp -r + sync",
+            "unit": "MB/s",
+        },
+        {
+            "figure": "converter peak RSS, as a multiple of the largest tensor",
+            "ours": peak / largest,
+            "peer": 2.5,
+            "peer_name": "target",
+            "unit": "x",
+        },
+        {
+            "figure": "converter peak RSS",
+            "ours": peak / 1e6,
+            "peer": largest / 1e6,
+            "peer_name": "largest tensor",
+            "unit": "MB",
+        },
+        {
+            "figure": "converter RSS before converting (interpreter, numpy, Paddle)",
+            "ours": best["baseline_rss"] / 1e6,
+            "peer": largest / 1e6,
+            "peer_name": "largest tensor",
+            "unit": "MB",
+        },
     ]
     return [dict(row, ratio=row["ours"] / row["peer"]) for row in rows]
+
 
 if __name__ == "__main__":
     for row in run(quick="--quick" in sys.argv):

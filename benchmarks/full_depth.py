@@ -86,8 +86,9 @@ def _run_step(step: str, workdir: str, quick: bool) -> dict:
     command = [sys.executable, "-m", "benchmarks.full_depth", "worker", step, workdir] + (["--quick"] if quick else [])
     done = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True)
     if done.returncode < 0:
-        raise RuntimeError(f"full-depth step {step} was killed by signal {-done.returncode} (out of memory?):\n"
-                           f"{done.stderr[-2000:]}")
+        raise RuntimeError(
+            f"full-depth step {step} was killed by signal {-done.returncode} (out of memory?):\n{done.stderr[-2000:]}"
+        )
     if done.returncode:
         raise RuntimeError(f"full-depth step {step} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -105,18 +106,32 @@ def run(quick: bool = False, machine: dict | None = None) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="glm4-full-depth-") as workdir:
         free = shutil.disk_usage(workdir).free
         if free < 2.1 * weight_bytes:
-            raise RuntimeError(f"full-depth needs {2.1 * weight_bytes / 1e9:.0f} GB free under {workdir}, "
-                               f"has {free / 1e9:.0f} GB (set TMPDIR elsewhere)")
+            raise RuntimeError(
+                f"full-depth needs {2.1 * weight_bytes / 1e9:.0f} GB free under {workdir}, "
+                f"has {free / 1e9:.0f} GB (set TMPDIR elsewhere)"
+            )
         _run_step("write", workdir, quick)
         exported = _run_step("export", workdir, quick)
         decoded = _run_step("decode", workdir, quick)
-    label = f"{'tiny' if quick else 'GLM-4-9B'}, {LAYERS} layers, bf16 weights {weight_bytes / 1e9:.1f} GB, " \
-            "Paddle Inference bf16"
+    label = (
+        f"{'tiny' if quick else 'GLM-4-9B'}, {LAYERS} layers, bf16 weights {weight_bytes / 1e9:.1f} GB, "
+        "Paddle Inference bf16"
+    )
     return [
-        _row(f"decode tokens/s, batch 1 ({label}) vs the bandwidth bound", decoded["decode_b1"],
-             machine["read_bandwidth_gbps"] * 1e9 / per_token, "read bandwidth / weight bytes", "tokens/s"),
-        _row(f"peak RSS of the predictor, decoding ({label})", decoded["peak_rss"] / 1e9, ram / 1e9,
-             "this machine's RAM", "GB"),
+        _row(
+            f"decode tokens/s, batch 1 ({label}) vs the bandwidth bound",
+            decoded["decode_b1"],
+            machine["read_bandwidth_gbps"] * 1e9 / per_token,
+            "read bandwidth / weight bytes",
+            "tokens/s",
+        ),
+        _row(
+            f"peak RSS of the predictor, decoding ({label})",
+            decoded["peak_rss"] / 1e9,
+            ram / 1e9,
+            "this machine's RAM",
+            "GB",
+        ),
         _row(f"peak RSS of the export ({label})", exported["peak_rss"] / 1e9, ram / 1e9, "this machine's RAM", "GB"),
     ]
 

@@ -33,10 +33,10 @@ QUANT_TYPES = ("Q8_0", "Q4_0")
 @dataclass
 class Vocabulary:
     tokens: list[str]  # GPT-2 byte-level strings, one per id, vocab_size of them
-    types: list[int]   # gguf.TokenType per id
+    types: list[int]  # gguf.TokenType per id
     merges: list[str]  # "left right", in rank order
     specials: dict[str, int]
-    source: str        # where it came from, for the report
+    source: str  # where it came from, for the report
 
 
 # ---- tokenizer ------------------------------------------------------------------------------------------
@@ -53,7 +53,7 @@ def _merge_of(ranks: dict[bytes, int], token: bytes) -> tuple[bytes, bytes] | No
     before it, which leaves exactly two pieces for a token BPE can build; None for a token it cannot (GLM-4
     has a few hundred: tiktoken emits them only when a whole pre-tokenized piece is that token)."""
     rank = ranks[token]
-    pieces = [token[i:i + 1] for i in range(len(token))]
+    pieces = [token[i : i + 1] for i in range(len(token))]
     while len(pieces) > 2:
         best, at = rank, -1
         for i in range(len(pieces) - 1):
@@ -62,7 +62,7 @@ def _merge_of(ranks: dict[bytes, int], token: bytes) -> tuple[bytes, bytes] | No
                 best, at = r, i
         if at < 0:
             break
-        pieces[at:at + 2] = [pieces[at] + pieces[at + 1]]
+        pieces[at : at + 2] = [pieces[at] + pieces[at + 1]]
     return (pieces[0], pieces[1]) if len(pieces) == 2 else None
 
 
@@ -152,8 +152,9 @@ def write_gguf(checkpoint: str, path: str, tokenizer_dir: str | None = None, pro
         torch_shape = spec.shape[::-1] if spec.linear else spec.shape
         matrix = len(torch_shape) == 2
         dtype, raw = (np.uint16, gguf.GGMLQuantizationType.BF16) if matrix else (np.float32, None)
-        writer.add_tensor_info(name, torch_shape, np.dtype(dtype), int(np.prod(torch_shape)) * np.dtype(dtype).itemsize,
-                               raw_dtype=raw)
+        writer.add_tensor_info(
+            name, torch_shape, np.dtype(dtype), int(np.prod(torch_shape)) * np.dtype(dtype).itemsize, raw_dtype=raw
+        )
         planned.append((spec, matrix))
     try:
         writer.write_header_to_file()
@@ -204,8 +205,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gguf_peer", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="a checkpoint directory of this project (config.json + safetensors)")
     parser.add_argument("output", help="the GGUF file to write (BF16 matrices, F32 vectors)")
-    parser.add_argument("--tokenizer", help="directory with GLM-4's tokenizer.model (default: the checkpoint's; "
-                        "the small built-in vocabulary when none fits)")
+    parser.add_argument(
+        "--tokenizer",
+        help="directory with GLM-4's tokenizer.model (default: the checkpoint's; "
+        "the small built-in vocabulary when none fits)",
+    )
     args = parser.parse_args(argv)
     try:
         vocab = write_gguf(args.checkpoint, args.output, args.tokenizer or args.checkpoint)

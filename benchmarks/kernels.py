@@ -20,8 +20,13 @@ import time
 import numpy as np
 
 CACHE_BYTES = 128 << 20  # at least 4x the L3 of the CPUs this runs on (32 MB here)
-SHAPES = {"qkv": (4096, 4608), "o": (4096, 4096), "gate_up": (4096, 27392), "down": (13696, 4096),
-          "lm_head": (4096, 151552)}
+SHAPES = {
+    "qkv": (4096, 4608),
+    "o": (4096, 4096),
+    "gate_up": (4096, 27392),
+    "down": (13696, 4096),
+    "lm_head": (4096, 151552),
+}
 
 
 def timed(fn, seconds: float = 1.0, at_least: int = 3) -> float:
@@ -42,7 +47,7 @@ def stored_weights(fmt: str, k: int, n: int, group: int, rng):
     import paddle
 
     if fmt == "bf16":
-        bits = rng.integers(0x3C00, 0x3F00, (n, k), dtype=np.int32).astype(np.int16)   # values in [2^-7, 0.5)
+        bits = rng.integers(0x3C00, 0x3F00, (n, k), dtype=np.int32).astype(np.int16)  # values in [2^-7, 0.5)
         return paddle.to_tensor(bits).view(paddle.bfloat16), None, n * k * 2
     if fmt == "int8":
         q = rng.integers(-127, 128, (n, k), dtype=np.int8)
@@ -91,8 +96,10 @@ def main(argv=None) -> int:
     rows_list = [1, 16] if args.quick else [int(r) for r in args.rows.split(",")]
     bandwidth = machine.read_bandwidth(0.5 if args.quick else 2.0) / 1e9
     print(f"CPU path {kernels.isa()}, {threads} threads, read bandwidth {bandwidth:.1f} GB/s (torch sum)")
-    print(f"{'shape':8} {'rows':>4} {'format':6} {'act':8} {'path':10} {'ms':>8} {'GB/s':>6} {'%bw':>5} "
-          f"{'GFLOP/s':>8} {'paddle fp32 GFLOP/s':>19}")
+    print(
+        f"{'shape':8} {'rows':>4} {'format':6} {'act':8} {'path':10} {'ms':>8} {'GB/s':>6} {'%bw':>5} "
+        f"{'GFLOP/s':>8} {'paddle fp32 GFLOP/s':>19}"
+    )
     rng = np.random.default_rng(0)
     results = []
     for shape in shapes:
@@ -111,17 +118,39 @@ def main(argv=None) -> int:
                     if act == "int8" and fmt == "bf16":
                         continue
                     for path in args.paths.split(","):
-                        took = timed(rotating(kernels.linear, x, copies, fmt=fmt, group_size=args.group,
-                                              activation_dtype=act, isa=path, threads=threads))
-                        row = {"shape": shape, "k": k, "n": n, "rows": rows, "format": fmt, "act": act,
-                               "path": kernels.isa(path), "ms": took * 1e3, "gbps": nbytes / took / 1e9,
-                               "bandwidth_fraction": nbytes / took / 1e9 / bandwidth,
-                               "gflops": 2 * rows * k * n / took / 1e9,
-                               "paddle_fp32_gflops": 2 * rows * k * n / peer / 1e9}
+                        took = timed(
+                            rotating(
+                                kernels.linear,
+                                x,
+                                copies,
+                                fmt=fmt,
+                                group_size=args.group,
+                                activation_dtype=act,
+                                isa=path,
+                                threads=threads,
+                            )
+                        )
+                        row = {
+                            "shape": shape,
+                            "k": k,
+                            "n": n,
+                            "rows": rows,
+                            "format": fmt,
+                            "act": act,
+                            "path": kernels.isa(path),
+                            "ms": took * 1e3,
+                            "gbps": nbytes / took / 1e9,
+                            "bandwidth_fraction": nbytes / took / 1e9 / bandwidth,
+                            "gflops": 2 * rows * k * n / took / 1e9,
+                            "paddle_fp32_gflops": 2 * rows * k * n / peer / 1e9,
+                        }
                         results.append(row)
-                        print(f"{shape:8} {rows:4} {fmt:6} {act:8} {row['path']:10} {row['ms']:8.2f} "
-                              f"{row['gbps']:6.1f} {100 * row['bandwidth_fraction']:4.0f}% {row['gflops']:8.1f} "
-                              f"{row['paddle_fp32_gflops']:19.1f}", flush=True)
+                        print(
+                            f"{shape:8} {rows:4} {fmt:6} {act:8} {row['path']:10} {row['ms']:8.2f} "
+                            f"{row['gbps']:6.1f} {100 * row['bandwidth_fraction']:4.0f}% {row['gflops']:8.1f} "
+                            f"{row['paddle_fp32_gflops']:19.1f}",
+                            flush=True,
+                        )
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"read_bandwidth_gbps": bandwidth, "threads": threads, "rows": results}, f, indent=1)

@@ -34,12 +34,36 @@ VERSION = "0.3.36"  # llama-cpp-python
 COMMIT = "0c1e57098"  # its vendored llama.cpp (per the package's CHANGELOG)
 TARGETS = ("llama-bench", "llama-quantize")
 # the CPU flags ggml's native build compiles for: a build is reused only on a CPU with the same ones
-SIMD_FLAGS = ("sse4_2", "avx", "f16c", "fma", "avx2", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512dq",
-              "avx512cd", "avx512_vnni", "avx512_bf16", "avx512vbmi", "amx_tile", "amx_int8", "amx_bf16", "asimd",
-              "sve")
-CMAKE_OPTIONS = ("-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_BUILD_TESTS=OFF",
-                 "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_CURL=OFF",
-                 f"-DLLAMA_BUILD_COMMIT={COMMIT}")
+SIMD_FLAGS = (
+    "sse4_2",
+    "avx",
+    "f16c",
+    "fma",
+    "avx2",
+    "avx_vnni",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512dq",
+    "avx512cd",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512vbmi",
+    "amx_tile",
+    "amx_int8",
+    "amx_bf16",
+    "asimd",
+    "sve",
+)
+CMAKE_OPTIONS = (
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DGGML_NATIVE=ON",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_SERVER=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_CURL=OFF",
+    f"-DLLAMA_BUILD_COMMIT={COMMIT}",
+)
 
 
 class PeerUnavailable(RuntimeError):
@@ -48,7 +72,7 @@ class PeerUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class LlamaCpp:
-    bench: Path     # llama-bench
+    bench: Path  # llama-bench
     quantize: Path  # llama-quantize
     cpu_flags: tuple[str, ...]
 
@@ -62,8 +86,9 @@ def cpu_flags() -> tuple[str, ...]:
     """This CPU's SIMD flags (of SIMD_FLAGS), as /proc/cpuinfo spells them."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((set(line.split(":", 1)[1].split()) for line in f
-                          if line.startswith(("flags", "Features"))), set())
+            flags = next(
+                (set(line.split(":", 1)[1].split()) for line in f if line.startswith(("flags", "Features"))), set()
+            )
     except OSError:
         flags = set()
     return tuple(flag for flag in SIMD_FLAGS if flag in flags)
@@ -75,16 +100,21 @@ def find() -> LlamaCpp:
     try:
         built = json.loads((directory / "built.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        raise PeerUnavailable(f"llama.cpp {COMMIT} is not built in {directory} "
-                              "(build it with: python -m benchmarks.llamacpp build, ~11 min)") from None
+        raise PeerUnavailable(
+            f"llama.cpp {COMMIT} is not built in {directory} "
+            "(build it with: python -m benchmarks.llamacpp build, ~11 min)"
+        ) from None
     if not isinstance(built, dict) or built.get("commit") != COMMIT or built.get("cpu_flags") != list(cpu_flags()):
-        raise PeerUnavailable(f"the llama.cpp build in {directory} was made for another CPU or version "
-                              "(rebuild it with: python -m benchmarks.llamacpp build, ~11 min)")
+        raise PeerUnavailable(
+            f"the llama.cpp build in {directory} was made for another CPU or version "
+            "(rebuild it with: python -m benchmarks.llamacpp build, ~11 min)"
+        )
     binaries = [directory / "build" / "bin" / name for name in TARGETS]
     missing = [str(path) for path in binaries if not os.access(path, os.X_OK)]
     if missing:
-        raise PeerUnavailable(f"llama.cpp binaries missing: {', '.join(missing)} "
-                              "(rebuild with: python -m benchmarks.llamacpp build)")
+        raise PeerUnavailable(
+            f"llama.cpp binaries missing: {', '.join(missing)} (rebuild with: python -m benchmarks.llamacpp build)"
+        )
     return LlamaCpp(*binaries, cpu_flags=cpu_flags())
 
 
@@ -126,20 +156,35 @@ def _build(directory: Path):
     nice = ["nice", "-n", "19"] if shutil.which("nice") else []  # other work on the machine keeps its cores
     steps = [
         [*nice, "cmake", "-S", str(source), "-B", str(directory / "build"), "-G", generator, *CMAKE_OPTIONS],
-        [*nice, "cmake", "--build", str(directory / "build"), "-j", str(len(os.sched_getaffinity(0))),
-         "--target", *TARGETS],
+        [
+            *nice,
+            "cmake",
+            "--build",
+            str(directory / "build"),
+            "-j",
+            str(len(os.sched_getaffinity(0))),
+            "--target",
+            *TARGETS,
+        ],
     ]
-    print(f"building llama.cpp {COMMIT} into {directory} (~11 minutes on 2 cores; log: {log_path})",
-          file=sys.stderr, flush=True)
+    print(
+        f"building llama.cpp {COMMIT} into {directory} (~11 minutes on 2 cores; log: {log_path})",
+        file=sys.stderr,
+        flush=True,
+    )
     with open(log_path, "w", encoding="utf-8") as log:
         for command in steps:
             log.write("$ " + " ".join(command) + "\n")
             log.flush()
             if _run_with_progress(command, log):
-                raise PeerUnavailable(f"llama.cpp build step failed: {' '.join(command[len(nice):][:3])} ... "
-                                      f"(see {log_path})")
-    _write_atomic(directory / "built.json", json.dumps(
-        {"version": VERSION, "commit": COMMIT, "cpu_flags": list(cpu_flags()), "generator": generator}) + "\n")
+                raise PeerUnavailable(
+                    f"llama.cpp build step failed: {' '.join(command[len(nice) :][:3])} ... (see {log_path})"
+                )
+    _write_atomic(
+        directory / "built.json",
+        json.dumps({"version": VERSION, "commit": COMMIT, "cpu_flags": list(cpu_flags()), "generator": generator})
+        + "\n",
+    )
 
 
 def _unpacked_source(directory: Path) -> Path:
@@ -150,8 +195,22 @@ def _unpacked_source(directory: Path) -> Path:
     download = directory / "download"
     archives = sorted(download.glob(f"llama_cpp_python-{VERSION}.tar.gz"))
     if not archives:
-        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                               f"llama-cpp-python=={VERSION}", "-d", str(download)], capture_output=True, text=True)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                f"llama-cpp-python=={VERSION}",
+                "-d",
+                str(download),
+            ],
+            capture_output=True,
+            text=True,
+        )
         archives = sorted(download.glob(f"llama_cpp_python-{VERSION}.tar.gz"))
         if done.returncode or not archives:
             last = (done.stderr.strip().splitlines() or ["no archive"])[-1]
@@ -190,8 +249,10 @@ def _run_with_progress(command: list[str], log) -> int:
     """Run `command`, its output into `log`, with a progress bar from ninja's or make's step counter."""
     from tqdm import tqdm
 
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process, \
-            tqdm(total=100, desc="llama.cpp build", unit="%", file=sys.stderr, leave=False) as bar:
+    with (
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process,
+        tqdm(total=100, desc="llama.cpp build", unit="%", file=sys.stderr, leave=False) as bar,
+    ):
         assert process.stdout is not None
         for line in process.stdout:
             log.write(line)
@@ -210,8 +271,11 @@ def _write_atomic(path: Path, text: str):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.llamacpp", description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=["build", "status"],
-                        help="build: find or build llama-bench and llama-quantize; status: report only")
+    parser.add_argument(
+        "command",
+        choices=["build", "status"],
+        help="build: find or build llama-bench and llama-quantize; status: report only",
+    )
     args = parser.parse_args(argv)
     try:
         peer = find_or_build(build=args.command == "build")

@@ -41,8 +41,14 @@ CHUNK = 512  # generation.DEFAULT_PREFILL_CHUNK
 DECODE_STEPS = 9  # the median of an odd count
 RSS_ALLOWANCE = 1.5e9  # the issue's bound: peak RSS <= weights + KV cache + 1.5 GB
 # (length, mode) in the order they run; the quick run: the same plan on a tiny model
-PLAN = ((512, "prefill"), (4096, "prefill"), (16384, "prefill"), (32768, "prefill"), (32768, "last-chunk"),
-        (131072, "last-chunk"))
+PLAN = (
+    (512, "prefill"),
+    (4096, "prefill"),
+    (16384, "prefill"),
+    (32768, "prefill"),
+    (32768, "last-chunk"),
+    (131072, "last-chunk"),
+)
 QUICK_PLAN = ((32, "prefill"), (64, "prefill"), (128, "prefill"), (128, "last-chunk"), (256, "last-chunk"))
 QUICK_CHUNK = 16
 
@@ -54,8 +60,13 @@ def long_context_config(quick: bool):
 
 def forward_flops(config, start: int, n: int) -> float:
     """FLOPs of one forward over n new tokens at slots start..start+n, the head on the last token only."""
-    h, g, d, hidden, ffn = (config.num_attention_heads, config.num_key_value_heads, config.head_dim,
-                            config.hidden_size, config.intermediate_size)
+    h, g, d, hidden, ffn = (
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.head_dim,
+        config.hidden_size,
+        config.intermediate_size,
+    )
     linear = hidden * (h + 2 * g) * d + h * d * hidden + 3 * hidden * ffn  # weights per layer
     keys_seen = n * start + n * (n + 1) / 2  # summed over the new tokens (causal)
     per_layer = 2 * n * linear + 4 * h * d * keys_seen  # q.k and p.v
@@ -100,14 +111,22 @@ def worker(model_dir: str, length: int, mode: str, quick: bool) -> dict:
         del sequences
         after = _short_context(model, ids[:, :chunk], chunk)
     state = model.state_dict()
-    return {"length": length, "mode": mode, "prefill_seconds": prefill_seconds,
-            "last_chunk_seconds": marks[-1] - marks[-2], "last_chunk_tokens": length - (length - 1) // chunk * chunk,
-            "decode": decode, "peak_rss": _peak_rss(),
-            # the peer: the same model in the same process at `chunk` tokens, measured before and after; the
-            # faster of the two, as other work on this shared machine only ever slows a measurement down
-            "short_prefill": max(before[0], after[0]), "short_decode": max(before[1], after[1]),
-            "weight_bytes": sum(int(np.prod(t.shape)) * t.element_size() for t in state.values()),
-            "cache_bytes": cache_bytes, "kernel": kernels.isa()}
+    return {
+        "length": length,
+        "mode": mode,
+        "prefill_seconds": prefill_seconds,
+        "last_chunk_seconds": marks[-1] - marks[-2],
+        "last_chunk_tokens": length - (length - 1) // chunk * chunk,
+        "decode": decode,
+        "peak_rss": _peak_rss(),
+        # the peer: the same model in the same process at `chunk` tokens, measured before and after; the
+        # faster of the two, as other work on this shared machine only ever slows a measurement down
+        "short_prefill": max(before[0], after[0]),
+        "short_decode": max(before[1], after[1]),
+        "weight_bytes": sum(int(np.prod(t.shape)) * t.element_size() for t in state.values()),
+        "cache_bytes": cache_bytes,
+        "kernel": kernels.isa(),
+    }
 
 
 def _short_context(model, ids, chunk: int) -> tuple[float, float]:
@@ -157,8 +176,13 @@ def _run_one(model_dir: str, length: int, mode: str, quick: bool) -> dict:
     command = [sys.executable, "-m", "benchmarks.long_context", "worker", model_dir, str(length), mode]
     load = os.getloadavg()[0]
     print(f"long-context: {mode} at {length} tokens (load {load:.1f})", file=sys.stderr, flush=True)
-    done = subprocess.run(command + (["--quick"] if quick else []), cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        command + (["--quick"] if quick else []),
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": ROOT},
+        capture_output=True,
+        text=True,
+    )
     if done.returncode:
         raise RuntimeError(f"long-context {mode} at {length} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     return {**json.loads(done.stdout.strip().splitlines()[-1]), "load_before": load}
@@ -184,27 +208,54 @@ def rows(results: list[dict], config, quick: bool, machine: dict) -> list[dict]:
     out = []
     for r in results:
         length, label = r["length"], f"{r['length']} tokens, {model}, {r['kernel']} kernels"
-        details = {key: r[key] for key in ("mode", "load_before", "weight_bytes", "cache_bytes", "kernel",
-                                           "short_prefill", "short_decode")}
+        details = {
+            key: r[key]
+            for key in ("mode", "load_before", "weight_bytes", "cache_bytes", "kernel", "short_prefill", "short_decode")
+        }
         mine = []
         if r["mode"] == "prefill":
             rate = length / r["prefill_seconds"]
             flops = sum(forward_flops(config, begin, min(chunk, length - begin)) for begin in range(0, length, chunk))
             mine += [
-                _row(f"prefill tokens/s, whole prompt ({label}) vs at {chunk}", rate, r["short_prefill"], short,
-                     "tokens/s"),
-                _row(f"prefill FLOP rate ({label}) vs this machine's fp32 matmul", flops / r["prefill_seconds"] / 1e9,
-                     matmul, "torch fp32 matmul", "GFLOP/s"),
+                _row(
+                    f"prefill tokens/s, whole prompt ({label}) vs at {chunk}",
+                    rate,
+                    r["short_prefill"],
+                    short,
+                    "tokens/s",
+                ),
+                _row(
+                    f"prefill FLOP rate ({label}) vs this machine's fp32 matmul",
+                    flops / r["prefill_seconds"] / 1e9,
+                    matmul,
+                    "torch fp32 matmul",
+                    "GFLOP/s",
+                ),
             ]
         start = length - r["last_chunk_tokens"]
         how = "after a real prefill" if r["mode"] == "prefill" else "after stored keys/values"
         mine += [
-            _row(f"prefill tokens/s, last chunk at {start}..{length} ({label}, {how}) vs at {chunk}",
-                 r["last_chunk_tokens"] / r["last_chunk_seconds"], r["short_prefill"], short, "tokens/s"),
-            _row(f"decode tokens/s at {length} context ({label}, {how}) vs at {chunk}", r["decode"],
-                 r["short_decode"], short, "tokens/s"),
-            _row(f"peak RSS at {length} context ({label}, {how}) vs weights + KV cache + 1.5 GB, lower is better",
-                 r["peak_rss"] / 1e9, (r["weight_bytes"] + r["cache_bytes"] + RSS_ALLOWANCE) / 1e9, "bound", "GB"),
+            _row(
+                f"prefill tokens/s, last chunk at {start}..{length} ({label}, {how}) vs at {chunk}",
+                r["last_chunk_tokens"] / r["last_chunk_seconds"],
+                r["short_prefill"],
+                short,
+                "tokens/s",
+            ),
+            _row(
+                f"decode tokens/s at {length} context ({label}, {how}) vs at {chunk}",
+                r["decode"],
+                r["short_decode"],
+                short,
+                "tokens/s",
+            ),
+            _row(
+                f"peak RSS at {length} context ({label}, {how}) vs weights + KV cache + 1.5 GB, lower is better",
+                r["peak_rss"] / 1e9,
+                (r["weight_bytes"] + r["cache_bytes"] + RSS_ALLOWANCE) / 1e9,
+                "bound",
+                "GB",
+            ),
         ]
         out += [{**row, "details": details} for row in mine]
     return out
@@ -215,8 +266,11 @@ if __name__ == "__main__":
     parser.add_argument("mode", choices=["worker"], help="run one length")
     parser.add_argument("model_dir", help="the checkpoint directory")
     parser.add_argument("length", type=int, help="the context to reach, in tokens")
-    parser.add_argument("how", choices=["prefill", "last-chunk"], help="a real prefill of the whole prompt, or "
-                        "stored keys/values and a real last chunk")
+    parser.add_argument(
+        "how",
+        choices=["prefill", "last-chunk"],
+        help="a real prefill of the whole prompt, or stored keys/values and a real last chunk",
+    )
     parser.add_argument("--quick", action="store_true", help="the tiny sizes of a quick run")
     args = parser.parse_args()
     print(json.dumps(worker(args.model_dir, args.length, args.how, args.quick)))

@@ -73,7 +73,9 @@ def _target_weight_bytes(config, quantization: str | None, stored: dict[str, int
 
     scheme = Quantization.of(quantization)
     table = dataclasses.replace(scheme, embedding=True)
-    return memory.weight_bytes(dataclasses.replace(config, quantization=table), Packed(scheme.scheme, scheme.group_size))
+    return memory.weight_bytes(
+        dataclasses.replace(config, quantization=table), Packed(scheme.scheme, scheme.group_size)
+    )
 
 
 # ---- the engines, each in its own process ---------------------------------------------------------------
@@ -108,30 +110,52 @@ def ours(model_dir: str, fmt: str, quick: bool, layers: int) -> dict:
     # bytes a decode step reads: every stored weight, packed integers and scales included, but the embedding
     # table (a lookup reads one row of it)
     stored = {name: int(np.prod(t.shape)) * t.element_size() for name, t in model.state_dict().items()}
-    return {"decode": statistics.median(rates), "prefill": s["prefill"] / statistics.median(times),
-            "peak_rss": _peak_rss(), "weight_bytes": _target_weight_bytes(model.config, quantization, stored),
-            "bytes_per_token": sum(size for name, size in stored.items() if "embed_tokens" not in name),
-            "kernel": kernels.isa()}
+    return {
+        "decode": statistics.median(rates),
+        "prefill": s["prefill"] / statistics.median(times),
+        "peak_rss": _peak_rss(),
+        "weight_bytes": _target_weight_bytes(model.config, quantization, stored),
+        "bytes_per_token": sum(size for name, size in stored.items() if "embed_tokens" not in name),
+        "kernel": kernels.isa(),
+    }
 
 
 def peer(llama_bench: str, gguf: str, quick: bool, layers: int) -> dict:
     """llama-bench on `gguf`: pp and tg tokens/s (median of its runs) and its peak RSS. Run from this small
     process, so that the child's ru_maxrss (which counts the parent's memory at fork) is llama-bench's own."""
     s = settings(quick, layers)
-    command = [llama_bench, "-m", gguf, "-t", str(_threads()), "-p", str(s["prefill"]), "-n", str(s["new_tokens"]),
-               "-r", str(s["runs"]), "-o", "json"]
+    command = [
+        llama_bench,
+        "-m",
+        gguf,
+        "-t",
+        str(_threads()),
+        "-p",
+        str(s["prefill"]),
+        "-n",
+        str(s["new_tokens"]),
+        "-r",
+        str(s["runs"]),
+        "-o",
+        "json",
+    ]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"llama-bench failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
     tests = json.loads(done.stdout)
     rate = {("prefill" if test["n_prompt"] else "decode"): statistics.median(test["samples_ts"]) for test in tests}
-    return {**rate, "peak_rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
-            "build": tests[0].get("build_commit"), "cpu_info": tests[0].get("cpu_info")}
+    return {
+        **rate,
+        "peak_rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
+        "build": tests[0].get("build_commit"),
+        "cpu_info": tests[0].get("cpu_info"),
+    }
 
 
 def _run(mode: str, args: list[str], quick: bool, layers: int) -> dict:
-    command = [sys.executable, "-m", "benchmarks.lowbit", mode, *args, "--layers", str(layers)] + \
-        (["--quick"] if quick else [])
+    command = [sys.executable, "-m", "benchmarks.lowbit", mode, *args, "--layers", str(layers)] + (
+        ["--quick"] if quick else []
+    )
     from benchmarks.machine import read_bandwidth
 
     # this shared machine's memory rate drifts by tens of % within minutes: each engine's bound is measured
@@ -139,8 +163,9 @@ def _run(mode: str, args: list[str], quick: bool, layers: int) -> dict:
     load, bandwidth = os.getloadavg()[0], read_bandwidth(0.25 if quick else 1.0, 3)
     done = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True)
     if done.returncode < 0:
-        raise RuntimeError(f"lowbit {mode} {args[-1]} was killed by signal {-done.returncode} (out of memory?):\n"
-                           f"{done.stderr[-2000:]}")
+        raise RuntimeError(
+            f"lowbit {mode} {args[-1]} was killed by signal {-done.returncode} (out of memory?):\n{done.stderr[-2000:]}"
+        )
     if done.returncode:
         raise RuntimeError(f"lowbit {mode} {args[-1]} failed:\n{done.stderr[-3000:]}")
     return {**json.loads(done.stdout.strip().splitlines()[-1]), "load_before": load, "bandwidth_before": bandwidth}
@@ -170,8 +195,9 @@ def _prepare(workdir: str, config, peer_binaries, notes: list[str], quick: bool,
     return files
 
 
-def run(quick: bool = False, layers: int = 2, notes: list[str] | None = None,
-        formats: list[str] | None = None) -> list[dict]:
+def run(
+    quick: bool = False, layers: int = 2, notes: list[str] | None = None, formats: list[str] | None = None
+) -> list[dict]:
     """`formats`: which of bf16, int8, int4 to measure (default all)."""
     from benchmarks import gguf_peer, llamacpp
     from converters import mapping
@@ -193,15 +219,18 @@ def run(quick: bool = False, layers: int = 2, notes: list[str] | None = None,
         needed = weights * (1 + (1 + 0.53 + 0.3 if peer_binaries else 0)) * 1.05  # checkpoint, BF16, Q8_0, Q4_0
         free = shutil.disk_usage(workdir).free
         if free < needed:
-            raise RuntimeError(f"lowbit needs {needed / 1e9:.0f} GB free under {workdir}, has {free / 1e9:.0f} GB "
-                               "(set TMPDIR elsewhere)")
+            raise RuntimeError(
+                f"lowbit needs {needed / 1e9:.0f} GB free under {workdir}, has {free / 1e9:.0f} GB "
+                "(set TMPDIR elsewhere)"
+            )
         files = _prepare(workdir, config, peer_binaries, notes, quick, chosen)
         for fmt, _, kind in chosen:  # each pair back to back
             results[fmt] = _run("ours", [files["checkpoint"], fmt], quick, layers)
             if peer_binaries is not None:
                 results[kind] = _run("peer", [str(peer_binaries.bench), files[kind]], quick, layers)
                 results[kind]["bytes_per_token"] = sum(
-                    size for name, size in gguf_peer.tensor_bytes(files[kind]).items() if name != "token_embd.weight")
+                    size for name, size in gguf_peer.tensor_bytes(files[kind]).items() if name != "token_embd.weight"
+                )
     return _rows(results, config, quick, flags, chosen)
 
 
@@ -213,29 +242,73 @@ def _rows(results: dict, config, quick: bool, flags: str, formats: tuple) -> lis
     for fmt, _, kind in formats:
         mine, theirs = results[fmt], results.get(kind)
         label = f"ours {fmt}, {mine['kernel']} kernels, {model}"
-        details = {"kernel": mine["kernel"], "cpu_flags": flags, "load_before": mine["load_before"],
-                   "read_bandwidth_gbps_before": mine["bandwidth_before"] / 1e9, "weight_bytes": mine["weight_bytes"],
-                   "bytes_per_token": mine["bytes_per_token"]}
+        details = {
+            "kernel": mine["kernel"],
+            "cpu_flags": flags,
+            "load_before": mine["load_before"],
+            "read_bandwidth_gbps_before": mine["bandwidth_before"] / 1e9,
+            "weight_bytes": mine["weight_bytes"],
+            "bytes_per_token": mine["bytes_per_token"],
+        }
         versus = f"llama.cpp {kind}"
-        pair = [] if theirs is None else [
-            _row(f"decode tokens/s, batch 1 ({label})", mine["decode"], theirs["decode"], versus, "tokens/s"),
-            _row(f"{prefill} ({label})", mine["prefill"], theirs["prefill"], versus, "tokens/s"),
-            _row(f"peak RSS, lower is better ({label})", mine["peak_rss"] / 1e9, theirs["peak_rss"] / 1e9, versus,
-                 "GB"),
-            _row(f"decode batch 1 vs the bandwidth bound (llama.cpp {kind}, {model})", theirs["decode"],
-                 theirs["bandwidth_before"] / theirs["bytes_per_token"], "read bandwidth / weight bytes", "tokens/s")]
-        alone = [_row(f"decode batch 1 vs the bandwidth bound ({label})", mine["decode"],
-                      mine["bandwidth_before"] / mine["bytes_per_token"], "read bandwidth / weight bytes", "tokens/s")]
+        pair = (
+            []
+            if theirs is None
+            else [
+                _row(f"decode tokens/s, batch 1 ({label})", mine["decode"], theirs["decode"], versus, "tokens/s"),
+                _row(f"{prefill} ({label})", mine["prefill"], theirs["prefill"], versus, "tokens/s"),
+                _row(
+                    f"peak RSS, lower is better ({label})",
+                    mine["peak_rss"] / 1e9,
+                    theirs["peak_rss"] / 1e9,
+                    versus,
+                    "GB",
+                ),
+                _row(
+                    f"decode batch 1 vs the bandwidth bound (llama.cpp {kind}, {model})",
+                    theirs["decode"],
+                    theirs["bandwidth_before"] / theirs["bytes_per_token"],
+                    "read bandwidth / weight bytes",
+                    "tokens/s",
+                ),
+            ]
+        )
+        alone = [
+            _row(
+                f"decode batch 1 vs the bandwidth bound ({label})",
+                mine["decode"],
+                mine["bandwidth_before"] / mine["bytes_per_token"],
+                "read bandwidth / weight bytes",
+                "tokens/s",
+            )
+        ]
         if config.num_hidden_layers >= 40 or quick:  # the issue's full-depth targets (quick: that they compute)
-            alone.append(_row(f"peak RSS vs the weights' bytes + 1.5 GB, lower is better ({label})",
-                              mine["peak_rss"] / 1e9, (mine["weight_bytes"] + RSS_ALLOWANCE) / 1e9, "target", "GB"))
+            alone.append(
+                _row(
+                    f"peak RSS vs the weights' bytes + 1.5 GB, lower is better ({label})",
+                    mine["peak_rss"] / 1e9,
+                    (mine["weight_bytes"] + RSS_ALLOWANCE) / 1e9,
+                    "target",
+                    "GB",
+                )
+            )
             if fmt == "int4":
-                alone.append(_row(f"decode tokens/s, batch 1 vs the 5 tokens/s target ({label})", mine["decode"],
-                                  INT4_DECODE_TARGET, "target", "tokens/s"))
+                alone.append(
+                    _row(
+                        f"decode tokens/s, batch 1 vs the 5 tokens/s target ({label})",
+                        mine["decode"],
+                        INT4_DECODE_TARGET,
+                        "target",
+                        "tokens/s",
+                    )
+                )
         if theirs is not None:
-            details.update(peer_load_before=theirs["load_before"], peer_build=theirs["build"],
-                           peer_read_bandwidth_gbps_before=theirs["bandwidth_before"] / 1e9,
-                           peer_bytes_per_token=theirs["bytes_per_token"])
+            details.update(
+                peer_load_before=theirs["load_before"],
+                peer_build=theirs["build"],
+                peer_read_bandwidth_gbps_before=theirs["bandwidth_before"] / 1e9,
+                peer_bytes_per_token=theirs["bytes_per_token"],
+            )
         rows += [{**row, "details": details} for row in pair + alone]
     return rows
 

@@ -41,17 +41,31 @@ def _timed(fn) -> float:
 
 
 def describe() -> dict:
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo", encoding="utf-8")
-                  if line.startswith("model name")), platform.processor())
-    memory = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo", encoding="utf-8")
-                  if line.startswith("MemTotal"))
-    return {"cpu": model, "cores": len(os.sched_getaffinity(0)), "memory_gb": round(memory / 2**30, 1),
-            "python": platform.python_version()}
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in open("/proc/cpuinfo", encoding="utf-8")
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    memory = next(
+        int(line.split()[1]) * 1024 for line in open("/proc/meminfo", encoding="utf-8") if line.startswith("MemTotal")
+    )
+    return {
+        "cpu": model,
+        "cores": len(os.sched_getaffinity(0)),
+        "memory_gb": round(memory / 2**30, 1),
+        "python": platform.python_version(),
+    }
 
 
 def measure(quick: bool = False) -> dict:
-    return {**describe(), "read_bandwidth_gbps": read_bandwidth(0.5 if quick else 2.0) / 1e9,
-            "fp32_matmul_gflops": matmul_rate(512 if quick else 2048) / 1e9}
+    return {
+        **describe(),
+        "read_bandwidth_gbps": read_bandwidth(0.5 if quick else 2.0) / 1e9,
+        "fp32_matmul_gflops": matmul_rate(512 if quick else 2048) / 1e9,
+    }
 
 
 if __name__ == "__main__":

@@ -44,9 +44,19 @@ def benchmark_config(quick: bool):
     from paddle_glm4 import GLM4Config
 
     if quick:
-        return GLM4Config(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, seq_length=1024,
-                          pad_token_id=0, eos_token_id=[1], dtype="float32")
+        return GLM4Config(
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            seq_length=1024,
+            pad_token_id=0,
+            eos_token_id=[1],
+            dtype="float32",
+        )
     return GLM4Config(num_hidden_layers=settings(quick)["layers"], seq_length=8192, dtype="float32")
 
 
@@ -76,8 +86,15 @@ def _torch_engine(model_dir: str):
 
     def generate(ids, new_tokens, timing=None):
         with torch.no_grad():
-            model.generate(torch.from_numpy(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                           do_sample=False, pad_token_id=0, streamer=timing)
+            model.generate(
+                torch.from_numpy(ids),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+                streamer=timing,
+            )
+
     return generate, True
 
 
@@ -93,6 +110,7 @@ def _paddle_engine(model_dir: str, engine: str):
 
     def generate(ids, new_tokens, timing=None):
         model.generate(ids, max_new_tokens=new_tokens, eos_token_id=[], streamer=timing)
+
     return generate, False
 
 
@@ -139,7 +157,6 @@ def _make_weights(workdir: str, quick: bool) -> dict:
     """Random fp32 weights: the transformers layout for torch, converted to ours, exported for the predictor."""
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     from conftest import reference_model  # the same random reference model the parity tests use
-
     from converters import torch_to_paddle
 
     config = benchmark_config(quick)
@@ -181,7 +198,9 @@ def run(quick: bool = False, machine: dict | None = None) -> list[dict]:
     torch, dynamic = results["torch"], results["paddle"]
     # bytes read per decoded token: every weight except the embedding table (a lookup reads one row)
     weights = sum(n for n in _parameter_counts(config).values())
-    bound = {dtype: machine["read_bandwidth_gbps"] * 1e9 / (weights * size) for dtype, size in (("fp32", 4), ("bf16", 2))}
+    bound = {
+        dtype: machine["read_bandwidth_gbps"] * 1e9 / (weights * size) for dtype, size in (("fp32", 4), ("bf16", 2))
+    }
     # prefill FLOPs: every layer weight multiplies every prompt token, the lm_head only the last one (the
     # prompt's other logits are never computed); attention's own products (~2% at 512 tokens) are left out
     head = _parameter_counts(config)["lm_head.weight"]
@@ -191,42 +210,80 @@ def run(quick: bool = False, machine: dict | None = None) -> list[dict]:
     for engine, r in results.items():
         if engine == "torch":
             continue
-        label = {"paddle": "ours, dynamic graph", "inference-fp32": "ours, Paddle Inference fp32",
-                 "inference-bf16": "ours, Paddle Inference bf16"}[engine]
+        label = {
+            "paddle": "ours, dynamic graph",
+            "inference-fp32": "ours, Paddle Inference fp32",
+            "inference-bf16": "ours, Paddle Inference bf16",
+        }[engine]
         rows += [
             _row(f"decode tokens/s, batch 1 ({label})", r["decode_b1"], torch["decode_b1"], "torch fp32", "tokens/s"),
             _row(f"decode tokens/s, batch 8 ({label})", r["decode_b8"], torch["decode_b8"], "torch fp32", "tokens/s"),
-            _row(f"prefill tokens/s, {settings(quick)['prefill']}-token prompt ({label})", r["prefill"],
-                 torch["prefill"], "torch fp32", "tokens/s"),
-            _row(f"peak RSS, lower is better ({label})", r["peak_rss"] / 1e9, torch["peak_rss"] / 1e9, "torch fp32", "GB"),
-            _row(f"decode batch 1 vs the bandwidth bound ({label})", r["decode_b1"],
-                 bound["bf16" if engine == "inference-bf16" else "fp32"], "read bandwidth / weight bytes", "tokens/s"),
-            _row(f"prefill vs this machine's fp32 matmul rate ({label})", r["prefill"] * flops_per_token / 1e9,
-                 machine["fp32_matmul_gflops"], "torch matmul", "GFLOP/s"),
+            _row(
+                f"prefill tokens/s, {settings(quick)['prefill']}-token prompt ({label})",
+                r["prefill"],
+                torch["prefill"],
+                "torch fp32",
+                "tokens/s",
+            ),
+            _row(
+                f"peak RSS, lower is better ({label})", r["peak_rss"] / 1e9, torch["peak_rss"] / 1e9, "torch fp32", "GB"
+            ),
+            _row(
+                f"decode batch 1 vs the bandwidth bound ({label})",
+                r["decode_b1"],
+                bound["bf16" if engine == "inference-bf16" else "fp32"],
+                "read bandwidth / weight bytes",
+                "tokens/s",
+            ),
+            _row(
+                f"prefill vs this machine's fp32 matmul rate ({label})",
+                r["prefill"] * flops_per_token / 1e9,
+                machine["fp32_matmul_gflops"],
+                "torch matmul",
+                "GFLOP/s",
+            ),
         ]
     for engine in ("inference-fp32", "inference-bf16"):
         if engine in results:
             r, label = results[engine], f"Paddle Inference {engine[-4:]} vs our dynamic graph"
-            rows += [_row(f"{figure} ({label})", r[key] * scale, dynamic[key] * scale, "ours, dynamic graph", unit)
-                     for key, figure, unit, scale in (
-                         ("decode_b1", "decode tokens/s, batch 1", "tokens/s", 1),
-                         ("decode_b8", "decode tokens/s, batch 8", "tokens/s", 1),
-                         ("prefill", f"prefill tokens/s, {settings(quick)['prefill']}-token prompt", "tokens/s", 1),
-                         ("peak_rss", "peak RSS, lower is better", "GB", 1e-9))]
-    rows += [_row("decode batch 1 vs the bandwidth bound (torch fp32)", torch["decode_b1"], bound["fp32"],
-                  "read bandwidth / weight bytes", "tokens/s"),
-             _row("prefill vs this machine's fp32 matmul rate (torch fp32)",
-                  torch["prefill"] * flops_per_token / 1e9, machine["fp32_matmul_gflops"], "torch matmul", "GFLOP/s")]
+            rows += [
+                _row(f"{figure} ({label})", r[key] * scale, dynamic[key] * scale, "ours, dynamic graph", unit)
+                for key, figure, unit, scale in (
+                    ("decode_b1", "decode tokens/s, batch 1", "tokens/s", 1),
+                    ("decode_b8", "decode tokens/s, batch 8", "tokens/s", 1),
+                    ("prefill", f"prefill tokens/s, {settings(quick)['prefill']}-token prompt", "tokens/s", 1),
+                    ("peak_rss", "peak RSS, lower is better", "GB", 1e-9),
+                )
+            ]
+    rows += [
+        _row(
+            "decode batch 1 vs the bandwidth bound (torch fp32)",
+            torch["decode_b1"],
+            bound["fp32"],
+            "read bandwidth / weight bytes",
+            "tokens/s",
+        ),
+        _row(
+            "prefill vs this machine's fp32 matmul rate (torch fp32)",
+            torch["prefill"] * flops_per_token / 1e9,
+            machine["fp32_matmul_gflops"],
+            "torch matmul",
+            "GFLOP/s",
+        ),
+    ]
     return rows
 
 
 def _parameter_counts(config) -> dict[str, int]:
-    from converters import mapping
-
     import numpy as np
 
-    return {spec.paddle: int(np.prod(spec.shape)) for spec in mapping.tensor_specs(config)
-            if spec.paddle != "model.embed_tokens.weight"}
+    from converters import mapping
+
+    return {
+        spec.paddle: int(np.prod(spec.shape))
+        for spec in mapping.tensor_specs(config)
+        if spec.paddle != "model.embed_tokens.weight"
+    }
 
 
 def _row(figure: str, ours: float, peer: float, peer_name: str, unit: str) -> dict:

@@ -55,8 +55,10 @@ def load_rows(results: str) -> tuple[dict, list[dict]]:
 
 def table(rows: list[dict]) -> str:
     """One line per context reached: tokens/s and peak RSS, each with its ratio to its peer."""
-    lines = ["| context | how | prefill, whole prompt | prefill, last chunk | decode | peak RSS (bound) |",
-             "|---:|---|---:|---:|---:|---:|"]
+    lines = [
+        "| context | how | prefill, whole prompt | prefill, last chunk | decode | peak RSS (bound) |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
     cells: dict[tuple, dict] = {}
     for row in rows:
         how = "stored K/V + last chunk" if "after stored" in row["figure"] else "real prefill"
@@ -67,8 +69,10 @@ def table(rows: list[dict]) -> str:
         if row["figure"].startswith("peak RSS"):
             cell["rss"] = f"{row['ours']:.2f} GB ({row['peer']:.2f})"
     for (context, how), cell in cells.items():
-        lines.append(f"| {context} | {how} | {cell.get('prefill, whole prompt', '—')} | "
-                     f"{cell.get('prefill, last chunk', '—')} | {cell.get('decode', '—')} | {cell.get('rss', '—')} |")
+        lines.append(
+            f"| {context} | {how} | {cell.get('prefill, whole prompt', '—')} | "
+            f"{cell.get('prefill, last chunk', '—')} | {cell.get('decode', '—')} | {cell.get('rss', '—')} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -88,18 +92,30 @@ def plot(report: dict, rows: list[dict], output: str) -> str:
     speed.axhline(0.7, color="gray", lw=0.8, ls=":")
     speed.text(600, 0.52, "prefill target at 32K (0.5x)", fontsize=7, color="gray")
     speed.text(600, 0.72, "decode target at 32K (0.7x)", fontsize=7, color="gray")
-    speed.set(xscale="log", xlabel="context (tokens)", ylabel="tokens/s relative to 512 tokens",
-              title="Speed against the context", ylim=(0, None))
+    speed.set(
+        xscale="log",
+        xlabel="context (tokens)",
+        ylabel="tokens/s relative to 512 tokens",
+        title="Speed against the context",
+        ylim=(0, None),
+    )
     speed.legend(fontsize=8)
     x, y = zip(*data["peak RSS / bound"], strict=True)
     memory.plot(x, y, "o-", color="tab:red")
     memory.axhline(1.0, color="gray", lw=0.8, ls=":")
-    memory.set(xscale="log", xlabel="context (tokens)", ylabel="peak RSS / (weights + KV cache + 1.5 GB)",
-               title="Peak memory against its bound", ylim=(0, 1.1))
+    memory.set(
+        xscale="log",
+        xlabel="context (tokens)",
+        ylabel="peak RSS / (weights + KV cache + 1.5 GB)",
+        title="Peak memory against its bound",
+        ylim=(0, 1.1),
+    )
     model = "tiny model (QUICK run)" if report.get("quick") else "GLM-4-9B's width, 2 layers"
     date = report.get("section_dates", {}).get("long-context", report["date"])[:10]
-    fig.suptitle(f"Long prompts: {model}, bf16 weights and KV cache, {rows[0]['details']['kernel']} kernels "
-                 f"(measured {date})", fontsize=9)
+    fig.suptitle(
+        f"Long prompts: {model}, bf16 weights and KV cache, {rows[0]['details']['kernel']} kernels (measured {date})",
+        fontsize=9,
+    )
     fig.tight_layout()
     # written beside the target, then renamed over it: a reader sees the old plot or the whole new one
     temporary = f"{output}.{os.getpid()}.tmp"
@@ -113,12 +129,14 @@ def plot(report: dict, rows: list[dict], output: str) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.plot_long_context",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.plot_long_context", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--results", default=RESULTS, help="the benchmark results (default: %(default)s)")
     parser.add_argument("--output", default=OUTPUT, help="the PNG to write (default: %(default)s)")
-    parser.add_argument("--readme", action="store_true", help="also put the table into README.md's Long prompts "
-                        "section")
+    parser.add_argument(
+        "--readme", action="store_true", help="also put the table into README.md's Long prompts section"
+    )
     args = parser.parse_args(argv)
     try:
         report, rows = load_rows(args.results)

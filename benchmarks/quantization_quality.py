@@ -30,9 +30,12 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "quantization_quality.json")
 # (label, from_pretrained keywords)
-FORMATS = [("bf16", {"dtype": "bfloat16"}), ("int8", {"quantization": "int8"}),
-           ("int4 g128", {"quantization": "int4", "group_size": 128}),
-           ("int4 g64", {"quantization": "int4", "group_size": 64})]
+FORMATS = [
+    ("bf16", {"dtype": "bfloat16"}),
+    ("int8", {"quantization": "int8"}),
+    ("int4 g128", {"quantization": "int4", "group_size": 128}),
+    ("int4 g64", {"quantization": "int4", "group_size": 64}),
+]
 ACTIVATIONS = ("float32", "bfloat16", "int8")
 
 
@@ -40,12 +43,32 @@ def model_config(quick: bool):
     from paddle_glm4 import GLM4Config
 
     if quick:
-        return GLM4Config(vocab_size=2048, hidden_size=256, intermediate_size=856, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=64, seq_length=512,
-                          pad_token_id=0, eos_token_id=[1], dtype="float32")
-    return GLM4Config(vocab_size=16384, hidden_size=1024, intermediate_size=3424, num_hidden_layers=4,
-                      num_attention_heads=8, num_key_value_heads=2, head_dim=128, seq_length=1024,
-                      pad_token_id=0, eos_token_id=[1], dtype="float32")
+        return GLM4Config(
+            vocab_size=2048,
+            hidden_size=256,
+            intermediate_size=856,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=64,
+            seq_length=512,
+            pad_token_id=0,
+            eos_token_id=[1],
+            dtype="float32",
+        )
+    return GLM4Config(
+        vocab_size=16384,
+        hidden_size=1024,
+        intermediate_size=3424,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=128,
+        seq_length=1024,
+        pad_token_id=0,
+        eos_token_id=[1],
+        dtype="float32",
+    )
 
 
 def random_state(config, kind: str, seed: int = 0) -> dict[str, np.ndarray]:
@@ -79,6 +102,7 @@ def random_state(config, kind: str, seed: int = 0) -> dict[str, np.ndarray]:
 
 def compare(reference: np.ndarray, logits: np.ndarray) -> dict:
     """Figures of `logits` against `reference` (both [positions, vocab])."""
+
     def log_softmax(x):
         x = x - x.max(axis=-1, keepdims=True)
         return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
@@ -86,10 +110,12 @@ def compare(reference: np.ndarray, logits: np.ndarray) -> dict:
     p_log, q_log = log_softmax(reference.astype(np.float64)), log_softmax(logits.astype(np.float64))
     kl = float((np.exp(p_log) * (p_log - q_log)).sum(axis=-1).mean())
     scale = float(np.abs(reference).max())
-    return {"max_abs_error_rel": float(np.abs(logits - reference).max()) / scale,
-            "mean_abs_error_rel": float(np.abs(logits - reference).mean()) / scale,
-            "kl_divergence": kl,
-            "top1_agreement": float((logits.argmax(-1) == reference.argmax(-1)).mean())}
+    return {
+        "max_abs_error_rel": float(np.abs(logits - reference).max()) / scale,
+        "mean_abs_error_rel": float(np.abs(logits - reference).mean()) / scale,
+        "kl_divergence": kl,
+        "top1_agreement": float((logits.argmax(-1) == reference.argmax(-1)).mean()),
+    }
 
 
 def run(quick: bool = False) -> list[dict]:
@@ -117,12 +143,22 @@ def run(quick: bool = False) -> list[dict]:
                         continue  # integer dot products need integer weights
                     model = GLM4ForCausalLM.from_pretrained(directory, activation_dtype=activation, **kwargs)
                     logits = model(ids).logits.numpy().reshape(-1, config.vocab_size)
-                    rows.append({"weights": kind, "format": label, "activations": activation,
-                                 **compare(expected, logits)})
+                    rows.append(
+                        {"weights": kind, "format": label, "activations": activation, **compare(expected, logits)}
+                    )
                     print(_row(rows[-1]), file=sys.stderr, flush=True)
-    return [{"config": {"hidden": config.hidden_size, "layers": config.num_hidden_layers,
-                        "vocab": config.vocab_size, "positions": batch * length},
-             "kernels": kernels.isa(), "rows": rows}]
+    return [
+        {
+            "config": {
+                "hidden": config.hidden_size,
+                "layers": config.num_hidden_layers,
+                "vocab": config.vocab_size,
+                "positions": batch * length,
+            },
+            "kernels": kernels.isa(),
+            "rows": rows,
+        }
+    ]
 
 
 def _save(config, state: dict[str, np.ndarray], directory: str):
@@ -139,22 +175,28 @@ def _save(config, state: dict[str, np.ndarray], directory: str):
 
 
 def _row(row: dict) -> str:
-    return (f"| {row['weights']} | {row['format']} | {row['activations']} | {row['max_abs_error_rel']:.2e} | "
-            f"{row['mean_abs_error_rel']:.2e} | {row['kl_divergence']:.2e} | {100 * row['top1_agreement']:.1f}% |")
+    return (
+        f"| {row['weights']} | {row['format']} | {row['activations']} | {row['max_abs_error_rel']:.2e} | "
+        f"{row['mean_abs_error_rel']:.2e} | {row['kl_divergence']:.2e} | {100 * row['top1_agreement']:.1f}% |"
+    )
 
 
 def markdown(result: dict) -> str:
     c = result["config"]
-    lines = [f"GLM-4-shaped model, hidden {c['hidden']}, {c['layers']} layers, vocab {c['vocab']}, {c['positions']} "
-             f"positions; kernels on `{result['kernels']}`. Errors relative to the largest float32 logit.", "",
-             "| weights | format | activations | max abs error | mean abs error | KL(fp32 ‖ q) | top-1 agreement |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"GLM-4-shaped model, hidden {c['hidden']}, {c['layers']} layers, vocab {c['vocab']}, {c['positions']} "
+        f"positions; kernels on `{result['kernels']}`. Errors relative to the largest float32 logit.",
+        "",
+        "| weights | format | activations | max abs error | mean abs error | KL(fp32 ‖ q) | top-1 agreement |",
+        "|---|---|---|---|---|---|---|",
+    ]
     return "\n".join(lines + [_row(row) for row in result["rows"]])
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.quantization_quality", description=__doc__.split(
-        "\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.quantization_quality", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--quick", action="store_true", help="a tiny model (seconds), for a smoke run")
     args = parser.parse_args(argv)
     [result] = run(args.quick)

@@ -57,8 +57,12 @@ def write_checkpoint(directory: str, quick: bool) -> None:
     from paddle_glm4.small_vocab import write_small_vocabulary
 
     tokenizer = GLM4Tokenizer.from_pretrained(write_small_vocabulary(directory))
-    config = dataclasses.replace(benchmark_config(quick), dtype="bfloat16", eos_token_id=tokenizer.stop_token_ids,
-                                 pad_token_id=tokenizer.pad_token_id)
+    config = dataclasses.replace(
+        benchmark_config(quick),
+        dtype="bfloat16",
+        eos_token_id=tokenizer.stop_token_ids,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     write_random_checkpoint(directory, config)
 
 
@@ -67,14 +71,30 @@ class Server:
     """`python -m paddle_glm4.server` on a free loopback port, until the `with` block ends."""
 
     def __init__(self, model_dir: str, flags: list[str], log_path: str):
-        self.command = [sys.executable, "-m", "paddle_glm4.server", "--model", model_dir, "--port", "0",
-                        "--max-concurrency", str(max(STREAMS)), *flags]
+        self.command = [
+            sys.executable,
+            "-m",
+            "paddle_glm4.server",
+            "--model",
+            model_dir,
+            "--port",
+            "0",
+            "--max-concurrency",
+            str(max(STREAMS)),
+            *flags,
+        ]
         self.log_path = log_path
 
     def __enter__(self) -> str:
         with open(self.log_path, "w") as log:
-            self.process = subprocess.Popen(self.command, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
-                                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            self.process = subprocess.Popen(
+                self.command,
+                cwd=ROOT,
+                env={**os.environ, "PYTHONPATH": ROOT},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             with open(self.log_path) as log:
@@ -101,15 +121,21 @@ def stream(url: str, prompt: str, new_tokens: int, started: float) -> dict:
     """One streamed completion; its time to first token and its completion tokens (the usage chunk's)."""
     import httpx
 
-    body = {"model": "m", "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": "m",
+        "prompt": prompt,
+        "max_tokens": new_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     first, tokens = None, None
     with httpx.stream("POST", url + "/completions", json=body, timeout=600) as response:
         response.raise_for_status()
         for line in response.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
-            chunk = json.loads(line[len("data: "):])
+            chunk = json.loads(line[len("data: ") :])
             if first is None and chunk["choices"]:
                 first = time.perf_counter()
             if chunk.get("usage"):
@@ -146,8 +172,11 @@ def load(url: str, streams: int, prompt: int, new_tokens: int, spread: float, to
         raise RuntimeError(f"a stream of {streams} failed (see the server's log)")
     ttfts = sorted(result["ttft"] for result in results if result["round"] > 0)
     elapsed = max(result["done"] for result in results) - started
-    return {"tokens_per_s": sum(result["tokens"] for result in results) / elapsed,
-            "ttft_p50": statistics.median(ttfts), "ttft_p99": _percentile(ttfts, 0.99)}
+    return {
+        "tokens_per_s": sum(result["tokens"] for result in results) / elapsed,
+        "ttft_p50": statistics.median(ttfts),
+        "ttft_p99": _percentile(ttfts, 0.99),
+    }
 
 
 def prompt_text(tokenizer, tokens: int, tag: str) -> str:
@@ -169,12 +198,13 @@ def run(quick: bool = False) -> list[dict]:
         model_dir = os.path.join(workdir, "model")
         # in a process of its own: its memory (at full width, the weights) goes back before the servers start
         command = [sys.executable, "-m", "benchmarks.serving", "write", model_dir] + (["--quick"] if quick else [])
-        done = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True,
-                              text=True)
+        done = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"writing the serving benchmark's checkpoint failed:\n{done.stderr[-3000:]}")
-        urls = {name: servers.enter_context(Server(model_dir, flags, os.path.join(workdir, f"{name}.log")))
-                for name, flags in SERVERS.items()}
+        urls = {
+            name: servers.enter_context(Server(model_dir, flags, os.path.join(workdir, f"{name}.log")))
+            for name, flags in SERVERS.items()
+        }
         tokenizer = GLM4Tokenizer.from_pretrained(model_dir)
         for url in urls.values():
             load(url, 1, s["prompt"], 2, 0, tokenizer)  # warm-up: the kernels' first calls, the allocator's pools
@@ -194,16 +224,39 @@ def run(quick: bool = False) -> list[dict]:
     rows = []
     for streams in STREAMS:
         rows += [
-            _row(f"aggregate decode tokens/s, {streams} concurrent streams ({label})",
-                 batching[streams]["tokens_per_s"], alone[streams]["tokens_per_s"], peer, "tokens/s"),
-            _row(f"time to first token p50, {streams} streams, lower is better ({label})",
-                 batching[streams]["ttft_p50"], alone[streams]["ttft_p50"], peer, "s"),
-            _row(f"time to first token p99, {streams} streams, lower is better ({label})",
-                 batching[streams]["ttft_p99"], alone[streams]["ttft_p99"], peer, "s"),
+            _row(
+                f"aggregate decode tokens/s, {streams} concurrent streams ({label})",
+                batching[streams]["tokens_per_s"],
+                alone[streams]["tokens_per_s"],
+                peer,
+                "tokens/s",
+            ),
+            _row(
+                f"time to first token p50, {streams} streams, lower is better ({label})",
+                batching[streams]["ttft_p50"],
+                alone[streams]["ttft_p50"],
+                peer,
+                "s",
+            ),
+            _row(
+                f"time to first token p99, {streams} streams, lower is better ({label})",
+                batching[streams]["ttft_p99"],
+                alone[streams]["ttft_p99"],
+                peer,
+                "s",
+            ),
         ]
     idle = batching[1]["ttft_p50"]
-    rows += [_row(f"time to first token p50, {streams} streams vs an idle server, lower is better ({label})",
-                  batching[streams]["ttft_p50"], idle, "the same server, 1 stream", "s") for streams in STREAMS[1:]]
+    rows += [
+        _row(
+            f"time to first token p50, {streams} streams vs an idle server, lower is better ({label})",
+            batching[streams]["ttft_p50"],
+            idle,
+            "the same server, 1 stream",
+            "s",
+        )
+        for streams in STREAMS[1:]
+    ]
     return rows
 
 

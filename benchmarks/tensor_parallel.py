@@ -77,8 +77,16 @@ def _engine(model_dir: str, degree: int, quick: bool, work: str) -> list[dict]:
     if degree == 1:
         command = [sys.executable, *script]
     else:
-        command = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", str(degree),
-                   "--log_dir", os.path.join(out, "log"), *script]
+        command = [
+            sys.executable,
+            "-m",
+            "paddle.distributed.launch",
+            "--nproc_per_node",
+            str(degree),
+            "--log_dir",
+            os.path.join(out, "log"),
+            *script,
+        ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
     if done.returncode != 0:
         raise RuntimeError(f"the {degree}-process engine failed:\n{done.stderr[-3000:]}{done.stdout[-3000:]}")
@@ -103,13 +111,34 @@ def run(quick: bool = False) -> list[dict]:
     if any(rank["tokens"] != alone["tokens"] for rank in split):
         raise RuntimeError("the split model generated other tokens than one process")
     gb = 1 << 30
-    rows = [_row("decode tokens/s, TP=2 (gloo, one machine) vs 1 process",
-                 split[0]["decode_tokens_per_s"], alone["decode_tokens_per_s"], "1 process", "tokens/s")]
+    rows = [
+        _row(
+            "decode tokens/s, TP=2 (gloo, one machine) vs 1 process",
+            split[0]["decode_tokens_per_s"],
+            alone["decode_tokens_per_s"],
+            "1 process",
+            "tokens/s",
+        )
+    ]
     for rank, figures in enumerate(split):
-        rows.append(_row(f"RSS once loaded, rank {rank} of 2 vs 1 process", figures["loaded_rss"] / gb,
-                         alone["loaded_rss"] / gb, "1 process", "GB"))
-    rows.append(_row("peak RSS, the larger rank of 2 vs 1 process", max(r["peak_rss"] for r in split) / gb,
-                     alone["peak_rss"] / gb, "1 process", "GB"))
+        rows.append(
+            _row(
+                f"RSS once loaded, rank {rank} of 2 vs 1 process",
+                figures["loaded_rss"] / gb,
+                alone["loaded_rss"] / gb,
+                "1 process",
+                "GB",
+            )
+        )
+    rows.append(
+        _row(
+            "peak RSS, the larger rank of 2 vs 1 process",
+            max(r["peak_rss"] for r in split) / gb,
+            alone["peak_rss"] / gb,
+            "1 process",
+            "GB",
+        )
+    )
     return rows
 
 

@@ -11,8 +11,8 @@ import random
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import tiktoken
 
@@ -21,11 +21,41 @@ from paddle_glm4.tokenizer import SPLIT_PATTERN, TOKENIZER_FILE, GLM4Tokenizer, 
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "glm4_reference" / "glm-4-9b-chat"
 
-ENGLISH = ("the model answers questions about weather travel history science and code while keeping "
-           "context from earlier turns of the conversation it was trained on public text").split()
+ENGLISH = [
+    "the",
+    "model",
+    "answers",
+    "questions",
+    "about",
+    "weather",
+    "travel",
+    "history",
+    "science",
+    "and",
+    "code",
+    "while",
+    "keeping",
+    "context",
+    "from",
+    "earlier",
+    "turns",
+    "of",
+    "the",
+    "conversation",
+    "it",
+    "was",
+    "trained",
+    "on",
+    "public",
+    "text",
+]
 CHINESE = "今天天气很好我们去公园散步人工智能可以帮助人们学习语言写代码和回答问题但是它也会犯错误"
-CODE = ["def f(x):\n    return x * 2\n", "for i in range(10):\n\tprint(i)\n", "if (a && b) { x += 1; }\n",
-        '{"key": "value", "n": 42}\n']
+CODE = [
+    "def f(x):\n    return x * 2\n",
+    "for i in range(10):\n\tprint(i)\n",
+    "if (a && b) { x += 1; }\n",
+    '{"key": "value", "n": 42}\n',
+]
 EMOJI = ["🙂", "👍🏽", "👨‍👩‍👧", "🇨🇳", "🚀"]
 
 
@@ -72,8 +102,12 @@ def run(quick: bool = False) -> list[dict]:
         directory = REFERENCE if (REFERENCE / TOKENIZER_FILE).exists() else write_small_vocabulary(scratch)
         vocabulary = "GLM-4 vocabulary" if directory == REFERENCE else "small vocabulary"
         tokenizer = GLM4Tokenizer.from_pretrained(directory)
-        raw = tiktoken.Encoding("raw", pat_str=SPLIT_PATTERN, special_tokens={},
-                                mergeable_ranks=read_tokenizer_model(directory / TOKENIZER_FILE))
+        raw = tiktoken.Encoding(
+            "raw",
+            pat_str=SPLIT_PATTERN,
+            special_tokens={},
+            mergeable_ranks=read_tokenizer_model(directory / TOKENIZER_FILE),
+        )
 
     documents = mixed_documents(300_000 if quick else 3_000_000)
     megabytes = sum(len(d.encode()) for d in documents) / 1e6
@@ -82,20 +116,35 @@ def run(quick: bool = False) -> list[dict]:
     def one_by_one(encode: Callable[[str], list[int]]) -> Callable[[], object]:
         return lambda: [encode(d) for d in documents]
 
-    timings = _median_seconds({
-        "ours": one_by_one(tokenizer.encode),
-        "raw": one_by_one(raw.encode_ordinary),
-        "ours batch": lambda: tokenizer.encode_batch(documents),
-        "raw batch": lambda: raw.encode_ordinary_batch(documents),
-    }, repeats=7)
+    timings = _median_seconds(
+        {
+            "ours": one_by_one(tokenizer.encode),
+            "raw": one_by_one(raw.encode_ordinary),
+            "ours batch": lambda: tokenizer.encode_batch(documents),
+            "raw batch": lambda: raw.encode_ordinary_batch(documents),
+        },
+        repeats=7,
+    )
     speed = {name: megabytes / seconds for name, seconds in timings.items()}
     label = f"{megabytes:.1f} MB mixed text, {vocabulary}"
     figures = [
         ("encode, one text at a time", "ours", "raw", "tiktoken encode_ordinary"),
         ("encode_batch (all cores) vs one text at a time", "ours batch", "raw", "tiktoken encode_ordinary, 1 thread"),
-        ("encode_batch (all cores) vs tiktoken's batch", "ours batch", "raw batch",
-         "tiktoken encode_ordinary_batch (8 threads)"),
+        (
+            "encode_batch (all cores) vs tiktoken's batch",
+            "ours batch",
+            "raw batch",
+            "tiktoken encode_ordinary_batch (8 threads)",
+        ),
     ]
-    return [{"figure": f"{figure} ({label})", "ours": round(speed[ours], 2), "peer": round(speed[peer], 2),
-             "peer_name": peer_name, "unit": "MB/s", "ratio": round(speed[ours] / speed[peer], 3)}
-            for figure, ours, peer, peer_name in figures]
+    return [
+        {
+            "figure": f"{figure} ({label})",
+            "ours": round(speed[ours], 2),
+            "peer": round(speed[peer], 2),
+            "peer_name": peer_name,
+            "unit": "MB/s",
+            "ratio": round(speed[ours] / speed[peer], 3),
+        }
+        for figure, ours, peer, peer_name in figures
+    ]

@@ -17,11 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from conftest import small_config
 from converters import mapping
 from paddle_glm4 import GLM4Config
 from paddle_glm4.safetensors_file import SafetensorsWriter
-
-from conftest import small_config
 
 TORCH_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -56,8 +55,14 @@ def published_state(config: GLM4Config, paddle: dict[str, np.ndarray], dtype: st
     return state
 
 
-def write_published(directory, config: GLM4Config, paddle: dict[str, np.ndarray], dtype: str = "float32",
-                    max_shard_size: int | str | None = None, side_files: bool = True) -> Path:
+def write_published(
+    directory,
+    config: GLM4Config,
+    paddle: dict[str, np.ndarray],
+    dtype: str = "float32",
+    max_shard_size: int | str | None = None,
+    side_files: bool = True,
+) -> Path:
     """A published-layout checkpoint in `directory` (sharded when `max_shard_size` is given)."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
@@ -71,8 +76,13 @@ def write_published(directory, config: GLM4Config, paddle: dict[str, np.ndarray]
     if split.is_sharded:
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
         (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    thudm = {"_name_or_path": "THUDM/glm-4-9b-chat", "auto_map": {"AutoConfig": "configuration_chatglm.ChatGLMConfig"},
-             **config.to_published_dict(), "torch_dtype": dtype, "transformers_version": "4.42.4"}
+    thudm = {
+        "_name_or_path": "THUDM/glm-4-9b-chat",
+        "auto_map": {"AutoConfig": "configuration_chatglm.ChatGLMConfig"},
+        **config.to_published_dict(),
+        "torch_dtype": dtype,
+        "transformers_version": "4.42.4",
+    }
     (directory / "config.json").write_text(json.dumps(thudm, indent=2))
     if side_files:
         write_side_files(directory)
@@ -113,8 +123,14 @@ def tree_digest(directory) -> dict[str, str] | None:
 
 def big_checkpoint(directory: Path, megabytes: int = 400) -> Path:
     """A published-layout fp32 checkpoint of about `megabytes` of random bits (written directly, fast)."""
-    config = small_config(vocab_size=megabytes * 1024 // 8, hidden_size=512, intermediate_size=512,
-                          num_hidden_layers=1, num_attention_heads=8, head_dim=64)
+    config = small_config(
+        vocab_size=megabytes * 1024 // 8,
+        hidden_size=512,
+        intermediate_size=512,
+        num_hidden_layers=1,
+        num_attention_heads=8,
+        head_dim=64,
+    )
     directory.mkdir()
     (directory / "config.json").write_text(json.dumps(config.to_published_dict()))
     names = mapping.published_order(config)

@@ -23,15 +23,28 @@ CHAT_REFERENCE = REFERENCE_DIR / "glm-4-9b-chat"
 def requires_reference(*files: str):
     """Skip (saying why) when the published GLM-4 data files in ../shared are not on this machine."""
     missing = [f for f in files if not (CHAT_REFERENCE / f).exists()]
-    return pytest.mark.skipif(bool(missing), reason=f"published GLM-4 reference files not found: "
-                              f"{', '.join(str(CHAT_REFERENCE / f) for f in missing)}")
+    return pytest.mark.skipif(
+        bool(missing),
+        reason=f"published GLM-4 reference files not found: {', '.join(str(CHAT_REFERENCE / f) for f in missing)}",
+    )
 
 
 def small_config(**overrides) -> GLM4Config:
     """A tiny GLM-4 (2 layers, hidden 64) that keeps every structural feature of the real one."""
-    fields = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_ratio=1.0,
-                  seq_length=256, pad_token_id=0, eos_token_id=[1, 2], dtype="float32")
+    fields = {
+        "vocab_size": 512,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "rope_ratio": 1.0,
+        "seq_length": 256,
+        "pad_token_id": 0,
+        "eos_token_id": [1, 2],
+        "dtype": "float32",
+    }
     fields.update(overrides)
     return GLM4Config(**fields)
 
@@ -66,8 +79,9 @@ def hf_state(model) -> dict[str, np.ndarray]:
 
 def paddle_state(config: GLM4Config, hf: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Map transformers-layout tensors to this project's Paddle layout."""
-    return {spec.paddle: mapping.to_paddle(spec, [hf[name] for name in spec.hf])
-            for spec in mapping.tensor_specs(config)}
+    return {
+        spec.paddle: mapping.to_paddle(spec, [hf[name] for name in spec.hf]) for spec in mapping.tensor_specs(config)
+    }
 
 
 def quantize_table(model) -> None:
@@ -82,14 +96,20 @@ def quantize_table(model) -> None:
     from paddle_glm4.quantization import convert, embedding_format
 
     weights, table = model.model.kernels.weights, model.model.embed_tokens
-    target = embedding_format(weights, table.dtype, model.config.tie_word_embeddings,
-                              dataclasses.replace(weights.quantization, embedding=True))
+    target = embedding_format(
+        weights,
+        table.dtype,
+        model.config.tie_word_embeddings,
+        dataclasses.replace(weights.quantization, embedding=True),
+    )
     dense = table.weight
-    held = {"weight": dense.view(paddle.int16).numpy().view(np.uint16) if dense.dtype == paddle.bfloat16
-            else dense.numpy()}
+    held = {
+        "weight": dense.view(paddle.int16).numpy().view(np.uint16) if dense.dtype == paddle.bfloat16 else dense.numpy()
+    }
     with paddle.LazyGuard():
-        model.model.embed_tokens = Embedding(table.vocab_size, table.hidden_size, target, table.dtype,
-                                             table.compute_dtype)
+        model.model.embed_tokens = Embedding(
+            table.vocab_size, table.hidden_size, target, table.dtype, table.compute_dtype
+        )
     for slot, value in convert(table.format, held, target, table.hidden_size, table.vocab_size).items():
         getattr(model.model.embed_tokens, slot).set_value(value)
 
@@ -141,8 +161,8 @@ def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.n
     ids = np.full((len(prompts), width), pad_id, dtype="int64")
     mask = np.zeros((len(prompts), width), dtype="int64")
     for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = prompt
-        mask[row, width - len(prompt):] = 1
+        ids[row, width - len(prompt) :] = prompt
+        mask[row, width - len(prompt) :] = 1
     return ids, mask
 
 
@@ -181,8 +201,9 @@ def check_peft_lora(model, lora_config_class, lora_model_class, merge, base_chec
         return layer(ids).logits.numpy()
 
     paddle.seed(0)
-    lora = lora_model_class(model, lora_config_class(target_modules=[f".*{name}" for name in TARGET_MODULES], r=4,
-                                                     lora_alpha=8))
+    lora = lora_model_class(
+        model, lora_config_class(target_modules=[f".*{name}" for name in TARGET_MODULES], r=4, lora_alpha=8)
+    )
     trainable = [name for name, p in lora.named_parameters() if not p.stop_gradient]
     layers = model.config.num_hidden_layers
     assert len(trainable) == 2 * len(TARGET_MODULES) * layers and all("lora_" in name for name in trainable)
@@ -207,5 +228,4 @@ def check_peft_lora(model, lora_config_class, lora_model_class, merge, base_chec
     paddle_to_torch.export(str(out), f"{out}-torch", progress=False)
     assert json.loads(Path(f"{out}-torch", "config.json").read_text())["model_type"] == "chatglm"
     torch_to_paddle.convert(f"{out}-torch", f"{out}-again", dtype="float32", progress=False)
-    np.testing.assert_allclose(logits(GLM4ForCausalLM.from_pretrained(f"{out}-again"), ids), adapted, atol=1e-4,
-                               rtol=0)
+    np.testing.assert_allclose(logits(GLM4ForCausalLM.from_pretrained(f"{out}-again"), ids), adapted, atol=1e-4, rtol=0)

@@ -34,8 +34,9 @@ class ScriptedModel:
         self.tokenizer = tokenizer
         self.config = SimpleNamespace(seq_length=seq_length, vocab_size=tokenizer.vocab_size)
         self.context_length = seq_length
-        self.generation_config = GenerationConfig(eos_token_id=tokenizer.stop_token_ids,
-                                                  pad_token_id=tokenizer.pad_token_id)
+        self.generation_config = GenerationConfig(
+            eos_token_id=tokenizer.stop_token_ids, pad_token_id=tokenizer.pad_token_id
+        )
 
     def answer(self, prompt: str) -> tuple[str, str, float]:
         """(text, the special token that ends it, seconds per token)."""
@@ -57,7 +58,7 @@ class ScriptedModel:
 
     def generate(self, input_ids, max_new_tokens=128, eos_token_id=None, streamer=None, **_sampling):
         text, end, delay = self.answer(self.tokenizer.decode(input_ids[0]))
-        script = self.tokenizer.encode(text, add_special_tokens=False) + [self.tokenizer.special_token_id(end)]
+        script = [*self.tokenizer.encode(text, add_special_tokens=False), self.tokenizer.special_token_id(end)]
         out = []
         for token in script[:max_new_tokens]:
             time.sleep(delay)

@@ -16,17 +16,30 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_quick_benchmark_run_produces_every_figure(tmp_path):
     output = tmp_path / "results.json"
     readme_before = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    done = subprocess.run([sys.executable, "-m", "benchmarks", "run", "--quick", "--output", str(output)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "run", "--quick", "--output", str(output)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(output.read_text())
     assert set(report["sections"]) == {"model", "converter", "tokenizer", "lowbit", "serving"}
     assert report["machine"]["read_bandwidth_gbps"] > 0 and report["machine"]["fp32_matmul_gflops"] > 0
     figures = [row["figure"] for rows in report["sections"].values() for row in rows]
-    for expected in ("decode tokens/s, batch 1 (ours, dynamic graph)", "decode tokens/s, batch 8 (ours, dynamic graph)",
-                     "peak RSS", "bandwidth bound", "fp32 matmul rate", "Paddle Inference",
-                     "aggregate decode tokens/s, 8 concurrent streams", "time to first token p50, 16 streams",
-                     "time to first token p99, 4 streams", "8 streams vs an idle server"):
+    for expected in (
+        "decode tokens/s, batch 1 (ours, dynamic graph)",
+        "decode tokens/s, batch 8 (ours, dynamic graph)",
+        "peak RSS",
+        "bandwidth bound",
+        "fp32 matmul rate",
+        "Paddle Inference",
+        "aggregate decode tokens/s, 8 concurrent streams",
+        "time to first token p50, 16 streams",
+        "time to first token p99, 4 streams",
+        "8 streams vs an idle server",
+    ):
         assert any(expected in figure for figure in figures), expected
     for rows in report["sections"].values():
         for row in rows:
@@ -40,12 +53,23 @@ def test_quick_full_depth_run_is_merged_into_the_previous_results(tmp_path):
     """The opt-in full-depth section (40 layers through the bf16 predictor; tiny here) adds its figures to the
     results of the previous run instead of replacing them."""
     output = tmp_path / "results.json"
-    previous = {"date": "2026-01-01T00:00:00+00:00", "quick": True, "machine": {}, "section_dates": {
-        "tokenizer": "2026-01-01T00:00:00+00:00"}, "sections": {"tokenizer": [
-            {"figure": "kept", "ours": 1.0, "peer": 1.0, "peer_name": "x", "unit": "MB/s", "ratio": 1.0}]}}
+    previous = {
+        "date": "2026-01-01T00:00:00+00:00",
+        "quick": True,
+        "machine": {},
+        "section_dates": {"tokenizer": "2026-01-01T00:00:00+00:00"},
+        "sections": {
+            "tokenizer": [{"figure": "kept", "ours": 1.0, "peer": 1.0, "peer_name": "x", "unit": "MB/s", "ratio": 1.0}]
+        },
+    }
     output.write_text(json.dumps(previous))
-    done = subprocess.run([sys.executable, "-m", "benchmarks", "run", "--quick", "--only", "full-depth",
-                           "--output", str(output)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "run", "--quick", "--only", "full-depth", "--output", str(output)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(output.read_text())
     assert list(report["sections"]) == ["tokenizer", "full-depth"]
@@ -77,12 +101,24 @@ def test_quick_lowbit_full_depth_runs_40_layers_and_keeps_its_own_notes(tmp_path
     """The opt-in 40-layer low-bit section (tiny here) measures every format at full depth, against the issue's
     targets, and its notes sit beside the 2-layer section's instead of replacing them."""
     output = tmp_path / "results.json"
-    previous = {"date": "2026-01-01T00:00:00+00:00", "quick": True, "machine": {}, "notes": {"lowbit": ["kept"]},
-                "section_dates": {"lowbit": "2026-01-01T00:00:00+00:00"}, "sections": {"lowbit": [
-                    {"figure": "kept", "ours": 1.0, "peer": 1.0, "peer_name": "x", "unit": "tokens/s", "ratio": 1.0}]}}
+    previous = {
+        "date": "2026-01-01T00:00:00+00:00",
+        "quick": True,
+        "machine": {},
+        "notes": {"lowbit": ["kept"]},
+        "section_dates": {"lowbit": "2026-01-01T00:00:00+00:00"},
+        "sections": {
+            "lowbit": [{"figure": "kept", "ours": 1.0, "peer": 1.0, "peer_name": "x", "unit": "tokens/s", "ratio": 1.0}]
+        },
+    }
     output.write_text(json.dumps(previous))
-    done = subprocess.run([sys.executable, "-m", "benchmarks", "run", "--quick", "--only", "lowbit-full-depth",
-                           "--output", str(output)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "run", "--quick", "--only", "lowbit-full-depth", "--output", str(output)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(output.read_text())
     assert list(report["sections"]) == ["lowbit", "lowbit-full-depth"]
@@ -102,16 +138,46 @@ def test_quick_lowbit_with_some_formats_keeps_the_other_formats_rows(tmp_path):
 
     def row(fmt):
         # a figure measured with or without the llama.cpp peer
-        return {"figure": f"decode batch 1 vs the bandwidth bound (ours {fmt}, {kernels.isa()} kernels, tiny, 2 layers)", "ours": 1.0, "peer": 1.0,
-                "peer_name": "x", "unit": "tokens/s", "ratio": 1.0, "date": old}
+        return {
+            "figure": f"decode batch 1 vs the bandwidth bound (ours {fmt}, {kernels.isa()} kernels, tiny, 2 layers)",
+            "ours": 1.0,
+            "peer": 1.0,
+            "peer_name": "x",
+            "unit": "tokens/s",
+            "ratio": 1.0,
+            "date": old,
+        }
 
     undated = {**row("int8"), "date": None}
     del undated["date"]  # a row from before rows were dated: it takes its section's date
-    previous = {"date": old, "quick": True, "machine": {}, "notes": {}, "section_dates": {"lowbit": old},
-                "sections": {"lowbit": [row("bf16"), undated, row("int4")]}}
+    previous = {
+        "date": old,
+        "quick": True,
+        "machine": {},
+        "notes": {},
+        "section_dates": {"lowbit": old},
+        "sections": {"lowbit": [row("bf16"), undated, row("int4")]},
+    }
     output.write_text(json.dumps(previous))
-    done = subprocess.run([sys.executable, "-m", "benchmarks", "run", "--quick", "--only", "lowbit", "--formats",
-                           "int4", "--output", str(output)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "run",
+            "--quick",
+            "--only",
+            "lowbit",
+            "--formats",
+            "int4",
+            "--output",
+            str(output),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(output.read_text())["sections"]["lowbit"]
     assert rows[:2] == [row("bf16"), row("int8")]
@@ -129,8 +195,13 @@ def test_quick_long_context_run_reaches_every_context_and_is_plotted(tmp_path):
     from benchmarks import long_context
 
     output, png = tmp_path / "results.json", tmp_path / "long_context.png"
-    done = subprocess.run([sys.executable, "-m", "benchmarks", "run", "--quick", "--only", "long-context",
-                           "--output", str(output)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "run", "--quick", "--only", "long-context", "--output", str(output)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(output.read_text())["sections"]["long-context"]
     for length, mode in long_context.QUICK_PLAN:
@@ -140,14 +211,24 @@ def test_quick_long_context_run_reaches_every_context_and_is_plotted(tmp_path):
         assert any(row["figure"].startswith("prefill tokens/s, last chunk") for row in mine), length
         assert any(row["figure"].startswith("prefill tokens/s, whole prompt") for row in mine) == (mode == "prefill")
         rss = next(row for row in mine if row["figure"].startswith("peak RSS"))
-        assert 0 < rss["ours"] and rss["peer"] > 1.5  # the bound: weights + cache + 1.5 GB
+        assert rss["ours"] > 0 and rss["peer"] > 1.5  # the bound: weights + cache + 1.5 GB
     assert all(math.isfinite(row[key]) and row[key] > 0 for row in rows for key in ("ours", "peer", "ratio"))
-    done = subprocess.run([sys.executable, "-m", "benchmarks.plot_long_context", "--results", str(output),
-                           "--output", str(png)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.plot_long_context", "--results", str(output), "--output", str(png)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = [line for line in done.stdout.splitlines() if line.startswith("| ")]
     assert len(table) == 1 + len(long_context.QUICK_PLAN)  # the header, then one line per context reached
-    done = subprocess.run([sys.executable, "-m", "benchmarks.plot_long_context", "--results", str(tmp_path / "none")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.plot_long_context", "--results", str(tmp_path / "none")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1

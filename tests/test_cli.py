@@ -22,16 +22,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def glm4(*args, stdin=None, timeout=180):
-    return subprocess.run([sys.executable, "-m", "paddle_glm4", *args], input=stdin, capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "paddle_glm4", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 def make_checkpoint(directory, silent_norm=False):
     """A small converted checkpoint with the project's small vocabulary; `silent_norm` zeroes the final norm,
     so every logit is 0 and greedy decoding repeats token 0 forever (never a stop token)."""
     tokenizer = GLM4Tokenizer.from_pretrained(write_small_vocabulary(directory / "vocab"))
-    config = small_config(vocab_size=512, seq_length=4096, eos_token_id=tokenizer.stop_token_ids,
-                          pad_token_id=tokenizer.pad_token_id)
+    config = small_config(
+        vocab_size=512, seq_length=4096, eos_token_id=tokenizer.stop_token_ids, pad_token_id=tokenizer.pad_token_id
+    )
     paddle.seed(0)
     model = GLM4ForCausalLM(config)
     if silent_norm:
@@ -59,12 +66,26 @@ def expected_answer(model, tokenizer, ids, new_tokens, **kwargs):
 def test_help_explains_every_flag():
     done = glm4("generate", "--help")
     assert done.returncode == 0
-    for flag in ("--model", "--prompt", "--max-new-tokens", "--temperature", "--top-p", "--top-k", "--seed",
-                 "--dtype", "--engine", "--tokenizer", "--greedy", "--repetition-penalty"):
+    for flag in (
+        "--model",
+        "--prompt",
+        "--max-new-tokens",
+        "--temperature",
+        "--top-p",
+        "--top-k",
+        "--seed",
+        "--dtype",
+        "--engine",
+        "--tokenizer",
+        "--greedy",
+        "--repetition-penalty",
+    ):
         assert flag in done.stdout
     assert all(sub in glm4("--help").stdout for sub in ("generate", "chat", "convert", "demo"))
-    assert all(flag in glm4("convert", "--help").stdout for flag in ("--src", "--dst", "--paddlenlp-name",
-                                                                          "--paddleformers-name"))
+    assert all(
+        flag in glm4("convert", "--help").stdout
+        for flag in ("--src", "--dst", "--paddlenlp-name", "--paddleformers-name")
+    )
 
 
 @pytest.mark.slow
@@ -91,8 +112,21 @@ def test_generate_prefills_in_chunks_with_the_same_answer_and_reports_time_to_fi
 @pytest.mark.slow
 def test_generate_sampling_flags_are_reproducible(checkpoint):
     model_dir, _, _ = checkpoint
-    args = ("generate", "--model", model_dir, "--prompt", "abc", "--max-new-tokens", "10", "--temperature", "1.3",
-            "--top-p", "0.9", "--seed", "3")
+    args = (
+        "generate",
+        "--model",
+        model_dir,
+        "--prompt",
+        "abc",
+        "--max-new-tokens",
+        "10",
+        "--temperature",
+        "1.3",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "3",
+    )
     first, again = glm4(*args), glm4(*args)
     assert first.returncode == 0 and first.stdout == again.stdout
 
@@ -100,8 +134,16 @@ def test_generate_sampling_flags_are_reproducible(checkpoint):
 @pytest.mark.slow
 def test_chat_with_piped_stdin_keeps_history_and_handles_reset_and_exit(checkpoint):
     model_dir, model, tokenizer = checkpoint
-    done = glm4("chat", "--model", model_dir, "--max-new-tokens", "6", "--system", "Be brief.",
-                stdin="hi there\nand more\n/reset\nhello again\n/exit\nnever read\n")
+    done = glm4(
+        "chat",
+        "--model",
+        model_dir,
+        "--max-new-tokens",
+        "6",
+        "--system",
+        "Be brief.",
+        stdin="hi there\nand more\n/reset\nhello again\n/exit\nnever read\n",
+    )
     assert done.returncode == 0, done.stderr
     system = [{"role": "system", "content": "Be brief."}]
     history, expected = list(system), []
@@ -110,8 +152,13 @@ def test_chat_with_piped_stdin_keeps_history_and_handles_reset_and_exit(checkpoi
             history = list(system)
             continue
         history.append({"role": "user", "content": text})
-        ids = expected_answer(model, tokenizer, tokenizer.apply_chat_template(history, add_generation_prompt=True), 6,
-                              eos_token_id=tokenizer.stop_token_ids)
+        ids = expected_answer(
+            model,
+            tokenizer,
+            tokenizer.apply_chat_template(history, add_generation_prompt=True),
+            6,
+            eos_token_id=tokenizer.stop_token_ids,
+        )
         answer = tokenizer.decode([t for t in ids if t not in tokenizer.stop_token_ids], skip_special_tokens=True)
         history.append({"role": "assistant", "content": answer.strip()})
         expected.append(answer.lstrip())
@@ -150,8 +197,9 @@ def test_line_reader_wakes_for_ctrl_c_delivered_to_another_thread():
     """With threads alive, the kernel may hand SIGINT to any of them; a plain blocking read on the main thread
     would then never see it (Ctrl-C at the chat prompt did nothing, now and then)."""
     read_end, write_end = os.pipe()
-    to_another_thread = threading.Thread(target=lambda: (time.sleep(0.3), signal.pthread_kill(threading.get_ident(),
-                                                                                             signal.SIGINT)))
+    to_another_thread = threading.Thread(
+        target=lambda: (time.sleep(0.3), signal.pthread_kill(threading.get_ident(), signal.SIGINT))
+    )
     unblock = threading.Timer(20, os.write, (write_end, b"timed out\n"))  # so a failure is not a hang
     unblock.start()
     started = time.monotonic()
@@ -171,9 +219,13 @@ def test_line_reader_wakes_for_ctrl_c_delivered_to_another_thread():
 def test_chat_on_a_terminal_handles_ctrl_c_during_an_answer_and_at_the_prompt(tmp_path):
     model_dir, _, _ = make_checkpoint(tmp_path, silent_norm=True)  # answers never end by themselves
     controller, terminal = pty.openpty()
-    process = subprocess.Popen([sys.executable, "-m", "paddle_glm4", "chat", "--model", model_dir,
-                                "--max-new-tokens", "3000"], stdin=terminal, stdout=subprocess.PIPE,
-                               stderr=terminal, cwd=ROOT)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "paddle_glm4", "chat", "--model", model_dir, "--max-new-tokens", "3000"],
+        stdin=terminal,
+        stdout=subprocess.PIPE,
+        stderr=terminal,
+        cwd=ROOT,
+    )
     os.close(terminal)
     try:
         read_until(controller, b"you> ")
@@ -191,9 +243,23 @@ def test_chat_on_a_terminal_handles_ctrl_c_during_an_answer_and_at_the_prompt(tm
 @pytest.mark.slow
 def test_generate_ctrl_c_exits_with_one_line(tmp_path):
     model_dir, _, _ = make_checkpoint(tmp_path, silent_norm=True)
-    process = subprocess.Popen([sys.executable, "-m", "paddle_glm4", "generate", "--model", model_dir, "--prompt",
-                                "x", "--max-new-tokens", "3000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               cwd=ROOT)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "paddle_glm4",
+            "generate",
+            "--model",
+            model_dir,
+            "--prompt",
+            "x",
+            "--max-new-tokens",
+            "3000",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )
     os.read(process.stdout.fileno(), 1)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=30)
@@ -202,11 +268,14 @@ def test_generate_ctrl_c_exits_with_one_line(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("setup, message", [
-    ("missing", "no such model directory"),
-    ("empty", "has no tokenizer.model"),
-    ("published", "no config.json"),  # tokenizer present, but weights not converted: no Paddle config
-])
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        ("missing", "no such model directory"),
+        ("empty", "has no tokenizer.model"),
+        ("published", "no config.json"),  # tokenizer present, but weights not converted: no Paddle config
+    ],
+)
 def test_bad_model_directories_give_one_line_and_exit_2(tmp_path, setup, message):
     model_dir = tmp_path / "m"
     if setup != "missing":

@@ -21,8 +21,9 @@ def checkpoint(tmp_path_factory):
     """A small converted checkpoint with a short context, and the small vocabulary (432 ids for 448 rows)."""
     directory = tmp_path_factory.mktemp("cli_commands") / "model"
     tokenizer = GLM4Tokenizer.from_pretrained(write_small_vocabulary(directory))
-    config = small_config(vocab_size=448, seq_length=CONTEXT, eos_token_id=tokenizer.stop_token_ids,
-                          pad_token_id=tokenizer.pad_token_id)
+    config = small_config(
+        vocab_size=448, seq_length=CONTEXT, eos_token_id=tokenizer.stop_token_ids, pad_token_id=tokenizer.pad_token_id
+    )
     paddle.seed(0)
     GLM4ForCausalLM(config).save_pretrained(str(directory))
     return directory
@@ -59,8 +60,9 @@ def test_truncate_keeps_the_end_of_a_prompt_that_does_not_fit(checkpoint, capsys
     code, out, err = run(capsys, *args, "--truncate")
     assert code == 0, err
     model = GLM4ForCausalLM.from_pretrained(str(checkpoint))
-    ids, _ = model.generate([tokenizer.encode(long_prompt)], max_new_tokens=8, truncate=True,
-                            vocab_limit=len(tokenizer))
+    ids, _ = model.generate(
+        [tokenizer.encode(long_prompt)], max_new_tokens=8, truncate=True, vocab_limit=len(tokenizer)
+    )
     assert out == tokenizer.decode(ids.numpy()[0], skip_special_tokens=True) + "\n"
 
 
@@ -124,9 +126,28 @@ def test_every_engine_flag_reaches_load_engine(command, monkeypatch):
 
     from paddle_glm4 import engine
 
-    flags = ["--model", "m", "--tokenizer", "t", "--engine", "inference", "--dtype", "bfloat16",
-             "--prefill-chunk", "7", "--kv-cache-dtype", "bfloat16", "--quantize", "int4", "--group-size", "32",
-             "--activation-dtype", "float32", "--tensor-parallel", "2"]
+    flags = [
+        "--model",
+        "m",
+        "--tokenizer",
+        "t",
+        "--engine",
+        "inference",
+        "--dtype",
+        "bfloat16",
+        "--prefill-chunk",
+        "7",
+        "--kv-cache-dtype",
+        "bfloat16",
+        "--quantize",
+        "int4",
+        "--group-size",
+        "32",
+        "--activation-dtype",
+        "float32",
+        "--tensor-parallel",
+        "2",
+    ]
     parser = argparse.ArgumentParser()
     engine.add_engine_arguments(parser)
     args = parser.parse_args(flags)

@@ -24,8 +24,9 @@ def commands(missing: str):
 
 
 WAYS = ["plain", "flag", "flag before the command", "environment"]
-CASES = [(index, how) for index in range(6) for how in WAYS
-         if how != "flag before the command" or index in (0, 1, 4)]  # the CLIs with subcommands
+CASES = [
+    (index, how) for index in range(6) for how in WAYS if how != "flag before the command" or index in (0, 1, 4)
+]  # the CLIs with subcommands
 
 
 @pytest.mark.parametrize("index, how", CASES)
@@ -48,8 +49,13 @@ def test_debug_shows_the_traceback_behind_the_one_line_error(tmp_path, capsys, m
 
 
 def test_every_cli_documents_debug(capsys):
-    for main, argv in [(glm4_cli.main, []), (glm4_cli.main, ["convert"]), (torch_to_paddle.main, []),
-                       (inference_cli.main, ["export"]), (server_cli.main, [])]:
+    for main, argv in [
+        (glm4_cli.main, []),
+        (glm4_cli.main, ["convert"]),
+        (torch_to_paddle.main, []),
+        (inference_cli.main, ["export"]),
+        (server_cli.main, []),
+    ]:
         with pytest.raises(SystemExit):
             main([*argv, "--help"])
         out = capsys.readouterr().out

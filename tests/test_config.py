@@ -34,11 +34,24 @@ def test_shipped_configs_hold_the_real_geometry():
 
 
 def test_hf_glm_format_maps_onto_the_same_fields():
-    hf = {"model_type": "glm", "vocab_size": 151552, "hidden_size": 4096, "intermediate_size": 13696,
-          "num_hidden_layers": 40, "num_attention_heads": 32, "num_key_value_heads": 2, "head_dim": 128,
-          "max_position_embeddings": 131072, "rms_norm_eps": 1.5625e-07, "attention_bias": True,
-          "partial_rotary_factor": 0.5, "rope_theta": 5000000.0, "eos_token_id": [151329, 151336, 151338],
-          "pad_token_id": 151329, "torch_dtype": "bfloat16"}
+    hf = {
+        "model_type": "glm",
+        "vocab_size": 151552,
+        "hidden_size": 4096,
+        "intermediate_size": 13696,
+        "num_hidden_layers": 40,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 2,
+        "head_dim": 128,
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1.5625e-07,
+        "attention_bias": True,
+        "partial_rotary_factor": 0.5,
+        "rope_theta": 5000000.0,
+        "eos_token_id": [151329, 151336, 151338],
+        "pad_token_id": 151329,
+        "torch_dtype": "bfloat16",
+    }
     config = GLM4Config.from_dict(hf)
     assert config.rope_ratio == 500 and config.seq_length == 131072 and config.num_key_value_heads == 2
     # transformers 5 spells RoPE as a rope_parameters dict
@@ -58,13 +71,16 @@ def test_canonical_round_trip(tmp_path):
     assert GLM4Config.from_dict(config.to_published_dict()) == config
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"num_attention_heads": 3}, "multiple of"),
-    ({"hidden_size": 0}, "hidden_size: must be an integer in"),
-    ({"rope_ratio": -1}, "rope_ratio"),
-    ({"dtype": "int8"}, "dtype"),
-    ({"pad_token_id": 10**9}, "outside the vocabulary"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"num_attention_heads": 3}, "multiple of"),
+        ({"hidden_size": 0}, "hidden_size: must be an integer in"),
+        ({"rope_ratio": -1}, "rope_ratio"),
+        ({"dtype": "int8"}, "dtype"),
+        ({"pad_token_id": 10**9}, "outside the vocabulary"),
+    ],
+)
 def test_bad_values_are_named(change, message):
     with pytest.raises(ConfigError, match=message):
         GLM4Config(**change)
@@ -73,7 +89,7 @@ def test_bad_values_are_named(change, message):
 def test_bad_files_are_named(tmp_path):
     path = tmp_path / "config.json"
     path.write_text("{not json")
-    with pytest.raises(ConfigError, match="config.json: not valid JSON"):
+    with pytest.raises(ConfigError, match=r"config.json: not valid JSON"):
         GLM4Config.from_file(str(path))
     path.write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ConfigError, match="model_type 'llama' is not GLM-4"):

@@ -17,18 +17,32 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from checkpoint_builders import (
+    big_checkpoint,
+    published_state,
+    thudm_inv_freq,
+    torch_dtype,
+    tree_digest,
+    write_hf,
+    write_published,
+)
+from conftest import (
+    CHAT_REFERENCE,
+    hf_state,
+    paddle_model,
+    paddle_state,
+    reference_logits,
+    reference_model,
+    requires_reference,
+    small_config,
+)
 from converters import mapping, paddle_to_torch, pipeline, torch_to_paddle
 from converters.transpose import transpose_into
 from paddle_glm4 import GLM4Config, GLM4ForCausalLM
 from paddle_glm4.checkpoint import index_json, plan_shards
-from paddle_glm4.integrations.paddlenlp import checkpoint_dir
 from paddle_glm4.demo import random_weights
+from paddle_glm4.integrations.paddlenlp import checkpoint_dir
 from paddle_glm4.safetensors_file import SafetensorsReader, SafetensorsWriter, cast
-
-from checkpoint_builders import (big_checkpoint, published_state, thudm_inv_freq, torch_dtype, tree_digest,
-                                  write_hf, write_published)
-from conftest import (CHAT_REFERENCE, hf_state, paddle_model, paddle_state, reference_logits, reference_model,
-                      requires_reference, small_config)
 
 ROOT = Path(__file__).resolve().parents[1]
 IDS = np.array([[1, 17, 42, 99, 256, 300, 511, 7]])
@@ -76,9 +90,16 @@ def test_mapping_names_and_shards_match_the_real_index():
 
 @pytest.mark.torch_free
 @pytest.mark.parametrize("dtype", [np.uint16, np.float32, np.float16, np.float64])
-@pytest.mark.parametrize("shape, columns", [((1, 1), slice(None)), ((300, 37), slice(None)),
-                                            ((5000, 72), slice(8, 64)), ((17, 2000), slice(3, 1999)),
-                                            ((4608, 40), slice(None))])
+@pytest.mark.parametrize(
+    "shape, columns",
+    [
+        ((1, 1), slice(None)),
+        ((300, 37), slice(None)),
+        ((5000, 72), slice(8, 64)),
+        ((17, 2000), slice(3, 1999)),
+        ((4608, 40), slice(None)),
+    ],
+)
 def test_transpose_into_equals_numpys_transpose(dtype, shape, columns):
     """The converter's fast transpose, on whole matrices and on column slices (the converter's blocks),
     with widths that are and are not a whole number of 16-byte units, into a column slice of the output."""
@@ -159,8 +180,10 @@ def test_bf16_to_bf16_is_bit_exact(tmp_path, reference):
         assert np.array_equal(written[spec.paddle][1], mapping.to_paddle(spec, parts)), spec.paddle
 
 
-@pytest.mark.parametrize("src_dtype, dst_dtype", [("bfloat16", "float32"), ("float32", "bfloat16"),
-                                                  ("float32", "float16"), ("float16", "float32")])
+@pytest.mark.parametrize(
+    "src_dtype, dst_dtype",
+    [("bfloat16", "float32"), ("float32", "bfloat16"), ("float32", "float16"), ("float16", "float32")],
+)
 def test_a_cast_equals_torchs_cast_of_the_source(tmp_path, reference, src_dtype, dst_dtype):
     import torch
 
@@ -248,8 +271,11 @@ def test_round_trip_reproduces_an_unusual_file_layout(tmp_path, reference):
     (src / "config.json").write_text(json.dumps(config.to_published_dict(), indent=4))
     torch_state = {name: tensor.numpy() for name, tensor in published_state(config, state, "float32").items()}
     names = sorted(torch_state, reverse=True)  # neither module nor alphabetical order
-    with SafetensorsWriter(str(src / "model.safetensors"), [(n, "float32", torch_state[n].shape) for n in names],
-                           metadata={"creator": "someone else"}) as writer:
+    with SafetensorsWriter(
+        str(src / "model.safetensors"),
+        [(n, "float32", torch_state[n].shape) for n in names],
+        metadata={"creator": "someone else"},
+    ) as writer:
         for name in names:
             writer.write(name, torch_state[name])
     torch_to_paddle.convert(str(src), str(tmp_path / "paddle"), progress=False)
@@ -263,16 +289,18 @@ def test_canonical_layout_is_what_transformers_writes(tmp_path, reference):
     src = write_published(tmp_path / "src", config, state, dtype="bfloat16", max_shard_size=SHARD)
     torch_to_paddle.convert(str(src), str(tmp_path / "paddle"), progress=False)
     (tmp_path / "paddle" / pipeline.MANIFEST).unlink()
-    summary = paddle_to_torch.export(str(tmp_path / "paddle"), str(tmp_path / "back"), max_shard_size=SHARD,
-                                     progress=False)
+    summary = paddle_to_torch.export(
+        str(tmp_path / "paddle"), str(tmp_path / "back"), max_shard_size=SHARD, progress=False
+    )
     assert summary.notes[0].startswith("canonical")
     original, back = tree_digest(src), tree_digest(tmp_path / "back")
     weights = [name for name in original if name.startswith("model")]
     assert len(weights) > 3 and all(back[name] == original[name] for name in weights)
     assert GLM4Config.from_pretrained(str(tmp_path / "back")) == GLM4Config.from_pretrained(str(src))
     # write_published_checkpoint (no torch needed) writes the same bytes
-    paddle_to_torch.write_published_checkpoint(str(tmp_path / "numpy"), config, state, dtype="bfloat16",
-                                               max_shard_size=SHARD)
+    paddle_to_torch.write_published_checkpoint(
+        str(tmp_path / "numpy"), config, state, dtype="bfloat16", max_shard_size=SHARD
+    )
     assert all(tree_digest(tmp_path / "numpy")[name] == original[name] for name in weights)
 
 
@@ -307,8 +335,10 @@ def test_help_explains_every_flag(module, capsys):
 
 @pytest.mark.slow
 def test_console_script_and_module_entry_points():
-    for command in ([str(ROOT / ".venv" / "bin" / "glm4-convert"), "--help"],
-                    [sys.executable, "-m", "converters.paddle_to_torch", "--help"]):
+    for command in (
+        [str(ROOT / ".venv" / "bin" / "glm4-convert"), "--help"],
+        [sys.executable, "-m", "converters.paddle_to_torch", "--help"],
+    ):
         if not os.path.exists(command[0]):
             pytest.skip(f"{command[0]} is not installed")
         result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=120)
@@ -317,15 +347,24 @@ def test_console_script_and_module_entry_points():
 
 def test_the_converter_imports_no_paddle():
     # the converter stands on numpy and safetensors: a broken or absent Paddle must not stop a conversion
-    script = ("import sys, converters.torch_to_paddle, converters.paddle_to_torch\n"
-              "print(sorted(m for m in sys.modules if m == 'paddle' or m.startswith('paddle.')))")
+    script = (
+        "import sys, converters.torch_to_paddle, converters.paddle_to_torch\n"
+        "print(sorted(m for m in sys.modules if m == 'paddle' or m.startswith('paddle.')))"
+    )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
-    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "converters.torch_to_paddle", "--help"],
-                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "converters.torch_to_paddle", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert result.returncode == 0 and "--src" in result.stdout
-    imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")]
+    imported = [
+        line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")
+    ]
     assert "converters.mapping" in imported  # -X importtime did report the converter's imports
     assert [name for name in imported if name.split(".")[0] == "paddle"] == []
 
@@ -333,8 +372,19 @@ def test_the_converter_imports_no_paddle():
 def test_cli_converts_and_prints_a_summary(tmp_path, reference, capsys):
     config, _, state, _ = reference
     src = write_published(tmp_path / "src", config, state, max_shard_size=SHARD)
-    code = torch_to_paddle.main(["--src", str(src), "--dst", str(tmp_path / "dst"), "--dtype", "bfloat16",
-                                 "--max-shard-size", "200KB", "--no-verify"])
+    code = torch_to_paddle.main(
+        [
+            "--src",
+            str(src),
+            "--dst",
+            str(tmp_path / "dst"),
+            "--dtype",
+            "bfloat16",
+            "--max-shard-size",
+            "200KB",
+            "--no-verify",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     for expected in ("published", "17 tensors in bfloat16", str(tmp_path / "dst"), "MB/s", "--no-verify"):
@@ -350,7 +400,7 @@ def test_overwrite_replaces_a_checkpoint_and_nothing_else(tmp_path, reference, c
     dst = tmp_path / "dst"
     args = ["--src", str(src), "--dst", str(dst)]
     assert torch_to_paddle.main(args) == 0
-    assert torch_to_paddle.main(args + ["--overwrite", "--dtype", "bfloat16"]) == 0
+    assert torch_to_paddle.main([*args, "--overwrite", "--dtype", "bfloat16"]) == 0
     assert GLM4Config.from_pretrained(str(dst)).dtype == "bfloat16"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "src"]
     other = tmp_path / "notes"
@@ -378,7 +428,7 @@ def test_paddlenlp_name_writes_where_paddlenlp_looks(tmp_path, reference, capsys
     before = tree_digest(dst)
     assert torch_to_paddle.main(args) == 2
     assert "already exists" in capsys.readouterr().err and tree_digest(dst) == before
-    assert torch_to_paddle.main(args + ["--overwrite", "--dtype", "bfloat16"]) == 0
+    assert torch_to_paddle.main([*args, "--overwrite", "--dtype", "bfloat16"]) == 0
     assert GLM4Config.from_pretrained(str(dst)).dtype == "bfloat16"
 
 
@@ -394,11 +444,14 @@ def test_paddleformers_name_writes_where_paddleformers_looks(tmp_path, reference
     assert np.abs(logits_of(dst) - expected).max() <= 1e-4
 
 
-@pytest.mark.parametrize("destinations, message", [
-    ((), "--dst DST_DIR or --paddlenlp-name NAME or --paddleformers-name NAME"),
-    (("--dst", "dst", "--paddlenlp-name", "THUDM/glm-4-9b"), "give only one"),
-    (("--paddlenlp-name", "THUDM/glm-4-9b", "--paddleformers-name", "THUDM/glm-4-9b"), "give only one"),
-])
+@pytest.mark.parametrize(
+    "destinations, message",
+    [
+        ((), "--dst DST_DIR or --paddlenlp-name NAME or --paddleformers-name NAME"),
+        (("--dst", "dst", "--paddlenlp-name", "THUDM/glm-4-9b"), "give only one"),
+        (("--paddlenlp-name", "THUDM/glm-4-9b", "--paddleformers-name", "THUDM/glm-4-9b"), "give only one"),
+    ],
+)
 def test_paddlenlp_name_or_dst_exactly_one(tmp_path, template, capsys, monkeypatch, destinations, message):
     monkeypatch.setenv("PPNLP_HOME", str(tmp_path / "ppnlp"))
     monkeypatch.setenv("PF_HOME", str(tmp_path / "pf"))
@@ -438,7 +491,7 @@ def rewrite_shard(path: Path, change):
     save_file(tensors, path, metadata={"format": "pt"})
     index = index_of(path.parent)
     index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != path.name or k in tensors}
-    index["weight_map"].update({k: path.name for k in tensors})
+    index["weight_map"].update(dict.fromkeys(tensors, path.name))
     (path.parent / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
@@ -499,8 +552,15 @@ def test_index_points_to_a_missing_tensor(src, tmp_path, capsys):
 def test_unknown_tensor(src, tmp_path, capsys):
     shard = shard_of(src, NAME)
     rewrite_shard(shard, lambda t: t.update({"transformer.encoder.layers.2.mlp.dense_h_to_4h.weight": t[NAME]}))
-    fails(capsys, src, tmp_path / "dst", str(shard), "unexpected tensor",
-          "transformer.encoder.layers.2.mlp.dense_h_to_4h.weight", "2 layers")
+    fails(
+        capsys,
+        src,
+        tmp_path / "dst",
+        str(shard),
+        "unexpected tensor",
+        "transformer.encoder.layers.2.mlp.dense_h_to_4h.weight",
+        "2 layers",
+    )
 
 
 def test_missing_tensor(src, tmp_path, capsys):
@@ -604,7 +664,9 @@ def test_reverse_rejects_bad_input_too(tmp_path, reference, capsys):
     tensors = load_file(rewrite)
     tensors.pop("model.norm.weight")
     save_file(tensors, rewrite)
-    fails(capsys, tmp_path / "paddle", tmp_path / "torch", "missing tensor", "model.norm.weight", module=paddle_to_torch)
+    fails(
+        capsys, tmp_path / "paddle", tmp_path / "torch", "missing tensor", "model.norm.weight", module=paddle_to_torch
+    )
 
 
 # ---- failures while writing ------------------------------------------------------------------------------
@@ -665,8 +727,13 @@ def test_an_interrupted_run_leaves_nothing(tmp_path, signum):
     src = big_checkpoint(tmp_path / "src")
     before = tree_digest(src)
     dst = tmp_path / "out" / "dst"
-    process = subprocess.Popen([sys.executable, "-m", "converters.torch_to_paddle", "--src", str(src), "--dst", str(dst)],
-                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "converters.torch_to_paddle", "--src", str(src), "--dst", str(dst)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     while not any(p.name.endswith(".partial") and any(p.glob("*.safetensors")) for p in (tmp_path / "out").glob(".*")):
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()

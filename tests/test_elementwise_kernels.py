@@ -11,13 +11,16 @@ import pytest
 from paddle_glm4 import kernels, ops
 from paddle_glm4.kernels import api
 
-pytestmark = pytest.mark.skipif(not kernels.available(), reason="the C++ kernels could not be built here "
-                                "(no compiler); the model then runs ops.py's Paddle forms, tested by test_model.py")
+pytestmark = pytest.mark.skipif(
+    not kernels.available(),
+    reason="the C++ kernels could not be built here "
+    "(no compiler); the model then runs ops.py's Paddle forms, tested by test_model.py",
+)
 
 
 def paths() -> list[str]:
     best = kernels.PATHS.index(kernels.isa())
-    return list(kernels.PATHS[:best + 1])
+    return list(kernels.PATHS[: best + 1])
 
 
 def tensor(rng, shape, scale=1.0):
@@ -71,8 +74,13 @@ def test_rms_norm_and_add_rms_norm(lead, width):
 
 # (b, s, heads, groups, head_dim, rotary_dim): GLM-4-9B's (half of each head rotated), a whole head rotated,
 # rotary and head widths that are not multiples of the SIMD width, one token, a batch
-ROTARY = [(1, 1, 32, 2, 128, 64), (1, 17, 32, 2, 128, 64), (2, 5, 4, 1, 16, 16), (2, 3, 6, 2, 10, 6),
-          (1, 9, 3, 3, 4, 2)]
+ROTARY = [
+    (1, 1, 32, 2, 128, 64),
+    (1, 17, 32, 2, 128, 64),
+    (2, 5, 4, 1, 16, 16),
+    (2, 3, 6, 2, 10, 6),
+    (1, 9, 3, 3, 4, 2),
+]
 
 
 @pytest.mark.parametrize("b, s, heads, groups, head_dim, rotary_dim", ROTARY)
@@ -117,8 +125,9 @@ class Glue(paddle.nn.Layer):
     def forward(self, qkv, positions):
         normed, total = kernels.add_rms_norm(qkv, qkv * 2.0, self.weight, 1e-6)
         tables = ops.rotary_tables(positions, self.inv_freq, "float32", 64)
-        q, k, v = kernels.split_rotary(kernels.rms_norm(normed, self.weight, 1e-6), *tables, self.heads,
-                                       self.groups, self.head_dim)
+        q, k, v = kernels.split_rotary(
+            kernels.rms_norm(normed, self.weight, 1e-6), *tables, self.heads, self.groups, self.head_dim
+        )
         return kernels.swiglu(paddle.concat([q.flatten(2), k.flatten(2), v.flatten(2)], axis=-1)) + total[..., :32]
 
 
@@ -131,8 +140,10 @@ def test_to_static_save_and_predictor(tmp_path):
     positions = rng.integers(0, 64, (2, 5)).astype(np.int64)
     with paddle.no_grad():
         eager = layer(paddle.to_tensor(qkv), paddle.to_tensor(positions)).numpy()
-    spec = [paddle.static.InputSpec([None, None, 64], "float32", "qkv"),
-            paddle.static.InputSpec([None, None], "int64", "positions")]
+    spec = [
+        paddle.static.InputSpec([None, None, 64], "float32", "qkv"),
+        paddle.static.InputSpec([None, None], "int64", "positions"),
+    ]
     static = paddle.jit.to_static(layer, input_spec=spec, full_graph=True)
     paddle.jit.save(static, str(tmp_path / "glue"))
     config = inference.Config(str(tmp_path / "glue.json"), str(tmp_path / "glue.pdiparams"))
@@ -171,8 +182,9 @@ def test_float32_model_through_the_operators_matches_the_reference(monkeypatch):
     calls = {}
     for name in ("swiglu", "rms_norm", "add_rms_norm", "split_rotary"):
         original = getattr(api, name)
-        monkeypatch.setattr(api, name, lambda *a, _f=original, _n=name, **k: calls.update({_n: calls.get(_n, 0) + 1})
-                            or _f(*a, **k))
+        monkeypatch.setattr(
+            api, name, lambda *a, _f=original, _n=name, **k: calls.update({_n: calls.get(_n, 0) + 1}) or _f(*a, **k)
+        )
     for overrides, seq_len in CONFIGS:
         config = small_config(**overrides)
         ref, model = build(config)

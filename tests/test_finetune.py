@@ -17,9 +17,13 @@ from paddle_glm4.finetune import LOSS_CURVE, MANIFEST, DataError, encode_convers
 from paddle_glm4.small_vocab import write_small_vocabulary
 
 CONVERSATIONS = [
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the weather?"},
-     {"role": "assistant", "content": "Mild, with a light wind."}, {"role": "user", "content": "Thank you!"},
-     {"role": "assistant", "content": "You are welcome."}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is the weather?"},
+        {"role": "assistant", "content": "Mild, with a light wind."},
+        {"role": "user", "content": "Thank you!"},
+        {"role": "assistant", "content": "You are welcome."},
+    ],
     [{"role": "user", "content": "def add(a, b):"}, {"role": "assistant", "content": "    return a + b"}],
 ]
 
@@ -68,13 +72,16 @@ def test_only_the_assistant_turns_and_the_tokens_that_end_them_are_labelled(toke
     assert labelled_text(tokenizer, encode_conversation(tokenizer, context_only)) == [f"\nYou are welcome.{eos}"]
 
 
-@pytest.mark.parametrize("line, message", [
-    ('{"messages": [{"role": "user", "content": "hi"}', r"data.jsonl:2: not valid JSON"),
-    (json.dumps({"messages": [{"role": "user", "content": "hi"}]}), r"data.jsonl:2: no assistant turn"),
-    (json.dumps({"prompt": "hi", "completion": "there"}), r"data.jsonl:2: expected an object with a \"messages\""),
-    (json.dumps({"messages": [{"role": "robot", "content": "hi"}]}), r"data.jsonl:2: no assistant turn"),
-    (json.dumps({"messages": [{"role": "assistant", "content": 3}]}), r"data.jsonl:2: .*content must be a string"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"messages": [{"role": "user", "content": "hi"}', r"data.jsonl:2: not valid JSON"),
+        (json.dumps({"messages": [{"role": "user", "content": "hi"}]}), r"data.jsonl:2: no assistant turn"),
+        (json.dumps({"prompt": "hi", "completion": "there"}), r"data.jsonl:2: expected an object with a \"messages\""),
+        (json.dumps({"messages": [{"role": "robot", "content": "hi"}]}), r"data.jsonl:2: no assistant turn"),
+        (json.dumps({"messages": [{"role": "assistant", "content": 3}]}), r"data.jsonl:2: .*content must be a string"),
+    ],
+)
 def test_a_bad_line_is_an_error_naming_it(tmp_path, tokenizer, line, message):
     path = write_jsonl(tmp_path / "data.jsonl", [{"messages": CONVERSATIONS[1]}, line])
     with pytest.raises(DataError, match=message):
@@ -82,14 +89,14 @@ def test_a_bad_line_is_an_error_naming_it(tmp_path, tokenizer, line, message):
 
 
 def test_missing_data_file_blank_lines_and_max_length(tmp_path, tokenizer):
-    with pytest.raises(UsageError, match="--data .*nothing.jsonl: no such file"):
+    with pytest.raises(UsageError, match=r"--data .*nothing.jsonl: no such file"):
         read_conversations(str(tmp_path / "nothing.jsonl"), tokenizer, 512)
     path = write_jsonl(tmp_path / "data.jsonl", ["", {"messages": CONVERSATIONS[0]}, "   "])
     [example] = read_conversations(path, tokenizer, 512)
     assert example == encode_conversation(tokenizer, CONVERSATIONS[0])
     first_answer = next(i for i, label in enumerate(example.labels) if label != IGNORE_INDEX)
     cut = read_conversations(path, tokenizer, first_answer + 1)[0]
-    assert cut.ids == example.ids[:first_answer + 1] and cut.labels[-1] == example.labels[first_answer]
+    assert cut.ids == example.ids[: first_answer + 1] and cut.labels[-1] == example.labels[first_answer]
     with pytest.raises(DataError, match=f"data.jsonl:2: no assistant token within the first {first_answer} tokens"):
         read_conversations(path, tokenizer, first_answer)
     with pytest.raises(DataError, match="no conversation"):
@@ -100,9 +107,28 @@ def test_help_explains_every_flag(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["finetune", "--help"])
     text = capsys.readouterr().out
-    for flag in ("--model", "--data", "--out", "--tokenizer", "--lora-rank", "--lora-alpha", "--lora-dropout",
-                 "--lora-targets", "--epochs", "--steps", "--lr", "--batch-size", "--max-length", "--max-grad-norm",
-                 "--recompute", "--seed", "--overwrite", "--trainer", "--no-progress", "--debug"):
+    for flag in (
+        "--model",
+        "--data",
+        "--out",
+        "--tokenizer",
+        "--lora-rank",
+        "--lora-alpha",
+        "--lora-dropout",
+        "--lora-targets",
+        "--epochs",
+        "--steps",
+        "--lr",
+        "--batch-size",
+        "--max-length",
+        "--max-grad-norm",
+        "--recompute",
+        "--seed",
+        "--overwrite",
+        "--trainer",
+        "--no-progress",
+        "--debug",
+    ):
         assert flag in text
     finetune = build_parser()._subparsers._group_actions[0].choices["finetune"]
     assert all(action.help for action in finetune._actions)
@@ -113,8 +139,11 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path, checkpoint, capsys):
     cases = [
         (["--data", str(tmp_path / "missing.jsonl")], "--data", "no such file"),
         (["--data", write_jsonl(tmp_path / "bad.jsonl", ["{oops"])], "bad.jsonl:1", "not valid JSON"),
-        (["--data", write_jsonl(tmp_path / "ok.jsonl", [{"messages": CONVERSATIONS[1]}]), "--lr", "0"], "--lr 0.0",
-         "positive"),
+        (
+            ["--data", write_jsonl(tmp_path / "ok.jsonl", [{"messages": CONVERSATIONS[1]}]), "--lr", "0"],
+            "--lr 0.0",
+            "positive",
+        ),
         (["--data", str(tmp_path / "ok.jsonl"), "--lora-targets", "q_proj"], "q_proj", "choose from"),
     ]
     for extra, *words in cases:
@@ -127,8 +156,29 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path, checkpoint, capsys):
 def test_finetune_learns_the_answers_and_writes_a_merged_model(tmp_path, checkpoint, tokenizer, capsys):
     data = write_jsonl(tmp_path / "train.jsonl", [{"messages": c} for c in CONVERSATIONS])
     out = tmp_path / "tuned"
-    assert main(["finetune", "--model", str(checkpoint), "--data", data, "--out", str(out), "--lora-rank", "4",
-                 "--steps", "12", "--batch-size", "2", "--lr", "1e-2", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "--model",
+                str(checkpoint),
+                "--data",
+                data,
+                "--out",
+                str(out),
+                "--lora-rank",
+                "4",
+                "--steps",
+                "12",
+                "--batch-size",
+                "2",
+                "--lr",
+                "1e-2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "merged model written" in capsys.readouterr().err
     manifest = json.loads((out / MANIFEST).read_text())
     losses = manifest["losses"]
@@ -136,6 +186,7 @@ def test_finetune_learns_the_answers_and_writes_a_merged_model(tmp_path, checkpo
     assert set(manifest["files"]) | {MANIFEST} == set(os.listdir(out))
     assert (out / LOSS_CURVE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from matplotlib.image import imread
+
     curve = imread(out / LOSS_CURVE)
     assert curve.shape[:2] == (400, 700) and curve.std() > 0.05  # the 7 x 4 inch figure at 100 dpi, not blank
 
@@ -148,17 +199,18 @@ def test_finetune_learns_the_answers_and_writes_a_merged_model(tmp_path, checkpo
 
     def loss(directory):
         model = GLM4ForCausalLM.from_pretrained(str(directory))
-        return model(paddle.to_tensor(ids), attention_mask=paddle.to_tensor(mask),
-                     labels=paddle.to_tensor(labels)).loss.item()
+        return model(
+            paddle.to_tensor(ids), attention_mask=paddle.to_tensor(mask), labels=paddle.to_tensor(labels)
+        ).loss.item()
 
     assert abs(loss(checkpoint) - losses[0]) <= 1e-4
     assert loss(out) < losses[-1]
-    assert GLM4Tokenizer.from_pretrained(out).apply_chat_template(CONVERSATIONS[1]) == \
-        tokenizer.apply_chat_template(CONVERSATIONS[1])
+    assert GLM4Tokenizer.from_pretrained(out).apply_chat_template(CONVERSATIONS[1]) == tokenizer.apply_chat_template(
+        CONVERSATIONS[1]
+    )
 
     # a second run refuses to replace it unless told, and replaces only what it wrote
-    args = ["finetune", "--model", str(checkpoint), "--data", data, "--out", str(out), "--steps", "1",
-            "--no-progress"]
+    args = ["finetune", "--model", str(checkpoint), "--data", data, "--out", str(out), "--steps", "1", "--no-progress"]
     assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
     assert main([*args, "--overwrite"]) == 0 and len(json.loads((out / MANIFEST).read_text())["losses"]) == 1
     (out / "notes.txt").write_text("mine")
@@ -173,6 +225,7 @@ TRAINER_LIBRARIES = ["paddlenlp", "paddleformers"]
 
 def installed(library):
     import importlib.util
+
     return importlib.util.find_spec(library) is not None
 
 
@@ -181,8 +234,22 @@ def test_finetune_through_the_librarys_trainer_equals_the_builtin_loop(library, 
     if not installed(library):
         pytest.skip(f"{library} is not installed here; `make test-{library}` runs this in its environment")
     data = write_jsonl(tmp_path / "train.jsonl", [{"messages": c} for c in CONVERSATIONS])
-    common = ["finetune", "--model", str(checkpoint), "--data", data, "--lora-rank", "4", "--steps", "8",
-              "--batch-size", "2", "--lr", "1e-2", "--no-progress"]
+    common = [
+        "finetune",
+        "--model",
+        str(checkpoint),
+        "--data",
+        data,
+        "--lora-rank",
+        "4",
+        "--steps",
+        "8",
+        "--batch-size",
+        "2",
+        "--lr",
+        "1e-2",
+        "--no-progress",
+    ]
     assert main([*common, "--out", str(tmp_path / "builtin")]) == 0
     assert main([*common, "--out", str(tmp_path / library), "--trainer", library]) == 0
     assert "merged model written" in capsys.readouterr().err
@@ -196,8 +263,9 @@ def test_finetune_through_the_librarys_trainer_equals_the_builtin_loop(library, 
     np.testing.assert_allclose(losses, builtin["losses"], rtol=1e-5)
     assert (tmp_path / library / LOSS_CURVE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ids = paddle.to_tensor(np.random.RandomState(0).randint(3, 500, (2, 12)).astype("int64"))
-    tuned, reference = (GLM4ForCausalLM.from_pretrained(str(tmp_path / name))(ids).logits.numpy()
-                        for name in (library, "builtin"))
+    tuned, reference = (
+        GLM4ForCausalLM.from_pretrained(str(tmp_path / name))(ids).logits.numpy() for name in (library, "builtin")
+    )
     np.testing.assert_allclose(tuned, reference, atol=1e-4, rtol=0)
 
 
@@ -208,8 +276,9 @@ def test_a_trainer_whose_library_is_missing_is_a_one_line_error(tmp_path, checkp
     data = write_jsonl(tmp_path / "train.jsonl", [{"messages": CONVERSATIONS[1]}])
     for library in missing:
         out = tmp_path / library
-        assert main(["finetune", "--model", str(checkpoint), "--data", data, "--out", str(out),
-                     "--trainer", library]) == 2
+        assert (
+            main(["finetune", "--model", str(checkpoint), "--data", data, "--out", str(out), "--trainer", library]) == 2
+        )
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and f"--trainer {library}" in err and "--trainer builtin" in err, err
         assert not out.exists()

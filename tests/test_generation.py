@@ -25,10 +25,15 @@ def prompts(config, lengths=(5, 11, 2, 8)):
 
 def reference_generate(ref, config, ids, mask=None, **kwargs):
     with torch.no_grad():
-        out = ref.generate(torch.from_numpy(ids), attention_mask=None if mask is None else torch.from_numpy(mask),
-                           do_sample=False, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
-                           **kwargs)
-    return out[:, ids.shape[1]:].numpy()
+        out = ref.generate(
+            torch.from_numpy(ids),
+            attention_mask=None if mask is None else torch.from_numpy(mask),
+            do_sample=False,
+            eos_token_id=config.eos_token_id,
+            pad_token_id=config.pad_token_id,
+            **kwargs,
+        )
+    return out[:, ids.shape[1] :].numpy()
 
 
 def test_greedy_equals_the_reference_alone_and_batched(models):
@@ -43,7 +48,7 @@ def test_greedy_equals_the_reference_alone_and_batched(models):
     assert ids.numpy().tolist() == reference_generate(ref, config, batch, mask, max_new_tokens=NEW).tolist()
     for row, p in enumerate(ps):
         alone_ids, alone_scores = model.generate(p, max_new_tokens=NEW)
-        assert ids.numpy()[row, :alone_ids.shape[1]].tolist() == alone_ids.numpy()[0].tolist()
+        assert ids.numpy()[row, : alone_ids.shape[1]].tolist() == alone_ids.numpy()[0].tolist()
         assert abs(float(scores[row, 0]) - float(alone_scores[0, 0])) < 1e-3
 
 
@@ -57,7 +62,7 @@ def test_greedy_with_the_cache_equals_step_by_step_full_forwards(models):
         token = int(logits.argmax())
         total += float(logits[token] - np.log(np.exp(logits - logits.max()).sum()) - logits.max())
         sequence.append(token)
-    assert ids.numpy()[0].tolist() == sequence[len(p):]
+    assert ids.numpy()[0].tolist() == sequence[len(p) :]
     assert abs(float(scores[0, 0]) - total) < 1e-3  # the score is the sum of the chosen tokens' log-probs
 
 
@@ -72,16 +77,24 @@ def test_stops_at_any_of_several_eos_ids_and_pads_finished_rows(models):
     # in a batch, a row that stops early is padded while the others go on
     batch, mask = left_padded([ps[0], ps[1]], config.pad_token_id)
     other, _ = model.generate(ps[1], max_new_tokens=NEW, eos_token_id=[stop_a, stop_b], pad_token_id=0)
-    ids, _ = model.generate(batch, attention_mask=mask, max_new_tokens=NEW, eos_token_id=[stop_a, stop_b],
-                            pad_token_id=0)
+    ids, _ = model.generate(
+        batch, attention_mask=mask, max_new_tokens=NEW, eos_token_id=[stop_a, stop_b], pad_token_id=0
+    )
     assert ids.shape[1] == max(first + 1, other.shape[1])
-    assert ids.numpy()[0, first + 1:].tolist() == [0] * (ids.shape[1] - first - 1)
+    assert ids.numpy()[0, first + 1 :].tolist() == [0] * (ids.shape[1] - first - 1)
 
 
 def test_sampling_is_reproducible_with_a_seed_and_varies_across_seeds(models):
     config, _, model = models
     p = prompts(config)[1]
-    kwargs = dict(max_new_tokens=16, do_sample=True, temperature=1.5, top_p=0.95, top_k=100, eos_token_id=[])
+    kwargs = {
+        "max_new_tokens": 16,
+        "do_sample": True,
+        "temperature": 1.5,
+        "top_p": 0.95,
+        "top_k": 100,
+        "eos_token_id": [],
+    }
     first, _ = model.generate(p, seed=7, **kwargs)
     again, _ = model.generate(p, seed=7, **kwargs)
     others = [model.generate(p, seed=s, **kwargs)[0].numpy().tolist() for s in (8, 9, 10)]
@@ -116,18 +129,25 @@ def test_repetition_penalty_equals_the_reference(models):
     assert ids.numpy().tolist() != model.generate(p, max_new_tokens=NEW)[0].numpy().tolist()
 
 
-CHECKPOINT = GenerationConfig(eos_token_id=[1, 2], pad_token_id=0, do_sample=True, temperature=0.8, top_p=0.8,
-                              top_k=0, repetition_penalty=1.1)  # as GLM-4-9B-chat's generation_config.json
+CHECKPOINT = GenerationConfig(
+    eos_token_id=[1, 2], pad_token_id=0, do_sample=True, temperature=0.8, top_p=0.8, top_k=0, repetition_penalty=1.1
+)  # as GLM-4-9B-chat's generation_config.json
 
 
-@pytest.mark.parametrize("given, expected", [
-    ({}, dict(do_sample=True, temperature=0.8, top_p=0.8, repetition_penalty=1.1)),           # the checkpoint's
-    (dict(temperature=0.5, eos_token_id=7), dict(do_sample=True, temperature=0.5, top_p=0.8, eos_token_id=[7])),
-    (dict(do_sample=False), dict(do_sample=False, temperature=1.0, top_p=1.0, top_k=0)),    # greedy: neutral
-    (dict(temperature=0), dict(do_sample=False, temperature=1.0, top_p=1.0)),               # 0 means greedy
-    (dict(do_sample=True, temperature=0), dict(do_sample=True, temperature=0)),             # generate refuses it
-    (dict(repetition_penalty=1.0, pad_token_id=5), dict(repetition_penalty=1.0, pad_token_id=5)),
-])
+@pytest.mark.parametrize(
+    "given, expected",
+    [
+        ({}, {"do_sample": True, "temperature": 0.8, "top_p": 0.8, "repetition_penalty": 1.1}),  # the checkpoint's
+        (
+            {"temperature": 0.5, "eos_token_id": 7},
+            {"do_sample": True, "temperature": 0.5, "top_p": 0.8, "eos_token_id": [7]},
+        ),
+        ({"do_sample": False}, {"do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 0}),  # greedy: neutral
+        ({"temperature": 0}, {"do_sample": False, "temperature": 1.0, "top_p": 1.0}),  # 0 means greedy
+        ({"do_sample": True, "temperature": 0}, {"do_sample": True, "temperature": 0}),  # generate refuses it
+        ({"repetition_penalty": 1.0, "pad_token_id": 5}, {"repetition_penalty": 1.0, "pad_token_id": 5}),
+    ],
+)
 def test_requested_settings_merge_over_the_checkpoints(given, expected):
     merged = CHECKPOINT.merged(**given)
     assert {name: getattr(merged, name) for name in expected} == expected
@@ -136,7 +156,7 @@ def test_requested_settings_merge_over_the_checkpoints(given, expected):
 def test_a_sampling_parameter_asks_for_sampling_over_a_greedy_checkpoint():
     greedy = GenerationConfig(do_sample=False, temperature=0.6, top_k=40)
     assert not greedy.merged().do_sample and greedy.merged().top_k == 0
-    for given in (dict(temperature=0.9), dict(top_p=0.5), dict(top_k=5)):
+    for given in ({"temperature": 0.9}, {"top_p": 0.5}, {"top_k": 5}):
         merged = greedy.merged(**given)
         assert merged.do_sample and merged.temperature == given.get("temperature", 0.6)
         assert merged.top_k == given.get("top_k", 40) and merged.top_p == given.get("top_p", 1.0)
@@ -146,7 +166,7 @@ def test_a_sampling_parameter_asks_for_sampling_over_a_greedy_checkpoint():
 def test_generate_takes_unset_settings_from_the_generation_config(models):
     config, _, model = models
     p = prompts(config)[1]
-    explicit = dict(do_sample=True, temperature=1.3, top_k=50, repetition_penalty=1.2)
+    explicit = {"do_sample": True, "temperature": 1.3, "top_k": 50, "repetition_penalty": 1.2}
     expected, _ = model.generate(p, max_new_tokens=12, seed=3, eos_token_id=[], **explicit)
     saved = model.generation_config
     try:
@@ -155,27 +175,35 @@ def test_generate_takes_unset_settings_from_the_generation_config(models):
         greedy, _ = model.generate(p, max_new_tokens=12, do_sample=False)
     finally:
         model.generation_config = saved
-    assert greedy.numpy().tolist() == model.generate(p, max_new_tokens=12, eos_token_id=[],
-                                                     repetition_penalty=1.2)[0].numpy().tolist()
+    assert (
+        greedy.numpy().tolist()
+        == model.generate(p, max_new_tokens=12, eos_token_id=[], repetition_penalty=1.2)[0].numpy().tolist()
+    )
 
 
 def test_context_guard_refuses_before_any_work_or_truncates_when_asked(models):
     config, _, model = models
     long_prompt = np.random.RandomState(0).randint(3, config.vocab_size, 120)
-    with pytest.raises(ValueError, match=r"prompt \(120 tokens\) plus max_new_tokens \(16\) exceeds the model's "
-                                         r"context of 128 tokens"):
+    with pytest.raises(
+        ValueError,
+        match=r"prompt \(120 tokens\) plus max_new_tokens \(16\) exceeds the model's "
+        r"context of 128 tokens",
+    ):
         model.generate(long_prompt, max_new_tokens=16)
     ids, _ = model.generate(long_prompt, max_new_tokens=16, truncate=True, eos_token_id=[])
     kept, _ = model.generate(long_prompt[-112:], max_new_tokens=16, eos_token_id=[])
     assert ids.numpy().tolist() == kept.numpy().tolist()
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(max_new_tokens=0), "max_new_tokens must be a positive integer"),
-    (dict(do_sample=True, temperature=0.0), "temperature must be > 0"),
-    (dict(do_sample=True, top_p=1.5), "top_p must be in"),
-    (dict(input_ids=[[5, 999999]]), "token id 999999 is outside the model's vocabulary"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens must be a positive integer"),
+        ({"do_sample": True, "temperature": 0.0}, "temperature must be > 0"),
+        ({"do_sample": True, "top_p": 1.5}, "top_p must be in"),
+        ({"input_ids": [[5, 999999]]}, "token id 999999 is outside the model's vocabulary"),
+    ],
+)
 def test_bad_arguments_are_refused(models, kwargs, message):
     _, _, model = models
     kwargs = {"input_ids": [[5, 6, 7]], **kwargs}
@@ -190,15 +218,16 @@ def test_streamers_text_joined_equals_the_final_decode(models, tmp_path):
     from paddle_glm4 import GLM4Tokenizer, TextIteratorStreamer, TextStreamer
     from paddle_glm4.small_vocab import write_small_vocabulary
 
-    config, _, model = models
+    _config, _, model = models
     tokenizer = GLM4Tokenizer.from_pretrained(write_small_vocabulary(tmp_path))
     prompt = tokenizer.encode("你好 🙂 streaming")
     for seed in range(3):  # sampled, so that multi-byte characters split over tokens show up
-        kwargs = dict(max_new_tokens=40, do_sample=True, temperature=1.5, seed=seed, eos_token_id=[])
+        kwargs = {"max_new_tokens": 40, "do_sample": True, "temperature": 1.5, "seed": seed, "eos_token_id": []}
         out = io.StringIO()
         ids, _ = model.generate(prompt, streamer=TextStreamer(tokenizer, out), **kwargs)
-        expected = tokenizer.decode([t for t in ids.numpy()[0] if not tokenizer.is_padding_id(t)],
-                                    skip_special_tokens=True)
+        expected = tokenizer.decode(
+            [t for t in ids.numpy()[0] if not tokenizer.is_padding_id(t)], skip_special_tokens=True
+        )
         assert out.getvalue() == expected
         streamer = TextIteratorStreamer(tokenizer, timeout=60)
         thread = threading.Thread(target=model.generate, args=(prompt,), kwargs={"streamer": streamer, **kwargs})
@@ -233,12 +262,20 @@ def test_vocab_limit_keeps_generation_inside_the_tokenizers_ids(models):
     sequence = list(p)
     for _ in range(16):
         sequence.append(int(model(paddle.to_tensor([sequence])).logits.numpy()[0, -1, :limit].argmax()))
-    assert ids.numpy()[0].tolist() == sequence[len(p):]
+    assert ids.numpy()[0].tolist() == sequence[len(p) :]
     free, _ = model.generate(p, max_new_tokens=16, eos_token_id=[])
     assert max(free.numpy()[0]) >= limit  # the limit changed something
     for seed in range(3):
-        sampled, _ = model.generate(p, max_new_tokens=24, eos_token_id=[], do_sample=True, temperature=2.0,
-                                    seed=seed, repetition_penalty=1.3, vocab_limit=limit)
+        sampled, _ = model.generate(
+            p,
+            max_new_tokens=24,
+            eos_token_id=[],
+            do_sample=True,
+            temperature=2.0,
+            seed=seed,
+            repetition_penalty=1.3,
+            vocab_limit=limit,
+        )
         assert sampled.numpy().max() < limit
     assert model.generate(p, max_new_tokens=4, vocab_limit=config.vocab_size)[0].shape == [1, 4]  # no-op limit
     for bad in (0, config.vocab_size + 1, 2.5, True):

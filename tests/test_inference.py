@@ -35,8 +35,13 @@ def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("inference")
     checkpoint = str(root / "checkpoint")
     tokenizer = GLM4Tokenizer.from_pretrained(write_small_vocabulary(checkpoint))
-    config = small_config(vocab_size=tokenizer.vocab_size, rope_ratio=500.0, seq_length=128,
-                          eos_token_id=tokenizer.stop_token_ids, pad_token_id=tokenizer.pad_token_id)
+    config = small_config(
+        vocab_size=tokenizer.vocab_size,
+        rope_ratio=500.0,
+        seq_length=128,
+        eos_token_id=tokenizer.stop_token_ids,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     model = paddle_model(config, dict(random_weights(config, seed=3)))
     model.save_pretrained(checkpoint)
     exports = {dtype: str(root / f"export_{dtype}") for dtype in ("float32", "bfloat16")}
@@ -57,8 +62,11 @@ def prompts(lengths=(5, 11, 1, 8), seed=0):
 
 def session_logits(session, ids, mask, steps):
     """Logits [b, vocab] after the prompt, then after each of `steps` greedy tokens of the session itself."""
-    out = [session.prefill(paddle.to_tensor(ids), None if mask is None else paddle.to_tensor(mask), None,
-                           ids.shape[1] + steps).numpy()]
+    out = [
+        session.prefill(
+            paddle.to_tensor(ids), None if mask is None else paddle.to_tensor(mask), None, ids.shape[1] + steps
+        ).numpy()
+    ]
     for _ in range(steps):
         out.append(session.step(paddle.to_tensor(out[-1].argmax(-1))).numpy())
     return np.stack(out, axis=1)
@@ -116,7 +124,7 @@ def test_decode_step_k_equals_the_full_forward_at_position_k(built, predictor, m
     logits = session.prefill(paddle.to_tensor(sequence[None, :prompt]), None, None, capacity)
     np.testing.assert_allclose(logits.numpy()[0], full[prompt - 1], atol=1e-4, rtol=0)
     for k in range(prompt, capacity):
-        logits = session.step(paddle.to_tensor(sequence[k:k + 1]))
+        logits = session.step(paddle.to_tensor(sequence[k : k + 1]))
         np.testing.assert_allclose(logits.numpy()[0], full[k], atol=1e-4, rtol=0)
     # every decode step (and the prefill, written in place) sees the whole preallocated cache: the same shapes,
     # so the same cost, at each step
@@ -135,15 +143,16 @@ def test_the_program_prefills_a_prompt_in_chunks_over_the_whole_cache(built, pre
     sequences = Sequences(1, 20, cache)
     for lo, hi in ((0, 7), (7, 8), (8, 20)):
         step = sequences.claim(hi - lo)
-        logits = predictor.run(paddle.to_tensor(sequence[:, lo:hi]), step.positions, step.start, sequences.valid,
-                               cache.keys, cache.values)
+        logits = predictor.run(
+            paddle.to_tensor(sequence[:, lo:hi]), step.positions, step.start, sequences.valid, cache.keys, cache.values
+        )
         np.testing.assert_allclose(logits.numpy()[0], full[hi - 1], atol=1e-4, rtol=0)
 
 
 def test_sampling_and_stopping_follow_the_shared_decode_loop(built, predictor):
-    config, model, *_ = built
+    _config, model, *_ = built
     p = prompts((6,))[0]
-    kwargs = dict(max_new_tokens=NEW, do_sample=True, temperature=0.9, top_k=50, top_p=0.95, seed=11)
+    kwargs = {"max_new_tokens": NEW, "do_sample": True, "temperature": 0.9, "top_k": 50, "top_p": 0.95, "seed": 11}
     assert predictor.generate(p, **kwargs)[0].numpy().tolist() == model.generate(p, **kwargs)[0].numpy().tolist()
     free, _ = model.generate(p, max_new_tokens=NEW, eos_token_id=[])
     stop = [int(free[0, 5]), int(free[0, 9])]
@@ -172,7 +181,7 @@ def test_export_refuses_bad_input_with_a_clear_message(built, tmp_path):
     out = str(tmp_path / "out")
     with pytest.raises(ExportError, match="no such directory"):
         export_model(str(tmp_path / "missing"), out)
-    with pytest.raises(ExportError, match="no config.json"):
+    with pytest.raises(ExportError, match=r"no config.json"):
         export_model(str(tmp_path), out)
     published = tmp_path / "published"
     published.mkdir()
@@ -195,7 +204,7 @@ def test_predictor_refuses_incomplete_or_foreign_exports(built, tmp_path):
     broken = str(tmp_path / "broken")
     shutil.copytree(f32_dir, broken)
     os.unlink(os.path.join(broken, "glm4.pdiparams"))
-    with pytest.raises(ExportError, match="glm4.pdiparams is missing"):
+    with pytest.raises(ExportError, match=r"glm4.pdiparams is missing"):
         Predictor(broken)
     shutil.copytree(f32_dir, broken, dirs_exist_ok=True)
     manifest = os.path.join(broken, MANIFEST_NAME)
@@ -230,13 +239,26 @@ def test_cli_export_then_generate_with_a_clean_stdout(built, tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout == "" and "exported to" in done.stderr
     prompt = "The weather today"
-    done = run_python("-m", "paddle_glm4", "generate", "--model", out, "--engine", "inference", "--prompt", prompt,
-                      "--max-new-tokens", "12", "--greedy")
+    done = run_python(
+        "-m",
+        "paddle_glm4",
+        "generate",
+        "--model",
+        out,
+        "--engine",
+        "inference",
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        "12",
+        "--greedy",
+    )
     assert done.returncode == 0, done.stderr
     tokenizer = GLM4Tokenizer.from_pretrained(checkpoint)
     ids, _ = model.generate([tokenizer.encode(prompt)], max_new_tokens=12)
-    expected = tokenizer.decode([t for t in ids.numpy()[0] if t not in tokenizer.stop_token_ids],
-                                skip_special_tokens=True)
+    expected = tokenizer.decode(
+        [t for t in ids.numpy()[0] if t not in tokenizer.stop_token_ids], skip_special_tokens=True
+    )
     assert done.stdout == expected + "\n"  # the generated text, and nothing Paddle printed
     bad = run_python(*export, "999")
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: max_seq_len 999 exceeds")
@@ -310,12 +332,18 @@ def test_an_exports_max_seq_len_is_the_context_for_the_cli_and_the_server_alike(
     assert predictor.context_length == MAX_SEQ_LEN < config.seq_length
     tokenizer = GLM4Tokenizer.from_pretrained(f32_dir)
     # the CLI's chat: two turns fit the model's 128 tokens but not the export's 96, so the oldest turn goes
-    args = build_parser().parse_args(["chat", "--model", f32_dir, "--engine", "inference", "--max-new-tokens", "8",
-                                      "--greedy"])
+    args = build_parser().parse_args(
+        ["chat", "--model", f32_dir, "--engine", "inference", "--max-new-tokens", "8", "--greedy"]
+    )
     turns = ["a" * 40, "b" * 40]
-    second = tokenizer.apply_chat_template([{"role": "user", "content": turns[0]},
-                                            {"role": "assistant", "content": "x" * 8},
-                                            {"role": "user", "content": turns[1]}], add_generation_prompt=True)
+    second = tokenizer.apply_chat_template(
+        [
+            {"role": "user", "content": turns[0]},
+            {"role": "assistant", "content": "x" * 8},
+            {"role": "user", "content": turns[1]},
+        ],
+        add_generation_prompt=True,
+    )
     assert MAX_SEQ_LEN - 8 < len(second) <= config.seq_length - 8
     assert _chat(args, predictor, tokenizer, Lines(*turns), interactive=False) == 0
     err = capsys.readouterr().err
@@ -323,6 +351,7 @@ def test_an_exports_max_seq_len_is_the_context_for_the_cli_and_the_server_alike(
     # the server: prompt + max_tokens up to 96 is served, one more is refused, naming 96
     prompt = tokenizer.encode("c" * 50)
     with TestClient(create_app(predictor, tokenizer)) as client:
+
         def complete(max_tokens):
             return client.post("/v1/completions", json={"prompt": "c" * 50, "max_tokens": max_tokens})
 
@@ -343,8 +372,15 @@ def test_the_batching_engine_drives_the_predictor_as_it_drives_the_dynamic_model
 
     def made():
         kinds = [{}, {"temperature": 0.9, "top_p": 0.9}, {"temperature": 1.1, "top_k": 20}, {"repetition_penalty": 1.3}]
-        return [Request(p.tolist(), 3 + (5 * n) % 14, model.generation_config.merged(eos_token_id=[], **kinds[n % 4]),
-                        seed=40 + n) for n, p in enumerate(prompts((5, 11, 1, 8, 23, 2, 17, 9)))]
+        return [
+            Request(
+                p.tolist(),
+                3 + (5 * n) % 14,
+                model.generation_config.merged(eos_token_id=[], **kinds[n % 4]),
+                seed=40 + n,
+            )
+            for n, p in enumerate(prompts((5, 11, 1, 8, 23, 2, 17, 9)))
+        ]
 
     together = Scheduler(predictor, max_num_seqs=3, prefill_chunk=4).run(made())
     alone = [Scheduler(predictor, max_num_seqs=1).run([r])[0] for r in made()]

@@ -20,16 +20,19 @@ import pytest
 from paddle_glm4 import kernels
 from paddle_glm4.kernels import quant
 
-TOLERANCE = 1e-5   # max |y - reference| / max |reference|
+TOLERANCE = 1e-5  # max |y - reference| / max |reference|
 
-pytestmark = pytest.mark.skipif(not kernels.available(), reason="the C++ kernels could not be built here "
-                                "(no compiler); the portable path is tested in test_kernels_portable.py")
+pytestmark = pytest.mark.skipif(
+    not kernels.available(),
+    reason="the C++ kernels could not be built here "
+    "(no compiler); the portable path is tested in test_kernels_portable.py",
+)
 
 
 def paths() -> list[str]:
     """Every path this CPU runs: the best one and each lower one, forced."""
     best = kernels.PATHS.index(kernels.isa())
-    return list(kernels.PATHS[:best + 1])
+    return list(kernels.PATHS[: best + 1])
 
 
 def stored(w: np.ndarray, fmt: str, group: int):
@@ -64,8 +67,7 @@ def assert_close(y: np.ndarray, ref: np.ndarray, what: str):
     assert error <= TOLERANCE, f"{what}: relative error {error:.2e}"
 
 
-def check_all(m: int, k: int, n: int, fmt: str, group: int, threads: tuple = (1, 2), seed: int = 0,
-              bias: bool = False):
+def check_all(m: int, k: int, n: int, fmt: str, group: int, threads: tuple = (1, 2), seed: int = 0, bias: bool = False):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((m, k)).astype(np.float32)
     weight, scales, dequantized = stored(rng.standard_normal((n, k)).astype(np.float32), fmt, group)
@@ -74,8 +76,17 @@ def check_all(m: int, k: int, n: int, fmt: str, group: int, threads: tuple = (1,
         ref = reference(x, dequantized, act, b)
         for path in paths():
             for t in threads:
-                y = kernels.linear(paddle.to_tensor(x), weight, scales, None if b is None else paddle.to_tensor(b),
-                                   fmt=fmt, group_size=group, activation_dtype=act, isa=path, threads=t)
+                y = kernels.linear(
+                    paddle.to_tensor(x),
+                    weight,
+                    scales,
+                    None if b is None else paddle.to_tensor(b),
+                    fmt=fmt,
+                    group_size=group,
+                    activation_dtype=act,
+                    isa=path,
+                    threads=t,
+                )
                 assert y.shape == [m, n] and y.dtype == paddle.float32
                 assert_close(y.numpy(), ref, f"{fmt} G{group} {act} {path} {t} threads, {m}x{k} -> {n}")
 
@@ -97,15 +108,16 @@ def test_int8_activations_round_half_to_even(fmt, group):
     halves = np.array([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, -126.5], np.float32)
     x = np.zeros((2, 256), np.float32)
     x[:, 0] = 127.0
-    x[0, 1:1 + halves.size] = halves
-    x[1, 200:200 + halves.size] = -halves
+    x[0, 1 : 1 + halves.size] = halves
+    x[1, 200 : 200 + halves.size] = -halves
     assert (quant.quantize_activations_int8(x)[1] == 1.0).all()
     rng = np.random.default_rng(11)
     weight, scales, dequantized = stored(rng.standard_normal((24, 256)).astype(np.float32), fmt, group or 128)
     ref = reference(x, dequantized, "int8")
     for path in paths():
-        y = kernels.linear(paddle.to_tensor(x), weight, scales, fmt=fmt, group_size=group or 128,
-                           activation_dtype="int8", isa=path)
+        y = kernels.linear(
+            paddle.to_tensor(x), weight, scales, fmt=fmt, group_size=group or 128, activation_dtype="int8", isa=path
+        )
         assert_close(y.numpy(), ref, f"{fmt} {path} ties")
 
 
@@ -199,8 +211,7 @@ def test_bad_arguments_are_refused():
     with pytest.raises(Exception, match="input features"):
         kernels.linear(paddle.ones([2, 7]), q, paddle.ones([4]), fmt="int8")
     with pytest.raises(Exception, match="scales must be float32"):
-        kernels.linear(x, paddle.to_tensor(np.zeros((4, 4), np.uint8)), paddle.ones([4, 2]), fmt="int4",
-                       group_size=2)
+        kernels.linear(x, paddle.to_tensor(np.zeros((4, 4), np.uint8)), paddle.ones([4, 2]), fmt="int4", group_size=2)
 
 
 class ThreeLinears(paddle.nn.Layer):
@@ -230,8 +241,9 @@ def test_to_static_save_and_predictor(tmp_path):
     model = ThreeLinears(300, 45, 128)
     x = np.random.default_rng(8).standard_normal((9, 300)).astype(np.float32)
     eager = model(paddle.to_tensor(x)).numpy()
-    static = paddle.jit.to_static(model, input_spec=[paddle.static.InputSpec([None, 300], "float32", "x")],
-                                  full_graph=True)
+    static = paddle.jit.to_static(
+        model, input_spec=[paddle.static.InputSpec([None, 300], "float32", "x")], full_graph=True
+    )
     np.testing.assert_allclose(static(paddle.to_tensor(x)).numpy(), eager, rtol=0, atol=0)
     paddle.jit.save(static, str(tmp_path / "model"))
     config = inference.Config(str(tmp_path / "model.json"), str(tmp_path / "model.pdiparams"))
@@ -250,14 +262,17 @@ def test_to_static_save_and_predictor(tmp_path):
 def run_python(code: str, env: dict) -> subprocess.CompletedProcess:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root, **env}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_cached_build_is_reused():
     """A second process finds the build in the cache: no compiler runs (pointing CXX nowhere proves it)."""
-    done = run_python("from paddle_glm4 import kernels; print(kernels.available(), kernels.isa())",
-                      {"CXX": "/nonexistent/g++", "CC": "/nonexistent/gcc"})
+    done = run_python(
+        "from paddle_glm4 import kernels; print(kernels.available(), kernels.isa())",
+        {"CXX": "/nonexistent/g++", "CC": "/nonexistent/gcc"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split()[0] == "True" and "building" not in done.stderr
 

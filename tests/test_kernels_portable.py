@@ -31,8 +31,14 @@ def test_without_a_compiler(tmp_path):
         print(len(mine), mine[0] if mine else "", kernels.available(), kernels.isa())
         np.save("%s", np.concatenate([y.ravel() for y in ys]))
     """ % (tmp_path / "portable.npy")
-    done = run_python(code, {"XDG_CACHE_HOME": str(tmp_path / "cache"), "CXX": str(tmp_path / "no-such-g++"),
-                             "CC": str(tmp_path / "no-such-gcc")})
+    done = run_python(
+        code,
+        {
+            "XDG_CACHE_HOME": str(tmp_path / "cache"),
+            "CXX": str(tmp_path / "no-such-g++"),
+            "CC": str(tmp_path / "no-such-gcc"),
+        },
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     count, _, rest = done.stdout.strip().partition(" ")
     assert count == "1" and "g++" in rest and rest.endswith("False portable"), done.stdout

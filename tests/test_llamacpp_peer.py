@@ -46,19 +46,31 @@ def test_gguf_holds_the_checkpoints_weights_in_llamacpp_chatglm_layout(tiny):
     config, directory, _ = tiny
     reader = gguf.GGUFReader(directory / "model.gguf")
     assert _field(reader, "general.architecture") == "chatglm"
-    for key, expected in (("chatglm.block_count", 2), ("chatglm.embedding_length", config.hidden_size),
-                          ("chatglm.feed_forward_length", config.intermediate_size),
-                          ("chatglm.attention.head_count", config.num_attention_heads),
-                          ("chatglm.attention.head_count_kv", config.num_key_value_heads),
-                          ("chatglm.rope.dimension_count", config.rotary_dim)):
+    for key, expected in (
+        ("chatglm.block_count", 2),
+        ("chatglm.embedding_length", config.hidden_size),
+        ("chatglm.feed_forward_length", config.intermediate_size),
+        ("chatglm.attention.head_count", config.num_attention_heads),
+        ("chatglm.attention.head_count_kv", config.num_key_value_heads),
+        ("chatglm.rope.dimension_count", config.rotary_dim),
+    ):
         assert _field(reader, key) == expected, key
     assert _field(reader, "chatglm.rope.freq_base") == pytest.approx(config.rope_theta)
     assert _field(reader, "chatglm.attention.layer_norm_rms_epsilon") == pytest.approx(config.rms_norm_eps)
     tensors = {tensor.name: tensor for tensor in reader.tensors}
     assert set(tensors) == {"token_embd.weight", "output_norm.weight", "output.weight"} | {
-        f"blk.{i}.{part}" for i in range(2) for part in (
-            "attn_norm.weight", "attn_qkv.weight", "attn_qkv.bias", "attn_output.weight", "ffn_norm.weight",
-            "ffn_up.weight", "ffn_down.weight")}
+        f"blk.{i}.{part}"
+        for i in range(2)
+        for part in (
+            "attn_norm.weight",
+            "attn_qkv.weight",
+            "attn_qkv.bias",
+            "attn_output.weight",
+            "ffn_norm.weight",
+            "ffn_up.weight",
+            "ffn_down.weight",
+        )
+    }
     checkpoint = str(directory / "checkpoint")
     specs = {spec.published: spec for spec in mapping.tensor_specs(config)}
     locations = inspect(checkpoint, mapping.paddle_shapes(config))
@@ -102,8 +114,10 @@ def _check_merges(vocab):
         assert rank[left] < rank[left + right] and rank[right] < rank[left + right], merge
 
 
-@pytest.mark.skipif(not (REFERENCE_DIR / "glm-4-9b-chat" / "tokenizer.model").is_file(),
-                    reason="GLM-4's tokenizer.model is not in ../shared/glm4_reference")
+@pytest.mark.skipif(
+    not (REFERENCE_DIR / "glm-4-9b-chat" / "tokenizer.model").is_file(),
+    reason="GLM-4's tokenizer.model is not in ../shared/glm4_reference",
+)
 def test_gguf_vocabulary_of_glm4s_real_tokenizer():
     vocab = gguf_peer.vocabulary(151552, str(REFERENCE_DIR / "glm-4-9b-chat"))
     assert "GLM-4's tokenizer" in vocab.source
@@ -150,8 +164,13 @@ def test_find_rejects_a_build_for_another_cpu_and_takes_one_for_this_cpu(tmp_pat
 @pytest.mark.slow
 def test_llamacpp_status_cli_fails_with_one_line_and_code_2(tmp_path):
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-m", "benchmarks.llamacpp", "status"], capture_output=True, text=True,
-                          env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.llamacpp", "status"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "not built" in done.stderr
 
 
@@ -165,7 +184,11 @@ def test_llamacpp_loads_and_quantizes_our_gguf(tiny, tmp_path):
     gguf_peer.quantize(str(peer.quantize), str(directory / "model.gguf"), str(tmp_path / "q4.gguf"), "Q4_0")
     types = {tensor.name: tensor.tensor_type for tensor in gguf.GGUFReader(tmp_path / "q4.gguf").tensors}
     assert types["blk.0.ffn_up.weight"] == gguf.GGMLQuantizationType.Q4_0
-    done = subprocess.run([str(peer.bench), "-m", str(tmp_path / "q4.gguf"), "-t", "1", "-p", "8", "-n", "2", "-r", "1",
-                           "-o", "json"], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [str(peer.bench), "-m", str(tmp_path / "q4.gguf"), "-t", "1", "-p", "8", "-n", "2", "-r", "1", "-o", "json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert {(test["n_prompt"], test["n_gen"]) for test in json.loads(done.stdout)} == {(8, 0), (0, 2)}

@@ -24,9 +24,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(paddle_glm4.__file__)))  
 def stored(tmp_path):
     """A file with a bf16 [37, 53] tensor between two others (so offsets are not 0), and its values."""
     rng = np.random.default_rng(0)
-    tensors = {"a": rng.standard_normal(5).astype(np.float32),
-               "w": rng.integers(0, 1 << 16, (37, 53), dtype=np.uint16) & 0xBFFF,  # finite bf16 bits
-               "z": rng.standard_normal((3, 4)).astype(np.float32)}
+    tensors = {
+        "a": rng.standard_normal(5).astype(np.float32),
+        "w": rng.integers(0, 1 << 16, (37, 53), dtype=np.uint16) & 0xBFFF,  # finite bf16 bits
+        "z": rng.standard_normal((3, 4)).astype(np.float32),
+    }
     path = str(tmp_path / "m.safetensors")
     dtypes = {"a": "float32", "w": "bfloat16", "z": "float32"}
     with SafetensorsWriter(path, [(name, dtypes[name], t.shape) for name, t in tensors.items()]) as writer:
@@ -42,8 +44,15 @@ def test_a_stored_tensor_reads_the_blocks_it_is_asked_for(stored):
     # the reader is closed: the stored tensor keeps its own descriptor
     assert weight.shape == (37, 53) and weight.dtype == np.uint16
     w = tensors["w"]
-    for key in [np.s_[:, 10:20], np.s_[3:9], np.s_[:, :], np.s_[30:, 50:], np.s_[:, 52:60], np.s_[5:5, :],
-                np.s_[-4:, -7:-2]]:
+    for key in [
+        np.s_[:, 10:20],
+        np.s_[3:9],
+        np.s_[:, :],
+        np.s_[30:, 50:],
+        np.s_[:, 52:60],
+        np.s_[5:5, :],
+        np.s_[-4:, -7:-2],
+    ]:
         block = weight[key]
         assert block.flags.c_contiguous and np.array_equal(block, w[key]), key
     with pytest.raises(TypeError, match="plain slices"):
@@ -122,12 +131,19 @@ def test_quantizing_glm4_at_load_peaks_at_the_weights_plus_a_block(glm4_width_ch
     by the quantized weights plus ALLOWANCE while loading, not by the weights plus a mapped bf16 source; the
     bf16 table stays in the file, mapped (nothing looks it up here), not quantized into memory."""
     assert ALLOWANCE > 4 * CONVERT_BLOCK_BYTES
-    done = subprocess.run([sys.executable, "-c", LOAD, str(glm4_width_checkpoint), quantization],
-                          env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", LOAD, str(glm4_width_checkpoint), quantization],
+        env={**os.environ, "PYTHONPATH": ROOT},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     figures = json.loads(done.stdout.strip().splitlines()[-1])
-    print(f"{quantization}: loading raised the peak RSS by {figures['rise'] / 1e9:.2f} GB, "
-          f"for {figures['weights'] / 1e9:.2f} GB of weights beside the mapped table")
+    print(
+        f"{quantization}: loading raised the peak RSS by {figures['rise'] / 1e9:.2f} GB, "
+        f"for {figures['weights'] / 1e9:.2f} GB of weights beside the mapped table"
+    )
     assert figures["mapped_table"] == 151552 * 4096 * 2
     assert figures["weights"] > 0.4e9  # the real lm_head, quantized (int4: 0.35 GB), and the layer
     assert figures["rise"] <= figures["weights"] + ALLOWANCE

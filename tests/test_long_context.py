@@ -12,7 +12,7 @@ from paddle_glm4.small_vocab import write_small_vocabulary
 from paddle_glm4.tokenizer import GLM4Tokenizer
 
 CHUNK = 8
-LENGTHS = (1, CHUNK - 1, CHUNK, CHUNK + 1, CHUNK * 11 // 2)   # 5.5 chunks last
+LENGTHS = (1, CHUNK - 1, CHUNK, CHUNK + 1, CHUNK * 11 // 2)  # 5.5 chunks last
 STEPS = 4
 
 
@@ -26,8 +26,13 @@ def built(root):
     """(dynamic model, predictor over its float32 export in root / "export")."""
     checkpoint = str(root / "checkpoint")
     tokenizer = GLM4Tokenizer.from_pretrained(write_small_vocabulary(checkpoint))
-    config = small_config(vocab_size=tokenizer.vocab_size, rope_ratio=500.0, seq_length=128,
-                          eos_token_id=tokenizer.stop_token_ids, pad_token_id=tokenizer.pad_token_id)
+    config = small_config(
+        vocab_size=tokenizer.vocab_size,
+        rope_ratio=500.0,
+        seq_length=128,
+        eos_token_id=tokenizer.stop_token_ids,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     model = paddle_model(config, dict(random_weights(config, seed=5)))
     model.save_pretrained(checkpoint)
     export_model(checkpoint, str(root / "export"), max_seq_len=64, progress=False)
@@ -41,8 +46,11 @@ def prompts(lengths=LENGTHS):
 
 def session_logits(session, ids, mask):
     """Logits [b, 1 + STEPS, vocab]: after the prompt, then after each greedy token."""
-    out = [session.prefill(paddle.to_tensor(ids), None if mask is None else paddle.to_tensor(mask), None,
-                           ids.shape[1] + STEPS).numpy()]
+    out = [
+        session.prefill(
+            paddle.to_tensor(ids), None if mask is None else paddle.to_tensor(mask), None, ids.shape[1] + STEPS
+        ).numpy()
+    ]
     for _ in range(STEPS):
         out.append(session.step(paddle.to_tensor(out[-1].argmax(-1))).numpy())
     return np.stack(out, axis=1)
@@ -83,8 +91,9 @@ def test_the_chunk_is_what_each_prefill_forward_takes(built, monkeypatch):
     model, _ = built
     widths = []
     forward = model.logits
-    monkeypatch.setattr(model, "logits",
-                        lambda ids, *args, **kw: widths.append(ids.shape[1]) or forward(ids, *args, **kw))
+    monkeypatch.setattr(
+        model, "logits", lambda ids, *args, **kw: widths.append(ids.shape[1]) or forward(ids, *args, **kw)
+    )
     p = prompts((CHUNK * 11 // 2,))[0]
     model.generate(p, max_new_tokens=2, prefill_chunk=CHUNK, eos_token_id=[])
     assert widths == [CHUNK] * 5 + [CHUNK // 2, 1]
@@ -115,8 +124,10 @@ def attention_case(rng, b, s, length, h=4, g=2, d=16, padded=True):
     """q [b, s, h, d] at slots length - s.. over k, v [b, length, g, d] and a Mask (some slots padding)."""
     from paddle_glm4 import ops
 
-    q, k, v = (paddle.to_tensor(rng.randn(*shape).astype("float32"))
-               for shape in ((b, s, h, d), (b, length, g, d), (b, length, g, d)))
+    q, k, v = (
+        paddle.to_tensor(rng.randn(*shape).astype("float32"))
+        for shape in ((b, s, h, d), (b, length, g, d), (b, length, g, d))
+    )
     valid = paddle.to_tensor(rng.rand(b, length) > 0.3) if padded else None
     return q, k, v, ops.attention_mask(valid, length - s, s)
 
@@ -149,14 +160,15 @@ def test_attention_without_the_kernel_in_query_blocks_equals_one_call(monkeypatc
     rng = np.random.RandomState(0)
     b, s, length, h = 2, 37, 37 if causal else 50, 4
     q, k, v, mask = attention_case(rng, b, s, length, h=h, padded=not causal)
-    q.stop_gradient = False                                            # a gradient is wanted: no kernel
+    q.stop_gradient = False  # a gradient is wanted: no kernel
     whole = ops.attention(q, k, v, mask).numpy()
     assert np.abs(whole - attention_reference(q, k, v, mask)).max() <= 1e-5
     shapes = []
     sdpa = F.scaled_dot_product_attention
-    monkeypatch.setattr(F, "scaled_dot_product_attention",
-                        lambda q, *a, **kw: shapes.append(q.shape[1]) or sdpa(q, *a, **kw))
-    monkeypatch.setattr(ops, "SCORE_BUDGET", b * h * length * 5)         # blocks of 5 queries
+    monkeypatch.setattr(
+        F, "scaled_dot_product_attention", lambda q, *a, **kw: shapes.append(q.shape[1]) or sdpa(q, *a, **kw)
+    )
+    monkeypatch.setattr(ops, "SCORE_BUDGET", b * h * length * 5)  # blocks of 5 queries
     blocked = ops.attention(q, k, v, mask).numpy()
     assert shapes == [5] * 7 + [2]
     assert np.abs(blocked - whole).max() <= 1e-5
@@ -170,10 +182,11 @@ def test_rotary_angles_near_the_128k_context_match_the_reference():
     from paddle_glm4 import ops
 
     # glm-4-9b-chat's rotary: head_dim 128, half of it rotated, base 10000 * rope_ratio 500, 131072 positions
-    config = small_config(head_dim=128, num_attention_heads=2, num_key_value_heads=2, hidden_size=256,
-                          rope_ratio=500.0, seq_length=131072)
+    config = small_config(
+        head_dim=128, num_attention_heads=2, num_key_value_heads=2, hidden_size=256, rope_ratio=500.0, seq_length=131072
+    )
     positions = np.concatenate([[0, 1, 8191, 8192, 32767, 32768, 65535], np.arange(131072 - 57, 131072)])
-    x = np.random.RandomState(0).randn(1, len(positions), 2, 128).astype("float32")     # [b, s, h, d]
+    x = np.random.RandomState(0).randn(1, len(positions), 2, 128).astype("float32")  # [b, s, h, d]
     rope = GlmRotaryEmbedding(GlmConfig(**config.to_hf_glm_dict()))
     cos, sin = rope(torch.from_numpy(x), torch.from_numpy(positions[None]))
     reference, _ = apply_rotary_pos_emb(torch.from_numpy(x), torch.from_numpy(x), cos, sin, unsqueeze_dim=2)
@@ -182,8 +195,9 @@ def test_rotary_angles_near_the_128k_context_match_the_reference():
     ours = ops.apply_rotary(paddle.to_tensor(x), tables).numpy()
     assert np.abs(ours - reference.numpy()).max() <= 1e-5
     # the angles themselves, not only their effect: the cosines of the pairs
-    np.testing.assert_allclose(tables[0].numpy()[0, :, 0, ::2], cos.numpy()[0, :, :config.rotary_dim // 2],
-                               atol=1e-6, rtol=0)
+    np.testing.assert_allclose(
+        tables[0].numpy()[0, :, 0, ::2], cos.numpy()[0, :, : config.rotary_dim // 2], atol=1e-6, rtol=0
+    )
 
 
 def test_a_long_prefill_reports_its_progress_to_the_streamer(built):
@@ -230,7 +244,7 @@ def forced_logits(model, sequence, prompt_len, kv_cache_dtype):
     """Logits [len(sequence) - prompt_len + 1, vocab] after the prompt and after each later token of `sequence`."""
     session = ModelSession(model, kv_cache_dtype=kv_cache_dtype)
     out = [session.prefill(paddle.to_tensor(sequence[None, :prompt_len]), None, None, len(sequence) + 1)]
-    out += [session.step(paddle.to_tensor(sequence[k:k + 1])) for k in range(prompt_len, len(sequence))]
+    out += [session.step(paddle.to_tensor(sequence[k : k + 1])) for k in range(prompt_len, len(sequence))]
     assert session.sequences.cache.keys[0].dtype == getattr(paddle, kv_cache_dtype)
     return np.concatenate([o.numpy() for o in out])
 
@@ -262,8 +276,9 @@ def test_an_export_with_a_bfloat16_cache_computes_what_the_dynamic_model_does_wi
     from paddle_glm4.inference import ExportError
 
     model, _ = built
-    export_model(str(root / "checkpoint"), str(root / "export-bf16"), max_seq_len=64, progress=False,
-                 kv_cache_dtype="bfloat16")
+    export_model(
+        str(root / "checkpoint"), str(root / "export-bf16"), max_seq_len=64, progress=False, kv_cache_dtype="bfloat16"
+    )
     predictor = Predictor(str(root / "export-bf16"))
     assert predictor.manifest.kv_cache_dtype == "bfloat16"
     batch, mask = left_padded(prompts(), 0)
@@ -322,7 +337,7 @@ def test_load_engine_sets_the_cache_dtype_of_the_dynamic_model_and_refuses_it_fo
     write_small_vocabulary(checkpoint)
     loaded, _ = load_engine(checkpoint, kv_cache_dtype="bfloat16", prefill_chunk=4)
     assert (loaded.kv_cache_dtype, loaded.prefill_chunk) == ("bfloat16", 4)
-    with pytest.raises(UsageError, match="--kv-cache-dtype applies to the dynamic engine.*glm4 export --kv-cache"):
+    with pytest.raises(UsageError, match=r"--kv-cache-dtype applies to the dynamic engine.*glm4 export --kv-cache"):
         load_engine(checkpoint, engine="inference", kv_cache_dtype="bfloat16")
 
 
@@ -340,12 +355,13 @@ def test_a_16k_token_prompt_matches_the_reference(monkeypatch):
     ref = reference_model(config, seed=4)
     ref.config._attn_implementation = "sdpa"
     model = paddle_model(config, paddle_state(config, hf_state(ref)))
-    monkeypatch.setattr(ops, "SCORE_BUDGET", 1 << 22)        # several query blocks per chunk, even here
+    monkeypatch.setattr(ops, "SCORE_BUDGET", 1 << 22)  # several query blocks per chunk, even here
     p = np.random.RandomState(0).randint(3, config.vocab_size, length).astype("int64")
     with torch.no_grad():
         expected_logits = ref(torch.from_numpy(p[None]), logits_to_keep=1).logits[0, -1].numpy()
-        expected = ref.generate(torch.from_numpy(p[None]), max_new_tokens=new, do_sample=False,
-                                eos_token_id=None, pad_token_id=0)[0, length:].numpy()
+        expected = ref.generate(
+            torch.from_numpy(p[None]), max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0
+        )[0, length:].numpy()
     # generate attends through the kernel where it is built; a forward that may want gradients, through
     # Paddle's ops on blocks of queries
     ids, _ = model.generate(p, max_new_tokens=new, eos_token_id=[], prefill_chunk=2048, kv_cache_dtype="float32")

@@ -8,18 +8,35 @@ import numpy as np
 import paddle
 import pytest
 
-from conftest import (full_width_config, hf_state, left_padded, paddle_model, paddle_state, reference_logits,
-                      reference_model, small_config)
+from conftest import (
+    full_width_config,
+    hf_state,
+    left_padded,
+    paddle_model,
+    paddle_state,
+    reference_logits,
+    reference_model,
+    small_config,
+)
 from converters import mapping
 from paddle_glm4 import GLM4ForCausalLM, ops
 from paddle_glm4.checkpoint import CheckpointError
 
 CONFIGS = [
     # (config overrides, sequence length): heads / KV groups 1, 2, 4 / rope_ratio 1 and 500 / odd lengths
-    (dict(num_attention_heads=4, num_key_value_heads=1, head_dim=16, rope_ratio=1.0), 7),
-    (dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_ratio=500.0), 13),
-    (dict(num_attention_heads=8, num_key_value_heads=4, head_dim=8, hidden_size=48, rope_ratio=500.0), 31),
-    (dict(num_attention_heads=6, num_key_value_heads=2, head_dim=32, num_hidden_layers=3, intermediate_size=40), 65),
+    ({"num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 16, "rope_ratio": 1.0}, 7),
+    ({"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "rope_ratio": 500.0}, 13),
+    ({"num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 8, "hidden_size": 48, "rope_ratio": 500.0}, 31),
+    (
+        {
+            "num_attention_heads": 6,
+            "num_key_value_heads": 2,
+            "head_dim": 32,
+            "num_hidden_layers": 3,
+            "intermediate_size": 40,
+        },
+        65,
+    ),
 ]
 
 
@@ -83,7 +100,7 @@ def test_decoding_with_the_cache_equals_the_full_forward():
     steps = [out.logits.numpy()]
     cache = out.past_key_values
     for t in range(8, 40):  # 32 tokens, one at a time
-        out = model(paddle.to_tensor(ids[:, t:t + 1]), past_key_values=cache, use_cache=True)
+        out = model(paddle.to_tensor(ids[:, t : t + 1]), past_key_values=cache, use_cache=True)
         steps.append(out.logits.numpy())
     assert cache.length == 40
     assert np.abs(np.concatenate(steps, axis=1) - full).max() <= 1e-4
@@ -123,12 +140,12 @@ def test_left_padded_batch_then_cache_equals_each_prompt_alone():
     out = model(paddle.to_tensor(ids), attention_mask=paddle.to_tensor(mask), use_cache=True)
     cache, steps = out.past_key_values, []
     for t in range(continuation.shape[1]):
-        out = model(paddle.to_tensor(continuation[:, t:t + 1]), past_key_values=cache, use_cache=True)
+        out = model(paddle.to_tensor(continuation[:, t : t + 1]), past_key_values=cache, use_cache=True)
         steps.append(out.logits.numpy()[:, -1])
     for row, prompt in enumerate(prompts):
         alone = logits(model, np.concatenate([prompt, continuation[row]])[None])
         got = np.stack([s[row] for s in steps])
-        assert np.abs(got - alone[0, len(prompt):]).max() <= 1e-4
+        assert np.abs(got - alone[0, len(prompt) :]).max() <= 1e-4
 
 
 def test_logits_to_keep_returns_the_last_positions_only():
@@ -147,8 +164,10 @@ def test_last_layer_mlp_runs_on_the_kept_positions_only():
     _, model = build(config)
     ids = random_ids(config, (2, 11))
     seen = []
-    hooks = [layer.mlp.register_forward_pre_hook(lambda _, inputs: seen.append(inputs[0].shape[1]))
-             for layer in model.model.layers]
+    hooks = [
+        layer.mlp.register_forward_pre_hook(lambda _, inputs: seen.append(inputs[0].shape[1]))
+        for layer in model.model.layers
+    ]
     kept = logits(model, ids, logits_to_keep=3)
     for hook in hooks:
         hook.remove()
@@ -248,14 +267,14 @@ def rewrite_single(directory, change):
 def test_load_refuses_a_missing_tensor(tmp_path, saved):
     bad = copy_checkpoint(saved[1], tmp_path / "c")
     rewrite_single(bad, lambda t: t.pop("model.layers.1.mlp.down_proj.weight"))
-    with pytest.raises(CheckpointError, match="missing tensor 'model.layers.1.mlp.down_proj.weight'"):
+    with pytest.raises(CheckpointError, match=r"missing tensor 'model.layers.1.mlp.down_proj.weight'"):
         GLM4ForCausalLM.from_pretrained(str(bad))
 
 
 def test_load_refuses_an_unexpected_tensor(tmp_path, saved):
     bad = copy_checkpoint(saved[1], tmp_path / "c")
     rewrite_single(bad, lambda t: t.update({"model.layers.7.extra.weight": np.zeros(3, np.float32)}))
-    with pytest.raises(CheckpointError, match="unexpected tensor 'model.layers.7.extra.weight'"):
+    with pytest.raises(CheckpointError, match=r"unexpected tensor 'model.layers.7.extra.weight'"):
         GLM4ForCausalLM.from_pretrained(str(bad))
 
 
@@ -286,14 +305,14 @@ def test_load_refuses_pickle_files(tmp_path, saved):
     bad = copy_checkpoint(saved[1], tmp_path / "c")
     (bad / "model.safetensors").unlink()
     (bad / "model_state.pdparams").write_bytes(b"\x80\x04K\x01.")  # a pickle; it must never be unpickled
-    with pytest.raises(CheckpointError, match="model_state.pdparams is a pickle file"):
+    with pytest.raises(CheckpointError, match=r"model_state.pdparams is a pickle file"):
         GLM4ForCausalLM.from_pretrained(str(bad))
     index = {"weight_map": {"model.norm.weight": "pytorch_model.bin"}}
     (bad / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(CheckpointError, match="points to 'pytorch_model.bin'"):
+    with pytest.raises(CheckpointError, match=r"points to 'pytorch_model.bin'"):
         GLM4ForCausalLM.from_pretrained(str(bad))
 
 
 def test_load_refuses_a_directory_without_config(tmp_path):
-    with pytest.raises(CheckpointError, match="no config.json"):
+    with pytest.raises(CheckpointError, match=r"no config.json"):
         GLM4ForCausalLM.from_pretrained(str(tmp_path))

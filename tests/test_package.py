@@ -18,17 +18,21 @@ def run_python(script: str) -> str:
 
 
 def test_importing_the_package_and_its_config_imports_no_paddle():
-    out = run_python("import sys, paddle_glm4\n"
-                     "config = paddle_glm4.GLM4Config()\n"
-                     "print('paddle' in sys.modules, config.num_hidden_layers)")
+    out = run_python(
+        "import sys, paddle_glm4\n"
+        "config = paddle_glm4.GLM4Config()\n"
+        "print('paddle' in sys.modules, config.num_hidden_layers)"
+    )
     assert out == "False 40"
 
 
 def test_public_names_load_on_first_use():
-    out = run_python("import sys, paddle_glm4\n"
-                     "model_class = paddle_glm4.GLM4ForCausalLM\n"
-                     "from paddle_glm4.model import GLM4ForCausalLM\n"
-                     "print('paddle' in sys.modules, model_class is GLM4ForCausalLM)")
+    out = run_python(
+        "import sys, paddle_glm4\n"
+        "model_class = paddle_glm4.GLM4ForCausalLM\n"
+        "from paddle_glm4.model import GLM4ForCausalLM\n"
+        "print('paddle' in sys.modules, model_class is GLM4ForCausalLM)"
+    )
     assert out == "True True"
 
 

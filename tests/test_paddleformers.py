@@ -17,8 +17,10 @@ import numpy as np
 import paddle
 import pytest
 
-paddleformers = pytest.importorskip("paddleformers", reason="PaddleFormers is not installed here; `make test-"
-                                    "paddleformers` runs these tests in .venv-paddleformers")
+paddleformers = pytest.importorskip(
+    "paddleformers",
+    reason="PaddleFormers is not installed here; `make test-paddleformers` runs these tests in .venv-paddleformers",
+)
 
 from paddleformers.transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, Qwen2Config  # noqa: E402
 
@@ -39,8 +41,12 @@ from paddle_glm4.small_vocab import write_small_vocabulary  # noqa: E402
 
 NAME = "THUDM/glm-4-9b"
 TEXTS = ["def add(a, b):\n    return a + b", "hello", "你好，世界 <|user|> [gMASK]"]
-CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "你好"},
-        {"role": "assistant", "content": "Hi."}, {"role": "user", "content": "2+2?"}]
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "你好"},
+    {"role": "assistant", "content": "Hi."},
+    {"role": "user", "content": "2+2?"},
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -56,8 +62,9 @@ def checkpoint(tmp_path_factory):
     write_small_vocabulary(directory)
     tokenizer = GLM4Tokenizer.from_pretrained(directory)
     paddle.seed(0)
-    config = small_config(vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.stop_token_ids,
-                          pad_token_id=tokenizer.pad_token_id)
+    config = small_config(
+        vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.stop_token_ids, pad_token_id=tokenizer.pad_token_id
+    )
     GLM4ForCausalLM(config).eval().save_pretrained(str(directory))
     return directory
 
@@ -95,6 +102,7 @@ def logits(model, ids):
 
 # ---- loading ---------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("by", ["directory", "name"])
 def test_auto_classes_return_this_projects_classes(by, checkpoint, pf_home, reference):
     source = str(checkpoint) if by == "directory" else NAME
@@ -116,20 +124,34 @@ def test_same_token_ids_and_chat_template_as_glm4_tokenizer(auto, reference):
         assert tokenizer(text) == expected(text)
     for key, value in tokenizer(TEXTS, padding=True, return_tensors="pd").items():
         np.testing.assert_array_equal(value.numpy(), expected(TEXTS, padding=True, return_tensors="np")[key])
-    assert (tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
-            == expected.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True))
+    assert tokenizer.apply_chat_template(
+        CHAT, tokenize=False, add_generation_prompt=True
+    ) == expected.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
     assert tokenizer.apply_chat_template(CHAT, add_generation_prompt=True) == expected.apply_chat_template(
-        CHAT, add_generation_prompt=True)
+        CHAT, add_generation_prompt=True
+    )
 
 
 def test_qwen2_is_left_to_paddleformers(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps(
-        {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128,
-         "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["Qwen2ForCausalLM"],
+                "model_type": "qwen2",
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "vocab_size": 100,
+            }
+        )
+    )
     assert type(AutoConfig.from_pretrained(str(tmp_path))) is Qwen2Config
     # (PaddleFormers' Qwen2 model needs paddlefleet, a GPU package, to import: its mappings are checked instead)
     from paddleformers.transformers.auto.configuration import CONFIG_MAPPING
     from paddleformers.transformers.auto.modeling import MODEL_MAPPING
+
     assert CONFIG_MAPPING["qwen2"] is Qwen2Config and CONFIG_MAPPING["glm4"] is PaddleFormersGLM4Config
     assert set(MODEL_MAPPING._extra_content) == {PaddleFormersGLM4Config, PaddleFormersPublishedGLM4Config}
     assert AutoModelForCausalLM._name_mapping["Qwen2Model_Import_Class"] == "Qwen2ForCausalLM"
@@ -160,6 +182,7 @@ def test_the_published_checkpoint_loads_its_tokenizer_and_config_and_asks_to_con
 
 # ---- the model where PaddleFormers users touch it ------------------------------------------------------------------
 
+
 def test_generate_with_paddleformers_sampling_arguments_equals_ours(auto, reference):
     model, tokenizer = auto
     inputs = tokenizer(TEXTS, padding=True, return_tensors="pd")
@@ -170,16 +193,18 @@ def test_generate_with_paddleformers_sampling_arguments_equals_ours(auto, refere
     whole = model.generate(**inputs, decode_strategy="greedy_search", max_new_tokens=8, trunc_input=False)[0]
     np.testing.assert_array_equal(whole.numpy(), np.concatenate([inputs["input_ids"].numpy(), expected_ids.numpy()], 1))
 
-    sampling = dict(top_p=0.9, top_k=20, temperature=0.7, repetition_penalty=1.2)
+    sampling = {"top_p": 0.9, "top_k": 20, "temperature": 0.7, "repetition_penalty": 1.2}
     expected = reference[0].generate(**inputs, do_sample=True, max_new_tokens=8, seed=5, **sampling)[0].numpy()
-    for strategy in (dict(decode_strategy="sampling"), dict(do_sample=True)):
+    for strategy in ({"decode_strategy": "sampling"}, {"do_sample": True}):
         ids = model.generate(**inputs, max_new_tokens=8, seed=5, **strategy, **sampling)[0].numpy()
         np.testing.assert_array_equal(ids, expected)
     from paddleformers.generation import GenerationConfig
+
     config = GenerationConfig(do_sample=True, max_new_tokens=8, **sampling)
     np.testing.assert_array_equal(model.generate(**inputs, generation_config=config, seed=5)[0].numpy(), expected)
-    hotter = model.generate(**inputs, decode_strategy="sampling", max_new_tokens=8, seed=5,
-                            **{**sampling, "temperature": 5.0})
+    hotter = model.generate(
+        **inputs, decode_strategy="sampling", max_new_tokens=8, seed=5, **{**sampling, "temperature": 5.0}
+    )
     assert not np.array_equal(hotter[0].numpy(), expected)
 
 
@@ -199,6 +224,7 @@ def test_cache_dir_follows_paddleformers_rule(monkeypatch, tmp_path):
     assert cache_dir(NAME) == str(tmp_path / NAME)
     # what PaddleFormers' own lookup makes of the name while PF_HOME is set: that directory
     from paddleformers.utils.download.download import check_repo
+
     (tmp_path / NAME).mkdir(parents=True)
     assert check_repo(NAME, "huggingface") == cache_dir(NAME)
     monkeypatch.delenv("PF_HOME")
@@ -213,7 +239,9 @@ def test_cache_dir_follows_paddleformers_rule(monkeypatch, tmp_path):
 
 # A fresh interpreter with every network connection refused (and recorded): imports in the given order, nothing
 # registered by hand, then loads by name from the PaddleFormers home in PF_HOME.
-NO_NETWORK_SCRIPT = REFUSE_NETWORK + r"""
+NO_NETWORK_SCRIPT = (
+    REFUSE_NETWORK
+    + r"""
 import json, sys
 
 report = {}
@@ -250,21 +278,31 @@ report["same greedy tokens"] = bool((ids == own_model.generate(**inputs, max_new
 report["network attempts"] = attempts
 print(json.dumps(report))
 """
+)
 
 
 @pytest.mark.parametrize("first", ["paddle_glm4", "paddleformers", "adapter"])
 def test_registration_in_either_import_order_without_network(first, home):
     env = {**os.environ, "PF_HOME": str(home), "DOWNLOAD_SOURCE": "aistudio"}
-    run = subprocess.run([sys.executable, "-c", NO_NETWORK_SCRIPT, first, NAME, str(home / NAME)], env=env,
-                         capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [sys.executable, "-c", NO_NETWORK_SCRIPT, first, NAME, str(home / NAME)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "could not register" not in run.stderr
     report = json.loads(run.stdout.strip().splitlines()[-1])
     assert report["network attempts"] == []
     if first == "paddle_glm4":
         assert report["paddleformers imported by paddle_glm4"] is False
-    assert report["classes"] == ["PaddleFormersGLM4Config", "PaddleFormersGLM4ForCausalLM",
-                                 "PaddleFormersGLM4ForCausalLM", "ChatGLM4Tokenizer"]
+    assert report["classes"] == [
+        "PaddleFormersGLM4Config",
+        "PaddleFormersGLM4ForCausalLM",
+        "PaddleFormersGLM4ForCausalLM",
+        "ChatGLM4Tokenizer",
+    ]
     assert report["generated"] == [2, 3]
     assert report["same ids"] and report["same chat template"]
     assert report["same logits"] and report["same greedy tokens"]
@@ -285,7 +323,9 @@ def test_paddleformers_lora_model_wraps_glm4_trains_and_merges_into_a_checkpoint
 # no public API lets this project replace. Online, the hub gives THUDM's small config.json and tokenizer_config.json,
 # which pick this project's classes, and they read the name from PaddleFormers' home. A stand-in hub on 127.0.0.1
 # plays THUDM's repositories here (every other connection refused); PF_HOME is unset, HOME a temporary directory.
-HUB_SCRIPT = REFUSE_NETWORK + r"""
+HUB_SCRIPT = (
+    REFUSE_NETWORK
+    + r"""
 import json, sys
 allowed.add("127.0.0.1")
 
@@ -308,22 +348,27 @@ report["logits"] = model(paddle.to_tensor([report["ids"]])).logits.numpy().tolis
 report["network attempts"] = attempts
 print(json.dumps(report))
 """
+)
 
 
-def test_by_name_with_a_hub_the_cache_is_read_and_a_missing_checkpoint_says_how_to_convert(checkpoint, reference,
-                                                                                          tmp_path):
+def test_by_name_with_a_hub_the_cache_is_read_and_a_missing_checkpoint_says_how_to_convert(
+    checkpoint, reference, tmp_path
+):
     home = tmp_path / "user"
     shutil.copytree(checkpoint, home / ".paddleformers" / NAME)  # where glm4-convert --paddleformers-name writes
-    published = {"config.json": json.dumps(reference[0].config.to_published_dict()).encode(),
-                 "tokenizer_config.json": (checkpoint / "tokenizer_config.json").read_bytes()}
+    published = {
+        "config.json": json.dumps(reference[0].config.to_published_dict()).encode(),
+        "tokenizer_config.json": (checkpoint / "tokenizer_config.json").read_bytes(),
+    }
     missing = NAME + "-chat"
     with hub_stand_in({NAME: published, missing: published}) as (url, requests):
         # nothing of the caller's setup may send the client elsewhere: no offline switch, no proxy, no PF_HOME
         unset = ("PF_HOME", "DOWNLOAD_SOURCE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN")
         env = {key: value for key, value in os.environ.items() if key not in unset and "proxy" not in key.lower()}
         env.update(HOME=str(home), HF_ENDPOINT=url, HF_HUB_CACHE=str(tmp_path / "hf-cache"), NO_PROXY="127.0.0.1")
-        run = subprocess.run([sys.executable, "-c", HUB_SCRIPT, NAME, missing], env=env, capture_output=True,
-                             text=True, timeout=600)
+        run = subprocess.run(
+            [sys.executable, "-c", HUB_SCRIPT, NAME, missing], env=env, capture_output=True, text=True, timeout=600
+        )
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(run.stdout.strip().splitlines()[-1])
     assert report["network attempts"] == []
@@ -331,8 +376,9 @@ def test_by_name_with_a_hub_the_cache_is_read_and_a_missing_checkpoint_says_how_
     assert f"export PF_HOME={home / '.paddleformers'}" in report["missing"]
     assert report["classes"] == ["PaddleFormersGLM4ForCausalLM", "ChatGLM4Tokenizer"]
     assert report["ids"] == reference[1]("hello")["input_ids"]
-    np.testing.assert_array_equal(np.array(report["logits"], dtype="float32"),
-                                  logits(reference[0], np.array([report["ids"]])))
+    np.testing.assert_array_equal(
+        np.array(report["logits"], dtype="float32"), logits(reference[0], np.array([report["ids"]]))
+    )
     # the hub gave the two small files that pick the classes; no weights were asked of it
     resolved = {request.split("/resolve/main/")[-1] for request in requests if "/resolve/main/" in request}
     assert {"config.json", "tokenizer_config.json"} <= resolved

@@ -16,19 +16,29 @@ import numpy as np
 import paddle
 import pytest
 
-paddlenlp = pytest.importorskip("paddlenlp", reason="PaddleNLP is not installed here; `make test-paddlenlp` runs "
-                                                    "these tests in .venv-paddlenlp")
+paddlenlp = pytest.importorskip(
+    "paddlenlp", reason="PaddleNLP is not installed here; `make test-paddlenlp` runs these tests in .venv-paddlenlp"
+)
 
 import paddlenlp.utils.env  # noqa: E402
 from paddlenlp.generation import GenerationConfig as PaddleNLPGenerationConfig  # noqa: E402
-from paddlenlp.transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer,  # noqa: E402
-                                    LlamaConfig)
+from paddlenlp.transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+)
 
 from conftest import check_peft_lora, small_config  # noqa: E402
 from no_network import REFUSE_NETWORK  # noqa: E402
 from paddle_glm4 import GLM4Config, GLM4ForCausalLM, GLM4Tokenizer  # noqa: E402
-from paddle_glm4.integrations.paddlenlp import (PUBLISHED_TOKENIZER_CLASS, CheckpointNotFoundError,  # noqa: E402
-                                                merge_paddlenlp_lora, register_paddlenlp)
+from paddle_glm4.integrations.paddlenlp import (
+    PUBLISHED_TOKENIZER_CLASS,
+    CheckpointNotFoundError,
+    merge_paddlenlp_lora,
+    register_paddlenlp,
+)
 from paddle_glm4.integrations.paddlenlp_home import cache_dir  # noqa: E402
 from paddle_glm4.small_vocab import write_small_vocabulary  # noqa: E402
 
@@ -49,8 +59,9 @@ def checkpoint(tmp_path_factory):
     write_small_vocabulary(directory)
     tokenizer = GLM4Tokenizer.from_pretrained(directory)
     paddle.seed(0)
-    config = small_config(vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.stop_token_ids,
-                          pad_token_id=tokenizer.pad_token_id)
+    config = small_config(
+        vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.stop_token_ids, pad_token_id=tokenizer.pad_token_id
+    )
     GLM4ForCausalLM(config).eval().save_pretrained(str(directory))
     return directory
 
@@ -89,6 +100,7 @@ def logits(model, ids):
 
 # ---- loading ---------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("by", ["directory", "name"])
 def test_auto_classes_return_this_projects_classes(by, checkpoint, model_home):
     source = str(checkpoint) if by == "directory" else NAME
@@ -117,9 +129,18 @@ def test_same_token_ids_as_glm4_tokenizer(auto, reference):
 
 
 def test_other_models_are_left_to_paddlenlp(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps(
-        {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 1,
-         "num_attention_heads": 4, "vocab_size": 100}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["LlamaForCausalLM"],
+                "model_type": "llama",
+                "hidden_size": 64,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 4,
+                "vocab_size": 100,
+            }
+        )
+    )
     assert type(AutoConfig.from_pretrained(str(tmp_path))) is LlamaConfig
     assert not getattr(AutoConfig.from_pretrained.__wrapped__, "answers_for_glm4", False)  # wrapped once only
 
@@ -158,10 +179,31 @@ def test_tensor_parallel_degree_2_splits_the_model_across_two_processes(checkpoi
     ids = np.array([[5, 9, 17, 3, 40, 2]], dtype="int64")
     np.savez(tmp_path / "inputs.npz", ids=ids, batch_ids=ids, batch_mask=np.ones_like(ids))
     (tmp_path / "out").mkdir()
-    done = subprocess.run([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir",
-                           str(tmp_path / "log"), str(WORKER), "--paddlenlp", "--model", str(checkpoint), "--out",
-                           str(tmp_path / "out"), "--degree", "2", "--inputs", str(tmp_path / "inputs.npz")],
-                          capture_output=True, text=True, timeout=180, env=_env())
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "paddle.distributed.launch",
+            "--nproc_per_node",
+            "2",
+            "--log_dir",
+            str(tmp_path / "log"),
+            str(WORKER),
+            "--paddlenlp",
+            "--model",
+            str(checkpoint),
+            "--out",
+            str(tmp_path / "out"),
+            "--degree",
+            "2",
+            "--inputs",
+            str(tmp_path / "inputs.npz"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=_env(),
+    )
     assert done.returncode == 0, done.stdout[-3000:]
     model = AutoModelForCausalLM.from_pretrained(str(checkpoint))
     expected = logits(model, ids)
@@ -187,11 +229,12 @@ def test_loading_arguments_glm4_cannot_honour_are_refused(checkpoint):
 
 # ---- the model where PaddleNLP users touch it ---------------------------------------------------------------------
 
+
 def test_generate_as_paddlenlp_users_write_it_equals_greedy_generate(auto, reference):
     model, tokenizer = auto
     inputs = tokenizer(TEXTS, padding=True, return_tensors="pd")
     expected_ids, expected_scores = reference[0].generate(**inputs, max_new_tokens=8)
-    for length in (dict(max_new_tokens=8), dict(max_length=8)):  # max_length: PaddleNLP's older name
+    for length in ({"max_new_tokens": 8}, {"max_length": 8}):  # max_length: PaddleNLP's older name
         ids, scores = model.generate(**inputs, decode_strategy="greedy_search", **length)
         np.testing.assert_array_equal(ids.numpy(), expected_ids.numpy())
         np.testing.assert_allclose(scores.numpy(), expected_scores.numpy(), rtol=1e-6)
@@ -200,7 +243,7 @@ def test_generate_as_paddlenlp_users_write_it_equals_greedy_generate(auto, refer
     np.testing.assert_array_equal(model.generate(**inputs, generation_config=config)[0].numpy(), expected_ids.numpy())
     # trunc_input=False: the prompt (padding included) before the new tokens, as PaddleNLP returns it
     prompt = inputs["input_ids"].numpy()
-    for keep in (dict(trunc_input=False), dict(generation_config=PaddleNLPGenerationConfig(trunc_input=False))):
+    for keep in ({"trunc_input": False}, {"generation_config": PaddleNLPGenerationConfig(trunc_input=False)}):
         whole = model.generate(**inputs, max_new_tokens=8, **keep)[0].numpy()
         np.testing.assert_array_equal(whole, np.concatenate([prompt, expected_ids.numpy()], axis=1))
 
@@ -208,14 +251,15 @@ def test_generate_as_paddlenlp_users_write_it_equals_greedy_generate(auto, refer
 def test_sampling_arguments_are_honoured(auto, reference):
     model, tokenizer = auto
     inputs = tokenizer(TEXTS, padding=True, return_tensors="pd")
-    sampling = dict(top_p=0.9, top_k=20, temperature=0.7, repetition_penalty=1.2)
+    sampling = {"top_p": 0.9, "top_k": 20, "temperature": 0.7, "repetition_penalty": 1.2}
     expected = reference[0].generate(**inputs, do_sample=True, max_new_tokens=8, seed=5, **sampling)[0].numpy()
     ids = model.generate(**inputs, decode_strategy="sampling", max_new_tokens=8, seed=5, **sampling)[0].numpy()
     np.testing.assert_array_equal(ids, expected)
     config = PaddleNLPGenerationConfig(decode_strategy="sampling", max_new_tokens=8, **sampling)
     np.testing.assert_array_equal(model.generate(**inputs, generation_config=config, seed=5)[0].numpy(), expected)
-    hotter = model.generate(**inputs, decode_strategy="sampling", max_new_tokens=8, seed=5, **{**sampling,
-                                                                                             "temperature": 5.0})
+    hotter = model.generate(
+        **inputs, decode_strategy="sampling", max_new_tokens=8, seed=5, **{**sampling, "temperature": 5.0}
+    )
     assert not np.array_equal(hotter[0].numpy(), expected)
 
 
@@ -233,30 +277,33 @@ def test_eos_token_id_list_stops_generation(auto):
     free = model.generate(**inputs, decode_strategy="greedy_search", max_new_tokens=8, eos_token_id=[])[0].numpy()[0]
     end = next(i for i in range(1, len(free)) if free[i] not in free[:i])  # a token that first appears there
     unused = next(t for t in range(tokenizer.vocab_size) if t not in free)
-    ids = model.generate(**inputs, decode_strategy="greedy_search", max_new_tokens=8,
-                         eos_token_id=[unused, int(free[end])])[0]
-    assert ids.numpy().tolist() == [free[:end + 1].tolist()]
+    ids = model.generate(
+        **inputs, decode_strategy="greedy_search", max_new_tokens=8, eos_token_id=[unused, int(free[end])]
+    )[0]
+    assert ids.numpy().tolist() == [free[: end + 1].tolist()]
 
 
 def test_num_return_sequences_samples_each_prompt_that_often(auto, reference):
     model, tokenizer = auto
     inputs = tokenizer(TEXTS[:2], padding=True, return_tensors="pd")
-    ids, scores = model.generate(**inputs, decode_strategy="sampling", num_return_sequences=3, max_new_tokens=5,
-                                 seed=2)
+    ids, scores = model.generate(**inputs, decode_strategy="sampling", num_return_sequences=3, max_new_tokens=5, seed=2)
     assert list(ids.shape) == [6, 5] and list(scores.shape) == [6, 1]
     repeated = {key: paddle.repeat_interleave(value, 3, axis=0) for key, value in inputs.items()}
     expected = reference[0].generate(**repeated, do_sample=True, max_new_tokens=5, seed=2)[0]
     np.testing.assert_array_equal(ids.numpy(), expected.numpy())
 
 
-@pytest.mark.parametrize("options, error, message", [
-    (dict(decode_strategy="beam_search", num_beams=4), ValueError, "beam_search"),
-    (dict(num_beams=4), ValueError, "num_beams"),
-    (dict(min_new_tokens=3), ValueError, "min_new_tokens"),
-    (dict(decode_strategy="greedy_search", num_return_sequences=2), ValueError, "sampling"),
-    (dict(decode_strategy="contrastive"), ValueError, "decode_strategy"),
-    (dict(output_scores=True), TypeError, "output_scores"),
-])
+@pytest.mark.parametrize(
+    "options, error, message",
+    [
+        ({"decode_strategy": "beam_search", "num_beams": 4}, ValueError, "beam_search"),
+        ({"num_beams": 4}, ValueError, "num_beams"),
+        ({"min_new_tokens": 3}, ValueError, "min_new_tokens"),
+        ({"decode_strategy": "greedy_search", "num_return_sequences": 2}, ValueError, "sampling"),
+        ({"decode_strategy": "contrastive"}, ValueError, "decode_strategy"),
+        ({"output_scores": True}, TypeError, "output_scores"),
+    ],
+)
 def test_generate_options_glm4_cannot_honour_are_refused(auto, options, error, message):
     model, tokenizer = auto
     with pytest.raises(error, match=message):
@@ -270,12 +317,12 @@ def test_config_eval_and_save_pretrained_round_trip(auto, reference, tmp_path):
     model.save_pretrained(str(tmp_path))
     tokenizer.save_pretrained(tmp_path)
     ids = np.array([tokenizer.encode(TEXTS[0])])
-    np.testing.assert_array_equal(logits(AutoModelForCausalLM.from_pretrained(str(tmp_path)), ids),
-                                  logits(model, ids))
+    np.testing.assert_array_equal(logits(AutoModelForCausalLM.from_pretrained(str(tmp_path)), ids), logits(model, ids))
     assert AutoTokenizer.from_pretrained(str(tmp_path))(TEXTS) == tokenizer(TEXTS)
 
 
 # ---- where checkpoints are, import order, no network ----------------------------------------------------------------
+
 
 def test_cache_dir_follows_paddlenlp_rule(monkeypatch, tmp_path):
     assert cache_dir(NAME) == os.path.join(paddlenlp.utils.env.MODEL_HOME, NAME)
@@ -293,7 +340,9 @@ def test_cache_dir_follows_paddlenlp_rule(monkeypatch, tmp_path):
 
 # Run in a fresh interpreter with every network connection refused (and recorded): imports in the given order,
 # nothing registered by hand, then loads by name from the PaddleNLP home in PPNLP_HOME.
-NO_NETWORK_SCRIPT = REFUSE_NETWORK + r"""
+NO_NETWORK_SCRIPT = (
+    REFUSE_NETWORK
+    + r"""
 import json, sys
 
 report = {}
@@ -328,13 +377,15 @@ report["explicit registration"] = callable(paddle_glm4.register_paddlenlp)
 report["network attempts"] = attempts
 print(json.dumps(report))
 """
+)
 
 
 @pytest.mark.parametrize("first", ["paddle_glm4", "paddlenlp"])
 def test_registration_in_either_import_order_without_network(first, home):
     env = {**os.environ, "PPNLP_HOME": str(home)}
-    run = subprocess.run([sys.executable, "-c", NO_NETWORK_SCRIPT, first, NAME], env=env, capture_output=True,
-                         text=True, timeout=600)
+    run = subprocess.run(
+        [sys.executable, "-c", NO_NETWORK_SCRIPT, first, NAME], env=env, capture_output=True, text=True, timeout=600
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(run.stdout.strip().splitlines()[-1])
     assert report["network attempts"] == []

@@ -13,7 +13,7 @@ def test_int8_layout_and_rounding():
     q, scale = quant.quantize_int8(w)
     assert q.dtype == np.int8 and q.shape == (2, 4) and scale.dtype == np.float32 and scale.shape == (2,)
     assert scale[0] == np.float32(1.0) / np.float32(127)
-    assert q[0].tolist() == [64, -127, 32, 0]          # 63.5 rounds half to even: 64
+    assert q[0].tolist() == [64, -127, 32, 0]  # 63.5 rounds half to even: 64
     expected = np.clip(np.rint(w[1] / (np.float32(3.0) / np.float32(127))), -127, 127)
     assert q[1].tolist() == expected.tolist()
     assert np.abs(quant.dequantize_int8(q, scale) - w).max() <= scale.max() / 2 + 1e-7
@@ -29,7 +29,7 @@ def test_int8_zero_rows_and_extremes():
 
 
 def test_int4_packing_nibble_order():
-    q = np.array([[-8, 7, 0, 1, -1]], dtype=np.int8)                   # K = 5: odd, padded with a zero weight
+    q = np.array([[-8, 7, 0, 1, -1]], dtype=np.int8)  # K = 5: odd, padded with a zero weight
     packed = quant.pack_int4(q)
     assert packed.dtype == np.uint8 and packed.shape == (1, 3)
     assert packed[0].tolist() == [0 | (15 << 4), 8 | (9 << 4), 7 | (8 << 4)]
@@ -40,7 +40,7 @@ def test_int4_packing_nibble_order():
 def test_int4_round_trip_error_and_scales(k, group):
     rng = np.random.default_rng(k)
     w = rng.standard_normal((5, k)).astype(np.float32)
-    w[2, : min(group, k)] = 0                                                # an all-zero group
+    w[2, : min(group, k)] = 0  # an all-zero group
     packed, scales = quant.quantize_int4(w, group)
     groups = -(-k // group)
     assert packed.shape == (5, -(-k // 2)) and scales.shape == (5, groups) and scales.dtype == np.float32
@@ -53,7 +53,7 @@ def test_int4_round_trip_error_and_scales(k, group):
     # each group's largest-magnitude element is exactly representable (it maps to -8)
     for n in range(5):
         for g in range(groups):
-            block = w[n, g * group:(g + 1) * group]
+            block = w[n, g * group : (g + 1) * group]
             i = np.abs(block).argmax()
             assert deq[n, g * group + i] == pytest.approx(block[i], rel=1e-6)
     # quantizing the dequantized weights again gives the same bytes (the format is a fixed point)

@@ -7,7 +7,6 @@ import json
 import os
 
 import numpy as np
-import paddle
 import pytest
 
 from conftest import paddle_model, small_config
@@ -20,16 +19,24 @@ from paddle_glm4.tokenizer import GLM4Tokenizer
 from test_inference import run_python, session_logits
 
 MAX_SEQ_LEN = 64
-CASES = {"int8": dict(quantization="int8"), "int4": dict(quantization="int4", group_size=32),
-         "bfloat16": dict(dtype="bfloat16")}
+CASES = {
+    "int8": {"quantization": "int8"},
+    "int4": {"quantization": "int4", "group_size": 32},
+    "bfloat16": {"dtype": "bfloat16"},
+}
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     directory = str(tmp_path_factory.mktemp("quantized_export") / "checkpoint")
     tokenizer = GLM4Tokenizer.from_pretrained(write_small_vocabulary(directory))
-    config = small_config(vocab_size=tokenizer.vocab_size, rope_ratio=500.0, seq_length=128,
-                          eos_token_id=tokenizer.stop_token_ids, pad_token_id=tokenizer.pad_token_id)
+    config = small_config(
+        vocab_size=tokenizer.vocab_size,
+        rope_ratio=500.0,
+        seq_length=128,
+        eos_token_id=tokenizer.stop_token_ids,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     paddle_model(config, dict(random_weights(config, seed=5))).save_pretrained(directory)
     return directory
 
@@ -38,8 +45,9 @@ def checkpoint(tmp_path_factory):
 def test_predictor_on_a_quantized_export_equals_the_dynamic_quantized_model(checkpoint, tmp_path, case):
     args = CASES[case]
     out = str(tmp_path / case)
-    manifest = export_model(checkpoint, out, max_seq_len=MAX_SEQ_LEN, progress=False, activation_dtype="float32",
-                            **args)
+    manifest = export_model(
+        checkpoint, out, max_seq_len=MAX_SEQ_LEN, progress=False, activation_dtype="float32", **args
+    )
     assert manifest.kernels == kernels.available()
     dynamic = GLM4ForCausalLM.from_pretrained(checkpoint, activation_dtype="float32", **args)
     assert manifest.config.quantization == dynamic.quantization
@@ -67,33 +75,69 @@ def test_cli_quantized_generate_and_export_in_fresh_processes(checkpoint, tmp_pa
     """`--quantize` and `--activation-dtype` in generate and export; a fresh process running the export must
     load the kernels itself before creating its predictor."""
     prompt = ("--prompt", "The weather today", "--max-new-tokens", "10", "--greedy")
-    dynamic = run_python("-m", "paddle_glm4", "generate", "--model", checkpoint, "--quantize", "int4", "--group-size",
-                         "32", "--activation-dtype", "float32", *prompt)
+    dynamic = run_python(
+        "-m",
+        "paddle_glm4",
+        "generate",
+        "--model",
+        checkpoint,
+        "--quantize",
+        "int4",
+        "--group-size",
+        "32",
+        "--activation-dtype",
+        "float32",
+        *prompt,
+    )
     assert dynamic.returncode == 0, dynamic.stderr
     out = str(tmp_path / "export")
-    export = run_python("-m", "paddle_glm4.inference", "export", "--model", checkpoint, "--out", out, "--quantize",
-                        "int4", "--group-size", "32", "--activation-dtype", "float32", "--max-seq-len", "64")
+    export = run_python(
+        "-m",
+        "paddle_glm4.inference",
+        "export",
+        "--model",
+        checkpoint,
+        "--out",
+        out,
+        "--quantize",
+        "int4",
+        "--group-size",
+        "32",
+        "--activation-dtype",
+        "float32",
+        "--max-seq-len",
+        "64",
+    )
     assert export.returncode == 0, export.stderr
     assert "weights int4 (group size 32)" in export.stderr
     assert json.loads(open(os.path.join(out, "export.json")).read())["config"]["quantization"] == {
-        "scheme": "int4", "group_size": 32, "embedding": False}  # the table as stored, as the dynamic model's
+        "scheme": "int4",
+        "group_size": 32,
+        "embedding": False,
+    }  # the table as stored, as the dynamic model's
     served = run_python("-m", "paddle_glm4", "generate", "--model", out, "--engine", "inference", *prompt)
     assert served.returncode == 0, served.stderr
     assert served.stdout == dynamic.stdout and dynamic.stdout.strip()
 
-    wrong = run_python("-m", "paddle_glm4", "generate", "--model", out, "--engine", "inference", "--quantize", "int8",
-                       *prompt)
+    wrong = run_python(
+        "-m", "paddle_glm4", "generate", "--model", out, "--engine", "inference", "--quantize", "int8", *prompt
+    )
     assert wrong.returncode == 2 and wrong.stderr.startswith("error: --quantize, --group-size and --activation-dtype")
-    bad = run_python("-m", "paddle_glm4", "generate", "--model", checkpoint, "--quantize", "int4", "--group-size", "7",
-                     *prompt)
+    bad = run_python(
+        "-m", "paddle_glm4", "generate", "--model", checkpoint, "--quantize", "int4", "--group-size", "7", *prompt
+    )
     assert bad.returncode == 2 and "even group_size" in bad.stderr and bad.stderr.count("\n") == 1
 
 
 @pytest.mark.slow
 def test_cli_help_describes_the_new_flags():
-    for args in (("-m", "paddle_glm4", "generate", "--help"), ("-m", "paddle_glm4", "chat", "--help"),
-                 ("-m", "paddle_glm4", "serve", "--help"), ("-m", "paddle_glm4.inference", "export", "--help"),
-                 ("-m", "converters.torch_to_paddle", "--help")):
+    for args in (
+        ("-m", "paddle_glm4", "generate", "--help"),
+        ("-m", "paddle_glm4", "chat", "--help"),
+        ("-m", "paddle_glm4", "serve", "--help"),
+        ("-m", "paddle_glm4.inference", "export", "--help"),
+        ("-m", "converters.torch_to_paddle", "--help"),
+    ):
         done = run_python(*args)
         assert done.returncode == 0 and "--quantize" in done.stdout and "--group-size" in done.stdout, args
         if "converters.torch_to_paddle" not in args:

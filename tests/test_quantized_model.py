@@ -45,17 +45,22 @@ def dequantized_float_model(model: GLM4ForCausalLM) -> GLM4ForCausalLM:
     for prefix, layer in model.named_sublayers():
         if isinstance(layer, Linear):
             held = {slot.name: _numpy(getattr(layer, slot.name)) for slot in layer.slots}
-            state[f"{prefix}.weight"] = convert(layer.format, held, Dense("float32"), layer.in_features,
-                                                layer.out_features)["weight"]
+            state[f"{prefix}.weight"] = convert(
+                layer.format, held, Dense("float32"), layer.in_features, layer.out_features
+            )["weight"]
     table = model.model.embed_tokens
     if isinstance(table.format, Packed):  # int8 / int4: the table is quantized too
         held = {slot.name: _numpy(getattr(table, slot.name)) for slot in table.slots}
-        state["model.embed_tokens.weight"] = convert(table.format, held, Rows("float32"), table.hidden_size,
-                                                     table.vocab_size)["weight"]
+        state["model.embed_tokens.weight"] = convert(
+            table.format, held, Rows("float32"), table.hidden_size, table.vocab_size
+        )["weight"]
     for name, tensor in model.state_dict().items():
         if not name.endswith(("qweight", "scales")) and name not in state:
-            state[name] = _numpy(tensor).astype(np.float32) if tensor.dtype != paddle.bfloat16 else \
-                (_numpy(tensor).astype(np.uint32) << 16).view(np.float32)
+            state[name] = (
+                _numpy(tensor).astype(np.float32)
+                if tensor.dtype != paddle.bfloat16
+                else (_numpy(tensor).astype(np.uint32) << 16).view(np.float32)
+            )
     return paddle_model(model.config, state)
 
 
@@ -69,19 +74,27 @@ def _numpy(tensor):
 def test_exact_activations_give_the_float_model_of_the_dequantized_weights(float_checkpoint, kind, group_size):
     base, directory = float_checkpoint
     model = load(directory, kind, group_size, activation_dtype="float32")
-    layer = model.model.layers[0].mlp.down_proj                                      # K = 96, N = 64
-    held = {slot.name: (tuple(getattr(layer, slot.name).shape), str(getattr(layer, slot.name).dtype))
-            for slot in layer.slots}
-    expected = {"bfloat16": {"weight": ((64, 96), "paddle.bfloat16")},
-                "int8": {"qweight": ((64, 96), "paddle.int8"), "scales": ((64,), "paddle.float32")},
-                "int4": {"qweight": ((64, 48), "paddle.uint8"),
-                         "scales": ((64, -(-96 // (group_size or 1))), "paddle.float32")}}[kind]
+    layer = model.model.layers[0].mlp.down_proj  # K = 96, N = 64
+    held = {
+        slot.name: (tuple(getattr(layer, slot.name).shape), str(getattr(layer, slot.name).dtype))
+        for slot in layer.slots
+    }
+    expected = {
+        "bfloat16": {"weight": ((64, 96), "paddle.bfloat16")},
+        "int8": {"qweight": ((64, 96), "paddle.int8"), "scales": ((64,), "paddle.float32")},
+        "int4": {
+            "qweight": ((64, 48), "paddle.uint8"),
+            "scales": ((64, -(-96 // (group_size or 1))), "paddle.float32"),
+        },
+    }[kind]
     assert held == expected
     assert isinstance(model.lm_head.format, Packed) and model.lm_head.format.kind == kind  # the head too
     table = model.model.embed_tokens  # [512, 64]: a dense checkpoint's table stays as stored, mapped (float32
     # here); bf16 Linears hold it in bf16
-    held = {slot.name: (tuple(getattr(table, slot.name).shape), str(getattr(table, slot.name).dtype))
-            for slot in table.slots}
+    held = {
+        slot.name: (tuple(getattr(table, slot.name).shape), str(getattr(table, slot.name).dtype))
+        for slot in table.slots
+    }
     assert held == {"weight": ((512, 64), "paddle.bfloat16" if kind == "bfloat16" else "paddle.float32")}
     assert model.model.norm.weight.dtype == paddle.float32
     ids = ids_for(model.config)
@@ -105,7 +118,7 @@ def test_rounded_activations_stay_close(float_checkpoint, activation_dtype):
     a, b = exact(ids).logits.numpy(), rounded(ids).logits.numpy()
     difference = np.abs(a - b).max() / np.abs(a).max()
     print(f"activation_dtype={activation_dtype}: max |logit difference| = {difference:.2e} of the largest logit")
-    assert (0 <= difference if activation_dtype == "auto" else 0 < difference) and difference < 0.05
+    assert (difference >= 0 if activation_dtype == "auto" else difference > 0) and difference < 0.05
 
 
 def test_quantized_checkpoint_saves_and_loads_as_it_is(float_checkpoint, tmp_path):
@@ -140,7 +153,7 @@ def test_quantized_checkpoint_saves_and_loads_as_it_is(float_checkpoint, tmp_pat
     widened = GLM4ForCausalLM.from_pretrained(str(tmp_path / "q"), dtype="float32")
     assert isinstance(widened.lm_head.format, Dense)
     assert np.abs(widened(ids).logits.numpy() - model(ids).logits.numpy()).max() <= 1e-4
-    with pytest.raises(ConfigError, match="quantized as int4 .group size 32.; re-quantizing"):
+    with pytest.raises(ConfigError, match=r"quantized as int4 .group size 32.; re-quantizing"):
         GLM4ForCausalLM.from_pretrained(str(tmp_path / "q"), quantization="int8")
 
 
@@ -149,7 +162,7 @@ def test_bf16_checkpoint_stays_bf16_by_default(float_checkpoint, tmp_path):
     base.save_pretrained(str(tmp_path / "bf16"), dtype="bfloat16")
     model = GLM4ForCausalLM.from_pretrained(str(tmp_path / "bf16"), activation_dtype="float32")
     assert isinstance(model.lm_head.format, Packed) and model.lm_head.format.kind == "bfloat16"
-    assert model.model.embed_tokens.weight.dtype == paddle.bfloat16   # looked up, then widened
+    assert model.model.embed_tokens.weight.dtype == paddle.bfloat16  # looked up, then widened
     widened = GLM4ForCausalLM.from_pretrained(str(tmp_path / "bf16"), dtype="float32")
     assert isinstance(widened.lm_head.format, Dense) and widened.dtype == "float32"
     ids = ids_for(model.config)
@@ -159,25 +172,39 @@ def test_bf16_checkpoint_stays_bf16_by_default(float_checkpoint, tmp_path):
     from safetensors import safe_open
 
     for name in ("lm_head.weight", "model.layers.0.self_attn.qkv_proj.weight"):
-        with safe_open(str(tmp_path / "bf16" / "model.safetensors"), "np") as a, \
-                safe_open(str(tmp_path / "again" / "model.safetensors"), "np") as b:
+        with (
+            safe_open(str(tmp_path / "bf16" / "model.safetensors"), "np") as a,
+            safe_open(str(tmp_path / "again" / "model.safetensors"), "np") as b,
+        ):
             assert a.get_slice(name).get_shape() == b.get_slice(name).get_shape()
-    assert (tmp_path / "bf16" / "model.safetensors").read_bytes() == (tmp_path / "again" / "model.safetensors").read_bytes()
+    assert (tmp_path / "bf16" / "model.safetensors").read_bytes() == (
+        tmp_path / "again" / "model.safetensors"
+    ).read_bytes()
 
 
 # ---- memory ---------------------------------------------------------------------------------------------
 def test_glm4_9b_memory_figures():
     config = GLM4Config()  # the real geometry; nothing is allocated
-    gb = {kind: memory.weight_bytes(config, fmt) / 1e9 for kind, fmt in
-          [("float32", Dense("float32")), ("bfloat16", Packed("bfloat16")), ("int8", Packed("int8")),
-           ("int4", Packed("int4", 128))]}
+    gb = {
+        kind: memory.weight_bytes(config, fmt) / 1e9
+        for kind, fmt in [
+            ("float32", Dense("float32")),
+            ("bfloat16", Packed("bfloat16")),
+            ("int8", Packed("int8")),
+            ("int4", Packed("int4", 128)),
+        ]
+    }
     assert 37.5 < gb["float32"] < 37.7 and 18.7 < gb["bfloat16"] < 18.9  # 9.4B parameters
     # quantized at load, the bf16 checkpoint's table stays bf16 (1.24 GB, mapped); a checkpoint quantized by
     # glm4-convert stores it quantized with them: 0.62 GB int8 (+ scales), 0.35 GB int4
     assert 10.0 < gb["int8"] < 10.1 and 5.8 < gb["int4"] < 6.0
-    stored = {kind: memory.weight_bytes(dataclasses.replace(config, quantization=Quantization(
-        fmt.kind, fmt.group_size, embedding=True)), fmt) / 1e9 for kind, fmt in
-        [("int8", Packed("int8")), ("int4", Packed("int4", 128))]}
+    stored = {
+        kind: memory.weight_bytes(
+            dataclasses.replace(config, quantization=Quantization(fmt.kind, fmt.group_size, embedding=True)), fmt
+        )
+        / 1e9
+        for kind, fmt in [("int8", Packed("int8")), ("int4", Packed("int4", 128))]
+    }
     assert 9.3 < stored["int8"] < 9.5 and 4.9 < stored["int4"] < 5.1
     with pytest.raises(memory.InsufficientMemoryError) as err:
         memory.check_fits(config, Dense("float32"), 8192, "GLM-4-9B", available=int(21.8e9))
@@ -190,18 +217,25 @@ def test_a_model_that_cannot_fit_is_refused_before_loading(float_checkpoint, mon
     _, directory = float_checkpoint
     config = GLM4Config.from_pretrained(str(directory))
     int4 = memory.required_bytes(config, Packed("int4", 128), 256)
-    assert int4 < memory.required_bytes(config, Packed("int8"), 256) < memory.required_bytes(config, Dense("float32"), 256)
-    monkeypatch.setattr(memory, "available_bytes", lambda: int4)   # room for int4 only
+    assert (
+        int4 < memory.required_bytes(config, Packed("int8"), 256) < memory.required_bytes(config, Dense("float32"), 256)
+    )
+    monkeypatch.setattr(memory, "available_bytes", lambda: int4)  # room for int4 only
     read = []
     monkeypatch.setattr("paddle_glm4.checkpoint.read_tensors", lambda *a, **k: read.append(1) or iter(()))
-    with pytest.raises(memory.InsufficientMemoryError, match=r" needs \d+\.\d GB in float32 \(weights .*\), "
-                                                             r"\d+\.\d GB is available: int4 needs \d+\.\d GB \("):
+    with pytest.raises(
+        memory.InsufficientMemoryError,
+        match=r" needs \d+\.\d GB in float32 \(weights .*\), "
+        r"\d+\.\d GB is available: int4 needs \d+\.\d GB \(",
+    ):
         GLM4ForCausalLM.from_pretrained(str(directory), max_seq_len=256)
     assert not read  # refused before a byte of weights was read
     monkeypatch.undo()
     monkeypatch.setattr(memory, "available_bytes", lambda: int4)
-    assert GLM4ForCausalLM.from_pretrained(str(directory), quantization="int4",
-                                           max_seq_len=256).lm_head.format.kind == "int4"
+    assert (
+        GLM4ForCausalLM.from_pretrained(str(directory), quantization="int4", max_seq_len=256).lm_head.format.kind
+        == "int4"
+    )
     assert GLM4ForCausalLM.from_pretrained(str(directory), check_memory=False).dtype == "float32"
 
 
@@ -229,8 +263,7 @@ def test_quantizing_at_load_streams_a_block_at_a_time(tmp_path, monkeypatch):
 
     from paddle_glm4 import quantization
 
-    config = small_config(vocab_size=4096, hidden_size=128, intermediate_size=256, num_attention_heads=4,
-                          head_dim=32)
+    config = small_config(vocab_size=4096, hidden_size=128, intermediate_size=256, num_attention_heads=4, head_dim=32)
     paddle_model(config, paddle_state(config, hf_state(reference_model(config)))).save_pretrained(str(tmp_path))
     block = 16 << 10
     monkeypatch.setattr(quantization, "CONVERT_BLOCK_BYTES", block)
@@ -241,7 +274,7 @@ def test_quantizing_at_load_streams_a_block_at_a_time(tmp_path, monkeypatch):
     finally:
         tracemalloc.stop()
     held = memory.weight_bytes(config, model.lm_head.format)
-    largest = 4096 * 128 * 4                                      # the lm_head in float32: 2 MB
+    largest = 4096 * 128 * 4  # the lm_head in float32: 2 MB
     assert peak <= held + 8 * block + (256 << 10), (peak, held)  # blocks, and small bookkeeping
     assert peak < held + largest / 2
 
@@ -254,8 +287,10 @@ def full_width_bf16(tmp_path_factory):
 
     config = full_width_config(layers=1, vocab_size=8192, pad_token_id=0, eos_token_id=[1])
     directory = tmp_path_factory.mktemp("full_width")
-    model = paddle_model(config, {name: array * np.float32(0.4) if array.ndim == 2 else array
-                                  for name, array in random_weights(config, seed=2)})
+    model = paddle_model(
+        config,
+        {name: array * np.float32(0.4) if array.ndim == 2 else array for name, array in random_weights(config, seed=2)},
+    )
     model.save_pretrained(str(directory), dtype="bfloat16")
     return directory
 
@@ -293,7 +328,7 @@ def test_the_format_each_request_gets():
     assert choose_format("bfloat16", None, None, "int8", None, "auto", True, True) == WeightOnlyGPU("int8", None)
     assert choose_format("bfloat16", int4, None, None, None, "auto", True, True) == WeightOnlyGPU("int4", 128)
     assert choose_format("bfloat16", None, None, None, None, "auto", True, True) == Dense("bfloat16", fused=True)
-    with pytest.raises(ValueError, match="float16.*cannot compute on CPU"):
+    with pytest.raises(ValueError, match=r"float16.*cannot compute on CPU"):
         choose_format("float16", None, "float16", None, None, "auto", False, False)
     with pytest.raises(ValueError, match="int8 or int4 weights"):
         choose_format("bfloat16", None, None, None, None, "int8", False, False)

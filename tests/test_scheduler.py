@@ -20,8 +20,7 @@ def requests(model, count=16):
     for n in range(count):
         rng = np.random.RandomState(n)
         prompt = rng.randint(3, model.config.vocab_size, 2 + (7 * n) % 23).tolist()
-        kinds = [{}, {"temperature": 0.9, "top_p": 0.9}, {"temperature": 1.2, "top_k": 20},
-                 {"repetition_penalty": 1.3}]
+        kinds = [{}, {"temperature": 0.9, "top_p": 0.9}, {"temperature": 1.2, "top_k": 20}, {"repetition_penalty": 1.3}]
         settings = model.generation_config.merged(**kinds[n % 4])
         made.append(Request(prompt, max_tokens=3 + (5 * n) % 17, settings=settings, seed=100 + n))
     return made
@@ -52,7 +51,7 @@ def test_greedy_equals_generate(model):
         Scheduler(model, max_num_seqs=2).run([request])
         expected = [int(t) for t in ids.numpy()[0]]
         stop = next((i for i, t in enumerate(expected) if t in request.settings.eos_token_id), len(expected) - 1)
-        assert request.output == expected[:stop + 1]
+        assert request.output == expected[: stop + 1]
 
 
 def test_rows_are_reused_and_the_cache_is_bounded_and_released(model):
@@ -115,11 +114,11 @@ def test_the_default_pool_is_max_num_seqs_full_contexts_within_half_the_availabl
 def test_bad_settings_are_refused_with_their_name(model):
     with pytest.raises(ValueError, match="max_num_seqs must be at least 1, got 0"):
         Scheduler(model, max_num_seqs=0)
-    with pytest.raises(ValueError, match="prefill_chunk must be a positive integer.*got 0"):
+    with pytest.raises(ValueError, match=r"prefill_chunk must be a positive integer.*got 0"):
         Scheduler(model, prefill_chunk=0)
     request = Request([5, 6], 2, model.generation_config)
     request.prefill_chunk = 2.5
-    with pytest.raises(ValueError, match="prefill_chunk must be a positive integer.*got 2.5"):
+    with pytest.raises(ValueError, match=r"prefill_chunk must be a positive integer.*got 2.5"):
         Scheduler(model).submit(request)
 
 
@@ -175,8 +174,12 @@ def test_the_offline_batch_call_gives_each_prompt_what_it_gets_alone(model, tmp_
     tokenizer = GLM4Tokenizer.from_pretrained(write_small_vocabulary(tmp_path))
     llm = LLM(model, tokenizer, max_num_seqs=4)
     prompts = ["hello there", [5, 9, 33, 41, 7, 8, 100], "a longer prompt than the others, by a few words", "x"]
-    options = [Options(max_tokens=12), Options(max_tokens=5, temperature=0.8, seed=3),
-               Options(max_tokens=9, top_k=5, seed=4), Options(max_tokens=7, repetition_penalty=1.5)]
+    options = [
+        Options(max_tokens=12),
+        Options(max_tokens=5, temperature=0.8, seed=3),
+        Options(max_tokens=9, top_k=5, seed=4),
+        Options(max_tokens=7, repetition_penalty=1.5),
+    ]
     together = llm.generate(prompts, options)
     for prompt, option, output in zip(prompts, options, together, strict=True):
         assert output == LLM(model, tokenizer, max_num_seqs=1).generate([prompt], option)[0]
@@ -185,7 +188,7 @@ def test_the_offline_batch_call_gives_each_prompt_what_it_gets_alone(model, tmp_
     text = together[0].text
     assert len(text) >= 2, "the greedy answer is too short to test stop strings with"
     stopped = llm.generate([prompts[0]], Options(max_tokens=12, stop=(text[1:3],)))[0]
-    assert stopped.text == text[:text.find(text[1:3])] and stopped.finish_reason == "stop"
+    assert stopped.text == text[: text.find(text[1:3])] and stopped.finish_reason == "stop"
     assert len(stopped.token_ids) <= len(together[0].token_ids)
     with pytest.raises(ValueError, match="2 prompts but 1 options"):
         llm.generate(["a", "b"], [Options()])

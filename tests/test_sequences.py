@@ -39,7 +39,10 @@ def test_growing_keeps_what_was_written():
     sequences.claim(1)
     assert sequences.capacity == GROWTH_STEP == sequences.cache.capacity
     assert float(sequences.cache.keys[0][:, :2].min()) == 7.0 and sequences.valid.numpy()[0, :3].tolist() == [
-        False, True, True]
+        False,
+        True,
+        True,
+    ]
 
 
 def test_a_prompt_prefilled_in_chunks_equals_one_forward():
@@ -53,8 +56,11 @@ def test_a_prompt_prefilled_in_chunks_equals_one_forward():
     chunks = []
     for lo, hi in ((0, 5), (5, 6), (6, 14)):
         step = sequences.claim(hi - lo, paddle.to_tensor(mask[:, lo:hi]))
-        chunks.append(model.logits(paddle.to_tensor(ids[:, lo:hi]), step.positions, step.start, step.key_valid,
-                                   sequences.cache).numpy())
+        chunks.append(
+            model.logits(
+                paddle.to_tensor(ids[:, lo:hi]), step.positions, step.start, step.key_valid, sequences.cache
+            ).numpy()
+        )
     chunked = np.concatenate(chunks, axis=1)
     real = mask.astype(bool)
     assert np.abs(chunked[real] - full[real]).max() <= 1e-4
@@ -67,6 +73,7 @@ def test_the_layer_loop_is_written_once():
         for name in files:
             if name.endswith(".py"):
                 with open(os.path.join(directory, name), encoding="utf-8") as f:
-                    loops += [(name, line.strip()) for line in f if line.strip().startswith("for ")
-                              and ".layers" in line]
+                    loops += [
+                        (name, line.strip()) for line in f if line.strip().startswith("for ") and ".layers" in line
+                    ]
     assert loops == [("model.py", "for i, layer in enumerate(self.layers):")]

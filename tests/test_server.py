@@ -36,13 +36,20 @@ pytestmark = pytest.mark.slow  # server processes
 REPO = Path(__file__).resolve().parents[1]
 KEY = "test-key-123"
 CONTEXT = 256
-WEATHER_TOOL = {"type": "function", "function": {
-    "name": "get_weather", "description": "The weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
-CONVERSATION = [{"role": "system", "content": "You answer briefly."},
-                {"role": "user", "content": "Hello!"},
-                {"role": "assistant", "content": "Hi, how can I help?"},
-                {"role": "user", "content": "What is the weather today?"}]
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+CONVERSATION = [
+    {"role": "system", "content": "You answer briefly."},
+    {"role": "user", "content": "Hello!"},
+    {"role": "assistant", "content": "Hi, how can I help?"},
+    {"role": "user", "content": "What is the weather today?"},
+]
 
 
 # ---- servers --------------------------------------------------------------------------------------------
@@ -50,8 +57,14 @@ def start_server(command: list[str], log: Path, ready_headers: dict | None = Non
     """Start a server process on a free loopback port; return (process, base URL) once it answers."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, *command, "--port", "0"], cwd=REPO, env=env, stdout=out,
-                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            [sys.executable, *command, "--port", "0"],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -82,8 +95,12 @@ def checkpoint(tmp_path_factory) -> Path:
     """A converted checkpoint: a small GLM-4 with random weights and the small GLM-4-style vocabulary."""
     directory = tmp_path_factory.mktemp("checkpoint")
     tokenizer = GLM4Tokenizer.from_pretrained(write_small_vocabulary(directory))
-    config = small_config(vocab_size=tokenizer.vocab_size, seq_length=CONTEXT, eos_token_id=tokenizer.stop_token_ids,
-                          pad_token_id=tokenizer.pad_token_id)
+    config = small_config(
+        vocab_size=tokenizer.vocab_size,
+        seq_length=CONTEXT,
+        eos_token_id=tokenizer.stop_token_ids,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     with paddle.LazyGuard():
         model = GLM4ForCausalLM(config)
     params = model.state_dict()
@@ -101,9 +118,22 @@ def engine(checkpoint):
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "server.log"
-    process, url = start_server(["-m", "paddle_glm4.server", "--model", str(checkpoint), "--api-key", KEY,
-                                 "--max-concurrency", "8", "--served-model-name", "glm4-test"], log,
-                                {"Authorization": f"Bearer {KEY}"})
+    process, url = start_server(
+        [
+            "-m",
+            "paddle_glm4.server",
+            "--model",
+            str(checkpoint),
+            "--api-key",
+            KEY,
+            "--max-concurrency",
+            "8",
+            "--served-model-name",
+            "glm4-test",
+        ],
+        log,
+        {"Authorization": f"Bearer {KEY}"},
+    )
     yield url
     stop_server(process)
 
@@ -130,8 +160,9 @@ def scripted_client(scripted):
 def greedy(engine, prompt: list[int], max_tokens: int, eos: list[int], repetition_penalty: float = 1.0):
     """(new ids, text) of greedy generate; one row, so no padding: every id was generated."""
     model, tokenizer = engine
-    out, _ = model.generate([prompt], max_new_tokens=max_tokens, do_sample=False, eos_token_id=eos,
-                            repetition_penalty=repetition_penalty)
+    out, _ = model.generate(
+        [prompt], max_new_tokens=max_tokens, do_sample=False, eos_token_id=eos, repetition_penalty=repetition_penalty
+    )
     ids = out.numpy()[0].tolist()
     return ids, tokenizer.decode(ids, skip_special_tokens=True)
 
@@ -164,36 +195,53 @@ def test_chat_completion_equals_generate(client, engine):
     assert choice.message.content == text and choice.message.role == "assistant"
     assert choice.finish_reason == finish and not choice.message.tool_calls
     assert answer.model == "glm4-test" and answer.id.startswith("chatcmpl-")
-    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens, answer.usage.total_tokens) == \
-        (prompt_len, len(ids), prompt_len + len(ids))
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens, answer.usage.total_tokens) == (
+        prompt_len,
+        len(ids),
+        prompt_len + len(ids),
+    )
 
 
 def test_streamed_chat_equals_generate(client, engine):
     prompt_len, ids, text, finish = expected_chat(engine, CONVERSATION, 24)
-    streamed, chunks = stream_text(client.chat.completions.create(
-        model="glm4-test", messages=CONVERSATION, max_tokens=24, temperature=0, stream=True,
-        stream_options={"include_usage": True}))
+    streamed, chunks = stream_text(
+        client.chat.completions.create(
+            model="glm4-test",
+            messages=CONVERSATION,
+            max_tokens=24,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert streamed == text
     assert chunks[0].choices[0].delta.role == "assistant" and len(chunks) > 4  # it came in pieces
     assert chunks[-2].choices[0].finish_reason == finish
     assert chunks[-1].choices == [] and chunks[-1].usage.prompt_tokens == prompt_len  # OpenAI's usage chunk
     assert chunks[-1].usage.completion_tokens == len(ids)
     # without stream_options, usage comes with the finishing chunk
-    _, chunks = stream_text(client.chat.completions.create(
-        model="glm4-test", messages=CONVERSATION, max_tokens=24, temperature=0, stream=True))
+    _, chunks = stream_text(
+        client.chat.completions.create(
+            model="glm4-test", messages=CONVERSATION, max_tokens=24, temperature=0, stream=True
+        )
+    )
     assert chunks[-1].choices[0].finish_reason == finish and chunks[-1].usage.total_tokens == prompt_len + len(ids)
 
 
 def test_stop_strings_cut_the_answer_and_stop_the_generation(client, engine):
     _, ids, text, _ = expected_chat(engine, CONVERSATION, 24)
-    stop = next(text[i:i + 2] for i in range(3, len(text) - 2) if not text[i:i + 2].isspace())
-    kept = text[:text.index(stop)]
-    answer = client.chat.completions.create(model="m", messages=CONVERSATION, max_tokens=24, temperature=0,
-                                            stop=[stop, "never seen"])
+    stop = next(text[i : i + 2] for i in range(3, len(text) - 2) if not text[i : i + 2].isspace())
+    kept = text[: text.index(stop)]
+    answer = client.chat.completions.create(
+        model="m", messages=CONVERSATION, max_tokens=24, temperature=0, stop=[stop, "never seen"]
+    )
     assert answer.choices[0].message.content == kept and answer.choices[0].finish_reason == "stop"
     assert answer.usage.completion_tokens < len(ids)
-    streamed, chunks = stream_text(client.chat.completions.create(
-        model="m", messages=CONVERSATION, max_tokens=24, temperature=0, stop=stop, stream=True))
+    streamed, chunks = stream_text(
+        client.chat.completions.create(
+            model="m", messages=CONVERSATION, max_tokens=24, temperature=0, stop=stop, stream=True
+        )
+    )
     assert streamed == kept and chunks[-1].choices[0].finish_reason == "stop"
 
 
@@ -204,15 +252,22 @@ def test_completions_for_the_base_model_equal_generate(client, engine):
     answer = client.completions.create(model="m", prompt="The weather today", max_tokens=16, temperature=0)
     assert answer.choices[0].text == text and answer.object == "text_completion"
     assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (len(prompt), len(ids))
-    chunks = list(client.completions.create(model="m", prompt="The weather today", max_tokens=16, temperature=0,
-                                            stream=True))
+    chunks = list(
+        client.completions.create(model="m", prompt="The weather today", max_tokens=16, temperature=0, stream=True)
+    )
     assert "".join(c.choices[0].text for c in chunks) == text and chunks[-1].usage.completion_tokens == len(ids)
 
 
 def test_sampling_with_a_seed_is_reproducible(client):
     def ask():
-        return client.chat.completions.create(model="m", messages=CONVERSATION, max_tokens=16, temperature=0.9,
-                                              top_p=0.9, seed=7).choices[0].message.content
+        return (
+            client.chat.completions.create(
+                model="m", messages=CONVERSATION, max_tokens=16, temperature=0.9, top_p=0.9, seed=7
+            )
+            .choices[0]
+            .message.content
+        )
+
     assert ask() == ask()
 
 
@@ -224,8 +279,12 @@ def test_top_k_and_repetition_penalty_can_be_asked_per_request(client, engine):
     assert penalized != plain  # else the test could not tell whether the penalty reached generate
 
     def ask(**extra):
-        return client.chat.completions.create(model="m", messages=CONVERSATION, max_tokens=24,
-                                              extra_body=extra).choices[0].message.content
+        return (
+            client.chat.completions.create(model="m", messages=CONVERSATION, max_tokens=24, extra_body=extra)
+            .choices[0]
+            .message.content
+        )
+
     assert ask(temperature=0, repetition_penalty=3.0) == penalized
     assert ask(temperature=1.0, top_k=1, seed=3) == plain  # top-k 1 samples the greedy token
 
@@ -234,8 +293,9 @@ def test_eight_concurrent_streams_are_all_served_correctly(client, engine):
     conversations = [[{"role": "user", "content": f"Question number {i}: what is {i} + {i}?"}] for i in range(8)]
 
     def ask(messages):
-        return stream_text(client.chat.completions.create(model="m", messages=messages, max_tokens=16,
-                                                          temperature=0, stream=True))[0]
+        return stream_text(
+            client.chat.completions.create(model="m", messages=messages, max_tokens=16, temperature=0, stream=True)
+        )[0]
 
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(ask, conversations))
@@ -262,22 +322,46 @@ def assert_openai_error(response: httpx.Response, status: int, code: str | None 
 USER = [{"role": "user", "content": "hi"}]
 
 
-@pytest.mark.parametrize("body, param, code", [
-    ({"model": "m", "messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role", None),
-    ({"model": "m", "messages": USER, "max_tokens": 0}, "max_tokens", None),
-    ({"model": "m", "messages": USER, "max_tokens": -5}, "max_tokens", None),
-    ({"model": "m", "messages": USER, "temperature": 3}, "temperature", None),
-    ({"model": "m", "messages": USER, "top_k": -1}, "top_k", None),
-    ({"model": "m", "messages": USER, "repetition_penalty": 0}, "repetition_penalty", None),
-    ({"model": "m", "messages": []}, "messages", None),
-    ({"model": "m", "messages": [{"role": "user", "content": "hello " * CONTEXT}]}, "messages",
-     "context_length_exceeded"),
-    ({"model": "m", "messages": USER, "max_tokens": CONTEXT}, "messages", "context_length_exceeded"),
-    ({"model": "m", "messages": USER, "tools": [WEATHER_TOOL],
-      "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice", None),
-], ids=["unknown-role", "zero-max-tokens", "negative-max-tokens", "temperature", "top-k", "repetition-penalty",
-        "no-messages", "prompt-too-long",
-        "no-room-to-answer", "unknown-tool-choice"])
+@pytest.mark.parametrize(
+    "body, param, code",
+    [
+        ({"model": "m", "messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role", None),
+        ({"model": "m", "messages": USER, "max_tokens": 0}, "max_tokens", None),
+        ({"model": "m", "messages": USER, "max_tokens": -5}, "max_tokens", None),
+        ({"model": "m", "messages": USER, "temperature": 3}, "temperature", None),
+        ({"model": "m", "messages": USER, "top_k": -1}, "top_k", None),
+        ({"model": "m", "messages": USER, "repetition_penalty": 0}, "repetition_penalty", None),
+        ({"model": "m", "messages": []}, "messages", None),
+        (
+            {"model": "m", "messages": [{"role": "user", "content": "hello " * CONTEXT}]},
+            "messages",
+            "context_length_exceeded",
+        ),
+        ({"model": "m", "messages": USER, "max_tokens": CONTEXT}, "messages", "context_length_exceeded"),
+        (
+            {
+                "model": "m",
+                "messages": USER,
+                "tools": [WEATHER_TOOL],
+                "tool_choice": {"type": "function", "function": {"name": "nope"}},
+            },
+            "tool_choice",
+            None,
+        ),
+    ],
+    ids=[
+        "unknown-role",
+        "zero-max-tokens",
+        "negative-max-tokens",
+        "temperature",
+        "top-k",
+        "repetition-penalty",
+        "no-messages",
+        "prompt-too-long",
+        "no-room-to-answer",
+        "unknown-tool-choice",
+    ],
+)
 def test_invalid_requests_get_400_with_an_openai_error(server, body, param, code):
     error = assert_openai_error(raw_post(server, body), 400, code)
     assert error["param"] == param and error["type"] == "invalid_request_error"
@@ -318,17 +402,26 @@ def test_tool_call_round_trip(scripted_client):
     assert call.id.startswith("call_") and call.type == "function" and call.function.name == "get_weather"
     assert json.loads(call.function.arguments) == {"city": "Beijing"}
     # the call and its result go back; the model sees them as GLM-4's assistant and observation turns
-    history = question + [choice.message.model_dump(exclude_none=True),
-                          {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 20}'}]
+    history = [
+        *question,
+        choice.message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 20}'},
+    ]
     answer = scripted_client.chat.completions.create(model="m", messages=history, tools=[WEATHER_TOOL])
     assert answer.choices[0].message.content == 'get_weather said: {"temperature": 20}'
     assert answer.choices[0].finish_reason == "stop" and not answer.choices[0].message.tool_calls
 
 
 def test_streamed_tool_call(scripted_client):
-    chunks = list(scripted_client.chat.completions.create(
-        model="m", messages=[{"role": "user", "content": "weather in Beijing?"}], tools=[WEATHER_TOOL],
-        tool_choice="auto", stream=True))
+    chunks = list(
+        scripted_client.chat.completions.create(
+            model="m",
+            messages=[{"role": "user", "content": "weather in Beijing?"}],
+            tools=[WEATHER_TOOL],
+            tool_choice="auto",
+            stream=True,
+        )
+    )
     calls = [call for c in chunks if c.choices for call in c.choices[0].delta.tool_calls or []]
     assert len(calls) == 1 and calls[0].index == 0 and calls[0].id.startswith("call_")
     assert calls[0].function.name == "get_weather" and json.loads(calls[0].function.arguments) == {"city": "Beijing"}
@@ -338,19 +431,24 @@ def test_streamed_tool_call(scripted_client):
 
 def test_malformed_tool_call_comes_back_as_content(scripted_client):
     answer = scripted_client.chat.completions.create(
-        model="m", messages=[{"role": "user", "content": "malformed please"}], tools=[WEATHER_TOOL])
+        model="m", messages=[{"role": "user", "content": "malformed please"}], tools=[WEATHER_TOOL]
+    )
     choice = answer.choices[0]
     assert choice.message.content == "get_weather\nthis is not JSON" and not choice.message.tool_calls
     assert choice.finish_reason == "stop"
 
 
-@pytest.mark.parametrize("tool_choice, expected", [
-    ("none", "I have no tools."),
-    ({"type": "function", "function": {"name": "get_weather"}}, None),
-])
+@pytest.mark.parametrize(
+    "tool_choice, expected",
+    [
+        ("none", "I have no tools."),
+        ({"type": "function", "function": {"name": "get_weather"}}, None),
+    ],
+)
 def test_tool_choice(scripted_client, tool_choice, expected):
     answer = scripted_client.chat.completions.create(
-        model="m", messages=[{"role": "user", "content": "weather?"}], tools=[WEATHER_TOOL], tool_choice=tool_choice)
+        model="m", messages=[{"role": "user", "content": "weather?"}], tools=[WEATHER_TOOL], tool_choice=tool_choice
+    )
     message = answer.choices[0].message
     if expected:
         assert message.content == expected and not message.tool_calls
@@ -384,7 +482,8 @@ def test_beyond_max_concurrency_requests_get_429(scripted):
         assert response.headers["retry-after"]
         with pytest.raises(openai.RateLimitError):
             openai.OpenAI(base_url=scripted, api_key="unused", max_retries=0).chat.completions.create(
-                model="m", messages=USER)
+                model="m", messages=USER
+            )
     served_within(scripted, 5)
 
 
@@ -415,8 +514,21 @@ def test_a_failing_generation_fails_that_request_only(scripted_client):
 # ---- the command line -----------------------------------------------------------------------------------
 def test_a_busy_port_fails_in_one_line_before_the_model_loads(checkpoint):
     with socket.create_server(("127.0.0.1", 0)) as taken:
-        busy = subprocess.run([sys.executable, "-m", "paddle_glm4.server", "--model", str(checkpoint), "--port",
-                               str(taken.getsockname()[1])], cwd=REPO, capture_output=True, text=True, timeout=120)
+        busy = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "paddle_glm4.server",
+                "--model",
+                str(checkpoint),
+                "--port",
+                str(taken.getsockname()[1]),
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     last = busy.stderr.strip().splitlines()[-1]  # (Paddle may warn before it, on import)
     assert busy.returncode == 2 and last.startswith("error: ") and "in use" in last
     assert "loading" not in busy.stderr
@@ -427,11 +539,14 @@ def test_the_inference_engine_serves_the_same_greedy_answer(checkpoint, engine, 
     inference = pytest.importorskip("paddle_glm4.inference")
     export = tmp_path / "export"
     inference.export_model(str(checkpoint), str(export), progress=False)
-    process, url = start_server(["-m", "paddle_glm4.server", "--engine", "inference", "--model", str(export),
-                                 "--tokenizer", str(checkpoint)], tmp_path / "inference.log")
+    process, url = start_server(
+        ["-m", "paddle_glm4.server", "--engine", "inference", "--model", str(export), "--tokenizer", str(checkpoint)],
+        tmp_path / "inference.log",
+    )
     try:
         answer = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60).chat.completions.create(
-            model="m", messages=CONVERSATION, max_tokens=24, temperature=0)
+            model="m", messages=CONVERSATION, max_tokens=24, temperature=0
+        )
     finally:
         stop_server(process)
     prompt_len, ids, text, finish = expected_chat(engine, CONVERSATION, 24)

@@ -19,9 +19,24 @@ pytestmark = pytest.mark.slow  # a server process
 @pytest.fixture(scope="module")
 def batching_client(checkpoint, tmp_path_factory):  # noqa: F811
     log = tmp_path_factory.mktemp("logs") / "batching.log"
-    process, url = start_server(["-m", "paddle_glm4.server", "--model", str(checkpoint), "--api-key", KEY,
-                                 "--max-concurrency", "16", "--max-num-seqs", "6", "--kv-cache-memory", "4MB"],
-                                log, {"Authorization": f"Bearer {KEY}"})
+    process, url = start_server(
+        [
+            "-m",
+            "paddle_glm4.server",
+            "--model",
+            str(checkpoint),
+            "--api-key",
+            KEY,
+            "--max-concurrency",
+            "16",
+            "--max-num-seqs",
+            "6",
+            "--kv-cache-memory",
+            "4MB",
+        ],
+        log,
+        {"Authorization": f"Bearer {KEY}"},
+    )
     yield url, openai.OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=120), process.pid
     stop_server(process)
 
@@ -30,11 +45,21 @@ def requests():
     """16 requests: prompts of different lengths, max_tokens, stop strings, greedy and seeded sampling."""
     made = []
     for n in range(16):
-        sampling = [{}, {"temperature": 0.9, "seed": n}, {"extra_body": {"top_k": 8}, "seed": 50 + n},
-                    {"extra_body": {"repetition_penalty": 1.4}}]
-        made.append({"model": "m", "max_tokens": 4 + (3 * n) % 13,
-                     "messages": [{"role": "user", "content": "word " * (1 + (5 * n) % 40) + f"number {n}"}],
-                     "stop": ["q"] if n % 5 == 0 else None, **sampling[n % 4]})
+        sampling = [
+            {},
+            {"temperature": 0.9, "seed": n},
+            {"extra_body": {"top_k": 8}, "seed": 50 + n},
+            {"extra_body": {"repetition_penalty": 1.4}},
+        ]
+        made.append(
+            {
+                "model": "m",
+                "max_tokens": 4 + (3 * n) % 13,
+                "messages": [{"role": "user", "content": "word " * (1 + (5 * n) % 40) + f"number {n}"}],
+                "stop": ["q"] if n % 5 == 0 else None,
+                **sampling[n % 4],
+            }
+        )
     return made
 
 
@@ -58,8 +83,13 @@ def test_a_client_that_leaves_mid_stream_leaves_the_batch(batching_client):
     expected = [answer(client, request) for request in requests()[:4]]
     with ThreadPoolExecutor(4) as pool:
         others = pool.map(lambda request: answer(client, request), requests()[:4])
-        with httpx.stream("POST", url + "/chat/completions", json={**long, "stream": True}, timeout=60,
-                          headers={"Authorization": f"Bearer {KEY}"}) as stream:
+        with httpx.stream(
+            "POST",
+            url + "/chat/completions",
+            json={**long, "stream": True},
+            timeout=60,
+            headers={"Authorization": f"Bearer {KEY}"},
+        ) as stream:
             assert next(stream.iter_lines()).startswith("data: ")
         assert list(others) == expected
     assert answer(client, requests()[0]) == expected[0]  # and the server answers normally afterwards
@@ -85,8 +115,11 @@ def metrics(url: str) -> dict[str, float]:
     response = httpx.get(url.removesuffix("/v1") + "/metrics", headers={"Authorization": f"Bearer {KEY}"})
     response.raise_for_status()
     assert response.headers["content-type"].startswith("text/plain")
-    return {line.split()[0]: float(line.split()[1]) for line in response.text.splitlines()
-            if line and not line.startswith("#")}
+    return {
+        line.split()[0]: float(line.split()[1])
+        for line in response.text.splitlines()
+        if line and not line.startswith("#")
+    }
 
 
 def wait_idle(url: str) -> dict[str, float]:
@@ -107,12 +140,14 @@ def test_metrics_count_the_requests_tokens_and_latencies(batching_client):
     generated = after["glm4_generated_tokens_total"] - before["glm4_generated_tokens_total"]
     assert 1 <= generated <= 6
     assert after["glm4_time_to_first_token_seconds_count"] == before["glm4_time_to_first_token_seconds_count"] + 1
-    assert after["glm4_inter_token_latency_seconds_count"] - before["glm4_inter_token_latency_seconds_count"] \
+    assert (
+        after["glm4_inter_token_latency_seconds_count"] - before["glm4_inter_token_latency_seconds_count"]
         == generated - 1
+    )
     after = wait_idle(url)
     assert after["glm4_requests_running"] == after["glm4_requests_waiting"] == 0  # all answered
-    assert after["glm4_kv_cache_bytes"] == 0                                      # idle: memory given back
-    assert httpx.get(url.removesuffix("/v1") + "/metrics").status_code == 401     # behind the key, like the rest
+    assert after["glm4_kv_cache_bytes"] == 0  # idle: memory given back
+    assert httpx.get(url.removesuffix("/v1") + "/metrics").status_code == 401  # behind the key, like the rest
 
 
 def rss(pid: int) -> int:
@@ -158,9 +193,11 @@ def test_a_generation_that_raises_mid_batch_fails_that_request_only(engine, monk
 
     monkeypatch.setattr(scheduler, "choose_token", choose)
     monkeypatch.setattr(scheduler.Scheduler, "_decode", decode)
-    good = [{"model": "m", "prompt": "word " * (1 + 3 * n) + str(n), "max_tokens": 12, "temperature": 0}
-            for n in range(4)]
+    good = [
+        {"model": "m", "prompt": "word " * (1 + 3 * n) + str(n), "max_tokens": 12, "temperature": 0} for n in range(4)
+    ]
     with TestClient(create_app(model, tokenizer, max_num_seqs=6)) as client:
+
         def complete(body):
             return client.post("/v1/completions", json=body)
 

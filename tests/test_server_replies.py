@@ -50,8 +50,13 @@ def run(reply: Reply, ids: list[int]) -> tuple[list[str], str]:
 
 
 def chat_reply(tokenizer, tools=(WEATHER_TOOL, TIME_TOOL), **options) -> Reply:
-    return Reply(tokenizer, tokenizer.stop_token_ids, tool_names=[t["function"]["name"] for t in tools],
-                 strip_leading=True, **options)
+    return Reply(
+        tokenizer,
+        tokenizer.stop_token_ids,
+        tool_names=[t["function"]["name"] for t in tools],
+        strip_leading=True,
+        **options,
+    )
 
 
 # ---- tool calls -----------------------------------------------------------------------------------------
@@ -78,18 +83,23 @@ def test_a_plain_answer_streams_as_it_comes(vocabulary, request):
 def test_several_calls_in_one_answer(small):
     reply = chat_reply(small)
     run(reply, answer_ids(small, 'get_weather\n{"city": "Paris"}', "<|assistant|>", "get_time\n{}", "<|observation|>"))
-    assert [(c.function.name, json.loads(c.function.arguments)) for c in reply.tool_calls] == \
-        [("get_weather", {"city": "Paris"}), ("get_time", {})]
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in reply.tool_calls] == [
+        ("get_weather", {"city": "Paris"}),
+        ("get_time", {}),
+    ]
     assert len({c.id for c in reply.tool_calls}) == 2
 
 
-@pytest.mark.parametrize("answer", [
-    "get_weather\nnot JSON at all",
-    'get_weather\n{"city": "Paris"',       # cut short (max_tokens)
-    'get_weather\n["Paris"]',              # JSON, but arguments are an object
-    'send_email\n{"to": "x"}',             # a function that was not offered
-    "get_weather",                         # a name and nothing else
-])
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "get_weather\nnot JSON at all",
+        'get_weather\n{"city": "Paris"',  # cut short (max_tokens)
+        'get_weather\n["Paris"]',  # JSON, but arguments are an object
+        'send_email\n{"to": "x"}',  # a function that was not offered
+        "get_weather",  # a name and nothing else
+    ],
+)
 def test_a_malformed_call_comes_back_as_text(small, answer):
     reply = chat_reply(small)
     released, rest = run(reply, answer_ids(small, answer, "<|observation|>"))
@@ -105,7 +115,7 @@ def test_without_tools_nothing_is_parsed(small):
 # ---- text -----------------------------------------------------------------------------------------------
 def test_finish_reasons_and_padding_ids(small):
     reply = Reply(small, small.stop_token_ids)
-    _, _ = run(reply, answer_ids(small, "abc") + [small.vocab_size + 3])  # a padding row of the embedding
+    _, _ = run(reply, [*answer_ids(small, "abc"), small.vocab_size + 3])  # a padding row of the embedding
     assert reply.text == "abc" and reply.finish_reason == "length" and reply.tokens == 4
     reply = Reply(small, small.stop_token_ids)
     run(reply, answer_ids(small, "abc", "<|endoftext|>"))
@@ -113,10 +123,13 @@ def test_finish_reasons_and_padding_ids(small):
 
 
 @settings(max_examples=150, deadline=None)
-@given(text=st.text(alphabet="ab \n你", max_size=30), stop=st.text(alphabet="ab \n你", min_size=1, max_size=4),
-       strip=st.booleans())
+@given(
+    text=st.text(alphabet="ab \n你", max_size=30),
+    stop=st.text(alphabet="ab \n你", min_size=1, max_size=4),
+    strip=st.booleans(),
+)
 def test_a_stop_string_cuts_the_text_and_nothing_past_the_cut_is_sent(small, text, stop, strip):
-    expected = text[:text.index(stop)] if stop in text else text
+    expected = text[: text.index(stop)] if stop in text else text
     expected = expected.lstrip() if strip else expected
     reply = Reply(small, small.stop_token_ids, stop=[stop, "never there"], strip_leading=strip)
     sent = ""
@@ -139,14 +152,25 @@ def request(**fields) -> ChatCompletionRequest:
 
 
 def test_openai_messages_become_glm4_turns():
-    body = request(messages=[
-        {"role": "developer", "content": "Be brief."},
-        {"role": "user", "content": [{"type": "text", "text": "Weather in "}, {"type": "text", "text": "Paris?"}]},
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_1", "type": "function",
-             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
-        {"role": "tool", "tool_call_id": "call_1", "content": '{"sky": "clear"}'},
-    ], tools=[WEATHER_TOOL])
+    body = request(
+        messages=[
+            {"role": "developer", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "Weather in "}, {"type": "text", "text": "Paris?"}]},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": '{"sky": "clear"}'},
+        ],
+        tools=[WEATHER_TOOL],
+    )
     assert to_glm_messages(body.messages, active_tools(body.tools, body.tool_choice)) == [
         {"role": "system", "content": "", "tools": [WEATHER_TOOL]},
         {"role": "system", "content": "Be brief."},
@@ -171,21 +195,36 @@ def test_tool_choice_selects_the_tools_shown():
 
 @needs_reference
 def test_a_round_trip_renders_in_glm4s_published_format(real):
-    body = request(messages=[
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Weather in Beijing?"},
-        {"role": "assistant", "tool_calls": [
-            {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Beijing"}'}}]},
-        {"role": "tool", "tool_call_id": "c", "content": '{"temperature": 20}'},
-    ], tools=[WEATHER_TOOL])
+    body = request(
+        messages=[
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Weather in Beijing?"},
+            {
+                "role": "assistant",
+                "tool_calls": [
+                    {
+                        "id": "c",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city": "Beijing"}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "c", "content": '{"temperature": 20}'},
+        ],
+        tools=[WEATHER_TOOL],
+    )
     messages = to_glm_messages(body.messages, active_tools(body.tools, body.tool_choice))
     text = real.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     tool_block = json.dumps(WEATHER_TOOL["function"], ensure_ascii=False, indent=4)
     assert text.startswith("[gMASK]<sop><|system|>\n你是一个名为 ChatGLM 的人工智能助手。")
-    assert f"# 可用工具\n## get_weather\n\n{tool_block}\n在调用上述函数时，请使用 Json 格式表示调用的参数。" \
-           "<|system|>\nBe brief." in text
-    assert text.endswith('<|system|>\nBe brief.<|user|>\nWeather in Beijing?<|assistant|>get_weather\n'
-                         '{"city": "Beijing"}<|observation|>\n{"temperature": 20}<|assistant|>')
+    assert (
+        f"# 可用工具\n## get_weather\n\n{tool_block}\n在调用上述函数时，请使用 Json 格式表示调用的参数。"
+        "<|system|>\nBe brief." in text
+    )
+    assert text.endswith(
+        "<|system|>\nBe brief.<|user|>\nWeather in Beijing?<|assistant|>get_weather\n"
+        '{"city": "Beijing"}<|observation|>\n{"temperature": 20}<|assistant|>'
+    )
     ids = real.apply_chat_template(messages, add_generation_prompt=True)
     assert ids.count(real.special_token_id("<|observation|>")) == 1
     assert ids[-1] == real.special_token_id("<|assistant|>")

@@ -34,8 +34,17 @@ def _env() -> dict[str, str]:
 
 def launch(degree: int, tmp: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run the worker on `degree` ranks through paddle.distributed.launch; its rank logs in tmp/log."""
-    command = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", str(degree),
-               "--log_dir", str(tmp / "log"), str(WORKER), *args]
+    command = [
+        sys.executable,
+        "-m",
+        "paddle.distributed.launch",
+        "--nproc_per_node",
+        str(degree),
+        "--log_dir",
+        str(tmp / "log"),
+        str(WORKER),
+        *args,
+    ]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=_env(), cwd=ROOT)
 
 
@@ -69,8 +78,21 @@ def one_process(model: GLM4ForCausalLM, ids, batch_ids, batch_mask) -> dict[str,
 def split_run(small, degree: int, tmp: Path, *args: str) -> list[dict[str, np.ndarray]]:
     model_dir = small[0] / "model"
     (tmp / "out").mkdir(parents=True, exist_ok=True)
-    done = launch(degree, tmp, "--model", str(model_dir), "--out", str(tmp / "out"), "--degree", str(degree),
-                  "--inputs", str(small[0] / "inputs.npz"), "--max-new-tokens", str(NEW_TOKENS), *args)
+    done = launch(
+        degree,
+        tmp,
+        "--model",
+        str(model_dir),
+        "--out",
+        str(tmp / "out"),
+        "--degree",
+        str(degree),
+        "--inputs",
+        str(small[0] / "inputs.npz"),
+        "--max-new-tokens",
+        str(NEW_TOKENS),
+        *args,
+    )
     assert done.returncode == 0, done.stderr[-2000:] + rank_logs(tmp)[-4000:]
     return [dict(np.load(tmp / "out" / f"rank{r}.npz", allow_pickle=False)) for r in range(degree)]
 
@@ -90,13 +112,18 @@ def test_split_model_computes_what_one_process_does(small, tmp_path, degree, gro
     np.testing.assert_array_equal(expected["batch"][1], expected["alone"][0])  # the batch's padding is inert
 
 
-@pytest.mark.parametrize("load, flags", [
-    ({"dtype": "bfloat16"}, ["--dtype", "bfloat16"]),  # the bf16 kernels
-    # row splits of 32 and 48 rows fall on groups of 16; float32 activations, since int8 ones take their scale
-    # over the rank's slice of a row (as rounded as one process's, not the same rounding)
-    ({"quantization": "int4", "group_size": 16, "activation_dtype": "float32"},
-     ["--quantize", "int4", "--group-size", "16", "--activation-dtype", "float32"]),
-])
+@pytest.mark.parametrize(
+    "load, flags",
+    [
+        ({"dtype": "bfloat16"}, ["--dtype", "bfloat16"]),  # the bf16 kernels
+        # row splits of 32 and 48 rows fall on groups of 16; float32 activations, since int8 ones take their scale
+        # over the rank's slice of a row (as rounded as one process's, not the same rounding)
+        (
+            {"quantization": "int4", "group_size": 16, "activation_dtype": "float32"},
+            ["--quantize", "int4", "--group-size", "16", "--activation-dtype", "float32"],
+        ),
+    ],
+)
 def test_split_model_with_the_kernels_matches_one_process(small, tmp_path, load, flags):
     """bf16 and int4 (quantized after splitting, on the groups one process has) are the same weights split:
     only the order of the additions differs."""
@@ -112,8 +139,14 @@ def test_split_model_with_the_kernels_matches_one_process(small, tmp_path, load,
 def test_each_rank_holds_half_the_weights(tmp_path):
     """A model whose weights (~630 MB in float32) dwarf the process's own memory: what loading and generating
     add to a rank's peak RSS is about half of the weights."""
-    config = small_config(vocab_size=65536, hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
-                          num_key_value_heads=2, head_dim=64)
+    config = small_config(
+        vocab_size=65536,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        head_dim=64,
+    )
     paddle.seed(0)
     model = GLM4ForCausalLM(config)
     model.save_pretrained(str(tmp_path / "model"))
@@ -123,8 +156,14 @@ def test_each_rank_holds_half_the_weights(tmp_path):
     np.savez(tmp_path / "inputs.npz", ids=ids, batch_ids=ids, batch_mask=np.ones_like(ids))
     args = ["--model", str(tmp_path / "model"), "--inputs", str(tmp_path / "inputs.npz"), "--max-new-tokens", "2"]
     (tmp_path / "one").mkdir()
-    alone = subprocess.run([sys.executable, str(WORKER), *args, "--out", str(tmp_path / "one"), "--degree", "1"],
-                           capture_output=True, text=True, timeout=300, env=_env(), cwd=ROOT)
+    alone = subprocess.run(
+        [sys.executable, str(WORKER), *args, "--out", str(tmp_path / "one"), "--degree", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(),
+        cwd=ROOT,
+    )
     assert alone.returncode == 0, alone.stderr[-2000:]
     (tmp_path / "two").mkdir()
     split = launch(2, tmp_path, *args, "--out", str(tmp_path / "two"), "--degree", "2", timeout=300)
@@ -135,8 +174,10 @@ def test_each_rank_holds_half_the_weights(tmp_path):
 
     one = added(np.load(tmp_path / "one" / "rank0.npz"))
     ranks = [added(np.load(tmp_path / "two" / f"rank{r}.npz")) for r in range(2)]
-    print(f"weights {weights / 2**20:.0f} MiB; loading added {one / 2**20:.0f} MiB to one process, "
-          f"{', '.join(f'{r / 2**20:.0f}' for r in ranks)} MiB to each of 2 ranks")
+    print(
+        f"weights {weights / 2**20:.0f} MiB; loading added {one / 2**20:.0f} MiB to one process, "
+        f"{', '.join(f'{r / 2**20:.0f}' for r in ranks)} MiB to each of 2 ranks"
+    )
     # one process maps its float32 checkpoint: what it never reads (the embedding rows not looked up) stays
     # on disk, so its growth is no yardstick; a rank copies its slices, so it holds its half of every weight,
     # plus the distributed runtime (gloo, the launch's environment: ~120 MiB here)
@@ -145,13 +186,16 @@ def test_each_rank_holds_half_the_weights(tmp_path):
 
 
 # ---- refused before loading ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("overrides, degree, names", [
-    ({}, 3, "num_attention_heads"),
-    ({"num_attention_heads": 6, "num_key_value_heads": 3}, 2, "key/value groups"),
-    ({"intermediate_size": 98}, 4, "intermediate_size"),
-    ({"vocab_size": 510}, 4, "vocab_size"),
-    ({}, 0, "positive integer"),
-])
+@pytest.mark.parametrize(
+    "overrides, degree, names",
+    [
+        ({}, 3, "num_attention_heads"),
+        ({"num_attention_heads": 6, "num_key_value_heads": 3}, 2, "key/value groups"),
+        ({"intermediate_size": 98}, 4, "intermediate_size"),
+        ({"vocab_size": 510}, 4, "vocab_size"),
+        ({}, 0, "positive integer"),
+    ],
+)
 def test_a_degree_that_does_not_split_the_model_is_refused(overrides, degree, names):
     with pytest.raises(TensorParallelError, match=names):
         check_degree(small_config(**overrides), degree)
@@ -175,11 +219,23 @@ def test_a_launch_of_another_size_is_refused(small, monkeypatch):
 
 
 def test_layout_of_glm4_9b_with_two_and_four_ranks():
-    config = small_config(vocab_size=151552, hidden_size=4096, intermediate_size=13696, num_attention_heads=32,
-                          num_key_value_heads=2, head_dim=128, pad_token_id=151329, eos_token_id=[151329])
+    config = small_config(
+        vocab_size=151552,
+        hidden_size=4096,
+        intermediate_size=13696,
+        num_attention_heads=32,
+        num_key_value_heads=2,
+        head_dim=128,
+        pad_token_id=151329,
+        eos_token_id=[151329],
+    )
     two = Layout(config, 2, 1)
-    assert (two.heads, two.groups, two.ffn, two.vocab) == (range(16, 32), range(1, 2), range(6848, 13696),
-                                                             range(75776, 151552))
+    assert (two.heads, two.groups, two.ffn, two.vocab) == (
+        range(16, 32),
+        range(1, 2),
+        range(6848, 13696),
+        range(75776, 151552),
+    )
     assert two.qkv_columns() == [range(2048, 4096), range(4096 + 128, 4096 + 256), range(4352 + 128, 4352 + 256)]
     assert two.gate_up_columns() == [range(6848, 13696), range(13696 + 6848, 2 * 13696)]
     assert [Layout(config, 4, r).groups for r in range(4)] == [range(0, 1), range(0, 1), range(1, 2), range(1, 2)]
@@ -196,14 +252,30 @@ def _spawn_ranks(small, tmp: Path, *args: str) -> list[subprocess.Popen]:
     (tmp / "out").mkdir(parents=True, exist_ok=True)
     for rank in range(2):
         env = _env() | {
-            "PADDLE_TRAINER_ID": str(rank), "PADDLE_TRAINERS_NUM": "2", "PADDLE_DISTRI_BACKEND": "gloo",
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PADDLE_TRAINER_ENDPOINTS": ",".join(endpoints),
+            "PADDLE_TRAINER_ID": str(rank),
+            "PADDLE_TRAINERS_NUM": "2",
+            "PADDLE_DISTRI_BACKEND": "gloo",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "PADDLE_TRAINER_ENDPOINTS": ",".join(endpoints),
             "PADDLE_CURRENT_ENDPOINT": endpoints[rank],
         }
-        command = [sys.executable, str(WORKER), "--model", str(small[0] / "model"), "--out", str(tmp / "out"),
-                   "--degree", "2", "--inputs", str(small[0] / "inputs.npz"), *args]
-        procs.append(subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
+        command = [
+            sys.executable,
+            str(WORKER),
+            "--model",
+            str(small[0] / "model"),
+            "--out",
+            str(tmp / "out"),
+            "--degree",
+            "2",
+            "--inputs",
+            str(small[0] / "inputs.npz"),
+            *args,
+        ]
+        procs.append(
+            subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
     return procs
 
 
@@ -226,7 +298,9 @@ def test_a_rank_killed_mid_generation_ends_the_other_with_an_error(small, tmp_pa
     assert procs[1].returncode == 9, outputs[1][1][-2000:]  # it died at step 3 as asked
     assert procs[0].returncode not in (0, None), outputs[0][1][-2000:]
     assert time.monotonic() - started < 60
-    assert "Connection reset by peer" in outputs[0][1] or "Connection closed by peer" in outputs[0][1], outputs[0][1][-2000:]
+    assert "Connection reset by peer" in outputs[0][1] or "Connection closed by peer" in outputs[0][1], outputs[0][1][
+        -2000:
+    ]
 
 
 @pytest.mark.slow
@@ -258,10 +332,20 @@ def cli_checkpoint(tmp_path_factory):
 def launch_glm4(tmp: Path, *args: str, stdin: str | None = None, timeout: float = 180) -> tuple[int, str]:
     """`python -m paddle.distributed.launch --nproc_per_node 2 glm4 ARGS --tensor-parallel 2`; (exit code, what
     rank 0 printed). The launcher echoes rank 0's output among its own lines; the log file holds it alone."""
-    command = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir",
-               str(tmp / "log"), GLM4, *args, "--tensor-parallel", "2"]
-    done = subprocess.run(command, input=stdin, capture_output=True, text=True, timeout=timeout, env=_env(),
-                          cwd=ROOT)
+    command = [
+        sys.executable,
+        "-m",
+        "paddle.distributed.launch",
+        "--nproc_per_node",
+        "2",
+        "--log_dir",
+        str(tmp / "log"),
+        GLM4,
+        *args,
+        "--tensor-parallel",
+        "2",
+    ]
+    done = subprocess.run(command, input=stdin, capture_output=True, text=True, timeout=timeout, env=_env(), cwd=ROOT)
     return done.returncode, (tmp / "log" / "workerlog.0").read_text(errors="replace")
 
 
@@ -270,8 +354,9 @@ def test_glm4_generate_split_in_two_prints_what_one_process_does(cli_checkpoint,
     from test_cli import expected_answer
 
     model_dir, model, tokenizer = cli_checkpoint
-    code, out = launch_glm4(tmp_path, "generate", "--model", model_dir, "--prompt", "Hello, 你好",
-                            "--max-new-tokens", "12")
+    code, out = launch_glm4(
+        tmp_path, "generate", "--model", model_dir, "--prompt", "Hello, 你好", "--max-new-tokens", "12"
+    )
     assert code == 0, out[-3000:]
     ids = expected_answer(model, tokenizer, tokenizer.encode("Hello, 你好"), 12)
     assert tokenizer.decode(ids, skip_special_tokens=True) + "\n" in out
@@ -285,16 +370,31 @@ def test_glm4_chat_split_in_two_survives_a_pause_longer_than_the_gloo_timeout(cl
     heartbeat keeps it waiting. The answers are one process's."""
     model_dir, model, tokenizer = cli_checkpoint
     reader, writer = os.pipe()
-    command = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir",
-               str(tmp_path / "log"), GLM4, "chat", "--model", model_dir, "--max-new-tokens", "6",
-               "--tensor-parallel", "2"]
-    process = subprocess.Popen(command, stdin=reader, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env=_env(), cwd=ROOT)
+    command = [
+        sys.executable,
+        "-m",
+        "paddle.distributed.launch",
+        "--nproc_per_node",
+        "2",
+        "--log_dir",
+        str(tmp_path / "log"),
+        GLM4,
+        "chat",
+        "--model",
+        model_dir,
+        "--max-new-tokens",
+        "6",
+        "--tensor-parallel",
+        "2",
+    ]
+    process = subprocess.Popen(
+        command, stdin=reader, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), cwd=ROOT
+    )
     os.close(reader)
     try:
-        os.write(writer, "Hello\n".encode())
+        os.write(writer, b"Hello\n")
         time.sleep(40)
-        os.write(writer, "Again\n".encode())
+        os.write(writer, b"Again\n")
         os.close(writer)
         assert process.wait(timeout=120) == 0
     finally:
@@ -305,8 +405,9 @@ def test_glm4_chat_split_in_two_survives_a_pause_longer_than_the_gloo_timeout(cl
     for turn in ("Hello", "Again"):
         messages.append({"role": "user", "content": turn})
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        answer, _ = model.generate([ids], max_new_tokens=6, eos_token_id=tokenizer.stop_token_ids,
-                                   vocab_limit=len(tokenizer))
+        answer, _ = model.generate(
+            [ids], max_new_tokens=6, eos_token_id=tokenizer.stop_token_ids, vocab_limit=len(tokenizer)
+        )
         new = [t for t in answer.numpy()[0].tolist() if t not in tokenizer.stop_token_ids]
         text = tokenizer.decode(new, skip_special_tokens=True).strip()
         messages.append({"role": "assistant", "content": text})
@@ -323,23 +424,44 @@ def test_glm4_serve_split_in_two_answers_as_one_process(cli_checkpoint, tmp_path
     from test_cli import expected_answer
 
     model_dir, model, tokenizer = cli_checkpoint
-    command = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir",
-               str(tmp_path / "log"), GLM4, "serve", "--model", model_dir, "--port", "0", "--tensor-parallel", "2"]
-    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, env=_env(), cwd=ROOT)
+    command = [
+        sys.executable,
+        "-m",
+        "paddle.distributed.launch",
+        "--nproc_per_node",
+        "2",
+        "--log_dir",
+        str(tmp_path / "log"),
+        GLM4,
+        "serve",
+        "--model",
+        model_dir,
+        "--port",
+        "0",
+        "--tensor-parallel",
+        "2",
+    ]
+    process = subprocess.Popen(
+        command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), cwd=ROOT
+    )
     log = tmp_path / "log" / "workerlog.0"
     try:
         deadline, url = time.monotonic() + 120, None
         while url is None and time.monotonic() < deadline:
             assert process.poll() is None, log.read_text(errors="replace")[-3000:]
-            found = re.search(r"serving \S+ at (http://\S+/v1)", log.read_text(errors="replace")) if log.exists() else None
+            found = (
+                re.search(r"serving \S+ at (http://\S+/v1)", log.read_text(errors="replace")) if log.exists() else None
+            )
             url = found.group(1) if found else None
             time.sleep(0.2)
         assert url is not None, "the server did not start"
         prompt = "The weather today"
         for _ in range(2):  # two requests, one after the other: the followers run both
-            reply = httpx.post(f"{url}/completions", json={"model": "m", "prompt": prompt, "max_tokens": 10,
-                                                            "temperature": 0}, timeout=60)
+            reply = httpx.post(
+                f"{url}/completions",
+                json={"model": "m", "prompt": prompt, "max_tokens": 10, "temperature": 0},
+                timeout=60,
+            )
             reply.raise_for_status()
             expected = expected_answer(model, tokenizer, tokenizer.encode(prompt), 10)
             assert reply.json()["choices"][0]["text"] == tokenizer.decode(expected, skip_special_tokens=True)
@@ -348,14 +470,19 @@ def test_glm4_serve_split_in_two_answers_as_one_process(cli_checkpoint, tmp_path
         process.wait(timeout=30)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["export", "--out", "OUT", "--tensor-parallel", "2"], "dynamic-graph only for now"),
-    (["generate", "--prompt", "hi", "--tensor-parallel", "2"], "needs 2 processes, one per rank; this launch has 1"),
-    (["generate", "--prompt", "hi", "--tensor-parallel", "2", "--engine", "inference"], "dynamic engine only"),
-    (["serve", "--port", "0", "--tensor-parallel", "3"], "3 does not divide the model's num_attention_heads, 4"),
-])
-def test_the_command_line_refuses_what_it_cannot_split_in_one_line(cli_checkpoint, monkeypatch, capsys, args,
-                                                                     message):
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["export", "--out", "OUT", "--tensor-parallel", "2"], "dynamic-graph only for now"),
+        (
+            ["generate", "--prompt", "hi", "--tensor-parallel", "2"],
+            "needs 2 processes, one per rank; this launch has 1",
+        ),
+        (["generate", "--prompt", "hi", "--tensor-parallel", "2", "--engine", "inference"], "dynamic engine only"),
+        (["serve", "--port", "0", "--tensor-parallel", "3"], "3 does not divide the model's num_attention_heads, 4"),
+    ],
+)
+def test_the_command_line_refuses_what_it_cannot_split_in_one_line(cli_checkpoint, monkeypatch, capsys, args, message):
     from paddle_glm4.__main__ import main
 
     monkeypatch.delenv("PADDLE_TRAINERS_NUM", raising=False)

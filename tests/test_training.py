@@ -4,8 +4,16 @@ import numpy as np
 import paddle
 import pytest
 
-from conftest import (hf_state, left_padded, paddle_model, paddle_state, reference_logits, reference_model,
-                      small_config, train_steps)
+from conftest import (
+    hf_state,
+    left_padded,
+    paddle_model,
+    paddle_state,
+    reference_logits,
+    reference_model,
+    small_config,
+    train_steps,
+)
 from converters import mapping, paddle_to_torch
 from paddle_glm4 import GLM4ForCausalLM, ops
 from paddle_glm4.lora import LoRASettings, TrainingError, add_lora, merge_lora
@@ -35,15 +43,20 @@ def reference_loss_and_grads(ref, ids, mask, labels, positions):
 
     ref.train()
     ref.zero_grad()
-    out = ref(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), position_ids=torch.from_numpy(positions),
-              labels=torch.from_numpy(labels))
+    out = ref(
+        torch.from_numpy(ids),
+        attention_mask=torch.from_numpy(mask),
+        position_ids=torch.from_numpy(positions),
+        labels=torch.from_numpy(labels),
+    )
     out.loss.backward()
     return out.loss.item(), {name: p.grad.float().numpy() for name, p in ref.named_parameters()}
 
 
 @pytest.mark.parametrize("recompute, attention_blocks", [(False, False), (True, False), (False, True)])
-def test_loss_and_every_gradient_match_reference_with_padding_and_ignored_labels(recompute, attention_blocks,
-                                                                                  monkeypatch):
+def test_loss_and_every_gradient_match_reference_with_padding_and_ignored_labels(
+    recompute, attention_blocks, monkeypatch
+):
     if attention_blocks:  # CPU attention in blocks of 4 queries (what long sequences get): gradients flow the same
         monkeypatch.setattr(ops, "SCORE_BUDGET", 3 * 4 * 14 * 4)
     config = small_config(rope_ratio=500.0)
@@ -78,8 +91,11 @@ def test_loss_ignores_every_label_marked_ignored():
     out = model(paddle.to_tensor(ids), attention_mask=paddle.to_tensor(mask), labels=paddle.to_tensor(labels))
     # the same loss by hand, from the logits: the next token's negative log-likelihood where a label counts
     logits = out.logits.numpy().astype("float64")
-    log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+    log_probs = (
+        logits
+        - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
         - logits.max(-1, keepdims=True)
+    )
     target = labels[:, 1:]
     counted = target != IGNORE_INDEX
     picked = np.take_along_axis(log_probs[:, :-1], np.where(counted, target, 0)[..., None], -1)[..., 0]
@@ -131,8 +147,13 @@ def test_lora_trains_only_its_matrices_lowers_the_loss_and_merges_into_the_same_
             published.update({name: reader.read(name) for name in reader.names()})
     hf = {}
     for spec in mapping.tensor_specs(config):
-        hf.update(zip(spec.hf, mapping.from_paddle(spec, mapping.to_paddle(spec, [published[spec.published]]),
-                                                   "hf")))
+        hf.update(
+            zip(
+                spec.hf,
+                mapping.from_paddle(spec, mapping.to_paddle(spec, [published[spec.published]]), "hf"),
+                strict=False,
+            )
+        )
     ref = GlmForCausalLM(GlmConfig(**config.to_hf_glm_dict())).eval()
     ref.load_state_dict({name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in hf.items()}, strict=False)
     assert np.abs(reference_logits(ref, ids.numpy()) - merged_logits).max() <= 1e-4
@@ -141,7 +162,7 @@ def test_lora_trains_only_its_matrices_lowers_the_loss_and_merges_into_the_same_
 def test_lora_refuses_weights_that_cannot_train():
     config = small_config()
     model = GLM4ForCausalLM(config, weights=Packed("int8", group_size=None))
-    with pytest.raises(TrainingError, match="float32 weights.*int8.*dtype='float32'"):
+    with pytest.raises(TrainingError, match=r"float32 weights.*int8.*dtype='float32'"):
         add_lora(model, LoRASettings())
     with pytest.raises(TrainingError, match="rank 0"):
         LoRASettings(rank=0)

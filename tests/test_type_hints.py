@@ -20,8 +20,9 @@ def missing_hints(tree: ast.Module) -> list[tuple[int, str, list[str]]]:
                 visit(child, public and not child.name.startswith("_"), True)
             elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 name = child.name  # functions nested in a function are not API: not visited
-                if not ((public and (not name.startswith("_") or name in ("__init__", "__call__")))
-                        or name == "forward"):
+                if not (
+                    (public and (not name.startswith("_") or name in ("__init__", "__call__"))) or name == "forward"
+                ):
                     continue
                 args = child.args
                 params = [*args.posonlyargs, *args.args, *args.kwonlyargs]
@@ -49,14 +50,19 @@ def test_public_functions_and_forwards_have_type_hints():
 
 
 def test_the_check_sees_what_lacks_a_hint():
-    tree = ast.parse("def f(a, b: int): ...\n"
-                     "def _private(a): ...\n"
-                     "class C:\n"
-                     "    def method(self, x: int) -> None: ...\n"
-                     "    def forward(self, x): ...\n"
-                     "    def _forward_helper(self, x): ...\n"
-                     "class _Hidden:\n"
-                     "    def method(self, x): ...\n"
-                     "    def forward(self, x) -> int: ...\n")
-    assert missing_hints(tree) == [(1, "f", ["a", "the result"]), (5, "forward", ["x", "the result"]),
-                                   (9, "forward", ["x"])]
+    tree = ast.parse(
+        "def f(a, b: int): ...\n"
+        "def _private(a): ...\n"
+        "class C:\n"
+        "    def method(self, x: int) -> None: ...\n"
+        "    def forward(self, x): ...\n"
+        "    def _forward_helper(self, x): ...\n"
+        "class _Hidden:\n"
+        "    def method(self, x): ...\n"
+        "    def forward(self, x) -> int: ...\n"
+    )
+    assert missing_hints(tree) == [
+        (1, "f", ["a", "the result"]),
+        (5, "forward", ["x", "the result"]),
+        (9, "forward", ["x"]),
+    ]

@@ -8,19 +8,31 @@ import json
 import shutil
 from pathlib import Path
 
+from conftest import small_config
 from converters import paddle_to_torch, torch_to_paddle
 from paddle_glm4.demo import random_weights
 from paddle_glm4.small_vocab import write_small_vocabulary
 
-from conftest import small_config
-
 SHARD = "60KB"  # cuts the small model into several files
 
 # File names an attacker might write into an index or a manifest: each must be refused, before anything is written.
-UNSAFE_NAMES = ["../escaped.safetensors", "../../escaped.safetensors", "/tmp/escaped.safetensors",
-                "sub/escaped.safetensors", "./escaped.safetensors", "..", ".", "", "a\\..\\escaped.safetensors",
-                "escaped\0.safetensors", "x" * 300 + ".safetensors", 17, None, ["model.safetensors"],
-                {"name": "model.safetensors"}]
+UNSAFE_NAMES = [
+    "../escaped.safetensors",
+    "../../escaped.safetensors",
+    "/tmp/escaped.safetensors",
+    "sub/escaped.safetensors",
+    "./escaped.safetensors",
+    "..",
+    ".",
+    "",
+    "a\\..\\escaped.safetensors",
+    "escaped\0.safetensors",
+    "x" * 300 + ".safetensors",
+    17,
+    None,
+    ["model.safetensors"],
+    {"name": "model.safetensors"},
+]
 
 
 def build_published(directory: Path, dtype: str = "bfloat16") -> Path:
@@ -28,8 +40,9 @@ def build_published(directory: Path, dtype: str = "bfloat16") -> Path:
     config = small_config(dtype=dtype)
     tokenizer_dir = write_small_vocabulary(directory.parent / f".{directory.name}-vocab")
     extra = {p.name: str(p) for p in Path(tokenizer_dir).iterdir()}
-    paddle_to_torch.write_published_checkpoint(str(directory), config, random_weights(config, 0), dtype=dtype,
-                                               max_shard_size=SHARD, extra_files=extra)
+    paddle_to_torch.write_published_checkpoint(
+        str(directory), config, random_weights(config, 0), dtype=dtype, max_shard_size=SHARD, extra_files=extra
+    )
     shutil.rmtree(tokenizer_dir)
     (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 2], "do_sample": False}))
     manifest = directory / "conversion_manifest.json"

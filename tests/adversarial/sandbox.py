@@ -65,8 +65,10 @@ def refused(capsys, main, argv, sandbox, *messages) -> str:
 def no_hang():
     """A test that would block (reading a FIFO) fails after a minute instead of hanging the suite. (Autouse in a
     test module that imports it.)"""
+
     def hung(signum, frame):
         raise TimeoutError("blocked for 60 s")
+
     previous = signal.signal(signal.SIGALRM, hung)
     signal.alarm(60)
     yield

@@ -74,8 +74,10 @@ def test_an_empty_key_from_the_environment_is_an_error_too(tmp_path, capsys, mon
     assert code == 2 and "is empty" in err
 
 
-@pytest.mark.parametrize("host, key, warned", [("0.0.0.0", None, True), ("127.0.0.1", None, False),
-                                               ("localhost", None, False), ("0.0.0.0", KEY, False)])
+@pytest.mark.parametrize(
+    "host, key, warned",
+    [("0.0.0.0", None, True), ("127.0.0.1", None, False), ("localhost", None, False), ("0.0.0.0", KEY, False)],
+)
 def test_no_key_on_a_network_address_is_a_loud_warning(tmp_path, capsys, monkeypatch, host, key, warned):
     monkeypatch.delenv("GLM4_API_KEY", raising=False)
     argv = ["--model", str(tmp_path / "nowhere"), "--host", host, "--port", "0"] + (["--api-key", key] if key else [])
@@ -90,18 +92,34 @@ def app(tokenizer):
     return create_app(ScriptedModel(tokenizer), tokenizer, "scripted", api_key=KEY)
 
 
-@pytest.mark.parametrize("method, path, body", [
-    ("GET", "/v1/models", None),
-    ("POST", "/v1/chat/completions", {"model": "m", "messages": USER}),
-    ("POST", "/v1/completions", {"model": "m", "prompt": "hi"}),
-    ("POST", "/v1/chat/completions", "{not json"),
-    ("GET", "/nowhere", None),
-    ("DELETE", "/v1/models", None),
-    ("GET", "/openapi.json", None),
-    ("GET", "/docs", None),
-])
-@pytest.mark.parametrize("header", [None, "", "Bearer", "Bearer ", "Bearer wrong", f"Basic {KEY}",
-                                    f"Bearer {KEY}x", f"Bearer {KEY[:-1]}", f"Token {KEY}", f"Bearer {KEY.upper()}"])
+@pytest.mark.parametrize(
+    "method, path, body",
+    [
+        ("GET", "/v1/models", None),
+        ("POST", "/v1/chat/completions", {"model": "m", "messages": USER}),
+        ("POST", "/v1/completions", {"model": "m", "prompt": "hi"}),
+        ("POST", "/v1/chat/completions", "{not json"),
+        ("GET", "/nowhere", None),
+        ("DELETE", "/v1/models", None),
+        ("GET", "/openapi.json", None),
+        ("GET", "/docs", None),
+    ],
+)
+@pytest.mark.parametrize(
+    "header",
+    [
+        None,
+        "",
+        "Bearer",
+        "Bearer ",
+        "Bearer wrong",
+        f"Basic {KEY}",
+        f"Bearer {KEY}x",
+        f"Bearer {KEY[:-1]}",
+        f"Token {KEY}",
+        f"Bearer {KEY.upper()}",
+    ],
+)
 def test_anything_without_the_exact_key_gets_401_first(app, method, path, body, header):
     headers = {} if header is None else {"Authorization": header}
     kwargs = {"content": body} if isinstance(body, str) else {"json": body} if body else {}
@@ -170,17 +188,23 @@ def test_a_huge_body_is_refused_before_it_is_read(app, monkeypatch):
     from paddle_glm4.server import app as app_module
 
     key = {"Authorization": f"Bearer {KEY}"}
-    big = b'{"model": "m", "messages": [{"role": "user", "content": "' + b"x" * (app_module.MAX_BODY_BYTES + 1) + b'"}]}'
-    error = error_of(request(app, "POST", "/v1/chat/completions", content=big,
-                             headers={**key, "Content-Type": "application/json"}), 413)
+    big = (
+        b'{"model": "m", "messages": [{"role": "user", "content": "' + b"x" * (app_module.MAX_BODY_BYTES + 1) + b'"}]}'
+    )
+    error = error_of(
+        request(app, "POST", "/v1/chat/completions", content=big, headers={**key, "Content-Type": "application/json"}),
+        413,
+    )
     assert error["code"] == "request_too_large" and str(app_module.MAX_BODY_BYTES) in error["message"]
 
     async def chunks():  # no Content-Length: counted as it arrives
         for _ in range(app_module.MAX_BODY_BYTES // (1 << 20) + 2):
             yield b"x" * (1 << 20)
 
-    error = error_of(request(app, "POST", "/v1/completions", content=chunks(),
-                             headers={**key, "Content-Type": "application/json"}), 413)
+    error = error_of(
+        request(app, "POST", "/v1/completions", content=chunks(), headers={**key, "Content-Type": "application/json"}),
+        413,
+    )
     assert error["code"] == "request_too_large"
     assert error_of(request(app, "POST", "/v1/completions", content=big), 401)  # the key still comes first
 

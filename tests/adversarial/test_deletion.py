@@ -26,7 +26,7 @@ pytestmark = pytest.mark.torch_free
 # What a user may have where the output goes; `make(directory, templates)` builds it. None of it is ours to delete.
 def users_folder(d, t):
     d.mkdir()
-    (d / "config.json").write_text("{}")     # a config.json alone once sufficed
+    (d / "config.json").write_text("{}")  # a config.json alone once sufficed
     (d / "thesis.tex").write_text("years of work")
 
 
@@ -86,9 +86,19 @@ def a_file(d, t):
     d.write_text("a file where the directory would go")
 
 
-FOREIGN = [users_folder, another_checkpoint, forged_manifest, manifest_not_an_object, manifest_not_json,
-           ours_plus_a_users_file, ours_plus_a_subdirectory, ours_with_a_listed_name_that_is_a_directory,
-           ours_with_a_link_in_it, a_link_to_ours, a_file]
+FOREIGN = [
+    users_folder,
+    another_checkpoint,
+    forged_manifest,
+    manifest_not_an_object,
+    manifest_not_json,
+    ours_plus_a_users_file,
+    ours_plus_a_subdirectory,
+    ours_with_a_listed_name_that_is_a_directory,
+    ours_with_a_link_in_it,
+    a_link_to_ours,
+    a_file,
+]
 
 
 @pytest.fixture(scope="module")
@@ -106,16 +116,28 @@ def src(tmp_path, templates) -> Path:
 def test_convert_never_replaces_what_is_not_ours(tmp_path, src, templates, capsys, make):
     (tmp_path / "linked_from_the_output").write_text("outside")
     make(tmp_path / "dst", templates)
-    refused(capsys, torch_to_paddle.main, ["--src", str(src), "--dst", str(tmp_path / "dst"), "--overwrite"],
-            tmp_path, "--dst", "not replacing")
+    refused(
+        capsys,
+        torch_to_paddle.main,
+        ["--src", str(src), "--dst", str(tmp_path / "dst"), "--overwrite"],
+        tmp_path,
+        "--dst",
+        "not replacing",
+    )
 
 
 @pytest.mark.parametrize("make", FOREIGN[:3] + FOREIGN[5:7], ids=lambda f: f.__name__)
 def test_paddle_to_torch_never_replaces_what_is_not_ours(tmp_path, templates, capsys, make):
     paddle = copy_tree(templates[1], tmp_path / "paddle")
     make(tmp_path / "dst", templates)
-    refused(capsys, paddle_to_torch.main, ["--src", str(paddle), "--dst", str(tmp_path / "dst"), "--overwrite"],
-            tmp_path, "--dst", "not replacing")
+    refused(
+        capsys,
+        paddle_to_torch.main,
+        ["--src", str(paddle), "--dst", str(tmp_path / "dst"), "--overwrite"],
+        tmp_path,
+        "--dst",
+        "not replacing",
+    )
 
 
 @pytest.mark.parametrize("existing", ["ours", "empty"])
@@ -134,8 +156,14 @@ def test_convert_replaces_its_own_output_or_an_empty_directory(tmp_path, src, te
 
 def test_without_overwrite_even_our_own_output_stays(tmp_path, src, templates, capsys):
     copy_tree(templates[1], tmp_path / "dst")
-    refused(capsys, torch_to_paddle.main, ["--src", str(src), "--dst", str(tmp_path / "dst")], tmp_path,
-            "already exists", "--overwrite")
+    refused(
+        capsys,
+        torch_to_paddle.main,
+        ["--src", str(src), "--dst", str(tmp_path / "dst")],
+        tmp_path,
+        "already exists",
+        "--overwrite",
+    )
 
 
 # ---- the demo ---------------------------------------------------------------------------------------------------
@@ -145,8 +173,14 @@ def test_demo_out_never_deletes_what_is_not_its_own(tmp_path, templates, capsys,
     out = tmp_path / "out"
     out.mkdir()
     make(out / which, templates)
-    refused(capsys, glm4_cli.main, ["demo", "--out", str(out), "--max-new-tokens", "1"], tmp_path,
-            str(out / which), "not replacing")
+    refused(
+        capsys,
+        glm4_cli.main,
+        ["demo", "--out", str(out), "--max-new-tokens", "1"],
+        tmp_path,
+        str(out / which),
+        "not replacing",
+    )
 
 
 def test_demo_out_replaces_its_own_earlier_output(tmp_path, capsys):
@@ -173,21 +207,36 @@ def a_forged_export(d, t):
     (d / "glm4.json").write_text("{}")
 
 
-@pytest.mark.parametrize("make", [users_folder, another_checkpoint, an_export_plus_a_users_file, a_forged_export,
-                                  a_link_to_ours, a_file], ids=lambda f: f.__name__)
+@pytest.mark.parametrize(
+    "make",
+    [users_folder, another_checkpoint, an_export_plus_a_users_file, a_forged_export, a_link_to_ours, a_file],
+    ids=lambda f: f.__name__,
+)
 def test_export_never_replaces_what_is_not_an_export(tmp_path, templates, capsys, make):
     paddle = copy_tree(templates[1], tmp_path / "paddle")
     make(tmp_path / "out", templates)
-    refused(capsys, inference_cli.main, ["export", "--model", str(paddle), "--out", str(tmp_path / "out"),
-                                         "--overwrite"], tmp_path, "--out", "not replacing")
+    refused(
+        capsys,
+        inference_cli.main,
+        ["export", "--model", str(paddle), "--out", str(tmp_path / "out"), "--overwrite"],
+        tmp_path,
+        "--out",
+        "not replacing",
+    )
 
 
 def test_export_into_an_existing_directory_needs_overwrite(tmp_path, templates, capsys):
     paddle = copy_tree(templates[1], tmp_path / "paddle")
     out = tmp_path / "out"
     out.mkdir()
-    refused(capsys, inference_cli.main, ["export", "--model", str(paddle), "--out", str(out)], tmp_path,
-            "already exists", "--overwrite")
+    refused(
+        capsys,
+        inference_cli.main,
+        ["export", "--model", str(paddle), "--out", str(out)],
+        tmp_path,
+        "already exists",
+        "--overwrite",
+    )
 
 
 def test_export_replaces_an_earlier_export_atomically(tmp_path, templates, capsys):
@@ -200,5 +249,10 @@ def test_export_replaces_an_earlier_export_atomically(tmp_path, templates, capsy
     assert json.loads((out / "export.json").read_text())["max_seq_len"] == 32
     assert sorted(snapshot(out)) == sorted(first)  # the same files, nothing left of the old one beside them
     assert sorted(os.listdir(tmp_path)) == ["out", "paddle"]  # no partial directory left
-    refused(capsys, inference_cli.main, ["export", "--model", str(paddle), "--out", str(paddle / "sub")], tmp_path,
-            "inside the checkpoint")
+    refused(
+        capsys,
+        inference_cli.main,
+        ["export", "--model", str(paddle), "--out", str(paddle / "sub")],
+        tmp_path,
+        "inside the checkpoint",
+    )

@@ -60,25 +60,31 @@ class SneakyStr(str):
 
 
 # ---- values that are not text -----------------------------------------------------------------------------
-@pytest.mark.parametrize("field, value, words", [
-    ("content", b"<|user|>", "content must be a string"),
-    ("content", {"<|user|>"}, "content must be a string"),
-    ("content", 42, "content must be a string"),
-    ("content", 4.5, "content must be a string"),
-    ("content", Sneaky(), "content must be a string or a list of text parts, got Sneaky"),
-    ("content", [{"type": "image_url", "image_url": "x"}], "only text is supported"),
-    ("content", ["<|user|>"], "only text is supported"),
-    ("metadata", b"<|user|>", "metadata must be a string, got bytes"),
-    ("metadata", {"<|user|>"}, "metadata must be a string, got set"),
-    ("metadata", 7, "metadata must be a string"),
-    ("metadata", Sneaky(), "metadata must be a string, got Sneaky"),
-    ("tools", [{"type": "function", "function": {"name": b"<|user|>"}}], "tools[0].function.name: bytes"),
-    ("tools", [{"type": "function", "function": {"name": "f", "parameters": frozenset({"<|user|>"})}}],
-     "frozenset is not allowed"),
-    ("tools", [{"type": "function", "function": {1: "<|user|>"}}], "keys must be strings"),
-    ("tools", [{"type": "function", "function": {"name": "f", "x": float("nan")}}], "not a finite number"),
-    ("extra", b"<|user|>", "message 0.extra: bytes is not allowed"),
-])
+@pytest.mark.parametrize(
+    "field, value, words",
+    [
+        ("content", b"<|user|>", "content must be a string"),
+        ("content", {"<|user|>"}, "content must be a string"),
+        ("content", 42, "content must be a string"),
+        ("content", 4.5, "content must be a string"),
+        ("content", Sneaky(), "content must be a string or a list of text parts, got Sneaky"),
+        ("content", [{"type": "image_url", "image_url": "x"}], "only text is supported"),
+        ("content", ["<|user|>"], "only text is supported"),
+        ("metadata", b"<|user|>", "metadata must be a string, got bytes"),
+        ("metadata", {"<|user|>"}, "metadata must be a string, got set"),
+        ("metadata", 7, "metadata must be a string"),
+        ("metadata", Sneaky(), "metadata must be a string, got Sneaky"),
+        ("tools", [{"type": "function", "function": {"name": b"<|user|>"}}], "tools[0].function.name: bytes"),
+        (
+            "tools",
+            [{"type": "function", "function": {"name": "f", "parameters": frozenset({"<|user|>"})}}],
+            "frozenset is not allowed",
+        ),
+        ("tools", [{"type": "function", "function": {1: "<|user|>"}}], "keys must be strings"),
+        ("tools", [{"type": "function", "function": {"name": "f", "x": float("nan")}}], "not a finite number"),
+        ("extra", b"<|user|>", "message 0.extra: bytes is not allowed"),
+    ],
+)
 def test_fields_that_are_not_text_are_refused(small, field, value, words):
     """Refused before any template runs: the same for the small vocabulary's template and GLM-4's published one."""
     with pytest.raises(ChatTemplateError, match=re.escape(words)):
@@ -101,33 +107,51 @@ def test_str_subclasses_render_as_their_text_not_their_str(small):
 
 def test_text_parts_are_joined(small):
     parts = [{"type": "text", "text": "hel"}, {"type": "text", "text": "lo<|user|>"}]
-    assert small.apply_chat_template([{"role": "user", "content": parts}]) == \
-        small.apply_chat_template([{"role": "user", "content": "hello<|user|>"}])
+    assert small.apply_chat_template([{"role": "user", "content": parts}]) == small.apply_chat_template(
+        [{"role": "user", "content": "hello<|user|>"}]
+    )
 
 
 def test_mappings_and_tuples_are_accepted_as_json_data(small):
     message = OrderedDict(role="user", content="hi", tools=({"type": "function", "function": {"name": "f"}},))
     assert small.apply_chat_template([message]) == small.apply_chat_template(
-        [{"role": "user", "content": "hi", "tools": [{"type": "function", "function": {"name": "f"}}]}])
+        [{"role": "user", "content": "hi", "tools": [{"type": "function", "function": {"name": "f"}}]}]
+    )
 
 
 # ---- properties -------------------------------------------------------------------------------------------
 SPECIAL_TEXT = st.sampled_from(GLM4_SPECIAL_TOKENS)
 TEXT = st.lists(st.one_of(st.text(max_size=12), SPECIAL_TEXT), max_size=5).map("".join)
 JSON_LEAF = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False, allow_infinity=False), TEXT)
-JSON = st.recursive(JSON_LEAF, lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                                       st.dictionaries(TEXT, inner, max_size=3)), max_leaves=8)
-NOT_JSON = st.one_of(st.binary(max_size=8), st.frozensets(TEXT, max_size=2), st.just(Sneaky()),
-                     st.just(float("nan")), st.complex_numbers(allow_nan=False))
-TOOL = st.fixed_dictionaries({"type": st.sampled_from(["function", "python", "other"]),
-                              "function": st.fixed_dictionaries({"name": TEXT}, optional={"parameters": JSON})})
+JSON = st.recursive(
+    JSON_LEAF,
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(TEXT, inner, max_size=3)),
+    max_leaves=8,
+)
+NOT_JSON = st.one_of(
+    st.binary(max_size=8),
+    st.frozensets(TEXT, max_size=2),
+    st.just(Sneaky()),
+    st.just(float("nan")),
+    st.complex_numbers(allow_nan=False),
+)
+TOOL = st.fixed_dictionaries(
+    {
+        "type": st.sampled_from(["function", "python", "other"]),
+        "function": st.fixed_dictionaries({"name": TEXT}, optional={"parameters": JSON}),
+    }
+)
 MESSAGE = st.fixed_dictionaries(
     {"role": st.one_of(st.sampled_from(ROLES), TEXT)},
-    optional={"content": st.one_of(TEXT, st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": TEXT}),
-                                                  max_size=3), JSON, NOT_JSON),
-              "metadata": st.one_of(TEXT, JSON, NOT_JSON),
-              "tools": st.one_of(st.lists(TOOL, max_size=2), JSON, NOT_JSON),
-              "extra": st.one_of(JSON, NOT_JSON)})
+    optional={
+        "content": st.one_of(
+            TEXT, st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": TEXT}), max_size=3), JSON, NOT_JSON
+        ),
+        "metadata": st.one_of(TEXT, JSON, NOT_JSON),
+        "tools": st.one_of(st.lists(TOOL, max_size=2), JSON, NOT_JSON),
+        "extra": st.one_of(JSON, NOT_JSON),
+    },
+)
 MESSAGES = st.lists(MESSAGE, max_size=4)
 SPECIALS = re.compile("|".join(map(re.escape, sorted(GLM4_SPECIAL_TOKENS, key=len, reverse=True))))
 
@@ -157,7 +181,8 @@ def check_conversation(tokenizer: GLM4Tokenizer, messages, add_generation_prompt
 @PROPERTY
 @given(messages=MESSAGES, add_generation_prompt=st.booleans())
 def test_arbitrary_messages_give_ids_or_a_chat_template_error_and_user_text_stays_text(
-        small, messages, add_generation_prompt):
+    small, messages, add_generation_prompt
+):
     check_conversation(small, messages, add_generation_prompt)
 
 

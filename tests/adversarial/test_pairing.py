@@ -46,11 +46,14 @@ def test_a_matching_pair_loads(tmp_path, vocab):
     assert model.generation_config.eos_token_id == tokenizer.stop_token_ids
 
 
-@pytest.mark.parametrize("eos, words", [
-    ([1, 2], "stops at id 1, which is not a special token"),
-    ([445], "stops at id 445, which is not a special token"),  # a padding row: no token at all
-    (["<|user|>"], "ends text with '<|endoftext|>'"),
-])
+@pytest.mark.parametrize(
+    "eos, words",
+    [
+        ([1, 2], "stops at id 1, which is not a special token"),
+        ([445], "stops at id 445, which is not a special token"),  # a padding row: no token at all
+        (["<|user|>"], "ends text with '<|endoftext|>'"),
+    ],
+)
 def test_stop_ids_that_are_not_the_tokenizers_are_refused(tmp_path, vocab, eos, words):
     tokenizer = GLM4Tokenizer.from_pretrained(vocab)
     eos = [tokenizer.special_token_id(e) if isinstance(e, str) else e for e in eos]
@@ -75,8 +78,14 @@ def test_the_paddlenlp_adapter_refuses_the_pair_too_and_limits_generation(tmp_pa
     good_dir, _ = checkpoint(tmp_path / "good", vocab)
     model = PaddleNLPGLM4ForCausalLM.from_pretrained(good_dir)
     assert model.vocab_limit == 432
-    ids, _ = model.generate(paddle.to_tensor([[5, 6, 7]]), max_new_tokens=24, decode_strategy="sampling",
-                            temperature=3.0, seed=0, eos_token_id=[])
+    ids, _ = model.generate(
+        paddle.to_tensor([[5, 6, 7]]),
+        max_new_tokens=24,
+        decode_strategy="sampling",
+        temperature=3.0,
+        seed=0,
+        eos_token_id=[],
+    )
     assert ids.numpy().max() < 432
 
 

@@ -27,8 +27,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def start(*argv) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def wait_for_partial(process: subprocess.Popen, parent: Path, holding: str) -> Path:
@@ -70,8 +71,9 @@ def test_a_hangup_cleans_up_like_ctrl_c(tmp_path, big, command):
 def test_a_hangup_ends_an_export_without_leftovers(tmp_path, templates):
     paddle = copy_tree(templates[1], tmp_path / "paddle")
     (tmp_path / "exports").mkdir()
-    process = start("-m", "paddle_glm4.inference", "export", "--model", str(paddle), "--out",
-                    str(tmp_path / "exports" / "e"))
+    process = start(
+        "-m", "paddle_glm4.inference", "export", "--model", str(paddle), "--out", str(tmp_path / "exports" / "e")
+    )
     wait_for_partial(process, tmp_path / "exports", OWNER_FILE)
     process.send_signal(signal.SIGHUP)
     _, err = process.communicate(timeout=120)
@@ -112,14 +114,19 @@ def test_a_clean_run_reports_no_partial_of_its_own(tmp_path, templates, capsys):
     assert not list((tmp_path / "out").glob(".*.partial"))
 
 
-@pytest.mark.parametrize("case", ["no owner file", "owner file not JSON", "a live process", "another machine",
-                                  "no start time"])
+@pytest.mark.parametrize(
+    "case", ["no owner file", "owner file not JSON", "a live process", "another machine", "no start time"]
+)
 def test_partials_not_provably_stale_are_kept(tmp_path, templates, capsys, case):
     parent = tmp_path / "out"
     me = _this_process()
-    owners = {"no owner file": None, "owner file not JSON": None, "a live process": me,
-              "another machine": {**me, "host": socket.gethostname() + "-elsewhere", "pid": 1},
-              "no start time": {**me, "started": None, "pid": 1}}
+    owners = {
+        "no owner file": None,
+        "owner file not JSON": None,
+        "a live process": me,
+        "another machine": {**me, "host": socket.gethostname() + "-elsewhere", "pid": 1},
+        "no start time": {**me, "started": None, "pid": 1},
+    }
     partial = owned_partial(parent, ".dst.x1.partial", owners[case])
     if case == "owner file not JSON":
         (partial / OWNER_FILE).write_text("{")
@@ -136,9 +143,11 @@ def test_a_run_killed_while_swapping_gets_its_old_output_back(tmp_path, template
     parent = tmp_path / "out"
     old = copy_tree(templates[1], parent / "dst")
     before = snapshot(old)
-    code = ("import os, sys; from paddle_glm4.output_dir import _partial_directory, REPLACED; "
-            "aside = _partial_directory(sys.argv[1], replaces=True); "
-            "os.rename(sys.argv[1], os.path.join(aside, REPLACED)); os._exit(9)")
+    code = (
+        "import os, sys; from paddle_glm4.output_dir import _partial_directory, REPLACED; "
+        "aside = _partial_directory(sys.argv[1], replaces=True); "
+        "os.rename(sys.argv[1], os.path.join(aside, REPLACED)); os._exit(9)"
+    )
     done = subprocess.run([sys.executable, "-c", code, str(old)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 9 and not old.exists()
     # the next run into the same parent: the old output is put back before anything else, and so refused

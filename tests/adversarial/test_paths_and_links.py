@@ -25,8 +25,14 @@ from paddle_glm4.source_files import UnsafeFileError, plain_name
 
 pytestmark = pytest.mark.torch_free
 
-SIDE_AND_CHECKPOINT_FILES = ["tokenizer.model", "tokenizer_config.json", "generation_config.json", "config.json",
-                             "model.safetensors.index.json", "model-00002-of-00005.safetensors"]
+SIDE_AND_CHECKPOINT_FILES = [
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "generation_config.json",
+    "config.json",
+    "model.safetensors.index.json",
+    "model-00002-of-00005.safetensors",
+]
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +58,13 @@ def plant_victims(root: Path) -> None:
 
 # ---- names read from files -----------------------------------------------------------------------------------
 @settings(max_examples=500, deadline=None)
-@given(st.one_of(st.text(), st.text(alphabet="./\\x\0", max_size=12),
-                 st.lists(st.sampled_from(["..", ".", "", "x", "model.safetensors"]), min_size=1, max_size=4)
-                 .map("/".join)))
+@given(
+    st.one_of(
+        st.text(),
+        st.text(alphabet="./\\x\0", max_size=12),
+        st.lists(st.sampled_from(["..", ".", "", "x", "model.safetensors"]), min_size=1, max_size=4).map("/".join),
+    )
+)
 def test_a_plain_name_never_leaves_its_directory(name):
     """Any text: an accepted name is an entry directly inside the directory, and an ordinary file name is
     accepted."""
@@ -79,8 +89,14 @@ def test_index_file_names_must_be_plain(tmp_path, src, capsys, name):
     first = next(iter(index["weight_map"]))
     index["weight_map"][first] = name
     (src / "model.safetensors.index.json").write_text(json.dumps(index))
-    err = refused(capsys, torch_to_paddle.main, ["--src", str(src), "--dst", str(tmp_path / "out")], tmp_path,
-                  "model.safetensors.index.json", f"weight_map[{first!r}]")
+    err = refused(
+        capsys,
+        torch_to_paddle.main,
+        ["--src", str(src), "--dst", str(tmp_path / "out")],
+        tmp_path,
+        "model.safetensors.index.json",
+        f"weight_map[{first!r}]",
+    )
     # a string that is not a plain name, or not a (short enough) string at all: the index's schema says so first
     assert "not a plain file name" in err or "must be a string of at most 255 characters" in err, err
 
@@ -92,8 +108,14 @@ def test_a_paddle_checkpoints_index_names_must_be_plain_too(tmp_path, paddle_src
     first = next(iter(index["weight_map"]))
     index["weight_map"][first] = name
     (paddle_src / "model.safetensors.index.json").write_text(json.dumps(index))
-    refused(capsys, paddle_to_torch.main, ["--src", str(paddle_src), "--dst", str(tmp_path / "out")], tmp_path,
-            "model.safetensors.index.json", "not a plain file name")
+    refused(
+        capsys,
+        paddle_to_torch.main,
+        ["--src", str(paddle_src), "--dst", str(tmp_path / "out")],
+        tmp_path,
+        "model.safetensors.index.json",
+        "not a plain file name",
+    )
 
 
 @pytest.mark.parametrize("verify", [True, False], ids=["verify", "no-verify"])
@@ -119,8 +141,14 @@ def test_a_manifests_recorded_index_must_name_the_recorded_files(tmp_path, paddl
     index["weight_map"][first] = "../escaped.safetensors"
     manifest["published_layout"]["index"] = json.dumps(index)
     manifest_path.write_text(json.dumps(manifest))
-    refused(capsys, paddle_to_torch.main, ["--src", str(paddle_src), "--dst", str(tmp_path / "out"), "--no-verify"],
-            tmp_path, str(manifest_path), "published_layout.index")
+    refused(
+        capsys,
+        paddle_to_torch.main,
+        ["--src", str(paddle_src), "--dst", str(tmp_path / "out"), "--no-verify"],
+        tmp_path,
+        str(manifest_path),
+        "published_layout.index",
+    )
 
 
 def test_the_recorded_layout_still_round_trips(tmp_path, src, paddle_src, capsys):
@@ -139,8 +167,15 @@ def test_links_leaving_the_source_are_refused(tmp_path, src, capsys, name):
     shutil.move(src / name, outside / name)
     os.chmod(outside / name, 0o600)  # a secret: it must not come out readable, nor at all
     (src / name).symlink_to(outside / name)
-    refused(capsys, torch_to_paddle.main, ["--src", str(src), "--dst", str(tmp_path / "out")], tmp_path,
-            str(src / name), "outside", "not followed")
+    refused(
+        capsys,
+        torch_to_paddle.main,
+        ["--src", str(src), "--dst", str(tmp_path / "out")],
+        tmp_path,
+        str(src / name),
+        "outside",
+        "not followed",
+    )
 
 
 def test_a_link_to_a_secret_is_refused_by_export_too(tmp_path, paddle_src, capsys):
@@ -149,8 +184,14 @@ def test_a_link_to_a_secret_is_refused_by_export_too(tmp_path, paddle_src, capsy
     os.chmod(secret, 0o600)
     (paddle_src / "tokenizer.model").unlink()
     (paddle_src / "tokenizer.model").symlink_to(secret)
-    refused(capsys, inference_cli.main, ["export", "--model", str(paddle_src), "--out", str(tmp_path / "out")],
-            tmp_path, "tokenizer.model", "outside")
+    refused(
+        capsys,
+        inference_cli.main,
+        ["export", "--model", str(paddle_src), "--out", str(tmp_path / "out")],
+        tmp_path,
+        "tokenizer.model",
+        "outside",
+    )
 
 
 def test_links_inside_the_source_are_followed(tmp_path, src, capsys):
@@ -178,8 +219,14 @@ def test_a_hugging_face_cache_snapshot_is_read(tmp_path, templates, capsys):
     shutil.copy(snapshot_dir / "tokenizer.model", other / "tokenizer.model")
     (snapshot_dir / "tokenizer.model").unlink()
     (snapshot_dir / "tokenizer.model").symlink_to(other / "tokenizer.model")
-    refused(capsys, torch_to_paddle.main, ["--src", str(snapshot_dir), "--dst", str(tmp_path / "out2")], tmp_path,
-            "tokenizer.model", "outside")
+    refused(
+        capsys,
+        torch_to_paddle.main,
+        ["--src", str(snapshot_dir), "--dst", str(tmp_path / "out2")],
+        tmp_path,
+        "tokenizer.model",
+        "outside",
+    )
 
 
 # ---- files that are not regular --------------------------------------------------------------------------------
@@ -191,16 +238,28 @@ def test_files_that_are_not_regular_are_refused_without_blocking(tmp_path, src, 
         os.mkfifo(src / name)  # nobody ever writes: reading it would block forever
     else:
         (src / name).mkdir()
-    refused(capsys, torch_to_paddle.main, ["--src", str(src), "--dst", str(tmp_path / "out")], tmp_path,
-            str(src / name), "not a regular file")
+    refused(
+        capsys,
+        torch_to_paddle.main,
+        ["--src", str(src), "--dst", str(tmp_path / "out")],
+        tmp_path,
+        str(src / name),
+        "not a regular file",
+    )
 
 
 def test_dev_zero_as_the_tokenizer_is_refused(tmp_path, src, capsys):
     """An endless file: linked, it leaves the source; the loader's own rule refuses it either way."""
     (src / "tokenizer.model").unlink()
     (src / "tokenizer.model").symlink_to("/dev/zero")
-    refused(capsys, torch_to_paddle.main, ["--src", str(src), "--dst", str(tmp_path / "out")], tmp_path,
-            "tokenizer.model", "/dev/zero")
+    refused(
+        capsys,
+        torch_to_paddle.main,
+        ["--src", str(src), "--dst", str(tmp_path / "out")],
+        tmp_path,
+        "tokenizer.model",
+        "/dev/zero",
+    )
     from paddle_glm4.source_files import UnsafeFileError, open_regular
 
     with pytest.raises(UnsafeFileError, match="character device, not a regular file"):
@@ -243,5 +302,11 @@ def test_an_exports_program_files_must_be_its_own_regular_files(tmp_path, export
         os.mkfifo(export / name)
     from paddle_glm4 import __main__ as glm4_cli
 
-    refused(capsys, glm4_cli.main, ["generate", "--model", str(export), "--engine", "inference", "--prompt", "hi"],
-            tmp_path, str(export / name), "outside" if kind == "link out" else "not a regular file")
+    refused(
+        capsys,
+        glm4_cli.main,
+        ["generate", "--model", str(export), "--engine", "inference", "--prompt", "hi"],
+        tmp_path,
+        str(export / name),
+        "outside" if kind == "link out" else "not a regular file",
+    )

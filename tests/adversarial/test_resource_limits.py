@@ -42,62 +42,89 @@ def set_fields(path, **fields):
     path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
 
 
-@pytest.mark.parametrize("layers, message", [
-    (3, "missing tensor 'model.layers.2."),  # within the bounds: the headers say no
-    (1000, "missing tensor 'model.layers.2."),
-    (10 ** 9, "num_hidden_layers: must be an integer in [1, 1024], got 1000000000"),
-])
-def test_a_config_bigger_than_its_checkpoint_is_refused_before_the_model_is_built(capsys, tmp_path, templates,
-                                                                                   monkeypatch, layers, message):
+@pytest.mark.parametrize(
+    "layers, message",
+    [
+        (3, "missing tensor 'model.layers.2."),  # within the bounds: the headers say no
+        (1000, "missing tensor 'model.layers.2."),
+        (10**9, "num_hidden_layers: must be an integer in [1, 1024], got 1000000000"),
+    ],
+)
+def test_a_config_bigger_than_its_checkpoint_is_refused_before_the_model_is_built(
+    capsys, tmp_path, templates, monkeypatch, layers, message
+):
     model = copy_tree(templates[1], tmp_path / "model")
     set_fields(model / "config.json", num_hidden_layers=layers)
 
     def never(*args, **kwargs):
         raise AssertionError("the model was built before the config was checked against the checkpoint")
+
     monkeypatch.setattr(GLM4ForCausalLM, "__init__", never)
-    refused(capsys, glm4_cli.main, ["generate", "--model", str(model), "--prompt", "hi"], tmp_path,
-            str(model), message)
+    refused(capsys, glm4_cli.main, ["generate", "--model", str(model), "--prompt", "hi"], tmp_path, str(model), message)
 
 
-@pytest.mark.parametrize("fields, message", [
-    ({"num_layers": 1000}, "missing tensor 'transformer.encoder.layers.2."),
-    ({"num_layers": 10 ** 9}, "num_layers: must be an integer in [1, 1024]"),
-    ({"padded_vocab_size": 1 << 40}, "padded_vocab_size: must be an integer in [1, 4194304]"),
-    ({"seq_length": 1 << 40}, "seq_length: must be an integer in [1, 16777216]"),
-    ({"hidden_size": 1 << 20}, "hidden_size: must be an integer in [1, 65536]"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"num_layers": 1000}, "missing tensor 'transformer.encoder.layers.2."),
+        ({"num_layers": 10**9}, "num_layers: must be an integer in [1, 1024]"),
+        ({"padded_vocab_size": 1 << 40}, "padded_vocab_size: must be an integer in [1, 4194304]"),
+        ({"seq_length": 1 << 40}, "seq_length: must be an integer in [1, 16777216]"),
+        ({"hidden_size": 1 << 20}, "hidden_size: must be an integer in [1, 65536]"),
+    ],
+)
 def test_a_published_config_bigger_than_its_checkpoint_is_refused(capsys, tmp_path, templates, fields, message):
     src = copy_tree(templates[0], tmp_path / "src")
     set_fields(src / "config.json", **fields)
-    refused(capsys, torch_to_paddle.main, ["--src", str(src), "--dst", str(tmp_path / "dst")], tmp_path,
-            str(src / "config.json" if "must be" in message else src), message)
+    refused(
+        capsys,
+        torch_to_paddle.main,
+        ["--src", str(src), "--dst", str(tmp_path / "dst")],
+        tmp_path,
+        str(src / "config.json" if "must be" in message else src),
+        message,
+    )
 
 
-@pytest.mark.parametrize("name", ["config.json", "generation_config.json", "tokenizer_config.json",
-                                  "model.safetensors.index.json"])
+@pytest.mark.parametrize(
+    "name", ["config.json", "generation_config.json", "tokenizer_config.json", "model.safetensors.index.json"]
+)
 def test_a_fifo_in_place_of_a_json_file_is_refused_at_once(capsys, tmp_path, templates, name):
     model = copy_tree(templates[1], tmp_path / "model")
     os.unlink(model / name)
     os.mkfifo(model / name)  # nobody ever writes to it: opening it to read would block
-    refused(capsys, glm4_cli.main, ["generate", "--model", str(model), "--prompt", "hi"], tmp_path,
-            str(model / name), "not a regular file")
+    refused(
+        capsys,
+        glm4_cli.main,
+        ["generate", "--model", str(model), "--prompt", "hi"],
+        tmp_path,
+        str(model / name),
+        "not a regular file",
+    )
 
 
 def test_the_canonical_bounds_hold_glm4_and_its_long_context_variant():
     """The bounds refuse absurd sizes, not real ones: GLM-4-9B, and the 1M-context chat model's geometry."""
     GLM4Config(seq_length=1 << 20, rope_ratio=10000)
-    for field, limit in [("vocab_size", 1 << 22), ("hidden_size", 1 << 16), ("num_hidden_layers", 1024),
-                         ("seq_length", 1 << 24)]:
+    for field, limit in [
+        ("vocab_size", 1 << 22),
+        ("hidden_size", 1 << 16),
+        ("num_hidden_layers", 1024),
+        ("seq_length", 1 << 24),
+    ]:
         assert CANONICAL_SCHEMA.fields[field].max == limit
 
 
-@pytest.mark.parametrize("text", [
-    "[" * 1_000_000,                     # recursion: RecursionError in json.loads, or a crash with a raised limit
-    '{"a":' * 1_000_000,
-    "[" * (MAX_DEPTH + 1) + "]" * (MAX_DEPTH + 1),
-    "1" * 100_000,                       # Python refuses to convert more than 4300 digits
-    '["' + '\\"' * 1_000_000,            # an unterminated string of escapes
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[" * 1_000_000,  # recursion: RecursionError in json.loads, or a crash with a raised limit
+        '{"a":' * 1_000_000,
+        "[" * (MAX_DEPTH + 1) + "]" * (MAX_DEPTH + 1),
+        "1" * 100_000,  # Python refuses to convert more than 4300 digits
+        '["' + '\\"' * 1_000_000,  # an unterminated string of escapes
+    ],
+)
 def test_hostile_json_is_refused_quickly(text):
     started = time.process_time()
     with pytest.raises(SchemaError, match=r"^x\.json: not valid JSON"):
@@ -127,8 +154,14 @@ def test_a_tokenizer_model_far_too_big_is_refused_unread(capsys, tmp_path, templ
     model = copy_tree(templates[1], tmp_path / "model")
     with open(model / "tokenizer.model", "r+b") as f:
         f.truncate(MAX_TOKENIZER_BYTES + 1)
-    refused(capsys, glm4_cli.main, ["generate", "--model", str(model), "--prompt", "hi"], tmp_path,
-            str(model / "tokenizer.model"), f"bytes, more than the {MAX_TOKENIZER_BYTES} this file may have")
+    refused(
+        capsys,
+        glm4_cli.main,
+        ["generate", "--model", str(model), "--prompt", "hi"],
+        tmp_path,
+        str(model / "tokenizer.model"),
+        f"bytes, more than the {MAX_TOKENIZER_BYTES} this file may have",
+    )
 
 
 def test_a_bomb_in_a_destinations_manifest_means_not_ours(capsys, tmp_path, templates):
@@ -137,8 +170,14 @@ def test_a_bomb_in_a_destinations_manifest_means_not_ours(capsys, tmp_path, temp
     dst = tmp_path / "dst"
     dst.mkdir()
     (dst / "conversion_manifest.json").write_text(BOMB)
-    refused(capsys, torch_to_paddle.main, ["--src", str(src), "--dst", str(dst), "--overwrite"], tmp_path,
-            "does not look like", "conversion_manifest.json")
+    refused(
+        capsys,
+        torch_to_paddle.main,
+        ["--src", str(src), "--dst", str(dst), "--overwrite"],
+        tmp_path,
+        "does not look like",
+        "conversion_manifest.json",
+    )
 
 
 def test_a_bomb_in_a_partial_directorys_owner_file_leaves_it_alone(capsys, tmp_path, templates):

@@ -43,7 +43,7 @@ def templates(tmp_path_factory):
 def split(data: bytes) -> tuple[dict, bytes]:
     """(header as a dict, data bytes) of a well-formed file."""
     (length,) = struct.unpack("<Q", data[:8])
-    return json.loads(data[8:8 + length]), data[8 + length:]
+    return json.loads(data[8 : 8 + length]), data[8 + length :]
 
 
 def join(header: dict | bytes, body: bytes, length: int | None = None) -> bytes:
@@ -97,9 +97,9 @@ def shape_wraps(data):
     """A shape whose element count wraps to 0 in int64 (2^80): the offsets of an empty tensor 'fit' it."""
     header, body = split(data)
     name = by_offset(header)[-1]
-    header[name]["shape"] = [2 ** 40, 2 ** 40]
+    header[name]["shape"] = [2**40, 2**40]
     header[name]["data_offsets"] = [header[name]["data_offsets"][0]] * 2
-    return join(header, body[:header[name]["data_offsets"][0]])
+    return join(header, body[: header[name]["data_offsets"][0]])
 
 
 def float_shape(data):
@@ -157,7 +157,7 @@ CORRUPTIONS = [
     ("int64 wrap", shape_wraps, ["do not fit shape [1099511627776, 1099511627776]"], True),
     ("float dim", float_shape, [".shape[0]: must be an integer >= 0"], True),
     ("length past the end", length_past_the_end, ["corrupted or truncated header"], True),
-    ("length 2^64-1", lambda d: join(*split(d), length=2 ** 64 - 1), ["corrupted or truncated header"], True),
+    ("length 2^64-1", lambda d: join(*split(d), length=2**64 - 1), ["corrupted or truncated header"], True),
     ("name twice", twice, ["appears twice"], False),  # the library keeps the last; we refuse the ambiguity
     ("unknown dtype", unknown_dtype, ["unsupported dtype 'U"], False),  # valid, but not a weight dtype
     ("nesting bomb", bomb, ["nested more than"], True),
@@ -177,8 +177,9 @@ def shard_of(directory: Path) -> Path:
 
 @pytest.mark.parametrize("what, corrupt, messages, library", CORRUPTIONS, ids=[c[0] for c in CORRUPTIONS])
 @pytest.mark.parametrize("command", ["convert", "to-torch", "generate"])
-def test_corrupted_weight_files_are_refused_everywhere(capsys, tmp_path, templates, command, what, corrupt, messages,
-                                                      library):
+def test_corrupted_weight_files_are_refused_everywhere(
+    capsys, tmp_path, templates, command, what, corrupt, messages, library
+):
     source = copy_tree(templates[0 if command == "convert" else 1], tmp_path / "src")
     shard = shard_of(source)
     corrupted = corrupt(shard.read_bytes())
@@ -232,14 +233,25 @@ def test_any_header_bytes_parse_or_are_refused_cleanly(header):
         check_against_library(join(header, bytes(16)), Path(directory))
 
 
-DIMENSIONS = st.one_of(st.integers(0, 4), st.integers(-2, 2 ** 65), st.floats(allow_nan=False, width=32), st.booleans(),
-                       st.text(max_size=2), st.none())
+DIMENSIONS = st.one_of(
+    st.integers(0, 4),
+    st.integers(-2, 2**65),
+    st.floats(allow_nan=False, width=32),
+    st.booleans(),
+    st.text(max_size=2),
+    st.none(),
+)
 ENTRIES = st.fixed_dictionaries(
-    {"dtype": st.one_of(st.sampled_from([*DTYPES, "F8_E4M3", "U16", ""]), st.integers()),
-     "shape": st.one_of(st.lists(DIMENSIONS, max_size=3), st.lists(st.integers(0, 4), max_size=3)),
-     "data_offsets": st.one_of(st.lists(st.integers(0, 64), min_size=2, max_size=2),
-                               st.lists(st.one_of(st.integers(-1, 2 ** 64), st.floats()), max_size=3))},
-    optional={"extra": st.integers()})
+    {
+        "dtype": st.one_of(st.sampled_from([*DTYPES, "F8_E4M3", "U16", ""]), st.integers()),
+        "shape": st.one_of(st.lists(DIMENSIONS, max_size=3), st.lists(st.integers(0, 4), max_size=3)),
+        "data_offsets": st.one_of(
+            st.lists(st.integers(0, 64), min_size=2, max_size=2),
+            st.lists(st.one_of(st.integers(-1, 2**64), st.floats()), max_size=3),
+        ),
+    },
+    optional={"extra": st.integers()},
+)
 
 
 @st.composite
@@ -259,10 +271,11 @@ def almost_right_files(draw):
         header[name] = draw(ENTRIES)
     if draw(st.booleans()):
         values = st.one_of(st.text(max_size=3), st.integers())
-        header["__metadata__"] = draw(st.dictionaries(st.text(max_size=3), values, max_size=2)
-                                      | st.sampled_from([None, 0, "", [], False]))
+        header["__metadata__"] = draw(
+            st.dictionaries(st.text(max_size=3), values, max_size=2) | st.sampled_from([None, 0, "", [], False])
+        )
     body = bytes(range(256)) * (offset // 256 + 1)
-    return join(header, body[:offset + draw(st.integers(-2, 2))] if offset else b"")
+    return join(header, body[: offset + draw(st.integers(-2, 2))] if offset else b"")
 
 
 @PROPERTY

@@ -99,8 +99,12 @@ PADDLE_CASES = [
     ("generation_config.json", "extra", BOMB, "nested more than"),
     ("tokenizer_config.json", "eos_token", "5", "eos_token"),
     ("tokenizer_config.json", "truncation_side", '"middle"', 'truncation_side: must be one of "left", "right"'),
-    ("tokenizer_config.json", "added_tokens_decoder/abc", '{"content": "x"}',
-     "added_tokens_decoder.abc: is not a valid key"),
+    (
+        "tokenizer_config.json",
+        "added_tokens_decoder/abc",
+        '{"content": "x"}',
+        "added_tokens_decoder.abc: is not a valid key",
+    ),
     ("tokenizer_config.json", "chat_template", "42", "chat_template: must be null or a string"),
     ("tokenizer_config.json", "extra", BOMB, "nested more than"),
     ("model.safetensors.index.json", "weight_map", "5", "weight_map: must be an object"),
@@ -166,15 +170,16 @@ COMMANDS = {
     "to-torch": (1, lambda source, root: (paddle_to_torch.main, ["--src", str(source), "--dst", str(root / "dst")])),
     "generate --engine inference": (2, lambda source, root: (glm4_cli.main, generate(source, "--engine", "inference"))),
 }
-CASES = ([("generate", *case) for case in PADDLE_CASES]
-         + [("convert", "config.json", *case) for case in PUBLISHED_CASES]
-         + [("to-torch", "conversion_manifest.json", *case) for case in MANIFEST_CASES]
-         + [("generate --engine inference", "export.json", *case) for case in EXPORT_CASES])
+CASES = (
+    [("generate", *case) for case in PADDLE_CASES]
+    + [("convert", "config.json", *case) for case in PUBLISHED_CASES]
+    + [("to-torch", "conversion_manifest.json", *case) for case in MANIFEST_CASES]
+    + [("generate --engine inference", "export.json", *case) for case in EXPORT_CASES]
+)
 
 
 @pytest.mark.parametrize("command, name, field, raw, message", CASES, ids=lambda v: str(v)[:40])
-def test_a_bad_field_is_one_line_naming_file_and_field(capsys, tmp_path, templates, command, name, field, raw,
-                                                       message):
+def test_a_bad_field_is_one_line_naming_file_and_field(capsys, tmp_path, templates, command, name, field, raw, message):
     template, argv = COMMANDS[command]
     source = copy_tree(templates[template], tmp_path / "source")
     edit(source / name, field, raw)
@@ -186,12 +191,16 @@ FILES = ["config.json", "generation_config.json", "tokenizer_config.json", "mode
 
 
 @pytest.mark.parametrize("name", FILES)
-@pytest.mark.parametrize("content, message", [
-    (b"\xff\xfe{}", "not valid JSON (not UTF-8 text"),
-    (b"[1, 2]", "object"),
-    (b"{\"a\": 1", "not valid JSON"),
-    (b"", "not valid JSON"),
-], ids=["latin-1", "a list", "cut short", "empty"])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"\xff\xfe{}", "not valid JSON (not UTF-8 text"),
+        (b"[1, 2]", "object"),
+        (b'{"a": 1', "not valid JSON"),
+        (b"", "not valid JSON"),
+    ],
+    ids=["latin-1", "a list", "cut short", "empty"],
+)
 def test_files_that_are_not_json_objects(capsys, tmp_path, templates, name, content, message):
     model = copy_tree(templates[1], tmp_path / "model")
     (model / name).write_bytes(content)
@@ -205,16 +214,27 @@ def test_a_file_far_too_big_is_refused_unread(capsys, tmp_path, templates, name)
     model = copy_tree(templates[1], tmp_path / "model")
     with open(model / name, "r+b") as f:
         f.truncate(MAX_JSON_BYTES + 1)
-    refused(capsys, glm4_cli.main, generate(model), tmp_path, str(model / name),
-            f"bytes, more than the {MAX_JSON_BYTES} this file may have")
+    refused(
+        capsys,
+        glm4_cli.main,
+        generate(model),
+        tmp_path,
+        str(model / name),
+        f"bytes, more than the {MAX_JSON_BYTES} this file may have",
+    )
 
 
 # ---- arguments --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("seed", ["-1", str(SEED_LIMIT), str(2 ** 64), "1" + "0" * 30])
+@pytest.mark.parametrize("seed", ["-1", str(SEED_LIMIT), str(2**64), "1" + "0" * 30])
 def test_seeds_outside_the_range_are_one_line(capsys, tmp_path, templates, seed):
     model = copy_tree(templates[1], tmp_path / "model")
-    refused(capsys, glm4_cli.main, generate(model, "--seed", seed, "--temperature", "0.7"), tmp_path,
-            "--seed: must be an integer in [0, 9223372036854775807]")
+    refused(
+        capsys,
+        glm4_cli.main,
+        generate(model, "--seed", seed, "--temperature", "0.7"),
+        tmp_path,
+        "--seed: must be an integer in [0, 9223372036854775807]",
+    )
 
 
 def test_seed_checks_are_one_rule():
@@ -227,9 +247,13 @@ def test_seed_checks_are_one_rule():
 @pytest.mark.parametrize("value", ["0", "-5"])
 def test_export_max_seq_len_must_be_positive(capsys, tmp_path, templates, value):
     """0 used to mean "the config's seq_length" (and silently exported that many positions)."""
-    refused(capsys, inference_cli.main, ["export", "--model", str(templates[1]), "--out", str(tmp_path / "out"),
-                                         "--max-seq-len", value],
-            tmp_path, f"max_seq_len must be a positive integer, got {value}")
+    refused(
+        capsys,
+        inference_cli.main,
+        ["export", "--model", str(templates[1]), "--out", str(tmp_path / "out"), "--max-seq-len", value],
+        tmp_path,
+        f"max_seq_len must be a positive integer, got {value}",
+    )
 
 
 def test_parse_json_never_raises_anything_else():
@@ -260,9 +284,14 @@ def tokenizer(vocabulary):
     return GLM4Tokenizer.from_pretrained(vocabulary)
 
 
-@pytest.mark.parametrize("path, body", [("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
-                                        ("/v1/completions", {"prompt": "hi"})])
-@pytest.mark.parametrize("seed", [-1, SEED_LIMIT, 2 ** 64, 10 ** 30, 1.5, True])
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+        ("/v1/completions", {"prompt": "hi"}),
+    ],
+)
+@pytest.mark.parametrize("seed", [-1, SEED_LIMIT, 2**64, 10**30, 1.5, True])
 def test_the_server_answers_400_to_seeds_outside_the_range(tokenizer, path, body, seed):
     response = post(create_app(ScriptedModel(tokenizer), tokenizer), path, {**body, "seed": seed, "temperature": 0.7})
     assert response.status_code == 400, response.text
@@ -271,11 +300,16 @@ def test_the_server_answers_400_to_seeds_outside_the_range(tokenizer, path, body
 
 def test_the_server_answers_400_to_what_the_projects_checks_refuse(tokenizer, monkeypatch):
     """A SchemaError raised while a request is handled (here by the tokenizer) is the request's fault: 400."""
+
     def refuse(*args, **kwargs):
         raise TokenizerError("tokenizer_config.json: eos_token: must be a string, got 5")
+
     monkeypatch.setattr(tokenizer, "apply_chat_template", refuse)
-    response = post(create_app(ScriptedModel(tokenizer), tokenizer), "/v1/chat/completions",
-                    {"messages": [{"role": "user", "content": "hi"}]})
+    response = post(
+        create_app(ScriptedModel(tokenizer), tokenizer),
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}]},
+    )
     assert response.status_code == 400, response.text
     assert response.json()["error"]["message"] == "tokenizer_config.json: eos_token: must be a string, got 5"
 
@@ -289,15 +323,20 @@ def test_generate_checks_the_seed_itself(seed):
 
 
 # ---- properties: any JSON in any field -------------------------------------------------------------------------------
-JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
-                    | st.text(max_size=8),
-                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
-                    max_leaves=8)
-PROPERTY = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                            HealthCheck.function_scoped_fixture])
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=8,
+)
+PROPERTY = settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 SMALL = small_config(num_hidden_layers=1)
-SPELLINGS = {"glm4": SMALL.to_dict(), "chatglm": SMALL.to_published_dict(),
-             "glm": {"model_type": "glm", **SMALL.to_hf_glm_dict()}}
+SPELLINGS = {
+    "glm4": SMALL.to_dict(),
+    "chatglm": SMALL.to_published_dict(),
+    "glm": {"model_type": "glm", **SMALL.to_hf_glm_dict()},
+}
 
 
 def replaced(data: dict, key: str, value) -> dict:
@@ -327,13 +366,16 @@ def test_any_value_in_generation_config_is_defaults_or_a_schema_error(tmp_path, 
     except SchemaError as err:
         assert str(err).startswith(str(path)), err
         return
-    SamplingParams(defaults.do_sample, defaults.temperature or 1.0, defaults.top_k, defaults.top_p,
-                   defaults.repetition_penalty)  # what generate() makes of them: valid
+    SamplingParams(
+        defaults.do_sample, defaults.temperature or 1.0, defaults.top_k, defaults.top_p, defaults.repetition_penalty
+    )  # what generate() makes of them: valid
 
 
 @PROPERTY
-@given(key=st.sampled_from(["added_tokens_decoder", "eos_token", "pad_token", "chat_template", "truncation_side"]),
-       value=JSON)
+@given(
+    key=st.sampled_from(["added_tokens_decoder", "eos_token", "pad_token", "chat_template", "truncation_side"]),
+    value=JSON,
+)
 def test_any_value_in_tokenizer_config_is_a_tokenizer_or_a_tokenizer_error(vocabulary, tokenizer, key, value):
     ranks = read_tokenizer_model(vocabulary / "tokenizer.model")
     try:
@@ -349,8 +391,12 @@ def test_every_json_the_package_reads_goes_through_validation():
     calls = []
     for path in [*(root / "paddle_glm4").rglob("*.py"), *(root / "converters").rglob("*.py")]:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if (isinstance(node, ast.Attribute) and node.attr in ("load", "loads")
-                    and isinstance(node.value, ast.Name) and node.value.id == "json"):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr in ("load", "loads")
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "json"
+            ):
                 calls.append(f"{path.relative_to(root)}:{node.lineno}")
     assert [call for call in calls if not call.startswith("paddle_glm4/validation.py:")] == []
     assert calls, "validation.py itself parses with json.loads"

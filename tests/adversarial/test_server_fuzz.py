@@ -41,8 +41,9 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 def served(tmp_path_factory):
     """(app, base URL) of a server on 127.0.0.1 over a small model with a short context (answers stay short)."""
     tokenizer = GLM4Tokenizer.from_pretrained(write_small_vocabulary(tmp_path_factory.mktemp("vocab")))
-    config = small_config(vocab_size=448, seq_length=96, eos_token_id=tokenizer.stop_token_ids,
-                          pad_token_id=tokenizer.pad_token_id)
+    config = small_config(
+        vocab_size=448, seq_length=96, eos_token_id=tokenizer.stop_token_ids, pad_token_id=tokenizer.pad_token_id
+    )
     paddle.seed(0)
     model = GLM4ForCausalLM(config).eval()
     from paddle_glm4.generation import GenerationConfig
@@ -72,8 +73,7 @@ def test_the_server_answers_every_generated_request_as_its_schema_says(served, m
     assert sorted(schema) == ["/v1/chat/completions", "/v1/completions", "/v1/models"]
     seen: dict[int, int] = {}
 
-    @settings(max_examples=EXAMPLES, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     @given(case=schema.as_strategy(generation_mode=mode))
     def fuzz(case):
         if isinstance(case.body, dict) and isinstance(case.body.get("max_tokens"), int):

@@ -36,14 +36,14 @@ ATTACKS = {
     "percent-width": "{{ '%999999999s' % 'x' }}",
     "percent-star": "{{ '%*s' % (999999999, 'x') }}",
     "doubling-with-tilde": "{% set ns = namespace(s='xxxxxxxx') %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}"
-                           "{% endfor %}{{ ns.s | length }}",
+    "{% endfor %}{{ ns.s | length }}",
     "doubling-with-plus": "{% set ns = namespace(s='xxxxxxxx') %}{% for i in range(60) %}{% set ns.s = ns.s + ns.s %}"
-                          "{% endfor %}{{ ns.s | length }}",
+    "{% endfor %}{{ ns.s | length }}",
     "squaring-with-replace": "{% set ns = namespace(s='x' * 3000) %}{% for i in range(5) %}"
-                             "{% set ns.s = ns.s | replace('x', ns.s) %}{% endfor %}{{ ns.s | length }}",
+    "{% set ns.s = ns.s | replace('x', ns.s) %}{% endfor %}{{ ns.s | length }}",
     "join-with-a-huge-separator": "{{ range(100000) | join('x' * 1000000) }}",
     "squaring-integers": "{% set ns = namespace(n=3) %}{% for i in range(64) %}{% set ns.n = ns.n * ns.n %}"
-                         "{% endfor %}{{ ns.n }}",
+    "{% endfor %}{{ ns.n }}",
     "tower-of-powers": "{{ (((9 ** 64) ** 64) ** 64) ** 64 }}",
     "huge-output": "{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}",
     "endless-loop": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
@@ -64,8 +64,9 @@ def small_dir(tmp_path_factory):
 def with_template(small_dir, directory, template: str) -> GLM4Tokenizer:
     config = json.loads((small_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
     (directory / "tokenizer.model").write_bytes((small_dir / "tokenizer.model").read_bytes())
-    (directory / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}),
-                                                     encoding="utf-8")
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps({**config, "chat_template": template}), encoding="utf-8"
+    )
     return GLM4Tokenizer.from_pretrained(directory)
 
 
@@ -84,19 +85,27 @@ def test_a_hostile_template_fails_with_a_chat_template_error_naming_it(small_dir
 
 def test_the_limits_say_what_was_exceeded(small_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(chat_template, "MAX_SECONDS", 0.5)
-    expected = {"include": "uses 'include' (line 1)", "endless-loop": "ran longer than 0.5 s",
-                "huge-output": "output passed", "repeat-string": "would hold 1000000000 items",
-                "recursion": "recursed too deeply", "raise-exception": "rejected the conversation: no thanks",
-                "syntax": "is not a valid Jinja template", "python-internals": "SecurityError"}
+    expected = {
+        "include": "uses 'include' (line 1)",
+        "endless-loop": "ran longer than 0.5 s",
+        "huge-output": "output passed",
+        "repeat-string": "would hold 1000000000 items",
+        "recursion": "recursed too deeply",
+        "raise-exception": "rejected the conversation: no thanks",
+        "syntax": "is not a valid Jinja template",
+        "python-internals": "SecurityError",
+    }
     for name, words in expected.items():
         with pytest.raises(ChatTemplateError, match=re.escape(words)):
             with_template(small_dir, tmp_path, ATTACKS[name]).apply_chat_template(HI)
 
 
 def test_ordinary_template_work_is_not_limited(small_dir, tmp_path):
-    template = ("{{ 'ab' * 3 }}|{{ 2 ** 10 }}|{{ [1, 2] | join(',') }}|{{ 'x' | center(5) }}|{{ '{:>4}'.format(7) }}|"
-                "{{ '%03d' % 5 }}|{{ 'a' ~ 'b' }}|{% for m in messages %}{{ m['content'] | replace('h', 'H') }}"
-                "{% endfor %}|{{ messages | tojson }}")
+    template = (
+        "{{ 'ab' * 3 }}|{{ 2 ** 10 }}|{{ [1, 2] | join(',') }}|{{ 'x' | center(5) }}|{{ '{:>4}'.format(7) }}|"
+        "{{ '%03d' % 5 }}|{{ 'a' ~ 'b' }}|{% for m in messages %}{{ m['content'] | replace('h', 'H') }}"
+        "{% endfor %}|{{ messages | tojson }}"
+    )
     text = with_template(small_dir, tmp_path, template).apply_chat_template(HI, tokenize=False)
     assert text == 'ababab|1024|1,2|  x  |   7|005|ab|Hi|[{"role": "user", "content": "hi"}]'
 
