@@ -144,6 +144,15 @@ def test_int8_tiles_with_several_groups_per_block(fmt, group):
     check_all(33, 256 + 4, 5, fmt, group or 128, seed=6, threads=(2,))  # a last block of one unit
 
 
+@pytest.mark.parametrize("fmt, group", FORMATS)
+def test_gemv_tasks_of_several_passes(fmt, group):
+    # the GEMV gives each thread long runs of channels (~512 KB of weights, whole passes of 16 channels): with
+    # N = 1001 and two threads each task holds many passes and the last one ends in a short pass; 11 rows
+    # take two passes of rows over each block of channels
+    check_all(1, 1024, 1001, fmt, group or 128, bias=True)
+    check_all(11, 1024, 1001, fmt, group or 128, seed=7, threads=(2, 3))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt, group", FORMATS)
 @pytest.mark.parametrize("k, n", [(4096, 4608), (13696, 4096)], ids=["qkv", "down"])

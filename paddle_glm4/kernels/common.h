@@ -497,19 +497,35 @@ struct DotKernels {
   int rows = 4;  // rows per pass: each weight chunk is decoded once for all of them; their activations share L1
 };
 
-constexpr int64_t kGemvChannels = 16;  // channels per task: their weights stay in L2 while every row passes
+constexpr int64_t kGemvChannels = 16;  // channels per pass: their weights stay in L2 while every row passes
+// Weight bytes per task: each thread streams long runs of consecutive memory. Tasks of 16 channels (32 KB of
+// int4 rows) had the two threads' reads interleave every few KB, and the memory read 28-30 GB/s; runs of
+// 256 KB and more read 33-36 GB/s (a plain 2-thread read of 1 GB here, huge pages, benchmarks/NOTES.md).
+constexpr int64_t kGemvTaskBytes = 512 << 10;
+
+// Channels per task: whole passes, ~kGemvTaskBytes of weights, and at least one task per thread.
+inline int64_t gemv_task_channels(const Weights& w, int threads) {
+  const int64_t passes = std::max<int64_t>(1, kGemvTaskBytes / (kGemvChannels * w.row_bytes));
+  const int64_t per_thread = (w.N + threads - 1) / threads;
+  const int64_t at_most = (per_thread + kGemvChannels - 1) / kGemvChannels * kGemvChannels;
+  return std::max<int64_t>(kGemvChannels, std::min(passes * kGemvChannels, at_most));
+}
 
 inline void gemv(const Weights& w, const Acts& a, const DotKernels& dots, const float* bias, float* y,
                  int threads) {
-  const int64_t tasks = (w.N + kGemvChannels - 1) / kGemvChannels;
+  const int64_t channels = gemv_task_channels(w, threads);
+  const int64_t tasks = (w.N + channels - 1) / channels;
   ThreadPool::instance().run(threads, tasks, [&](int64_t t) {
-    const int64_t n_end = std::min(w.N, (t + 1) * kGemvChannels);
-    for (int64_t m0 = 0; m0 < a.M; m0 += dots.rows) {
-      const int mr = static_cast<int>(std::min<int64_t>(dots.rows, a.M - m0));
-      for (int64_t n = t * kGemvChannels; n < n_end; ++n) {
-        float out[kMaxDotRows];
-        dots.mr[mr - 1](w, n, a, m0, out);
-        for (int i = 0; i < mr; ++i) y[(m0 + i) * w.N + n] = out[i] + (bias ? bias[n] : 0.f);
+    const int64_t task_end = std::min(w.N, (t + 1) * channels);
+    for (int64_t n0 = t * channels; n0 < task_end; n0 += kGemvChannels) {
+      const int64_t n_end = std::min(task_end, n0 + kGemvChannels);
+      for (int64_t m0 = 0; m0 < a.M; m0 += dots.rows) {
+        const int mr = static_cast<int>(std::min<int64_t>(dots.rows, a.M - m0));
+        for (int64_t n = n0; n < n_end; ++n) {
+          float out[kMaxDotRows];
+          dots.mr[mr - 1](w, n, a, m0, out);
+          for (int i = 0; i < mr; ++i) y[(m0 + i) * w.N + n] = out[i] + (bias ? bias[n] : 0.f);
+        }
       }
     }
   });
