@@ -268,9 +268,9 @@ def test_to_static_save_and_predictor(tmp_path):
         np.testing.assert_array_equal(out, model(paddle.to_tensor(x[:rows])).numpy())
 
 
-def run_python(code: str, env: dict) -> subprocess.CompletedProcess:
+def run_python(code: str, env: dict, unset: tuple = ()) -> subprocess.CompletedProcess:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": root, **env}
+    env = {**{k: v for k, v in os.environ.items() if k not in unset}, "PYTHONPATH": root, **env}
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=600
     )
@@ -320,3 +320,32 @@ def test_back_to_back_calls_with_changing_thread_counts():
         threads = (1, 2, 3, 4, 3)[call % 5]
         y = kernels.linear(xs, weight, scales, fmt="int8", activation_dtype="int8", threads=threads)
         assert_close(y.numpy(), ref, f"call {call}, {threads} threads")
+
+
+def test_linear_kernels_stop_paddles_openmp_workers_spinning():
+    """A thread that runs the linear kernels sets Paddle's OpenMP block time (libiomp5) to 0, so that its
+    workers sleep instead of spinning on the kernels' cores; a float32 model's Paddle ops alone leave it as it
+    was, and so does a KMP_BLOCKTIME the user set."""
+    code = """
+        import ctypes, glob, os, sys, numpy as np, paddle
+        from paddle_glm4 import kernels
+        from paddle_glm4.kernels import quant
+        libs = glob.glob(os.path.join(os.path.dirname(paddle.__file__), "libs", "libiomp5.so"))
+        if not libs:
+            print("no-libiomp5"); sys.exit(0)
+        blocktime = ctypes.CDLL(libs[0]).kmp_get_blocktime
+        x = paddle.ones([3, 256])
+        paddle.matmul(x, x, transpose_y=True)
+        kernels.rms_norm(x, paddle.ones([256]), 1e-5)
+        before = blocktime()
+        q, s = quant.quantize_int8(np.random.default_rng(0).standard_normal((64, 256)).astype(np.float32))
+        kernels.linear(x, paddle.to_tensor(q), paddle.to_tensor(s), fmt="int8")
+        print(before, blocktime())
+    """
+    done = run_python(code, {}, unset=("KMP_BLOCKTIME",))
+    assert done.returncode == 0, done.stderr[-3000:]
+    if done.stdout.split()[-1] == "no-libiomp5":
+        pytest.skip("this Paddle wheel has no libiomp5 (the block time is Intel OpenMP's)")
+    assert done.stdout.split()[-2:] == ["200", "0"], done.stdout
+    done = run_python(code, {"KMP_BLOCKTIME": "50"})
+    assert done.returncode == 0 and done.stdout.split()[-2:] == ["50", "50"], (done.stdout, done.stderr[-2000:])
