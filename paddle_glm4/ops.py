@@ -2,8 +2,8 @@
 
 `kernels(fused)` is the one switch between them; the model picks once, at construction. Paddle 3.3's
 `fused_rotary_position_embedding` has no CPU kernel and its `fused_rms_norm` CPU kernel dies with SIGILL
-on CPUs without AVX-512 (this project's machines), so the fused set is for GPUs. On CPU the norms, rotary
-and SwiGLU are paddle_glm4.kernels' operators (one multi-threaded pass each, where Paddle runs several
+on CPUs without AVX-512 (this project's machines), so the fused set is for GPUs. On CPU the norms, rotary,
+SwiGLU and the sampler's argmax and log-sum-exp are paddle_glm4.kernels' operators (one multi-threaded pass each, where Paddle runs several
 single-threaded ops) wherever those serve the call (`_kernel_serves`), else these Paddle forms.
 """
 
@@ -81,6 +81,15 @@ def cpu_add_rms_norm(
 def cpu_swiglu(x: paddle.Tensor) -> paddle.Tensor:
     """x [..., 2F] (gate, then up) -> silu(gate) * up [..., F]."""
     return cpu_kernels.swiglu(x) if _kernel_serves(x) else F.swiglu(x)
+
+
+# ---- The sampler's statistics of the logits ---------------------------------------------------------------
+def argmax_logsumexp(logits: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
+    """logits [b, vocab] -> (each row's most likely token [b] int64, log(sum(exp(row))) [b]): the greedy choice
+    and the log-probabilities' normalizer, in one pass of each row where the kernels serve."""
+    if _kernel_serves(logits):
+        return cpu_kernels.argmax_logsumexp(logits)
+    return paddle.argmax(logits, axis=-1), paddle.logsumexp(logits, axis=-1)
 
 
 # ---- Rotary position embedding -------------------------------------------------------------------------

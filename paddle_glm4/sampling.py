@@ -11,6 +11,8 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
+from . import ops
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -66,14 +68,16 @@ def choose_tokens(
     temperature/top-k/top-p, as PaddleNLP reports them."""
     if params.repetition_penalty != 1.0 and seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-    # not F.log_softmax: Paddle 3.3's CPU kernel takes seconds on a 151552-wide row (quadratic, it seems)
-    log_probs = logits - paddle.logsumexp(logits, axis=-1, keepdim=True)
+    # Only the chosen tokens' log-probabilities, not the row's: subtracting the normalizer from 151552 logits was
+    # an op large enough for Paddle's OpenMP team, whose idle thread then spun beside the kernels' workers.
+    # (Not F.log_softmax either: Paddle 3.3's CPU kernel takes seconds on such a row.)
+    most_likely, normalizer = ops.argmax_logsumexp(logits)  # [b], [b]
     if params.do_sample:
         shaped = keep_top_p(keep_top_k(logits / params.temperature, params.top_k), params.top_p)
         tokens = paddle.multinomial(F.softmax(shaped, axis=-1), num_samples=1).squeeze(-1)
     else:
-        tokens = paddle.argmax(logits, axis=-1)
-    chosen = paddle.take_along_axis(log_probs, tokens.unsqueeze(-1), axis=-1).squeeze(-1)
+        tokens = most_likely
+    chosen = paddle.take_along_axis(logits, tokens.unsqueeze(-1), axis=-1).squeeze(-1) - normalizer
     return tokens.astype("int64"), chosen
 
 

@@ -1,5 +1,5 @@
 """The C++ operators between the linear layers (kernels/elementwise.cc): swiglu, rms_norm, add_rms_norm and
-split_rotary, on every path this CPU runs, against a float64 reference and against the model's Paddle ops
+split_rotary, and the sampler's argmax_logsumexp, on every path this CPU runs, against a float64 reference and against the model's Paddle ops
 (ops.py) that they replace; multi-threaded results equal single-threaded ones; they trace, save and run in a
 Paddle Inference predictor; and the model takes them exactly where they serve."""
 
@@ -97,6 +97,45 @@ def test_split_rotary_equals_the_paddle_ops(b, s, heads, groups, head_dim, rotar
                 np.testing.assert_array_equal(mine.numpy(), theirs)  # the same operations, in the same order
 
 
+def logsumexp64(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    top = x.max(axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore"):  # a row of -inf: -inf - -inf
+        return np.where(np.isinf(top[..., 0]), top[..., 0], top[..., 0] + np.log(np.exp(x - top).sum(axis=-1)))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (3, 37), (2, 3, 64), (2, 151552), (5, 100003)])
+def test_argmax_logsumexp(shape):
+    rng = np.random.default_rng(shape[-1])
+    x = tensor(rng, shape, scale=8.0)
+    expected_index = paddle.argmax(x, axis=-1).numpy()
+    for path in paths():
+        index, lse = kernels.argmax_logsumexp(x, isa=path, threads=1)
+        assert index.dtype == paddle.int64 and lse.dtype == paddle.float32 and list(lse.shape) == list(shape[:-1])
+        np.testing.assert_array_equal(index.numpy(), expected_index)
+        np.testing.assert_allclose(lse.numpy(), logsumexp64(x.numpy()), rtol=1e-6)
+        np.testing.assert_allclose(lse.numpy(), paddle.logsumexp(x, axis=-1).numpy(), rtol=1e-6)
+        again = kernels.argmax_logsumexp(x, isa=path, threads=2)
+        np.testing.assert_array_equal(again[0].numpy(), index.numpy())
+        np.testing.assert_array_equal(again[1].numpy(), lse.numpy())
+
+
+def test_argmax_logsumexp_ties_and_infinities():
+    rows = np.full((5, 50), -3.0, dtype=np.float32)
+    rows[0, [41, 14, 17, 30]] = 2.5  # ties in different SIMD lanes and blocks: the first wins, as paddle.argmax
+    rows[1, [48, 49]] = 2.5  # ties in the scalar tail only
+    rows[2] = -np.inf  # nothing possible
+    rows[3, 20:] = -np.inf  # a vocab_limit cut
+    rows[4, 33] = np.inf
+    x = paddle.to_tensor(rows)
+    for path in paths():
+        index, lse = kernels.argmax_logsumexp(x, isa=path)
+        np.testing.assert_array_equal(index.numpy(), [14, 48, 0, 0, 33])
+        np.testing.assert_array_equal(index.numpy(), paddle.argmax(x, axis=-1).numpy())
+        np.testing.assert_allclose(lse.numpy(), logsumexp64(rows), rtol=1e-6)
+        assert lse.numpy()[2] == -np.inf and lse.numpy()[4] == np.inf
+
+
 def test_bad_arguments_are_refused():
     # the operators' own checks (Paddle raises them as OSError), which guard traced programs too
     with pytest.raises(OSError, match="last dimension must be even"):
@@ -109,6 +148,8 @@ def test_bad_arguments_are_refused():
         kernels.split_rotary(paddle.ones([1, 2, 40]), paddle.ones([1, 2, 1, 4]), paddle.ones([1, 2, 1, 4]), 2, 1, 8)
     with pytest.raises(OSError, match="must be float32"):
         kernels.swiglu(paddle.ones([2, 8], dtype="float64"))
+    with pytest.raises(OSError, match="last dimension must hold 1 .. 2"):
+        kernels.argmax_logsumexp(paddle.ones([2, 0]))
     with pytest.raises(ValueError, match="isa"):
         kernels.swiglu(paddle.ones([2, 8]), isa="sse9")
 

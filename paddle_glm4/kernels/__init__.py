@@ -1,6 +1,7 @@
 """CPU kernels for GLM-4's linear layers: y = x @ W^T (+ bias) with W in bfloat16, int8 or int4; its
 attention over a float32 or bfloat16 KV cache in bounded memory (`attention`, see attention.cc); and the
-float32 passes between them (`swiglu`, `rms_norm`, `add_rms_norm`, `split_rotary`, see elementwise.cc).
+float32 passes between them (`swiglu`, `rms_norm`, `add_rms_norm`, `split_rotary`, see elementwise.cc), and
+the sampler's `argmax_logsumexp` of the logits.
 
 THE CONTRACT (shared with the loader, converter and export; quant.py writes and reads these formats):
 
@@ -40,7 +41,18 @@ from __future__ import annotations
 FORMATS = ("bf16", "int8", "int4")
 ACTIVATION_DTYPES = ("auto", "float32", "bfloat16", "int8")
 PATHS = ("scalar", "avx2", "avx512vnni", "avx512bf16")
-_API = ("add_rms_norm", "attention", "available", "isa", "linear", "load", "rms_norm", "split_rotary", "swiglu")
+_API = (
+    "add_rms_norm",
+    "argmax_logsumexp",
+    "attention",
+    "available",
+    "isa",
+    "linear",
+    "load",
+    "rms_norm",
+    "split_rotary",
+    "swiglu",
+)
 
 
 def __getattr__(name: str):

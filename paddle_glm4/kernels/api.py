@@ -136,6 +136,15 @@ def split_rotary(
     return q, k, v
 
 
+@paddle.jit.not_to_static
+def argmax_logsumexp(x: paddle.Tensor, *, isa: str = "auto", threads: int = 0) -> tuple[paddle.Tensor, paddle.Tensor]:
+    """x float32 [..., V] (logits) -> (the index of each row's largest value, the first on ties, as paddle.argmax:
+    int64 [...]; log(sum(exp(row))), as paddle.logsumexp: float32 [...]), in one pass of each row. Needs the
+    built operators."""
+    index, lse = _ops_for(isa).glm4_argmax_logsumexp(_contiguous(x), isa, threads)
+    return index, lse
+
+
 def _check_isa(isa: str) -> None:
     if isa != "auto" and isa not in PATHS:
         raise ValueError(f"isa must be 'auto' or one of {PATHS}, got {isa!r}")

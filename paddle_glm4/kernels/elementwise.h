@@ -1,8 +1,9 @@
 // The operators outside the linear layers and attention (elementwise.cc): SwiGLU, RMSNorm with an optional
-// residual add before it, and the rotary embedding of the fused qkv projection's queries and keys. Each is
+// residual add before it, the rotary embedding of the fused qkv projection's queries and keys, and the
+// sampler's argmax and log-sum-exp of the logits. Each is
 // one pass over its rows, on every core; the SIMD path (AVX2) beside a scalar reference that computes the
 // same operations in the same order as the model's Paddle ops (ops.py), so that they agree to the last bit
-// where the order allows it (swiglu's exp is the exception: about 1 ulp).
+// where the order allows it (the exps of swiglu and logsumexp are the exception: about 1 ulp).
 #pragma once
 
 #include "common.h"
@@ -50,5 +51,10 @@ struct RotaryArgs {
   int64_t M, h, g, d, r;
 };
 void split_rotary(const RotaryArgs& a, int isa, int threads);
+
+// The sampler's two statistics of each row of x [M, V] (the logits), in one call: index[m], the position of
+// the row's largest value (the first, on ties, as paddle.argmax), and lse[m] = log(sum(exp(x[m]))), computed as
+// max + log(sum(exp(x - max))) with the sum in double (a row of -inf gives -inf, one holding +inf gives +inf).
+void argmax_logsumexp(const float* x, int64_t M, int64_t V, int64_t* index, float* lse, int isa, int threads);
 
 }  // namespace glm4

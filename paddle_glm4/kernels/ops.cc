@@ -1,5 +1,6 @@
 // The Paddle operators: glm4_linear_bf16, glm4_linear_int8, glm4_linear_int4, glm4_attention, the elementwise
-// ones (glm4_swiglu, glm4_rms_norm, glm4_add_rms_norm, glm4_split_rotary) and glm4_kernel_path. Inputs are
+// ones (glm4_swiglu, glm4_rms_norm, glm4_add_rms_norm, glm4_split_rotary, glm4_argmax_logsumexp) and
+// glm4_kernel_path. Inputs are
 // checked here, then glm4::linear, glm4::attention or elementwise.cc does the work. The only file that includes Paddle's headers (they
 // take ~40 s to compile; the kernels, a few).
 #include "paddle/extension.h"
@@ -400,3 +401,37 @@ PD_BUILD_OP(glm4_split_rotary)
     .SetKernelFn(PD_KERNEL(SplitRotary))
     .SetInferShapeFn(PD_INFER_SHAPE(SplitRotaryShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(SplitRotaryDtype));
+
+// X float32 [..., V] -> Index int64 [...], the first position of each row's largest value, and Lse float32 [...],
+// log(sum(exp(row))): the sampler's statistics of the logits (see elementwise.h).
+std::vector<paddle::Tensor> ArgmaxLogsumexp(const paddle::Tensor& x, const std::string& isa, int threads) {
+  const char* op = "glm4_argmax_logsumexp";
+  check_float_input(x, op, "x");
+  const auto& shape = x.shape();
+  PD_CHECK(!shape.empty() && shape.back() > 0 && shape.back() < (int64_t{1} << 31), op,
+           ": x's last dimension must hold 1 .. 2^31 - 1 values, got ", shape.empty() ? 0 : shape.back());
+  const std::vector<int64_t> rows(shape.begin(), shape.end() - 1);
+  auto index = paddle::empty(rows, paddle::DataType::INT64, x.place());
+  auto lse = paddle::empty(rows, paddle::DataType::FLOAT32, x.place());
+  const int64_t V = shape.back();
+  glm4::argmax_logsumexp(x.data<float>(), x.numel() / V, V, index.data<int64_t>(), lse.data<float>(),
+                         checked_isa(isa), threads_or_default(threads));
+  return {index, lse};
+}
+
+std::vector<std::vector<int64_t>> ArgmaxLogsumexpShape(const std::vector<int64_t>& x) {
+  const std::vector<int64_t> rows(x.begin(), x.empty() ? x.end() : x.end() - 1);
+  return {rows, rows};
+}
+
+std::vector<paddle::DataType> ArgmaxLogsumexpDtype(const paddle::DataType&) {
+  return {paddle::DataType::INT64, paddle::DataType::FLOAT32};
+}
+
+PD_BUILD_OP(glm4_argmax_logsumexp)
+    .Inputs({"X"})
+    .Outputs({"Index", "Lse"})
+    .Attrs({"isa: std::string", "threads: int"})
+    .SetKernelFn(PD_KERNEL(ArgmaxLogsumexp))
+    .SetInferShapeFn(PD_INFER_SHAPE(ArgmaxLogsumexpShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(ArgmaxLogsumexpDtype));
