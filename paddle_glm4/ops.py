@@ -3,8 +3,9 @@
 `kernels(fused)` is the one switch between them; the model picks once, at construction. Paddle 3.3's
 `fused_rotary_position_embedding` has no CPU kernel and its `fused_rms_norm` CPU kernel dies with SIGILL
 on CPUs without AVX-512 (this project's machines), so the fused set is for GPUs. On CPU the norms, rotary,
-SwiGLU and the sampler's argmax and log-sum-exp are paddle_glm4.kernels' operators (one multi-threaded pass each, where Paddle runs several
-single-threaded ops) wherever those serve the call (`_kernel_serves`), else these Paddle forms.
+SwiGLU and the sampler's argmax and log-sum-exp are paddle_glm4.kernels' operators (one multi-threaded pass
+each, where Paddle runs several single-threaded ops) wherever those serve the call (`_kernel_serves`), else
+these Paddle forms.
 """
 
 from __future__ import annotations

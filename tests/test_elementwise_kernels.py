@@ -1,7 +1,7 @@
 """The C++ operators between the linear layers (kernels/elementwise.cc): swiglu, rms_norm, add_rms_norm and
-split_rotary, and the sampler's argmax_logsumexp, on every path this CPU runs, against a float64 reference and against the model's Paddle ops
-(ops.py) that they replace; multi-threaded results equal single-threaded ones; they trace, save and run in a
-Paddle Inference predictor; and the model takes them exactly where they serve."""
+split_rotary, and the sampler's argmax_logsumexp, on every path this CPU runs, against a float64 reference and
+against the model's Paddle ops (ops.py) that they replace; multi-threaded results equal single-threaded ones;
+they trace, save and run in a Paddle Inference predictor; and the model takes them exactly where they serve."""
 
 import numpy as np
 import paddle
@@ -148,7 +148,7 @@ def test_bad_arguments_are_refused():
         kernels.split_rotary(paddle.ones([1, 2, 40]), paddle.ones([1, 2, 1, 4]), paddle.ones([1, 2, 1, 4]), 2, 1, 8)
     with pytest.raises(OSError, match="must be float32"):
         kernels.swiglu(paddle.ones([2, 8], dtype="float64"))
-    with pytest.raises(OSError, match="last dimension must hold 1 .. 2"):
+    with pytest.raises(OSError, match=r"last dimension must hold 1 \.\. 2"):
         kernels.argmax_logsumexp(paddle.ones([2, 0]))
     with pytest.raises(ValueError, match="isa"):
         kernels.swiglu(paddle.ones([2, 8]), isa="sse9")
