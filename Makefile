@@ -35,10 +35,11 @@ test: $(VENV)/.test
 test-fast: $(VENV)/.test
 	$(PY) -m pytest -q -m "not slow"
 
-# ruff's lint rules and mypy, as configured in pyproject.toml (mypy: paddle_glm4/ and converters/)
+# ruff's lint rules and formatting over the whole project (the README's Python blocks too), and mypy, as
+# configured in pyproject.toml (mypy: paddle_glm4/ and converters/)
 lint: $(VENV)/.lint
-	$(VENV)/bin/ruff format --check paddle_glm4 converters
-	$(VENV)/bin/ruff check paddle_glm4 converters
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
 clean:

@@ -1,9 +1,9 @@
 """`python -m benchmarks run [--quick] [--only SECTION ...] [--readme]`
 
-Runs the benchmark sections (model, converter, tokenizer, lowbit, serving; full-depth, lowbit-full-depth, long-context and tensor-parallel
-only when named with --only), writes
-benchmarks/results.json and prints one markdown table; with --readme it also replaces the table in README.md's
-"Performance" section. Each figure is measured side
+Runs the benchmark sections (model, converter, tokenizer, lowbit, serving; full-depth, lowbit-full-depth,
+long-context and tensor-parallel only when named with --only), writes benchmarks/results.json and prints one
+markdown table; with --readme it also replaces the table in README.md's "Performance" section. Each figure is
+measured side
 by side with its peer in the same run and reported with the ratio ours / peer. Not a test: nothing here
 asserts a speed.
 """
@@ -177,8 +177,8 @@ def main(argv=None) -> int:
         choices=ALL_SECTIONS,
         metavar="SECTION",
         help=f"run only these sections (of {', '.join(ALL_SECTIONS)}; full-depth, "
-        "lowbit-full-depth, long-context and tensor-parallel run only when named here); the other sections' figures are kept from the "
-        "previous results",
+        "lowbit-full-depth, long-context and tensor-parallel run only when named here); the other sections' "
+        "figures are kept from the previous results",
     )
     parser.add_argument(
         "--formats",

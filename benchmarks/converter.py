@@ -4,7 +4,8 @@ A synthetic GLM-4 checkpoint in the published torch layout, bf16, cut into 2GB s
 full mode has GLM-4-9B's full width (hidden 4096, ffn 13696, vocab 151552, 32 heads, 2 KV groups) and
 3 layers, about 3.7 GB; quick mode is tiny. Its bytes are random (the converter never looks at values).
 
-Compared, alternately and three times each (best time kept: this VM's disk and memory vary from run to run), with the page cache warm and flushed first:
+Compared, alternately and three times each (best time kept: this VM's disk and memory vary from run to run),
+with the page cache warm and flushed first:
 - `cp -r SRC DST && sync`: the same bytes copied and made durable. The converter fsyncs its output
   before renaming it into place, so `cp` alone, which returns while its data is still in the page
   cache, would compare a durable write with a pending one;

@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import time
+from pathlib import Path
 
 
 def read_bandwidth(gigabytes: float = 2.0, repeats: int = 5) -> float:
@@ -44,13 +45,15 @@ def describe() -> dict:
     model = next(
         (
             line.split(":", 1)[1].strip()
-            for line in open("/proc/cpuinfo", encoding="utf-8")
+            for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()
             if line.startswith("model name")
         ),
         platform.processor(),
     )
     memory = next(
-        int(line.split()[1]) * 1024 for line in open("/proc/meminfo", encoding="utf-8") if line.startswith("MemTotal")
+        int(line.split()[1]) * 1024
+        for line in Path("/proc/meminfo").read_text(encoding="utf-8").splitlines()
+        if line.startswith("MemTotal")
     )
     return {
         "cpu": model,

@@ -24,12 +24,12 @@ same inputs (and the same seed when sampling). The command line instead lets ran
 tokenizer, the output and the server, runs generation, and sends every forward to the other ranks, which
 `follow` it; they never sample, so all ranks use rank 0's tokens.
 
-Failures: a rank that dies closes its connections, and the others' next collective fails at once (gloo:
-"Connection reset by peer"); `paddle.distributed.launch` then ends the pod with an error. A rank that hangs is
-detected by gloo's collective timeout, fixed at 30 s in Paddle 3.3.1 (no setting reaches it): a collective that
-waits longer raises. That is why rank 0 sends a heartbeat to the idle followers (a chat waiting for its user),
-and why the ranks meet after loading through the TCP store, which waits patiently. VERIFIED on CPU (gloo);
-the same code runs over NCCL on GPUs, UNVERIFIED (no GPU here).
+Failures: a rank that dies closes its connections, and the others' next collective fails at once (gloo: "Connection
+reset by peer", or a TIMEOUT of the pair with the dead rank); `paddle.distributed.launch` then ends the pod with an
+error. A rank that hangs is detected by gloo's collective timeout, fixed at 30 s in Paddle 3.3.1 (no setting
+reaches it): a collective that waits longer raises. That is why rank 0 sends a heartbeat to the idle followers (a
+chat waiting for its user), and why the ranks meet after loading through the TCP store, which waits patiently.
+VERIFIED on CPU (gloo); the same code runs over NCCL on GPUs, UNVERIFIED (no GPU here).
 """
 
 from __future__ import annotations

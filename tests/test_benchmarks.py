@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -15,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_quick_benchmark_run_produces_every_figure(tmp_path):
     output = tmp_path / "results.json"
-    readme_before = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    readme_before = Path(ROOT, "README.md").read_text(encoding="utf-8")
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks", "run", "--quick", "--output", str(output)],
         cwd=ROOT,
@@ -46,7 +47,7 @@ def test_quick_benchmark_run_produces_every_figure(tmp_path):
             assert all(math.isfinite(row[key]) and row[key] >= 0 for key in ("ours", "peer", "ratio")), row
     assert "| model | decode tokens/s, batch 1" in done.stdout  # the markdown table
     _check_lowbit(report, "lowbit")
-    assert open(os.path.join(ROOT, "README.md"), encoding="utf-8").read() == readme_before
+    assert Path(ROOT, "README.md").read_text(encoding="utf-8") == readme_before
 
 
 def test_quick_full_depth_run_is_merged_into_the_previous_results(tmp_path):

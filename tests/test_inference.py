@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import paddle
@@ -208,7 +209,7 @@ def test_predictor_refuses_incomplete_or_foreign_exports(built, tmp_path):
         Predictor(broken)
     shutil.copytree(f32_dir, broken, dirs_exist_ok=True)
     manifest = os.path.join(broken, MANIFEST_NAME)
-    data = json.load(open(manifest))
+    data = json.loads(Path(manifest).read_text())
     with open(manifest, "w") as f:
         json.dump({**data, "format_version": 99}, f)
     with pytest.raises(ExportError, match="format version 99"):

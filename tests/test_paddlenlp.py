@@ -20,9 +20,9 @@ paddlenlp = pytest.importorskip(
     "paddlenlp", reason="PaddleNLP is not installed here; `make test-paddlenlp` runs these tests in .venv-paddlenlp"
 )
 
-import paddlenlp.utils.env  # noqa: E402
+import paddlenlp.utils.env  # noqa: E402, F811 (the module importorskip returned, with its env submodule)
 from paddlenlp.generation import GenerationConfig as PaddleNLPGenerationConfig  # noqa: E402
-from paddlenlp.transformers import (
+from paddlenlp.transformers import (  # noqa: E402
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
@@ -33,7 +33,7 @@ from paddlenlp.transformers import (
 from conftest import check_peft_lora, small_config  # noqa: E402
 from no_network import REFUSE_NETWORK  # noqa: E402
 from paddle_glm4 import GLM4Config, GLM4ForCausalLM, GLM4Tokenizer  # noqa: E402
-from paddle_glm4.integrations.paddlenlp import (
+from paddle_glm4.integrations.paddlenlp import (  # noqa: E402
     PUBLISHED_TOKENIZER_CLASS,
     CheckpointNotFoundError,
     merge_paddlenlp_lora,
@@ -174,35 +174,24 @@ def test_the_published_checkpoint_loads_its_tokenizer_and_config_and_asks_to_con
 def test_tensor_parallel_degree_2_splits_the_model_across_two_processes(checkpoint, tmp_path):
     """PaddleNLP's way: every rank loads with tensor_parallel_degree and its rank, and runs the same calls; the
     logits and greedy tokens are one process's."""
-    from test_tensor_parallel import WORKER, _env
+    from test_tensor_parallel import launch
 
     ids = np.array([[5, 9, 17, 3, 40, 2]], dtype="int64")
     np.savez(tmp_path / "inputs.npz", ids=ids, batch_ids=ids, batch_mask=np.ones_like(ids))
     (tmp_path / "out").mkdir()
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "paddle.distributed.launch",
-            "--nproc_per_node",
-            "2",
-            "--log_dir",
-            str(tmp_path / "log"),
-            str(WORKER),
-            "--paddlenlp",
-            "--model",
-            str(checkpoint),
-            "--out",
-            str(tmp_path / "out"),
-            "--degree",
-            "2",
-            "--inputs",
-            str(tmp_path / "inputs.npz"),
-        ],
-        capture_output=True,
-        text=True,
+    done = launch(
+        2,
+        tmp_path,
+        "--paddlenlp",
+        "--model",
+        str(checkpoint),
+        "--out",
+        str(tmp_path / "out"),
+        "--degree",
+        "2",
+        "--inputs",
+        str(tmp_path / "inputs.npz"),
         timeout=180,
-        env=_env(),
     )
     assert done.returncode == 0, done.stdout[-3000:]
     model = AutoModelForCausalLM.from_pretrained(str(checkpoint))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -53,7 +54,7 @@ def test_predictor_on_a_quantized_export_equals_the_dynamic_quantized_model(chec
     assert manifest.config.quantization == dynamic.quantization
     if case != "bfloat16":  # quantized at load, the dense checkpoint's table is kept as stored, here as there
         assert not manifest.config.quantization.embedding
-    program = open(os.path.join(out, "glm4.json"), encoding="utf-8").read()
+    program = Path(out, "glm4.json").read_text(encoding="utf-8")
     operator = {"int8": "glm4_linear_int8", "int4": "glm4_linear_int4", "bfloat16": "glm4_linear_bf16"}[case]
     assert (operator in program) == manifest.kernels
     # the weights are stored as the dynamic model holds them (bf16, or int8 / int4 and their scales)
@@ -110,7 +111,7 @@ def test_cli_quantized_generate_and_export_in_fresh_processes(checkpoint, tmp_pa
     )
     assert export.returncode == 0, export.stderr
     assert "weights int4 (group size 32)" in export.stderr
-    assert json.loads(open(os.path.join(out, "export.json")).read())["config"]["quantization"] == {
+    assert json.loads(Path(out, "export.json").read_text())["config"]["quantization"] == {
         "scheme": "int4",
         "group_size": 32,
         "embedding": False,

@@ -32,19 +32,15 @@ def _env() -> dict[str, str]:
     return env
 
 
+def launch_command(degree: int, log_dir: Path, *program: str) -> list[str]:
+    """`python -m paddle.distributed.launch` running `program` on `degree` ranks, their logs in log_dir."""
+    launcher = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", str(degree)]
+    return [*launcher, "--log_dir", str(log_dir), *program]
+
+
 def launch(degree: int, tmp: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run the worker on `degree` ranks through paddle.distributed.launch; its rank logs in tmp/log."""
-    command = [
-        sys.executable,
-        "-m",
-        "paddle.distributed.launch",
-        "--nproc_per_node",
-        str(degree),
-        "--log_dir",
-        str(tmp / "log"),
-        str(WORKER),
-        *args,
-    ]
+    command = launch_command(degree, tmp / "log", str(WORKER), *args)
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=_env(), cwd=ROOT)
 
 
@@ -298,9 +294,10 @@ def test_a_rank_killed_mid_generation_ends_the_other_with_an_error(small, tmp_pa
     assert procs[1].returncode == 9, outputs[1][1][-2000:]  # it died at step 3 as asked
     assert procs[0].returncode not in (0, None), outputs[0][1][-2000:]
     assert time.monotonic() - started < 60
-    assert "Connection reset by peer" in outputs[0][1] or "Connection closed by peer" in outputs[0][1], outputs[0][1][
-        -2000:
-    ]
+    # gloo names the lost connection: reset or closed by the peer, or (1-2 runs in 10 here, by when the death lands
+    # in rank 0's collective) its pair with rank 1 timed out at once
+    lost = ("Connection reset by peer", "Connection closed by peer", "TIMEOUT self_rank = 0 pair_rank = 1")
+    assert any(text in outputs[0][1] for text in lost), outputs[0][1][-2000:]
 
 
 @pytest.mark.slow
@@ -332,19 +329,7 @@ def cli_checkpoint(tmp_path_factory):
 def launch_glm4(tmp: Path, *args: str, stdin: str | None = None, timeout: float = 180) -> tuple[int, str]:
     """`python -m paddle.distributed.launch --nproc_per_node 2 glm4 ARGS --tensor-parallel 2`; (exit code, what
     rank 0 printed). The launcher echoes rank 0's output among its own lines; the log file holds it alone."""
-    command = [
-        sys.executable,
-        "-m",
-        "paddle.distributed.launch",
-        "--nproc_per_node",
-        "2",
-        "--log_dir",
-        str(tmp / "log"),
-        GLM4,
-        *args,
-        "--tensor-parallel",
-        "2",
-    ]
+    command = launch_command(2, tmp / "log", GLM4, *args, "--tensor-parallel", "2")
     done = subprocess.run(command, input=stdin, capture_output=True, text=True, timeout=timeout, env=_env(), cwd=ROOT)
     return done.returncode, (tmp / "log" / "workerlog.0").read_text(errors="replace")
 
@@ -370,23 +355,9 @@ def test_glm4_chat_split_in_two_survives_a_pause_longer_than_the_gloo_timeout(cl
     heartbeat keeps it waiting. The answers are one process's."""
     model_dir, model, tokenizer = cli_checkpoint
     reader, writer = os.pipe()
-    command = [
-        sys.executable,
-        "-m",
-        "paddle.distributed.launch",
-        "--nproc_per_node",
-        "2",
-        "--log_dir",
-        str(tmp_path / "log"),
-        GLM4,
-        "chat",
-        "--model",
-        model_dir,
-        "--max-new-tokens",
-        "6",
-        "--tensor-parallel",
-        "2",
-    ]
+    command = launch_command(
+        2, tmp_path / "log", GLM4, "chat", "--model", model_dir, "--max-new-tokens", "6", "--tensor-parallel", "2"
+    )
     process = subprocess.Popen(
         command, stdin=reader, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), cwd=ROOT
     )
@@ -424,23 +395,9 @@ def test_glm4_serve_split_in_two_answers_as_one_process(cli_checkpoint, tmp_path
     from test_cli import expected_answer
 
     model_dir, model, tokenizer = cli_checkpoint
-    command = [
-        sys.executable,
-        "-m",
-        "paddle.distributed.launch",
-        "--nproc_per_node",
-        "2",
-        "--log_dir",
-        str(tmp_path / "log"),
-        GLM4,
-        "serve",
-        "--model",
-        model_dir,
-        "--port",
-        "0",
-        "--tensor-parallel",
-        "2",
-    ]
+    command = launch_command(
+        2, tmp_path / "log", GLM4, "serve", "--model", model_dir, "--port", "0", "--tensor-parallel", "2"
+    )
     process = subprocess.Popen(
         command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), cwd=ROOT
     )
