@@ -118,10 +118,12 @@ def check(report: dict):
 
 def markdown(report: dict) -> str:
     m = report["machine"]
+    method = m.get("read_bandwidth_method", "torch's sum")  # results from before the C probe do not say
     lines = [
         f"Measured {report['date'][:10]} on {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB RAM "
-        f"(read bandwidth {m['read_bandwidth_gbps']:.1f} GB/s, fp32 matmul {m['fp32_matmul_gflops']:.0f} "
-        f"GFLOP/s, both measured with torch){' — QUICK run, tiny sizes' if report['quick'] else ''}."
+        f"(read bandwidth {m['read_bandwidth_gbps']:.1f} GB/s by {method}, "
+        f"fp32 matmul {m['fp32_matmul_gflops']:.0f} GFLOP/s by torch)"
+        f"{' — QUICK run, tiny sizes' if report['quick'] else ''}."
     ]
     dates = {date[:10] for date in report.get("section_dates", {}).values()}
     if len(dates) > 1:

@@ -12,9 +12,11 @@ Every engine runs in a fresh process, one after the other, each format's pair ba
 run meanwhile (the load average before each is recorded: a busy second core halves a 2-thread decode). Figures
 per format: decode tokens/s at batch 1 (llama-bench's tg: `new_tokens` tokens from an empty context; ours the
 same count after an 8-token prompt), prefill tokens/s of a 512-token prompt, peak RSS, each as ours / llama.cpp;
-decode against the bandwidth bound (weight bytes read per token, the embedding table excluded, at the read
-bandwidth measured right before that engine: on these shared machines it drifts by tens of % within minutes) for
-both; at full depth also the issue's targets: peak RSS <= the weights' bytes + 1.5 GB, int4 decode >= 5 tokens/s.
+decode against the bandwidth bound (weight bytes read per token, the embedding table excluded, at the machine's
+read bandwidth: benchmarks.machine's C probe, run right before and right after that engine, the higher of the
+two; on these shared machines it drifts by tens of % within minutes, and an engine whose two probes differ by
+more than DRIFT is named in the notes) for both; at full depth also the issue's targets: peak RSS <= the
+weights' bytes + 1.5 GB, int4 decode >= 5 tokens/s.
 Our kernel path (paddle_glm4.kernels.isa()) is in each figure's name and in each row's details.
 
     python -m benchmarks.lowbit ours MODEL_DIR FORMAT [--quick]          (our engine; prints JSON)
@@ -44,6 +46,8 @@ FORMATS = (("bf16", None, "BF16"), ("int8", "int8", "Q8_0"), ("int4", "int4", "Q
 PROMPT = 8  # before the decoded tokens (llama-bench's tg starts from an empty context; ours needs a prompt)
 RSS_ALLOWANCE = 1.5e9  # the issue's target: full-depth peak RSS <= the weights' bytes + 1.5 GB
 INT4_DECODE_TARGET = 5.0  # tokens/s, 40 layers
+BOUND = "read bandwidth (the higher of before / after) / weight bytes per token"
+DRIFT = 0.15  # the read bandwidth after an engine this far from the one before it: its bound fraction is suspect
 
 
 def settings(quick: bool, layers: int) -> dict:
@@ -156,11 +160,12 @@ def _run(mode: str, args: list[str], quick: bool, layers: int) -> dict:
     command = [sys.executable, "-m", "benchmarks.lowbit", mode, *args, "--layers", str(layers)] + (
         ["--quick"] if quick else []
     )
-    from benchmarks.machine import read_bandwidth
+    from benchmarks import machine
 
     # this shared machine's memory rate drifts by tens of % within minutes: each engine's bound is measured
-    # right before it runs
-    load, bandwidth = os.getloadavg()[0], read_bandwidth(0.25 if quick else 1.0, 3)
+    # right before and right after it runs
+    gigabytes = 0.25 if quick else 1.0  # 8x and 30x a 32 MB L3
+    load, before = os.getloadavg()[0], machine.read(gigabytes)
     done = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True)
     if done.returncode < 0:
         raise RuntimeError(
@@ -168,7 +173,14 @@ def _run(mode: str, args: list[str], quick: bool, layers: int) -> dict:
         )
     if done.returncode:
         raise RuntimeError(f"lowbit {mode} {args[-1]} failed:\n{done.stderr[-3000:]}")
-    return {**json.loads(done.stdout.strip().splitlines()[-1]), "load_before": load, "bandwidth_before": bandwidth}
+    after = machine.read(gigabytes)
+    return {
+        **json.loads(done.stdout.strip().splitlines()[-1]),
+        "load_before": load,
+        "bandwidth_before": before.rate,
+        "bandwidth_after": after.rate,
+        "bandwidth_method": before.method,
+    }
 
 
 # ---- the run --------------------------------------------------------------------------------------------
@@ -231,7 +243,28 @@ def run(
                 results[kind]["bytes_per_token"] = sum(
                     size for name, size in gguf_peer.tensor_bytes(files[kind]).items() if name != "token_embd.weight"
                 )
+    notes.append(f"read bandwidth: {next(iter(results.values()))['bandwidth_method']}, before and after each engine")
+    notes += drifted(results)
     return _rows(results, config, quick, flags, chosen)
+
+
+def bound(result: dict) -> float:
+    """Tokens/s an engine would decode at if it read its weights at the machine's read bandwidth: the higher of
+    the probes before and after it, so that a drop in the machine's rate during the run cannot flatter it."""
+    return max(result["bandwidth_before"], result["bandwidth_after"]) / result["bytes_per_token"]
+
+
+def drifted(results: dict) -> list[str]:
+    """A note for each engine whose read bandwidth moved by more than DRIFT while it ran."""
+    notes = []
+    for name, result in results.items():
+        before, after = result["bandwidth_before"], result["bandwidth_after"]
+        if abs(after - before) > DRIFT * max(before, after):
+            notes.append(
+                f"{name}: the read bandwidth drifted while it ran ({before / 1e9:.1f} GB/s before, "
+                f"{after / 1e9:.1f} after): its decode-vs-bound fraction is suspect"
+            )
+    return notes
 
 
 def _rows(results: dict, config, quick: bool, flags: str, formats: tuple) -> list[dict]:
@@ -247,6 +280,7 @@ def _rows(results: dict, config, quick: bool, flags: str, formats: tuple) -> lis
             "cpu_flags": flags,
             "load_before": mine["load_before"],
             "read_bandwidth_gbps_before": mine["bandwidth_before"] / 1e9,
+            "read_bandwidth_gbps_after": mine["bandwidth_after"] / 1e9,
             "weight_bytes": mine["weight_bytes"],
             "bytes_per_token": mine["bytes_per_token"],
         }
@@ -267,8 +301,8 @@ def _rows(results: dict, config, quick: bool, flags: str, formats: tuple) -> lis
                 _row(
                     f"decode batch 1 vs the bandwidth bound (llama.cpp {kind}, {model})",
                     theirs["decode"],
-                    theirs["bandwidth_before"] / theirs["bytes_per_token"],
-                    "read bandwidth / weight bytes",
+                    bound(theirs),
+                    BOUND,
                     "tokens/s",
                 ),
             ]
@@ -277,8 +311,8 @@ def _rows(results: dict, config, quick: bool, flags: str, formats: tuple) -> lis
             _row(
                 f"decode batch 1 vs the bandwidth bound ({label})",
                 mine["decode"],
-                mine["bandwidth_before"] / mine["bytes_per_token"],
-                "read bandwidth / weight bytes",
+                bound(mine),
+                BOUND,
                 "tokens/s",
             )
         ]
@@ -307,6 +341,7 @@ def _rows(results: dict, config, quick: bool, flags: str, formats: tuple) -> lis
                 peer_load_before=theirs["load_before"],
                 peer_build=theirs["build"],
                 peer_read_bandwidth_gbps_before=theirs["bandwidth_before"] / 1e9,
+                peer_read_bandwidth_gbps_after=theirs["bandwidth_after"] / 1e9,
                 peer_bytes_per_token=theirs["bytes_per_token"],
             )
         rows += [{**row, "details": details} for row in pair + alone]

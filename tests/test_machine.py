@@ -1,0 +1,145 @@
+"""The machine's read-bandwidth probe (benchmarks/read_bandwidth.c through benchmarks.machine) and how the low-bit
+benchmark turns its before / after readings into a bound. No speed is asserted: a rate is only checked to be a
+rate, and every path's correctness rests on the probe's own check that it read each word of its buffer once."""
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from benchmarks import lowbit, machine
+
+
+def _cpu_flags() -> set[str]:
+    text = Path("/proc/cpuinfo").read_text(encoding="utf-8") if Path("/proc/cpuinfo").exists() else ""
+    return next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
+
+
+PATHS = ["scalar"] + [isa for isa, flag in (("avx2", "avx2"), ("avx512", "avx512f")) if flag in _cpu_flags()]
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A cache of our own, so that the test builds the probe itself."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.mark.parametrize("isa", PATHS)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_every_path_this_cpu_has_reads_the_whole_buffer_at_a_positive_rate(isa, threads):
+    """3 threads on 2 cores too: a thread count that does not divide the buffer evenly in pages."""
+    reading = machine.stream_read(0.012, passes=3, threads=threads, isa=isa)
+    assert reading.rate > 0 and 0 < reading.median <= reading.rate
+    assert f"({isa}, {threads} threads, " in reading.method and "best of 3" in reading.method
+
+
+def test_the_default_is_every_core_and_the_widest_path():
+    reading = machine.stream_read(0.01, passes=2)
+    assert f"({PATHS[-1]}, {len(os.sched_getaffinity(0))} threads, " in reading.method
+
+
+def test_a_path_the_cpu_lacks_or_that_does_not_exist_is_refused_by_name():
+    with pytest.raises(RuntimeError, match="ISA neon is not one of avx512, avx2, scalar"):
+        machine.stream_read(0.01, passes=1, isa="neon")
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["12", "3"], "BYTES must be at least 4096 per thread"),
+        (["-5", "3"], "BYTES must be a positive integer"),
+        (["1000000", "0"], "PASSES must be an integer from 1 to 1000"),
+        (["1000000", "2", "0"], "THREADS must be an integer from 1 to 1024"),
+        ([], "usage: read_bandwidth BYTES PASSES"),
+    ],
+)
+def test_the_probe_rejects_bad_arguments_in_one_line(arguments, message):
+    done = subprocess.run([str(machine.probe_binary()), *arguments], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith(f"read_bandwidth: {message}") and done.stderr.count("\n") == 1
+
+
+def test_the_probe_is_built_once_into_the_per_user_cache(cache):
+    first = machine.probe_binary()
+    assert first.is_relative_to(cache / "paddle_glm4" / "probe") and os.access(first, os.X_OK)
+    built = first.stat().st_mtime_ns
+    assert machine.probe_binary() == first and first.stat().st_mtime_ns == built
+    assert [path.name for path in first.parent.iterdir()] == ["read_bandwidth"]  # no half-written leftovers
+
+
+def test_without_a_compiler_the_probe_says_which_one_to_install(cache, monkeypatch):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    with pytest.raises(machine.ProbeUnavailable, match=r"^no C compiler \(/nonexistent/cc not found\): install gcc$"):
+        machine.probe_binary()
+
+
+def test_without_a_compiler_the_reading_falls_back_to_torch_and_says_why(cache, monkeypatch, capsys):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    reading = machine.read(0.01, passes=2)
+    assert reading.rate > 0 and reading.method == "torch's sum (no C compiler (/nonexistent/cc not found): install gcc)"
+    assert "falling back to torch's sum" in capsys.readouterr().err
+    assert not (cache / "paddle_glm4" / "probe").exists()
+
+
+def test_a_compiler_that_fails_is_reported_with_its_error_and_leaves_nothing(cache, monkeypatch, tmp_path):
+    broken = tmp_path / "broken-cc"
+    broken.write_text(
+        "#!/bin/sh\necho 'read_bandwidth.c:1: warning: nothing' >&2\necho 'fatal error: boom' >&2\nexit 1\n"
+    )
+    broken.chmod(0o755)
+    monkeypatch.setenv("CC", str(broken))
+    with pytest.raises(
+        machine.ProbeUnavailable, match=r"broken-cc failed to compile read_bandwidth.c: fatal error: boom$"
+    ):
+        machine.probe_binary()
+    assert [path for path in (cache / "paddle_glm4" / "probe").rglob("*") if path.is_file()] == []
+
+
+def test_the_machine_figures_name_how_the_bandwidth_was_read():
+    measured = machine.measure(quick=True)
+    assert measured["read_bandwidth_gbps"] > 0 and measured["fp32_matmul_gflops"] > 0
+    assert measured["read_bandwidth_method"].startswith("C streaming read (")
+
+
+# ---- the low-bit benchmark's bound ----------------------------------------------------------------------------
+def _engine(before: float, after: float, decode: float = 10.0, per_token: float = 2e9) -> dict:
+    return {"bandwidth_before": before, "bandwidth_after": after, "decode": decode, "bytes_per_token": per_token}
+
+
+def test_the_bound_is_the_higher_reading_so_that_a_drop_during_the_run_cannot_flatter_the_engine():
+    assert lowbit.bound(_engine(30e9, 40e9)) == 20.0
+    assert lowbit.bound(_engine(40e9, 30e9)) == 20.0
+
+
+def test_an_engine_whose_bandwidth_drifted_is_named_and_a_steady_one_is_not():
+    notes = lowbit.drifted({"int4": _engine(30e9, 40e9), "Q4_0": _engine(30e9, 33e9), "bf16": _engine(58e9, 34e9)})
+    assert notes == [
+        "int4: the read bandwidth drifted while it ran (30.0 GB/s before, 40.0 after): its decode-vs-bound "
+        "fraction is suspect",
+        "bf16: the read bandwidth drifted while it ran (58.0 GB/s before, 34.0 after): its decode-vs-bound "
+        "fraction is suspect",
+    ]
+
+
+def test_the_rows_measure_both_engines_against_their_own_bound():
+    config = lowbit.lowbit_config(True, 2)
+    mine = {
+        **_engine(30e9, 36e9, decode=12.0, per_token=3e9),
+        "prefill": 100.0,
+        "peak_rss": 2e9,
+        "weight_bytes": 3e9,
+        "kernel": "avx2",
+        "load_before": 0.5,
+    }
+    theirs = {**_engine(33e9, 32e9, decode=10.0, per_token=3.3e9), "prefill": 90.0, "peak_rss": 1.5e9}
+    theirs.update(load_before=0.4, build="abc")
+    rows = lowbit._rows({"int4": mine, "Q4_0": theirs}, config, True, "avx2", (lowbit.FORMATS[2],))
+    bounds = {row["figure"]: row for row in rows if "bandwidth bound" in row["figure"]}
+    ours = next(row for figure, row in bounds.items() if "(ours int4, " in figure)
+    peer = next(row for figure, row in bounds.items() if "(llama.cpp Q4_0, " in figure)
+    assert ours["peer"] == pytest.approx(12.0) and ours["ratio"] == pytest.approx(1.0)  # 36 GB/s / 3 GB
+    assert peer["peer"] == pytest.approx(10.0) and peer["ratio"] == pytest.approx(1.0)  # 33 GB/s / 3.3 GB
+    assert ours["details"]["read_bandwidth_gbps_after"] == pytest.approx(36.0)
+    assert ours["details"]["peer_read_bandwidth_gbps_after"] == pytest.approx(32.0)
