@@ -1,12 +1,14 @@
 /* The machine's memory read bandwidth, measured the way a decode step reads its weights: every core streams
  * its own long contiguous run of a buffer far larger than the caches, with the widest loads the CPU has.
  *
- *     read_bandwidth BYTES PASSES [THREADS [ISA]]
+ *     read_bandwidth BYTES PASSES [THREADS [ISA [PAGES]]]
  *
  * BYTES of memory (rounded down to whole 4 KB pages, at least one per thread) are filled first (so that no
  * page fault lands in a timed pass, and each thread's pages are its own), then read PASSES times by THREADS
  * threads (default: every CPU this process may run on, one thread pinned to each). ISA (avx512, avx2 or
- * scalar; default the widest this CPU supports) forces a path, so that tests can run each one. Prints one
+ * scalar; default or "auto": the widest this CPU supports) forces a path, so that tests can run each one.
+ * PAGES: "huge" (the default: 2 MB pages where the kernel grants them, fewer TLB misses, the best a reader
+ * can do) or "small" (4 KB pages, what a reader of a memory-mapped file or of unadvised memory gets). Prints one
  * JSON line: {"bytes", "huge_page_bytes" (of them, how many the kernel gave as huge pages), "threads", "isa",
  * "seconds": [one per pass]}; the caller takes the best.
  *
@@ -156,8 +158,8 @@ static int fail(int code, const char *message) {
 }
 
 int main(int argc, char **argv) {
-    if (argc < 3 || argc > 5)
-        return fail(2, "usage: read_bandwidth BYTES PASSES [THREADS [avx512|avx2|scalar]]");
+    if (argc < 3 || argc > 6)
+        return fail(2, "usage: read_bandwidth BYTES PASSES [THREADS [auto|avx512|avx2|scalar [huge|small]]]");
     char *end;
     errno = 0;
     unsigned long long requested = strtoull(argv[1], &end, 10);
@@ -176,20 +178,23 @@ int main(int argc, char **argv) {
         threads = strtol(argv[3], &end, 10);
         if (*end || threads < 1 || threads > 1024) return fail(2, "THREADS must be an integer from 1 to 1024");
     }
-    isa_t isa = choose(argc == 5 ? argv[4] : NULL);
+    const char *forced = argc >= 5 && strcmp(argv[4], "auto") ? argv[4] : NULL;
+    isa_t isa = choose(forced);
     if (!isa.read) {
-        fprintf(stderr, "read_bandwidth: ISA %s is not one of avx512, avx2, scalar that this CPU supports\n", argv[4]);
+        fprintf(stderr, "read_bandwidth: ISA %s is not one of avx512, avx2, scalar that this CPU supports\n", forced);
         return 2;
     }
+    int huge_pages = argc < 6 || !strcmp(argv[5], "huge");
+    if (argc == 6 && !huge_pages && strcmp(argv[5], "small")) return fail(2, "PAGES must be huge or small");
 
     size_t pages_per_thread = (size_t)(requested / PAGE / (unsigned long long)threads);
     if (pages_per_thread == 0) return fail(2, "BYTES must be at least 4096 per thread");
     size_t per_thread = pages_per_thread * PAGE / sizeof(uint64_t), bytes = per_thread * threads * sizeof(uint64_t);
-    /* 2 MB aligned and, where the kernel allows it, in huge pages: fewer TLB misses, the best a reader can do */
-    uint64_t *words = aligned_alloc(2u << 20, (bytes + (2u << 20) - 1) & ~(size_t)((2u << 20) - 1));
+    size_t mapped = (bytes + (2u << 20) - 1) & ~(size_t)((2u << 20) - 1); /* 2 MB aligned, for huge pages */
+    uint64_t *words = aligned_alloc(2u << 20, mapped);
     if (!words) return fail(2, "cannot allocate the buffer (out of memory?)");
-#ifdef MADV_HUGEPAGE
-    madvise(words, bytes, MADV_HUGEPAGE);
+#if defined(MADV_HUGEPAGE) && defined(MADV_NOHUGEPAGE)
+    madvise(words, mapped, huge_pages ? MADV_HUGEPAGE : MADV_NOHUGEPAGE); /* advice: the kernel may say no */
 #endif
 
     pthread_barrier_t start, done;

@@ -40,6 +40,11 @@ def test_the_default_is_every_core_and_the_widest_path():
     assert f"({PATHS[-1]}, {len(os.sched_getaffinity(0))} threads, " in reading.method
 
 
+def test_small_pages_are_read_without_huge_pages():
+    reading = machine.stream_read(0.02, passes=2, pages="small")
+    assert reading.rate > 0 and " 0% in huge pages" in reading.method
+
+
 def test_a_path_the_cpu_lacks_or_that_does_not_exist_is_refused_by_name():
     with pytest.raises(RuntimeError, match="ISA neon is not one of avx512, avx2, scalar"):
         machine.stream_read(0.01, passes=1, isa="neon")
@@ -53,6 +58,7 @@ def test_a_path_the_cpu_lacks_or_that_does_not_exist_is_refused_by_name():
         (["1000000", "0"], "PASSES must be an integer from 1 to 1000"),
         (["1000000", "2", "0"], "THREADS must be an integer from 1 to 1024"),
         ([], "usage: read_bandwidth BYTES PASSES"),
+        (["1000000", "2", "1", "auto", "tiny"], "PAGES must be huge or small"),
     ],
 )
 def test_the_probe_rejects_bad_arguments_in_one_line(arguments, message):
