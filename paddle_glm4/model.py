@@ -15,11 +15,12 @@ import paddle.nn.functional as F
 from paddle import nn
 
 from . import generation, loading, memory, ops
-from .config import IGNORE_INDEX, GLM4Config, Quantization
+from . import kernels as cpu_kernels
+from .config import DEFAULT_GROUP_SIZE, IGNORE_INDEX, GLM4Config, Quantization
 from .device import on_gpu
 from .generation import Batch, GenerationConfig
 from .kv_cache import KVCache
-from .linear import Linear, add_slot_parameters, lookup
+from .linear import KERNEL_FORMATS, Linear, add_slot_parameters, lookup
 from .quantization import Packed, WeightFormat, embedding_format
 from .sequences import GROWTH_STEP, Sequences
 
@@ -133,11 +134,18 @@ class MLP(nn.Layer):
         return self.down_proj(self.kernels.swiglu(self.gate_up_proj(x)))
 
 
+# Up to this many rows (batch x new tokens) a block runs as one operator (kernels.block) where it can: decoding,
+# where the calls between a layer's dozen small operators cost as much as the operators (~0.7 ms a layer). A
+# prefill keeps the per-operator forward, whose intermediates are freed as it goes.
+BLOCK_MAX_ROWS = 16
+
+
 class GLM4Block(nn.Layer):
     """Pre-norm transformer block: x + attention(norm(x)), then + mlp(norm(.))."""
 
     def __init__(self, config: GLM4Config, layer_idx: int, kernels: ops.Kernels):
         super().__init__()
+        self.layer_idx = layer_idx
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels)
         self.self_attn = Attention(config, layer_idx, kernels)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels)
@@ -154,11 +162,56 @@ class GLM4Block(nn.Layer):
     ) -> paddle.Tensor:
         """[b, s, H] -> [b, s, H], or only the last `keep` positions when keep > 0 (the MLP then runs on
         those alone: its positions do not mix, and attention has already written every key and value)."""
+        if self._one_operator(x, cache):
+            return self._as_one_operator(x, rope, mask, cache, keep)
         attended = self.self_attn(self.input_layernorm(x), rope, mask, cache, start)
         if keep:
             attended, x = attended[:, -keep:], x[:, -keep:]
         normed, x = self.post_attention_layernorm(attended, x)  # the residual add and the norm, in one pass
         return x + self.mlp(normed)
+
+    def _linears(self) -> tuple[Linear, ...]:
+        return self.self_attn.qkv_proj, self.self_attn.o_proj, self.mlp.gate_up_proj, self.mlp.down_proj
+
+    def _one_operator(self, x: paddle.Tensor, cache: Cache | None) -> bool:
+        """Whether kernels.block computes this call: few rows in the dynamic graph (an exported program records
+        the per-operator forward), a KVCache to write, and the four Linears plain ones (not LoRA's, nor a
+        tensor-parallel rank's) in a format of the C++ kernels, where they are built and no gradient is wanted."""
+        if not paddle.in_dynamic_mode() or not isinstance(cache, KVCache):
+            return False
+        if ops.size(x, 0) * ops.size(x, 1) > BLOCK_MAX_ROWS:
+            return False
+        fmt = self.self_attn.kernels.weights
+        if not isinstance(fmt, Packed) or any(type(layer) is not Linear for layer in self._linears()):
+            return False
+        norms = (self.input_layernorm.weight, self.post_attention_layernorm.weight)
+        bias = self.self_attn.qkv_proj.bias
+        return ops.kernel_serves(x, *norms, *([] if bias is None else [bias]))
+
+    def _as_one_operator(self, x: paddle.Tensor, rope: tuple, mask: ops.Mask, cache: KVCache, keep: int) -> paddle.Tensor:
+        attn, fmt = self.self_attn, self.self_attn.kernels.weights
+        assert isinstance(fmt, Packed)
+        cos, signed_sin = rope
+        return cpu_kernels.block(
+            x,
+            (self.input_layernorm.weight, self.post_attention_layernorm.weight),
+            tuple([getattr(layer, slot.name) for slot in layer.slots] for layer in self._linears()),
+            attn.qkv_proj.bias,
+            cos,
+            signed_sin,
+            cache.keys[self.layer_idx],
+            cache.values[self.layer_idx],
+            mask.start_slot,
+            mask.key_valid,
+            fmt=KERNEL_FORMATS[fmt.kind],
+            group_size=fmt.group_size or DEFAULT_GROUP_SIZE,
+            eps=self.input_layernorm.eps,
+            heads=attn.heads,
+            groups=attn.groups,
+            head_dim=attn.head_dim,
+            keep=keep,
+            activation_dtype=fmt.activation_dtype,
+        )
 
 
 class GLM4Model(nn.Layer):

@@ -4,7 +4,7 @@
 `fused_rotary_position_embedding` has no CPU kernel and its `fused_rms_norm` CPU kernel dies with SIGILL
 on CPUs without AVX-512 (this project's machines), so the fused set is for GPUs. On CPU the norms, rotary,
 SwiGLU and the sampler's argmax and log-sum-exp are paddle_glm4.kernels' operators (one multi-threaded pass
-each, where Paddle runs several single-threaded ops) wherever those serve the call (`_kernel_serves`), else
+each, where Paddle runs several single-threaded ops) wherever those serve the call (`kernel_serves`), else
 these Paddle forms.
 """
 
@@ -67,13 +67,13 @@ def add_rms_norm(
 
 
 def cpu_rms_norm(x: paddle.Tensor, weight: paddle.Tensor, eps: float) -> paddle.Tensor:
-    return cpu_kernels.rms_norm(x, weight, eps) if _kernel_serves(x, weight) else rms_norm(x, weight, eps)
+    return cpu_kernels.rms_norm(x, weight, eps) if kernel_serves(x, weight) else rms_norm(x, weight, eps)
 
 
 def cpu_add_rms_norm(
     x: paddle.Tensor, residual: paddle.Tensor, weight: paddle.Tensor, eps: float
 ) -> tuple[paddle.Tensor, paddle.Tensor]:
-    if _kernel_serves(x, residual, weight):
+    if kernel_serves(x, residual, weight):
         return cpu_kernels.add_rms_norm(x, residual, weight, eps)
     return add_rms_norm(x, residual, weight, eps)
 
@@ -81,14 +81,14 @@ def cpu_add_rms_norm(
 # ---- SwiGLU --------------------------------------------------------------------------------------------
 def cpu_swiglu(x: paddle.Tensor) -> paddle.Tensor:
     """x [..., 2F] (gate, then up) -> silu(gate) * up [..., F]."""
-    return cpu_kernels.swiglu(x) if _kernel_serves(x) else F.swiglu(x)
+    return cpu_kernels.swiglu(x) if kernel_serves(x) else F.swiglu(x)
 
 
 # ---- The sampler's statistics of the logits ---------------------------------------------------------------
 def argmax_logsumexp(logits: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
     """logits [b, vocab] -> (each row's most likely token [b] int64, log(sum(exp(row))) [b]): the greedy choice
     and the log-probabilities' normalizer, in one pass of each row where the kernels serve."""
-    if _kernel_serves(logits):
+    if kernel_serves(logits):
         return cpu_kernels.argmax_logsumexp(logits)
     return paddle.argmax(logits, axis=-1), paddle.logsumexp(logits, axis=-1)
 
@@ -141,7 +141,7 @@ def cpu_split_rotary(
     qkv: paddle.Tensor, tables: tuple, heads: int, groups: int, head_dim: int
 ) -> tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor]:
     cos, signed_sin = tables
-    if _kernel_serves(qkv, cos, signed_sin):
+    if kernel_serves(qkv, cos, signed_sin):
         return cpu_kernels.split_rotary(qkv, cos, signed_sin, heads, groups, head_dim)
     return split_rotary(qkv, tables, heads, groups, head_dim)
 
@@ -199,7 +199,7 @@ def attention_mask(key_valid: paddle.Tensor | None, start: int | paddle.Tensor, 
 def attention(q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor, mask: Mask) -> paddle.Tensor:
     """q [b, s, h, d]; k, v [b, L, g, d] (the cache's first L slots, float32 or bfloat16) with h a multiple of
     g (GQA: K/V are not repeated here) -> [b, s, h, d] in q's dtype."""
-    if _kernel_serves(q, k, v):
+    if kernel_serves(q, k, v):
         return cpu_kernels.attention(q, k, v, mask.start_slot, mask.key_valid)
     if k.dtype != q.dtype:  # a compact cache, widened one layer at a time on this path
         k, v = k.astype(q.dtype), v.astype(q.dtype)
@@ -210,7 +210,7 @@ def attention(q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor, mask: Mask) 
 
 
 @paddle.jit.not_to_static
-def _kernel_serves(first: paddle.Tensor, *others: paddle.Tensor) -> bool:
+def kernel_serves(first: paddle.Tensor, *others: paddle.Tensor) -> bool:
     """Whether paddle_glm4.kernels computes a call on these tensors: on CPU, where the operators could be built,
     `first` in float32 (the others in float32 too, but attention's cache may be bf16), when no gradient is
     wanted (the operators have none)."""

@@ -145,6 +145,73 @@ def argmax_logsumexp(x: paddle.Tensor, *, isa: str = "auto", threads: int = 0) -
     return index, lse
 
 
+@paddle.jit.not_to_static
+def block(
+    x: paddle.Tensor,
+    norms: tuple[paddle.Tensor, paddle.Tensor],
+    linears: tuple[list[paddle.Tensor], ...],
+    qkv_bias: paddle.Tensor | None,
+    cos: paddle.Tensor,
+    signed_sin: paddle.Tensor,
+    k_cache: paddle.Tensor,
+    v_cache: paddle.Tensor,
+    start: paddle.Tensor,
+    key_valid: paddle.Tensor | None,
+    *,
+    fmt: str,
+    group_size: int,
+    eps: float,
+    heads: int,
+    groups: int,
+    head_dim: int,
+    keep: int = 0,
+    activation_dtype: str = "auto",
+    isa: str = "auto",
+    threads: int = 0,
+) -> paddle.Tensor:
+    """A whole GLM-4 block, x + attention(norm(x)) then + mlp(norm(.)), in one operator (see block.h):
+    x float32 [b, s, H] -> [b, keep or s, H] (keep > 0: the MLP on the last `keep` positions only).
+
+    `norms`: the input and post-attention norms' weights [H]. `linears`: the tensors of qkv_proj, o_proj,
+    gate_up_proj and down_proj as the linear operators take them in `fmt` ([weight] for bf16, [qweight, scales]
+    for int8 / int4). cos, signed_sin [b, s, 1, r]: ops.rotary_tables. k_cache, v_cache [B >= b, C, g, d]
+    float32 or bfloat16: the new keys and values are written in place at slots start .. start + s of rows
+    0 .. b - 1, and attention reads them as glm4_attention does (`start`, `key_valid`). Needs the built
+    operators."""
+    _check(fmt, activation_dtype, isa, linears[0][1] if len(linears[0]) > 1 else None, group_size)
+    scales = [tensors[1] if len(tensors) > 1 else None for tensors in linears]
+    out, _, _ = _ops_for(isa).glm4_block(
+        _contiguous(x),
+        *norms,
+        linears[0][0],
+        scales[0],
+        qkv_bias,
+        linears[1][0],
+        scales[1],
+        linears[2][0],
+        scales[2],
+        linears[3][0],
+        scales[3],
+        _contiguous(cos),
+        _contiguous(signed_sin),
+        k_cache,
+        v_cache,
+        start,
+        key_valid,
+        fmt,
+        group_size,
+        eps,
+        heads,
+        groups,
+        head_dim,
+        keep,
+        activation_dtype,
+        isa,
+        threads,
+    )
+    return out
+
+
 def _check_isa(isa: str) -> None:
     if isa != "auto" and isa not in PATHS:
         raise ValueError(f"isa must be 'auto' or one of {PATHS}, got {isa!r}")

@@ -28,8 +28,9 @@ SOURCES = (
     "linear_int4.cc",
     "attention.cc",
     "elementwise.cc",
+    "block.cc",
 )
-HEADERS = ("common.h", "attention.h", "elementwise.h")
+HEADERS = ("common.h", "attention.h", "elementwise.h", "block.h")
 # -O3 without -ffast-math: the kernels round exactly as documented; -march stays generic (see above)
 CXX_FLAGS = ["-O3", "-std=c++17", "-pthread"]
 HERE = Path(__file__).resolve().parent

@@ -323,4 +323,11 @@ const char* linear(const float* x, int64_t M, const Weights& w, const float* bia
   return plan.name;
 }
 
+const char* linear(const float* x, int64_t M, const LinearWeights& l, float* y, int isa, int act, int threads) {
+  if (act < 0) act = auto_act(isa, l.int_weights, M);
+  bool use_gemm = M > kGemvMaxRows;
+  if (act == kI8 && (isa < kAvx512Vnni || M <= kInt8GemvMaxRows)) use_gemm = false;
+  return linear(x, M, l.w, l.bias, y, isa, act, use_gemm, l.int_weights, threads, l.planner);
+}
+
 }  // namespace glm4

@@ -738,4 +738,17 @@ Plan plan_int4(int isa, int act, bool use_gemm, int64_t group);
 const char* linear(const float* x, int64_t M, const Weights& w, const float* bias, float* y, int isa, int act,
                    bool use_gemm, bool int_weights, int threads, Planner planner);
 
+// A Linear layer as the operators hold it: its weights, its bias (or null) and how its format computes.
+struct LinearWeights {
+  Weights w;
+  const float* bias;
+  bool int_weights;
+  Planner planner;
+};
+
+// The linear operators' call: y [M, N] = x [M, K] @ W^T (+ bias), the GEMV for up to kGemvMaxRows rows and the
+// GEMM above (integer activations: the GEMV up to kInt8GemvMaxRows rows, and wherever VNNI is missing);
+// act < 0 picks the activation dtype as auto_act does. Returns the name of the path that ran.
+const char* linear(const float* x, int64_t M, const LinearWeights& l, float* y, int isa, int act, int threads);
+
 }  // namespace glm4

@@ -1,11 +1,12 @@
 // The Paddle operators: glm4_linear_bf16, glm4_linear_int8, glm4_linear_int4, glm4_attention, the elementwise
-// ones (glm4_swiglu, glm4_rms_norm, glm4_add_rms_norm, glm4_split_rotary, glm4_argmax_logsumexp) and
-// glm4_kernel_path. Inputs are
-// checked here, then glm4::linear, glm4::attention or elementwise.cc does the work. The only file that includes Paddle's headers (they
-// take ~40 s to compile; the kernels, a few).
+// ones (glm4_swiglu, glm4_rms_norm, glm4_add_rms_norm, glm4_split_rotary, glm4_argmax_logsumexp), glm4_block
+// (a whole transformer block) and glm4_kernel_path. Inputs are checked here, then glm4::linear, glm4::attention,
+// elementwise.cc or block.cc does the work. The only file that includes Paddle's headers (they take ~40 s to
+// compile; the kernels, a few).
 #include "paddle/extension.h"
 
 #include "attention.h"
+#include "block.h"
 #include "common.h"
 #include "elementwise.h"
 
@@ -25,38 +26,77 @@ int checked_isa(const std::string& attr) {
   return glm4::resolve_isa(cap);
 }
 
-std::vector<paddle::Tensor> forward(const paddle::Tensor& x, const glm4::Weights& w,
-                                    const paddle::optional<paddle::Tensor>& bias, bool int_weights,
+// The activation dtype an op attribute names: kF32, kBf16, kI8, or -1 for "auto" (glm4::linear picks).
+int checked_act(const std::string& act_name, bool int_weights, const char* op) {
+  if (act_name == "auto") return -1;
+  const int act = glm4::act_from_name(act_name);
+  PD_CHECK(act >= 0, op, ": unknown activation_dtype '", act_name, "': expected auto, float32, bfloat16 or int8");
+  PD_CHECK(act != glm4::kI8 || int_weights, op, ": activation_dtype 'int8' needs int8 or int4 weights");
+  return act;
+}
+
+// A Linear's weights in format `fmt` ("bf16", "int8" or "int4"; see the package docstring), checked: bf16
+// weight [N, K]; int8 qweight [N, K] and scale [N]; int4 qweight [N, ceil(K/2)] and scales [N, ceil(K/G)].
+// k: the input features (int4's packed rows cannot tell an odd K from the next even one).
+glm4::LinearWeights linear_weights(const std::string& fmt, const paddle::Tensor& weight,
+                                   const paddle::optional<paddle::Tensor>& scales,
+                                   const paddle::optional<paddle::Tensor>& bias, int64_t k, int group_size,
+                                   const char* op) {
+  PD_CHECK(weight.is_cpu() && weight.shape().size() == 2, op, ": the weight must be a CPU tensor [N, .]");
+  const int64_t n = weight.shape()[0];
+  const float* bias_data = nullptr;
+  if (bias) {
+    PD_CHECK(bias->dtype() == paddle::DataType::FLOAT32 && bias->numel() == n, op, ": bias must be float32 [", n,
+             "]");
+    bias_data = bias->data<float>();
+  }
+  PD_CHECK(fmt == "int4" || weight.shape()[1] == k, op, ": the input's last dimension (", k,
+           ") must equal the weight's input features (", weight.shape()[1], ")");
+  if (fmt == "bf16") {
+    PD_CHECK(weight.dtype() == paddle::DataType::BFLOAT16, op, ": weight must be bfloat16 [N, K]");
+    const glm4::Weights w{reinterpret_cast<const uint8_t*>(weight.data<paddle::bfloat16>()), nullptr, n, k, 2 * k,
+                          std::max<int64_t>(k, 1), 1};
+    return {w, bias_data, false, glm4::plan_bf16};
+  }
+  PD_CHECK(scales.is_initialized(), op, ": ", fmt, " weights need their scales");
+  if (fmt == "int8") {
+    PD_CHECK(weight.dtype() == paddle::DataType::INT8, op, ": qweight must be int8 [N, K]");
+    PD_CHECK(scales->dtype() == paddle::DataType::FLOAT32 && scales->numel() == n, op, ": scale must be float32 [",
+             n, "]");
+    const glm4::Weights w{reinterpret_cast<const uint8_t*>(weight.data<int8_t>()), scales->data<float>(), n, k, k,
+                          std::max<int64_t>(k, 1), 1};
+    return {w, bias_data, true, glm4::plan_int8};
+  }
+  PD_CHECK(fmt == "int4", op, ": unknown weight format '", fmt, "': expected bf16, int8 or int4");
+  PD_CHECK(weight.dtype() == paddle::DataType::UINT8, op, ": qweight must be uint8 [N, ceil(K/2)]");
+  PD_CHECK(group_size >= 2 && group_size % 2 == 0, op, ": group_size must be even and >= 2, got ", group_size);
+  PD_CHECK(weight.shape()[1] == (k + 1) / 2, op, ": qweight has ", weight.shape()[1], " bytes per row; the input's ",
+           k, " input features need ", (k + 1) / 2);
+  const int64_t groups = (k + group_size - 1) / group_size;
+  PD_CHECK(scales->dtype() == paddle::DataType::FLOAT32 && scales->shape().size() == 2 &&
+               scales->shape()[0] == n && scales->shape()[1] == groups,
+           op, ": scales must be float32 [", n, ", ", groups, "] for K=", k, ", group ", group_size);
+  const glm4::Weights w{weight.data<uint8_t>(), scales->data<float>(), n, k, (k + 1) / 2, group_size, groups};
+  return {w, bias_data, true, glm4::plan_int4};
+}
+
+int threads_or_default(int threads) { return threads > 0 ? threads : glm4::ThreadPool::default_threads(); }
+
+std::vector<paddle::Tensor> forward(const paddle::Tensor& x, const std::string& fmt, const paddle::Tensor& weight,
+                                    const paddle::optional<paddle::Tensor>& scales,
+                                    const paddle::optional<paddle::Tensor>& bias, int group_size,
                                     const std::string& act_name, const std::string& isa_name, int threads,
-                                    glm4::Planner planner) {
+                                    const char* op) {
   PD_CHECK(x.is_cpu(), "glm4 linear kernels run on CPU only");
   PD_CHECK(x.dtype() == paddle::DataType::FLOAT32, "glm4 linear: x must be float32");
   const auto& shape = x.shape();
-  PD_CHECK(!shape.empty() && shape.back() == w.K, "glm4 linear: x's last dimension (",
-           shape.empty() ? 0 : shape.back(), ") must equal the weight's input features (", w.K, ")");
-  const float* bias_data = nullptr;
-  if (bias) {
-    PD_CHECK(bias->dtype() == paddle::DataType::FLOAT32 && bias->numel() == w.N,
-             "glm4 linear: bias must be float32 [", w.N, "]");
-    bias_data = bias->data<float>();
-  }
+  PD_CHECK(!shape.empty(), "glm4 linear: x must have at least one dimension");
+  const glm4::LinearWeights l = linear_weights(fmt, weight, scales, bias, shape.back(), group_size, op);
   const int isa = checked_isa(isa_name);
-  int act = glm4::kF32;
-  if (act_name != "auto") {
-    act = glm4::act_from_name(act_name);
-    PD_CHECK(act >= 0, "glm4 linear: unknown activation_dtype '", act_name,
-             "': expected auto, float32, bfloat16 or int8");
-    PD_CHECK(act != glm4::kI8 || int_weights, "glm4 linear: activation_dtype 'int8' needs int8 or int4 weights");
-  }
-  auto y = paddle::empty(linear_shape(shape, w.N)[0], paddle::DataType::FLOAT32, x.place());
-  const int64_t M = w.K ? x.numel() / w.K : 0;
-  if (M == 0 || w.N == 0) return {y};
-  bool use_gemm = M > glm4::kGemvMaxRows;
-  if (act_name == "auto") act = glm4::auto_act(isa, int_weights, M);
-  // integer activations have a GEMM on VNNI only (vpdpbusd); elsewhere their GEMV dots serve every row count
-  if (act == glm4::kI8 && (isa < glm4::kAvx512Vnni || M <= glm4::kInt8GemvMaxRows)) use_gemm = false;
-  glm4::linear(x.data<float>(), M, w, bias_data, y.data<float>(), isa, act, use_gemm, int_weights,
-               threads > 0 ? threads : glm4::ThreadPool::default_threads(), planner);
+  const int act = checked_act(act_name, l.int_weights, op);
+  auto y = paddle::empty(linear_shape(shape, l.w.N)[0], paddle::DataType::FLOAT32, x.place());
+  const int64_t M = l.w.K ? x.numel() / l.w.K : 0;
+  if (M > 0 && l.w.N > 0) glm4::linear(x.data<float>(), M, l, y.data<float>(), isa, act, threads_or_default(threads));
   return {y};
 }
 
@@ -66,12 +106,7 @@ std::vector<paddle::Tensor> forward(const paddle::Tensor& x, const glm4::Weights
 std::vector<paddle::Tensor> LinearBf16(const paddle::Tensor& x, const paddle::Tensor& weight,
                                        const paddle::optional<paddle::Tensor>& bias, const std::string& act,
                                        const std::string& isa, int threads) {
-  PD_CHECK(weight.dtype() == paddle::DataType::BFLOAT16 && weight.shape().size() == 2,
-           "glm4_linear_bf16: weight must be bfloat16 [N, K]");
-  const int64_t n = weight.shape()[0], k = weight.shape()[1];
-  const glm4::Weights w{reinterpret_cast<const uint8_t*>(weight.data<paddle::bfloat16>()), nullptr, n, k, 2 * k,
-                        std::max<int64_t>(k, 1), 1};
-  return forward(x, w, bias, false, act, isa, threads, glm4::plan_bf16);
+  return forward(x, "bf16", weight, paddle::none, bias, 0, act, isa, threads, "glm4_linear_bf16");
 }
 
 std::vector<std::vector<int64_t>> Bf16Shape(const std::vector<int64_t>& x, const std::vector<int64_t>& w,
@@ -96,33 +131,14 @@ PD_BUILD_OP(glm4_linear_bf16)
 std::vector<paddle::Tensor> LinearInt8(const paddle::Tensor& x, const paddle::Tensor& qweight,
                                        const paddle::Tensor& scale, const paddle::optional<paddle::Tensor>& bias,
                                        const std::string& act, const std::string& isa, int threads) {
-  PD_CHECK(qweight.dtype() == paddle::DataType::INT8 && qweight.shape().size() == 2,
-           "glm4_linear_int8: qweight must be int8 [N, K]");
-  const int64_t n = qweight.shape()[0], k = qweight.shape()[1];
-  PD_CHECK(scale.dtype() == paddle::DataType::FLOAT32 && scale.numel() == n,
-           "glm4_linear_int8: scale must be float32 [", n, "]");
-  const glm4::Weights w{reinterpret_cast<const uint8_t*>(qweight.data<int8_t>()), scale.data<float>(), n, k, k,
-                        std::max<int64_t>(k, 1), 1};
-  return forward(x, w, bias, true, act, isa, threads, glm4::plan_int8);
+  return forward(x, "int8", qweight, scale, bias, 0, act, isa, threads, "glm4_linear_int8");
 }
 
 std::vector<paddle::Tensor> LinearInt4(const paddle::Tensor& x, const paddle::Tensor& qweight,
                                        const paddle::Tensor& scales, const paddle::optional<paddle::Tensor>& bias,
                                        const std::string& act, const std::string& isa, int threads,
                                        int group_size) {
-  PD_CHECK(qweight.dtype() == paddle::DataType::UINT8 && qweight.shape().size() == 2,
-           "glm4_linear_int4: qweight must be uint8 [N, ceil(K/2)]");
-  PD_CHECK(group_size >= 2 && group_size % 2 == 0, "glm4_linear_int4: group_size must be even and >= 2, got ",
-           group_size);
-  const int64_t n = qweight.shape()[0], k = x.shape().empty() ? 0 : x.shape().back();
-  PD_CHECK(qweight.shape()[1] == (k + 1) / 2, "glm4_linear_int4: qweight has ", qweight.shape()[1],
-           " bytes per row; x's ", k, " input features need ", (k + 1) / 2);
-  const int64_t groups = (k + group_size - 1) / group_size;
-  PD_CHECK(scales.dtype() == paddle::DataType::FLOAT32 && scales.shape().size() == 2 &&
-               scales.shape()[0] == n && scales.shape()[1] == groups,
-           "glm4_linear_int4: scales must be float32 [", n, ", ", groups, "] for K=", k, ", group ", group_size);
-  const glm4::Weights w{qweight.data<uint8_t>(), scales.data<float>(), n, k, (k + 1) / 2, group_size, groups};
-  return forward(x, w, bias, true, act, isa, threads, glm4::plan_int4);
+  return forward(x, "int4", qweight, scales, bias, group_size, act, isa, threads, "glm4_linear_int4");
 }
 
 std::vector<std::vector<int64_t>> QuantShape(const std::vector<int64_t>& x, const std::vector<int64_t>& w,
@@ -216,7 +232,7 @@ std::vector<paddle::Tensor> Attention(const paddle::Tensor& q, const paddle::Ten
   auto out = paddle::empty(qs, paddle::DataType::FLOAT32, q.place());
   a.out = out.data<float>();
   a.b = b, a.s = s, a.h = h, a.g = g, a.d = d, a.L = length, a.start = first;
-  glm4::attention(a, checked_isa(isa), threads > 0 ? threads : glm4::ThreadPool::default_threads());
+  glm4::attention(a, checked_isa(isa), threads_or_default(threads));
   return {out};
 }
 
@@ -248,8 +264,6 @@ void check_float_input(const paddle::Tensor& t, const char* op, const char* name
   PD_CHECK(t.dtype() == paddle::DataType::FLOAT32, op, ": ", name, " must be float32");
   PD_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
 }
-
-int threads_or_default(int threads) { return threads > 0 ? threads : glm4::ThreadPool::default_threads(); }
 
 }  // namespace
 
@@ -435,3 +449,117 @@ PD_BUILD_OP(glm4_argmax_logsumexp)
     .SetKernelFn(PD_KERNEL(ArgmaxLogsumexp))
     .SetInferShapeFn(PD_INFER_SHAPE(ArgmaxLogsumexpShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(ArgmaxLogsumexpDtype));
+
+// ---- A whole transformer block (block.cc) ------------------------------------------------------------------
+// X float32 [b, s, H] -> Out [b, keep or s, H]: model.GLM4Block.forward in one call. The Linear layers' weights
+// are in `fmt` (as the linear operators take them: Weight, and Scales for int8 / int4), QKVBias optional; Cos,
+// SignedSin [b, s, 1, r]; KCache, VCache [B >= b, C, g, d], float32 or bfloat16, written in place at slots
+// Start .. Start + s of their first b rows; KeyValid [b, L] as glm4_attention takes it.
+std::vector<paddle::Tensor> Block(
+    const paddle::Tensor& x, const paddle::Tensor& input_norm, const paddle::Tensor& post_norm,
+    const paddle::Tensor& qkv_weight, const paddle::optional<paddle::Tensor>& qkv_scales,
+    const paddle::optional<paddle::Tensor>& qkv_bias, const paddle::Tensor& o_weight,
+    const paddle::optional<paddle::Tensor>& o_scales, const paddle::Tensor& gate_up_weight,
+    const paddle::optional<paddle::Tensor>& gate_up_scales, const paddle::Tensor& down_weight,
+    const paddle::optional<paddle::Tensor>& down_scales, const paddle::Tensor& cos, const paddle::Tensor& sin,
+    paddle::Tensor& k_cache, paddle::Tensor& v_cache, const paddle::Tensor& start,
+    const paddle::optional<paddle::Tensor>& key_valid, const std::string& fmt, int group_size, float eps,
+    int heads, int groups, int head_dim, int keep, const std::string& act_name, const std::string& isa_name,
+    int threads) {
+  const char* op = "glm4_block";
+  check_float_input(x, op, "x");
+  check_float_input(input_norm, op, "input_norm");
+  check_float_input(post_norm, op, "post_norm");
+  check_float_input(cos, op, "cos");
+  check_float_input(sin, op, "sin");
+  const auto& xs = x.shape();
+  PD_CHECK(xs.size() == 3 && heads > 0 && groups > 0 && head_dim > 0 && heads % groups == 0, op,
+           ": x must be [b, s, H], heads a multiple of groups");
+  const int64_t b = xs[0], s = xs[1], H = xs[2], h = heads, g = groups, d = head_dim;
+  PD_CHECK(input_norm.numel() == H && post_norm.numel() == H, op, ": the norms' weights must be [", H, "]");
+  PD_CHECK(keep >= 0 && keep <= s, op, ": keep (", keep, ") must be 0 .. s (", s, ")");
+  glm4::BlockArgs a{};
+  a.qkv = linear_weights(fmt, qkv_weight, qkv_scales, qkv_bias, H, group_size, op);
+  a.o = linear_weights(fmt, o_weight, o_scales, paddle::none, h * d, group_size, op);
+  const int64_t F = gate_up_weight.shape().empty() ? 0 : gate_up_weight.shape()[0] / 2;  // gate, then up
+  a.gate_up = linear_weights(fmt, gate_up_weight, gate_up_scales, paddle::none, H, group_size, op);
+  a.down = linear_weights(fmt, down_weight, down_scales, paddle::none, F, group_size, op);
+  PD_CHECK(a.qkv.w.N == (h + 2 * g) * d && a.o.w.N == H && a.gate_up.w.N == 2 * F && a.down.w.N == H, op,
+           ": the Linear weights do not fit H=", H, ", heads=", h, ", groups=", g, ", head_dim=", d, ", F=", F);
+  const int64_t r = cos.shape().empty() ? 0 : cos.shape().back();
+  PD_CHECK(cos.shape().size() == 4 && cos.shape()[0] == b && cos.shape()[1] == s && cos.shape()[2] == 1 &&
+               r % 2 == 0 && r <= d && sin.shape() == cos.shape(),
+           op, ": cos and sin must be [b, s, 1, r] alike, r even and at most head_dim");
+
+  const bool bf16 = k_cache.dtype() == paddle::DataType::BFLOAT16;
+  PD_CHECK(k_cache.is_cpu() && (bf16 || k_cache.dtype() == paddle::DataType::FLOAT32) &&
+               v_cache.dtype() == k_cache.dtype(),
+           op, ": the caches must both be float32 or both bfloat16, on CPU");
+  const auto& cs = k_cache.shape();
+  PD_CHECK(cs.size() == 4 && v_cache.shape() == cs && cs[0] >= b && cs[2] == g && cs[3] == d &&
+               k_cache.strides() == v_cache.strides() && k_cache.strides()[3] == 1 && k_cache.strides()[2] == d,
+           op, ": the caches must be [B >= ", b, ", C, ", g, ", ", d, "] alike, each slot contiguous");
+  PD_CHECK(start.dtype() == paddle::DataType::INT64 && start.numel() == 1, op, ": start must be one int64");
+  const int64_t first = start.data<int64_t>()[0];
+  const int64_t length = key_valid ? key_valid->shape().back() : first + s;
+  PD_CHECK(first >= 0 && first + s <= length && length <= cs[1], op, ": tokens at slots ", first, "..", first + s,
+           " over ", length, " keys do not fit a cache of ", cs[1], " slots");
+  if (key_valid) {
+    PD_CHECK(key_valid->dtype() == paddle::DataType::BOOL && key_valid->shape().size() == 2 &&
+                 key_valid->shape()[0] == b && key_valid->strides()[1] == 1,
+             op, ": key_valid must be bool [b, L] with contiguous rows");
+    a.key_valid = key_valid->data<bool>(), a.valid_stride_b = key_valid->strides()[0];
+  }
+  const int isa = checked_isa(isa_name);
+  const int act = checked_act(act_name, a.qkv.int_weights, op);
+  const int64_t kept = keep > 0 ? keep : s;
+  auto out = paddle::empty({b, kept, H}, paddle::DataType::FLOAT32, x.place());
+  if (b * s == 0) return {out};
+  a.x = x.data<float>(), a.b = b, a.s = s, a.H = H, a.keep = keep;
+  a.input_norm = input_norm.data<float>(), a.post_norm = post_norm.data<float>(), a.eps = eps;
+  a.h = h, a.g = g, a.d = d, a.cos = cos.data<float>(), a.sin = sin.data<float>(), a.r = r;
+  a.k_cache = bf16 ? static_cast<void*>(k_cache.data<paddle::bfloat16>()) : k_cache.data<float>();
+  a.v_cache = bf16 ? static_cast<void*>(v_cache.data<paddle::bfloat16>()) : v_cache.data<float>();
+  a.bf16 = bf16, a.cache_stride_b = k_cache.strides()[0], a.cache_stride_s = k_cache.strides()[1];
+  a.capacity = cs[1], a.start = first, a.L = length;
+  a.out = out.data<float>();
+  glm4::block(a, isa, act, threads_or_default(threads));
+  return {out};
+}
+
+std::vector<std::vector<int64_t>> BlockShape(
+    const std::vector<int64_t>& x, const std::vector<int64_t>&, const std::vector<int64_t>&,
+    const std::vector<int64_t>&, const paddle::optional<std::vector<int64_t>>&,
+    const paddle::optional<std::vector<int64_t>>&, const std::vector<int64_t>&,
+    const paddle::optional<std::vector<int64_t>>&, const std::vector<int64_t>&,
+    const paddle::optional<std::vector<int64_t>>&, const std::vector<int64_t>&,
+    const paddle::optional<std::vector<int64_t>>&, const std::vector<int64_t>&, const std::vector<int64_t>&,
+    const std::vector<int64_t>& k_cache, const std::vector<int64_t>& v_cache, const std::vector<int64_t>&,
+    const paddle::optional<std::vector<int64_t>>&, const std::string&, int, float, int, int, int, int keep) {
+  std::vector<int64_t> out(x);
+  if (keep > 0 && out.size() == 3) out[1] = keep;
+  return {out, k_cache, v_cache};
+}
+
+std::vector<paddle::DataType> BlockDtype(
+    const paddle::DataType&, const paddle::DataType&, const paddle::DataType&, const paddle::DataType&,
+    const paddle::optional<paddle::DataType>&, const paddle::optional<paddle::DataType>&, const paddle::DataType&,
+    const paddle::optional<paddle::DataType>&, const paddle::DataType&, const paddle::optional<paddle::DataType>&,
+    const paddle::DataType&, const paddle::optional<paddle::DataType>&, const paddle::DataType&,
+    const paddle::DataType&, const paddle::DataType& k_cache, const paddle::DataType& v_cache,
+    const paddle::DataType&, const paddle::optional<paddle::DataType>&) {
+  return {paddle::DataType::FLOAT32, k_cache, v_cache};
+}
+
+PD_BUILD_OP(glm4_block)
+    .Inputs({"X", "InputNorm", "PostNorm", "QkvWeight", paddle::Optional("QkvScales"), paddle::Optional("QkvBias"),
+             "OWeight", paddle::Optional("OScales"), "GateUpWeight", paddle::Optional("GateUpScales"),
+             "DownWeight", paddle::Optional("DownScales"), "Cos", "SignedSin", "KCache", "VCache", "Start",
+             paddle::Optional("KeyValid")})
+    .Outputs({"Out", "KCacheOut", "VCacheOut"})
+    .SetInplaceMap({{"KCache", "KCacheOut"}, {"VCache", "VCacheOut"}})
+    .Attrs({"fmt: std::string", "group_size: int", "eps: float", "heads: int", "groups: int", "head_dim: int",
+            "keep: int", "act: std::string", "isa: std::string", "threads: int"})
+    .SetKernelFn(PD_KERNEL(Block))
+    .SetInferShapeFn(PD_INFER_SHAPE(BlockShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(BlockDtype));
