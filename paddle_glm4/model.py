@@ -188,7 +188,9 @@ class GLM4Block(nn.Layer):
         bias = self.self_attn.qkv_proj.bias
         return ops.kernel_serves(x, *norms, *([] if bias is None else [bias]))
 
-    def _as_one_operator(self, x: paddle.Tensor, rope: tuple, mask: ops.Mask, cache: KVCache, keep: int) -> paddle.Tensor:
+    def _as_one_operator(
+        self, x: paddle.Tensor, rope: tuple, mask: ops.Mask, cache: KVCache, keep: int
+    ) -> paddle.Tensor:
         attn, fmt = self.self_attn, self.self_attn.kernels.weights
         assert isinstance(fmt, Packed)
         cos, signed_sin = rope

@@ -81,8 +81,7 @@ def test_the_block_equals_the_separate_operators(fmt, cache_dtype, case):
     x = tensor(rng, (b, s, H))
     norms = (tensor(rng, (H,)), tensor(rng, (H,)))
     linears = tuple(
-        linear_tensors(rng, fmt, n, k)
-        for n, k in (((HEADS + 2 * GROUPS) * D, H), (H, HEADS * D), (2 * F, H), (H, F))
+        linear_tensors(rng, fmt, n, k) for n, k in (((HEADS + 2 * GROUPS) * D, H), (H, HEADS * D), (2 * F, H), (H, F))
     )
     bias = tensor(rng, ((HEADS + 2 * GROUPS) * D,))
     positions = paddle.to_tensor(np.arange(first, first + s)[None].repeat(b, 0))
@@ -124,7 +123,7 @@ def test_bad_inputs_are_refused_with_the_shapes():
     x, norms = tensor(rng, (1, 1, H)), (tensor(rng, (H,)), tensor(rng, (H,)))
     cos, sin = ops.rotary_tables(paddle.zeros([1, 1], "int64"), ops.inverse_frequencies(R, 10000.0), "float32", 1)
     cache = paddle.zeros([1, 4, GROUPS, D])
-    settings = dict(fmt="int8", group_size=32, eps=1e-5, heads=HEADS, groups=GROUPS, head_dim=D)
+    settings = {"fmt": "int8", "group_size": 32, "eps": 1e-5, "heads": HEADS, "groups": GROUPS, "head_dim": D}
     with pytest.raises(Exception, match="do not fit a cache of 4 slots"):
         kernels.block(x, norms, linears, None, cos, sin, cache, cache.clone(), paddle.to_tensor([4]), None, **settings)
     with pytest.raises(Exception, match="caches must be"):
