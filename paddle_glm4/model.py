@@ -162,7 +162,7 @@ class GLM4Block(nn.Layer):
     ) -> paddle.Tensor:
         """[b, s, H] -> [b, s, H], or only the last `keep` positions when keep > 0 (the MLP then runs on
         those alone: its positions do not mix, and attention has already written every key and value)."""
-        if self._one_operator(x, cache):
+        if isinstance(cache, KVCache) and self._one_operator(x):
             return self._as_one_operator(x, rope, mask, cache, keep)
         attended = self.self_attn(self.input_layernorm(x), rope, mask, cache, start)
         if keep:
@@ -173,11 +173,11 @@ class GLM4Block(nn.Layer):
     def _linears(self) -> tuple[Linear, ...]:
         return self.self_attn.qkv_proj, self.self_attn.o_proj, self.mlp.gate_up_proj, self.mlp.down_proj
 
-    def _one_operator(self, x: paddle.Tensor, cache: Cache | None) -> bool:
-        """Whether kernels.block computes this call: few rows in the dynamic graph (an exported program records
-        the per-operator forward), a KVCache to write, and the four Linears plain ones (not LoRA's, nor a
+    def _one_operator(self, x: paddle.Tensor) -> bool:
+        """Whether kernels.block computes a call with a KVCache to write: few rows in the dynamic graph (an
+        exported program records the per-operator forward), and the four Linears plain ones (not LoRA's, nor a
         tensor-parallel rank's) in a format of the C++ kernels, where they are built and no gradient is wanted."""
-        if not paddle.in_dynamic_mode() or not isinstance(cache, KVCache):
+        if not paddle.in_dynamic_mode():
             return False
         if ops.size(x, 0) * ops.size(x, 1) > BLOCK_MAX_ROWS:
             return False
