@@ -85,12 +85,12 @@ def cpu_swiglu(x: paddle.Tensor) -> paddle.Tensor:
 
 
 # ---- The sampler's statistics of the logits ---------------------------------------------------------------
-def argmax_logsumexp(logits: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
-    """logits [b, vocab] -> (each row's most likely token [b] int64, log(sum(exp(row))) [b]): the greedy choice
-    and the log-probabilities' normalizer, in one pass of each row where the kernels serve."""
+def argmax_logsumexp(logits: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor]:
+    """logits [b, vocab] -> (each row's most likely token [b] int64, its logit [b], log(sum(exp(row))) [b]): the
+    greedy choice, and its log-probability's two terms, in one pass of each row where the kernels serve."""
     if kernel_serves(logits):
         return cpu_kernels.argmax_logsumexp(logits)
-    return paddle.argmax(logits, axis=-1), paddle.logsumexp(logits, axis=-1)
+    return paddle.argmax(logits, axis=-1), paddle.max(logits, axis=-1), paddle.logsumexp(logits, axis=-1)
 
 
 # ---- Rotary position embedding -------------------------------------------------------------------------
@@ -114,6 +114,51 @@ def rotary_tables(
     angles = paddle.repeat_interleave(position_ids.astype("float32").unsqueeze(-1) * inv_freq, 2, axis=-1)
     signs = paddle.to_tensor([-1.0, 1.0], dtype="float32").tile([inv_freq.shape[0]])
     return paddle.cos(angles).unsqueeze(2).astype(dtype), (paddle.sin(angles) * signs).unsqueeze(2).astype(dtype)
+
+
+class RotaryCache:
+    """The CPU forward's rotary tables: `rotary_tables` of every position below a bound, built once (grown by
+    doubling), so that a forward copies its positions' rows in one operator instead of running ~13 small Paddle
+    ops (a decode step's largest share of them outside the layers). Paddle's cos and sin are SLEEF's, which a
+    kernel cannot call: a copy of the table rotary_tables built is its result to the bit, where rotary_tables
+    computes every element alike. It does so when rotary_dim is a multiple of 16: Paddle computes 8 or 16
+    values at a time and a remainder with SLEEF's scalar function, whose results differ in the last bit, so with
+    another rotary_dim an element's bits would depend on the batch's shape.
+
+    Called as rotary_tables is. Positions a forward over a cache of `table_len` slots cannot have (negative, or
+    past both the table and table_len: position ids a caller gave), other rotary dims and dtypes, traced
+    programs and a machine without the kernels take rotary_tables itself."""
+
+    MIN_POSITIONS = 256
+
+    def __init__(self):
+        self.inv_freq: paddle.Tensor | None = None  # what the tables were built from
+        self.cos = self.sin = None  # [P, rotary_dim] float32
+
+    @paddle.jit.not_to_static
+    def __call__(
+        self, position_ids: paddle.Tensor, inv_freq: paddle.Tensor, dtype: str | paddle.dtype, table_len: int
+    ) -> tuple:
+        if not (
+            paddle.in_dynamic_mode() and _is_float32(dtype) and inv_freq.shape[0] % 8 == 0 and kernel_serves(inv_freq)
+        ):
+            return rotary_tables(position_ids, inv_freq, dtype, table_len)
+        positions = position_ids.numpy()  # b x s ids to the host: a copy of a few bytes on CPU
+        held = 0 if self.cos is None or self.inv_freq is not inv_freq else self.cos.shape[0]
+        if positions.size == 0 or positions.min() < 0 or positions.max() >= max(held, table_len):
+            return rotary_tables(position_ids, inv_freq, dtype, table_len)
+        if positions.max() >= held:
+            self._build(inv_freq, max(int(positions.max()) + 1, 2 * held, self.MIN_POSITIONS))
+        return cpu_kernels.rotary_lookup(position_ids, self.cos, self.sin)
+
+    def _build(self, inv_freq: paddle.Tensor, size: int) -> None:
+        cos, sin = rotary_tables(paddle.arange(size, dtype="int64").unsqueeze(0), inv_freq, "float32", size)
+        self.cos, self.sin = cos.reshape([size, -1]), sin.reshape([size, -1])
+        self.inv_freq = inv_freq
+
+
+def _is_float32(dtype: str | paddle.dtype) -> bool:
+    return dtype in ("float32", paddle.float32)
 
 
 def apply_rotary(x: paddle.Tensor, tables: tuple) -> paddle.Tensor:
@@ -192,7 +237,8 @@ class Mask(NamedTuple):
 @paddle.jit.not_to_static
 def attention_mask(key_valid: paddle.Tensor | None, start: int | paddle.Tensor, seq_len: int | paddle.Tensor) -> Mask:
     """The Mask of a forward over `seq_len` new tokens at slots start.. (computed once, shared by the layers)."""
-    start_slot = start if isinstance(start, paddle.Tensor) else paddle.to_tensor(start, dtype="int64")
+    # paddle.full, not to_tensor: a quarter of its time in a decode step
+    start_slot = start if isinstance(start, paddle.Tensor) else paddle.full([], start, dtype="int64")
     return Mask(start, seq_len, key_valid, start_slot)
 
 
@@ -270,7 +316,7 @@ def kernels(fused: bool, weights: WeightFormat | None = None) -> Kernels:
             functools.partial(split_rotary, apply=fused_apply_rotary),
             F.swiglu,
         )
-    return Kernels(weights, cpu_rms_norm, cpu_add_rms_norm, rotary_tables, cpu_split_rotary, cpu_swiglu)
+    return Kernels(weights, cpu_rms_norm, cpu_add_rms_norm, RotaryCache(), cpu_split_rotary, cpu_swiglu)
 
 
 # The two below decide with Python conditions on what is known while tracing; converting them to graph

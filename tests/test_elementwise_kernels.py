@@ -1,7 +1,8 @@
 """The C++ operators between the linear layers (kernels/elementwise.cc): swiglu, rms_norm, add_rms_norm and
-split_rotary, and the sampler's argmax_logsumexp, on every path this CPU runs, against a float64 reference and
-against the model's Paddle ops (ops.py) that they replace; multi-threaded results equal single-threaded ones;
-they trace, save and run in a Paddle Inference predictor; and the model takes them exactly where they serve."""
+split_rotary, the rotary tables' lookup, and the sampler's argmax_logsumexp, on every path this CPU runs, against a
+float64 reference and against the model's Paddle ops (ops.py) that they replace; multi-threaded results equal
+single-threaded ones; they trace, save and run in a Paddle Inference predictor; and the model takes them exactly
+where they serve."""
 
 import numpy as np
 import paddle
@@ -104,20 +105,23 @@ def logsumexp64(x: np.ndarray) -> np.ndarray:
         return np.where(np.isinf(top[..., 0]), top[..., 0], top[..., 0] + np.log(np.exp(x - top).sum(axis=-1)))
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (3, 37), (2, 3, 64), (2, 151552), (5, 100003)])
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (3, 37), (2, 3, 64), (1, 16385), (2, 151552), (5, 100003)])
 def test_argmax_logsumexp(shape):
+    # (1, 16385): two pieces, the second of one value; 151552: GLM-4's vocabulary, ten pieces
     rng = np.random.default_rng(shape[-1])
     x = tensor(rng, shape, scale=8.0)
     expected_index = paddle.argmax(x, axis=-1).numpy()
     for path in paths():
-        index, lse = kernels.argmax_logsumexp(x, isa=path, threads=1)
+        index, top, lse = kernels.argmax_logsumexp(x, isa=path, threads=1)
         assert index.dtype == paddle.int64 and lse.dtype == paddle.float32 and list(lse.shape) == list(shape[:-1])
         np.testing.assert_array_equal(index.numpy(), expected_index)
+        np.testing.assert_array_equal(top.numpy(), paddle.max(x, axis=-1).numpy())
         np.testing.assert_allclose(lse.numpy(), logsumexp64(x.numpy()), rtol=1e-6)
         np.testing.assert_allclose(lse.numpy(), paddle.logsumexp(x, axis=-1).numpy(), rtol=1e-6)
-        again = kernels.argmax_logsumexp(x, isa=path, threads=2)
-        np.testing.assert_array_equal(again[0].numpy(), index.numpy())
-        np.testing.assert_array_equal(again[1].numpy(), lse.numpy())
+        for threads in (2, 3):  # a row split over the threads gives the one-thread result, to the bit
+            again = kernels.argmax_logsumexp(x, isa=path, threads=threads)
+            for a, b in zip(again, (index, top, lse), strict=True):
+                np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
 def test_argmax_logsumexp_ties_and_infinities():
@@ -129,11 +133,79 @@ def test_argmax_logsumexp_ties_and_infinities():
     rows[4, 33] = np.inf
     x = paddle.to_tensor(rows)
     for path in paths():
-        index, lse = kernels.argmax_logsumexp(x, isa=path)
+        index, top, lse = kernels.argmax_logsumexp(x, isa=path)
         np.testing.assert_array_equal(index.numpy(), [14, 48, 0, 0, 33])
         np.testing.assert_array_equal(index.numpy(), paddle.argmax(x, axis=-1).numpy())
+        np.testing.assert_array_equal(top.numpy(), [2.5, 2.5, -np.inf, -3.0, np.inf])
         np.testing.assert_allclose(lse.numpy(), logsumexp64(rows), rtol=1e-6)
         assert lse.numpy()[2] == -np.inf and lse.numpy()[4] == np.inf
+
+
+def test_argmax_ties_across_pieces():
+    # a row split into pieces (16384 values each at most): the first of equal maxima wins across pieces too,
+    # and a piece of -inf only, or a larger value late in a later piece, combine as one pass would
+    rows = np.full((3, 151552), -1.0, dtype=np.float32)
+    rows[0, [140000, 20000, 20001, 90000]] = 4.0  # ties in three pieces
+    rows[1, :16000] = -np.inf
+    rows[1, 151551] = 0.5  # the last value of the last piece
+    rows[2, 16383:16386] = [3.0, 3.0, 3.0]  # ties on a piece's edge
+    x = paddle.to_tensor(rows)
+    for path in paths():
+        for threads in (1, 2):
+            index, top, lse = kernels.argmax_logsumexp(x, isa=path, threads=threads)
+            np.testing.assert_array_equal(index.numpy(), paddle.argmax(x, axis=-1).numpy())
+            np.testing.assert_array_equal(top.numpy(), [4.0, 0.5, 3.0])
+            np.testing.assert_allclose(lse.numpy(), logsumexp64(rows), rtol=1e-6)
+
+
+# positions a decode over a short cache has, GLM-4's 128K context (rope_ratio 500: base 5e6), and the tables'
+# growth past their first size
+@pytest.mark.parametrize("rotary_dim, base, high", [(64, 10000.0, 40), (64, 5e6, 131072), (32, 10000.0, 3000)])
+def test_rotary_lookup_equals_rotary_tables_to_the_bit(rotary_dim, base, high):
+    rng = np.random.default_rng(high)
+    inv_freq = ops.inverse_frequencies(rotary_dim, base)
+    table_cos, table_sin = ops.rotary_tables(paddle.arange(high).unsqueeze(0), inv_freq, "float32", high)
+    table_cos, table_sin = table_cos.reshape([high, rotary_dim]), table_sin.reshape([high, rotary_dim])
+    for shape in ((1, 1), (3, 1), (2, 17)):
+        positions = paddle.to_tensor(rng.integers(0, high, shape).astype(np.int64))
+        expected = ops.rotary_tables(positions, inv_freq, "float32", high)  # the Paddle ops, on these positions
+        got = kernels.rotary_lookup(positions, table_cos, table_sin)
+        for a, b in zip(got, expected, strict=True):
+            assert a.shape == b.shape == [*shape, 1, rotary_dim]
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+    with pytest.raises(OSError, match=f"position {high} is outside the tables' 0 .. {high - 1}"):
+        kernels.rotary_lookup(paddle.to_tensor([[0, high]]), table_cos, table_sin)
+    with pytest.raises(OSError, match="position -1 is outside"):
+        kernels.rotary_lookup(paddle.to_tensor([[-1]]), table_cos, table_sin)
+
+
+def test_rotary_cache_serves_what_it_can_and_equals_rotary_tables(monkeypatch):
+    """ops.RotaryCache, the CPU model's rotary_tables: positions a forward over `table_len` slots has come from
+    its tables (grown on demand); others (negative, far past table_len), other dtypes and rotary dims that are
+    not multiples of 16 take rotary_tables itself; every result equals rotary_tables' to the bit."""
+    lookups = []
+    original = api.rotary_lookup
+    monkeypatch.setattr(api, "rotary_lookup", lambda *a: lookups.append(a[0].numpy().max()) or original(*a))
+    inv_freq = ops.inverse_frequencies(64, 10000.0)
+    cache = ops.RotaryCache()
+    cases = [([[0, 1, 2]], 3, True), ([[7]], 8, True), ([[300]], 301, True), ([[5000]], 301, False), ([[-2]], 4, False)]
+    for positions, table_len, served in cases:
+        lookups.clear()
+        ids = paddle.to_tensor(positions, dtype="int64")
+        got = cache(ids, inv_freq, paddle.float32, table_len)
+        for a, b in zip(got, ops.rotary_tables(ids, inv_freq, "float32", table_len), strict=True):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+        assert bool(lookups) == served, positions
+    assert cache.cos.shape == [512, 64]  # 256, doubled once for position 300
+    assert cache(paddle.to_tensor([[3]]), inv_freq, "bfloat16", 4)[0].dtype == paddle.bfloat16
+    other = ops.inverse_frequencies(64, 500.0)  # tables of another model's frequencies are rebuilt
+    got = cache(paddle.to_tensor([[9]]), other, paddle.float32, 10)
+    expected = ops.rotary_tables(paddle.to_tensor([[9]]), other, "float32", 10)
+    np.testing.assert_array_equal(got[0].numpy(), expected[0].numpy())
+    assert lookups and cache.inv_freq is other
+    lookups.clear()  # 12 rotary dims: Paddle's cos of a position's row depends on the batch's shape (see ops.py)
+    cache(paddle.to_tensor([[5]]), ops.inverse_frequencies(12, 10000.0), paddle.float32, 6)
+    assert not lookups
 
 
 def test_bad_arguments_are_refused():

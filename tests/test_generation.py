@@ -71,17 +71,18 @@ def test_stops_at_any_of_several_eos_ids_and_pads_finished_rows(models):
     ps = prompts(config)
     free, _ = model.generate(ps[0], max_new_tokens=NEW, eos_token_id=[])
     stop_a, stop_b = int(free[0, 3]), int(free[0, 6])
-    ids, _ = model.generate(ps[0], max_new_tokens=NEW, eos_token_id=[stop_b, stop_a], pad_token_id=0)
+    ids, alone = model.generate(ps[0], max_new_tokens=NEW, eos_token_id=[stop_b, stop_a], pad_token_id=0)
     first = next(i for i, t in enumerate(free.numpy()[0]) if t in (stop_a, stop_b))
     assert ids.shape[1] == first + 1 and int(ids[0, -1]) in (stop_a, stop_b)
     # in a batch, a row that stops early is padded while the others go on
     batch, mask = left_padded([ps[0], ps[1]], config.pad_token_id)
     other, _ = model.generate(ps[1], max_new_tokens=NEW, eos_token_id=[stop_a, stop_b], pad_token_id=0)
-    ids, _ = model.generate(
+    ids, scores = model.generate(
         batch, attention_mask=mask, max_new_tokens=NEW, eos_token_id=[stop_a, stop_b], pad_token_id=0
     )
     assert ids.shape[1] == max(first + 1, other.shape[1])
     assert ids.numpy()[0, first + 1 :].tolist() == [0] * (ids.shape[1] - first - 1)
+    assert abs(float(scores[0, 0]) - float(alone[0, 0])) < 1e-3  # the padding after its eos added nothing
 
 
 def test_sampling_is_reproducible_with_a_seed_and_varies_across_seeds(models):

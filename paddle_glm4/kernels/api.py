@@ -137,12 +137,25 @@ def split_rotary(
 
 
 @paddle.jit.not_to_static
-def argmax_logsumexp(x: paddle.Tensor, *, isa: str = "auto", threads: int = 0) -> tuple[paddle.Tensor, paddle.Tensor]:
+def argmax_logsumexp(
+    x: paddle.Tensor, *, isa: str = "auto", threads: int = 0
+) -> tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor]:
     """x float32 [..., V] (logits) -> (the index of each row's largest value, the first on ties, as paddle.argmax:
-    int64 [...]; log(sum(exp(row))), as paddle.logsumexp: float32 [...]), in one pass of each row. Needs the
-    built operators."""
-    index, lse = _ops_for(isa).glm4_argmax_logsumexp(_contiguous(x), isa, threads)
-    return index, lse
+    int64 [...]; that value, float32 [...]; log(sum(exp(row))), as paddle.logsumexp: float32 [...]), in one pass
+    of each row, a row split over the threads (the result does not depend on them). Needs the built operators."""
+    index, top, lse = _ops_for(isa).glm4_argmax_logsumexp(_contiguous(x), isa, threads)
+    return index, top, lse
+
+
+@paddle.jit.not_to_static
+def rotary_lookup(
+    positions: paddle.Tensor, cos_table: paddle.Tensor, sin_table: paddle.Tensor
+) -> tuple[paddle.Tensor, paddle.Tensor]:
+    """positions int64 [b, s] -> their rows of tables [P, r] (ops.rotary_tables of positions 0 .. P - 1) as
+    ops.rotary_tables returns them: cos and signed sine, float32 [b, s, 1, r]; a position outside 0 .. P - 1 is
+    refused. One operator where rotary_tables is ~13 small Paddle ops. Needs the built operators."""
+    cos, sin = _ops_for("auto").glm4_rotary_lookup(_contiguous(positions), cos_table, sin_table)
+    return cos, sin
 
 
 @paddle.jit.not_to_static

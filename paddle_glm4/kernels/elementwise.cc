@@ -92,16 +92,25 @@ float logsumexp_from(float top, double sum) {
   return static_cast<float>(static_cast<double>(top) + std::log(sum));
 }
 
-void argmax_logsumexp_row_scalar(const float* x, int64_t V, int64_t* index, float* lse) {
+// A row is cut into pieces of at most kPieceElements (a count fixed by V alone, so that the result does not
+// depend on the threads): each piece's largest value and where, then each piece's sum_j exp(x_j - top) in
+// double, the pieces combined in order. One row (batch 1) then runs on every core: the exps of 151552 logits
+// took ~0.14 ms on one.
+constexpr int64_t kPieceElements = 1 << 14;
+
+// The first position of the largest of x[0, n) (n >= 1), and that value.
+void argmax_scalar(const float* x, int64_t n, int64_t* index, float* top) {
   int64_t best = 0;
-  for (int64_t j = 1; j < V; ++j)
+  for (int64_t j = 1; j < n; ++j)
     if (x[j] > x[best]) best = j;
-  const float top = x[best];
-  double sum = 0.0;
-  if (!std::isinf(top))
-    for (int64_t j = 0; j < V; ++j) sum += std::exp(x[j] - top);
   *index = best;
-  *lse = logsumexp_from(top, sum);
+  *top = x[best];
+}
+
+double sum_exp_scalar(const float* x, int64_t n, float top) {
+  double sum = 0.0;
+  for (int64_t j = 0; j < n; ++j) sum += std::exp(x[j] - top);
+  return sum;
 }
 
 #if GLM4_X86
@@ -162,14 +171,14 @@ GLM4_AVX2 void rotate_head_avx2(const float* x, const float* cos, const float* s
   std::copy(x + r, x + d, out + r);
 }
 
-GLM4_AVX2 void argmax_logsumexp_row_avx2(const float* x, int64_t V, int64_t* index, float* lse) {
+GLM4_AVX2 void argmax_avx2(const float* x, int64_t n, int64_t* index, float* top) {
   // per lane: the largest value seen and where (the first of equals: only a strictly larger value replaces it)
   __m256 top8 = _mm256_set1_ps(-INFINITY);
   __m256i at8 = _mm256_setzero_si256();
   __m256i j8 = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256i step = _mm256_set1_epi32(8);
   int64_t j = 0;
-  for (; j + 8 <= V; j += 8) {  // V < 2^31 (the operator checks): indices fit the lanes
+  for (; j + 8 <= n; j += 8) {  // n < 2^31 (the operator checks): indices fit the lanes
     const __m256 v = _mm256_loadu_ps(x + j);
     const __m256 larger = _mm256_cmp_ps(v, top8, _CMP_GT_OQ);
     top8 = _mm256_blendv_ps(top8, v, larger);
@@ -180,26 +189,28 @@ GLM4_AVX2 void argmax_logsumexp_row_avx2(const float* x, int64_t V, int64_t* ind
   alignas(32) int32_t ats[8];
   _mm256_store_ps(tops, top8);
   _mm256_store_si256(reinterpret_cast<__m256i*>(ats), at8);
-  int64_t best = 0;  // x[0] when no lane saw a larger value than -inf (V < 8, or every value -inf)
-  float top = x[0];
+  int64_t best = 0;  // x[0] when no lane saw a larger value than -inf (n < 8, or every value -inf)
+  float value = x[0];
   for (int lane = 0; lane < 8; ++lane)
-    if (tops[lane] > top || (tops[lane] == top && ats[lane] < best)) top = tops[lane], best = ats[lane];
-  for (; j < V; ++j)
-    if (x[j] > top) top = x[j], best = j;
-  double sum = 0.0;
-  if (!std::isinf(top)) {
-    const __m256 top_lanes = _mm256_set1_ps(top);
-    __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
-    for (j = 0; j + 8 <= V; j += 8) {
-      const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + j), top_lanes));
-      lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
-      hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1)));
-    }
-    sum = sum_pd(_mm256_add_pd(lo, hi));
-    for (; j < V; ++j) sum += std::exp(x[j] - top);
-  }
+    if (tops[lane] > value || (tops[lane] == value && ats[lane] < best)) value = tops[lane], best = ats[lane];
+  for (; j < n; ++j)
+    if (x[j] > value) value = x[j], best = j;
   *index = best;
-  *lse = logsumexp_from(top, sum);
+  *top = value;
+}
+
+GLM4_AVX2 double sum_exp_avx2(const float* x, int64_t n, float top) {
+  const __m256 top_lanes = _mm256_set1_ps(top);
+  __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + j), top_lanes));
+    lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
+    hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1)));
+  }
+  double sum = sum_pd(_mm256_add_pd(lo, hi));
+  for (; j < n; ++j) sum += std::exp(x[j] - top);
+  return sum;
 }
 #endif
 
@@ -236,14 +247,46 @@ void split_rotary(const RotaryArgs& a, int isa, int threads) {
            [&](int64_t first, int64_t last) { split_rotary_rows(a, first, last, rotate); });
 }
 
-void argmax_logsumexp(const float* x, int64_t M, int64_t V, int64_t* index, float* lse, int isa, int threads) {
-  auto row = argmax_logsumexp_row_scalar;
+void argmax_logsumexp(const float* x, int64_t M, int64_t V, int64_t* index, float* top, float* lse, int isa,
+                      int threads) {
+  auto argmax = argmax_scalar;
+  auto sum_exp = sum_exp_scalar;
 #if GLM4_X86
-  if (isa >= kAvx2) row = argmax_logsumexp_row_avx2;
+  if (isa >= kAvx2) argmax = argmax_avx2, sum_exp = sum_exp_avx2;
 #endif
-  for_rows(M, V, threads, [&](int64_t first, int64_t last) {
-    for (int64_t m = first; m < last; ++m) row(x + m * V, V, index + m, lse + m);
+  const int64_t pieces = (V + kPieceElements - 1) / kPieceElements, piece = (V + pieces - 1) / pieces;
+  const auto begin = [&](int64_t t) { return t % pieces * piece; };
+  const auto size = [&](int64_t t) { return std::min(piece, V - begin(t)); };
+  std::vector<int64_t> piece_index(M * pieces);
+  std::vector<float> piece_top(M * pieces);
+  std::vector<double> piece_sum(M * pieces, 0.0);
+  ThreadPool::instance().run(threads, M * pieces, [&](int64_t t) {
+    argmax(x + t / pieces * V + begin(t), size(t), &piece_index[t], &piece_top[t]);
   });
+  for (int64_t m = 0; m < M; ++m) {  // the first piece holding the largest value: the first of equals overall
+    int64_t best = m * pieces;
+    for (int64_t t = best + 1; t < (m + 1) * pieces; ++t)
+      if (piece_top[t] > piece_top[best]) best = t;
+    index[m] = begin(best) + piece_index[best];
+    top[m] = piece_top[best];
+  }
+  ThreadPool::instance().run(threads, M * pieces, [&](int64_t t) {
+    const float row_top = top[t / pieces];
+    if (!std::isinf(row_top)) piece_sum[t] = sum_exp(x + t / pieces * V + begin(t), size(t), row_top);
+  });
+  for (int64_t m = 0; m < M; ++m) {
+    double sum = 0.0;
+    for (int64_t t = m * pieces; t < (m + 1) * pieces; ++t) sum += piece_sum[t];
+    lse[m] = logsumexp_from(top[m], sum);
+  }
+}
+
+void rotary_lookup(const int64_t* positions, int64_t M, const float* cos_table, const float* sin_table, int64_t r,
+                   float* cos, float* sin) {
+  for (int64_t m = 0; m < M; ++m) {
+    std::copy(cos_table + positions[m] * r, cos_table + (positions[m] + 1) * r, cos + m * r);
+    std::copy(sin_table + positions[m] * r, sin_table + (positions[m] + 1) * r, sin + m * r);
+  }
 }
 
 }  // namespace glm4

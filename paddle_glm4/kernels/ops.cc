@@ -416,8 +416,8 @@ PD_BUILD_OP(glm4_split_rotary)
     .SetInferShapeFn(PD_INFER_SHAPE(SplitRotaryShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(SplitRotaryDtype));
 
-// X float32 [..., V] -> Index int64 [...], the first position of each row's largest value, and Lse float32 [...],
-// log(sum(exp(row))): the sampler's statistics of the logits (see elementwise.h).
+// X float32 [..., V] -> Index int64 [...], the first position of each row's largest value, Top float32 [...], that
+// value, and Lse float32 [...], log(sum(exp(row))): the sampler's statistics of the logits (see elementwise.h).
 std::vector<paddle::Tensor> ArgmaxLogsumexp(const paddle::Tensor& x, const std::string& isa, int threads) {
   const char* op = "glm4_argmax_logsumexp";
   check_float_input(x, op, "x");
@@ -426,25 +426,26 @@ std::vector<paddle::Tensor> ArgmaxLogsumexp(const paddle::Tensor& x, const std::
            ": x's last dimension must hold 1 .. 2^31 - 1 values, got ", shape.empty() ? 0 : shape.back());
   const std::vector<int64_t> rows(shape.begin(), shape.end() - 1);
   auto index = paddle::empty(rows, paddle::DataType::INT64, x.place());
+  auto top = paddle::empty(rows, paddle::DataType::FLOAT32, x.place());
   auto lse = paddle::empty(rows, paddle::DataType::FLOAT32, x.place());
   const int64_t V = shape.back();
-  glm4::argmax_logsumexp(x.data<float>(), x.numel() / V, V, index.data<int64_t>(), lse.data<float>(),
-                         checked_isa(isa), threads_or_default(threads));
-  return {index, lse};
+  glm4::argmax_logsumexp(x.data<float>(), x.numel() / V, V, index.data<int64_t>(), top.data<float>(),
+                         lse.data<float>(), checked_isa(isa), threads_or_default(threads));
+  return {index, top, lse};
 }
 
 std::vector<std::vector<int64_t>> ArgmaxLogsumexpShape(const std::vector<int64_t>& x) {
   const std::vector<int64_t> rows(x.begin(), x.empty() ? x.end() : x.end() - 1);
-  return {rows, rows};
+  return {rows, rows, rows};
 }
 
 std::vector<paddle::DataType> ArgmaxLogsumexpDtype(const paddle::DataType&) {
-  return {paddle::DataType::INT64, paddle::DataType::FLOAT32};
+  return {paddle::DataType::INT64, paddle::DataType::FLOAT32, paddle::DataType::FLOAT32};
 }
 
 PD_BUILD_OP(glm4_argmax_logsumexp)
     .Inputs({"X"})
-    .Outputs({"Index", "Lse"})
+    .Outputs({"Index", "Top", "Lse"})
     .Attrs({"isa: std::string", "threads: int"})
     .SetKernelFn(PD_KERNEL(ArgmaxLogsumexp))
     .SetInferShapeFn(PD_INFER_SHAPE(ArgmaxLogsumexpShape))
@@ -563,3 +564,46 @@ PD_BUILD_OP(glm4_block)
     .SetKernelFn(PD_KERNEL(Block))
     .SetInferShapeFn(PD_INFER_SHAPE(BlockShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(BlockDtype));
+
+// Positions int64 [b, s]; CosTable, SinTable float32 [P, r] (ops.rotary_tables of positions 0 .. P - 1) -> Cos,
+// SignedSin float32 [b, s, 1, r]: the tables of those positions, as ops.rotary_tables gives them.
+std::vector<paddle::Tensor> RotaryLookup(const paddle::Tensor& positions, const paddle::Tensor& cos_table,
+                                         const paddle::Tensor& sin_table) {
+  const char* op = "glm4_rotary_lookup";
+  check_float_input(cos_table, op, "cos_table");
+  check_float_input(sin_table, op, "sin_table");
+  PD_CHECK(positions.is_cpu() && positions.dtype() == paddle::DataType::INT64 && positions.shape().size() == 2 &&
+               positions.is_contiguous(),
+           op, ": positions must be contiguous int64 [b, s] on CPU");
+  PD_CHECK(cos_table.shape().size() == 2 && sin_table.shape() == cos_table.shape(), op,
+           ": cos_table and sin_table must be [P, r] alike");
+  const int64_t P = cos_table.shape()[0], r = cos_table.shape()[1], M = positions.numel();
+  const int64_t* at = positions.data<int64_t>();
+  for (int64_t m = 0; m < M; ++m)
+    PD_CHECK(at[m] >= 0 && at[m] < P, op, ": position ", at[m], " is outside the tables' 0 .. ", P - 1);
+  const int64_t b = positions.shape()[0], s = positions.shape()[1];
+  auto cos = paddle::empty({b, s, 1, r}, paddle::DataType::FLOAT32, cos_table.place());
+  auto sin = paddle::empty({b, s, 1, r}, paddle::DataType::FLOAT32, cos_table.place());
+  glm4::rotary_lookup(at, M, cos_table.data<float>(), sin_table.data<float>(), r, cos.data<float>(),
+                      sin.data<float>());
+  return {cos, sin};
+}
+
+std::vector<std::vector<int64_t>> RotaryLookupShape(const std::vector<int64_t>& positions,
+                                                    const std::vector<int64_t>& table, const std::vector<int64_t>&) {
+  const int64_t b = positions.size() > 0 ? positions[0] : -1, s = positions.size() > 1 ? positions[1] : -1;
+  const int64_t r = table.size() > 1 ? table[1] : -1;
+  return {{b, s, 1, r}, {b, s, 1, r}};
+}
+
+std::vector<paddle::DataType> RotaryLookupDtype(const paddle::DataType&, const paddle::DataType&,
+                                                const paddle::DataType&) {
+  return {paddle::DataType::FLOAT32, paddle::DataType::FLOAT32};
+}
+
+PD_BUILD_OP(glm4_rotary_lookup)
+    .Inputs({"Positions", "CosTable", "SinTable"})
+    .Outputs({"Cos", "SignedSin"})
+    .SetKernelFn(PD_KERNEL(RotaryLookup))
+    .SetInferShapeFn(PD_INFER_SHAPE(RotaryLookupShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(RotaryLookupDtype));
