@@ -13,10 +13,12 @@ run meanwhile (the load average before each is recorded: a busy second core halv
 per format: decode tokens/s at batch 1 (llama-bench's tg: `new_tokens` tokens from an empty context; ours the
 same count after an 8-token prompt), prefill tokens/s of a 512-token prompt, peak RSS, each as ours / llama.cpp;
 decode against the bandwidth bound (weight bytes read per token, the embedding table excluded, at the machine's
-read bandwidth: benchmarks.machine's C probe, run right before and right after that engine, the higher of the
-two; on these shared machines it drifts by tens of % within minutes, and an engine whose two probes differ by
-more than DRIFT is named in the notes) for both; at full depth also the issue's targets: peak RSS <= the
-weights' bytes + 1.5 GB, int4 decode >= 5 tokens/s.
+read bandwidth: benchmarks.machine's C probe, run right before and after each decode run, each run bounded by
+the higher of its two readings, the engine by the median of its runs'; the readings are taken before and after
+the engine instead where the probe's buffer could push its memory-mapped weights out of the page cache; on
+these shared machines the rate moves by tens of % within minutes, and an engine whose readings differ by more
+than DRIFT is named in the notes) for both; at full depth also the issue's targets: peak RSS <= the weights'
+bytes + 1.5 GB, int4 decode >= 5 tokens/s.
 Our kernel path (paddle_glm4.kernels.isa()) is in each figure's name and in each row's details.
 
     python -m benchmarks.lowbit ours MODEL_DIR FORMAT [--quick]          (our engine; prints JSON)
@@ -27,16 +29,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import os
-import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 from benchmarks.model import ROOT, _peak_rss, _row, _Timing, benchmark_config
 from benchmarks.tokenizer import REFERENCE
@@ -46,7 +49,7 @@ FORMATS = (("bf16", None, "BF16"), ("int8", "int8", "Q8_0"), ("int4", "int4", "Q
 PROMPT = 8  # before the decoded tokens (llama-bench's tg starts from an empty context; ours needs a prompt)
 RSS_ALLOWANCE = 1.5e9  # the issue's target: full-depth peak RSS <= the weights' bytes + 1.5 GB
 INT4_DECODE_TARGET = 5.0  # tokens/s, 40 layers
-BOUND = "read bandwidth (the higher of before / after) / weight bytes per token"
+BOUND = "read bandwidth (the higher reading around each decode run) / weight bytes per token"
 DRIFT = 0.15  # the read bandwidth after an engine this far from the one before it: its bound fraction is suspect
 
 
@@ -83,7 +86,21 @@ def _target_weight_bytes(config, quantization: str | None, stored: dict[str, int
 
 
 # ---- the engines, each in its own process ---------------------------------------------------------------
-def ours(model_dir: str, fmt: str, quick: bool, layers: int) -> dict:
+def _between_runs(gigabytes: float):
+    """A function that records the machine's read bandwidth (benchmarks.machine's probe) into `readings`, or
+    does nothing when `gigabytes` is 0: each decode run is measured against the readings right around it."""
+    from benchmarks import machine
+
+    readings: list[float] = []
+
+    def read():
+        if gigabytes:
+            readings.append(machine.read(gigabytes).rate)
+
+    return read, readings
+
+
+def ours(model_dir: str, fmt: str, quick: bool, layers: int, probe_gigabytes: float = 0.0) -> dict:
     import numpy as np
 
     from paddle_glm4 import GLM4ForCausalLM, kernels
@@ -99,11 +116,13 @@ def ours(model_dir: str, fmt: str, quick: bool, layers: int) -> dict:
     rng = np.random.default_rng(0)
     ids = rng.integers(3, vocab, (1, PROMPT)).astype("int64")
     generate(ids, 2)  # warm-up
-    rates = []
+    rates, (read_bandwidth, readings) = [], _between_runs(probe_gigabytes)
+    read_bandwidth()
     for _ in range(s["runs"]):
         timing = _Timing(skip_first_put=False)
         generate(ids, s["new_tokens"], timing)
         rates.append((len(timing.times) - 1) / (timing.times[-1] - timing.times[0]))
+        read_bandwidth()
     ids = rng.integers(3, vocab, (1, s["prefill"])).astype("int64")
     generate(ids, 1)
     times = []
@@ -116,6 +135,8 @@ def ours(model_dir: str, fmt: str, quick: bool, layers: int) -> dict:
     stored = {name: int(np.prod(t.shape)) * t.element_size() for name, t in model.state_dict().items()}
     return {
         "decode": statistics.median(rates),
+        "decode_runs": rates,
+        "bandwidth_between": readings,
         "prefill": s["prefill"] / statistics.median(times),
         "peak_rss": _peak_rss(),
         "weight_bytes": _target_weight_bytes(model.config, quantization, stored),
@@ -124,36 +145,49 @@ def ours(model_dir: str, fmt: str, quick: bool, layers: int) -> dict:
     }
 
 
-def peer(llama_bench: str, gguf: str, quick: bool, layers: int) -> dict:
-    """llama-bench on `gguf`: pp and tg tokens/s (median of its runs) and its peak RSS. Run from this small
-    process, so that the child's ru_maxrss (which counts the parent's memory at fork) is llama-bench's own."""
+def peer(llama_bench: str, gguf: str, quick: bool, layers: int, probe_gigabytes: float = 0.0) -> dict:
+    """llama-bench on `gguf`: pp tokens/s (the median of its runs, one call) and tg tokens/s (one call per run,
+    the read bandwidth measured between them when `probe_gigabytes`), and its peak RSS."""
     s = settings(quick, layers)
-    command = [
-        llama_bench,
-        "-m",
-        gguf,
-        "-t",
-        str(_threads()),
-        "-p",
-        str(s["prefill"]),
-        "-n",
-        str(s["new_tokens"]),
-        "-r",
-        str(s["runs"]),
-        "-o",
-        "json",
-    ]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(f"llama-bench failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
-    tests = json.loads(done.stdout)
-    rate = {("prefill" if test["n_prompt"] else "decode"): statistics.median(test["samples_ts"]) for test in tests}
+
+    def bench(prompt: int, new_tokens: int, runs: int) -> tuple[dict, int]:
+        common = ["-m", gguf, "-t", str(_threads()), "-r", str(runs), "-o", "json"]
+        return _llama_bench([llama_bench, *common, "-p", str(prompt), "-n", str(new_tokens)])
+
+    (prefill, peak), (read_bandwidth, readings) = bench(s["prefill"], 0, s["runs"]), _between_runs(probe_gigabytes)
+    rates = []
+    read_bandwidth()
+    for _ in range(s["runs"]):
+        decode, rss = bench(0, s["new_tokens"], 1)
+        rates.append(statistics.median(decode["samples_ts"]))
+        peak = max(peak, rss)
+        read_bandwidth()
     return {
-        **rate,
-        "peak_rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
-        "build": tests[0].get("build_commit"),
-        "cpu_info": tests[0].get("cpu_info"),
+        "decode": statistics.median(rates),
+        "decode_runs": rates,
+        "bandwidth_between": readings,
+        "prefill": statistics.median(prefill["samples_ts"]),
+        "peak_rss": peak,
+        "build": prefill.get("build_commit"),
+        "cpu_info": prefill.get("cpu_info"),
     }
+
+
+def _llama_bench(command: list[str]) -> tuple[dict, int]:
+    """llama-bench's one test (JSON) and its peak RSS: the rusage of that child alone (this process also runs
+    the read probe, whose buffer would count in RUSAGE_CHILDREN)."""
+    with tempfile.TemporaryFile() as errors:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors)
+        output = process.stdout.read()
+        process.stdout.close()
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
+        if process.returncode:
+            errors.seek(0)
+            message = errors.read().decode(errors="replace").strip()[-2000:]
+            raise RuntimeError(f"llama-bench failed ({process.returncode}): {message}")
+    (test,) = json.loads(output)
+    return test, usage.ru_maxrss * 1024
 
 
 def _run(mode: str, args: list[str], quick: bool, layers: int) -> dict:
@@ -163,8 +197,12 @@ def _run(mode: str, args: list[str], quick: bool, layers: int) -> dict:
     from benchmarks import machine
 
     # this shared machine's memory rate drifts by tens of % within minutes: each engine's bound is measured
-    # right before and right after it runs
+    # right before and right after it runs, and between its decode runs where the probe's buffer cannot push
+    # the engine's memory-mapped weights out of the page cache
     gigabytes = 0.25 if quick else 1.0  # 8x and 30x a 32 MB L3
+    weights = _stored_bytes(args[0] if mode == "ours" else args[1])
+    between = gigabytes if weights + gigabytes * 1e9 < machine.memory_bytes() / 2 else 0
+    command += ["--probe-gigabytes", str(between)]
     load, before = os.getloadavg()[0], machine.read(gigabytes)
     done = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True)
     if done.returncode < 0:
@@ -181,6 +219,12 @@ def _run(mode: str, args: list[str], quick: bool, layers: int) -> dict:
         "bandwidth_after": after.rate,
         "bandwidth_method": before.method,
     }
+
+
+def _stored_bytes(path: str) -> int:
+    """The bytes of a checkpoint directory's files, or of one file."""
+    path = Path(path)
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file()) if path.is_dir() else path.stat().st_size
 
 
 # ---- the run --------------------------------------------------------------------------------------------
@@ -243,26 +287,35 @@ def run(
                 results[kind]["bytes_per_token"] = sum(
                     size for name, size in gguf_peer.tensor_bytes(files[kind]).items() if name != "token_embd.weight"
                 )
-    notes.append(f"read bandwidth: {next(iter(results.values()))['bandwidth_method']}, before and after each engine")
+    method = next(iter(results.values()))["bandwidth_method"]
+    notes.append(f"read bandwidth: {method}, around each decode run (row details: the readings, the runs' rates)")
     notes += drifted(results)
     return _rows(results, config, quick, flags, chosen)
 
 
+def _readings(result: dict) -> list[float]:
+    """The read-bandwidth readings around an engine's decode runs, in time order: before and after each run
+    where the engine took them, else before and after the engine."""
+    return result.get("bandwidth_between") or [result["bandwidth_before"], result["bandwidth_after"]]
+
+
 def bound(result: dict) -> float:
-    """Tokens/s an engine would decode at if it read its weights at the machine's read bandwidth: the higher of
-    the probes before and after it, so that a drop in the machine's rate during the run cannot flatter it."""
-    return max(result["bandwidth_before"], result["bandwidth_after"]) / result["bytes_per_token"]
+    """Tokens/s an engine would decode at if it read its weights at the machine's read bandwidth. Each decode run
+    is bounded by the higher of the readings right before and after it (so that a drop in the machine's rate
+    during the run cannot flatter it); the engine by the median of its runs' bounds."""
+    highest = [max(pair) for pair in itertools.pairwise(_readings(result))]
+    return statistics.median(highest) / result["bytes_per_token"]
 
 
 def drifted(results: dict) -> list[str]:
     """A note for each engine whose read bandwidth moved by more than DRIFT while it ran."""
     notes = []
     for name, result in results.items():
-        before, after = result["bandwidth_before"], result["bandwidth_after"]
-        if abs(after - before) > DRIFT * max(before, after):
+        readings = _readings(result)
+        if max(readings) - min(readings) > DRIFT * max(readings):
             notes.append(
-                f"{name}: the read bandwidth drifted while it ran ({before / 1e9:.1f} GB/s before, "
-                f"{after / 1e9:.1f} after): its decode-vs-bound fraction is suspect"
+                f"{name}: the read bandwidth moved while it ran ({', '.join(f'{r / 1e9:.1f}' for r in readings)} "
+                "GB/s around its decode runs): its decode-vs-bound fraction is suspect"
             )
     return notes
 
@@ -281,6 +334,8 @@ def _rows(results: dict, config, quick: bool, flags: str, formats: tuple) -> lis
             "load_before": mine["load_before"],
             "read_bandwidth_gbps_before": mine["bandwidth_before"] / 1e9,
             "read_bandwidth_gbps_after": mine["bandwidth_after"] / 1e9,
+            "read_bandwidth_gbps_around_decode_runs": [r / 1e9 for r in _readings(mine)],
+            "decode_runs": mine["decode_runs"],
             "weight_bytes": mine["weight_bytes"],
             "bytes_per_token": mine["bytes_per_token"],
         }
@@ -342,6 +397,8 @@ def _rows(results: dict, config, quick: bool, flags: str, formats: tuple) -> lis
                 peer_build=theirs["build"],
                 peer_read_bandwidth_gbps_before=theirs["bandwidth_before"] / 1e9,
                 peer_read_bandwidth_gbps_after=theirs["bandwidth_after"] / 1e9,
+                peer_read_bandwidth_gbps_around_decode_runs=[r / 1e9 for r in _readings(theirs)],
+                peer_decode_runs=theirs["decode_runs"],
                 peer_bytes_per_token=theirs["bytes_per_token"],
             )
         rows += [{**row, "details": details} for row in pair + alone]
@@ -355,6 +412,12 @@ if __name__ == "__main__":
     parser.add_argument("target", help="ours: bf16, int8 or int4; peer: the GGUF file")
     parser.add_argument("--layers", type=int, default=2, help="the model's depth (sets the decode length)")
     parser.add_argument("--quick", action="store_true", help="the tiny sizes of a quick run")
+    parser.add_argument(
+        "--probe-gigabytes",
+        type=float,
+        default=0.0,
+        help="measure the read bandwidth with a buffer this large before and after each decode run (0: never)",
+    )
     args = parser.parse_args()
     engine = ours if args.mode == "ours" else peer
-    print(json.dumps(engine(args.path, args.target, args.quick, args.layers)))
+    print(json.dumps(engine(args.path, args.target, args.quick, args.layers, args.probe_gigabytes)))

@@ -148,6 +148,15 @@ def _timed(fn) -> float:
     return time.perf_counter() - started
 
 
+def memory_bytes() -> int:
+    """The machine's RAM (MemTotal)."""
+    return next(
+        int(line.split()[1]) * 1024
+        for line in Path("/proc/meminfo").read_text(encoding="utf-8").splitlines()
+        if line.startswith("MemTotal")
+    )
+
+
 def describe() -> dict:
     model = next(
         (
@@ -157,15 +166,10 @@ def describe() -> dict:
         ),
         platform.processor(),
     )
-    memory = next(
-        int(line.split()[1]) * 1024
-        for line in Path("/proc/meminfo").read_text(encoding="utf-8").splitlines()
-        if line.startswith("MemTotal")
-    )
     return {
         "cpu": model,
         "cores": len(os.sched_getaffinity(0)),
-        "memory_gb": round(memory / 2**30, 1),
+        "memory_gb": round(memory_bytes() / 2**30, 1),
         "python": platform.python_version(),
     }
 

@@ -2,13 +2,17 @@
 benchmark turns its before / after readings into a bound. No speed is asserted: a rate is only checked to be a
 rate, and every path's correctness rests on the probe's own check that it read each word of its buffer once."""
 
+import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from benchmarks import lowbit, machine
+
+ROOT = str(Path(__file__).resolve().parents[1])
 
 
 def _cpu_flags() -> set[str]:
@@ -110,8 +114,16 @@ def test_the_machine_figures_name_how_the_bandwidth_was_read():
 
 
 # ---- the low-bit benchmark's bound ----------------------------------------------------------------------------
-def _engine(before: float, after: float, decode: float = 10.0, per_token: float = 2e9) -> dict:
-    return {"bandwidth_before": before, "bandwidth_after": after, "decode": decode, "bytes_per_token": per_token}
+def _engine(before: float, after: float, decode: float = 10.0, per_token: float = 2e9, between=()) -> dict:
+    runs = max(len(between) - 1, 1)
+    return {
+        "bandwidth_before": before,
+        "bandwidth_after": after,
+        "bandwidth_between": list(between),
+        "decode": decode,
+        "decode_runs": [decode] * runs,
+        "bytes_per_token": per_token,
+    }
 
 
 def test_the_bound_is_the_higher_reading_so_that_a_drop_during_the_run_cannot_flatter_the_engine():
@@ -119,13 +131,26 @@ def test_the_bound_is_the_higher_reading_so_that_a_drop_during_the_run_cannot_fl
     assert lowbit.bound(_engine(40e9, 30e9)) == 20.0
 
 
-def test_an_engine_whose_bandwidth_drifted_is_named_and_a_steady_one_is_not():
-    notes = lowbit.drifted({"int4": _engine(30e9, 40e9), "Q4_0": _engine(30e9, 33e9), "bf16": _engine(58e9, 34e9)})
+def test_with_readings_between_the_runs_each_run_is_bounded_by_its_own_and_the_engine_by_their_median():
+    # runs bounded by 40, 40 and 60 GB/s: the median 40; the readings before and after the engine do not count
+    engine = _engine(90e9, 90e9, between=[30e9, 40e9, 36e9, 60e9])
+    assert lowbit.bound(engine) == 20.0
+
+
+def test_an_engine_whose_bandwidth_moved_is_named_and_a_steady_one_is_not():
+    notes = lowbit.drifted(
+        {
+            "int4": _engine(30e9, 40e9),
+            "Q4_0": _engine(30e9, 33e9),
+            "bf16": _engine(34e9, 34e9, between=[34e9, 58e9, 34e9]),
+            "int8": _engine(20e9, 60e9, between=[34e9, 35e9, 36e9]),
+        }
+    )
     assert notes == [
-        "int4: the read bandwidth drifted while it ran (30.0 GB/s before, 40.0 after): its decode-vs-bound "
-        "fraction is suspect",
-        "bf16: the read bandwidth drifted while it ran (58.0 GB/s before, 34.0 after): its decode-vs-bound "
-        "fraction is suspect",
+        "int4: the read bandwidth moved while it ran (30.0, 40.0 GB/s around its decode runs): its "
+        "decode-vs-bound fraction is suspect",
+        "bf16: the read bandwidth moved while it ran (34.0, 58.0, 34.0 GB/s around its decode runs): its "
+        "decode-vs-bound fraction is suspect",
     ]
 
 
@@ -147,5 +172,45 @@ def test_the_rows_measure_both_engines_against_their_own_bound():
     peer = next(row for figure, row in bounds.items() if "(llama.cpp Q4_0, " in figure)
     assert ours["peer"] == pytest.approx(12.0) and ours["ratio"] == pytest.approx(1.0)  # 36 GB/s / 3 GB
     assert peer["peer"] == pytest.approx(10.0) and peer["ratio"] == pytest.approx(1.0)  # 33 GB/s / 3.3 GB
-    assert ours["details"]["read_bandwidth_gbps_after"] == pytest.approx(36.0)
+    assert ours["details"]["read_bandwidth_gbps_around_decode_runs"] == pytest.approx([30.0, 36.0])
     assert ours["details"]["peer_read_bandwidth_gbps_after"] == pytest.approx(32.0)
+
+
+@pytest.fixture
+def fake_llama_bench(tmp_path):
+    """A stand-in for llama-bench that prints one test's JSON, as the real one does with -o json."""
+    script = tmp_path / "llama-bench"
+    script.write_text(
+        '#!/bin/sh\necho \'[{"n_prompt": 0, "samples_ts": [7.5], "build_commit": "fake", "cpu_info": "cpu"}]\'\n'
+    )
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_the_peer_reads_the_bandwidth_around_each_decode_run_and_its_peak_rss_is_llama_benchs_own(fake_llama_bench):
+    """In its own small process, as the benchmark runs it: the probe's 300 MB buffer is not llama-bench's."""
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.lowbit", "peer", fake_llama_bench, "model.gguf", "--probe-gigabytes", "0.3"],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": ROOT},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["decode_runs"] == [7.5, 7.5, 7.5] and result["decode"] == 7.5 and result["prefill"] == 7.5
+    assert len(result["bandwidth_between"]) == 4 and min(result["bandwidth_between"]) > 0
+    assert 0 < result["peak_rss"] < 200e6  # the small parent's memory at fork counts, the probe's does not
+
+
+def test_the_peer_without_probe_takes_no_reading(fake_llama_bench):
+    assert lowbit.peer(fake_llama_bench, "model.gguf", quick=True, layers=2)["bandwidth_between"] == []
+
+
+def test_a_failing_llama_bench_is_reported_with_its_error(tmp_path):
+    script = tmp_path / "llama-bench"
+    script.write_text("#!/bin/sh\necho 'error: failed to load model' >&2\nexit 3\n")
+    script.chmod(0o755)
+    with pytest.raises(RuntimeError, match=r"^llama-bench failed \(3\): error: failed to load model$"):
+        lowbit.peer(str(script), "model.gguf", quick=True, layers=2)
