@@ -113,12 +113,17 @@ class Attention(nn.Layer):
         mask: ops.Mask,
         cache: Cache | None,
         start: Start,
+        keep: int = 0,
     ) -> paddle.Tensor:
+        """[b, s, H] -> [b, s, H], or [b, keep, H] for the last `keep` queries alone where s is known here (every
+        key and value is still computed and written)."""
         d, h, g = self.head_dim, self.heads, self.groups
         q, k, v = self.kernels.split_rotary(self.qkv_proj(x), rope, h, g, d)  # q [b, s, h, d]; k, v [b, s, g, d]
         if cache is not None:
             k, v = cache.update(self.layer_idx, start, k, v)  # [b, L, g, d], in the cache's dtype
-        out = ops.attention(q, k, v, mask)  # [b, s, h, d]
+        if keep and isinstance(mask.seq_len, int) and keep < mask.seq_len:
+            q, mask = q[:, -keep:], ops.last_queries(mask, keep)
+        out = ops.attention(q, k, v, mask)  # [b, s or keep, h, d]
         return self.o_proj(out.reshape([0, 0, h * d]))
 
 
@@ -160,12 +165,13 @@ class GLM4Block(nn.Layer):
         start: Start,
         keep: int = 0,
     ) -> paddle.Tensor:
-        """[b, s, H] -> [b, s, H], or only the last `keep` positions when keep > 0 (the MLP then runs on
-        those alone: its positions do not mix, and attention has already written every key and value)."""
+        """[b, s, H] -> [b, s, H], or only the last `keep` positions when keep > 0 (attention's queries, its
+        output projection and the MLP then run on those alone: nothing after attention mixes positions, and
+        attention still writes every key and value)."""
         if isinstance(cache, KVCache) and self._one_operator(x):
             return self._as_one_operator(x, rope, mask, cache, keep)
-        attended = self.self_attn(self.input_layernorm(x), rope, mask, cache, start)
-        if keep:
+        attended = self.self_attn(self.input_layernorm(x), rope, mask, cache, start, keep)
+        if keep:  # attention kept its last queries already where it could
             attended, x = attended[:, -keep:], x[:, -keep:]
         normed, x = self.post_attention_layernorm(attended, x)  # the residual add and the norm, in one pass
         return x + self.mlp(normed)

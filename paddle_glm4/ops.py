@@ -242,6 +242,13 @@ def attention_mask(key_valid: paddle.Tensor | None, start: int | paddle.Tensor, 
     return Mask(start, seq_len, key_valid, start_slot)
 
 
+def last_queries(mask: Mask, keep: int) -> Mask:
+    """The Mask of the last `keep` of its seq_len new tokens (keep < seq_len, both ints): they sit `seq_len - keep`
+    slots further on and see the same keys."""
+    skip = mask.seq_len - keep
+    return Mask(mask.start + skip, keep, mask.key_valid, mask.start_slot + skip)
+
+
 def attention(q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor, mask: Mask) -> paddle.Tensor:
     """q [b, s, h, d]; k, v [b, L, g, d] (the cache's first L slots, float32 or bfloat16) with h a multiple of
     g (GQA: K/V are not repeated here) -> [b, s, h, d] in q's dtype."""

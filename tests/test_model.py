@@ -1,5 +1,6 @@
 """The model against the reference (transformers' GlmForCausalLM), the KV cache, padding, checkpoints."""
 
+import contextlib
 import gc
 import json
 import os
@@ -157,22 +158,57 @@ def test_logits_to_keep_returns_the_last_positions_only():
     assert np.abs(last[:, 0] - logits(model, ids)[:, -1]).max() <= 1e-5
 
 
-def test_last_layer_mlp_runs_on_the_kept_positions_only():
-    # the positions whose logits are dropped need no last-layer MLP (llama.cpp's graphs skip it too); every
-    # other layer, and the keys and values the last one caches, still see all of them
+def test_last_layer_runs_on_the_kept_positions_after_its_keys_and_values():
+    # the positions whose logits are dropped need no last-layer MLP (llama.cpp's graphs skip it too), nor
+    # last-layer attention outputs (queries, output projection); every other layer, and the keys and values
+    # the last one caches, still see all of them
     config = small_config()
     _, model = build(config)
     ids = random_ids(config, (2, 11))
-    seen = []
+    rows = {"qkv": [], "o": [], "mlp": []}
     hooks = [
-        layer.mlp.register_forward_pre_hook(lambda _, inputs: seen.append(inputs[0].shape[1]))
+        module.register_forward_pre_hook(lambda _, inputs, seen=seen: seen.append(inputs[0].shape[1]))
         for layer in model.model.layers
+        for module, seen in (
+            (layer.self_attn.qkv_proj, rows["qkv"]),
+            (layer.self_attn.o_proj, rows["o"]),
+            (layer.mlp, rows["mlp"]),
+        )
     ]
     kept = logits(model, ids, logits_to_keep=3)
     for hook in hooks:
         hook.remove()
-    assert seen == [11] * (config.num_hidden_layers - 1) + [3]
+    layers = config.num_hidden_layers
+    assert rows == {"qkv": [11] * layers, "o": [11] * (layers - 1) + [3], "mlp": [11] * (layers - 1) + [3]}
     assert np.abs(kept - logits(model, ids)[:, -3:]).max() <= 1e-5
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["paddle-attention", "kernel-attention"])
+def test_kept_positions_of_a_padded_batch_and_of_a_cached_continuation(grad):
+    # the kept queries sit at later cache slots (start > 0) and read padded keys (key_valid): as the full forward,
+    # through Paddle's attention (a gradient wanted) and the attention operator (none)
+    config = small_config()
+    _, model = build(config)
+    prompts = [random_ids(config, (n,), seed=n) for n in (4, 9)]
+    continuation = random_ids(config, (2, 5), seed=7)
+    ids, mask = left_padded(prompts, config.pad_token_id)
+    both = np.concatenate([mask, np.ones_like(continuation)], axis=1)
+    with contextlib.nullcontext() if grad else paddle.no_grad():
+        full = model(paddle.to_tensor(ids), attention_mask=paddle.to_tensor(mask), use_cache=True)
+        kept = model(paddle.to_tensor(ids), attention_mask=paddle.to_tensor(mask), use_cache=True, logits_to_keep=2)
+        later = [
+            model(
+                paddle.to_tensor(continuation),
+                attention_mask=paddle.to_tensor(both),
+                past_key_values=out.past_key_values,
+                use_cache=True,
+                **keep,
+            ).logits.numpy()
+            for out, keep in ((full, {}), (kept, {"logits_to_keep": 1}))
+        ]
+    assert np.abs(kept.logits.numpy() - full.logits.numpy()[:, -2:]).max() <= 1e-5
+    assert later[1].shape[1] == 1
+    assert np.abs(later[1] - later[0][:, -1:]).max() <= 1e-5
 
 
 def test_linear_split_across_threads_equals_one_matmul():
