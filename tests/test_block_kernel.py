@@ -54,12 +54,13 @@ def per_operator(x, norms, linears, bias, cos, sin, k_cache, v_cache, start, key
     k_cache[:b, first : first + s] = k.astype(k_cache.dtype)
     v_cache[:b, first : first + s] = v.astype(v_cache.dtype)
     length = first + s if key_valid is None else key_valid.shape[1]
+    kept = keep or s  # the last `kept` queries alone, at their slots
+    q, query_start = q[:, s - kept :], paddle.to_tensor([first + s - kept], dtype="int64")
     attended = kernels.attention(
-        q, k_cache[:b, :length], v_cache[:b, :length], start, key_valid, isa=isa, threads=threads
+        q, k_cache[:b, :length], v_cache[:b, :length], query_start, key_valid, isa=isa, threads=threads
     )
-    projected = linear(attended.reshape([b, s, HEADS * D]), linears[1])
-    if keep:
-        projected, x = projected[:, -keep:], x[:, -keep:]
+    projected = linear(attended.reshape([b, kept, HEADS * D]), linears[1])
+    x = x[:, s - kept :]
     normed, total = kernels.add_rms_norm(projected, x, norms[1], 1e-5, isa=isa, threads=threads)
     return total + linear(kernels.swiglu(linear(normed, linears[2]), isa=isa, threads=threads), linears[3])
 
@@ -144,14 +145,17 @@ def float_checkpoint(tmp_path_factory):
 
 
 @pytest.mark.parametrize("kind", ["bfloat16", "int8", "int4"])
-def test_the_model_decodes_through_the_block_operator_with_the_same_results(float_checkpoint, kind, monkeypatch):
+@pytest.mark.parametrize("prompt", [9, 6])  # 2 x 6 rows: the prefill too goes through the operator, keeping 1
+def test_the_model_decodes_through_the_block_operator_with_the_same_results(
+    float_checkpoint, kind, prompt, monkeypatch
+):
     config, directory = float_checkpoint
     settings = {"bfloat16": {"dtype": "bfloat16"}, "int8": {"quantization": "int8"}}.get(
         kind, {"quantization": kind, "group_size": 32}
     )
     model = GLM4ForCausalLM.from_pretrained(str(directory), **settings)
-    ids = paddle.to_tensor(np.random.RandomState(1).randint(0, config.vocab_size, (2, 9)).astype("int64"))
-    mask = paddle.to_tensor(np.array([[0, 0] + [1] * 7, [1] * 9]))  # a left-padded row: key_valid is given
+    ids = paddle.to_tensor(np.random.RandomState(1).randint(0, config.vocab_size, (2, prompt)).astype("int64"))
+    mask = paddle.to_tensor(np.array([[0, 0] + [1] * (prompt - 2), [1] * prompt]))  # a left-padded row: key_valid
     calls = []
     block, fused_rows = kernels.block, model_module.BLOCK_MAX_ROWS
     monkeypatch.setattr(kernels.api, "block", lambda *a, **k: calls.append(list(a[0].shape)) or block(*a, **k))
@@ -165,8 +169,10 @@ def test_the_model_decodes_through_the_block_operator_with_the_same_results(floa
             )
             results.append((ids_out.numpy(), scores.numpy(), list(calls)))
         (fused_ids, fused_scores, fused_calls), (plain_ids, plain_scores, plain_calls) = results
-        # prefill (2 x 9 rows) takes the per-operator forward, each decode step (2 rows) the block operator
-        assert fused_calls == [[2, 1, config.hidden_size]] * (4 * config.num_hidden_layers), fused_calls
+        # a prefill of 2 x 9 rows takes the per-operator forward, of 2 x 6 the operator; each decode step (2 rows)
+        # the operator
+        prefill = [[2, prompt, config.hidden_size]] * config.num_hidden_layers if 2 * prompt <= fused_rows else []
+        assert fused_calls == prefill + [[2, 1, config.hidden_size]] * (4 * config.num_hidden_layers), fused_calls
         assert plain_calls == []
         np.testing.assert_array_equal(fused_ids, plain_ids)
         np.testing.assert_array_equal(fused_scores, plain_scores)

@@ -42,8 +42,8 @@ void block(const BlockArgs& a, int isa, int act, int threads) {
   float* q = qkv + M * (hd + 2 * gd);     // [M, h d]
   float* k = q + M * hd;                  // [M, g d]
   float* v = k + M * gd;                  // [M, g d]
-  float* attended = v + M * gd;           // [M, h d]
-  float* projected = attended + M * hd;   // [M, H]
+  float* attended = v + M * gd;           // [Mk, h d]
+  float* projected = attended + M * hd;   // [Mk, H]
   float* residual = projected + M * H;    // [M, H]: x, then x + attention
   float* gate_up = residual + M * H;      // [Mk, 2F]
   float* activated = gate_up + Mk * 2 * F;  // [Mk, F]
@@ -55,22 +55,21 @@ void block(const BlockArgs& a, int isa, int act, int threads) {
   store_in_cache(a, k, a.k_cache);
   store_in_cache(a, v, a.v_cache);
 
+  // with `keep`, the queries, attention and output projection of the kept positions alone (nothing after
+  // attention mixes positions; every key and value is written above)
   AttentionArgs at{};
-  at.q = q, at.q_stride_b = a.s * hd, at.q_stride_s = hd;
+  at.q = q + (a.s - kept) * hd, at.q_stride_b = a.s * hd, at.q_stride_s = hd;
   at.k = a.k_cache, at.v = a.v_cache, at.bf16 = a.bf16;
   at.k_stride_b = at.v_stride_b = a.cache_stride_b;
   at.k_stride_s = at.v_stride_s = a.cache_stride_s;
   at.key_valid = a.key_valid, at.valid_stride_b = a.valid_stride_b;
   at.out = attended;
-  at.b = a.b, at.s = a.s, at.h = a.h, at.g = a.g, at.d = a.d, at.L = a.L, at.start = a.start;
+  at.b = a.b, at.s = kept, at.h = a.h, at.g = a.g, at.d = a.d, at.L = a.L, at.start = a.start + a.s - kept;
   attention(at, isa, threads);
-  linear(attended, M, a.o, projected, isa, act, threads);
+  linear(attended, Mk, a.o, projected, isa, act, threads);
 
   std::memcpy(residual, a.x, M * H * sizeof(float));
-  if (kept < a.s) {
-    keep_last(projected, a.b, a.s, kept, H);
-    keep_last(residual, a.b, a.s, kept, H);
-  }
+  if (kept < a.s) keep_last(residual, a.b, a.s, kept, H);
   // the residual add and the norm in one pass (as glm4_add_rms_norm): normed = norm(x + attention), the sum
   // written over the residual (each element is read before it is written)
   rms_norm(projected, residual, a.post_norm, Mk, H, a.eps, normed, residual, isa, threads);

@@ -16,7 +16,8 @@ namespace glm4 {
 struct BlockArgs {
   const float* x;  // [b, s, H], contiguous
   int64_t b, s, H;
-  int64_t keep;    // > 0: the MLP runs on the last `keep` positions only, and only they are written to `out`
+  int64_t keep;    // > 0: only the last `keep` positions' queries, attention, output projection and MLP run
+                   // (every key and value is still written), and only they are written to `out`
   const float *input_norm, *post_norm;  // [H]
   float eps;
   LinearWeights qkv, o, gate_up, down;  // [H] -> [(h + 2g) d] -> attention -> [h d] -> [H]; [H] -> [2F] -> [F] -> [H]
