@@ -3,7 +3,7 @@
 The loop is written against a small "session" interface so that the dynamic-graph model and the Paddle
 Inference predictor share it: `prefill(input_ids, attention_mask, position_ids, capacity)` and
 `step(tokens)` each return the next-token logits [b, vocab] (float32). Per step, the only data that
-leaves the device is the new token of each row (and nothing grows but the cache).
+leaves the device is the new token of each row and its log-probability (and nothing grows but the cache).
 """
 
 from __future__ import annotations
@@ -344,9 +344,11 @@ def _decode_loop(
         seen = paddle.put_along_axis(
             paddle.zeros([batch, vocab_size], dtype="float32"), input_ids, real, axis=1, reduce="add"
         )
-    finished = np.zeros([batch], dtype=bool)  # rows that chose an eos id (known on the host: tokens come here)
+    # What each row chose so far, on the host, where every step's tokens come anyway: which rows chose an eos id,
+    # and their scores (float32 additions, as on the device, without an op per step)
+    finished = np.zeros([batch], dtype=bool)
     eos_host = np.asarray(eos, dtype=np.int64)
-    scores = paddle.zeros([batch], dtype="float32")
+    scores = np.zeros([batch], dtype=np.float32)
     chosen = []
 
     logits = session.prefill(
@@ -356,12 +358,12 @@ def _decode_loop(
         if no_token is not None:
             logits = logits + no_token
         tokens, log_probs = choose_tokens(logits, params, seen)
-        if finished.any():  # finished rows get the pad id and add nothing (no ops for it while none has)
-            done = paddle.to_tensor(finished)
-            tokens = paddle.where(done, paddle.full_like(tokens, pad), tokens)
-            log_probs = paddle.where(done, paddle.zeros_like(log_probs), log_probs)
-        scores = scores + log_probs
-        tokens_host = tokens.numpy()  # the one copy per step
+        tokens_host, log_probs_host = tokens.numpy(), log_probs.numpy()  # the step's copies: [b] each
+        if finished.any():  # finished rows get the pad id and add nothing
+            tokens_host = np.where(finished, pad, tokens_host)
+            log_probs_host = np.where(finished, np.float32(0), log_probs_host)
+            tokens = paddle.to_tensor(tokens_host)
+        scores += log_probs_host
         chosen.append(tokens_host)
         finished |= (tokens_host[:, None] == eos_host).any(axis=1)  # np.isin took 12 us
         if streamer is not None:
@@ -373,4 +375,4 @@ def _decode_loop(
         logits = session.step(tokens)
     if streamer is not None:
         streamer.end()
-    return paddle.to_tensor(np.stack(chosen, axis=1)), scores.unsqueeze(-1)
+    return paddle.to_tensor(np.stack(chosen, axis=1)), paddle.to_tensor(scores[:, None])

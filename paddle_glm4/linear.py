@@ -17,6 +17,7 @@ from paddle import nn
 
 from . import kernels, ops
 from .config import DEFAULT_GROUP_SIZE
+from .device import on_gpu
 from .quantization import Dense, Packed, Rows, Slot, WeightFormat, WeightOnlyGPU, convert
 
 KERNEL_FORMATS = {"bfloat16": "bf16", "int8": "int8", "int4": "int4"}  # paddle_glm4.kernels' names
@@ -89,10 +90,29 @@ def linear(
     raise TypeError(f"no computation for weight format {fmt!r}")
 
 
-def lookup(fmt: WeightFormat, ids: paddle.Tensor, tensors: list[paddle.Tensor], k: int) -> paddle.Tensor:
-    """Rows `ids` [...] of a table of K columns held in `tensors` as `fmt` -> [..., K]: a dense table's rows as
-    stored, a quantized one's dequantized exactly as quantization.Packed.rows does (q as float32 times its
-    scale, one multiplication), only the rows looked up."""
+def lookup(fmt: WeightFormat, ids: paddle.Tensor, tensors: list[paddle.Tensor], k: int, dtype: str) -> paddle.Tensor:
+    """Rows `ids` [...] of a table of K columns held in `tensors` as `fmt` -> [..., K] in `dtype`: a dense table's
+    rows as stored, a quantized one's dequantized exactly as quantization.Packed.rows does (q as float32 times its
+    scale, one multiplication), only the rows looked up. A bf16, int8 or int4 table read into float32 rows on
+    CPU without a gradient is one kernels operator (a decode step's lookup was 2 Paddle ops for bf16, ~15 for
+    int4)."""
+    kind = fmt.dtype if isinstance(fmt, Rows) else fmt.kind if isinstance(fmt, Packed) else None
+    if dtype == "float32" and kind in KERNEL_FORMATS and _kernels_serve(tensors[0]):
+        scales = tensors[1] if len(tensors) > 1 else None
+        group_size = fmt.group_size if isinstance(fmt, Packed) and fmt.group_size else DEFAULT_GROUP_SIZE
+        return kernels.embedding(ids, tensors[0], scales, fmt=KERNEL_FORMATS[kind], k=k, group_size=group_size)
+    return _lookup(fmt, ids, tensors, k).astype(dtype)
+
+
+@paddle.jit.not_to_static
+def _kernels_serve(table: paddle.Tensor) -> bool:
+    """Whether the kernels' lookup serves: on CPU where they could be built, no gradient wanted for the table."""
+    if on_gpu() or (paddle.in_dynamic_mode() and paddle.is_grad_enabled() and not table.stop_gradient):
+        return False
+    return kernels.available()
+
+
+def _lookup(fmt: WeightFormat, ids: paddle.Tensor, tensors: list[paddle.Tensor], k: int) -> paddle.Tensor:
     if isinstance(fmt, Rows):
         [weight] = tensors
         return F.embedding(ids, weight)

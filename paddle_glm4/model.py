@@ -77,9 +77,8 @@ class Embedding(nn.Layer):
         self.dtype, self.compute_dtype = dtype, compute_dtype
 
     def forward(self, ids: paddle.Tensor) -> paddle.Tensor:
-        return lookup(self.format, ids, [getattr(self, slot.name) for slot in self.slots], self.hidden_size).astype(
-            self.compute_dtype
-        )  # [b, s, H]
+        tensors = [getattr(self, slot.name) for slot in self.slots]
+        return lookup(self.format, ids, tensors, self.hidden_size, self.compute_dtype)  # [b, s, H]
 
 
 class RMSNorm(nn.Layer):

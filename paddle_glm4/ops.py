@@ -86,11 +86,13 @@ def cpu_swiglu(x: paddle.Tensor) -> paddle.Tensor:
 
 # ---- The sampler's statistics of the logits ---------------------------------------------------------------
 def argmax_logsumexp(logits: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor]:
-    """logits [b, vocab] -> (each row's most likely token [b] int64, its logit [b], log(sum(exp(row))) [b]): the
-    greedy choice, and its log-probability's two terms, in one pass of each row where the kernels serve."""
+    """logits [b, vocab] -> (each row's most likely token [b] int64, its log-probability [b], log(sum(exp(row)))
+    [b]): the greedy choice and the log-probabilities' normalizer, in one pass of each row where the kernels
+    serve."""
     if kernel_serves(logits):
         return cpu_kernels.argmax_logsumexp(logits)
-    return paddle.argmax(logits, axis=-1), paddle.max(logits, axis=-1), paddle.logsumexp(logits, axis=-1)
+    normalizer = paddle.logsumexp(logits, axis=-1)
+    return paddle.argmax(logits, axis=-1), paddle.max(logits, axis=-1) - normalizer, normalizer
 
 
 # ---- Rotary position embedding -------------------------------------------------------------------------

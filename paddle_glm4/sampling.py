@@ -71,9 +71,9 @@ def choose_tokens(
     # Only the chosen tokens' log-probabilities, not the row's: subtracting the normalizer from 151552 logits was
     # an op large enough for Paddle's OpenMP team, whose idle thread then spun beside the kernels' workers.
     # (Not F.log_softmax either: Paddle 3.3's CPU kernel takes seconds on such a row.)
-    most_likely, top, normalizer = ops.argmax_logsumexp(logits)  # [b] each
-    if not params.do_sample:  # the greedy token's logit is the row's largest value: no gather
-        return most_likely, top - normalizer
+    most_likely, its_log_prob, normalizer = ops.argmax_logsumexp(logits)  # [b] each
+    if not params.do_sample:
+        return most_likely, its_log_prob
     shaped = keep_top_p(keep_top_k(logits / params.temperature, params.top_k), params.top_p)
     tokens = paddle.multinomial(F.softmax(shaped, axis=-1), num_samples=1).squeeze(-1)
     chosen = paddle.take_along_axis(logits, tokens.unsqueeze(-1), axis=-1).squeeze(-1) - normalizer

@@ -112,15 +112,16 @@ def test_argmax_logsumexp(shape):
     x = tensor(rng, shape, scale=8.0)
     expected_index = paddle.argmax(x, axis=-1).numpy()
     for path in paths():
-        index, top, lse = kernels.argmax_logsumexp(x, isa=path, threads=1)
+        index, log_prob, lse = kernels.argmax_logsumexp(x, isa=path, threads=1)
         assert index.dtype == paddle.int64 and lse.dtype == paddle.float32 and list(lse.shape) == list(shape[:-1])
         np.testing.assert_array_equal(index.numpy(), expected_index)
-        np.testing.assert_array_equal(top.numpy(), paddle.max(x, axis=-1).numpy())
+        # the chosen logit minus the normalizer, one float subtraction as the Paddle ops would do it
+        np.testing.assert_array_equal(log_prob.numpy(), (paddle.max(x, axis=-1) - lse).numpy())
         np.testing.assert_allclose(lse.numpy(), logsumexp64(x.numpy()), rtol=1e-6)
         np.testing.assert_allclose(lse.numpy(), paddle.logsumexp(x, axis=-1).numpy(), rtol=1e-6)
         for threads in (2, 3):  # a row split over the threads gives the one-thread result, to the bit
             again = kernels.argmax_logsumexp(x, isa=path, threads=threads)
-            for a, b in zip(again, (index, top, lse), strict=True):
+            for a, b in zip(again, (index, log_prob, lse), strict=True):
                 np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
@@ -133,10 +134,11 @@ def test_argmax_logsumexp_ties_and_infinities():
     rows[4, 33] = np.inf
     x = paddle.to_tensor(rows)
     for path in paths():
-        index, top, lse = kernels.argmax_logsumexp(x, isa=path)
+        index, log_prob, lse = kernels.argmax_logsumexp(x, isa=path)
         np.testing.assert_array_equal(index.numpy(), [14, 48, 0, 0, 33])
         np.testing.assert_array_equal(index.numpy(), paddle.argmax(x, axis=-1).numpy())
-        np.testing.assert_array_equal(top.numpy(), [2.5, 2.5, -np.inf, -3.0, np.inf])
+        with np.errstate(invalid="ignore"):  # inf - inf, as the float subtraction gives it (nan)
+            np.testing.assert_array_equal(log_prob.numpy(), np.float32([2.5, 2.5, -np.inf, -3.0, np.inf]) - lse.numpy())
         np.testing.assert_allclose(lse.numpy(), logsumexp64(rows), rtol=1e-6)
         assert lse.numpy()[2] == -np.inf and lse.numpy()[4] == np.inf
 
@@ -152,9 +154,9 @@ def test_argmax_ties_across_pieces():
     x = paddle.to_tensor(rows)
     for path in paths():
         for threads in (1, 2):
-            index, top, lse = kernels.argmax_logsumexp(x, isa=path, threads=threads)
+            index, log_prob, lse = kernels.argmax_logsumexp(x, isa=path, threads=threads)
             np.testing.assert_array_equal(index.numpy(), paddle.argmax(x, axis=-1).numpy())
-            np.testing.assert_array_equal(top.numpy(), [4.0, 0.5, 3.0])
+            np.testing.assert_array_equal(log_prob.numpy(), np.float32([4.0, 0.5, 3.0]) - lse.numpy())
             np.testing.assert_allclose(lse.numpy(), logsumexp64(rows), rtol=1e-6)
 
 
@@ -308,3 +310,52 @@ def test_float32_model_through_the_operators_matches_the_reference(monkeypatch):
         layers = config.num_hidden_layers
         assert calls == {"rms_norm": layers + 1, "add_rms_norm": layers, "split_rotary": layers, "swiglu": layers}
         assert np.abs(ours - reference_logits(ref, ids)).max() <= 1e-4
+
+
+# (format, K, group size): GLM-4's hidden width, and widths that are odd or not a multiple of the group
+@pytest.mark.parametrize(
+    "kind, k, group", [("bfloat16", 4096, None), ("int8", 37, None), ("int4", 4096, 128), ("int4", 203, 64)]
+)
+def test_embedding_equals_the_paddle_lookup(kind, k, group):
+    from paddle_glm4 import linear
+    from paddle_glm4.kernels import quant
+    from paddle_glm4.quantization import Packed, Rows
+
+    rng = np.random.default_rng(k)
+    table = rng.standard_normal((50, k)).astype(np.float32)
+    if kind == "bfloat16":
+        fmt = Rows("bfloat16")
+        tensors = [paddle.to_tensor(table).astype("bfloat16")]
+    elif kind == "int8":
+        fmt = Packed("int8")
+        tensors = [paddle.to_tensor(a) for a in quant.quantize_int8(table)]
+    else:
+        fmt = Packed("int4", group)
+        tensors = [paddle.to_tensor(a) for a in quant.quantize_int4(table, group)]
+    ids = paddle.to_tensor(rng.integers(0, 50, (2, 3)).astype(np.int64))
+    expected = linear._lookup(fmt, ids, tensors, k).astype("float32")  # the Paddle ops
+    settings = {"fmt": linear.KERNEL_FORMATS[kind], "k": k, "group_size": group or 128}
+    got = kernels.embedding(ids, *tensors, **settings)
+    assert got.shape == [2, 3, k] and got.dtype == paddle.float32
+    np.testing.assert_array_equal(got.numpy(), expected.numpy())
+    with paddle.no_grad():  # what the model's lookup takes
+        np.testing.assert_array_equal(linear.lookup(fmt, ids, tensors, k, "float32").numpy(), expected.numpy())
+    with pytest.raises(OSError, match=r"token id 50 is outside the table's 0 \.\. 49"):
+        kernels.embedding(paddle.to_tensor([[50]]), *tensors, **settings)
+
+
+def test_the_embedding_takes_the_operator_without_a_gradient_only(monkeypatch):
+    from paddle_glm4 import linear
+    from paddle_glm4.quantization import Rows
+
+    calls = []
+    monkeypatch.setattr(api, "embedding", lambda *a, **k: calls.append(1) or paddle.zeros([1, 1, 8]))
+    table = paddle.ones([4, 8]).astype("bfloat16")
+    table.stop_gradient = False
+    ids = paddle.to_tensor([[1]])
+    with paddle.no_grad():
+        linear.lookup(Rows("bfloat16"), ids, [table], 8, "float32")
+    assert calls == [1]
+    linear.lookup(Rows("bfloat16"), ids, [table], 8, "float32")  # a gradient wanted: Paddle's ops
+    linear.lookup(Rows("float32"), ids, [table.astype("float32")], 8, "float32")  # already one Paddle op
+    assert calls == [1]

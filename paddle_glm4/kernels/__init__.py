@@ -1,8 +1,9 @@
 """CPU kernels for GLM-4's linear layers: y = x @ W^T (+ bias) with W in bfloat16, int8 or int4; its
 attention over a float32 or bfloat16 KV cache in bounded memory (`attention`, see attention.cc); and the
 float32 passes between them (`swiglu`, `rms_norm`, `add_rms_norm`, `split_rotary`, see elementwise.cc), the
-rotary tables' `rotary_lookup`, and the sampler's `argmax_logsumexp` of the logits; and `block`, a whole
-transformer block in one operator (decoding's layers, see block.h).
+token embedding's and the rotary tables' lookups (`embedding`, `rotary_lookup`), and the sampler's
+`argmax_logsumexp` of the logits; and `block`, a whole transformer block in one operator (decoding's layers,
+see block.h).
 
 THE CONTRACT (shared with the loader, converter and export; quant.py writes and reads these formats):
 
@@ -47,6 +48,7 @@ _API = (
     "argmax_logsumexp",
     "attention",
     "available",
+    "embedding",
     "block",
     "isa",
     "linear",

@@ -141,10 +141,11 @@ def argmax_logsumexp(
     x: paddle.Tensor, *, isa: str = "auto", threads: int = 0
 ) -> tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor]:
     """x float32 [..., V] (logits) -> (the index of each row's largest value, the first on ties, as paddle.argmax:
-    int64 [...]; that value, float32 [...]; log(sum(exp(row))), as paddle.logsumexp: float32 [...]), in one pass
-    of each row, a row split over the threads (the result does not depend on them). Needs the built operators."""
-    index, top, lse = _ops_for(isa).glm4_argmax_logsumexp(_contiguous(x), isa, threads)
-    return index, top, lse
+    int64 [...]; its log-probability, that value minus the next, float32 [...]; log(sum(exp(row))), as
+    paddle.logsumexp: float32 [...]), in one pass of each row, a row split over the threads (the result does not
+    depend on them). Needs the built operators."""
+    index, log_prob, lse = _ops_for(isa).glm4_argmax_logsumexp(_contiguous(x), isa, threads)
+    return index, log_prob, lse
 
 
 @paddle.jit.not_to_static
@@ -223,6 +224,25 @@ def block(
         threads,
     )
     return out
+
+
+@paddle.jit.not_to_static
+def embedding(
+    ids: paddle.Tensor,
+    table: paddle.Tensor,
+    scales: paddle.Tensor | None = None,
+    *,
+    fmt: str = "bf16",
+    k: int,
+    group_size: int = 128,
+) -> paddle.Tensor:
+    """Rows `ids` int64 [...] of a token embedding held as a weight of vocab output rows in `fmt` (see the package
+    docstring; K = k columns) -> float32 [..., k]: bf16 widened, int8 / int4 dequantized as
+    quantization.Packed.rows does, in one operator. An id outside the table is refused. Needs the built
+    operators."""
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+    return _ops_for("auto").glm4_embedding(_contiguous(ids), table, scales, fmt, k, group_size)
 
 
 def _check_isa(isa: str) -> None:

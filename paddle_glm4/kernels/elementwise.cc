@@ -247,7 +247,7 @@ void split_rotary(const RotaryArgs& a, int isa, int threads) {
            [&](int64_t first, int64_t last) { split_rotary_rows(a, first, last, rotate); });
 }
 
-void argmax_logsumexp(const float* x, int64_t M, int64_t V, int64_t* index, float* top, float* lse, int isa,
+void argmax_logsumexp(const float* x, int64_t M, int64_t V, int64_t* index, float* log_prob, float* lse, int isa,
                       int threads) {
   auto argmax = argmax_scalar;
   auto sum_exp = sum_exp_scalar;
@@ -263,6 +263,7 @@ void argmax_logsumexp(const float* x, int64_t M, int64_t V, int64_t* index, floa
   ThreadPool::instance().run(threads, M * pieces, [&](int64_t t) {
     argmax(x + t / pieces * V + begin(t), size(t), &piece_index[t], &piece_top[t]);
   });
+  std::vector<float> top(M);
   for (int64_t m = 0; m < M; ++m) {  // the first piece holding the largest value: the first of equals overall
     int64_t best = m * pieces;
     for (int64_t t = best + 1; t < (m + 1) * pieces; ++t)
@@ -278,6 +279,7 @@ void argmax_logsumexp(const float* x, int64_t M, int64_t V, int64_t* index, floa
     double sum = 0.0;
     for (int64_t t = m * pieces; t < (m + 1) * pieces; ++t) sum += piece_sum[t];
     lse[m] = logsumexp_from(top[m], sum);
+    log_prob[m] = top[m] - lse[m];  // one float subtraction, as Paddle's of the chosen logit
   }
 }
 
@@ -286,6 +288,31 @@ void rotary_lookup(const int64_t* positions, int64_t M, const float* cos_table, 
   for (int64_t m = 0; m < M; ++m) {
     std::copy(cos_table + positions[m] * r, cos_table + (positions[m] + 1) * r, cos + m * r);
     std::copy(sin_table + positions[m] * r, sin_table + (positions[m] + 1) * r, sin + m * r);
+  }
+}
+
+}  // namespace glm4
+
+namespace glm4 {
+
+void embedding(const Weights& w, TableKind kind, const int64_t* ids, int64_t M, float* out) {
+  for (int64_t m = 0; m < M; ++m) {
+    const uint8_t* row = w.data + ids[m] * w.row_bytes;
+    float* y = out + m * w.K;
+    if (kind == TableKind::kBf16) {
+      const uint16_t* bits = reinterpret_cast<const uint16_t*>(row);
+      for (int64_t k = 0; k < w.K; ++k) y[k] = bf16_to_float(bits[k]);
+    } else if (kind == TableKind::kInt8) {
+      const int8_t* q = reinterpret_cast<const int8_t*>(row);
+      const float scale = w.scales[ids[m]];
+      for (int64_t k = 0; k < w.K; ++k) y[k] = static_cast<float>(q[k]) * scale;
+    } else {  // element 2j in the low nibble of byte j, 2j+1 in the high one, each stored as q + 8
+      const float* scales = w.scales + ids[m] * w.groups;
+      for (int64_t k = 0; k < w.K; ++k) {
+        const int nibble = k % 2 ? row[k / 2] >> 4 : row[k / 2] & 15;
+        y[k] = static_cast<float>(nibble - 8) * scales[k / w.group];
+      }
+    }
   }
 }
 

@@ -1,6 +1,6 @@
 // The operators outside the linear layers and attention (elementwise.cc): SwiGLU, RMSNorm with an optional
-// residual add before it, the rotary tables' lookup and the rotary embedding of the fused qkv projection's
-// queries and keys, and the sampler's argmax and log-sum-exp of the logits. Each is
+// residual add before it, the token embedding's and the rotary tables' lookups, the rotary embedding of the
+// fused qkv projection's queries and keys, and the sampler's argmax and log-sum-exp of the logits. Each is
 // one pass over its rows, on every core; the SIMD path (AVX2) beside a scalar reference that computes the
 // same operations in the same order as the model's Paddle ops (ops.py), so that they agree to the last bit
 // where the order allows it (the exps of swiglu and logsumexp are the exception: about 1 ulp).
@@ -53,10 +53,11 @@ struct RotaryArgs {
 void split_rotary(const RotaryArgs& a, int isa, int threads);
 
 // The sampler's statistics of each row of x [M, V] (the logits), in one call: index[m], the position of the
-// row's largest value (the first, on ties, as paddle.argmax), top[m], that value, and lse[m] =
-// log(sum(exp(x[m]))), computed as top + log(sum(exp(x - top))) with the sum in double (a row of -inf gives
-// -inf, one holding +inf gives +inf). A row is split over the threads; the result does not depend on them.
-void argmax_logsumexp(const float* x, int64_t M, int64_t V, int64_t* index, float* top, float* lse, int isa,
+// row's largest value (the first, on ties, as paddle.argmax), lse[m] = log(sum(exp(x[m]))), computed as
+// top + log(sum(exp(x - top))) with the sum in double (a row of -inf gives -inf, one holding +inf gives +inf),
+// and log_prob[m] = top - lse[m], the greedy token's log-probability. A row is split over the threads; the
+// result does not depend on them.
+void argmax_logsumexp(const float* x, int64_t M, int64_t V, int64_t* index, float* log_prob, float* lse, int isa,
                       int threads);
 
 // The rotary tables of M tokens, cos and signed sin [M, r], copied from the rows `positions` [M] of tables
@@ -64,5 +65,12 @@ void argmax_logsumexp(const float* x, int64_t M, int64_t V, int64_t* index, floa
 // outside [0, P) is the caller's to refuse). Paddle's sin and cos are SLEEF's, which a kernel cannot call.
 void rotary_lookup(const int64_t* positions, int64_t M, const float* cos_table, const float* sin_table, int64_t r,
                    float* cos, float* sin);
+
+// The token embedding's rows `ids` [M] (each in 0 .. N - 1: the caller checks) of a table held as a Linear
+// weight of N output rows, `w` (bf16, int8 or int4, as the linear kernels take them) -> out [M, K] float32:
+// bf16 widened, int8 / int4 dequantized as quantization.Packed.rows does (q as float32 times its scale, one
+// multiplication). One loop: a decode step looks up one row.
+enum class TableKind { kBf16, kInt8, kInt4 };
+void embedding(const Weights& w, TableKind kind, const int64_t* ids, int64_t M, float* out);
 
 }  // namespace glm4

@@ -416,8 +416,9 @@ PD_BUILD_OP(glm4_split_rotary)
     .SetInferShapeFn(PD_INFER_SHAPE(SplitRotaryShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(SplitRotaryDtype));
 
-// X float32 [..., V] -> Index int64 [...], the first position of each row's largest value, Top float32 [...], that
-// value, and Lse float32 [...], log(sum(exp(row))): the sampler's statistics of the logits (see elementwise.h).
+// X float32 [..., V] -> Index int64 [...], the first position of each row's largest value, LogProb float32 [...], its
+// log-probability, and Lse float32 [...], log(sum(exp(row))): the sampler's statistics of the logits (see
+// elementwise.h).
 std::vector<paddle::Tensor> ArgmaxLogsumexp(const paddle::Tensor& x, const std::string& isa, int threads) {
   const char* op = "glm4_argmax_logsumexp";
   check_float_input(x, op, "x");
@@ -426,12 +427,12 @@ std::vector<paddle::Tensor> ArgmaxLogsumexp(const paddle::Tensor& x, const std::
            ": x's last dimension must hold 1 .. 2^31 - 1 values, got ", shape.empty() ? 0 : shape.back());
   const std::vector<int64_t> rows(shape.begin(), shape.end() - 1);
   auto index = paddle::empty(rows, paddle::DataType::INT64, x.place());
-  auto top = paddle::empty(rows, paddle::DataType::FLOAT32, x.place());
+  auto log_prob = paddle::empty(rows, paddle::DataType::FLOAT32, x.place());
   auto lse = paddle::empty(rows, paddle::DataType::FLOAT32, x.place());
   const int64_t V = shape.back();
-  glm4::argmax_logsumexp(x.data<float>(), x.numel() / V, V, index.data<int64_t>(), top.data<float>(),
+  glm4::argmax_logsumexp(x.data<float>(), x.numel() / V, V, index.data<int64_t>(), log_prob.data<float>(),
                          lse.data<float>(), checked_isa(isa), threads_or_default(threads));
-  return {index, top, lse};
+  return {index, log_prob, lse};
 }
 
 std::vector<std::vector<int64_t>> ArgmaxLogsumexpShape(const std::vector<int64_t>& x) {
@@ -445,7 +446,7 @@ std::vector<paddle::DataType> ArgmaxLogsumexpDtype(const paddle::DataType&) {
 
 PD_BUILD_OP(glm4_argmax_logsumexp)
     .Inputs({"X"})
-    .Outputs({"Index", "Top", "Lse"})
+    .Outputs({"Index", "LogProb", "Lse"})
     .Attrs({"isa: std::string", "threads: int"})
     .SetKernelFn(PD_KERNEL(ArgmaxLogsumexp))
     .SetInferShapeFn(PD_INFER_SHAPE(ArgmaxLogsumexpShape))
@@ -607,3 +608,46 @@ PD_BUILD_OP(glm4_rotary_lookup)
     .SetKernelFn(PD_KERNEL(RotaryLookup))
     .SetInferShapeFn(PD_INFER_SHAPE(RotaryLookupShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(RotaryLookupDtype));
+
+// Ids int64 [...] -> Out float32 [..., K]: rows of the token embedding held as a Linear weight of vocab output rows
+// in `fmt` (Table, and Scales for int8 / int4; see linear_weights), widened or dequantized (see elementwise.h).
+std::vector<paddle::Tensor> Embedding(const paddle::Tensor& ids, const paddle::Tensor& table,
+                                      const paddle::optional<paddle::Tensor>& scales, const std::string& fmt,
+                                      int64_t k, int group_size) {
+  const char* op = "glm4_embedding";
+  PD_CHECK(ids.is_cpu() && ids.dtype() == paddle::DataType::INT64 && ids.is_contiguous(), op,
+           ": ids must be contiguous int64 on CPU");
+  const glm4::LinearWeights l = linear_weights(fmt, table, scales, paddle::none, k, group_size, op);
+  const int64_t* at = ids.data<int64_t>();
+  for (int64_t m = 0; m < ids.numel(); ++m)
+    PD_CHECK(at[m] >= 0 && at[m] < l.w.N, op, ": token id ", at[m], " is outside the table's 0 .. ", l.w.N - 1);
+  std::vector<int64_t> shape(ids.shape());
+  shape.push_back(k);
+  auto out = paddle::empty(shape, paddle::DataType::FLOAT32, ids.place());
+  const auto kind = fmt == "bf16"   ? glm4::TableKind::kBf16
+                    : fmt == "int8" ? glm4::TableKind::kInt8
+                                    : glm4::TableKind::kInt4;
+  glm4::embedding(l.w, kind, at, ids.numel(), out.data<float>());
+  return {out};
+}
+
+std::vector<std::vector<int64_t>> EmbeddingShape(const std::vector<int64_t>& ids, const std::vector<int64_t>&,
+                                                 const paddle::optional<std::vector<int64_t>>&, const std::string&,
+                                                 int64_t k, int) {
+  std::vector<int64_t> shape(ids);
+  shape.push_back(k);
+  return {shape};
+}
+
+std::vector<paddle::DataType> EmbeddingDtype(const paddle::DataType&, const paddle::DataType&,
+                                             const paddle::optional<paddle::DataType>&) {
+  return {paddle::DataType::FLOAT32};
+}
+
+PD_BUILD_OP(glm4_embedding)
+    .Inputs({"Ids", "Table", paddle::Optional("Scales")})
+    .Outputs({"Out"})
+    .Attrs({"fmt: std::string", "k: int64_t", "group_size: int"})
+    .SetKernelFn(PD_KERNEL(Embedding))
+    .SetInferShapeFn(PD_INFER_SHAPE(EmbeddingShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(EmbeddingDtype));
