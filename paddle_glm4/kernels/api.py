@@ -142,8 +142,7 @@ def argmax_logsumexp(
 ) -> tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor]:
     """x float32 [..., V] (logits) -> (the index of each row's largest value, the first on ties, as paddle.argmax:
     int64 [...]; its log-probability, that value minus the next, float32 [...]; log(sum(exp(row))), as
-    paddle.logsumexp: float32 [...]), in one pass of each row, a row split over the threads (the result does not
-    depend on them). Needs the built operators."""
+    paddle.logsumexp: float32 [...]), in one pass of each row. Needs the built operators."""
     index, log_prob, lse = _ops_for(isa).glm4_argmax_logsumexp(_contiguous(x), isa, threads)
     return index, log_prob, lse
 

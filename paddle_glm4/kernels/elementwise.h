@@ -55,8 +55,7 @@ void split_rotary(const RotaryArgs& a, int isa, int threads);
 // The sampler's statistics of each row of x [M, V] (the logits), in one call: index[m], the position of the
 // row's largest value (the first, on ties, as paddle.argmax), lse[m] = log(sum(exp(x[m]))), computed as
 // top + log(sum(exp(x - top))) with the sum in double (a row of -inf gives -inf, one holding +inf gives +inf),
-// and log_prob[m] = top - lse[m], the greedy token's log-probability. A row is split over the threads; the
-// result does not depend on them.
+// and log_prob[m] = top - lse[m], the greedy token's log-probability.
 void argmax_logsumexp(const float* x, int64_t M, int64_t V, int64_t* index, float* log_prob, float* lse, int isa,
                       int threads);
 
