@@ -85,8 +85,9 @@ class Sequences:
             self.length = end
             return Step(start, _span(start, end, self.batch_size), None)
         self.valid[:, start:end] = True if new_valid is None else new_valid
-        positions = self._seen.unsqueeze(1) + token_positions(new_valid, seq_len)
-        self._seen = self._seen + (seq_len if new_valid is None else new_valid.astype("int64").sum(axis=1))
+        seen = self.seen  # [b]: with padding, the counts kept since it first came
+        positions = seen.unsqueeze(1) + token_positions(new_valid, seq_len)
+        self._seen = seen + (seq_len if new_valid is None else new_valid.astype("int64").sum(axis=1))
         self.length = self._written = end
         return Step(start, positions, self._valid[:, :end])
 
