@@ -229,3 +229,14 @@ def check_peft_lora(model, lora_config_class, lora_model_class, merge, base_chec
     assert json.loads(Path(f"{out}-torch", "config.json").read_text())["model_type"] == "chatglm"
     torch_to_paddle.convert(f"{out}-torch", f"{out}-again", dtype="float32", progress=False)
     np.testing.assert_allclose(logits(GLM4ForCausalLM.from_pretrained(f"{out}-again"), ids), adapted, atol=1e-4, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def float_checkpoint(tmp_path_factory):
+    """(the model, its directory): a float32 checkpoint of a small model with the reference's random weights,
+    whose K (64, 96) is not always a multiple of an int4 group of 64."""
+    config = small_config()
+    model = paddle_model(config, paddle_state(config, hf_state(reference_model(config))))
+    directory = tmp_path_factory.mktemp("float32")
+    model.save_pretrained(str(directory), overwrite=True)
+    return model, directory

@@ -7,7 +7,6 @@ import numpy as np
 import paddle
 import pytest
 
-from conftest import hf_state, paddle_model, paddle_state, reference_model, small_config
 from paddle_glm4 import GLM4ForCausalLM, kernels, ops
 from paddle_glm4 import model as model_module
 from paddle_glm4.kernels import quant
@@ -135,21 +134,13 @@ def test_bad_inputs_are_refused_with_the_shapes():
         kernels.block(x, norms, swapped, None, cos, sin, cache, cache.clone(), paddle.to_tensor([0]), None, **settings)
 
 
-@pytest.fixture(scope="module")
-def float_checkpoint(tmp_path_factory):
-    config = small_config()
-    model = paddle_model(config, paddle_state(config, hf_state(reference_model(config))))
-    directory = tmp_path_factory.mktemp("float32")
-    model.save_pretrained(str(directory), overwrite=True)
-    return config, directory
-
-
 @pytest.mark.parametrize("kind", ["bfloat16", "int8", "int4"])
 @pytest.mark.parametrize("prompt", [9, 6])  # 2 x 6 rows: the prefill too goes through the operator, keeping 1
 def test_the_model_decodes_through_the_block_operator_with_the_same_results(
     float_checkpoint, kind, prompt, monkeypatch
 ):
-    config, directory = float_checkpoint
+    base, directory = float_checkpoint
+    config = base.config
     settings = {"bfloat16": {"dtype": "bfloat16"}, "int8": {"quantization": "int8"}}.get(
         kind, {"quantization": kind, "group_size": 32}
     )
@@ -179,7 +170,8 @@ def test_the_model_decodes_through_the_block_operator_with_the_same_results(
 
 
 def test_the_block_operator_is_not_used_where_a_gradient_is_wanted(float_checkpoint, monkeypatch):
-    config, directory = float_checkpoint
+    base, directory = float_checkpoint
+    config = base.config
     model = GLM4ForCausalLM.from_pretrained(str(directory), quantization="int8")
     monkeypatch.setattr(kernels.api, "block", lambda *a, **k: pytest.fail("the block operator has no gradient"))
     x = paddle.randn([1, 1, config.hidden_size])

@@ -19,16 +19,6 @@ from paddle_glm4.quantization import Dense, Packed, Rows, convert
 FORMATS = [("bfloat16", None), ("int8", None), ("int4", 32), ("int4", 64)]
 
 
-@pytest.fixture(scope="module")
-def float_checkpoint(tmp_path_factory):
-    """A float32 checkpoint of a small model whose K (64, 96) is not always a multiple of the int4 group."""
-    config = small_config()
-    model = paddle_model(config, paddle_state(config, hf_state(reference_model(config))))
-    directory = tmp_path_factory.mktemp("float32")
-    model.save_pretrained(str(directory), overwrite=True)
-    return model, directory
-
-
 def ids_for(config, shape=(2, 11), seed=0):
     return paddle.to_tensor(np.random.RandomState(seed).randint(0, config.vocab_size, shape).astype("int64"))
 
