@@ -7,7 +7,8 @@ Loading, in order: choose the Linear weight format (quantization.choose_format),
 fit in memory (memory.py), create the parameters empty, check every header, then fill the parameters a
 tensor at a time. A Linear whose checkpoint tensors are already in the held format takes them without a copy
 (memory-mapped); otherwise they are converted a block of rows at a time (bf16 transposed to the kernels'
-layout, or quantized), so peak memory is the model plus one block.
+layout, or quantized), so peak memory is the model plus one block. Last, the weights copied in are moved into
+2 MB pages, which a decode step streams faster (huge_pages.py).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import paddle
 
 from converters import mapping
 
-from . import checkpoint, memory
+from . import checkpoint, huge_pages, memory
 from .config import CONFIG_NAME, GLM4Config
 from .device import on_gpu, use_all_cores
 from .generation import GENERATION_CONFIG_NAME, GenerationConfig
@@ -151,6 +152,7 @@ def _load_state(
         and not (shard is not None and shard.splits_tensor(name))
     )
     pending: dict[str, dict[str, np.ndarray | StoredTensor]] = {}
+    copies: list[huge_pages.Buffer] = []  # the arrays made here that the parameters took over
     for name, array in checkpoint.read_tensors(
         locations, wanted, progress=f"loading {os.path.basename(path)}", unread=unread
     ):
@@ -161,7 +163,7 @@ def _load_state(
             if name not in layer_of:  # read as stored: cast only the slice
                 array = _cast(array, locations[name].dtype, _dtype_name(params[name].dtype))
         if name not in layer_of:
-            _fill(params[name], array)
+            copies += _fill(params[name], array)
             continue
         prefix = layer_of[name]
         target, k, n = converted[prefix]
@@ -169,7 +171,8 @@ def _load_state(
         arrays[name.rsplit(".", 1)[1]] = array
         if len(arrays) == len(source.slots(k, n)):  # the weight's last tensor
             for slot, value in load_weight(source, pending.pop(prefix), target, k, n).items():
-                _fill(params[f"{prefix}.{slot}"], value)
+                copies += _fill(params[f"{prefix}.{slot}"], value)
+    huge_pages.settle(copies, sources={location.path for location in locations.values()})
 
 
 def save_pretrained(
@@ -268,11 +271,12 @@ def _default_dtype(dtype: str) -> Iterator[None]:
         paddle.set_default_dtype(previous)
 
 
-def _fill(param: paddle.Tensor, value) -> None:
+def _fill(param: paddle.Tensor, value) -> list[huge_pages.Buffer]:
     """Give the parameter the loaded array's data. On CPU the parameter takes over the array's memory
     (DLPack, then sharing the buffer): no copy, so loading peaks at the model plus one tensor and leaves
     nothing behind in Paddle's allocator (set_value's copy left ~2x the largest tensor cached there).
-    A Paddle tensor (made on the device, see linear.load_weight) is taken as it is."""
+    A Paddle tensor (made on the device, see linear.load_weight) is taken as it is.
+    Returns the memory the parameter took over when it is an array made here (not mapped from a file)."""
     if isinstance(value, np.ndarray):
         bf16 = value.dtype == np.uint16  # bf16 travels as its raw bits; Paddle reinterprets int16, not uint16
         tensor = paddle.utils.dlpack.from_dlpack(value.view(np.int16) if bf16 else value)  # zero-copy
@@ -280,8 +284,10 @@ def _fill(param: paddle.Tensor, value) -> None:
             tensor = tensor.view(paddle.bfloat16)
         if on_gpu():
             param.set_value(tensor)  # host to device: a copy anyway
-            return
+            return []
     else:
         tensor = value
     # (not param.place: asking a lazy parameter for it initializes it, random values and all)
     tensor._share_buffer_to(param)
+    owned = isinstance(value, np.ndarray) and value.flags.owndata
+    return [(value.ctypes.data, value.nbytes)] if owned else []
