@@ -8,8 +8,12 @@ bf16); llama.cpp reads the same weights as a BF16 GGUF file (gguf_peer.py), and 
 and Q4_0 from it. llama.cpp is found or built in a per-user cache (llamacpp.py; quick runs never build it: 11+
 minutes); where it cannot be had, its figures are skipped with the reason in the report's notes.
 
-Every engine runs in a fresh process, one after the other, each format's pair back to back; nothing else should
-run meanwhile (the load average before each is recorded: a busy second core halves a 2-thread decode). Figures
+Every engine runs in a fresh process, each format's pair back to back; nothing else should run meanwhile (the
+load average before each is recorded: a busy second core halves a 2-thread decode). Where both models fit in
+memory together (`side_by_side`), llama-bench's decode runs alternate with ours from our process, so that each
+pair of runs meets the same memory: this VM's read rate switches between two regimes (~33 and ~55 GB/s) within
+seconds, and runs minutes apart were up to 1.6x apart (GLM-4-9B BF16 at 40 layers does not fit twice in 24 GB:
+there the engines run one after the other). Figures
 per format: decode tokens/s at batch 1 (llama-bench's tg: `new_tokens` tokens from an empty context; ours the
 same count after an 8-token prompt), prefill tokens/s of a 512-token prompt, peak RSS, each as ours / llama.cpp;
 decode against the bandwidth bound (weight bytes read per token, the embedding table excluded, at the machine's
@@ -29,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import json
 import math
 import os
@@ -50,6 +53,7 @@ PROMPT = 8  # before the decoded tokens (llama-bench's tg starts from an empty c
 RSS_ALLOWANCE = 1.5e9  # the issue's target: full-depth peak RSS <= the weights' bytes + 1.5 GB
 INT4_DECODE_TARGET = 5.0  # tokens/s, 40 layers
 BOUND = "read bandwidth (the higher reading around each decode run) / weight bytes per token"
+SIDE_BY_SIDE_SPARE = 3e9  # bytes: Python, Paddle, the activations and the KV caches of both engines
 DRIFT = 0.15  # the read bandwidth after an engine this far from the one before it: its bound fraction is suspect
 
 
@@ -86,21 +90,48 @@ def _target_weight_bytes(config, quantization: str | None, stored: dict[str, int
 
 
 # ---- the engines, each in its own process ---------------------------------------------------------------
-def _between_runs(gigabytes: float):
-    """A function that records the machine's read bandwidth (benchmarks.machine's probe) into `readings`, or
-    does nothing when `gigabytes` is 0: each decode run is measured against the readings right around it."""
-    from benchmarks import machine
+class _Runs:
+    """An engine's decode runs: their tokens/s, and, where the read bandwidth is probed, the readings right
+    before and right after each run ([before, after] per run)."""
 
-    readings: list[float] = []
-
-    def read():
-        if gigabytes:
-            readings.append(machine.read(gigabytes).rate)
-
-    return read, readings
+    def __init__(self):
+        self.rates: list[float] = []
+        self.around: list[list[float]] = []
 
 
-def ours(model_dir: str, fmt: str, quick: bool, layers: int, probe_gigabytes: float = 0.0) -> dict:
+class _Probe:
+    """The machine's read bandwidth (benchmarks.machine's probe) read between decode runs, or never when
+    `gigabytes` is 0. Runs of two engines that alternate share the readings between them."""
+
+    def __init__(self, gigabytes: float):
+        self.gigabytes = gigabytes
+        self.last = self._read()
+
+    def _read(self) -> float | None:
+        from benchmarks import machine
+
+        return machine.read(self.gigabytes).rate if self.gigabytes else None
+
+    def run(self, runs: _Runs, decode) -> None:
+        """One decode run (`decode()` returns its tokens/s), recorded in `runs` with the readings around it."""
+        runs.rates.append(decode())
+        now = self._read()
+        if now is not None and self.last is not None:
+            runs.around.append([self.last, now])
+        self.last = now
+
+
+def ours(
+    model_dir: str,
+    fmt: str,
+    quick: bool,
+    layers: int,
+    probe_gigabytes: float = 0.0,
+    peer_decode: tuple[str, str] | None = None,
+) -> dict:
+    """Our engine on `model_dir` in format `fmt`. With `peer_decode` (llama-bench, GGUF), llama-bench's decode
+    runs alternate with ours (both models resident): each of its runs sits between two of ours, in the same
+    minutes, and its figures come back under "peer"."""
     import numpy as np
 
     from paddle_glm4 import GLM4ForCausalLM, kernels
@@ -113,16 +144,27 @@ def ours(model_dir: str, fmt: str, quick: bool, layers: int, probe_gigabytes: fl
     def generate(ids, new_tokens, timing=None):
         model.generate(ids, max_new_tokens=new_tokens, eos_token_id=[], streamer=timing)
 
+    def decode() -> float:
+        timing = _Timing(skip_first_put=False)
+        generate(ids, s["new_tokens"], timing)
+        return (len(timing.times) - 1) / (timing.times[-1] - timing.times[0])
+
+    def peer_run() -> float:
+        # (not its peak RSS: a child's counts the memory of the process it was forked from, ours here; the
+        # peer's comes from its own prefill process, started from the small parent)
+        assert peer_decode is not None
+        return _peer_decode(*peer_decode, s)[0]
+
     rng = np.random.default_rng(0)
     ids = rng.integers(3, vocab, (1, PROMPT)).astype("int64")
     generate(ids, 2)  # warm-up
-    rates, (read_bandwidth, readings) = [], _between_runs(probe_gigabytes)
-    read_bandwidth()
+    if peer_decode:
+        peer_run()  # its warm-up: the GGUF's pages into the page cache
+    probe, mine, theirs = _Probe(probe_gigabytes), _Runs(), _Runs()
     for _ in range(s["runs"]):
-        timing = _Timing(skip_first_put=False)
-        generate(ids, s["new_tokens"], timing)
-        rates.append((len(timing.times) - 1) / (timing.times[-1] - timing.times[0]))
-        read_bandwidth()
+        probe.run(mine, decode)
+        if peer_decode:
+            probe.run(theirs, peer_run)
     ids = rng.integers(3, vocab, (1, s["prefill"])).astype("int64")
     generate(ids, 1)
     times = []
@@ -133,44 +175,63 @@ def ours(model_dir: str, fmt: str, quick: bool, layers: int, probe_gigabytes: fl
     # bytes a decode step reads: every stored weight, packed integers and scales included, but the embedding
     # table (a lookup reads one row of it)
     stored = {name: int(np.prod(t.shape)) * t.element_size() for name, t in model.state_dict().items()}
-    return {
-        "decode": statistics.median(rates),
-        "decode_runs": rates,
-        "bandwidth_between": readings,
+    result = {
+        "decode": statistics.median(mine.rates),
+        "decode_runs": mine.rates,
+        "bandwidth_around": mine.around,
         "prefill": s["prefill"] / statistics.median(times),
         "peak_rss": _peak_rss(),
         "weight_bytes": _target_weight_bytes(model.config, quantization, stored),
         "bytes_per_token": sum(size for name, size in stored.items() if "embed_tokens" not in name),
         "kernel": kernels.isa(),
     }
+    if peer_decode:
+        result["peer"] = {
+            "decode": statistics.median(theirs.rates),
+            "decode_runs": theirs.rates,
+            "bandwidth_around": theirs.around,
+        }
+    return result
 
 
-def peer(llama_bench: str, gguf: str, quick: bool, layers: int, probe_gigabytes: float = 0.0) -> dict:
-    """llama-bench on `gguf`: pp tokens/s (the median of its runs, one call) and tg tokens/s (one call per run,
-    the read bandwidth measured between them when `probe_gigabytes`), and its peak RSS."""
+def _peer_decode(llama_bench: str, gguf: str, s: dict) -> tuple[float, int]:
+    """One llama-bench decode run (tg: s["new_tokens"] tokens): its tokens/s and its peak RSS."""
+    decode, rss = _llama_bench(_bench_command(llama_bench, gguf, 0, s["new_tokens"], 1))
+    return statistics.median(decode["samples_ts"]), rss
+
+
+def _bench_command(llama_bench: str, gguf: str, prompt: int, new_tokens: int, runs: int) -> list[str]:
+    common = ["-m", gguf, "-t", str(_threads()), "-r", str(runs), "-o", "json"]
+    return [llama_bench, *common, "-p", str(prompt), "-n", str(new_tokens)]
+
+
+def peer(
+    llama_bench: str, gguf: str, quick: bool, layers: int, probe_gigabytes: float = 0.0, decode: bool = True
+) -> dict:
+    """llama-bench on `gguf`: pp tokens/s (the median of its runs, one call) and, unless `decode` is False (its
+    decode runs alternate with ours instead, see `ours`), tg tokens/s (one call per run, the read bandwidth
+    measured between them when `probe_gigabytes`); its peak RSS."""
     s = settings(quick, layers)
-
-    def bench(prompt: int, new_tokens: int, runs: int) -> tuple[dict, int]:
-        common = ["-m", gguf, "-t", str(_threads()), "-r", str(runs), "-o", "json"]
-        return _llama_bench([llama_bench, *common, "-p", str(prompt), "-n", str(new_tokens)])
-
-    (prefill, peak), (read_bandwidth, readings) = bench(s["prefill"], 0, s["runs"]), _between_runs(probe_gigabytes)
-    rates = []
-    read_bandwidth()
-    for _ in range(s["runs"]):
-        decode, rss = bench(0, s["new_tokens"], 1)
-        rates.append(statistics.median(decode["samples_ts"]))
-        peak = max(peak, rss)
-        read_bandwidth()
-    return {
-        "decode": statistics.median(rates),
-        "decode_runs": rates,
-        "bandwidth_between": readings,
+    prefill, peak = _llama_bench(_bench_command(llama_bench, gguf, s["prefill"], 0, s["runs"]))
+    result = {
         "prefill": statistics.median(prefill["samples_ts"]),
         "peak_rss": peak,
         "build": prefill.get("build_commit"),
         "cpu_info": prefill.get("cpu_info"),
     }
+    if decode:
+        probe, runs, peaks = _Probe(probe_gigabytes), _Runs(), [peak]
+
+        def run() -> float:
+            rate, rss = _peer_decode(llama_bench, gguf, s)
+            peaks.append(rss)
+            return rate
+
+        for _ in range(s["runs"]):
+            probe.run(runs, run)
+        result.update(decode=statistics.median(runs.rates), decode_runs=runs.rates, bandwidth_around=runs.around)
+        result["peak_rss"] = max(peaks)
+    return result
 
 
 def _llama_bench(command: list[str]) -> tuple[dict, int]:
@@ -201,16 +262,18 @@ def _run(mode: str, args: list[str], quick: bool, layers: int) -> dict:
     # the engine's memory-mapped weights out of the page cache
     gigabytes = 0.25 if quick else 1.0  # 8x and 30x a 32 MB L3
     weights = _stored_bytes(args[0] if mode == "ours" else args[1])
+    if "--peer-decode" in args:  # llama.cpp's GGUF is resident beside ours
+        weights += _stored_bytes(args[args.index("--peer-decode") + 2])
     between = gigabytes if weights + gigabytes * 1e9 < machine.memory_bytes() / 2 else 0
     command += ["--probe-gigabytes", str(between)]
     load, before = os.getloadavg()[0], machine.read(gigabytes)
     done = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True)
     if done.returncode < 0:
         raise RuntimeError(
-            f"lowbit {mode} {args[-1]} was killed by signal {-done.returncode} (out of memory?):\n{done.stderr[-2000:]}"
+            f"lowbit {mode} {args[1]} was killed by signal {-done.returncode} (out of memory?):\n{done.stderr[-2000:]}"
         )
     if done.returncode:
-        raise RuntimeError(f"lowbit {mode} {args[-1]} failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"lowbit {mode} {args[1]} failed:\n{done.stderr[-3000:]}")
     after = machine.read(gigabytes)
     return {
         **json.loads(done.stdout.strip().splitlines()[-1]),
@@ -281,29 +344,78 @@ def run(
             )
         files = _prepare(workdir, config, peer_binaries, notes, quick, chosen)
         for fmt, _, kind in chosen:  # each pair back to back
-            results[fmt] = _run("ours", [files["checkpoint"], fmt], quick, layers)
-            if peer_binaries is not None:
-                results[kind] = _run("peer", [str(peer_binaries.bench), files[kind]], quick, layers)
-                results[kind]["bytes_per_token"] = sum(
-                    size for name, size in gguf_peer.tensor_bytes(files[kind]).items() if name != "token_embd.weight"
+            if peer_binaries is None:
+                results[fmt] = _run("ours", [files["checkpoint"], fmt], quick, layers)
+                continue
+            bench = str(peer_binaries.bench)
+            alternate = side_by_side(files[kind])
+            notes.append(
+                f"{fmt} vs {kind}: "
+                + (
+                    "decode runs alternated, both models resident in one process"
+                    if alternate
+                    else "one engine after the other (the two models do not fit in memory together)"
                 )
+            )
+            if alternate:  # decode runs alternate, in one process (see `ours`)
+                results[fmt] = _run(
+                    "ours", [files["checkpoint"], fmt, "--peer-decode", bench, files[kind]], quick, layers
+                )
+                prefill = _run("peer", [bench, files[kind], "--prefill-only"], quick, layers)
+                results[kind] = merge_alternated(results[fmt], prefill)
+            else:
+                results[fmt] = _run("ours", [files["checkpoint"], fmt], quick, layers)
+                results[kind] = _run("peer", [bench, files[kind]], quick, layers)
+            results[kind]["bytes_per_token"] = sum(
+                size for name, size in gguf_peer.tensor_bytes(files[kind]).items() if name != "token_embd.weight"
+            )
     method = next(iter(results.values()))["bandwidth_method"]
     notes.append(f"read bandwidth: {method}, around each decode run (row details: the readings, the runs' rates)")
     notes += drifted(results)
     return _rows(results, config, quick, flags, chosen)
 
 
+def merge_alternated(mine: dict, prefill: dict) -> dict:
+    """The peer's result from its prefill process (its peak RSS: the 512-token prompt's, the larger) and the
+    decode runs it took in ours (popped from `mine`): its decode figures and their readings, and our process's
+    readings before and after, which surround its decode runs."""
+    return {
+        **prefill,
+        **mine.pop("peer"),
+        "bandwidth_before": mine["bandwidth_before"],
+        "bandwidth_after": mine["bandwidth_after"],
+    }
+
+
+def side_by_side(gguf: str) -> bool:
+    """Whether our model and llama.cpp's `gguf` fit in memory together, with room to spare, so that their decode
+    runs can alternate: on these machines the memory's rate switches between two regimes within seconds, and
+    runs minutes apart can land in different ones. Our weights take about the GGUF's bytes (theirs carry a
+    scale per 32 weights, ours per channel or per group)."""
+    from benchmarks import machine
+
+    return 2 * _stored_bytes(gguf) + SIDE_BY_SIDE_SPARE < machine.memory_bytes()
+
+
+def _around(result: dict) -> list[list[float]]:
+    """[before, after] read-bandwidth readings of each of an engine's decode runs, where they were taken
+    between the runs, else one pair: before and after the engine's process."""
+    return result.get("bandwidth_around") or [[result["bandwidth_before"], result["bandwidth_after"]]]
+
+
 def _readings(result: dict) -> list[float]:
-    """The read-bandwidth readings around an engine's decode runs, in time order: before and after each run
-    where the engine took them, else before and after the engine."""
-    return result.get("bandwidth_between") or [result["bandwidth_before"], result["bandwidth_after"]]
+    """The readings of `_around`, in time order, each once."""
+    readings: list[float] = []
+    for before, after in _around(result):
+        readings += [after] if readings and readings[-1] == before else [before, after]
+    return readings
 
 
 def bound(result: dict) -> float:
     """Tokens/s an engine would decode at if it read its weights at the machine's read bandwidth. Each decode run
     is bounded by the higher of the readings right before and after it (so that a drop in the machine's rate
     during the run cannot flatter it); the engine by the median of its runs' bounds."""
-    highest = [max(pair) for pair in itertools.pairwise(_readings(result))]
+    highest = [max(pair) for pair in _around(result)]
     return statistics.median(highest) / result["bytes_per_token"]
 
 
@@ -418,6 +530,22 @@ if __name__ == "__main__":
         default=0.0,
         help="measure the read bandwidth with a buffer this large before and after each decode run (0: never)",
     )
+    parser.add_argument(
+        "--peer-decode",
+        nargs=2,
+        metavar=("LLAMA_BENCH", "GGUF"),
+        help="ours: alternate llama-bench's decode runs on GGUF with ours, both models resident",
+    )
+    parser.add_argument(
+        "--prefill-only", action="store_true", help="peer: prefill only (its decode runs alternate with ours)"
+    )
     args = parser.parse_args()
-    engine = ours if args.mode == "ours" else peer
-    print(json.dumps(engine(args.path, args.target, args.quick, args.layers, args.probe_gigabytes)))
+    if args.mode == "ours":
+        if args.prefill_only:
+            parser.error("--prefill-only is the peer's")
+        result = ours(args.path, args.target, args.quick, args.layers, args.probe_gigabytes, args.peer_decode)
+    else:
+        if args.peer_decode:
+            parser.error("--peer-decode is ours")
+        result = peer(args.path, args.target, args.quick, args.layers, args.probe_gigabytes, not args.prefill_only)
+    print(json.dumps(result))

@@ -2,6 +2,7 @@
 benchmark turns its before / after readings into a bound. No speed is asserted: a rate is only checked to be a
 rate, and every path's correctness rests on the probe's own check that it read each word of its buffer once."""
 
+import itertools
 import json
 import os
 import subprocess
@@ -115,11 +116,12 @@ def test_the_machine_figures_name_how_the_bandwidth_was_read():
 
 # ---- the low-bit benchmark's bound ----------------------------------------------------------------------------
 def _engine(before: float, after: float, decode: float = 10.0, per_token: float = 2e9, between=()) -> dict:
+    """An engine's result; `between`: readings taken between its consecutive decode runs."""
     runs = max(len(between) - 1, 1)
     return {
         "bandwidth_before": before,
         "bandwidth_after": after,
-        "bandwidth_between": list(between),
+        "bandwidth_around": [list(pair) for pair in itertools.pairwise(between)],
         "decode": decode,
         "decode_runs": [decode] * runs,
         "bytes_per_token": per_token,
@@ -200,12 +202,69 @@ def test_the_peer_reads_the_bandwidth_around_each_decode_run_and_its_peak_rss_is
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["decode_runs"] == [7.5, 7.5, 7.5] and result["decode"] == 7.5 and result["prefill"] == 7.5
-    assert len(result["bandwidth_between"]) == 4 and min(result["bandwidth_between"]) > 0
+    around = result["bandwidth_around"]
+    assert len(around) == 3 and min(min(pair) for pair in around) > 0
+    assert [pair[0] for pair in around[1:]] == [pair[1] for pair in around[:-1]]  # one reading between two runs
     assert 0 < result["peak_rss"] < 200e6  # the small parent's memory at fork counts, the probe's does not
 
 
+def test_the_peer_prefill_only_runs_no_decode(fake_llama_bench):
+    result = lowbit.peer(fake_llama_bench, "model.gguf", quick=True, layers=2, decode=False)
+    assert result["prefill"] == 7.5 and "decode" not in result and "decode_runs" not in result
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    from benchmarks.full_depth import write_random_checkpoint
+
+    directory = tmp_path_factory.mktemp("lowbit_tiny")
+    write_random_checkpoint(str(directory), lowbit.lowbit_config(True, 2))
+    return str(directory)
+
+
+def test_the_peers_decode_runs_alternate_with_ours_between_the_same_readings(tiny_checkpoint, fake_llama_bench):
+    """With --peer-decode, our process runs llama-bench's decode runs between its own: each reading between two
+    runs is the one after the first and the one before the second."""
+    peer = ["--peer-decode", fake_llama_bench, "model.gguf", "--probe-gigabytes", "0.1"]
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.lowbit", "ours", tiny_checkpoint, "int4", "--quick", *peer],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": ROOT},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    peer = result["peer"]
+    assert peer["decode_runs"] == [7.5] and peer["decode"] == 7.5
+    assert len(result["decode_runs"]) == 1 and result["decode"] > 0
+    (mine,), (theirs,) = result["bandwidth_around"], peer["bandwidth_around"]
+    assert mine[1] == theirs[0] and min(mine + theirs) > 0  # ours, a reading, then the peer's run
+
+
+def test_the_peer_takes_its_alternated_decode_runs_and_the_readings_around_them():
+    mine = {**_engine(30e9, 36e9), "peer": {"decode": 8.0, "decode_runs": [8.0], "bandwidth_around": [[1, 2]]}}
+    prefill = {"prefill": 90.0, "peak_rss": 2e9, "build": "abc", "bandwidth_before": 20e9, "bandwidth_after": 21e9}
+    theirs = lowbit.merge_alternated(mine, prefill)
+    assert "peer" not in mine
+    assert theirs["decode"] == 8.0 and theirs["prefill"] == 90.0 and theirs["peak_rss"] == 2e9
+    assert theirs["bandwidth_around"] == [[1, 2]] and theirs["build"] == "abc"
+    assert (theirs["bandwidth_before"], theirs["bandwidth_after"]) == (30e9, 36e9)  # ours: around its runs
+
+
+def test_two_models_alternate_only_where_both_fit_in_memory(tmp_path, monkeypatch):
+    gguf = tmp_path / "model.gguf"
+    with open(gguf, "wb") as f:
+        f.truncate(10 << 30)  # sparse: the size is what counts
+    monkeypatch.setattr(machine, "memory_bytes", lambda: 24 << 30)
+    assert lowbit.side_by_side(str(gguf))  # GLM-4-9B in Q8_0 at 40 layers: 10 GB twice, and room
+    monkeypatch.setattr(machine, "memory_bytes", lambda: 20 << 30)
+    assert not lowbit.side_by_side(str(gguf))
+
+
 def test_the_peer_without_probe_takes_no_reading(fake_llama_bench):
-    assert lowbit.peer(fake_llama_bench, "model.gguf", quick=True, layers=2)["bandwidth_between"] == []
+    assert lowbit.peer(fake_llama_bench, "model.gguf", quick=True, layers=2)["bandwidth_around"] == []
 
 
 def test_a_failing_llama_bench_is_reported_with_its_error(tmp_path):
