@@ -253,6 +253,18 @@ def test_the_peer_takes_its_alternated_decode_runs_and_the_readings_around_them(
     assert (theirs["bandwidth_before"], theirs["bandwidth_after"]) == (30e9, 36e9)  # ours: around its runs
 
 
+def test_an_engines_rounds_are_pooled_run_by_run():
+    first = {**_engine(30e9, 31e9, decode=2.0), "decode_runs": [1.0, 2.0, 3.0], "prefill": 10.0, "peak_rss": 5}
+    second = {**_engine(50e9, 52e9, decode=5.0), "decode_runs": [4.0, 5.0, 6.0], "prefill": 14.0, "peak_rss": 7}
+    both = lowbit.pooled([first, second])
+    assert both["decode_runs"] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0] and both["decode"] == 3.5
+    assert both["prefill"] == 12.0 and both["peak_rss"] == 7
+    assert both["bandwidth_around"] == [[30e9, 31e9], [50e9, 52e9]]  # each process's, before and after
+    assert (both["bandwidth_before"], both["bandwidth_after"]) == (30e9, 52e9)
+    assert lowbit.bound(both) == pytest.approx((31e9 + 52e9) / 2 / 2e9)  # the median of the two higher readings
+    assert lowbit.pooled([first]) is first
+
+
 def test_two_models_alternate_only_where_both_fit_in_memory(tmp_path, monkeypatch):
     gguf = tmp_path / "model.gguf"
     with open(gguf, "wb") as f:
