@@ -201,9 +201,9 @@ def test_the_peer_reads_the_bandwidth_around_each_decode_run_and_its_peak_rss_is
     )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
-    assert result["decode_runs"] == [7.5, 7.5, 7.5] and result["decode"] == 7.5 and result["prefill"] == 7.5
+    assert result["decode_runs"] == [7.5] * 5 and result["decode"] == 7.5 and result["prefill"] == 7.5
     around = result["bandwidth_around"]
-    assert len(around) == 3 and min(min(pair) for pair in around) > 0
+    assert len(around) == 5 and min(min(pair) for pair in around) > 0
     assert [pair[0] for pair in around[1:]] == [pair[1] for pair in around[:-1]]  # one reading between two runs
     assert 0 < result["peak_rss"] < 200e6  # the small parent's memory at fork counts, the probe's does not
 
