@@ -445,18 +445,15 @@ struct RowChunks {
   const uint8_t* at(int64_t offset) const { return offset < full ? row + offset : last; }
 };
 
-// How far ahead of the dots the weight stream is prefetched: the hardware prefetchers alone left a one-row GEMV
-// of K = 13696 int4 at 2.0-2.3 ms, 1.75 ms 2 KB ahead (one thread); on two threads streaming from memory 4 KB
-// beat 2 KB in 7 of 8 alternated pairs (lm_head int8 25 vs 28-37 ms; benchmarks/NOTES.md). Non-temporal (NTA),
-// as the weights are read once (fetched as ordinary lines, T0, they likely evict the activations every row
-// reads again): a decode step's four bf16 GEMVs (10 layers' worth, 2 threads, alternated 8 times) streamed at
-// 33.8 against 31.8 GB/s; int8 and int4 the same either way.
+// How far ahead of the dots the weight stream is prefetched (into L1): the hardware prefetchers alone left a
+// one-row GEMV of K = 13696 int4 at 2.0-2.3 ms, 1.75 ms 2 KB ahead (one thread); on two threads streaming from
+// memory 4 KB beat 2 KB in 7 of 8 alternated pairs (lm_head int8 25 vs 28-37 ms; benchmarks/NOTES.md).
 constexpr int64_t kPrefetchBytes = 4096;
 
 #if GLM4_X86
 // Prefetching past the end of the weights is harmless: a prefetch never faults.
 inline void prefetch_weights(const RowChunks& rc, int64_t at) {
-  _mm_prefetch(reinterpret_cast<const char*>(rc.row + at + kPrefetchBytes), _MM_HINT_NTA);
+  _mm_prefetch(reinterpret_cast<const char*>(rc.row + at + kPrefetchBytes), _MM_HINT_T0);
 }
 #endif
 
