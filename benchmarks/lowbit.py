@@ -60,10 +60,17 @@ DRIFT = 0.15  # the read bandwidth after an engine this far from the one before 
 
 def settings(quick: bool, layers: int) -> dict:
     if quick:
-        return {"layers": layers, "prefill": 32, "new_tokens": 4, "runs": 1, "decode_runs": 1}
+        return {"layers": layers, "prefill": 32, "new_tokens": 4, "runs": 1, "decode_runs": 1, "settle": 0.0}
     # at 40 layers a bf16 token takes ~1 s: fewer decode steps, as every one costs the same; more decode runs
     # than prefill runs, as the memory's rate (decode's bound) switches within seconds
-    return {"layers": layers, "prefill": 512, "new_tokens": 64 if layers <= 2 else 16, "runs": 3, "decode_runs": 5}
+    return {
+        "layers": layers,
+        "prefill": 512,
+        "new_tokens": 64 if layers <= 2 else 16,
+        "runs": 3,
+        "decode_runs": 5,
+        "settle": 3.0,  # seconds between alternated runs
+    }
 
 
 def lowbit_config(quick: bool, layers: int):
@@ -166,7 +173,12 @@ def ours(
     for _ in range(s["decode_runs"]):
         probe.run(mine, decode)
         if peer_decode:
+            # llama-bench loads its model at each run (at Q4_0 also a repacked copy: RSS 10.2 GB at 40 layers)
+            # and frees it as it exits; the kernel's reclaim and compaction that follow are given time to end
+            # rather than fall on the next run (40-layer int4, without: ours 7.0, 6.9, 6.1, then 4.7 and 5.2)
+            time.sleep(s["settle"])
             probe.run(theirs, peer_run)
+            time.sleep(s["settle"])
     ids = rng.integers(3, vocab, (1, s["prefill"])).astype("int64")
     generate(ids, 1)
     times = []
