@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,22 @@ from paddle_glm4 import GLM4Config
 
 REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "glm4_reference"
 CHAT_REFERENCE = REFERENCE_DIR / "glm-4-9b-chat"
+PROJECT = str(Path(__file__).resolve().parents[1])  # the checkout under test
+
+
+def run_python_json(args: list[str], timeout: float) -> dict:
+    """`python ARGS` in a fresh process, in the project with its package importable; it must succeed, and its
+    last line of output is returned, parsed as JSON."""
+    done = subprocess.run(
+        [sys.executable, *args],
+        cwd=PROJECT,
+        env={**os.environ, "PYTHONPATH": PROJECT},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def requires_reference(*files: str):

@@ -6,17 +6,16 @@ decoding faster is a benchmark's question (benchmarks/NOTES.md), not a test's.""
 from __future__ import annotations
 
 import ctypes
-import json
 import mmap
 import os
 import platform
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
 import paddle_glm4
+from conftest import run_python_json
 from paddle_glm4 import huge_pages
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(paddle_glm4.__file__)))
@@ -176,15 +175,7 @@ def test_from_pretrained_leaves_the_weights_it_copied_in_huge_pages(tmp_path, qu
         eos_token_id=[1, 2],
     )
     write_random_checkpoint(str(tmp_path), config)
-    done = subprocess.run(
-        [sys.executable, "-c", LOAD, str(tmp_path), quantization],
-        env={**os.environ, "PYTHONPATH": ROOT},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    weights = json.loads(done.stdout.strip().splitlines()[-1])
+    weights = run_python_json(["-c", LOAD, str(tmp_path), quantization], timeout=600)
     copied = {name for name in weights if name != "model.embed_tokens.weight"}  # the table stays mapped
     # bf16: gate_up (1024 x 8192) and lm_head (1024 x 8192) hold whole 2 MB pages, int4 the same two at a
     # quarter of the bytes

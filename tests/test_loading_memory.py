@@ -5,15 +5,14 @@ embedding table stays mapped when the Linear weights are quantized at load."""
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
 import paddle_glm4
+from conftest import run_python_json
 from paddle_glm4.quantization import CONVERT_BLOCK_BYTES, Dense, Packed, Rows, convert
 from paddle_glm4.safetensors_file import SafetensorsError, SafetensorsReader, SafetensorsWriter
 
@@ -131,15 +130,7 @@ def test_quantizing_glm4_at_load_peaks_at_the_weights_plus_a_block(glm4_width_ch
     by the quantized weights plus ALLOWANCE while loading, not by the weights plus a mapped bf16 source; the
     bf16 table stays in the file, mapped (nothing looks it up here), not quantized into memory."""
     assert ALLOWANCE > 4 * CONVERT_BLOCK_BYTES
-    done = subprocess.run(
-        [sys.executable, "-c", LOAD, str(glm4_width_checkpoint), quantization],
-        env={**os.environ, "PYTHONPATH": ROOT},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    figures = run_python_json(["-c", LOAD, str(glm4_width_checkpoint), quantization], timeout=600)
     print(
         f"{quantization}: loading raised the peak RSS by {figures['rise'] / 1e9:.2f} GB, "
         f"for {figures['weights'] / 1e9:.2f} GB of weights beside the mapped table"

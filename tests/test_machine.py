@@ -3,15 +3,14 @@ benchmark turns its before / after readings into a bound. No speed is asserted: 
 rate, and every path's correctness rests on the probe's own check that it read each word of its buffer once."""
 
 import itertools
-import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from benchmarks import lowbit, machine
+from conftest import run_python_json
 
 ROOT = str(Path(__file__).resolve().parents[1])
 
@@ -191,16 +190,9 @@ def fake_llama_bench(tmp_path):
 
 def test_the_peer_reads_the_bandwidth_around_each_decode_run_and_its_peak_rss_is_llama_benchs_own(fake_llama_bench):
     """In its own small process, as the benchmark runs it: the probe's 300 MB buffer is not llama-bench's."""
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.lowbit", "peer", fake_llama_bench, "model.gguf", "--probe-gigabytes", "0.3"],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": ROOT},
-        capture_output=True,
-        text=True,
-        timeout=120,
+    result = run_python_json(
+        ["-m", "benchmarks.lowbit", "peer", fake_llama_bench, "model.gguf", "--probe-gigabytes", "0.3"], timeout=120
     )
-    assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout)
     assert result["decode_runs"] == [7.5] * 5 and result["decode"] == 7.5 and result["prefill"] == 7.5
     around = result["bandwidth_around"]
     assert len(around) == 5 and min(min(pair) for pair in around) > 0
@@ -226,16 +218,8 @@ def test_the_peers_decode_runs_alternate_with_ours_between_the_same_readings(tin
     """With --peer-decode, our process runs llama-bench's decode runs between its own: each reading between two
     runs is the one after the first and the one before the second."""
     peer = ["--peer-decode", fake_llama_bench, "model.gguf", "--probe-gigabytes", "0.1"]
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.lowbit", "ours", tiny_checkpoint, "int4", "--quick", *peer],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": ROOT},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    ours = ["-m", "benchmarks.lowbit", "ours", tiny_checkpoint, "int4", "--quick"]
+    result = run_python_json([*ours, *peer], timeout=300)
     peer = result["peer"]
     assert peer["decode_runs"] == [7.5] and peer["decode"] == 7.5
     assert len(result["decode_runs"]) == 1 and result["decode"] > 0
