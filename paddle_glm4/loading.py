@@ -8,7 +8,8 @@ fit in memory (memory.py), create the parameters empty, check every header, then
 tensor at a time. A Linear whose checkpoint tensors are already in the held format takes them without a copy
 (memory-mapped); otherwise they are converted a block of rows at a time (bf16 transposed to the kernels'
 layout, or quantized), so peak memory is the model plus one block. Last, the weights copied in are moved into
-2 MB pages, which a decode step streams faster (huge_pages.py).
+2 MB pages, which a decode step streams faster (huge_pages.py), and, on CPU, the C library is told to keep the
+large blocks freed from then on for reuse (device.reuse_freed_memory).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from converters import mapping
 
 from . import checkpoint, huge_pages, memory
 from .config import CONFIG_NAME, GLM4Config
-from .device import on_gpu, use_all_cores
+from .device import on_gpu, reuse_freed_memory, use_all_cores
 from .generation import GENERATION_CONFIG_NAME, GenerationConfig
 from .linear import Linear, load_weight
 from .quantization import (
@@ -103,6 +104,8 @@ def from_pretrained(
         tensor_parallel.wait_for_all(layout.degree)
     model.generation_config = GenerationConfig.from_model(config, path)
     model.eval()
+    if not gpu:
+        reuse_freed_memory()
     return model
 
 
