@@ -17,7 +17,7 @@ import paddle
 import paddle.inference as paddle_infer
 
 from .. import generation, memory
-from ..device import use_all_cores
+from ..device import reuse_freed_memory, use_all_cores
 from ..generation import GenerationConfig
 from ..kv_cache import KVCache
 from ..sequences import Sequences
@@ -63,6 +63,8 @@ class Predictor:
                 raise ExportError(f"{export_dir}: the program's inputs are not those its manifest lists")
             if config.mkldnn_enabled():  # oneDNN prints at a program's first run: make it happen here
                 self.session().prefill(paddle.zeros([1, 1], dtype="int64"), None, None, 1)
+        if device == "cpu":  # its weights loaded, as from_pretrained does
+            reuse_freed_memory()
 
     def _use_cpu(self, config, threads: int | None):
         # Paddle's own CPU kernels (MKL's GEMM) unless oneDNN's bf16 mode is asked for: on this project's CPUs
