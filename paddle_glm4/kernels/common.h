@@ -539,7 +539,11 @@ inline void gemv(const Weights& w, const Acts& a, const DotKernels& dots, const 
 // once, then every activation row passes through them in register blocks (the rows' block of activations
 // stays in L1 while it meets each tile): y[m, panel] += scale * (x[m, block] . tile).
 constexpr int64_t kPanel = 32;       // channels per panel (two 16-float vectors per row in the micro-kernels)
-constexpr int64_t kBlockK = 256;     // k per block for bf16/int8: a 16-32 KB tile, L1-sized
+// k per block for bf16/int8 (and int4's int8 tiles). Larger than L1 by measurement: 512 rows, 2 threads, GFLOP/s
+// at 256 / 1024 k, alternated in one process: bf16 gate_up 357-362 / 369-374, down 362-365 / 393-398, int8 qkv
+// 701-712 / 737-742, int4 down 630-637 / 668-675; int4 at 64 rows 364-380 / 464-508. Each block's micro-kernel
+// calls load and store their outputs once, and each tile reads its 32 weight rows in runs of 2 KB, not 512 B.
+constexpr int64_t kBlockK = 1024;
 enum Tile { kTileF32 = 0, kTileBf16 = 1, kTileI8 = 2 };
 
 // A tile of T holds tile_units(kb) units of kPanel columns x (4 / sizeof(T)) consecutive k; columns past the
