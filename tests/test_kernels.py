@@ -138,7 +138,7 @@ def test_group_sizes_without_simd_chunks(fmt, group):
 
 @pytest.mark.parametrize("fmt, group", [("int8", 0), ("int4", 128), ("int4", 64)])
 def test_int8_tiles_with_several_groups_per_block(fmt, group):
-    # past 32 rows int8 activations take the GEMM's int8 tiles, whose k-blocks hold several int4 groups (1024 k):
+    # past 16 rows int8 activations take the GEMM's int8 tiles, whose k-blocks hold several int4 groups (1024 k):
     # K = 1452 ends in a block of 428 = 3 x 128 + 44 (6 x 64 + 44), a short last group inside a block
     check_all(40, 1024 + 428, 37, fmt, group or 128, seed=5)
     check_all(33, 1024 + 4, 5, fmt, group or 128, seed=6, threads=(2,))  # a last block of one unit

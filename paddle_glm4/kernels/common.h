@@ -644,14 +644,15 @@ void decode_scalar_f32(const Weights& w, int64_t n0, int64_t nr, int64_t k0, int
 }
 
 // ---- Choosing a path -------------------------------------------------------------------------------------
-// More rows than this go through the GEMM driver. By measurement (gate_up, 2 threads, same runs): at 5 and 8
-// rows the GEMV beat the GEMM on every float-activation path (bf16 vdpbf16ps 25-32 vs 37-55 ms, AVX2 bf16 /
-// int8 / int4 float32 41-56 / 41 / 29-36 vs 63-73 ms); at 16 rows they tie (bf16 52 vs 50 ms).
-constexpr int64_t kGemvMaxRows = 8;
+// More rows than this go through the GEMM driver. By measurement (gate_up, 2 threads, forced either way and
+// alternated in one process, GEMV / GEMM ms): bf16 vdpbf16ps 8 rows 12-13 / 22-23, 16 rows 22-27 / 27-29, 24
+// rows 30 / 31-34 in one run and 77 / 53 in another, 32 rows 95 / 62; AVX2 float32 activations, bf16 16 rows
+// 46 / 54, int4 16 rows 37-39 / 47-49.
+constexpr int64_t kGemvMaxRows = 16;
 // Integer activations stay on the GEMV dots up to this many rows, then take the vpdpbusd GEMM (VNNI only):
-// gate_up, 2 threads, GEMV / GEMM ms: int8 16 rows 22.7 / 39.9, 32 rows 37.9 / 49.4, 64 rows 105 / 68;
-// int4 16 rows 28.3 / 41.4, 32 rows 38.8 / 51.4, 64 rows 77 / 75, 128 rows 158 / 125.
-constexpr int64_t kInt8GemvMaxRows = 32;
+// gate_up, 2 threads, GEMV / GEMM ms, same runs: int8 16 rows 17.2-17.7 / 16.9-17.3, 24 rows 25.1-25.4 / 19.6-19.8,
+// 32 rows 33 / 22; int4 16 rows 11.5-12.2 / 14.7-15.3, 24 rows 19.2-20.7 / 17.0-18.2, 32 rows 23.4 / 21.1.
+constexpr int64_t kInt8GemvMaxRows = 16;
 
 struct Plan {
   DotKernels dots;         // GEMV
