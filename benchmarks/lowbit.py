@@ -169,6 +169,7 @@ def ours(
     generate(ids, 2)  # warm-up
     if peer_decode:
         peer_run()  # its warm-up: the GGUF's pages into the page cache
+        time.sleep(s["settle"])  # as after each of its runs below: it freed its model as it exited
     probe, mine, theirs = _Probe(probe_gigabytes), _Runs(), _Runs()
     for _ in range(s["decode_runs"]):
         probe.run(mine, decode)
