@@ -445,15 +445,22 @@ struct RowChunks {
   const uint8_t* at(int64_t offset) const { return offset < full ? row + offset : last; }
 };
 
-// How far ahead of the dots the weight stream is prefetched (into L1): the hardware prefetchers alone left a
-// one-row GEMV of K = 13696 int4 at 2.0-2.3 ms, 1.75 ms 2 KB ahead (one thread); on two threads streaming from
-// memory 4 KB beat 2 KB in 7 of 8 alternated pairs (lm_head int8 25 vs 28-37 ms; benchmarks/NOTES.md).
-constexpr int64_t kPrefetchBytes = 4096;
+// The int4 VNNI and the AVX2 bf16 and int8 dots prefetch their weight stream kPrefetchBytes ahead, into L2
+// only (_MM_HINT_T1). Measured one row at a time on rotating weight copies in 2 MB pages, as a loaded model's
+// are, 2 threads, alternated in one process (2026-12-01): prefetched into L1 (T0, 4 KB ahead, before) the
+// stream's lines pushed the activations out of L1 where a row of them is long, and the int4 down projection
+// (K = 13696: 13.7 KB of int8 activations) read 28 GB/s where the other shapes read 31-35; into L2, 6 KB ahead,
+// 32-40 GB/s (+13-42%), the other shapes within 2% (4 KB ahead: 5-8% slower than 6 KB; 8 and 16 KB no better).
+// The AVX2 dots (forced on an AVX-512 machine): bf16 +13-69%, int8 -4..+13% (down). Where the hardware
+// prefetchers keep up alone, the instructions only cost: the VNNI int8 dot reads 1-10% faster without any
+// (15% against T1 when the memory ran at 50 GB/s), the AVX-512 bf16 one -3..+11% (and slower in a 2-layer
+// decode), the AVX2 int4 ones 4-8% slower on every shape but down: those do not prefetch.
+constexpr int64_t kPrefetchBytes = 6144;
 
 #if GLM4_X86
 // Prefetching past the end of the weights is harmless: a prefetch never faults.
 inline void prefetch_weights(const RowChunks& rc, int64_t at) {
-  _mm_prefetch(reinterpret_cast<const char*>(rc.row + at + kPrefetchBytes), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(rc.row + at + kPrefetchBytes), _MM_HINT_T1);
 }
 #endif
 

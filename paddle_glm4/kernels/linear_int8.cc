@@ -63,6 +63,7 @@ GLM4_AVX2 void dot_i8_avx2(const Weights& w, int64_t n, const Acts& a, int64_t m
   alignas(32) uint8_t buf[32];
   const RowChunks rc = row_chunks(w, n, 32, buf);
   for (int64_t at = 0; at < w.row_bytes; at += 32) {
+    prefetch_weights(rc, at);
     const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rc.at(at)));
     const __m256i aq = _mm256_abs_epi8(q);
     for (int i = 0; i < MR; ++i) {
@@ -89,7 +90,6 @@ GLM4_VNNI void dot_i8_vnni(const Weights& w, int64_t n, const Acts& a, int64_t m
   alignas(64) uint8_t buf[64];
   const RowChunks rc = row_chunks(w, n, 64, buf);
   for (int64_t at = 0; at < w.row_bytes; at += 64) {
-    prefetch_weights(rc, at);
     const __m512i q = _mm512_loadu_si512(rc.at(at));
     qsum = _mm512_dpbusd_epi32(qsum, ones, q);
     for (int i = 0; i < MR; ++i) acc[i] = _mm512_dpbusd_epi32(acc[i], _mm512_loadu_si512(xs[i] + at), q);
