@@ -89,7 +89,9 @@ GLM4_VNNI void dot_i8_vnni(const Weights& w, int64_t n, const Acts& a, int64_t m
   const __m512i ones = _mm512_set1_epi8(1);
   alignas(64) uint8_t buf[64];
   const RowChunks rc = row_chunks(w, n, 64, buf);
+  const bool prefetch = prefetch_avx512_dots();
   for (int64_t at = 0; at < w.row_bytes; at += 64) {
+    if (prefetch) prefetch_weights(rc, at);
     const __m512i q = _mm512_loadu_si512(rc.at(at));
     qsum = _mm512_dpbusd_epi32(qsum, ones, q);
     for (int i = 0; i < MR; ++i) acc[i] = _mm512_dpbusd_epi32(acc[i], _mm512_loadu_si512(xs[i] + at), q);
