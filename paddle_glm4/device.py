@@ -65,6 +65,7 @@ prefer_mkl_avx2_on_amd()
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 REUSED_BLOCK = 256 << 20  # the largest freed block kept for reuse; a 512-token chunk's largest activation is 56 MB
+THRESHOLDS = ("mmap_threshold", "trim_threshold")  # as GLIBC_TUNABLES names them; MALLOC_<NAME>_ in upper case
 
 
 def reuse_freed_memory() -> bool:
@@ -76,19 +77,25 @@ def reuse_freed_memory() -> bool:
     them in 4 KB at a time and zeroed every page: 31k page faults per 512-token prefill at GLM-4-9B's width, and
     with the blocks kept, none and 5-8% more tokens/s (benchmarks/NOTES.md). The heap's free top is given back
     beyond twice that size, glibc's own ratio. Called once the weights are loaded, which keep their own
-    mappings. Only under glibc, and never over a MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_ the user set.
+    mappings. Only where glibc's malloc is the one in use (not another C library, nor an allocator put in front
+    of it with LD_PRELOAD), and never over a threshold the user set (MALLOC_MMAP_THRESHOLD_,
+    MALLOC_TRIM_THRESHOLD_ or their GLIBC_TUNABLES names).
     """
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") or os.environ.get("MALLOC_TRIM_THRESHOLD_"):
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if any(os.environ.get(f"MALLOC_{name.upper()}_") or f"glibc.malloc.{name}" in tunables for name in THRESHOLDS):
         return False
     import ctypes
 
     try:
-        libc = ctypes.CDLL(None)
+        process = ctypes.CDLL(None)  # the symbols as the process resolves them
+        if not hasattr(process, "gnu_get_libc_version"):  # another C library: its mallopt takes other parameters
+            return False
+        glibc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
-    if not hasattr(libc, "gnu_get_libc_version"):  # another C library: its mallopt takes other parameters
-        return False
-    mallopt = libc.mallopt
+    if ctypes.cast(process.malloc, ctypes.c_void_p).value != ctypes.cast(glibc.malloc, ctypes.c_void_p).value:
+        return False  # another allocator was preloaded: glibc's thresholds would not apply to it
+    mallopt = glibc.mallopt
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return bool(mallopt(M_MMAP_THRESHOLD, REUSED_BLOCK) and mallopt(M_TRIM_THRESHOLD, 2 * REUSED_BLOCK))
 
