@@ -29,6 +29,7 @@ def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PADDLE_", "FLAGS_selected"))}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     env["GLOG_minloglevel"] = "2"
+    env["PYTHONFAULTHANDLER"] = "1"  # a rank killed by a signal (an abort in C++) prints where each thread was
     return env
 
 
