@@ -21,6 +21,7 @@
 #include <new>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include <pthread.h>
@@ -289,10 +290,48 @@ inline float round_half_even(float v) {
   return (v + kMagic) - kMagic;
 }
 
+#if GLM4_X86
+// evens[i] = v[2i], odds[i] = v[2i + 1] for n values, n a multiple of 32 (int4's GEMV layout, Acts::perm).
+GLM4_AVX2 inline void deinterleave_i8_avx2(const int8_t* v, int64_t n, int8_t* evens, int8_t* odds) {
+  // within each 128-bit lane: its 8 even bytes, then its 8 odd ones; then the lanes' halves regrouped
+  const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15, 0, 2, 4, 6, 8, 10, 12,
+                                         14, 1, 3, 5, 7, 9, 11, 13, 15);
+  for (int64_t i = 0; i < n; i += 32) {
+    const __m256i s = _mm256_shuffle_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + i)), split);
+    const __m256i halves = _mm256_permute4x64_epi64(s, 0xD8);  // evens of both lanes, then odds of both
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(evens + i / 2), _mm256_castsi256_si128(halves));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(odds + i / 2), _mm256_extracti128_si256(halves, 1));
+  }
+}
+
+// The sum of n int8 values.
+GLM4_AVX2 inline int32_t sum_i8_avx2(const int8_t* v, int64_t n) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc = _mm256_setzero_si256();
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) {
+    const __m256i wide = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v + k)));
+    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(wide, ones));
+  }
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  int32_t sum = _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
+  for (; k < n; ++k) sum += v[k];
+  return sum;
+}
+#endif
+
+inline int32_t sum_i8_scalar(const int8_t* v, int64_t n) {
+  int32_t sum = 0;
+  for (int64_t k = 0; k < n; ++k) sum += v[k];
+  return sum;
+}
+
 // Stores row m's values (natural order) where the layout puts them: whole runs at once where they are
-// contiguous.
+// contiguous. `simd`: int8 values in perm order are split by AVX2 shuffles, whole chunks at a time (a
+// decode step's rows are few: the scalar loop below was most of a one-row call's fixed cost).
 template <class T>
-void store_row(const Acts& a, std::vector<T>& data, int64_t m, const T* values) {
+void store_row(const Acts& a, std::vector<T>& data, int64_t m, const T* values, bool simd = false) {
   if (a.block) {
     for (int64_t k0 = 0; k0 < a.K; k0 += a.block)
       std::memcpy(data.data() + a.block_start(m, k0), values + k0, sizeof(T) * std::min(a.block, a.K - k0));
@@ -301,7 +340,15 @@ void store_row(const Acts& a, std::vector<T>& data, int64_t m, const T* values) 
   } else {  // each chunk of perm: its even elements, then its odd ones (Acts::index, without a division each)
     T* out = data.data() + m * a.Kp;
     const int64_t half = a.perm / 2;
-    for (int64_t base = 0; base < a.K; base += a.perm)
+    int64_t base = 0;
+#if GLM4_X86
+    if constexpr (std::is_same_v<T, int8_t>)
+      if (simd && a.perm % 32 == 0)
+        for (; base + a.perm <= a.K; base += a.perm)
+          deinterleave_i8_avx2(values + base, a.perm, out + base, out + base + half);
+#endif
+    (void)simd;
+    for (; base < a.K; base += a.perm)
       for (int64_t j = 0; j < std::min(a.perm, a.K - base); ++j) out[base + (j & 1) * half + j / 2] = values[base + j];
   }
 }
@@ -405,14 +452,18 @@ inline Acts prepare_acts(const float* x, int64_t M, int64_t K, int act, bool wan
 #endif
       if (!gemm_block)
         for (int64_t g = 0; g < groups; ++g) {
-          int32_t sum = 0;
-          for (int64_t k = g * group; k < std::min(K, (g + 1) * group); ++k) sum += q[k];
+          const int64_t k0 = g * group, n = std::min(K, k0 + group) - k0;
+#if GLM4_X86
+          const int32_t sum = simd ? sum_i8_avx2(q.data() + k0, n) : sum_i8_scalar(q.data() + k0, n);
+#else
+          const int32_t sum = sum_i8_scalar(q.data() + k0, n);
+#endif
           a.gsum[m * groups + g] = sum;
           a.gsum8[m * groups + g] = 8.f * static_cast<float>(sum);
         }
       if (a.biased)  // q + 128 in two's complement bits: q with its sign bit flipped
         for (int64_t k = 0; k < K; ++k) q[k] = static_cast<int8_t>(static_cast<uint8_t>(q[k]) ^ 0x80);
-      store_row(a, a.q, m, q.data());
+      store_row(a, a.q, m, q.data(), simd);
       return;
     }
     if (want_bf16_bits || act == kBf16) {
