@@ -291,6 +291,18 @@ inline float round_half_even(float v) {
 }
 
 #if GLM4_X86
+GLM4_AVX2 inline float hsum_avx2(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+GLM4_AVX2 inline int32_t hsum_epi32_avx2(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
+}
+
 // evens[i] = v[2i], odds[i] = v[2i + 1] for n values, n a multiple of 32 (int4's GEMV layout, Acts::perm).
 GLM4_AVX2 inline void deinterleave_i8_avx2(const int8_t* v, int64_t n, int8_t* evens, int8_t* odds) {
   // within each 128-bit lane: its 8 even bytes, then its 8 odd ones; then the lanes' halves regrouped
@@ -313,9 +325,7 @@ GLM4_AVX2 inline int32_t sum_i8_avx2(const int8_t* v, int64_t n) {
     const __m256i wide = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v + k)));
     acc = _mm256_add_epi32(acc, _mm256_madd_epi16(wide, ones));
   }
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-  int32_t sum = _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
+  int32_t sum = hsum_epi32_avx2(acc);
   for (; k < n; ++k) sum += v[k];
   return sum;
 }
@@ -551,20 +561,6 @@ template <int MR, class T>
 inline void row_pointers(const std::vector<T>& data, const Acts& a, int64_t m0, const T* (&rows)[MR]) {
   for (int i = 0; i < MR; ++i) rows[i] = data.data() + (m0 + i) * a.Kp;
 }
-
-#if GLM4_X86
-GLM4_AVX2 inline float hsum_avx2(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
-GLM4_AVX2 inline int32_t hsum_epi32_avx2(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-  return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
-}
-#endif
 
 // ---- GEMV driver -----------------------------------------------------------------------------------------
 // dot(w, n, acts, m0, out) writes out[0..MR) = row n of W dotted with activation rows m0..m0+MR (scales,
