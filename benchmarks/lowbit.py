@@ -275,7 +275,7 @@ def _run(mode: str, args: list[str], quick: bool, layers: int) -> dict:
     # this shared machine's memory rate drifts by tens of % within minutes: each engine's bound is measured
     # right before and right after it runs, and between its decode runs where the probe's buffer cannot push
     # the engine's memory-mapped weights out of the page cache
-    gigabytes = 0.25 if quick else 1.0  # 8x and 30x a 32 MB L3
+    gigabytes = machine.beyond_caches(0.25 if quick else 1.0)
     weights = _stored_bytes(args[0] if mode == "ours" else args[1])
     if "--peer-decode" in args:  # llama.cpp's GGUF is resident beside ours
         weights += _stored_bytes(args[args.index("--peer-decode") + 2])

@@ -269,3 +269,15 @@ def test_a_failing_llama_bench_is_reported_with_its_error(tmp_path):
     script.chmod(0o755)
     with pytest.raises(RuntimeError, match=r"^llama-bench failed \(3\): error: failed to load model$"):
         lowbit.peer(str(script), "model.gguf", quick=True, layers=2)
+
+
+def test_buffers_read_for_the_memory_rate_outgrow_the_largest_cache(tmp_path):
+    for index, size in enumerate(["48K", "2048K", "260M", "junk"]):
+        (tmp_path / f"index{index}").mkdir()
+        (tmp_path / f"index{index}" / "size").write_text(size + "\n")
+    (tmp_path / "index9").mkdir()  # no size file: skipped
+    assert machine.last_level_cache_bytes(tmp_path) == 260 << 20
+    assert machine.last_level_cache_bytes(tmp_path / "absent") == 32 << 20
+    largest = machine.last_level_cache_bytes()
+    assert machine.beyond_caches(0.001) == pytest.approx(4 * largest / 1e9)
+    assert machine.beyond_caches(1000.0) == 1000.0
