@@ -508,39 +508,47 @@ struct RowChunks {
 };
 
 // The int4 VNNI and the AVX2 bf16 and int8 dots prefetch their weight stream kPrefetchBytes ahead, into L2
-// only (_MM_HINT_T1). Measured one row at a time on rotating weight copies in 2 MB pages, as a loaded model's
-// are, 2 threads, alternated in one process (2026-12-01, Zen 4): prefetched into L1 (T0, 4 KB ahead, before)
-// the stream's lines pushed the activations out of L1 where a row of them is long, and the int4 down
-// projection (K = 13696: 13.7 KB of int8 activations) read 28 GB/s where the other shapes read 31-35; into L2,
-// 6 KB ahead, 32-40 GB/s (+13-42%), the other shapes within 2% (4 KB ahead: 5-8% slower than 6 KB; 8 and 16 KB
-// no better). The AVX2 dots (forced on an AVX-512 machine): bf16 +13-69%, int8 -4..+13% (down). Where the
+// only (_MM_HINT_T1), every cache line of it. Measured one row at a time on rotating weight copies in 2 MB pages,
+// as a loaded model's are, 2 threads, alternated in one process (2026-12-01, Zen 4): prefetched into L1 (T0, 4
+// KB ahead, before) the stream's lines pushed the activations out of L1 where a row of them is long, and the int4
+// down projection (K = 13696: 13.7 KB of int8 activations) read 28 GB/s where the other shapes read 31-35; into
+// L2, 6 KB ahead, 32-40 GB/s (+13-42%), the other shapes within 2% (4 KB ahead: 5-8% slower than 6 KB; 8 and 16
+// KB no better). The AVX2 dots (forced on an AVX-512 machine): bf16 +13-69%, int8 -4..+13% (down). Where the
 // hardware prefetchers keep up alone, the instructions only cost: on Zen 4 the VNNI int8 dot reads 1-10%
 // faster without any (15% against T1 when the memory ran at 50 GB/s), the AVX-512 bf16 one -3..+11% (and
 // slower in a 2-layer decode), the AVX2 int4 ones 4-8% slower on every shape but down: those do not prefetch.
-// On Zen 5 (2026-12-02) the AVX-512 bf16 and VNNI int8 dots do better with it (prefetch_avx512_dots).
+// On Zen 5 and on Intel the AVX-512 bf16 and VNNI int8 dots do better with it (prefetch_avx512_dots).
 constexpr int64_t kPrefetchBytes = 6144;
 
 #if GLM4_X86
+// The lines of one step of `step` bytes (a line per step of up to 64). Every line, not every other one: on an
+// Intel Xeon (2026-12-02) the AVX-512 bf16 dot, 128 bytes a step, read 1.14-1.25x of no prefetch with its first
+// line prefetched and 1.34-1.47x with both (a 2-thread read probe's rate); on Zen 5 the two were alike.
 // Prefetching past the end of the weights is harmless: a prefetch never faults.
+template <int64_t step = 64>
 inline void prefetch_weights(const RowChunks& rc, int64_t at) {
-  _mm_prefetch(reinterpret_cast<const char*>(rc.row + at + kPrefetchBytes), _MM_HINT_T1);
+  for (int64_t line = 0; line < step; line += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(rc.row + at + kPrefetchBytes + line), _MM_HINT_T1);
 }
 #endif
 
-// Whether the AVX-512 bf16 and VNNI int8 dots prefetch too: on AMD family 0x1A (Zen 5) and later. Measured
-// there (2 MB pages, 1 row, 2 threads, 5 alternated rounds with a control, 2026-12-02): bf16 1.01-1.14x of no
-// prefetch on every GLM-4 shape, int8 1.10-1.12x (the control 0.93-1.06x); a 2-layer decode alternated with
-// llama.cpp's, bf16 0.86x and 0.78x of llama.cpp without, 0.92x and 0.87x with; int8 0.91x and 1.05x without,
-// 1.12x and 1.10x with. On Zen 4 (above) they read faster without; other CPUs unmeasured.
+// Whether the AVX-512 bf16 and VNNI int8 dots prefetch too: on AMD family 0x1A (Zen 5) and later, and on Intel.
+// Measured (2 MB pages, 1 row, 2 threads, alternated rounds with a control): on Zen 5 (2026-12-02) bf16
+// 1.01-1.14x of no prefetch on every GLM-4 shape, int8 1.10-1.12x (the control 0.93-1.06x); a 2-layer decode
+// alternated with llama.cpp's, bf16 0.86x and 0.78x of llama.cpp without, 0.92x and 0.87x with; int8 0.91x and
+// 1.05x without, 1.12x and 1.10x with. On an Intel Xeon (family 6 model 207, 2026-12-02: one core streams
+// ~15 GB/s, as many misses in flight as it can track) bf16 1.34-1.47x, int8 1.31-1.44x (the control
+// 0.95-1.03x). On Zen 4 (above) they read faster without.
 inline bool prefetch_avx512_dots() {
 #if GLM4_X86
-  static const bool zen5_or_later = [] {
+  static const bool helps = [] {
     unsigned eax, ebx, ecx, edx;
+    if (__builtin_cpu_is("intel")) return true;
     if (!__builtin_cpu_is("amd") || !__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return false;
     const unsigned base = (eax >> 8) & 0xF, extended = (eax >> 20) & 0xFF;
     return (base == 0xF ? base + extended : base) >= 0x1A;
   }();
-  return zen5_or_later;
+  return helps;
 #else
   return false;
 #endif

@@ -38,7 +38,7 @@ GLM4_AVX2 void dot_f32_avx2(const Weights& w, int64_t n, const Acts& a, int64_t 
   alignas(32) uint8_t buf[32];
   const RowChunks rc = row_chunks(w, n, 32, buf);
   for (int64_t at = 0; at < w.row_bytes; at += 32) {
-    prefetch_weights(rc, at);
+    prefetch_weights<32>(rc, at);
     const uint8_t* p = rc.at(at);
     const __m256i lo = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     const __m256i hi = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)));
@@ -66,7 +66,7 @@ GLM4_BF16 void dot_bf16_avx512(const Weights& w, int64_t n, const Acts& a, int64
   const bool prefetch = prefetch_avx512_dots();
   int64_t at = 0;
   for (; at + 128 <= rc.full; at += 128) {
-    if (prefetch) prefetch_weights(rc, at);
+    if (prefetch) prefetch_weights<128>(rc, at);
     const __m512bh w0 = (__m512bh)_mm512_loadu_si512(rc.row + at);
     const __m512bh w1 = (__m512bh)_mm512_loadu_si512(rc.row + at + 64);
     for (int i = 0; i < MR; ++i) {

@@ -63,7 +63,7 @@ GLM4_AVX2 void dot_i8_avx2(const Weights& w, int64_t n, const Acts& a, int64_t m
   alignas(32) uint8_t buf[32];
   const RowChunks rc = row_chunks(w, n, 32, buf);
   for (int64_t at = 0; at < w.row_bytes; at += 32) {
-    prefetch_weights(rc, at);
+    prefetch_weights<32>(rc, at);
     const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rc.at(at)));
     const __m256i aq = _mm256_abs_epi8(q);
     for (int i = 0; i < MR; ++i) {
