@@ -516,8 +516,10 @@ struct RowChunks {
 // KB no better). The AVX2 dots (forced on an AVX-512 machine): bf16 +13-69%, int8 -4..+13% (down). Where the
 // hardware prefetchers keep up alone, the instructions only cost: on Zen 4 the VNNI int8 dot reads 1-10%
 // faster without any (15% against T1 when the memory ran at 50 GB/s), the AVX-512 bf16 one -3..+11% (and
-// slower in a 2-layer decode), the AVX2 int4 ones 4-8% slower on every shape but down: those do not prefetch.
-// On Zen 5 and on Intel the AVX-512 bf16 and VNNI int8 dots do better with it (prefetch_avx512_dots).
+// slower in a 2-layer decode), the AVX2 int4 ones 4-8% slower on every shape but down: those prefetch only where
+// prefetch_all_dots() says.
+// On Zen 5 and on Intel the AVX-512 bf16 and VNNI int8 dots do better with it, on Intel the AVX2 int4 ones too
+// (prefetch_all_dots).
 constexpr int64_t kPrefetchBytes = 6144;
 
 #if GLM4_X86
@@ -532,14 +534,16 @@ inline void prefetch_weights(const RowChunks& rc, int64_t at) {
 }
 #endif
 
-// Whether the AVX-512 bf16 and VNNI int8 dots prefetch too: on AMD family 0x1A (Zen 5) and later, and on Intel.
+// Whether the dots that do not always prefetch do (the AVX-512 bf16, VNNI int8 and AVX2 int4 ones): on AMD family
+// 0x1A (Zen 5) and later, and on Intel.
 // Measured (2 MB pages, 1 row, 2 threads, alternated rounds with a control): on Zen 5 (2026-12-02) bf16
 // 1.01-1.14x of no prefetch on every GLM-4 shape, int8 1.10-1.12x (the control 0.93-1.06x); a 2-layer decode
 // alternated with llama.cpp's, bf16 0.86x and 0.78x of llama.cpp without, 0.92x and 0.87x with; int8 0.91x and
 // 1.05x without, 1.12x and 1.10x with. On an Intel Xeon (family 6 model 207, 2026-12-02: one core streams
 // ~15 GB/s, as many misses in flight as it can track) bf16 1.34-1.47x, int8 1.31-1.44x (the control
-// 0.95-1.03x). On Zen 4 (above) they read faster without.
-inline bool prefetch_avx512_dots() {
+// 0.95-1.03x); the AVX2 int4 dots (forced) 1.24-1.68x (the control 0.99-1.06x). On Zen 4 (above) they read
+// faster without.
+inline bool prefetch_all_dots() {
 #if GLM4_X86
   static const bool helps = [] {
     unsigned eax, ebx, ecx, edx;

@@ -63,7 +63,7 @@ GLM4_BF16 void dot_bf16_avx512(const Weights& w, int64_t n, const Acts& a, int64
   for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
   alignas(64) uint8_t buf[64];
   const RowChunks rc = row_chunks(w, n, 64, buf);
-  const bool prefetch = prefetch_avx512_dots();
+  const bool prefetch = prefetch_all_dots();
   int64_t at = 0;
   for (; at + 128 <= rc.full; at += 128) {
     if (prefetch) prefetch_weights<128>(rc, at);

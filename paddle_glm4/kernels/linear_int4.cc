@@ -56,11 +56,13 @@ GLM4_AVX2 void dot_f32_avx2(const Weights& w, int64_t n, const Acts& a, int64_t 
   const __m256i low = _mm256_set1_epi8(0x0F), eight = _mm256_set1_epi8(8);
   alignas(32) uint8_t buf[32];
   const RowChunks rc = row_chunks(w, n, 32, buf);
+  const bool prefetch = prefetch_all_dots();
   for (int64_t g = 0; g < w.groups; ++g) {
     __m256 acc[MR][2];
     for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
     const int64_t end = std::min((g + 1) * w.group / 2, w.row_bytes);
     for (int64_t at = g * w.group / 2; at < end; at += 32) {
+      if (prefetch) prefetch_weights<32>(rc, at);
       const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rc.at(at)));
       for (int half = 0; half < 2; ++half) {  // low nibbles: the even elements; high: the odd ones
         const __m256i nib = half ? _mm256_and_si256(_mm256_srli_epi16(b, 4), low) : _mm256_and_si256(b, low);
@@ -96,11 +98,13 @@ GLM4_AVX2 void dot_i8_avx2(const Weights& w, int64_t n, const Acts& a, int64_t m
   const float* scales = w.scales + n * w.groups;
   alignas(32) uint8_t buf[32];
   const RowChunks rc = row_chunks(w, n, 32, buf);
+  const bool prefetch = prefetch_all_dots();
   for (int64_t g = 0; g < w.groups; ++g) {
     __m256i acc[MR];
     for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_si256();
     const int64_t end = std::min((g + 1) * w.group / 2, w.row_bytes);
     for (int64_t at = g * w.group / 2; at < end; at += 32) {
+      if (prefetch) prefetch_weights<32>(rc, at);
       const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rc.at(at)));
       const __m256i lo = _mm256_and_si256(b, low), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
       for (int i = 0; i < MR; ++i) {

@@ -89,7 +89,7 @@ GLM4_VNNI void dot_i8_vnni(const Weights& w, int64_t n, const Acts& a, int64_t m
   const __m512i ones = _mm512_set1_epi8(1);
   alignas(64) uint8_t buf[64];
   const RowChunks rc = row_chunks(w, n, 64, buf);
-  const bool prefetch = prefetch_avx512_dots();
+  const bool prefetch = prefetch_all_dots();
   for (int64_t at = 0; at < w.row_bytes; at += 64) {
     if (prefetch) prefetch_weights(rc, at);
     const __m512i q = _mm512_loadu_si512(rc.at(at));
