@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     shapes = ["qkv", "down"] if args.quick else args.shapes.split(",")
     rows_list = [1, 16] if args.quick else [int(r) for r in args.rows.split(",")]
     bandwidth = machine.read_bandwidth(machine.beyond_caches(0.5 if args.quick else 2.0)) / 1e9
-    copies_bytes = machine.beyond_caches(0.128) * 1e9
+    copies_bytes = int(machine.beyond_caches(0.128) * 1e9)
     print(f"CPU path {kernels.isa()}, {threads} threads, read bandwidth {bandwidth:.1f} GB/s (torch sum)")
     print(
         f"{'shape':8} {'rows':>4} {'format':6} {'act':8} {'path':10} {'ms':>8} {'GB/s':>6} {'%bw':>5} "
@@ -113,9 +113,7 @@ def main(argv=None) -> int:
             for fmt in args.formats.split(","):
                 copies = [stored_weights(fmt, k, n, args.group, rng)]
                 nbytes = copies[0][2]
-                copies += [
-                    stored_weights(fmt, k, n, args.group, rng) for _ in range(-(-int(copies_bytes) // nbytes) - 1)
-                ]
+                copies += [stored_weights(fmt, k, n, args.group, rng) for _ in range(-(-copies_bytes // nbytes) - 1)]
                 for act in args.acts.split(","):
                     if act == "int8" and fmt == "bf16":
                         continue

@@ -516,10 +516,8 @@ struct RowChunks {
 // KB no better). The AVX2 dots (forced on an AVX-512 machine): bf16 +13-69%, int8 -4..+13% (down). Where the
 // hardware prefetchers keep up alone, the instructions only cost: on Zen 4 the VNNI int8 dot reads 1-10%
 // faster without any (15% against T1 when the memory ran at 50 GB/s), the AVX-512 bf16 one -3..+11% (and
-// slower in a 2-layer decode), the AVX2 int4 ones 4-8% slower on every shape but down: those prefetch only where
-// prefetch_all_dots() says.
-// On Zen 5 and on Intel the AVX-512 bf16 and VNNI int8 dots do better with it, on Intel the AVX2 int4 ones too
-// (prefetch_all_dots).
+// slower in a 2-layer decode), the AVX2 int4 ones 4-8% slower on every shape but down: those three prefetch only
+// where prefetch_all_dots() says (Zen 5 and later, Intel).
 constexpr int64_t kPrefetchBytes = 6144;
 
 #if GLM4_X86
